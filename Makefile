@@ -1,0 +1,31 @@
+# Every target sets up .venv first (idempotent): torch==2.13.0 is installed before the
+# project so pip takes the local CPU wheel instead of a multi-GB CUDA build.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.ropekit-installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test setup bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m ropekit demo
+
+test: $(STAMP)
+	$(PY) -m pytest src tests $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_apply.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

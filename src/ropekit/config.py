@@ -1,0 +1,188 @@
+"""``RopeConfig``: the frozen description of one rotary embedding.
+
+Everything downstream (tables, modules, kernels) is a pure function of a ``RopeConfig``
+and the positions it is asked about.
+
+Shape vocabulary used across ropekit: ``b`` batch, ``s`` sequence, ``h`` heads, ``d`` head
+dim, ``r`` rotary dim (``r <= d``, even), ``t`` packed tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING, Any, Hashable, Optional
+
+import torch
+
+from ._errors import RopeError, fail
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .scaling import Scaling
+
+__all__ = ["RopeConfig", "LAYOUTS"]
+
+#: The two pairings of rotary dimensions. ``"half"`` pairs ``(i, i + r/2)`` (GPT-NeoX,
+#: HF Llama/Qwen/Mistral); ``"interleaved"`` pairs ``(2i, 2i + 1)`` (RoFormer, GPT-J,
+#: Meta llama's complex code).
+LAYOUTS = ("half", "interleaved")
+
+
+def check_layout(layout: Any) -> str:
+    if layout not in LAYOUTS:
+        raise fail(
+            f"layout in {LAYOUTS}",
+            repr(layout),
+            'use "half" for GPT-NeoX/HF-Llama style checkpoints (pairs i, i+r/2) or '
+            '"interleaved" for RoFormer/GPT-J/Meta-llama style (pairs 2i, 2i+1)',
+        )
+    return layout
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """Frozen, validated settings of a rotary position embedding.
+
+    Args:
+        head_dim: ``d``, the size of one attention head.
+        base: ``θ`` base of the frequencies, ``θ_i = base^(-2i/r)``, ``i = 0 .. r/2-1``
+            (RoFormer eq. 15 with ``base = 10000``).
+        rotary_dim: ``r``, how many leading dims of each head rotate (even, ``<= d``);
+            ``None`` means all of them. The remaining ``d - r`` dims pass through.
+        layout: ``"half"`` or ``"interleaved"`` (see :data:`LAYOUTS`).
+        scaling: a scheme from :mod:`ropekit.scaling` (``Linear``, ``NTK``, ``YaRN``...),
+            or ``None`` for plain RoPE.
+
+    After construction ``rotary_dim`` is always an ``int``.
+
+    Example:
+        >>> cfg = RopeConfig(head_dim=64, base=10000.0)
+        >>> cfg.inv_freq().shape, cfg.inv_freq().dtype
+        (torch.Size([32]), torch.float64)
+        >>> cfg.attention_factor
+        1.0
+    """
+
+    head_dim: int
+    base: float = 10000.0
+    rotary_dim: Optional[int] = None
+    layout: str = "half"
+    scaling: Optional["Scaling"] = None
+
+    def __post_init__(self) -> None:
+        hd = self.head_dim
+        if isinstance(hd, bool) or not isinstance(hd, int) or hd <= 0:
+            raise fail("head_dim a positive int", repr(hd), "pass the size of one attention head, e.g. 128")
+        base = self.base
+        if isinstance(base, bool) or not isinstance(base, (int, float)) or not math.isfinite(base) or base <= 1:
+            raise fail("base a finite number > 1", repr(base), "pass the model's rope_theta, e.g. 10000.0")
+        object.__setattr__(self, "base", float(base))
+        r = hd if self.rotary_dim is None else self.rotary_dim
+        if isinstance(r, bool) or not isinstance(r, int):
+            raise fail("rotary_dim an int or None", repr(r), "pass e.g. rotary_dim=head_dim // 2, or None for all dims")
+        if r <= 0 or r % 2 or r > hd:
+            raise fail(
+                f"rotary_dim even and in [2, head_dim={hd}]",
+                f"rotary_dim={r}",
+                "rotary dims come in pairs; round to an even number no larger than head_dim",
+            )
+        object.__setattr__(self, "rotary_dim", r)
+        check_layout(self.layout)
+        if self.scaling is not None:
+            from .scaling import Scaling
+
+            if not isinstance(self.scaling, Scaling):
+                raise fail(
+                    "scaling a ropekit.scaling scheme (Linear, NTK, YaRN, ...) or None",
+                    type(self.scaling).__name__,
+                    "build it with e.g. ropekit.scaling.Linear(factor=4.0), or use RopeConfig.from_hf(...)",
+                )
+            self.scaling.validate(self)
+
+    # ------------------------------------------------------------------ frequencies
+    @property
+    def n_pairs(self) -> int:
+        """``r/2``, the number of rotary pairs (= frequencies)."""
+        return self.rotary_dim // 2  # type: ignore[operator]
+
+    def base_inv_freq(self, base: Optional[float] = None, denominator: Optional[int] = None) -> torch.Tensor:
+        """Unscaled frequencies ``θ_i = base^(-2i/denominator)``, float64 ``[r/2]`` on CPU.
+
+        ``denominator`` defaults to ``r`` (the rotary dim); Gemma-4-style proportional rotary
+        uses ``d`` instead. Exact in float64: the exponent ``2i/denominator`` is a ratio of
+        small integers, so the only rounding is in ``pow``.
+        """
+        base = self.base if base is None else float(base)
+        den = self.rotary_dim if denominator is None else int(denominator)
+        i2 = torch.arange(0, self.rotary_dim, 2, dtype=torch.float64)  # [r/2]
+        return 1.0 / torch.pow(torch.tensor(base, dtype=torch.float64), i2 / den)
+
+    def inv_freq(self, seq_len: Optional[int] = None) -> torch.Tensor:
+        """Frequencies after scaling, float64 ``[r/2]`` on CPU.
+
+        Args:
+            seq_len: total sequence length; only schemes that depend on it (dynamic NTK,
+                LongRoPE) read it. ``None`` means "within the original context".
+        """
+        if self.scaling is None:
+            return self.base_inv_freq()
+        return self.scaling.inv_freq(self, seq_len)
+
+    @property
+    def attention_factor(self) -> float:
+        """Factor folded into cos/sin (YaRN's ``mscale``, LongRoPE's factor); 1.0 without scaling."""
+        if self.scaling is None:
+            return 1.0
+        return float(self.scaling.attention_factor(self))
+
+    def table_key(self, seq_len: Optional[int] = None) -> Hashable:
+        """A hashable that changes exactly when ``inv_freq(seq_len)`` changes.
+
+        ``None`` for schemes whose frequencies do not depend on the sequence length, so a
+        table built once serves every position.
+        """
+        if self.scaling is None:
+            return None
+        return self.scaling.table_key(self, seq_len)
+
+    # ------------------------------------------------------------------ conversions
+    def replace(self, **changes: Any) -> "RopeConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """Plain-data form (JSON-serialisable); inverse of :meth:`from_dict`."""
+        out = {
+            "head_dim": self.head_dim,
+            "base": self.base,
+            "rotary_dim": self.rotary_dim,
+            "layout": self.layout,
+            "scaling": None if self.scaling is None else self.scaling.to_dict(),
+        }
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RopeConfig":
+        """Inverse of :meth:`to_dict`."""
+        data = dict(data)
+        sc = data.pop("scaling", None)
+        if sc is not None:
+            from .scaling import Scaling
+
+            sc = Scaling.from_dict(sc)
+        try:
+            return cls(scaling=sc, **data)
+        except TypeError as e:
+            raise fail(
+                "keys head_dim, base, rotary_dim, layout, scaling", repr(sorted(data)), f"remove unknown keys ({e})"
+            ) from None
+
+    @classmethod
+    def from_hf(cls, obj: Any, **overrides: Any) -> Any:
+        """Build from a Hugging Face config (``PretrainedConfig``, dict or path to ``config.json``).
+
+        See :func:`ropekit.hf.rope_config_from_hf` for the accepted attribute names.
+        """
+        from .hf import rope_config_from_hf
+
+        return rope_config_from_hf(obj, **overrides)

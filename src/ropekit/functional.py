@@ -1,0 +1,258 @@
+"""The one public apply: :func:`apply_rotary` and :func:`apply_rotary_qk`, with autograd.
+
+Backward of a rotation is the rotation by ``-θ`` (RoPE is orthogonal per pair), so the
+fused backends save no activations: only ``cos``/``sin`` are kept for backward (and ``x``
+only when ``cos``/``sin`` themselves require grad).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import backends as _backends
+from ._errors import RopeError, fail
+from .config import check_layout
+
+__all__ = ["apply_rotary", "apply_rotary_qk", "check_tables"]
+
+_X_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tables(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, name: str = "x") -> int:
+    """Validate ``x`` against half-width ``cos``/``sin``; return the rotary dim ``r``."""
+    for nm, t in ((name, x), ("cos", cos), ("sin", sin)):
+        if not isinstance(t, torch.Tensor):
+            raise fail(f"{nm} a torch.Tensor", type(t).__name__, f"convert {nm} with torch.as_tensor")
+    if x.dtype not in _X_DTYPES:
+        raise fail(
+            f"{name} of a real floating dtype {_X_DTYPES}",
+            f"{name}.dtype={x.dtype}",
+            "rotate the real q/k tensors (view complex tensors with torch.view_as_real first)"
+            if x.dtype.is_complex
+            else f"convert {name} to float (e.g. {name}.float())",
+        )
+    for nm, t in (("cos", cos), ("sin", sin)):
+        if t.dtype not in _X_DTYPES:
+            raise fail(f"{nm} of a real floating dtype", f"{nm}.dtype={t.dtype}", "build tables with ropekit.cos_sin")
+        if t.device != x.device:
+            raise fail(f"{nm} on {name}'s device {x.device}", f"{nm} on {t.device}", f"move it: {nm}.to({name}.device)")
+    if cos.shape != sin.shape:
+        raise fail("cos and sin of the same shape", f"{tuple(cos.shape)} and {tuple(sin.shape)}", "build both with ropekit.cos_sin")
+    if x.dim() < 1 or cos.dim() < 1 or cos.shape[-1] < 1:
+        raise fail(
+            f"{name} [..., d] and cos/sin [..., r/2] with r/2 >= 1",
+            f"{name} {tuple(x.shape)}, cos {tuple(cos.shape)}",
+            "pass half-width tables from ropekit.cos_sin",
+        )
+    half = cos.shape[-1]
+    d = x.shape[-1]
+    if 2 * half > d:
+        hint = (
+            "these look like full-width tables (transformers' form): convert with ropekit.from_full_width(cos, layout)"
+            if half == d
+            else "use tables built for this head dim (rotary_dim <= head_dim)"
+        )
+        raise fail(
+            f"cos/sin of width r/2 <= d/2 = {d // 2} (half width: one value per frequency)",
+            f"width {half} for {name} of head dim {d}",
+            hint,
+        )
+    target = tuple(x.shape[:-1]) + (half,)
+    try:
+        b = tuple(torch.broadcast_shapes(cos.shape, target))
+    except RuntimeError:
+        b = None
+    if b != target:
+        raise fail(
+            f"cos/sin broadcastable to {name}.shape[:-1] + (r/2,) = {target}",
+            f"cos/sin of shape {tuple(cos.shape)}",
+            "index the tables with positions of the same batch/sequence layout as x and unsqueeze the heads dim "
+            "(e.g. cos[:, :, None, :] for bshd)",
+        )
+    return 2 * half
+
+
+def _check_out(x: torch.Tensor, out: torch.Tensor) -> None:
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+        got = (
+            f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor) else type(out).__name__
+        )
+        raise fail(
+            f"out of x's shape/dtype/device {tuple(x.shape)} {x.dtype} on {x.device}",
+            got,
+            "allocate it with torch.empty_like(x)",
+        )
+    if out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() and not (
+        out.data_ptr() == x.data_ptr() and out.stride() == x.stride()
+    ):
+        raise fail("out not overlapping x (or exactly x)", "out sharing x's storage", "use inplace=True or a fresh buffer")
+
+
+def _check_writable(t: torch.Tensor, name: str) -> None:
+    if t.numel() > 1 and torch._debug_has_internal_overlap(t) == 1:
+        raise fail(
+            f"{name} whose elements do not alias (it is written in place)",
+            f"{name} with overlapping memory (stride {t.stride()}, e.g. from expand)",
+            f"pass {name}.contiguous() or use inplace=False",
+        )
+
+
+class _Rotary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin, layout, backend, inplace):  # type: ignore[override]
+        dst = x if inplace else torch.empty_like(x)
+        backend.rotate(x, cos, sin, layout, False, dst)
+        need_tables_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        saved_x = (x.clone() if inplace else x) if need_tables_grad else None
+        if need_tables_grad:
+            # x itself is needed only for d/dcos, d/dsin (learnable frequencies)
+            ctx.save_for_backward(cos, sin, saved_x)
+        else:
+            ctx.save_for_backward(cos, sin)
+        ctx.layout, ctx.backend, ctx.cos_shape = layout, backend, cos.shape
+        if inplace:
+            ctx.mark_dirty(x)
+        return dst
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        saved = ctx.saved_tensors
+        cos, sin = saved[0], saved[1]
+        dx = dcos = dsin = None
+        if ctx.needs_input_grad[0]:
+            # d/dx of R(θ)x is R(θ)ᵀ = R(-θ): the forward with sin -> -sin
+            dx = ctx.backend.rotate(g, cos, sin, ctx.layout, True, torch.empty_like(g))
+        if len(saved) == 3:
+            x = saved[2]
+            r = 2 * cos.shape[-1]
+            from .backends.eager import compute_dtype, pair_views
+
+            cdt = compute_dtype(x)
+            x1, x2 = (t.to(cdt) for t in pair_views(x, r, ctx.layout))
+            g1, g2 = (t.to(cdt) for t in pair_views(g, r, ctx.layout))
+            # y1 = x1 c - x2 s, y2 = x2 c + x1 s
+            if ctx.needs_input_grad[1]:
+                dcos = (g1 * x1 + g2 * x2).sum_to_size(ctx.cos_shape).to(cos.dtype)
+            if ctx.needs_input_grad[2]:
+                dsin = (g2 * x1 - g1 * x2).sum_to_size(ctx.cos_shape).to(sin.dtype)
+        return dx, dcos, dsin, None, None, None
+
+
+def apply_rotary(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    layout: str = "half",
+    inplace: bool = False,
+    backend: str = "auto",
+    out: Optional[torch.Tensor] = None,
+    conjugate: bool = False,
+) -> torch.Tensor:
+    """Rotate the first ``r = 2 * cos.shape[-1]`` dims of ``x``; the rest pass through.
+
+    Args:
+        x: ``[..., d]`` float16/bfloat16/float32/float64, any strides (e.g. a ``bshd`` view
+            of ``bhsd`` memory).
+        cos, sin: half-width tables ``[..., r/2]`` from :func:`ropekit.cos_sin`,
+            broadcastable to ``x.shape[:-1] + (r/2,)`` *without* enlarging ``x``
+            (e.g. ``[s, 1, r/2]`` for ``x [b, s, h, d]``).
+        layout: ``"half"`` pairs ``(i, i + r/2)`` (GPT-NeoX / HF Llama);
+            ``"interleaved"`` pairs ``(2i, 2i + 1)`` (RoFormer / GPT-J / Meta llama).
+        inplace: write the result into ``x`` and return it (autograd-safe: the backward
+            needs no activations). Otherwise ``x`` is never modified.
+        backend: ``"auto"``, ``"reference"`` (dense matrix, float64, the oracle),
+            ``"complex"``, ``"eager"``, ``"cpu"``, ``"triton"``; see
+            :func:`ropekit.backends.available`.
+        out: optional preallocated output of ``x``'s shape and dtype (no autograd).
+        conjugate: rotate by ``-θ`` instead (the inverse rotation).
+
+    Returns:
+        The rotated tensor, ``x``'s shape and dtype.
+
+    Precision: computed in float32 (float64 for float64 ``x``) from the given tables and
+    cast once to ``x.dtype``; the ``reference`` backend computes in float64.
+
+    Example:
+        >>> from ropekit import RopeConfig, cos_sin
+        >>> q = torch.randn(2, 5, 4, 64)                      # [b, s, h, d]
+        >>> cos, sin = cos_sin(RopeConfig(64), torch.arange(5))  # [s, r/2]
+        >>> apply_rotary(q, cos[:, None], sin[:, None]).shape  # tables [s, 1, r/2]
+        torch.Size([2, 5, 4, 64])
+    """
+    check_layout(layout)
+    check_tables(x, cos, sin)
+    be = _backends.resolve(backend, x)
+    if inplace and out is not None:
+        raise fail("either inplace=True or out=", "both", "drop one of them")
+    grad = torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad)
+    if out is not None:
+        _check_out(x, out)
+        if grad:
+            raise fail("out= without autograd", "inputs that require grad", "drop out= (or run under torch.no_grad())")
+        if out.data_ptr() == x.data_ptr():
+            inplace, out = True, None
+        else:
+            _check_writable(out, "out")
+    if inplace:
+        _check_writable(x, "x")
+        if grad and x.is_leaf and x.requires_grad:
+            raise fail(
+                "inplace=True on a tensor autograd may modify",
+                "a leaf tensor that requires grad",
+                "use inplace=False, or apply to a non-leaf (e.g. the output of the q projection)",
+            )
+    if x.numel() == 0:
+        return x if inplace else (out if out is not None else x.clone())
+    if getattr(be, "DIFFERENTIABLE", False):
+        y = be.apply(x, cos, sin, layout, conjugate).to(x.dtype)
+        if inplace:
+            return x.copy_(y)
+        if out is not None:
+            return out.copy_(y)
+        return y
+    if out is not None or not grad:
+        with torch.no_grad():
+            dst = x if inplace else (out if out is not None else torch.empty_like(x))
+            return be.rotate(x, cos, sin, layout, conjugate, dst)
+    if conjugate:
+        sin = -sin
+    return _Rotary.apply(x, cos, sin, layout, be, inplace)
+
+
+def apply_rotary_qk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    layout: str = "half",
+    inplace: bool = False,
+    backend: str = "auto",
+    conjugate: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rotate queries and keys with the same tables; see :func:`apply_rotary`.
+
+    Args:
+        q: ``[..., hq, d]`` (e.g. ``[b, s, hq, d]``).
+        k: ``[..., hk, d]``; ``hk`` may differ from ``hq`` (GQA/MQA).
+        cos, sin: half width, broadcastable to both ``q.shape[:-1] + (r/2,)`` and
+            ``k.shape[:-1] + (r/2,)`` — so with a size-1 heads dim.
+
+    Returns:
+        ``(q_rot, k_rot)``.
+    """
+    check_layout(layout)
+    check_tables(q, cos, sin, "q")
+    check_tables(k, cos, sin, "k")
+    if q.device != k.device:
+        raise fail("q and k on one device", f"{q.device} and {k.device}", "move them together")
+    be = _backends.resolve(backend, q)
+    qk = getattr(be, "rotate_qk", None)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, cos, sin))
+    if qk is not None and not grad and not conjugate:
+        return qk(q, k, cos, sin, layout, inplace)
+    kw = dict(layout=layout, inplace=inplace, backend=be.NAME, conjugate=conjugate)
+    return apply_rotary(q, cos, sin, **kw), apply_rotary(k, cos, sin, **kw)

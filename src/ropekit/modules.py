@@ -1,0 +1,199 @@
+"""``RotaryEmbedding``: the module that owns the tables and applies them to q and k."""
+
+from __future__ import annotations
+
+import threading
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from ._errors import fail
+from .config import RopeConfig
+from .functional import apply_rotary_qk
+from .positions import resolve_positions, split_format
+from .tables import cos_sin
+
+__all__ = ["RotaryEmbedding"]
+
+
+def _table_view(t: torch.Tensor, fmt: str, pos_dims: int) -> torch.Tensor:
+    """Gathered table ``[s, r/2]`` / ``[b, s, r/2]`` / ``[t, r/2]`` -> broadcastable to q in ``fmt``."""
+    if fmt == "thd":
+        return t[:, None, :]  # [t, 1, r/2]
+    if pos_dims == 1:  # shared by the batch
+        if fmt == "bshd":
+            return t[:, None, :]  # [s, 1, r/2]
+        if fmt == "bhsd":
+            return t  # [s, r/2]
+        return t[:, None, None, :]  # sbhd: [s, 1, 1, r/2]
+    if fmt == "bshd":
+        return t[:, :, None, :]  # [b, s, 1, r/2]
+    if fmt == "bhsd":
+        return t[:, None, :, :]  # [b, 1, s, r/2]
+    return t.transpose(0, 1)[:, :, None, :]  # sbhd: [s, b, 1, r/2]
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding of q and k, with lazily grown, exact tables.
+
+    Args:
+        cfg: the :class:`~ropekit.RopeConfig` (layout, rotary dim, scaling).
+        backend: apply backend (``"auto"`` picks the fastest available for the tensors).
+        table_dtype: dtype of the cached cos/sin (float32 default; float64 for a float64
+            model). ``module.to(torch.bfloat16)`` does not lower it: tables whose dtype
+            was changed are rebuilt from float64 angles.
+        max_position: initial table length (grown on demand, to the next power of two).
+        attention_scaling: fold ``cfg.attention_factor`` into cos/sin (default, as
+            transformers does).
+
+    Tables are non-persistent buffers (never in ``state_dict``); :meth:`rope_init`
+    rebuilds them after meta-device initialisation.
+
+    Example:
+        >>> rope = RotaryEmbedding(RopeConfig(head_dim=64))
+        >>> q, k = torch.randn(2, 10, 8, 64), torch.randn(2, 10, 2, 64)  # bshd, GQA
+        >>> q2, k2 = rope(q, k, offsets=torch.tensor([0, 5]))
+        >>> q2.shape, k2.shape
+        (torch.Size([2, 10, 8, 64]), torch.Size([2, 10, 2, 64]))
+    """
+
+    cos_cached: Optional[torch.Tensor]
+    sin_cached: Optional[torch.Tensor]
+
+    def __init__(
+        self,
+        cfg: RopeConfig,
+        *,
+        backend: str = "auto",
+        table_dtype: torch.dtype = torch.float32,
+        max_position: int = 0,
+        attention_scaling: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(cfg, RopeConfig):
+            raise fail("cfg a ropekit.RopeConfig", type(cfg).__name__, "build one with RopeConfig(head_dim=...) or RopeConfig.from_hf(...)")
+        self.cfg = cfg
+        self.backend = backend
+        self.table_dtype = table_dtype
+        self.max_position = int(max_position)
+        self.attention_scaling = attention_scaling
+        self._lock = threading.Lock()
+        self._key: object = None
+        self.register_buffer("cos_cached", None, persistent=False)
+        self.register_buffer("sin_cached", None, persistent=False)
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return f"head_dim={c.head_dim}, rotary_dim={c.rotary_dim}, base={c.base}, layout={c.layout!r}, scaling={c.scaling!r}"
+
+    # -- pickling/deepcopy: locks are not picklable ------------------------------
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def rope_init(self, device: Union[str, torch.device, None] = None) -> None:
+        """(Re)build the tables, e.g. after constructing on the meta device."""
+        dev = torch.device(device) if device is not None else (
+            self.cos_cached.device if self.cos_cached is not None and self.cos_cached.device.type != "meta" else torch.device("cpu")
+        )
+        with self._lock:
+            self.cos_cached = self.sin_cached = None
+        if self.max_position:
+            self.tables(self.max_position, device=dev)
+
+    def tables(
+        self, n: int, *, device: Union[str, torch.device], seq_len: Optional[int] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Cached ``(cos, sin)``, each ``[n', r/2]`` with ``n' >= n``, for positions ``0 .. n'-1``."""
+        device = torch.device(device)
+        key = self.cfg.table_key(seq_len)
+        with self._lock:
+            cos, sin = self.cos_cached, self.sin_cached
+            stale = (
+                cos is None
+                or sin is None
+                or cos.device != device
+                or cos.dtype != self.table_dtype
+                or sin.dtype != self.table_dtype
+                or cos.shape[0] < n
+                or key != self._key
+            )
+            if stale:
+                size = max(n, self.max_position, 1)
+                size = 1 << (size - 1).bit_length()
+                pos = torch.arange(size, device=device)
+                cos, sin = cos_sin(
+                    self.cfg, pos, dtype=self.table_dtype, seq_len=seq_len, attention_scaling=self.attention_scaling
+                )
+                self.cos_cached, self.sin_cached, self._key = cos, sin, key
+        return cos, sin
+
+    def cos_sin_for(
+        self,
+        q: torch.Tensor,
+        *,
+        positions: Optional[torch.Tensor] = None,
+        offsets: Union[int, torch.Tensor, None] = None,
+        cu_seqlens: Optional[torch.Tensor] = None,
+        format: str = "bshd",
+        seq_len: Optional[int] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The gathered ``(cos, sin)`` for ``q`` in ``format``, broadcastable to ``q.shape[:-1] + (r/2,)``."""
+        b, s = split_format(q, format)
+        pos = resolve_positions(format, b, s, positions=positions, offsets=offsets, cu_seqlens=cu_seqlens, device=q.device)
+        if pos.dim() == 2 and pos.shape[0] == 1:
+            pos = pos[0]
+        n = int(pos.max()) + 1 if pos.numel() else 0
+        if seq_len is None and self.cfg.scaling is not None and self.cfg.scaling.length_dependent:
+            seq_len = n
+        cos_t, sin_t = self.tables(n, device=q.device, seq_len=seq_len)
+        cos, sin = cos_t[pos], sin_t[pos]  # [*pos.shape, r/2]
+        return _table_view(cos, format, pos.dim()), _table_view(sin, format, pos.dim())
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        *,
+        positions: Optional[torch.Tensor] = None,
+        offsets: Union[int, torch.Tensor, None] = None,
+        cu_seqlens: Optional[torch.Tensor] = None,
+        format: str = "bshd",
+        seq_len: Optional[int] = None,
+        inplace: bool = False,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Rotate ``q`` and ``k``.
+
+        Args:
+            q: ``[b, s, hq, d]`` (or ``bhsd``/``sbhd`` by ``format``; ``[t, hq, d]`` for ``thd``).
+            k: same layout as ``q`` with ``hk`` heads (``hk`` may differ from ``hq``).
+            positions: ``[s]`` or ``[b, s]`` (``[t]`` for ``thd``) integer positions.
+            offsets: int or ``[b]`` tensor added to ``0 .. s-1`` (KV-cache length per sample,
+                e.g. decode with ``s = 1, b > 1``).
+            cu_seqlens: ``[n+1]`` packed boundaries for ``thd``; positions restart per sequence.
+            format: ``"bshd"``, ``"bhsd"``, ``"sbhd"`` or ``"thd"``.
+            seq_len: total length for length-dependent scaling (dynamic NTK, LongRoPE);
+                default ``max(position) + 1``. Pass the final length of a generation to keep
+                LongRoPE's factor fixed for the whole sequence.
+            inplace: rotate q and k in place.
+
+        Returns:
+            ``(q_rot, k_rot)`` in the input format and dtypes.
+        """
+        split_format(k, format, "k")
+        qb, qs = split_format(q, format)
+        kb, ks = split_format(k, format, "k")
+        if (qb, qs) != (kb, ks):
+            raise fail(
+                f"q and k with the same batch and sequence sizes in format {format!r}",
+                f"q {tuple(q.shape)} and k {tuple(k.shape)}",
+                "rotate new keys with their own call (e.g. offsets=cache_len)",
+            )
+        cos, sin = self.cos_sin_for(q, positions=positions, offsets=offsets, cu_seqlens=cu_seqlens, format=format, seq_len=seq_len)
+        return apply_rotary_qk(q, k, cos, sin, layout=self.cfg.layout, inplace=inplace, backend=self.backend)

@@ -1,0 +1,119 @@
+"""Position inputs -> integer position tensors.
+
+Every function returns int64 positions on the requested device; values are exact.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from ._errors import fail
+from .tables import check_positions
+
+__all__ = ["FORMATS", "positions_from_cu_seqlens", "resolve_positions", "split_format"]
+
+#: Tensor formats of q/k: batch, sequence, heads, head dim; ``thd`` is packed tokens.
+FORMATS = ("bshd", "bhsd", "sbhd", "thd")
+
+
+def split_format(x: torch.Tensor, fmt: str, name: str = "q"):
+    """``(b, s)`` of ``x`` in format ``fmt`` (``b = None`` for ``thd``)."""
+    if fmt not in FORMATS:
+        raise fail(f"format in {FORMATS}", repr(fmt), 'use "bshd" for [batch, seq, heads, head_dim] tensors')
+    want = len(fmt)
+    if x.dim() != want:
+        raise fail(
+            f"{name} with {want} dims for format {fmt!r} ([{', '.join(fmt)}])",
+            f"{x.dim()} dims, shape {tuple(x.shape)}",
+            "reshape to [batch, seq, heads, head_dim] (or pass the matching format=)",
+        )
+    if fmt == "thd":
+        return None, x.shape[0]
+    return x.shape[fmt.index("b")], x.shape[fmt.index("s")]
+
+
+def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: Optional[int] = None) -> torch.Tensor:
+    """Per-token positions of packed sequences: ``[n+1]`` boundaries -> ``[t]``.
+
+    ``cu_seqlens = [0, 3, 5]`` gives ``[0, 1, 2, 0, 1]``: positions restart at each sequence.
+    Raises RopeError unless ``cu_seqlens`` is 1-D integer, starts at 0, is non-decreasing
+    and ends at ``total`` (when given).
+    """
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        got = f"shape {tuple(cu_seqlens.shape)}" if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
+        raise fail("cu_seqlens a 1-D integer tensor [n_seqs + 1]", got, "pass e.g. torch.tensor([0, 3, 5])")
+    check_positions(cu_seqlens, "cu_seqlens", check_values=False)
+    cu = cu_seqlens.long()
+    first, last = int(cu[0]), int(cu[-1])
+    if first != 0 or (cu.numel() > 1 and bool((cu[1:] < cu[:-1]).any())):
+        raise fail(
+            "cu_seqlens starting at 0 and non-decreasing",
+            str(cu.tolist()[:8]) + ("..." if cu.numel() > 8 else ""),
+            "pass cumulative lengths: torch.cat([zero, lengths.cumsum(0)])",
+        )
+    if total is not None and last != total:
+        raise fail(
+            f"cu_seqlens[-1] == t == {total} (the packed token count)",
+            f"cu_seqlens[-1] == {last}",
+            "cu_seqlens must describe exactly the packed tokens of q/k",
+        )
+    lengths = cu[1:] - cu[:-1]  # [n]
+    starts = torch.repeat_interleave(cu[:-1], lengths, output_size=last)  # [t]
+    return torch.arange(last, device=cu.device) - starts
+
+
+def resolve_positions(
+    fmt: str,
+    b: Optional[int],
+    s: int,
+    *,
+    positions: Optional[torch.Tensor] = None,
+    offsets: Union[int, torch.Tensor, None] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    device: Union[str, torch.device, None] = None,
+) -> torch.Tensor:
+    """Integer positions ``[s]`` (shared by the batch) or ``[b, s]`` (``[t]`` for ``thd``).
+
+    Exactly one of ``positions``, ``offsets`` and ``cu_seqlens`` may be given; with none,
+    positions are ``0 .. s-1``.
+    """
+    given = [n for n, v in (("positions", positions), ("offsets", offsets), ("cu_seqlens", cu_seqlens)) if v is not None]
+    if len(given) > 1:
+        raise fail("at most one of positions=, offsets=, cu_seqlens=", " and ".join(given), "add offsets into positions yourself")
+    if fmt == "thd":
+        if offsets is not None:
+            raise fail("cu_seqlens= or positions= for format 'thd'", "offsets=", "pack with cu_seqlens")
+        if positions is None and cu_seqlens is None:
+            raise fail("cu_seqlens= (or positions=) for format 'thd'", "neither", "pass the packed boundaries cu_seqlens")
+    elif cu_seqlens is not None:
+        raise fail("cu_seqlens only with format='thd'", f"format={fmt!r}", "pass format='thd' with q/k of shape [t, h, d]")
+
+    if cu_seqlens is not None:
+        return positions_from_cu_seqlens(cu_seqlens.to(device), total=s)
+    if positions is not None:
+        check_positions(positions)
+        ok = (s,) if fmt == "thd" else ((s,), (b, s), (1, s))
+        if tuple(positions.shape) not in ok:
+            raise fail(
+                f"positions of shape {' or '.join(str(list(o)) for o in ok)}",
+                f"shape {list(positions.shape)}",
+                "give one position per token (per sample if they differ)",
+            )
+        return positions.to(device=device, dtype=torch.int64)
+    base = torch.arange(s, device=device, dtype=torch.int64)  # [s]
+    if offsets is None:
+        return base
+    if isinstance(offsets, bool):
+        raise fail("offsets an int or a [b] integer tensor", "a bool", "pass the KV-cache length")
+    if isinstance(offsets, int):
+        if offsets < 0:
+            raise fail("offsets >= 0", str(offsets), "pass the number of tokens already in the KV cache")
+        return base + offsets
+    check_positions(offsets, "offsets")
+    if offsets.dim() == 0:
+        return base + offsets.to(device=device, dtype=torch.int64)
+    if tuple(offsets.shape) != (b,):
+        raise fail(f"offsets an int or a tensor of shape [b] = [{b}]", f"shape {list(offsets.shape)}", "one offset per sample")
+    return offsets.to(device=device, dtype=torch.int64)[:, None] + base  # [b, s]

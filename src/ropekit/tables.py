@@ -1,0 +1,210 @@
+"""cos/sin tables: angles in float64 from exact integer positions, rounded once.
+
+Tables are *half width*: one value per frequency, ``[..., r/2]``, the same for both
+layouts. :func:`to_full_width` / :func:`from_full_width` convert to and from the
+``[..., r]`` form transformers uses.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Dict, Hashable, Optional, Tuple, Union
+
+import torch
+
+from ._errors import RopeError, fail
+from .config import RopeConfig, check_layout
+
+__all__ = ["cos_sin", "angles", "to_full_width", "from_full_width", "check_positions", "TableCache"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_positions(positions: torch.Tensor, name: str = "positions", *, check_values: bool = True) -> torch.Tensor:
+    """Validate an integer position tensor; return it unchanged.
+
+    Raises RopeError for non-tensors, floating/complex/bool dtypes and (when
+    ``check_values``, which syncs with the device) negative values.
+    """
+    if not isinstance(positions, torch.Tensor):
+        raise fail(f"{name} an integer torch.Tensor", type(positions).__name__, f"pass torch.as_tensor({name})")
+    if positions.dtype.is_floating_point or positions.dtype.is_complex or positions.dtype == torch.bool:
+        raise fail(
+            f"{name} with an integer dtype (positions are exact integers)",
+            f"dtype {positions.dtype}",
+            f"convert with {name}.long(); bf16/fp16 cannot even represent integers above 256/2048 exactly",
+        )
+    if check_values and positions.numel() and not torch.compiler.is_compiling():
+        lo = int(positions.min())
+        if lo < 0:
+            raise fail(
+                f"{name} >= 0",
+                f"a minimum of {lo}",
+                "positions count from 0; for left padding clamp padded positions to 0 (they are masked anyway)",
+            )
+    return positions
+
+
+def _as_positions(positions: Union[torch.Tensor, int, list, tuple, range]) -> torch.Tensor:
+    if isinstance(positions, torch.Tensor):
+        return positions
+    if isinstance(positions, bool):
+        raise fail("positions an integer tensor", "a bool", "pass e.g. torch.arange(seq_len)")
+    if isinstance(positions, int):
+        return torch.tensor(positions, dtype=torch.int64)
+    if isinstance(positions, (list, tuple, range)):
+        t = torch.as_tensor(list(positions))
+        if t.numel() == 0:
+            t = t.long()
+        return t
+    raise fail("positions an integer tensor, int, list or range", type(positions).__name__, "pass torch.arange(seq_len)")
+
+
+def angles(cfg: RopeConfig, positions: torch.Tensor, *, seq_len: Optional[int] = None) -> torch.Tensor:
+    """Exact angles ``m·θ_i`` in float64, ``[*positions.shape, r/2]``, on ``positions.device``.
+
+    Positions up to 2^53 are exact in float64; each angle is one correctly rounded
+    float64 product, so its absolute error is below ``|m·θ| · 2^-53``.
+    """
+    positions = check_positions(_as_positions(positions))
+    inv = cfg.inv_freq(seq_len).to(positions.device)  # [r/2] float64
+    return positions.to(torch.float64).unsqueeze(-1) * inv  # [..., r/2]
+
+
+def _default_seq_len(cfg: RopeConfig, positions: torch.Tensor) -> Optional[int]:
+    if cfg.scaling is None or not cfg.scaling.length_dependent:
+        return None  # frequencies do not depend on the length: skip the device sync
+    return int(positions.max()) + 1 if positions.numel() else 0
+
+
+def cos_sin(
+    cfg: RopeConfig,
+    positions: Union[torch.Tensor, int, list, range],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: Optional[Union[str, torch.device]] = None,
+    seq_len: Optional[int] = None,
+    attention_scaling: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Half-width cos/sin tables for integer positions.
+
+    Args:
+        cfg: the rotary configuration.
+        positions: integer tensor of any shape ``[...]`` (e.g. ``[s]``, ``[b, s]``, ``[t]``),
+            or an int/list/range. Values must be ``>= 0``.
+        dtype: dtype of the returned tables (float32 default). Angles are computed in
+            float64 regardless and rounded once to ``dtype``.
+        device: where the tables go (default: ``positions.device``).
+        seq_len: total sequence length for length-dependent schemes (dynamic NTK,
+            LongRoPE). Default: ``max(positions) + 1``. Pass the *final* length of a
+            generation to keep LongRoPE's factor choice fixed for the whole sequence.
+        attention_scaling: multiply by ``cfg.attention_factor`` (YaRN/LongRoPE's
+            ``mscale``), as transformers does. ``False`` returns plain cos/sin, e.g. to
+            apply the factor to the attention softmax temperature yourself.
+
+    Returns:
+        ``(cos, sin)``, each ``[*positions.shape, r/2]`` of ``dtype``.
+
+    Precision: each value is within 0.5 ulp of ``dtype`` of the exact cos/sin of the
+    float64 angle (plus float64 error of ~1e-16 relative to the angle).
+
+    Example:
+        >>> cfg = RopeConfig(head_dim=8)
+        >>> cos, sin = cos_sin(cfg, torch.arange(5))
+        >>> cos.shape
+        torch.Size([5, 4])
+    """
+    if dtype not in _FLOAT_DTYPES:
+        raise fail(f"dtype one of {_FLOAT_DTYPES}", str(dtype), "tables are floating point; use torch.float32")
+    positions = check_positions(_as_positions(positions))
+    if seq_len is None:
+        seq_len = _default_seq_len(cfg, positions)
+    if device is not None:
+        positions = positions.to(device)
+    ang = angles(cfg, positions, seq_len=seq_len)  # float64 [..., r/2]
+    cos, sin = torch.cos(ang), torch.sin(ang)
+    if attention_scaling:
+        f = cfg.attention_factor
+        if f != 1.0:
+            cos, sin = cos * f, sin * f
+    return cos.to(dtype), sin.to(dtype)
+
+
+def to_full_width(t: torch.Tensor, layout: str = "half") -> torch.Tensor:
+    """Half-width ``[..., r/2]`` -> full-width ``[..., r]`` (transformers' form).
+
+    ``"half"``: ``cat(t, t)``; ``"interleaved"``: each value repeated twice in place.
+    """
+    check_layout(layout)
+    if layout == "half":
+        return torch.cat((t, t), dim=-1)
+    return torch.repeat_interleave(t, 2, dim=-1)
+
+
+def from_full_width(t: torch.Tensor, layout: str = "half", *, check: bool = True) -> torch.Tensor:
+    """Full-width ``[..., r]`` -> half-width ``[..., r/2]``; inverse of :func:`to_full_width`.
+
+    With ``check`` (default) a RopeError is raised if the two copies differ, which means
+    the table was built for the other layout.
+    """
+    check_layout(layout)
+    r = t.shape[-1]
+    if r % 2:
+        raise fail("a full-width table with an even last dim", f"shape {tuple(t.shape)}", "pass cos/sin of width r")
+    if layout == "half":
+        a, b = t[..., : r // 2], t[..., r // 2 :]
+    else:
+        a, b = t[..., 0::2], t[..., 1::2]
+    if check and not torch.equal(a, b):
+        other = "interleaved" if layout == "half" else "half"
+        raise fail(
+            f'a full-width table in the "{layout}" layout (two equal copies)',
+            "copies that differ",
+            f'check the layout (is it "{other}"?) or that this is a cos/sin table at all',
+        )
+    return a
+
+
+class TableCache:
+    """Lazily grown cos/sin tables for positions ``0 .. n-1``, keyed by device, dtype and
+    (for length-dependent scaling) ``cfg.table_key(seq_len)``.
+
+    Growth doubles the length (rounded to a power of two) so a generation loop rebuilds
+    the table O(log n) times. Safe to use from several threads: a lookup either sees an
+    old complete table or a new complete one.
+    """
+
+    def __init__(self, cfg: RopeConfig, *, attention_scaling: bool = True, min_len: int = 0) -> None:
+        self.cfg = cfg
+        self.attention_scaling = attention_scaling
+        self.min_len = int(min_len)
+        self._tables: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._tables = {}
+
+    def get(
+        self, n: int, *, device: torch.device, dtype: torch.dtype = torch.float32, seq_len: Optional[int] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` each ``[n', r/2]`` with ``n' >= n``, covering positions ``0 .. n'-1``."""
+        device = torch.device(device)
+        key: Hashable = (str(device), dtype, self.cfg.table_key(seq_len))
+        hit = self._tables.get(key)
+        if hit is not None and hit[0].shape[0] >= n:
+            return hit
+        with self._lock:
+            hit = self._tables.get(key)
+            if hit is not None and hit[0].shape[0] >= n:
+                return hit
+            size = max(n, self.min_len, 1)
+            size = 1 << (size - 1).bit_length()
+            pos = torch.arange(size, dtype=torch.int64, device=device)
+            table = cos_sin(
+                self.cfg, pos, dtype=dtype, seq_len=seq_len, attention_scaling=self.attention_scaling
+            )
+            new = dict(self._tables)
+            new[key] = table
+            self._tables = new  # one atomic swap: readers never see a half-built dict
+            return table

@@ -10,6 +10,7 @@ from torch import nn
 
 from ._errors import fail
 from .config import RopeConfig
+from . import backends as _backends
 from .functional import apply_rotary_qk
 from .positions import resolve_positions, split_format
 from .tables import cos_sin
@@ -32,6 +33,15 @@ def _table_view(t: torch.Tensor, fmt: str, pos_dims: int) -> torch.Tensor:
     if fmt == "bhsd":
         return t[:, None, :, :]  # [b, 1, s, r/2]
     return t.transpose(0, 1)[:, :, None, :]  # sbhd: [s, b, 1, r/2]
+
+
+def _check_qk(q: torch.Tensor, k: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
+            got = str(t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise fail(f"{name} a real floating tensor", got, f"convert {name} to float")
+    if q.device != k.device:
+        raise fail("q and k on one device", f"{q.device} and {k.device}", "move them together")
 
 
 class RotaryEmbedding(nn.Module):
@@ -134,6 +144,18 @@ class RotaryEmbedding(nn.Module):
                 self.cos_cached, self.sin_cached, self._key = cos, sin, key
         return cos, sin
 
+    def _positions_and_tables(self, q, positions, offsets, cu_seqlens, format, seq_len):
+        """Positions (``[s]``, ``[b, s]`` or ``[t]``, int64, all inside the table) and the table."""
+        b, s = split_format(q, format)
+        pos = resolve_positions(format, b, s, positions=positions, offsets=offsets, cu_seqlens=cu_seqlens, device=q.device)
+        if pos.dim() == 2 and pos.shape[0] == 1:
+            pos = pos[0]
+        n = int(pos.max()) + 1 if pos.numel() else 0
+        if seq_len is None and self.cfg.scaling is not None and self.cfg.scaling.length_dependent:
+            seq_len = n
+        cos_t, sin_t = self.tables(n, device=q.device, seq_len=seq_len)
+        return pos, cos_t, sin_t
+
     def cos_sin_for(
         self,
         q: torch.Tensor,
@@ -145,14 +167,7 @@ class RotaryEmbedding(nn.Module):
         seq_len: Optional[int] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """The gathered ``(cos, sin)`` for ``q`` in ``format``, broadcastable to ``q.shape[:-1] + (r/2,)``."""
-        b, s = split_format(q, format)
-        pos = resolve_positions(format, b, s, positions=positions, offsets=offsets, cu_seqlens=cu_seqlens, device=q.device)
-        if pos.dim() == 2 and pos.shape[0] == 1:
-            pos = pos[0]
-        n = int(pos.max()) + 1 if pos.numel() else 0
-        if seq_len is None and self.cfg.scaling is not None and self.cfg.scaling.length_dependent:
-            seq_len = n
-        cos_t, sin_t = self.tables(n, device=q.device, seq_len=seq_len)
+        pos, cos_t, sin_t = self._positions_and_tables(q, positions, offsets, cu_seqlens, format, seq_len)
         cos, sin = cos_t[pos], sin_t[pos]  # [*pos.shape, r/2]
         return _table_view(cos, format, pos.dim()), _table_view(sin, format, pos.dim())
 
@@ -195,5 +210,12 @@ class RotaryEmbedding(nn.Module):
                 f"q {tuple(q.shape)} and k {tuple(k.shape)}",
                 "rotate new keys with their own call (e.g. offsets=cache_len)",
             )
+        be = _backends.resolve(self.backend, q)
+        gather = getattr(be, "rotate_qk_gather", None)
+        if gather is not None:
+            # fused path: the kernel gathers table rows by position itself
+            pos, cos_t, sin_t = self._positions_and_tables(q, positions, offsets, cu_seqlens, format, seq_len)
+            _check_qk(q, k)
+            return gather(q, k, cos_t, sin_t, pos, format, self.cfg.layout, inplace)
         cos, sin = self.cos_sin_for(q, positions=positions, offsets=offsets, cu_seqlens=cu_seqlens, format=format, seq_len=seq_len)
-        return apply_rotary_qk(q, k, cos, sin, layout=self.cfg.layout, inplace=inplace, backend=self.backend)
+        return apply_rotary_qk(q, k, cos, sin, layout=self.cfg.layout, inplace=inplace, backend=be.NAME)

@@ -1,0 +1,14 @@
+"""Repo-wide pytest setup (also applies to the doctests under src/)."""
+
+import os
+
+# The Triton kernel runs on CPU tensors under the interpreter; this must be set before
+# triton kernels are defined (module import), so it lives in the root conftest.
+try:
+    import torch
+
+    _has_cuda = torch.cuda.is_available()
+except Exception:  # pragma: no cover
+    _has_cuda = False
+if not _has_cuda:
+    os.environ.setdefault("TRITON_INTERPRET", "1")

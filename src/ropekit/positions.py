@@ -94,7 +94,7 @@ def resolve_positions(
         return positions_from_cu_seqlens(cu_seqlens.to(device), total=s)
     if positions is not None:
         check_positions(positions)
-        ok = (s,) if fmt == "thd" else ((s,), (b, s), (1, s))
+        ok = ((s,),) if fmt == "thd" else ((s,), (b, s), (1, s))
         if tuple(positions.shape) not in ok:
             raise fail(
                 f"positions of shape {' or '.join(str(list(o)) for o in ok)}",

@@ -1,0 +1,46 @@
+"""Independent oracles shared by the tests (kept tiny and obviously correct)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def inv_freq64(r: int, base: float = 10000.0) -> torch.Tensor:
+    """θ_i = base^(-2i/r), i = 0 .. r/2-1, straight from RoFormer eq. 15, in float64."""
+    return torch.tensor([base ** (-2.0 * i / r) for i in range(r // 2)], dtype=torch.float64)
+
+
+def rope_token(x: torch.Tensor, pos: int, r: int, layout: str, base: float = 10000.0) -> torch.Tensor:
+    """Rotate one vector ``x [d]`` at integer ``pos`` with Python-float math per pair (float64)."""
+    x = x.double().clone()
+    y = x.clone()
+    for i in range(r // 2):
+        a, b = (i, i + r // 2) if layout == "half" else (2 * i, 2 * i + 1)
+        ang = pos * base ** (-2.0 * i / r)
+        c, s = math.cos(ang), math.sin(ang)
+        y[a] = x[a] * c - x[b] * s
+        y[b] = x[a] * s + x[b] * c
+    return y
+
+
+def rope_bshd(x: torch.Tensor, pos: torch.Tensor, r: int, layout: str, base: float = 10000.0) -> torch.Tensor:
+    """Oracle for ``x [b, s, h, d]`` with positions ``[b, s]``: float64 result."""
+    out = torch.empty(x.shape, dtype=torch.float64)
+    b, s, h, _ = x.shape
+    inv = inv_freq64(r, base)
+    for bi in range(b):
+        for si in range(s):
+            ang = float(pos[bi, si]) * inv  # [r/2]
+            c, sn = torch.cos(ang), torch.sin(ang)
+            xv = x[bi, si].double()  # [h, d]
+            if layout == "half":
+                i1, i2 = torch.arange(r // 2), torch.arange(r // 2) + r // 2
+            else:
+                i1, i2 = torch.arange(0, r, 2), torch.arange(1, r, 2)
+            y = xv.clone()
+            y[:, i1] = xv[:, i1] * c - xv[:, i2] * sn
+            y[:, i2] = xv[:, i1] * sn + xv[:, i2] * c
+            out[bi, si] = y
+    return out

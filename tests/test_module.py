@@ -1,0 +1,185 @@
+"""RotaryEmbedding: every format and position input against a per-token oracle; tables."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+import ropekit
+from ropekit import RopeConfig, RotaryEmbedding
+
+from _oracle import rope_bshd
+
+BACKENDS = [b for b in ropekit.backends.available() if b != "triton"]
+
+
+def _to_fmt(x_bshd, fmt):
+    if fmt == "bshd":
+        return x_bshd
+    if fmt == "bhsd":
+        return x_bshd.transpose(1, 2).contiguous()
+    if fmt == "sbhd":
+        return x_bshd.transpose(0, 1).contiguous()
+    raise AssertionError(fmt)
+
+
+def _from_fmt(x, fmt):
+    if fmt == "bshd":
+        return x
+    if fmt == "bhsd":
+        return x.transpose(1, 2)
+    return x.transpose(0, 1)
+
+
+POSITION_CASES = ["default", "offset_int", "offset_tensor", "positions_1d", "positions_2d"]
+
+
+def _kwargs_and_pos(case, b, s):
+    base = torch.arange(s)
+    if case == "default":
+        return {}, base.expand(b, s)
+    if case == "offset_int":
+        return {"offsets": 17}, (base + 17).expand(b, s)
+    if case == "offset_tensor":
+        off = torch.tensor([0, 9, 300])[:b]
+        return {"offsets": off}, off[:, None] + base
+    if case == "positions_1d":
+        p = torch.tensor([5, 0, 2, 2, 99, 1000])[:s]
+        return {"positions": p}, p.expand(b, s)
+    p = torch.randint(0, 4000, (b, s))
+    return {"positions": p}, p
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fmt", ["bshd", "bhsd", "sbhd"])
+@pytest.mark.parametrize("case", POSITION_CASES)
+@pytest.mark.parametrize("layout", ropekit.LAYOUTS)
+def test_formats_and_positions(backend, fmt, case, layout):
+    torch.manual_seed(0)
+    b, s, hq, hk, d, r = 3, 6, 4, 2, 24, 16
+    cfg = RopeConfig(d, rotary_dim=r, layout=layout)
+    rope = RotaryEmbedding(cfg, backend=backend)
+    q, k = torch.randn(b, s, hq, d), torch.randn(b, s, hk, d)
+    kw, pos = _kwargs_and_pos(case, b, s)
+    q2, k2 = rope(_to_fmt(q, fmt), _to_fmt(k, fmt), format=fmt, **kw)
+    torch.testing.assert_close(_from_fmt(q2, fmt).double(), rope_bshd(q, pos, r, layout), atol=5e-6, rtol=5e-6)
+    torch.testing.assert_close(_from_fmt(k2, fmt).double(), rope_bshd(k, pos, r, layout), atol=5e-6, rtol=5e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_thd_packed(backend):
+    torch.manual_seed(1)
+    cu = torch.tensor([0, 3, 3, 8, 9])  # includes an empty sequence
+    t, d = 9, 16
+    q, k = torch.randn(t, 3, d), torch.randn(t, 1, d)
+    rope = RotaryEmbedding(RopeConfig(d), backend=backend)
+    q2, k2 = rope(q, k, cu_seqlens=cu, format="thd")
+    pos = torch.tensor([0, 1, 2, 0, 1, 2, 3, 4, 0])  # restarts per sequence, written by hand from cu
+    want = rope_bshd(q[None], pos[None], d, "half")[0]
+    torch.testing.assert_close(q2.double(), want, atol=5e-6, rtol=5e-6)
+    torch.testing.assert_close(k2.double(), rope_bshd(k[None], pos[None], d, "half")[0], atol=5e-6, rtol=5e-6)
+    # explicit positions give the same
+    q3, _ = rope(q, k, positions=pos, format="thd")
+    assert torch.equal(q3, q2)
+
+
+def test_decode_matches_prefill():
+    torch.manual_seed(2)
+    rope = RotaryEmbedding(RopeConfig(32))
+    q, k = torch.randn(2, 10, 4, 32), torch.randn(2, 10, 4, 32)
+    qa, ka = rope(q, k)
+    for i in range(10):
+        qi, ki = rope(q[:, i : i + 1], k[:, i : i + 1], offsets=torch.tensor([i, i]))
+        assert torch.equal(qi, qa[:, i : i + 1]) and torch.equal(ki, ka[:, i : i + 1])
+
+
+def test_module_backward_vs_oracle():
+    torch.manual_seed(3)
+    cfg = RopeConfig(16, layout="interleaved")
+    rope = RotaryEmbedding(cfg)
+    q = torch.randn(2, 5, 3, 16, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 5, 1, 16, dtype=torch.float64, requires_grad=True)
+    rope64 = RotaryEmbedding(cfg, table_dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda q, k: rope64(q, k, offsets=torch.tensor([3, 0])), (q, k))
+    q2, k2 = rope(q.float(), k.float())
+    assert q2.requires_grad
+
+
+def test_tables_cache_grow_state_dict_meta_and_dtype():
+    cfg = RopeConfig(16)
+    rope = RotaryEmbedding(cfg, max_position=8)
+    assert rope.state_dict() == {}
+    q = torch.randn(1, 4, 1, 16)
+    rope(q, q)
+    assert rope.cos_cached.shape == (8, 8)
+    rope(q, q, offsets=100)  # grows to the next power of two
+    assert rope.cos_cached.shape[0] == 128
+    want_cos, _ = ropekit.cos_sin(cfg, torch.arange(128))
+    assert torch.equal(rope.cos_cached, want_cos)
+    # .to(bfloat16) of the model must not lower the precision of the tables
+    rope.to(torch.bfloat16)
+    rope(q.bfloat16(), q.bfloat16())
+    n = rope.cos_cached.shape[0]
+    assert rope.cos_cached.dtype == torch.float32 and torch.equal(rope.cos_cached, want_cos[:n])
+    # meta-device construction, then rope_init()
+    with torch.device("meta"):
+        m = RotaryEmbedding(cfg, max_position=64)
+    m.rope_init(device="cpu")
+    assert torch.equal(m.cos_cached, ropekit.cos_sin(cfg, torch.arange(64))[0])
+    # deepcopy / pickle
+    m2 = copy.deepcopy(m)
+    m3 = pickle.loads(pickle.dumps(m))
+    for mm in (m2, m3):
+        assert torch.equal(mm(q, q)[0], m(q, q)[0])
+
+
+def test_thread_safe_growth():
+    import threading
+
+    cfg = RopeConfig(16)
+    rope = RotaryEmbedding(cfg)
+    x = torch.randn(1, 3, 1, 16)
+    results, errors = {}, []
+
+    def work(i):
+        try:
+            results[i] = rope(x, x, offsets=i * 37)[0]
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i, y in results.items():
+        assert torch.equal(y, RotaryEmbedding(cfg)(x, x, offsets=i * 37)[0])
+
+
+def test_module_errors():
+    rope = RotaryEmbedding(RopeConfig(16))
+    q = torch.randn(2, 4, 2, 16)
+    with pytest.raises(ropekit.RopeError, match="format"):
+        rope(q, q, format="bsdh")
+    with pytest.raises(ropekit.RopeError, match="4 dims"):
+        rope(q[0], q[0])
+    with pytest.raises(ropekit.RopeError, match=r"cu_seqlens\[-1\] == t == 8"):
+        rope(q.reshape(8, 2, 16), q.reshape(8, 2, 16), cu_seqlens=torch.tensor([0, 3, 7]), format="thd")
+    with pytest.raises(ropekit.RopeError, match="non-decreasing"):
+        rope(q.reshape(8, 2, 16), q.reshape(8, 2, 16), cu_seqlens=torch.tensor([0, 5, 3, 8]), format="thd")
+    with pytest.raises(ropekit.RopeError, match=">= 0"):
+        rope(q, q, positions=torch.tensor([0, 1, -1, 2]))
+    with pytest.raises(ropekit.RopeError, match="integer dtype"):
+        rope(q, q, positions=torch.arange(4.0))
+    with pytest.raises(ropekit.RopeError, match=r"shape \[b\] = \[2\]"):
+        rope(q, q, offsets=torch.tensor([1, 2, 3]))
+    with pytest.raises(ropekit.RopeError, match="at most one"):
+        rope(q, q, offsets=1, positions=torch.arange(4))
+    with pytest.raises(ropekit.RopeError, match="same batch and sequence"):
+        rope(q, q[:, :3])
+    with pytest.raises(ropekit.RopeError, match="RopeConfig"):
+        RotaryEmbedding({"head_dim": 16})

@@ -1,0 +1,581 @@
+"""Multi-axis rotary embeddings: M-RoPE (Qwen2-VL family), axial N-D RoPE for images and
+video, position grids, and the M-RoPE position ids of mixed text/image/video sequences.
+
+Every scheme here reduces to "rotary pair ``j`` rotates by angle ``φ_j``", so each returns
+half-width ``(cos, sin)`` tables ``[..., r/2]`` that :func:`ropekit.apply_rotary` (any
+backend) applies. What differs is where ``φ_j`` comes from. Positions carry one value per
+axis, ``[..., n_axes]`` (e.g. ``(t, h, w)``), and pair ``j`` belongs to one axis
+``a(j)``:
+
+    φ_j = p[a(j)] · ω_j
+
+- **M-RoPE** (Qwen2-VL, arXiv 2409.12191): ``ω_j = cfg.inv_freq()[j]``, the ordinary
+  1-D spectrum; ``sections`` says how many consecutive pairs each axis owns (chunked,
+  Qwen2-VL / Qwen2.5-VL) or pairs cycle over the axes (interleaved, Qwen3-VL). A text
+  token has the same position on every axis, so for text M-RoPE *is* 1-D RoPE.
+- **Axial** (ViT / EVA-02 / Qwen2-VL's vision tower, rotary-embedding-torch): each axis
+  has its own spectrum over its own block of pairs, language-style ``base^(-i/n_a)`` or
+  pixel-style ``π · linspace(1, max_freq/2, n_a)``.
+
+Because ``q_mᵀ R(φ(m))ᵀ R(φ(n)) k_n`` depends on ``φ(m) - φ(n) = (p_m - p_n)[a(j)] ω_j``,
+scores depend only on the per-axis position differences (relative invariance per axis).
+
+Shapes: ``b`` batch, ``s`` sequence, ``h`` heads, ``d`` head dim, ``r`` rotary dim;
+``n_axes`` the number of position axes.
+
+Precision: angles are float64 products of the (exact) float64 positions and float64
+frequencies, rounded once to the table dtype, as in :func:`ropekit.cos_sin`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ._errors import fail
+from .config import RopeConfig, check_layout
+from .tables import check_positions
+
+__all__ = [
+    "pair_axes",
+    "multi_axis_angles",
+    "multi_axis_cos_sin",
+    "AxialRope",
+    "grid_positions",
+    "image_positions",
+    "video_positions",
+    "with_special_tokens",
+    "mrope_positions",
+    "mrope_decode_positions",
+]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+Tables = Tuple[torch.Tensor, torch.Tensor]
+
+
+# --------------------------------------------------------------------------- sections
+def _check_sections(sections: Sequence[int], n_pairs: Optional[int]) -> Tuple[int, ...]:
+    try:
+        secs = tuple(sections)
+    except TypeError:
+        secs = None
+    if (
+        secs is None
+        or len(secs) < 1
+        or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in secs)
+    ):
+        raise fail(
+            "sections a sequence of non-negative ints (rotary pairs per axis)",
+            repr(sections),
+            "pass e.g. [16, 24, 24] (Qwen2-VL's mrope_section) for r/2 = 64",
+        )
+    if n_pairs is not None and sum(secs) != n_pairs:
+        raise fail(
+            f"sections summing to r/2 = {n_pairs} (one entry per axis, in rotary pairs)",
+            f"{list(secs)} (sum {sum(secs)})",
+            "sections count pairs, not dims: halve a per-axis dim count, and make them add up to rotary_dim // 2",
+        )
+    return secs
+
+
+def pair_axes(sections: Sequence[int], *, interleaved: bool = False) -> torch.Tensor:
+    """The axis each rotary pair takes its position from: int64 ``[r/2]``, ``r/2 = sum(sections)``.
+
+    ``interleaved=False`` (chunked, Qwen2-VL / Qwen2.5-VL): the first ``sections[0]`` pairs
+    belong to axis 0, the next ``sections[1]`` to axis 1, and so on.
+
+    ``interleaved=True`` (Qwen3-VL): pairs are dealt round-robin over the axes
+    ``0, 1, 2, 0, 1, 2, ...``, skipping an axis once it has its ``sections[a]`` pairs.
+    With Qwen3-VL's ``[24, 20, 20]`` this gives ``T H W`` repeated 20 times and then
+    ``T T T T`` for the last four (lowest-frequency) pairs — what transformers'
+    ``Qwen3VLTextRotaryEmbedding`` does. (Transformers assigns ``j ≡ a (mod 3)`` to axis
+    ``a ∈ {1, 2}`` while ``j < 3·sections[a]`` and everything else to axis 0; that equals
+    this rule exactly when ``sections[0] >= max(sections[1:])``, true for every released
+    Qwen3-VL config; for other sections transformers does not honour the counts at all.)
+
+    Example:
+        >>> pair_axes([2, 1, 1]).tolist()
+        [0, 0, 1, 2]
+        >>> pair_axes([2, 1, 1], interleaved=True).tolist()
+        [0, 1, 2, 0]
+    """
+    secs = _check_sections(sections, None)
+    if not interleaved:
+        return torch.repeat_interleave(torch.arange(len(secs)), torch.tensor(secs, dtype=torch.int64))
+    left = list(secs)
+    out: List[int] = []
+    while len(out) < sum(secs):
+        for a in range(len(secs)):
+            if left[a] > 0:
+                out.append(a)
+                left[a] -= 1
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def _check_axis_positions(positions: torch.Tensor, n_axes: int, *, allow_float: bool) -> torch.Tensor:
+    if not isinstance(positions, torch.Tensor):
+        raise fail(
+            f"positions a tensor [..., n_axes={n_axes}]",
+            type(positions).__name__,
+            "build them with ropekit.multi_axis.grid_positions / mrope_positions, or torch.as_tensor",
+        )
+    if positions.dim() < 1 or positions.shape[-1] != n_axes:
+        raise fail(
+            f"positions of shape [..., n_axes] with n_axes = len(sections) = {n_axes}",
+            f"shape {tuple(positions.shape)}",
+            "put the axes last; transformers' M-RoPE ids (3, b, s) become [b, s, 3] with position_ids.movedim(0, -1)",
+        )
+    if allow_float and positions.dtype.is_floating_point:
+        if positions.numel() and not torch.compiler.is_compiling() and not bool(torch.isfinite(positions).all()):
+            raise fail("finite positions", "inf or nan", "check the grid scaling factors")
+        return positions
+    return check_positions(positions)
+
+
+def multi_axis_angles(positions: torch.Tensor, axes: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """``φ[..., j] = positions[..., axes[j]] · freqs[..., j]`` in float64.
+
+    Args:
+        positions: ``[..., n_axes]`` integer (exact) or floating (e.g. rescaled grids).
+        axes: int64 ``[r/2]``, the axis of each pair (:func:`pair_axes`).
+        freqs: ``[r/2]`` (or broadcastable, e.g. ``[h, r/2]`` against ``positions
+            [..., 1, n_axes]``), converted to float64.
+
+    Returns:
+        float64 angles ``[..., r/2]`` (broadcast of the two leading shapes).
+    """
+    p = positions.to(torch.float64)  # integers up to 2^53 stay exact
+    picked = p.index_select(-1, axes.to(p.device))  # [..., r/2]
+    return picked * freqs.to(device=p.device, dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------- M-RoPE tables
+def multi_axis_cos_sin(
+    cfg: RopeConfig,
+    positions: torch.Tensor,
+    sections: Sequence[int],
+    *,
+    interleaved: bool = False,
+    dtype: torch.dtype = torch.float32,
+    seq_len: Optional[int] = None,
+    attention_scaling: bool = True,
+) -> Tables:
+    """Half-width M-RoPE tables: pair ``j`` keeps frequency ``cfg.inv_freq()[j]`` and takes
+    its position from axis ``pair_axes(sections, interleaved)[j]``.
+
+    ``φ_j = p[a(j)] · θ_j`` — exactly Qwen2-VL's multimodal RoPE (arXiv 2409.12191) with
+    ``sections = mrope_section`` (chunked) and Qwen3-VL's interleaved M-RoPE
+    (``interleaved=True``).
+
+    Args:
+        cfg: the 1-D rotary configuration (base, rotary dim, scaling).
+        positions: integer ``[..., n_axes]``, ``n_axes = len(sections)``; transformers'
+            ``position_ids`` of shape ``(3, b, s)`` are ``position_ids.movedim(0, -1)``.
+        sections: rotary pairs per axis, summing to ``r/2`` (e.g. ``[16, 24, 24]``).
+        interleaved: pair-to-axis rule, see :func:`pair_axes`.
+        dtype: table dtype; angles are float64 and rounded once.
+        seq_len: for length-dependent scaling (default ``max(positions) + 1``).
+        attention_scaling: fold ``cfg.attention_factor`` in, as transformers does.
+
+    Returns:
+        ``(cos, sin)``, each ``[..., r/2]`` (``positions.shape[:-1] + (r/2,)``).
+
+    Example:
+        >>> import ropekit
+        >>> cfg = ropekit.RopeConfig(head_dim=16)
+        >>> pos = torch.tensor([[0, 0, 0], [1, 0, 1], [1, 1, 0]])     # [s, 3] (t, h, w)
+        >>> cos, sin = multi_axis_cos_sin(cfg, pos, [2, 3, 3])        # [s, r/2]
+        >>> q = torch.randn(1, 3, 2, 16)                              # [b, s, h, d]
+        >>> ropekit.apply_rotary(q, cos[:, None], sin[:, None]).shape
+        torch.Size([1, 3, 2, 16])
+    """
+    if not isinstance(cfg, RopeConfig):
+        raise fail("cfg a ropekit.RopeConfig", type(cfg).__name__, "build one with RopeConfig(head_dim=...)")
+    if dtype not in _FLOAT_DTYPES:
+        raise fail(f"dtype one of {_FLOAT_DTYPES}", str(dtype), "tables are floating point; use torch.float32")
+    secs = _check_sections(sections, cfg.n_pairs)
+    positions = _check_axis_positions(positions, len(secs), allow_float=False)
+    if seq_len is None and cfg.scaling is not None and cfg.scaling.length_dependent:
+        seq_len = int(positions.max()) + 1 if positions.numel() else 0
+    axes = pair_axes(secs, interleaved=interleaved)
+    ang = multi_axis_angles(positions, axes, cfg.inv_freq(seq_len))  # float64 [..., r/2]
+    cos, sin = torch.cos(ang), torch.sin(ang)
+    if attention_scaling and cfg.attention_factor != 1.0:
+        cos, sin = cos * cfg.attention_factor, sin * cfg.attention_factor
+    return cos.to(dtype), sin.to(dtype)
+
+
+# --------------------------------------------------------------------------- axial N-D RoPE
+_FREQ_KINDS = ("lang", "pixel")
+
+
+@dataclasses.dataclass(frozen=True)
+class AxialRope:
+    """Axial N-D RoPE: the rotary pairs are split among the axes and each axis rotates its
+    block with its own spectrum (ViT / EVA-02 2-D RoPE, Qwen2-VL's vision tower, 3-D video RoPE).
+
+    For axis ``a`` owning ``n_a = sections[a]`` consecutive pairs (chunked layout, axis 0
+    first), pair ``i`` of that block rotates by ``p_a · ω_{a,i}`` with
+
+    - ``freqs="lang"``: ``ω_{a,i} = base^(-2i / (2 n_a))``, the 1-D RoPE spectrum of a
+      head of size ``2 n_a`` (EVA-02, Qwen2-VL's ``VisionRotaryEmbedding``);
+    - ``freqs="pixel"``: ``ω_{a,i} = π · linspace(1, max_freq/2, n_a)[i]``
+      (rotary-embedding-torch ``freqs_for="pixel"``), meant for coordinates in ``[-1, 1]``
+      (``grid_positions(..., normalize=True)``).
+
+    Args:
+        head_dim: ``d``.
+        n_axes: number of position axes (2 for images, 3 for video).
+        rotary_dim: ``r`` (even, ``<= d``); default ``d``. Dims past ``r`` pass through.
+        sections: pairs per axis, summing to ``r/2``; default an even split (the first
+            axes get one more pair when ``r/2`` is not divisible).
+        freqs: ``"lang"`` or ``"pixel"``.
+        base: base of the ``"lang"`` spectrum.
+        max_freq: top of the ``"pixel"`` spectrum.
+        layout: pair layout the tables are meant for (``"half"`` / ``"interleaved"``);
+            tables are half width, so this is only recorded for :meth:`apply`.
+
+    Example:
+        >>> import ropekit
+        >>> rope = AxialRope(head_dim=32, n_axes=2)              # 2-D, 8 pairs per axis
+        >>> pos = image_positions(4, 5)                           # [20, 2] (h, w)
+        >>> cos, sin = rope.cos_sin(pos, n_special=1)             # CLS first: [21, 16]
+        >>> q = torch.randn(2, 21, 3, 32)                         # [b, s, h, d]
+        >>> ropekit.apply_rotary(q, cos[:, None], sin[:, None]).shape
+        torch.Size([2, 21, 3, 32])
+    """
+
+    head_dim: int
+    n_axes: int = 2
+    rotary_dim: Optional[int] = None
+    sections: Optional[Tuple[int, ...]] = None
+    freqs: str = "lang"
+    base: float = 10000.0
+    max_freq: float = 10.0
+    layout: str = "half"
+
+    def __post_init__(self) -> None:
+        # reuse RopeConfig's validation of head_dim / rotary_dim / layout / base
+        cfg = RopeConfig(self.head_dim, base=self.base, rotary_dim=self.rotary_dim, layout=self.layout)
+        object.__setattr__(self, "rotary_dim", cfg.rotary_dim)
+        object.__setattr__(self, "base", cfg.base)
+        n = self.n_axes
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise fail("n_axes a positive int", repr(n), "use 2 for images (h, w) or 3 for video (t, h, w)")
+        if self.sections is None:
+            q, rem = divmod(cfg.n_pairs, n)
+            secs: Tuple[int, ...] = tuple(q + (a < rem) for a in range(n))
+        else:
+            secs = _check_sections(self.sections, cfg.n_pairs)
+            if len(secs) != n:
+                raise fail(f"{n} sections (one per axis)", f"{len(secs)}: {list(secs)}", "give one pair count per axis")
+        object.__setattr__(self, "sections", secs)
+        if self.freqs not in _FREQ_KINDS:
+            raise fail(f"freqs in {_FREQ_KINDS}", repr(self.freqs), 'use "lang" (base^-i/n) or "pixel" (linear, for [-1, 1] coords)')
+        mf = self.max_freq
+        if isinstance(mf, bool) or not isinstance(mf, (int, float)) or not math.isfinite(mf) or mf <= 0:
+            raise fail("max_freq a positive finite number", repr(mf), "rotary-embedding-torch uses max_freq=10 for pixel freqs")
+        object.__setattr__(self, "max_freq", float(mf))
+
+    @property
+    def n_pairs(self) -> int:
+        return self.rotary_dim // 2  # type: ignore[operator]
+
+    def axes(self) -> torch.Tensor:
+        """int64 ``[r/2]``: the axis of each pair (chunked blocks)."""
+        return pair_axes(self.sections, interleaved=False)  # type: ignore[arg-type]
+
+    def inv_freq(self) -> torch.Tensor:
+        """float64 ``[r/2]``: each axis's spectrum, concatenated in axis order."""
+        parts = []
+        for n_a in self.sections:  # type: ignore[union-attr]
+            i = torch.arange(n_a, dtype=torch.float64)
+            if self.freqs == "lang":
+                # base^(-2i/(2 n_a)): the spectrum of a 1-D RoPE over this axis's 2 n_a dims
+                parts.append(torch.pow(torch.tensor(self.base, dtype=torch.float64), -i / max(n_a, 1)))
+            else:
+                top = self.max_freq / 2
+                lin = 1.0 + (top - 1.0) * i / (n_a - 1) if n_a > 1 else torch.ones(n_a, dtype=torch.float64)
+                parts.append(math.pi * lin)
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+    def angles(self, positions: torch.Tensor) -> torch.Tensor:
+        """float64 ``[..., r/2]`` angles for positions ``[..., n_axes]`` (integer or float)."""
+        positions = _check_axis_positions(positions, self.n_axes, allow_float=True)
+        return multi_axis_angles(positions, self.axes(), self.inv_freq())
+
+    def cos_sin(self, positions: torch.Tensor, *, n_special: int = 0, dtype: torch.dtype = torch.float32) -> Tables:
+        """Half-width tables for ``positions [..., t, n_axes]`` -> ``[..., n_special + t, r/2]``.
+
+        ``n_special`` leading rows (CLS / register tokens) are ``cos = 1, sin = 0``: those
+        tokens are not rotated. Positions may be float (rescaled / normalised grids).
+        """
+        if dtype not in _FLOAT_DTYPES:
+            raise fail(f"dtype one of {_FLOAT_DTYPES}", str(dtype), "use torch.float32")
+        ang = self.angles(positions)
+        cos, sin = torch.cos(ang), torch.sin(ang)
+        return with_special_tokens(cos.to(dtype), sin.to(dtype), n_special)
+
+    def apply(
+        self, x: torch.Tensor, positions: torch.Tensor, *, n_special: int = 0, backend: str = "auto"
+    ) -> torch.Tensor:
+        """Rotate ``x [b, s, h, d]`` with ``s = n_special + t`` and ``positions [t, n_axes]``
+        (or ``[b, t, n_axes]``)."""
+        from .functional import apply_rotary
+
+        cos, sin = self.cos_sin(positions, n_special=n_special)
+        return apply_rotary(x, cos[..., None, :], sin[..., None, :], layout=self.layout, backend=backend)
+
+
+def with_special_tokens(cos: torch.Tensor, sin: torch.Tensor, n_special: int) -> Tables:
+    """Prepend ``n_special`` identity rows (``cos = 1, sin = 0``) on the token dim (``-2``).
+
+    ``[..., t, r/2]`` -> ``[..., n_special + t, r/2]``: the special tokens (CLS, registers)
+    pass through unrotated while the patch tokens keep their tables.
+    """
+    if isinstance(n_special, bool) or not isinstance(n_special, int) or n_special < 0:
+        raise fail("n_special a non-negative int", repr(n_special), "pass the number of leading CLS/register tokens")
+    if n_special == 0:
+        return cos, sin
+    if cos.dim() < 2:
+        raise fail("tables [..., t, r/2]", f"shape {tuple(cos.shape)}", "build tables from positions [t, n_axes]")
+    shape = list(cos.shape)
+    shape[-2] = n_special
+    one = cos.new_ones(shape)  # [..., n_special, r/2]
+    zero = sin.new_zeros(shape)
+    return torch.cat((one, cos), dim=-2), torch.cat((zero, sin), dim=-2)
+
+
+# --------------------------------------------------------------------------- grids
+def grid_positions(
+    shape: Sequence[int],
+    *,
+    scale: Union[None, float, Sequence[float]] = None,
+    reference_shape: Optional[Sequence[int]] = None,
+    normalize: bool = False,
+    device: Union[str, torch.device, None] = None,
+) -> torch.Tensor:
+    """Positions of a patch grid, flattened row-major: ``shape = (n_0, ..., n_{k-1})`` ->
+    ``[prod(shape), k]`` (e.g. ``(h, w)`` -> ``[h·w, 2]``, ``(t, h, w)`` -> ``[t·h·w, 3]``).
+
+    Coordinate of index ``i`` on axis ``a`` (one option at a time):
+
+    - default: ``i`` (int64, exact);
+    - ``scale``: ``i · scale[a]`` (float64), a per-axis stretch;
+    - ``reference_shape``: ``i · ref_a / n_a`` (float64) — resolution interpolation: a grid
+      larger than the training grid ``ref`` is squeezed into the trained position range
+      (EVA-02's ``pt_seq_len / ft_seq_len``);
+    - ``normalize``: ``-1 + 2i/(n_a - 1)`` (float64, ``0`` when ``n_a = 1``), coordinates in
+      ``[-1, 1]`` for ``AxialRope(freqs="pixel")``.
+
+    Example:
+        >>> grid_positions((2, 3)).tolist()
+        [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
+        >>> grid_positions((2, 4), reference_shape=(2, 2))[:, 1].tolist()
+        [0.0, 0.5, 1.0, 1.5, 0.0, 0.5, 1.0, 1.5]
+    """
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        dims = None
+    if not dims or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in dims):
+        raise fail("shape a non-empty sequence of positive ints", repr(shape), "pass e.g. (h, w) = (14, 14)")
+    k = len(dims)
+    given = [n for n, v in (("scale", scale), ("reference_shape", reference_shape), ("normalize", normalize or None)) if v is not None]
+    if len(given) > 1:
+        raise fail("at most one of scale=, reference_shape=, normalize=True", " and ".join(given), "combine them yourself")
+
+    def per_axis(v, name):
+        vals = [v] * k if isinstance(v, (int, float)) and not isinstance(v, bool) else list(v)
+        if len(vals) != k or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0 for x in vals):
+            raise fail(f"{name} a positive number or {k} of them", repr(v), f"give one {name} per axis")
+        return [float(x) for x in vals]
+
+    coords = []
+    for a, n in enumerate(dims):
+        i = torch.arange(n, device=device, dtype=torch.int64)
+        if scale is not None:
+            c = i.to(torch.float64) * per_axis(scale, "scale")[a]
+        elif reference_shape is not None:
+            c = i.to(torch.float64) * per_axis(reference_shape, "reference_shape")[a] / n
+        elif normalize:
+            c = (-1.0 + 2.0 * i.to(torch.float64) / (n - 1)) if n > 1 else torch.zeros(1, dtype=torch.float64, device=device)
+        else:
+            c = i
+        coords.append(c)
+    mesh = torch.meshgrid(*coords, indexing="ij")  # k tensors of shape dims
+    return torch.stack(mesh, dim=-1).reshape(-1, k)  # [prod(dims), k]
+
+
+def image_positions(h: int, w: int, **kw) -> torch.Tensor:
+    """``[h·w, 2]`` (row, column) positions of an image patch grid; see :func:`grid_positions`."""
+    return grid_positions((h, w), **kw)
+
+
+def video_positions(t: int, h: int, w: int, **kw) -> torch.Tensor:
+    """``[t·h·w, 3]`` (frame, row, column) positions of a video patch grid; see :func:`grid_positions`."""
+    return grid_positions((t, h, w), **kw)
+
+
+# --------------------------------------------------------------------------- M-RoPE position ids
+_TEXT_AFTER = ("max", "spatial")
+
+
+def _as_grids(g, name) -> List[Tuple[int, int, int]]:
+    if g is None:
+        return []
+    t = torch.as_tensor(g)
+    if t.dim() != 2 or t.shape[-1] != 3 or t.dtype.is_floating_point:
+        raise fail(f"{name} an integer tensor [n, 3] of (t, h, w) patch counts", f"shape {tuple(t.shape)} {t.dtype}", "pass e.g. torch.tensor([[1, 4, 6]])")
+    return [tuple(int(v) for v in row) for row in t.tolist()]
+
+
+def mrope_positions(
+    token_types: torch.Tensor,
+    *,
+    image_grid_thw: Optional[torch.Tensor] = None,
+    video_grid_thw: Optional[torch.Tensor] = None,
+    spatial_merge_size: int = 1,
+    video_time_intervals: Optional[Sequence[float]] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    text_after: str = "max",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """M-RoPE position ids ``(3, b, s)`` of a mix of text, image and video tokens, and the
+    per-sequence decoding delta ``[b, 1]`` (Qwen2-VL / Qwen2.5-VL ``get_rope_index``).
+
+    Walking each sequence left to right, with ``p`` the next free position (starting at 0):
+
+    - a run of ``L`` text tokens gets ``p, ..., p + L - 1`` on all three axes; ``p += L``;
+    - an image or video with patch grid ``(T, H, W)`` and ``m = spatial_merge_size``
+      contributes ``T·(H/m)·(W/m)`` tokens in (t, h, w) row-major order at
+      ``(p + ⌊i_t·Δ⌋, p + i_h, p + i_w)``, ``Δ`` the video's time interval (1 for images;
+      Qwen2.5-VL: ``tokens_per_second · second_per_grid_t``, truncated like transformers:
+      float32 product, then ``long``);
+    - the next text starts after it: ``text_after="max"`` (default, the Qwen reference
+      code and transformers < 5): ``p = (largest position used) + 1``;
+      ``text_after="spatial"`` (transformers 5.x): ``p += max(H, W) / m``. They differ only
+      for videos whose temporal extent reaches past ``max(H, W)/m``.
+
+    Consecutive image (or video) tokens without text between them consume as many grids as
+    their count covers. Padding (``attention_mask == 0``) gets position 0.
+    The delta is ``max(positions) + 1 - (number of unpadded tokens)``: decoding step ``k``
+    (0-based over the whole sequence) uses position ``k + delta`` on all three axes
+    (:func:`mrope_decode_positions`).
+
+    Args:
+        token_types: int ``[b, s]``: 0 text, 1 image, 2 video (transformers'
+            ``mm_token_type_ids``).
+        image_grid_thw, video_grid_thw: int ``[n, 3]`` patch grids, in order of appearance
+            over the whole batch.
+        spatial_merge_size: ``m`` (2 in released Qwen2-VL models).
+        video_time_intervals: one ``Δ`` per video (default 1).
+        attention_mask: ``[b, s]``, 1 for real tokens.
+        text_after: ``"max"`` or ``"spatial"``, see above.
+
+    Returns:
+        ``(positions, delta)``: int64 ``(3, b, s)`` and int64 ``[b, 1]``.
+
+    Example:
+        >>> types = torch.tensor([[0, 0, 1, 1, 1, 1, 0]])       # 2 text, 2x2 image, 1 text
+        >>> pos, delta = mrope_positions(types, image_grid_thw=torch.tensor([[1, 2, 2]]))
+        >>> pos[:, 0].tolist()
+        [[0, 1, 2, 2, 2, 2, 4], [0, 1, 2, 2, 3, 3, 4], [0, 1, 2, 3, 2, 3, 4]]
+        >>> delta.tolist()
+        [[-2]]
+    """
+    if not isinstance(token_types, torch.Tensor) or token_types.dim() != 2 or token_types.dtype.is_floating_point:
+        got = f"shape {tuple(token_types.shape)} {token_types.dtype}" if isinstance(token_types, torch.Tensor) else type(token_types).__name__
+        raise fail("token_types an integer tensor [b, s] (0 text, 1 image, 2 video)", got, "pass transformers' mm_token_type_ids")
+    if text_after not in _TEXT_AFTER:
+        raise fail(f"text_after in {_TEXT_AFTER}", repr(text_after), '"max" follows the Qwen reference code')
+    m = spatial_merge_size
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise fail("spatial_merge_size a positive int", repr(m), "Qwen2-VL uses 2")
+    bad = set(torch.unique(token_types).tolist()) - {0, 1, 2}
+    if bad:
+        raise fail("token types in {0, 1, 2}", f"values {sorted(bad)}", "0 = text, 1 = image, 2 = video")
+    grids = {1: _as_grids(image_grid_thw, "image_grid_thw"), 2: _as_grids(video_grid_thw, "video_grid_thw")}
+    for kind, gl in grids.items():
+        for g in gl:
+            if g[0] < 1 or g[1] % m or g[2] % m or g[1] < 1 or g[2] < 1:
+                name = "image_grid_thw" if kind == 1 else "video_grid_thw"
+                raise fail(f"{name} rows (t, h, w) positive with h, w divisible by spatial_merge_size={m}", str(g), "check the processor output")
+    n_videos = len(grids[2])
+    if video_time_intervals is None:
+        intervals = [1.0] * n_videos
+    else:
+        intervals = [float(v) for v in video_time_intervals]
+        if len(intervals) != n_videos:
+            raise fail(f"{n_videos} video_time_intervals (one per video)", str(len(intervals)), "pass tokens_per_second * second_per_grid_t per video")
+    used = {1: 0, 2: 0}
+    b, s = token_types.shape
+    device = token_types.device
+    out = torch.zeros(3, b, s, dtype=torch.int64, device=device)
+    deltas = []
+    for row in range(b):
+        types = token_types[row]
+        keep = None
+        if attention_mask is not None:
+            keep = attention_mask[row].bool()
+            types = types[keep]
+        pieces: List[torch.Tensor] = []
+        p = 0
+        for kind, grp in itertools.groupby(types.tolist()):
+            n_tok = len(list(grp))
+            if kind == 0:
+                pieces.append((torch.arange(n_tok, dtype=torch.int64) + p).expand(3, -1))  # [3, L]
+                p += n_tok
+                continue
+            covered = 0
+            while covered < n_tok:
+                idx = used[kind]
+                if idx >= len(grids[kind]):
+                    name = "image_grid_thw" if kind == 1 else "video_grid_thw"
+                    raise fail(f"one {name} row per {'image' if kind == 1 else 'video'}", f"only {len(grids[kind])} rows for the tokens of batch row {row}", "pass a grid for every image/video in the batch")
+                gt, gh, gw = grids[kind][idx]
+                gh, gw = gh // m, gw // m
+                dt = 1.0 if kind == 1 else intervals[idx]
+                used[kind] += 1
+                # float32 product then truncation, as transformers does (torch.arange(t) * interval).long()
+                ti = (torch.arange(gt, dtype=torch.float32) * torch.tensor(dt, dtype=torch.float32)).long()
+                tt, hh, ww = torch.meshgrid(ti, torch.arange(gh), torch.arange(gw), indexing="ij")
+                block = torch.stack((tt, hh, ww)).reshape(3, -1) + p  # [3, T·H·W]
+                pieces.append(block)
+                covered += block.shape[1]
+                p = int(block.max()) + 1 if text_after == "max" else p + max(gh, gw)
+            if covered != n_tok:
+                raise fail(
+                    "a run of vision tokens matching its grids' token counts t·(h/m)·(w/m)",
+                    f"{n_tok} tokens vs {covered} from the grids (batch row {row})",
+                    "check image_grid_thw/video_grid_thw and spatial_merge_size",
+                )
+        pos = torch.cat(pieces, dim=1) if pieces else torch.zeros(3, 0, dtype=torch.int64)  # [3, L]
+        if keep is not None:
+            out[:, row, keep] = pos.to(device)
+        else:
+            out[:, row] = pos.to(device)
+        deltas.append((int(pos.max()) + 1 if pos.numel() else 0) - pos.shape[1])
+    return out, torch.tensor(deltas, dtype=torch.int64, device=device)[:, None]
+
+
+def mrope_decode_positions(delta: torch.Tensor, start: Union[int, torch.Tensor], length: int = 1) -> torch.Tensor:
+    """M-RoPE ids ``(3, b, length)`` for decoding ``length`` tokens after ``start`` cached ones.
+
+    Token ``k`` (``start <= k < start + length``) gets ``k + delta`` on all three axes, the
+    continuation of :func:`mrope_positions` (transformers' ``rope_deltas``).
+
+    Example:
+        >>> mrope_decode_positions(torch.tensor([[-2]]), 7)[:, 0].tolist()
+        [[5], [5], [5]]
+    """
+    if not isinstance(delta, torch.Tensor) or delta.dim() != 2 or delta.shape[1] != 1:
+        raise fail("delta an int tensor [b, 1] from mrope_positions", repr(getattr(delta, "shape", delta)), "pass the second output of mrope_positions")
+    st = torch.as_tensor(start, device=delta.device, dtype=torch.int64)
+    if st.dim() == 1:
+        st = st[:, None]  # per-sample cache lengths [b, 1]
+    k = torch.arange(length, device=delta.device, dtype=torch.int64) + st  # [length] or [b, length]
+    return (k + delta).unsqueeze(0).expand(3, -1, -1)  # [3, b, length]

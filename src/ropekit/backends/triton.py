@@ -1,0 +1,553 @@
+"""Triton backend (``backend="triton"``): one fused kernel for q and k, forward and backward.
+
+The kernel (:mod:`ropekit.backends._triton_kernels`) rotates ``x [..., d]`` read through
+its strides and writes the result in place or into ``out``; everything here is the host
+side: picking canonical ``[m0, m1, h, d]`` views, block sizes, the launch, and autograd
+for the fused table gather.
+
+Entry points (see :mod:`ropekit.backends` for the contract):
+
+- :func:`rotate` — one tensor, half-width ``cos``/``sin`` broadcastable to ``x``.
+- :func:`rotate_qk` — q and k in ONE launch (head blocks of q, then of k; ``hq != hk`` ok).
+- :func:`rotate_qk_gather` — q and k in one launch, table rows gathered by position inside
+  the kernel (``[s]``, ``[b, s]`` or packed ``[t]`` positions); differentiable.
+
+Precision: cos/sin and x are converted to float32 inside the kernel (float64 when x is
+float64) and the result is cast once to x's dtype. Under ``TRITON_INTERPRET=1`` (CPU) the
+float32 -> bfloat16 store truncates instead of rounding: at most one bf16 ulp off.
+
+Strides: any strides are read directly (e.g. a ``bshd`` view of ``bhsd`` memory) as long as
+the last dim has stride 1. A tensor whose last-dim stride is not 1 (e.g. an expanded
+gradient from ``.sum()``) costs one ``.contiguous()`` copy (and a copy back when in place).
+
+Host syncs: none in the launch path, except the position range check of
+:func:`rotate_qk_gather` (one ``aminmax`` read back to raise a :class:`~ropekit.RopeError`
+for positions outside ``[0, n)``). Under ``torch.compile`` that check becomes a
+``torch._assert_async`` (no sync, no graph break; it raises a RuntimeError instead).
+
+torch.compile: the launch is a custom op ``torch.ops.ropekit.triton_rotary_`` (in place)
+/ ``triton_rotary_out``, defined with ``torch.library.triton_op`` + ``wrap_triton`` when the
+kernel is JIT-compiled (inductor sees the kernel itself). Under the interpreter ``wrap_triton``
+cannot trace an interpreted kernel, so the same ops are plain ``torch.library.custom_op``
+with a fake impl (opaque to inductor, still no graph break).
+
+Example:
+    >>> import ropekit
+    >>> dev = "cuda" if torch.cuda.is_available() else "cpu"   # CPU runs under TRITON_INTERPRET=1
+    >>> q, k = torch.randn(2, 3, 4, 16, device=dev), torch.randn(2, 3, 2, 16, device=dev)
+    >>> cos, sin = ropekit.cos_sin(ropekit.RopeConfig(16), torch.arange(3), device=dev)  # [s, r/2]
+    >>> q2, k2 = ropekit.apply_rotary_qk(q, k, cos[:, None], sin[:, None], backend="triton")
+    >>> ref = ropekit.apply_rotary(q, cos[:, None], sin[:, None], backend="eager")
+    >>> bool((q2 - ref).abs().max() < 1e-5)
+    True
+"""
+
+import contextlib
+import os
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from .._errors import fail
+
+NAME = "triton"
+DIFFERENTIABLE = False
+
+__all__ = ["NAME", "available", "supports", "rotate", "rotate_qk", "rotate_qk_gather"]
+
+try:
+    import triton  # noqa: F401
+
+    _HAS_TRITON = True
+except ImportError:  # pragma: no cover - triton is in the dev extra
+    _HAS_TRITON = False
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FORMATS = ("bshd", "bhsd", "sbhd", "thd")
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available() -> bool:
+    """Triton importable and either a CUDA device or ``TRITON_INTERPRET=1`` (CPU interpreter)."""
+    return _HAS_TRITON and (torch.cuda.is_available() or _interpret())
+
+
+def supports(x: torch.Tensor) -> bool:
+    """CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``. All four float dtypes."""
+    if not available() or x.dtype not in _DTYPES:
+        return False
+    return x.is_cuda or (_interpret() and x.device.type == "cpu")
+
+
+# --------------------------------------------------------------------------------------
+# launch
+# --------------------------------------------------------------------------------------
+
+_TILE = 4096  # elements per program on GPU (fp32: 16 KB read + 16 KB written)
+_TILE_INTERPRET = 16384  # the interpreter's cost is per op, not per element: bigger tiles
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _launch(
+    xa: torch.Tensor,
+    oa: torch.Tensor,
+    xb: Optional[torch.Tensor],
+    ob: Optional[torch.Tensor],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    pos: Optional[torch.Tensor],
+    interleaved: bool,
+    conjugate: bool,
+    cos_per_head: bool,
+    out_of_place: bool,
+) -> None:
+    """Launch the kernel on canonical views ``xa/oa [m0, m1, ha, d]``, ``xb/ob [m0, m1, hb, d]``.
+
+    ``pos is None``: ``cos``/``sin`` are ``[m0, m1, ha|1, r/2]`` broadcast views.
+    Otherwise they are tables ``[n, r/2]`` and ``pos [m0, m1]`` int64 selects the rows.
+    """
+    from ._triton_kernels import rope_kernel
+
+    m0, m1, ha, d = xa.shape
+    hb = 0 if xb is None else xb.shape[2]
+    if xb is None or ob is None:
+        xb, ob = xa, oa  # never read: no program has a head block of group b
+    r2 = cos.shape[-1]
+    M = m0 * m1
+    if M == 0 or ha + hb == 0:
+        return
+    r2p = _pow2(r2)
+    bh = min(_pow2(max(ha, hb)), 16)  # >= 8 heads share a cos/sin load when there are that many
+    tile = _TILE_INTERPRET if rope_kernel.__class__.__name__ == "InterpretedFunction" else _TILE
+    bt = max(1, min(_pow2(M), tile // (bh * 2 * r2p)))
+    nba = triton.cdiv(ha, bh)
+    grid = (triton.cdiv(M, bt), nba + triton.cdiv(hb, bh))
+    if pos is None:
+        sc, ss, sp, pos = cos.stride(), sin.stride(), (0, 0), cos
+    else:
+        sc = (cos.stride(0), 0, 0, cos.stride(1))
+        ss = (sin.stride(0), 0, 0, sin.stride(1))
+        sp = pos.stride()
+    tail = out_of_place and d > 2 * r2
+    tail_b = min(_pow2(d - 2 * r2), 64) if tail else 1
+    kernel = rope_kernel
+    wrap = getattr(torch.library, "wrap_triton", None)
+    if wrap is not None:
+        kernel = wrap(rope_kernel)  # returns the kernel itself when interpreted / not tracing
+    guard = torch.cuda.device(xa.device) if xa.is_cuda else contextlib.nullcontext()
+    with guard:
+        kernel[grid](
+            xa, oa, xb, ob, cos, sin, pos,
+            M, m1, ha, hb, nba,
+            *xa.stride()[:3], *oa.stride()[:3], *xb.stride()[:3], *ob.stride()[:3],
+            *sc, *ss, *sp,
+            R2=r2, D=d, R2P=r2p, BT=bt, BH=bh,
+            INTERLEAVED=interleaved, CONJ=conjugate, GATHER=pos is not cos,
+            COS_PER_HEAD=cos_per_head, COPY_TAIL=tail, TAIL_B=tail_b,
+            F64=xa.dtype == torch.float64,
+            num_warps=4,
+        )  # fmt: skip
+
+
+def _rotary_inplace_impl(
+    xa: torch.Tensor,
+    xb: Optional[torch.Tensor],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    pos: Optional[torch.Tensor],
+    interleaved: bool,
+    conjugate: bool,
+    cos_per_head: bool,
+) -> None:
+    _launch(xa, xa, xb, xb, cos, sin, pos, interleaved, conjugate, cos_per_head, False)
+
+
+def _rotary_out_impl(
+    xa: torch.Tensor,
+    oa: torch.Tensor,
+    xb: Optional[torch.Tensor],
+    ob: Optional[torch.Tensor],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    pos: Optional[torch.Tensor],
+    interleaved: bool,
+    conjugate: bool,
+    cos_per_head: bool,
+) -> None:
+    _launch(xa, oa, xb, ob, cos, sin, pos, interleaved, conjugate, cos_per_head, True)
+
+
+def _register_ops():
+    """Define ``ropekit::triton_rotary_`` / ``ropekit::triton_rotary_out`` once per process."""
+    from ._triton_kernels import rope_kernel
+
+    interpreted = rope_kernel.__class__.__name__ == "InterpretedFunction"
+    specs = (
+        ("triton_rotary_", _rotary_inplace_impl, ("xa", "xb")),
+        ("triton_rotary_out", _rotary_out_impl, ("oa", "ob")),
+    )
+    for name, fn, muts in specs:
+        try:
+            getattr(torch.ops.ropekit, name)
+            continue  # already defined (this module imported twice, e.g. by doctest collection)
+        except (AttributeError, RuntimeError):
+            pass
+        qual = f"ropekit::{name}"
+        if not interpreted and hasattr(torch.library, "triton_op"):
+            # inductor sees the kernel through wrap_triton and can schedule it directly
+            torch.library.triton_op(qual, mutates_args=muts)(fn)
+        else:
+            op = torch.library.custom_op(qual, mutates_args=muts)(fn)
+            op.register_fake(_fake_mutation)
+
+
+def _fake_mutation(*args, **kwargs) -> None:
+    """Fake impl of the ops: they only mutate their outputs, nothing to allocate."""
+    return None
+
+
+if available():
+    _register_ops()
+
+
+def _run(xa, oa, xb, ob, cos, sin, pos, interleaved, conjugate, cos_per_head, inplace):
+    if inplace:
+        torch.ops.ropekit.triton_rotary_(xa, xb, cos, sin, pos, interleaved, conjugate, cos_per_head)
+    else:
+        torch.ops.ropekit.triton_rotary_out(xa, oa, xb, ob, cos, sin, pos, interleaved, conjugate, cos_per_head)
+
+
+# --------------------------------------------------------------------------------------
+# canonical views
+# --------------------------------------------------------------------------------------
+
+
+def _views(ts: Sequence[torch.Tensor], hd: int) -> Optional[List[torch.Tensor]]:
+    """Views ``[m0, m1, h, last]`` of tensors whose dims agree except ``hd`` (moved to -2).
+
+    Leading dims other than ``hd`` are padded with size-1 dims or merged into two (only
+    when every tensor allows a view); None when a merge would need a copy.
+    """
+    out = []
+    for t in ts:
+        v = t.movedim(hd, -2)
+        while v.dim() < 4:
+            v = v.unsqueeze(0)
+        if v.dim() > 4:
+            try:
+                v = v.view(-1, *v.shape[-3:])  # [m0, m1, h, last]
+            except RuntimeError:
+                return None
+        out.append(v)
+    return out
+
+
+def _pick_head_dim(lead: Sequence[int], ce: torch.Tensor, se: torch.Tensor) -> Tuple[int, bool]:
+    """The dim of x along which cos/sin are shared (largest), and whether none is."""
+    shared = [i for i, n in enumerate(lead) if n > 1 and ce.stride(i) == 0 and se.stride(i) == 0]
+    if shared:
+        return max(shared, key=lambda i: lead[i]), False
+    ones = [i for i, n in enumerate(lead) if n == 1]
+    if ones:
+        return ones[-1], False
+    return len(lead) - 1, True  # cos/sin differ for every element: per-head table loads
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _check_writable(t: torch.Tensor, name: str) -> None:
+    from ..functional import _check_writable as check
+
+    check(t, name)
+
+
+def _rotate_canon(x, cos, sin, interleaved, conjugate, out, inplace) -> None:
+    """``x``/``out`` with unit last stride, ``dim >= 2``; cos/sin broadcast to ``x``."""
+    lead = tuple(x.shape[:-1])
+    r2 = cos.shape[-1]
+    ce, se = cos.expand(*lead, r2), sin.expand(*lead, r2)
+    hd, per_head = _pick_head_dim(lead, ce, se)
+    v = _views([x, out, ce, se], hd)
+    if v is None:
+        # leading dims that no view can merge: one launch per index of the first dim
+        for i in range(x.shape[0]):
+            _rotate_canon(x[i], ce[i], se[i], interleaved, conjugate, out[i], inplace)
+        return
+    xv, ov, cv, sv = v
+    _run(xv, ov, None, None, cv, sv, None, interleaved, conjugate, per_head, inplace)
+
+
+def rotate(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    layout: str,
+    conjugate: bool,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Write ``R(±θ) x`` into ``out`` (which may be ``x``) in one launch; see the module doc.
+
+    Args:
+        x: ``[..., d]`` float16/bfloat16/float32/float64 on CUDA (CPU under the interpreter).
+        cos, sin: ``[..., r/2]`` broadcastable to ``x.shape[:-1] + (r/2,)``; any float dtype.
+        layout: ``"half"`` or ``"interleaved"``.
+        conjugate: rotate by ``-θ``.
+        out: ``x``'s shape and dtype; ``out is x`` means in place. Dims ``[r, d)`` are copied
+            into ``out`` by the same kernel.
+
+    Returns:
+        ``out``.
+    """
+    inplace = out is x
+    if x.numel() == 0:
+        return out
+    if x.dim() == 1:
+        _rotate_one(x[None], cos, sin, layout, conjugate, x[None] if inplace else out[None], inplace)
+        return out
+    _rotate_one(x, cos, sin, layout, conjugate, out, inplace)
+    return out
+
+
+def _rotate_one(x, cos, sin, layout, conjugate, out, inplace) -> None:
+    interleaved = layout == "interleaved"
+    if inplace:
+        work = _unit_last(x)
+        _rotate_canon(work, cos, sin, interleaved, conjugate, work, True)
+        if work is not x:
+            x.copy_(work)
+        return
+    xi = _unit_last(x)
+    oi = out if out.stride(-1) == 1 else torch.empty_like(xi)
+    _rotate_canon(xi, cos, sin, interleaved, conjugate, oi, False)
+    if oi is not out:
+        out.copy_(oi)
+
+
+def rotate_qk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    layout: str,
+    inplace: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q ``[..., hq, d]`` and k ``[..., hk, d]`` (shapes equal except the heads dim)
+    with the same tables in ONE launch (no autograd; ``apply_rotary_qk`` calls this only
+    when no gradient is needed).
+
+    Falls back to one launch per tensor when q and k differ in dtype, head dim or in more
+    than one dim, when cos/sin differ per head, or when a last-dim stride is not 1.
+    """
+    if inplace:
+        _check_writable(q, "q")
+        _check_writable(k, "k")
+    qo = q if inplace else torch.empty_like(q)
+    ko = k if inplace else torch.empty_like(k)
+    if q.numel() == 0 or k.numel() == 0:
+        if not inplace:
+            qo.copy_(q)
+            ko.copy_(k)
+        return qo, ko
+    diff = [i for i in range(q.dim() - 1) if q.dim() == k.dim() and q.shape[i] != k.shape[i]]
+    r2 = cos.shape[-1]
+    v = None
+    if (
+        q.dtype == k.dtype
+        and q.dim() == k.dim() >= 2
+        and q.shape[-1] == k.shape[-1]
+        and len(diff) <= 1
+        and all(t.stride(-1) == 1 for t in (q, k, qo, ko))
+    ):
+        ce, se = cos.expand(*q.shape[:-1], r2), sin.expand(*q.shape[:-1], r2)
+        if diff:
+            hd, per_head = diff[0], False  # cos/sin broadcast over it (checked by check_tables)
+        else:
+            hd, per_head = _pick_head_dim(tuple(q.shape[:-1]), ce, se)
+        if not per_head:
+            v = _views([q, qo, k, ko, ce, se], hd)
+    if v is None:
+        rotate(q, cos, sin, layout, False, qo)
+        rotate(k, cos, sin, layout, False, ko)
+        return qo, ko
+    qv, qov, kv, kov, cv, sv = v
+    _run(qv, qov, kv, kov, cv, sv, None, layout == "interleaved", False, False, inplace)
+    return qo, ko
+
+
+# --------------------------------------------------------------------------------------
+# fused gather (RotaryEmbedding.forward)
+# --------------------------------------------------------------------------------------
+
+
+def _fmt_view(t: torch.Tensor, fmt: str) -> torch.Tensor:
+    """q/k in ``fmt`` -> a ``[b, s, h, d]`` view (``[1, t, h, d]`` for thd)."""
+    if fmt == "bhsd":
+        return t.transpose(1, 2)
+    if fmt == "sbhd":
+        return t.transpose(0, 1)
+    if fmt == "thd":
+        return t.unsqueeze(0)
+    return t
+
+
+def _pos_view(pos: torch.Tensor, m0: int, m1: int) -> torch.Tensor:
+    """Positions ``[s]`` / ``[b, s]`` / ``[t]`` -> ``[m0, m1]`` (stride 0 over a shared batch)."""
+    if pos.dim() == 1:
+        return pos[None].expand(m0, m1)
+    return pos
+
+
+def _gather_groups(xs, outs, cos_t, sin_t, pos, fmt, interleaved, conjugate, inplace) -> None:
+    """Launch for up to two same-format tensors (one launch when their dtypes agree)."""
+    views = [(_fmt_view(x, fmt), _fmt_view(o, fmt)) for x, o in zip(xs, outs)]
+    m0, m1 = views[0][0].shape[:2]
+    pv = _pos_view(pos, m0, m1)
+    if len(views) == 2 and views[0][0].dtype == views[1][0].dtype:
+        (xa, oa), (xb, ob) = views
+        _run(xa, oa, xb, ob, cos_t, sin_t, pv, interleaved, conjugate, False, inplace)
+        return
+    for xa, oa in views:
+        _run(xa, oa, None, None, cos_t, sin_t, pv, interleaved, conjugate, False, inplace)
+
+
+def _gather_apply(xs, cos_t, sin_t, pos, fmt, interleaved, conjugate, inplace):
+    """Rotate each tensor of ``xs`` (unit last stride enforced here); returns the results."""
+    work = [_unit_last(x) for x in xs]
+    outs = work if inplace else [torch.empty_like(w) for w in work]
+    _gather_groups(work, outs, cos_t, sin_t, pos, fmt, interleaved, conjugate, inplace)
+    if inplace:
+        for x, w in zip(xs, work):
+            if w is not x:
+                x.copy_(w)
+        return list(xs)
+    return outs
+
+
+class _GatherRotary(torch.autograd.Function):
+    """Autograd for the fused gather: backward = the same kernel with ``sin -> -sin``.
+
+    Saves only the tables and positions, no activations.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, cos_t, sin_t, pos, fmt, interleaved, inplace):  # type: ignore[override]
+        qo, ko = _gather_apply([q, k], cos_t, sin_t, pos, fmt, interleaved, False, inplace)
+        ctx.save_for_backward(cos_t, sin_t, pos)
+        ctx.fmt, ctx.interleaved = fmt, interleaved
+        if inplace:
+            ctx.mark_dirty(q, k)
+        return qo, ko
+
+    @staticmethod
+    def backward(ctx, gq, gk):  # type: ignore[override]
+        cos_t, sin_t, pos = ctx.saved_tensors
+        idx = [i for i, g in enumerate((gq, gk)) if g is not None and ctx.needs_input_grad[i]]
+        grads: List[Optional[torch.Tensor]] = [None, None]
+        if idx:
+            gs = [(gq, gk)[i] for i in idx]
+            # out of place: incoming gradients may be shared or expanded (zero strides)
+            res = _gather_apply(gs, cos_t, sin_t, pos, ctx.fmt, ctx.interleaved, True, False)
+            for i, r in zip(idx, res):
+                grads[i] = r
+        return grads[0], grads[1], None, None, None, None, None, None
+
+
+def _check_range(pos: torch.Tensor, n: int) -> None:
+    """Positions must index the table: RopeError (one host sync) or, compiled, an async assert."""
+    if pos.numel() == 0:
+        return
+    if torch.compiler.is_compiling():
+        torch._assert_async(((pos >= 0) & (pos < n)).all(), "ropekit: positions outside the cos/sin table")
+        return
+    lo, hi = torch.stack(torch.aminmax(pos)).tolist()  # the one host sync of the launch path
+    if lo < 0 or hi >= n:
+        raise fail(
+            f"positions in [0, {n}) (the cos/sin table has {n} rows)",
+            f"positions from {lo} to {hi}",
+            "build tables covering max(position) + 1 (RotaryEmbedding grows them itself) and use non-negative positions",
+        )
+
+
+def rotate_qk_gather(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
+    positions: torch.Tensor,
+    fmt: str,
+    layout: str,
+    inplace: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q and k in one launch, gathering table rows by position inside the kernel.
+
+    Args:
+        q: ``[b, s, hq, d]`` (bshd), ``[b, hq, s, d]`` (bhsd), ``[s, b, hq, d]`` (sbhd) or
+            ``[t, hq, d]`` (thd); any strides.
+        k: same format with ``hk`` heads.
+        cos_table, sin_table: ``[n, r/2]`` rows for positions ``0 .. n-1``.
+        positions: int ``[s]`` (shared by the batch), ``[b, s]``, or ``[t]`` for thd.
+        fmt: ``"bshd"``, ``"bhsd"``, ``"sbhd"`` or ``"thd"``.
+        layout: ``"half"`` or ``"interleaved"``.
+        inplace: write into q and k (they must not be leaves that require grad).
+
+    Returns:
+        ``(q_rot, k_rot)``; differentiable w.r.t. q and k (the tables get no gradient).
+
+    Raises RopeError for positions outside ``[0, n)`` (one host sync; see the module doc).
+    """
+    if fmt not in _FORMATS:
+        raise fail(f"format in {_FORMATS}", repr(fmt), 'use "bshd" for [batch, seq, heads, head_dim]')
+    nd = 3 if fmt == "thd" else 4
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, torch.Tensor) or t.dim() != nd or t.dtype not in _DTYPES:
+            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise fail(f"{name} a float tensor with {nd} dims ({fmt})", got, f"pass {name} in format {fmt!r}")
+    if q.device != k.device or q.shape[-1] != k.shape[-1]:
+        raise fail("q and k on one device with one head dim", f"q {tuple(q.shape)} on {q.device}, k {tuple(k.shape)} on {k.device}", "pass matching q and k")
+    tabs = (cos_table, sin_table)
+    if any(not isinstance(t, torch.Tensor) or t.dim() != 2 or t.dtype not in _DTYPES for t in tabs) or cos_table.shape != sin_table.shape:
+        got = ", ".join(f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__ for t in tabs)
+        raise fail("cos/sin tables [n, r/2] of one float shape", got, "pass RotaryEmbedding.tables(n)")
+    n, r2 = cos_table.shape
+    if 2 * r2 > q.shape[-1] or r2 < 1:
+        raise fail(f"table width r/2 in [1, d/2 = {q.shape[-1] // 2}]", f"width {r2}", "use tables built for this head dim")
+    if any(t.device != q.device for t in tabs):
+        raise fail(f"tables on q's device {q.device}", f"{cos_table.device}, {sin_table.device}", "move them with .to(q.device)")
+    if not isinstance(positions, torch.Tensor) or positions.dtype.is_floating_point or positions.dtype == torch.bool:
+        raise fail("integer positions", repr(getattr(positions, "dtype", type(positions))), "pass int64 positions")
+    pos = positions.to(device=q.device, dtype=torch.int64)
+    m0, m1 = _fmt_view(q, fmt).shape[:2]
+    ok = ((m1,),) if fmt == "thd" else ((m1,), (m0, m1))
+    if tuple(pos.shape) not in ok or tuple(_fmt_view(k, fmt).shape[:2]) != (m0, m1):
+        raise fail(
+            f"positions of shape {' or '.join(str(list(o)) for o in ok)} and k with q's batch/sequence sizes",
+            f"positions {list(pos.shape)}, q {tuple(q.shape)}, k {tuple(k.shape)}",
+            "one position per token (per sample if they differ)",
+        )
+    _check_range(pos, n)
+    interleaved = layout == "interleaved"
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    if inplace:
+        for name, t in (("q", q), ("k", k)):
+            _check_writable(t, name)
+            if grad and t.is_leaf and t.requires_grad:
+                raise fail(
+                    "inplace=True on a tensor autograd may modify",
+                    f"{name}, a leaf tensor that requires grad",
+                    "use inplace=False, or rotate a non-leaf (e.g. the output of the projection)",
+                )
+    if q.numel() == 0 or k.numel() == 0:
+        return (q, k) if inplace else (q.clone(), k.clone())
+    if grad:
+        return _GatherRotary.apply(q, k, cos_table, sin_table, pos, fmt, interleaved, inplace)
+    with torch.no_grad():
+        qo, ko = _gather_apply([q, k], cos_table, sin_table, pos, fmt, interleaved, False, inplace)
+    return qo, ko

@@ -48,9 +48,9 @@ __all__ = [
 _F64 = torch.float64
 
 #: Classes of a rotary pair under scaling: frequency kept, divided by the full factor,
-#: or anything else (the YaRN ramp / Llama-3 smooth band, NTK's changed base, LongRoPE's
-#: per-pair factors).
-PAIR_CLASSES = ("unchanged", "interpolated", "in between")
+#: anything else (the YaRN ramp / Llama-3 smooth band, NTK's changed base, LongRoPE's
+#: per-pair factors), or set to zero (Gemma-4 "proportional" pairs that do not rotate).
+PAIR_CLASSES = ("unchanged", "interpolated", "in between", "not rotating")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,12 +74,22 @@ class Model:
     def original_context(self) -> Optional[int]:
         """The pre-training context: the scheme's ``original_max_position_embeddings``
         when it has one, else :attr:`context`."""
-        orig = _param(self.config, "original_max_position_embeddings")
-        return int(orig) if orig else self.context
+        orig = _original_context(self.config)
+        return orig if orig else self.context
 
 
 def _param(cfg: RopeConfig, name: str, default: Any = None) -> Any:
     return getattr(cfg.scaling, name, default) if cfg.scaling is not None else default
+
+
+def _original_context(cfg: RopeConfig) -> Optional[int]:
+    """The scheme's pre-training length (YaRN/Llama3/LongRoPE ``original_max_position``,
+    dynamic NTK ``max_position``), or None."""
+    for name in ("original_max_position", "original_max_position_embeddings", "max_position"):
+        v = _param(cfg, name)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
+            return int(v)
+    return None
 
 
 def _check_cfg(cfg: Any) -> RopeConfig:
@@ -109,7 +119,8 @@ def classify_pairs(cfg: RopeConfig, *, seq_len: Optional[int] = None, rtol: floa
 
     ``"unchanged"`` when ``ρ_i = 1``, ``"interpolated"`` when ``ρ_i`` equals the scheme's
     ``factor`` (all of ``Linear``; the low-frequency band of YaRN and Llama 3), else
-    ``"in between"`` (both within relative tolerance ``rtol``). Schemes without a scalar
+    ``"in between"`` (both within relative tolerance ``rtol``); ``"not rotating"`` when
+    ``θ_after = 0``. Schemes without a scalar
     ``factor`` (e.g. NTK by base, LongRoPE) have only unchanged / in between pairs.
     :func:`bands` predicts the same classes from the scheme's parameters.
 
@@ -122,11 +133,14 @@ def classify_pairs(cfg: RopeConfig, *, seq_len: Optional[int] = None, rtol: floa
         {'interpolated'}
     """
     _check_cfg(cfg)
-    ratio = cfg.base_inv_freq() / cfg.inv_freq(seq_len)  # [r/2]
+    after = cfg.inv_freq(seq_len)
+    ratio = cfg.base_inv_freq() / after  # [r/2]; inf where a pair stops rotating
     factor = _param(cfg, "factor")
     out = []
-    for rho in ratio.tolist():
-        if abs(rho - 1.0) <= rtol:
+    for rho, a in zip(ratio.tolist(), after.tolist()):
+        if a == 0.0:
+            out.append("not rotating")
+        elif abs(rho - 1.0) <= rtol:
             out.append("unchanged")
         elif isinstance(factor, (int, float)) and factor > 1 and abs(rho - factor) <= rtol * factor:
             out.append("interpolated")
@@ -141,7 +155,7 @@ def bands(cfg: RopeConfig) -> Optional[Dict[str, Any]]:
 
     - Llama 3 (``rope_type == "llama3"``): pairs with ``λ < L/high_freq_factor`` are
       unchanged, ``λ > L/low_freq_factor`` interpolated, smooth in between
-      (``L = original_max_position_embeddings``).
+      (``L = original_max_position``).
     - YaRN: pair ``i`` is unchanged for ``i <= low`` and interpolated for ``i >= high``,
       where ``low``/``high`` are the pair indices that turn ``beta_fast``/``beta_slow``
       times within ``L`` (rounded outwards unless ``truncate`` is False), as in YaRN
@@ -155,7 +169,7 @@ def bands(cfg: RopeConfig) -> Optional[Dict[str, Any]]:
     """
     _check_cfg(cfg)
     kind = getattr(cfg.scaling, "rope_type", None)
-    orig = _param(cfg, "original_max_position_embeddings")
+    orig = _original_context(cfg)
     before, _ = wavelengths(cfg)
     if kind == "llama3" and orig:
         hi = float(orig) / float(_param(cfg, "high_freq_factor"))
@@ -475,8 +489,10 @@ def summary(model: Model) -> Dict[str, Any]:
     ``n_pairs``, ``attention_factor``, ``theta`` / ``wavelength`` (``{"before": [max, min],
     "after": [...]}``; wavelengths ``[min, max]``), ``bands`` (see :func:`bands`, without
     the per-pair list), ``runs`` (:func:`band_runs`), ``coverage``
-    (:func:`context_coverage`) and ``pairs`` (:func:`pair_table`). Length-dependent
-    schemes are evaluated at ``seq_len = context``.
+    (:func:`context_coverage`), ``not_rotating`` (count of zeroed frequencies) and
+    ``pairs`` (:func:`pair_table`). Theta/wavelength ranges of "after" cover the
+    rotating pairs; infinite values (pairs that do not rotate) become ``None``.
+    Length-dependent schemes are evaluated at ``seq_len = context``.
 
     Example:
         >>> s = summary(Model("tiny", RopeConfig(head_dim=8), context=16))  # λ = 6.3, 63, 628, 6283
@@ -490,7 +506,8 @@ def summary(model: Model) -> Dict[str, Any]:
     b = bands(cfg)
     if b is not None:
         b = {k: v for k, v in b.items() if k != "classes"}
-    return {
+    rot = ta > 0  # pairs that rotate after scaling (all but Proportional's zeroed ones)
+    return _json_ready({
         "label": model.label,
         "source": model.source,
         "context": ctx,
@@ -498,13 +515,25 @@ def summary(model: Model) -> Dict[str, Any]:
         "config": cfg.to_dict(),
         "n_pairs": cfg.n_pairs,
         "attention_factor": cfg.attention_factor,
-        "theta": {"before": [float(tb.max()), float(tb.min())], "after": [float(ta.max()), float(ta.min())]},
+        "theta": {"before": [float(tb.max()), float(tb.min())], "after": [float(ta.max()), float(ta[rot].min())]},
         "wavelength": {
             "before": [float(before.min()), float(before.max())],
-            "after": [float(after.min()), float(after.max())],
+            "after": [float(after.min()), float(after[rot].max())],
         },
+        "not_rotating": int((~rot).sum()),
         "bands": b,
         "runs": band_runs(cfg, seq_len=ctx),
         "coverage": context_coverage(cfg, ctx, orig),
         "pairs": pair_table(cfg, seq_len=ctx),
-    }
+    })
+
+
+def _json_ready(x: Any) -> Any:
+    """Infinite floats (wavelength/ratio of a pair that does not rotate) -> None."""
+    if isinstance(x, dict):
+        return {k: _json_ready(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_ready(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x

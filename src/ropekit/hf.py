@@ -1,0 +1,540 @@
+"""Hugging Face interop: ``RopeConfig`` from a transformers config, and transformers' float32 tables.
+
+- :func:`rope_config_from_hf` (also ``RopeConfig.from_hf``) reads a ``PretrainedConfig``, a
+  dict or a path to ``config.json``, with transformers 4.x names (``rope_scaling``,
+  ``rope_theta``, ``partial_rotary_factor``, ``head_dim``, GPT-NeoX ``rotary_pct`` /
+  ``rotary_emb_base``, GPT-J ``n_embd`` / ``n_head`` / ``rotary_dim``, the ``type`` alias,
+  ``su``) and 5.x names (``rope_parameters``, also nested per layer type).
+- :func:`transformers_cos_sin` reproduces, bit for bit, the cos/sin a transformers rotary
+  module computes (float32 frequencies and float32 angles), for users who need outputs
+  identical to an HF model rather than ropekit's exact float64 angles.
+
+transformers itself is never imported here: configs are read as plain attributes/keys.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import torch
+
+from ._errors import RopeError, fail
+from .config import RopeConfig
+from .scaling import NTK, DynamicNTK, Linear, Llama3, LongRoPE, Proportional, Scaling, YaRN
+
+__all__ = [
+    "rope_config_from_hf",
+    "transformers_inv_freq",
+    "transformers_cos_sin",
+    "layout_for_model_type",
+    "KNOWN_ROPE_TYPES",
+    "INTERLEAVED_MODEL_TYPES",
+]
+
+#: ``rope_type`` values the loader understands (HF names, their aliases, and ropekit's ``ntk``).
+KNOWN_ROPE_TYPES = (
+    "default",
+    "linear",
+    "dynamic",
+    "yarn",
+    "longrope",
+    "llama3",
+    "proportional",
+    "ntk",
+    "ntk_alpha",
+    "su",
+    "mrope",
+)
+
+#: ``model_type`` values whose transformers implementation pairs dims ``(2i, 2i+1)``.
+#: Checked against transformers 5.x modeling code: ``rotate_every_two`` (GPT-J, CodeGen),
+#: ``rotate_half`` over ``x[..., ::2]`` with ``repeat_interleave``'d cos/sin (Cohere, GLM,
+#: GLM-4, Ernie 4.5, Helium), ``view_as_complex`` (DeepSeek-V2, Llama 4), and ChatGLM's
+#: remote code (pairs ``(2i, 2i+1)`` over half of each head).
+INTERLEAVED_MODEL_TYPES = frozenset(
+    {
+        "gptj",
+        "codegen",
+        "cohere",
+        "cohere2",
+        "glm",
+        "glm4",
+        "glm4v",
+        "chatglm",
+        "ernie4_5",
+        "ernie4_5_moe",
+        "helium",
+        "deepseek_v2",
+        "deepseek_v32",
+        "llama4",
+        "llama4_text",
+    }
+)
+#: ``model_type`` values whose layout follows the config's ``rope_interleave`` flag
+#: (transformers default ``True``): DeepSeek-V3-style multi-head latent attention.
+_ROPE_INTERLEAVE_FLAG = frozenset({"deepseek_v3", "kimi_k2", "glm4_moe_lite", "mistral4", "axk1"})
+
+_CONFIG_FIELDS = ("head_dim", "base", "rotary_dim", "layout", "scaling")
+
+
+class _Src:
+    """Uniform read access to a dict or a config object; ``None`` counts as missing."""
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+        self.is_dict = isinstance(obj, Mapping)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if self.is_dict:
+            v = self.obj.get(key)
+        else:
+            try:
+                v = getattr(self.obj, key, None)
+            except Exception:  # some config properties raise when unset
+                v = None
+        return default if v is None else v
+
+
+def _load(obj: Any) -> Any:
+    if isinstance(obj, (str, os.PathLike)):
+        path = os.fspath(obj)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        if not os.path.isfile(path):
+            raise fail("a path to a config.json (or its directory)", repr(os.fspath(obj)), "check the path")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise fail("a JSON config file", f"invalid JSON in {path} ({e})", "pass the model's config.json") from None
+        if not isinstance(data, dict):
+            raise fail("a JSON object in config.json", type(data).__name__, "pass the model's config.json")
+        return data
+    if isinstance(obj, Mapping):
+        return obj
+    if obj is None or isinstance(obj, (int, float, bool, list, tuple)):
+        raise fail(
+            "a transformers PretrainedConfig, a dict or a path to config.json",
+            type(obj).__name__,
+            "pass e.g. AutoConfig.from_pretrained(name) or the path of its config.json",
+        )
+    return obj
+
+
+def layout_for_model_type(model_type: Optional[str], rope_interleave: Optional[bool] = None) -> str:
+    """``"interleaved"`` or ``"half"`` for a transformers ``model_type``.
+
+    Unknown model types default to ``"half"`` (HF Llama convention). For DeepSeek-V3-style
+    models the config's ``rope_interleave`` flag decides (default ``True``).
+
+    Example:
+        >>> layout_for_model_type("gptj"), layout_for_model_type("llama")
+        ('interleaved', 'half')
+    """
+    mt = (model_type or "").lower()
+    if mt in INTERLEAVED_MODEL_TYPES:
+        return "interleaved"
+    if mt in _ROPE_INTERLEAVE_FLAG:
+        return "interleaved" if (rope_interleave is None or rope_interleave) else "half"
+    return "half"
+
+
+def _known_error(kind: Any) -> RopeError:
+    return fail(
+        f"rope_type one of {list(KNOWN_ROPE_TYPES)}",
+        repr(kind),
+        "check the config's rope_scaling/rope_parameters; build the scheme by hand with ropekit.scaling "
+        "if the model uses a custom one",
+    )
+
+
+def _num(p: Mapping, key: str, default: Any = None) -> Any:
+    v = p.get(key)
+    return default if v is None else v
+
+
+def _require(p: Mapping, key: str, kind: str) -> Any:
+    v = p.get(key)
+    if v is None:
+        raise fail(
+            f"key {key!r} in the {kind} rope parameters",
+            f"keys {sorted(p)}",
+            f"add {key!r} to rope_scaling/rope_parameters (see the model's published config.json)",
+        )
+    return v
+
+
+def _scheme(
+    p: Mapping, src: _Src, head_dim: int, rotary_dim: int, max_pos: Optional[int]
+) -> Tuple[Optional[Scaling], int]:
+    """Scaling scheme for one rope-parameters dict; returns ``(scheme, rotary_dim)``."""
+    kind = p.get("rope_type", p.get("type"))
+    kind = "default" if kind is None else kind
+    if not isinstance(kind, str):
+        raise _known_error(kind)
+    kind = kind.lower()
+    if kind in ("default", "mrope"):  # M-RoPE's section split is a positions matter (ropekit.multi_axis)
+        return None, rotary_dim
+    if kind == "su" or (kind == "yarn" and "short_factor" in p):  # Phi-3's legacy names for longrope
+        kind = "longrope"
+    if kind == "dynamic" and p.get("alpha") is not None:  # HunYuan: fixed alpha = static NTK
+        kind = "ntk_alpha"
+
+    top_orig = src.get("original_max_position_embeddings")
+
+    def original() -> int:
+        # transformers' standardize_rope_params: a top-level original_max_position_embeddings
+        # (Phi-3) wins over the one in rope_scaling; else fall back to max_position_embeddings.
+        v = top_orig if top_orig is not None else p.get("original_max_position_embeddings", max_pos)
+        if v is None:
+            raise fail(
+                f"original_max_position_embeddings for rope_type {kind!r}",
+                "none in rope_scaling nor max_position_embeddings",
+                "add original_max_position_embeddings to rope_scaling",
+            )
+        return v
+
+    if kind == "linear":
+        return Linear(factor=_require(p, "factor", kind)), rotary_dim
+    if kind in ("ntk", "ntk_alpha"):
+        key = "alpha" if kind == "ntk_alpha" else "factor"
+        return NTK(factor=_require(p, key, kind)), rotary_dim
+    if kind == "dynamic":
+        if max_pos is None:
+            raise fail("max_position_embeddings for dynamic NTK", "none", "add max_position_embeddings to the config")
+        return DynamicNTK(factor=_require(p, "factor", kind), max_position=max_pos), rotary_dim
+    if kind == "yarn":
+        orig = original()
+        factor = p.get("factor")
+        if factor is None:  # DeepSeek style: the ratio of the two context lengths
+            if max_pos is None:
+                raise fail("yarn factor or max_position_embeddings", "neither", "add factor to rope_scaling")
+            factor = max_pos / orig
+        return (
+            YaRN(
+                factor=factor,
+                original_max_position=orig,
+                beta_fast=p.get("beta_fast") or 32.0,  # `or`: transformers treats 0/None as unset
+                beta_slow=p.get("beta_slow") or 1.0,
+                mscale=_num(p, "mscale", 1.0),
+                mscale_all_dim=_num(p, "mscale_all_dim", 0.0),
+                attention_factor=p.get("attention_factor"),
+                truncate=bool(_num(p, "truncate", True)),
+            ),
+            rotary_dim,
+        )
+    if kind == "longrope":
+        orig = original()
+        factor = p.get("factor")
+        if factor is None and max_pos is not None:
+            factor = max_pos / orig
+        return (
+            LongRoPE(
+                short_factor=_require(p, "short_factor", kind),
+                long_factor=_require(p, "long_factor", kind),
+                original_max_position=orig,
+                factor=factor,
+                attention_factor=p.get("attention_factor"),
+            ),
+            rotary_dim,
+        )
+    if kind == "llama3":
+        return (
+            Llama3(
+                factor=_require(p, "factor", kind),
+                low_freq_factor=_require(p, "low_freq_factor", kind),
+                high_freq_factor=_require(p, "high_freq_factor", kind),
+                original_max_position=original(),
+            ),
+            rotary_dim,
+        )
+    if kind == "proportional":
+        prf = p.get("partial_rotary_factor", src.get("partial_rotary_factor", 1.0))
+        return Proportional(partial_rotary_factor=prf, factor=_num(p, "factor", 1.0)), head_dim
+    raise _known_error(kind)
+
+
+def _head_dim(src: _Src, model_type: str) -> int:
+    v = src.get("qk_rope_head_dim")  # multi-head latent attention: only this part rotates
+    if v is None and model_type == "chatglm":
+        v = src.get("kv_channels")
+    if v is None:
+        v = src.get("head_dim")
+    if v is None:
+        hidden = src.get("hidden_size", src.get("n_embd", src.get("d_model")))
+        heads = src.get("num_attention_heads", src.get("n_head"))
+        if hidden is None or heads is None:
+            raise fail(
+                "head_dim, or hidden_size and num_attention_heads (GPT-J: n_embd and n_head)",
+                "none of them",
+                "pass head_dim=... as an override",
+            )
+        v = int(hidden) // int(heads)
+    return int(v)
+
+
+def _one(
+    src: _Src, p: Mapping, model_type: str, head_dim: int, max_pos: Optional[int], layout: str
+) -> RopeConfig:
+    # partial rotary: rope params (5.x) > top-level partial_rotary_factor > GPT-NeoX rotary_pct
+    if model_type in ("gptj", "codegen"):
+        rotary_dim = int(src.get("rotary_dim", head_dim))
+    elif model_type == "chatglm":
+        rotary_dim = head_dim // 2  # ChatGLM rotates half of each head (RotaryEmbedding(kv_channels // 2))
+    else:
+        prf = p.get("partial_rotary_factor", src.get("partial_rotary_factor", src.get("rotary_pct")))
+        if prf is None:
+            prf = 0.25 if model_type == "gpt_neox" else 1.0  # transformers' GPTNeoXConfig default
+        rotary_dim = head_dim if str(p.get("rope_type", p.get("type"))) == "proportional" else int(head_dim * prf)
+    base = p.get("rope_theta", src.get("rope_theta", src.get("rotary_emb_base")))
+    if base is None:
+        base = 10000.0 * float(src.get("rope_ratio", 1.0)) if model_type == "chatglm" else 10000.0
+    scaling, rotary_dim = _scheme(p, src, head_dim, rotary_dim, max_pos)
+    return RopeConfig(head_dim=head_dim, base=float(base), rotary_dim=rotary_dim, layout=layout, scaling=scaling)
+
+
+def _is_nested(p: Any) -> bool:
+    return (
+        isinstance(p, Mapping)
+        and len(p) > 0
+        and all(isinstance(v, Mapping) or v is None for v in p.values())
+        and any(isinstance(v, Mapping) for v in p.values())
+    )
+
+
+def _layer_head_dim(src: _Src, model_type: str, layer_type: str, head_dim: int) -> int:
+    # Gemma 4: full-attention layers use `global_head_dim` (a config.json key; in a 5.x
+    # config object it lives in per_layer_config[layer_type].head_dim).
+    if model_type.startswith("gemma4") and layer_type == "full_attention":
+        g = src.get("global_head_dim")
+        if g is None and not src.is_dict:
+            try:
+                g = src.obj.per_layer_config[layer_type].head_dim
+            except Exception:
+                g = None
+        if g is not None:
+            return int(g)
+    return head_dim
+
+
+def rope_config_from_hf(
+    obj: Any, *, layout: Optional[str] = None, **overrides: Any
+) -> Union[RopeConfig, Dict[str, Optional[RopeConfig]]]:
+    """Build a :class:`~ropekit.RopeConfig` from a Hugging Face model config.
+
+    Args:
+        obj: a transformers ``PretrainedConfig`` (4.x or 5.x), a ``dict`` (the parsed
+            ``config.json``) or a path to ``config.json`` / its directory. Multimodal configs
+            are read from their ``text_config``.
+        layout: ``"half"`` or ``"interleaved"``; default inferred from ``model_type``
+            (see :data:`INTERLEAVED_MODEL_TYPES`), ``"half"`` for unknown types.
+        **overrides: any ``RopeConfig`` field (``head_dim``, ``base``, ``rotary_dim``,
+            ``scaling``) to replace after loading.
+
+    Returns:
+        A ``RopeConfig``; or, for configs with per-layer-type rope parameters (transformers
+        5.x nested ``rope_parameters``, or Gemma 3's ``rope_local_base_freq``), a dict
+        ``{layer_type: RopeConfig or None}`` (``None`` = a layer type without RoPE).
+
+    Read: ``head_dim`` (else ``hidden_size // num_attention_heads``, GPT-J ``n_embd //
+    n_head``, MLA ``qk_rope_head_dim``); rotary dim from ``partial_rotary_factor`` /
+    ``rotary_pct`` / GPT-J ``rotary_dim``; base from ``rope_theta`` / ``rotary_emb_base``;
+    scaling from ``rope_parameters`` / ``rope_scaling`` (``rope_type`` or ``type``; ``su``
+    and Phi-3's ``yarn``-with-factor-lists mean ``longrope``; ``dynamic`` with ``alpha`` is
+    HunYuan's static NTK). Missing ``factor`` of YaRN/LongRoPE and missing
+    ``original_max_position_embeddings`` follow transformers' rules.
+
+    Example:
+        >>> cfg = rope_config_from_hf({"model_type": "llama", "hidden_size": 4096,
+        ...     "num_attention_heads": 32, "rope_theta": 500000.0, "max_position_embeddings": 131072,
+        ...     "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+        ...                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}})
+        >>> cfg.head_dim, cfg.base, type(cfg.scaling).__name__, cfg.layout
+        (128, 500000.0, 'Llama3', 'half')
+    """
+    bad = sorted(set(overrides) - set(_CONFIG_FIELDS))
+    if bad:
+        raise fail(f"overrides among {list(_CONFIG_FIELDS)}", repr(bad), "remove the unknown keyword arguments")
+    src = _Src(_load(obj))
+    model_type = str(src.get("model_type", "")).lower()
+    text = src.get("text_config")
+    if text is not None and src.get("num_attention_heads") is None and src.get("n_head") is None:
+        src = _Src(text)  # multimodal wrapper (Llama 4, Gemma 3, Mistral 3, ...): read the LM part
+        model_type = str(src.get("model_type", model_type)).lower()
+
+    if layout is None:
+        layout = layout_for_model_type(model_type, src.get("rope_interleave"))
+    head_dim = _head_dim(src, model_type)
+    max_pos = src.get("max_position_embeddings", src.get("n_positions", src.get("seq_length")))
+    max_pos = None if max_pos is None else int(max_pos)
+
+    params = src.get("rope_parameters")
+    if params is None:
+        params = src.get("rope_scaling")
+    if params is None:
+        params = {}
+    if not isinstance(params, Mapping):
+        raise fail("rope_scaling/rope_parameters a dict or null", type(params).__name__, "fix the config")
+
+    local_base = src.get("rope_local_base_freq")
+    if not _is_nested(params) and local_base is not None and model_type.startswith("gemma3"):
+        # transformers 4.x Gemma 3: global layers use rope_theta (+ rope_scaling), sliding
+        # layers rope_local_base_freq without scaling. 5.x stores this nested.
+        glob = dict(params)
+        glob.setdefault("rope_theta", src.get("rope_theta", 1_000_000.0))
+        params = {"full_attention": glob, "sliding_attention": {"rope_type": "default", "rope_theta": local_base}}
+
+    if _is_nested(params):
+        out: Dict[str, Optional[RopeConfig]] = {}
+        for layer_type, p in params.items():
+            if p is None:
+                out[layer_type] = None
+                continue
+            hd = _layer_head_dim(src, model_type, layer_type, head_dim)
+            cfg = _one(src, p, model_type, hd, max_pos, layout)
+            out[layer_type] = cfg.replace(**overrides) if overrides else cfg
+        return out
+    cfg = _one(src, params, model_type, head_dim, max_pos, layout)
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+# ---------------------------------------------------------------------------------------
+# transformers-compatible float32 tables
+# ---------------------------------------------------------------------------------------
+
+
+def _f32_default(base: Any, dim: int) -> torch.Tensor:
+    # transformers: 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)),
+    # every step in float32 (``base`` may be a Python float or a float32 0-d tensor).
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim))
+
+
+def transformers_inv_freq(cfg: RopeConfig, seq_len: Optional[int] = None) -> torch.Tensor:
+    """Frequencies exactly as transformers computes them: float32 ``[r/2]``, same op order.
+
+    Mirrors ``transformers.modeling_rope_utils`` (the model classes' default init for
+    unscaled RoPE, ``_compute_*_parameters`` for the rest) so the float32 roundings are the
+    same. For ``DynamicNTK`` above ``max_position`` it mirrors the module's update path,
+    where the sequence length is an int64 tensor and the new base is a float32 scalar.
+    ``DynamicNTK(static=True)`` and ``NTK`` (HunYuan ``ntk_alpha``) use the same float32 style.
+    Use :meth:`RopeConfig.inv_freq` for the exact float64 values.
+    """
+    s = cfg.scaling
+    dim = cfg.rotary_dim
+    base = cfg.base
+    if s is None:
+        return _f32_default(base, dim)
+    if isinstance(s, Linear):
+        inv = _f32_default(base, dim)
+        inv /= s.factor
+        return inv
+    if isinstance(s, NTK):
+        return _f32_default(base * s.factor ** (dim / (dim - 2)), dim)
+    if isinstance(s, DynamicNTK):
+        mp, f = s.max_position, s.factor
+        if s.static:
+            length: Any = f * mp
+        elif seq_len is None or seq_len <= mp:
+            length = mp  # the module's init path: Python numbers
+        else:
+            # the module's update path: seq_len = max(position_ids) + 1 is an int64 tensor
+            length = torch.maximum(torch.tensor(int(seq_len)), torch.tensor(mp, dtype=torch.int64))
+        new_base = base * ((f * length / mp) - (f - 1)) ** (dim / (dim - 2))
+        return _f32_default(new_base, dim)
+    if isinstance(s, YaRN):
+        pos_freqs = base ** (torch.arange(0, dim, 2).to(dtype=torch.float) / dim)
+        extrapolation = 1.0 / pos_freqs
+        interpolation = 1.0 / (s.factor * pos_freqs)
+        low, high = s.correction_range(cfg)
+        if low == high:
+            high += 0.001
+        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+        extra_w = 1 - ramp
+        return interpolation * (1 - extra_w) + extrapolation * extra_w
+    if isinstance(s, LongRoPE):
+        ext = torch.tensor(s.long_factor if s.is_long(seq_len) else s.short_factor, dtype=torch.float32)
+        shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+        return 1.0 / (ext * base**shape)
+    if isinstance(s, Llama3):
+        inv = _f32_default(base, dim)
+        old = s.original_max_position
+        low_wl, high_wl = old / s.low_freq_factor, old / s.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        out = torch.where(wavelen > low_wl, inv / s.factor, inv)
+        span = s.high_freq_factor - s.low_freq_factor
+        smooth = (old / wavelen - s.low_freq_factor) / span if span else torch.full_like(inv, float("nan"))
+        smoothed = (1 - smooth) * out / s.factor + smooth * out
+        medium = ~(wavelen < high_wl) * ~(wavelen > low_wl)
+        return torch.where(medium, smoothed, out)
+    if isinstance(s, Proportional):
+        d = cfg.head_dim
+        k = s.n_rotating(cfg)
+        rot = 1.0 / (base ** (torch.arange(0, 2 * k, 2, dtype=torch.int64).to(dtype=torch.float) / d))
+        inv = torch.cat((rot, torch.zeros(d // 2 - k, dtype=torch.float32))) if d // 2 > k else rot
+        inv /= s.factor
+        return inv
+    raise fail(
+        "a scheme from ropekit.scaling with a transformers counterpart",
+        type(s).__name__,
+        "use ropekit.cos_sin (exact float64 angles) for custom schemes",
+    )
+
+
+def transformers_cos_sin(
+    cfg: RopeConfig,
+    positions: Union[torch.Tensor, int, list, range],
+    *,
+    seq_len: Optional[int] = None,
+    dtype: torch.dtype = torch.float32,
+    device: Optional[Union[str, torch.device]] = None,
+    attention_scaling: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Half-width cos/sin computed the way transformers' rotary modules do, bit for bit.
+
+    transformers computes ``freqs = position_ids.float() * inv_freq`` in float32 (positions
+    rounded to float32, one float32 product), then ``cos(freqs) * attention_scaling`` in
+    float32, then casts to the activation dtype. This function does the same with
+    :func:`transformers_inv_freq`, so ``to_full_width(cos)`` equals the module's output
+    exactly (tested against transformers' Llama, Qwen2, Phi-3, GPT-NeoX, DeepSeek-V3 and
+    Gemma 3 modules). Use it when outputs must match an HF model exactly.
+
+    Precision: the float32 angle carries an absolute error up to about ``|m·θ|·2^-23``
+    (growing with position ``m``; ~0.1 rad at ``m = 2^20`` for ``θ = 1``), unlike
+    :func:`ropekit.cos_sin`, whose error stays at float32 rounding of cos/sin (see
+    ``docs/numerics.md``).
+
+    Args:
+        cfg: the rotary configuration.
+        positions: integer positions ``[...]`` (e.g. ``[b, s]``).
+        seq_len: total length for length-dependent schemes; default ``max(positions) + 1``
+            (what transformers uses).
+        dtype: output dtype (transformers casts to the activation dtype ``x.dtype``).
+        device: where to compute (default ``positions.device``).
+        attention_scaling: multiply by the attention factor, as transformers does.
+
+    Returns:
+        ``(cos, sin)``, each ``[*positions.shape, r/2]`` of ``dtype``.
+
+    Example:
+        >>> cfg = RopeConfig(head_dim=8)
+        >>> cos, sin = transformers_cos_sin(cfg, torch.arange(3)[None])
+        >>> cos.shape, cos.dtype
+        (torch.Size([1, 3, 4]), torch.float32)
+    """
+    from .tables import _as_positions, check_positions
+
+    positions = check_positions(_as_positions(positions))
+    if device is not None:
+        positions = positions.to(device)
+    if seq_len is None and cfg.scaling is not None and cfg.scaling.length_dependent and positions.numel():
+        seq_len = int(positions.max()) + 1
+    inv = transformers_inv_freq(cfg, seq_len).to(positions.device)  # float32 [r/2]
+    freqs = positions[..., None].float() * inv  # float32 [..., r/2]
+    cos, sin = freqs.cos(), freqs.sin()
+    if attention_scaling:
+        f = cfg.attention_factor
+        cos, sin = cos * f, sin * f
+    return cos.to(dtype), sin.to(dtype)

@@ -88,14 +88,13 @@ def pair_axes(sections: Sequence[int], *, interleaved: bool = False) -> torch.Te
     ``interleaved=False`` (chunked, Qwen2-VL / Qwen2.5-VL): the first ``sections[0]`` pairs
     belong to axis 0, the next ``sections[1]`` to axis 1, and so on.
 
-    ``interleaved=True`` (Qwen3-VL): pairs are dealt round-robin over the axes
-    ``0, 1, 2, 0, 1, 2, ...``, skipping an axis once it has its ``sections[a]`` pairs.
-    With Qwen3-VL's ``[24, 20, 20]`` this gives ``T H W`` repeated 20 times and then
-    ``T T T T`` for the last four (lowest-frequency) pairs — what transformers'
-    ``Qwen3VLTextRotaryEmbedding`` does. (Transformers assigns ``j ≡ a (mod 3)`` to axis
-    ``a ∈ {1, 2}`` while ``j < 3·sections[a]`` and everything else to axis 0; that equals
-    this rule exactly when ``sections[0] >= max(sections[1:])``, true for every released
-    Qwen3-VL config; for other sections transformers does not honour the counts at all.)
+    ``interleaved=True`` (Qwen3-VL, transformers' ``Qwen3VLTextRotaryEmbedding``): with
+    ``n = len(sections)``, axis ``a >= 1`` takes the pairs ``j ≡ a (mod n)`` with
+    ``j < n·sections[a]``, and axis 0 takes every other pair. With Qwen3-VL's
+    ``[24, 20, 20]`` that is ``T H W`` repeated 20 times, then ``T T T T`` for the last
+    four (lowest-frequency) pairs. The rule hands axis ``a`` exactly ``sections[a]`` pairs
+    only when ``a + n·(sections[a] - 1) < r/2`` for every ``a >= 1``; other sections (e.g.
+    ``[16, 24, 24]``, which transformers silently miscounts) raise a RopeError.
 
     Example:
         >>> pair_axes([2, 1, 1]).tolist()
@@ -104,16 +103,20 @@ def pair_axes(sections: Sequence[int], *, interleaved: bool = False) -> torch.Te
         [0, 1, 2, 0]
     """
     secs = _check_sections(sections, None)
+    total, n = sum(secs), len(secs)
     if not interleaved:
-        return torch.repeat_interleave(torch.arange(len(secs)), torch.tensor(secs, dtype=torch.int64))
-    left = list(secs)
-    out: List[int] = []
-    while len(out) < sum(secs):
-        for a in range(len(secs)):
-            if left[a] > 0:
-                out.append(a)
-                left[a] -= 1
-    return torch.tensor(out, dtype=torch.int64)
+        return torch.repeat_interleave(torch.arange(n), torch.tensor(secs, dtype=torch.int64))
+    out = torch.zeros(total, dtype=torch.int64)
+    for a in range(1, n):
+        if secs[a] and a + n * (secs[a] - 1) >= total:
+            raise fail(
+                f"interleaved sections where axis {a}'s {secs[a]} pairs fit the cycle "
+                f"(a + n*(sections[a]-1) = {a + n * (secs[a] - 1)} < r/2 = {total})",
+                f"sections {list(secs)}",
+                "give axis 0 at least as many pairs as the others (e.g. Qwen3-VL's [24, 20, 20]) or use interleaved=False",
+            )
+        out[a : n * secs[a] : n] = a
+    return out
 
 
 def _check_axis_positions(positions: torch.Tensor, n_axes: int, *, allow_float: bool) -> torch.Tensor:

@@ -327,10 +327,11 @@ class AxialRope:
         self, x: torch.Tensor, positions: torch.Tensor, *, n_special: int = 0, backend: str = "auto"
     ) -> torch.Tensor:
         """Rotate ``x [b, s, h, d]`` with ``s = n_special + t`` and ``positions [t, n_axes]``
-        (or ``[b, t, n_axes]``)."""
+        (or ``[b, t, n_axes]``). Tables are float32 (float64 for float64 ``x``)."""
         from .functional import apply_rotary
 
-        cos, sin = self.cos_sin(positions, n_special=n_special)
+        tdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        cos, sin = self.cos_sin(positions, n_special=n_special, dtype=tdt)
         return apply_rotary(x, cos[..., None, :], sin[..., None, :], layout=self.layout, backend=backend)
 
 

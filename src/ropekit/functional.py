@@ -7,17 +7,58 @@ only when ``cos``/``sin`` themselves require grad).
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 
 from . import backends as _backends
+from . import reference as _reference
 from ._errors import RopeError, fail
+from .backends import complex as _complex
+from .backends import eager as _eager
 from .config import check_layout
 
-__all__ = ["apply_rotary", "apply_rotary_qk", "check_tables"]
+__all__ = ["apply_rotary", "apply_rotary_qk", "check_tables", "tracing"]
 
 _X_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Backends written in plain torch ops: torch.compile/export trace straight through them.
+# Any other backend (the ctypes CPU kernel, Triton) runs under tracing as the opaque
+# custom op ``ropekit::rotate`` below, so a compiled graph never breaks on it.
+_TRACEABLE = {"eager": _eager, "complex": _complex, "reference": _reference}
+
+
+def tracing() -> bool:
+    """True while torch.compile / torch.export trace the caller (then no host syncs)."""
+    return torch.compiler.is_compiling()
+
+
+def _broadcast_ok(small, target) -> bool:
+    """``small`` broadcasts to ``target`` without enlarging it (pure shape arithmetic, no try/except)."""
+    if len(small) > len(target):
+        return False
+    for a, t in zip(reversed(tuple(small)), reversed(tuple(target))):
+        if a != 1 and a != t:
+            return False
+    return True
+
+
+def _provably_non_overlapping(t: torch.Tensor) -> bool:
+    """Sufficient test that no two indices of ``t`` share memory, from sizes and strides only.
+
+    Dims of size > 1 sorted by stride must each step past the whole extent of the previous
+    ones (``stride[i+1] >= stride[i] * size[i]``). Every tensor torch creates without
+    ``as_strided`` passes (contiguous, transposed, sliced, permuted views); ``expand``
+    (stride 0) and ``unfold``/``as_strided`` windows that overlap fail. Exotic non-overlapping
+    ``as_strided`` layouts also fail (a conservative false alarm, never a silent overwrite).
+    """
+    dims = sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1)
+    extent = 1  # elements spanned by the dims seen so far
+    for st, sz in dims:
+        if st < extent:
+            return False
+        extent = st * (sz - 1) + extent
+    return True
 
 
 def check_tables(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, name: str = "x") -> int:
@@ -60,11 +101,7 @@ def check_tables(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, name: st
             hint,
         )
     target = tuple(x.shape[:-1]) + (half,)
-    try:
-        b = tuple(torch.broadcast_shapes(cos.shape, target))
-    except RuntimeError:
-        b = None
-    if b != target:
+    if not _broadcast_ok(cos.shape, target):
         raise fail(
             f"cos/sin broadcastable to {name}.shape[:-1] + (r/2,) = {target}",
             f"cos/sin of shape {tuple(cos.shape)}",
@@ -84,6 +121,8 @@ def _check_out(x: torch.Tensor, out: torch.Tensor) -> None:
             got,
             "allocate it with torch.empty_like(x)",
         )
+    if tracing():
+        return  # fake tensors have no storage address; aliasing cannot be checked while tracing
     if out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() and not (
         out.data_ptr() == x.data_ptr() and out.stride() == x.stride()
     ):
@@ -91,12 +130,72 @@ def _check_out(x: torch.Tensor, out: torch.Tensor) -> None:
 
 
 def _check_writable(t: torch.Tensor, name: str) -> None:
-    if t.numel() > 1 and torch._debug_has_internal_overlap(t) == 1:
+    if t.numel() > 1 and not _provably_non_overlapping(t):
         raise fail(
             f"{name} whose elements do not alias (it is written in place)",
-            f"{name} with overlapping memory (stride {t.stride()}, e.g. from expand)",
+            f"{name} with overlapping memory (shape {tuple(t.shape)}, stride {t.stride()}, e.g. from expand or unfold)",
             f"pass {name}.contiguous() or use inplace=False",
         )
+
+
+@torch.library.custom_op("ropekit::rotate", mutates_args=())
+def _rotate_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str, conjugate: bool, backend: str) -> torch.Tensor:
+    """A non-traceable backend as one opaque graph node: ``rot(x)`` into a fresh tensor."""
+    be = _backends.resolve(backend, x)
+    return be.rotate(x, cos, sin, layout, conjugate, torch.empty_like(x))
+
+
+@_rotate_op.register_fake
+def _(x, cos, sin, layout, conjugate, backend):
+    return torch.empty_like(x)
+
+
+def _rotate_op_setup(ctx, inputs, output):
+    _, cos, sin, layout, conjugate, backend = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.layout, ctx.conjugate, ctx.backend = layout, conjugate, backend
+
+
+def _rotate_op_backward(ctx, g):
+    cos, sin = ctx.saved_tensors
+    # d/dx R(θ)x = R(-θ): the same op, conjugated (tables that need grad never take this path)
+    return _rotate_op(g, cos, sin, ctx.layout, not ctx.conjugate, ctx.backend), None, None, None, None, None
+
+
+_rotate_op.register_autograd(_rotate_op_backward, setup_context=_rotate_op_setup)
+
+
+def _resolve(backend: str, x: torch.Tensor):
+    """The backend module, or (while tracing) the name of an opaque one run as ``ropekit::rotate``.
+
+    While tracing, ``"auto"`` is the ``eager`` formula: inductor fuses it into one kernel
+    and it needs no host-side dispatch.
+    """
+    if not tracing():
+        return _backends.resolve(backend, x)
+    if backend == "auto":
+        return _eager
+    mod = _TRACEABLE.get(backend)
+    if mod is not None:
+        return mod
+    if backend not in _backends.names():
+        raise fail(f'backend in {["auto", *_backends.names()]}', repr(backend), 'use backend="auto" to let ropekit choose')
+    return backend
+
+
+def _rotate_traced(x, cos, sin, layout: str, conjugate: bool, be) -> torch.Tensor:
+    """Functional rotation for graphs (torch.compile/export): no storage checks, no host syncs.
+
+    Autograd is torch's own (AOTAutograd), except for opaque backends, whose op carries the
+    ``R(-θ)`` backward. Tables that require grad always use the traceable eager formula.
+    """
+    if isinstance(be, str):
+        if not (cos.requires_grad or sin.requires_grad):
+            return _rotate_op(x, cos, sin, layout, conjugate, be)
+        be = _eager
+    if getattr(be, "DIFFERENTIABLE", False):
+        return be.apply(x, cos, sin, layout, conjugate).to(x.dtype)
+    return be.rotate(x, cos, sin, layout, conjugate, torch.empty_like(x))
 
 
 class _Rotary(torch.autograd.Function):
@@ -175,6 +274,11 @@ def apply_rotary(
     Precision: computed in float32 (float64 for float64 ``x``) from the given tables and
     cast once to ``x.dtype``; the ``reference`` backend computes in float64.
 
+    Under ``torch.compile``/``torch.export`` (fullgraph-safe, no graph breaks): ``"auto"``
+    traces the eager formula (inductor fuses it); ``"eager"``, ``"complex"`` and
+    ``"reference"`` are traced as written; any other backend runs as the opaque custom op
+    ``ropekit::rotate``. Aliasing of ``out`` with ``x`` is not checked while tracing.
+
     Example:
         >>> from ropekit import RopeConfig, cos_sin
         >>> q = torch.randn(2, 5, 4, 64)                      # [b, s, h, d]
@@ -184,7 +288,7 @@ def apply_rotary(
     """
     check_layout(layout)
     check_tables(x, cos, sin)
-    be = _backends.resolve(backend, x)
+    be = _resolve(backend, x)
     if inplace and out is not None:
         raise fail("either inplace=True or out=", "both", "drop one of them")
     grad = torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad)
@@ -206,6 +310,13 @@ def apply_rotary(
             )
     if x.numel() == 0:
         return x if inplace else (out if out is not None else x.clone())
+    if tracing():
+        y = _rotate_traced(x, cos, sin, layout, conjugate, be)
+        if inplace:
+            return x.copy_(y)
+        if out is not None:
+            return out.copy_(y)
+        return y
     if getattr(be, "DIFFERENTIABLE", False):
         y = be.apply(x, cos, sin, layout, conjugate).to(x.dtype)
         if inplace:
@@ -249,6 +360,9 @@ def apply_rotary_qk(
     check_tables(k, cos, sin, "k")
     if q.device != k.device:
         raise fail("q and k on one device", f"{q.device} and {k.device}", "move them together")
+    if tracing():
+        kw = dict(layout=layout, inplace=inplace, backend=backend, conjugate=conjugate)
+        return apply_rotary(q, cos, sin, **kw), apply_rotary(k, cos, sin, **kw)
     be = _backends.resolve(backend, q)
     qk = getattr(be, "rotate_qk", None)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, cos, sin))

@@ -11,11 +11,16 @@ from torch import nn
 from ._errors import fail
 from .config import RopeConfig
 from . import backends as _backends
-from .functional import apply_rotary_qk
+from .functional import apply_rotary_qk, tracing
 from .positions import resolve_positions, split_format
-from .tables import cos_sin
+from .tables import MAX_EXACT_POSITION, cos_sin
 
 __all__ = ["RotaryEmbedding"]
+
+# A table row per position is worth it while the table stays small; beyond this many rows
+# (and when the positions are sparse) cos/sin are computed for the given positions directly,
+# with the same float64 formula, so a position like 10**12 never allocates a huge table.
+TABLE_ROWS_LIMIT = 1 << 20
 
 
 def _table_view(t: torch.Tensor, fmt: str, pos_dims: int) -> torch.Tensor:
@@ -59,6 +64,17 @@ class RotaryEmbedding(nn.Module):
 
     Tables are non-persistent buffers (never in ``state_dict``); :meth:`rope_init`
     rebuilds them after meta-device initialisation.
+
+    Under ``torch.compile`` / ``torch.export`` (and for ``meta`` tensors) the module
+    does not touch its cache: cos/sin are computed inside the graph from the positions
+    with the same float64 formula (values equal to the table's up to float64 ``cos``/``sin``
+    rounding, i.e. within 1 ulp of ``table_dtype``), so there is no host sync, no lock,
+    no buffer reassignment, no table coverage to guarantee, and a change of sequence
+    length needs no recompilation (with dynamic shapes). Position values are not
+    validated there (no sync): pass non-negative positions. Length-dependent scaling
+    (dynamic NTK, LongRoPE) needs ``seq_len=`` while tracing. The traced graph holds no
+    host-side state and allocates only its outputs, so it is CUDA-graph safe
+    (``mode="reduce-overhead"``).
 
     Example:
         >>> rope = RotaryEmbedding(RopeConfig(head_dim=64))
@@ -144,17 +160,46 @@ class RotaryEmbedding(nn.Module):
                 self.cos_cached, self.sin_cached, self._key = cos, sin, key
         return cos, sin
 
-    def _positions_and_tables(self, q, positions, offsets, cu_seqlens, format, seq_len):
-        """Positions (``[s]``, ``[b, s]`` or ``[t]``, int64, all inside the table) and the table."""
+    def _positions(self, q, positions, offsets, cu_seqlens, format):
         b, s = split_format(q, format)
         pos = resolve_positions(format, b, s, positions=positions, offsets=offsets, cu_seqlens=cu_seqlens, device=q.device)
         if pos.dim() == 2 and pos.shape[0] == 1:
             pos = pos[0]
+        return pos
+
+    def _positions_and_tables(self, q, positions, offsets, cu_seqlens, format, seq_len):
+        """Positions (``[s]``, ``[b, s]`` or ``[t]``, int64) and the table ``(cos_t, sin_t)``.
+
+        The table covers every position, or is ``None`` when the positions are too large
+        and sparse for a table (then cos/sin are computed for the positions themselves).
+        """
+        pos = self._positions(q, positions, offsets, cu_seqlens, format)
         n = int(pos.max()) + 1 if pos.numel() else 0
+        if n - 1 > MAX_EXACT_POSITION:
+            raise fail(
+                f"positions <= 2**53 (exact in the float64 angle m·θ)",
+                f"a maximum position of {n - 1}",
+                "positions are token indices; check how they were computed",
+            )
         if seq_len is None and self.cfg.scaling is not None and self.cfg.scaling.length_dependent:
             seq_len = n
+        if n > max(self.max_position, TABLE_ROWS_LIMIT) and n > 4 * pos.numel():
+            return pos, None, seq_len
         cos_t, sin_t = self.tables(n, device=q.device, seq_len=seq_len)
-        return pos, cos_t, sin_t
+        return pos, (cos_t, sin_t), seq_len
+
+    def _direct_cos_sin(self, pos, q, seq_len):
+        """cos/sin computed for ``pos`` itself (graphs, meta tensors, sparse huge positions)."""
+        if seq_len is None and self.cfg.scaling is not None and self.cfg.scaling.length_dependent:
+            raise fail(
+                f"seq_len= for length-dependent scaling ({type(self.cfg.scaling).__name__}) under torch.compile/export",
+                "seq_len=None",
+                "pass seq_len= (the total length of the sequence) to the module call",
+            )
+        return cos_sin(self.cfg, pos, dtype=self.table_dtype, seq_len=seq_len, attention_scaling=self.attention_scaling)
+
+    def _sync_free(self, q) -> bool:
+        return tracing() or q.device.type == "meta"
 
     def cos_sin_for(
         self,
@@ -167,8 +212,15 @@ class RotaryEmbedding(nn.Module):
         seq_len: Optional[int] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """The gathered ``(cos, sin)`` for ``q`` in ``format``, broadcastable to ``q.shape[:-1] + (r/2,)``."""
-        pos, cos_t, sin_t = self._positions_and_tables(q, positions, offsets, cu_seqlens, format, seq_len)
-        cos, sin = cos_t[pos], sin_t[pos]  # [*pos.shape, r/2]
+        if self._sync_free(q):
+            pos = self._positions(q, positions, offsets, cu_seqlens, format)
+            cos, sin = self._direct_cos_sin(pos, q, seq_len)  # [*pos.shape, r/2]
+        else:
+            pos, table, seq_len = self._positions_and_tables(q, positions, offsets, cu_seqlens, format, seq_len)
+            if table is None:
+                cos, sin = self._direct_cos_sin(pos, q, seq_len)  # [*pos.shape, r/2]
+            else:
+                cos, sin = table[0][pos], table[1][pos]  # [*pos.shape, r/2]
         return _table_view(cos, format, pos.dim()), _table_view(sin, format, pos.dim())
 
     def forward(
@@ -210,12 +262,20 @@ class RotaryEmbedding(nn.Module):
                 f"q {tuple(q.shape)} and k {tuple(k.shape)}",
                 "rotate new keys with their own call (e.g. offsets=cache_len)",
             )
+        _check_qk(q, k)
+        if self._sync_free(q):
+            # graph path: no cache, no lock, no sync; cos/sin from positions inside the graph
+            cos, sin = self.cos_sin_for(q, positions=positions, offsets=offsets, cu_seqlens=cu_seqlens, format=format, seq_len=seq_len)
+            return apply_rotary_qk(q, k, cos, sin, layout=self.cfg.layout, inplace=inplace, backend=self.backend)
         be = _backends.resolve(self.backend, q)
         gather = getattr(be, "rotate_qk_gather", None)
         if gather is not None:
             # fused path: the kernel gathers table rows by position itself
-            pos, cos_t, sin_t = self._positions_and_tables(q, positions, offsets, cu_seqlens, format, seq_len)
-            _check_qk(q, k)
-            return gather(q, k, cos_t, sin_t, pos, format, self.cfg.layout, inplace)
-        cos, sin = self.cos_sin_for(q, positions=positions, offsets=offsets, cu_seqlens=cu_seqlens, format=format, seq_len=seq_len)
+            pos, table, seq_len = self._positions_and_tables(q, positions, offsets, cu_seqlens, format, seq_len)
+            if table is not None:
+                return gather(q, k, table[0], table[1], pos, format, self.cfg.layout, inplace)
+            cos, sin = self._direct_cos_sin(pos, q, seq_len)
+            cos, sin = _table_view(cos, format, pos.dim()), _table_view(sin, format, pos.dim())
+        else:
+            cos, sin = self.cos_sin_for(q, positions=positions, offsets=offsets, cu_seqlens=cu_seqlens, format=format, seq_len=seq_len)
         return apply_rotary_qk(q, k, cos, sin, layout=self.cfg.layout, inplace=inplace, backend=be.NAME)

@@ -40,12 +40,26 @@ def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: Optional[int] = N
     ``cu_seqlens = [0, 3, 5]`` gives ``[0, 1, 2, 0, 1]``: positions restart at each sequence.
     Raises RopeError unless ``cu_seqlens`` is 1-D integer, starts at 0, is non-decreasing
     and ends at ``total`` (when given).
+
+    On ``meta`` tensors and while torch.compile/export traces, the values are not checked
+    (that needs a host sync) and ``total`` is required; the positions are then
+    ``i - cu[searchsorted(cu, i, right=True) - 1]``, which has no data-dependent shape.
+
+    Example:
+        >>> positions_from_cu_seqlens(torch.tensor([0, 3, 3, 5])).tolist()
+        [0, 1, 2, 0, 1]
     """
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         got = f"shape {tuple(cu_seqlens.shape)}" if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
         raise fail("cu_seqlens a 1-D integer tensor [n_seqs + 1]", got, "pass e.g. torch.tensor([0, 3, 5])")
     check_positions(cu_seqlens, "cu_seqlens", check_values=False)
     cu = cu_seqlens.long()
+    if cu.device.type == "meta" or torch.compiler.is_compiling():
+        if total is None:
+            raise fail("total= (the packed token count) for meta tensors or under torch.compile", "None", "pass total=t")
+        tok = torch.arange(total, device=cu.device)  # [t]
+        seq = torch.searchsorted(cu, tok, right=True) - 1  # [t] index of each token's sequence
+        return tok - cu[seq.clamp(0, cu.numel() - 1)]
     first, last = int(cu[0]), int(cu[-1])
     if first != 0 or (cu.numel() > 1 and bool((cu[1:] < cu[:-1]).any())):
         raise fail(

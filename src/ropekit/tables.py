@@ -19,12 +19,17 @@ __all__ = ["cos_sin", "angles", "to_full_width", "from_full_width", "check_posit
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+#: Largest position whose float64 value (and so the angle ``m·θ``) is exact: 2**53.
+MAX_EXACT_POSITION = 1 << 53
+
 
 def check_positions(positions: torch.Tensor, name: str = "positions", *, check_values: bool = True) -> torch.Tensor:
     """Validate an integer position tensor; return it unchanged.
 
     Raises RopeError for non-tensors, floating/complex/bool dtypes and (when
-    ``check_values``, which syncs with the device) negative values.
+    ``check_values``, which syncs with the device) negative values. Values are not
+    checked on ``meta`` tensors (they have none) or while torch.compile/export traces
+    (a check would be a host sync).
     """
     if not isinstance(positions, torch.Tensor):
         raise fail(f"{name} an integer torch.Tensor", type(positions).__name__, f"pass torch.as_tensor({name})")
@@ -34,7 +39,7 @@ def check_positions(positions: torch.Tensor, name: str = "positions", *, check_v
             f"dtype {positions.dtype}",
             f"convert with {name}.long(); bf16/fp16 cannot even represent integers above 256/2048 exactly",
         )
-    if check_values and positions.numel() and not torch.compiler.is_compiling():
+    if check_values and positions.numel() and positions.device.type != "meta" and not torch.compiler.is_compiling():
         lo = int(positions.min())
         if lo < 0:
             raise fail(
@@ -74,6 +79,12 @@ def angles(cfg: RopeConfig, positions: torch.Tensor, *, seq_len: Optional[int] =
 def _default_seq_len(cfg: RopeConfig, positions: torch.Tensor) -> Optional[int]:
     if cfg.scaling is None or not cfg.scaling.length_dependent:
         return None  # frequencies do not depend on the length: skip the device sync
+    if positions.device.type == "meta" or torch.compiler.is_compiling():
+        raise fail(
+            f"seq_len= for length-dependent scaling ({type(cfg.scaling).__name__}) on meta tensors or under torch.compile",
+            "seq_len=None (its default, max(positions) + 1, would need the position values)",
+            "pass seq_len= explicitly",
+        )
     return int(positions.max()) + 1 if positions.numel() else 0
 
 

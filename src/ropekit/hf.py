@@ -320,6 +320,33 @@ def _layer_head_dim(src: _Src, model_type: str, layer_type: str, head_dim: int) 
     return head_dim
 
 
+_SHAPE_KEYS = ("head_dim", "qk_rope_head_dim", "num_attention_heads", "n_head", "kv_channels")
+
+
+def _is_sparse(d: Mapping) -> bool:
+    """A published config.json that leaves the head shape to the model class's defaults."""
+    lm = d.get("text_config") if isinstance(d.get("text_config"), Mapping) else d
+    return all(lm.get(k) is None for k in _SHAPE_KEYS) and all(d.get(k) is None for k in _SHAPE_KEYS)
+
+
+def _with_class_defaults(d: Mapping) -> Any:
+    # Some published configs (e.g. google/gemma-3-4b-it) omit keys equal to the config
+    # class defaults; transformers, when installed, fills them in. Without it the caller
+    # gets the RopeError naming the missing keys.
+    try:
+        from transformers import AutoConfig  # lazy: optional dependency
+    except Exception:  # pragma: no cover - transformers not installed
+        return None
+    rest = dict(d)
+    model_type = rest.pop("model_type", None)
+    if model_type is None:
+        return None
+    try:
+        return AutoConfig.for_model(model_type, **rest)
+    except Exception:
+        return None
+
+
 def rope_config_from_hf(
     obj: Any, *, layout: Optional[str] = None, **overrides: Any
 ) -> Union[RopeConfig, Dict[str, Optional[RopeConfig]]]:
@@ -338,6 +365,10 @@ def rope_config_from_hf(
         A ``RopeConfig``; or, for configs with per-layer-type rope parameters (transformers
         5.x nested ``rope_parameters``, or Gemma 3's ``rope_local_base_freq``), a dict
         ``{layer_type: RopeConfig or None}`` (``None`` = a layer type without RoPE).
+
+    A ``config.json`` that omits the head shape (left to the config class's defaults, as
+    ``google/gemma-3-4b-it`` does) is completed by ``transformers.AutoConfig.for_model``
+    when transformers is installed.
 
     Read: ``head_dim`` (else ``hidden_size // num_attention_heads``, GPT-J ``n_embd //
     n_head``, MLA ``qk_rope_head_dim``); rotary dim from ``partial_rotary_factor`` /
@@ -358,7 +389,10 @@ def rope_config_from_hf(
     bad = sorted(set(overrides) - set(_CONFIG_FIELDS))
     if bad:
         raise fail(f"overrides among {list(_CONFIG_FIELDS)}", repr(bad), "remove the unknown keyword arguments")
-    src = _Src(_load(obj))
+    loaded = _load(obj)
+    if isinstance(loaded, Mapping) and _is_sparse(loaded):
+        loaded = _with_class_defaults(loaded) or loaded
+    src = _Src(loaded)
     model_type = str(src.get("model_type", "")).lower()
     text = src.get("text_config")
     if text is not None and src.get("num_attention_heads") is None and src.get("n_head") is None:

@@ -1,59 +1,629 @@
-"""The ``ropekit`` command."""
+"""The ``ropekit`` command: inspect, plot, verify, bench, demo.
+
+MODEL arguments accept a preset name (``ropekit list``), a ``config.json`` path, a local
+Hugging Face model folder (its ``config.json``), or an inline spec
+``head_dim=128,base=500000[,rotary_dim=..,layout=..,context=..,label=..]``. Append
+``:unscaled`` to drop the scaling (same base frequencies, original context).
+
+Every user error prints one line ``ropekit: error: ...`` and exits with status 2;
+``verify`` exits with 1 when a check fails.
+"""
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import importlib.util
+import inspect as _inspect
+import json
+import os
 import sys
-from typing import List, Optional
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, TextIO
 
 import torch
 
-__all__ = ["main"]
+from ._errors import RopeError, fail
+
+__all__ = ["main", "build_parser", "load_models", "Progress"]
+
+#: Preset used by ``ropekit demo`` and ``ropekit verify`` without MODEL.
+DEFAULT_MODEL = "llama-3.1-8b"
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from . import RopeConfig, apply_rotary, backends, cos_sin, reference
+class _UsageError(Exception):
+    pass
 
-    torch.manual_seed(0)
-    cfg = RopeConfig(head_dim=64, base=10000.0)
-    print(f"ropekit tour — {cfg}")
-    R = reference.rotation_matrix(cfg, 5)
-    print(f"  R(m=5) is {tuple(R.shape)}; max |RᵀR - I| = {(R.T @ R - torch.eye(64, dtype=torch.float64)).abs().max():.2e}")
-    q, k = torch.randn(64, dtype=torch.float64), torch.randn(64, dtype=torch.float64)
-    print("  relative position: <f(q,m), f(k,n)> depends only on m - n")
-    for m, n in ((3, 1), (103, 101), (10003, 10001)):
-        c, s = cos_sin(cfg, torch.tensor([m, n]), dtype=torch.float64)
-        qm = apply_rotary(q, c[0], s[0], backend="reference")
-        kn = apply_rotary(k, c[1], s[1], backend="reference")
-        print(f"    m={m:>6} n={n:>6}  score = {float(qm @ kn):+.12f}")
-    x = torch.randn(2, 16, 4, 64)
-    c, s = cos_sin(cfg, torch.arange(16), dtype=torch.float64)
-    ref = apply_rotary(x.double(), c[:, None], s[:, None], backend="reference")
-    print("  backends vs the dense-matrix oracle (float32 input, max abs error):")
-    for name in backends.available():
-        if name == "reference":
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump) and no ``sys.exit`` on them."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+# ----------------------------------------------------------------------------- models
+def _presets() -> Any:
+    try:
+        from . import presets
+    except ImportError:
+        return None
+    return presets
+
+
+def _builtin_default() -> Any:
+    """Llama 3.1 8B's rotary settings, used by the demo when ropekit.presets is missing.
+
+    Source: meta-llama/Llama-3.1-8B config.json (rope_theta 500000, head_dim 128,
+    rope_scaling llama3 factor 8 / low 1 / high 4 / original 8192, max positions 131072).
+    """
+    from .analysis import Model
+    from .config import RopeConfig
+    from .scaling import Llama3
+
+    sc = Llama3(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=8192)
+    cfg = RopeConfig(head_dim=128, base=500000.0, scaling=sc)
+    return Model(DEFAULT_MODEL, cfg, context=131072, source="meta-llama/Llama-3.1-8B (built in)")
+
+
+def _models_from(label: str, config: Any, context: Optional[int], source: Optional[str]) -> list:
+    from .analysis import Model
+    from .config import RopeConfig
+
+    if isinstance(config, dict):
+        return [Model(f"{label} [{lt}]", c, context, source) for lt, c in config.items()]
+    if not isinstance(config, RopeConfig):
+        raise fail("a RopeConfig", type(config).__name__, f"check the loader of {label}")
+    return [Model(label, config, context, source)]
+
+
+def _context_of(data: Dict[str, Any]) -> Optional[int]:
+    for d in (data, data.get("text_config") or {}, data.get("llm_config") or {}):
+        if isinstance(d, dict):
+            for key in ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length"):
+                v = d.get(key)
+                if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                    return v
+    return None
+
+
+def _load_path(path: Path) -> list:
+    from .config import RopeConfig
+
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise fail("a model folder containing config.json", f"{path} without config.json", "pass the folder of a HF checkpoint or its config.json")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise fail("a readable JSON config.json", f"{file}: {e}", "check the file (is it a Hugging Face config.json?)") from None
+    if not isinstance(data, dict):
+        raise fail("a JSON object in config.json", type(data).__name__, "check the file")
+    try:
+        cfg = RopeConfig.from_hf(data)
+    except ImportError as e:
+        raise fail("ropekit.hf (the config loader)", f"ImportError: {e}", "update ropekit") from None
+    label = path.name if path.is_dir() else (file.parent.name or file.name)
+    return _models_from(label, cfg, _context_of(data), str(file))
+
+
+_SPEC_KEYS = ("head_dim", "base", "rotary_dim", "layout", "context", "label")
+
+
+def _load_spec(spec: str) -> list:
+    from .config import RopeConfig
+
+    kw: Dict[str, Any] = {}
+    for part in spec.split(","):
+        key, _, value = part.partition("=")
+        key = key.strip()
+        if key not in _SPEC_KEYS or not value:
+            raise fail(f"key=value pairs with keys {_SPEC_KEYS}", repr(part), "e.g. head_dim=128,base=500000,context=8192")
+        kw[key] = value.strip()
+    try:
+        head_dim = int(kw.pop("head_dim"))
+        base = float(kw.pop("base", 10000.0))
+        rotary = int(kw.pop("rotary_dim")) if "rotary_dim" in kw else None
+        context = int(float(kw.pop("context"))) if "context" in kw else None
+    except KeyError:
+        raise fail("head_dim in the spec", repr(spec), "e.g. head_dim=128,base=10000") from None
+    except ValueError as e:
+        raise fail("numbers for head_dim/base/rotary_dim/context", repr(spec), f"fix the value ({e})") from None
+    cfg = RopeConfig(head_dim=head_dim, base=base, rotary_dim=rotary, layout=kw.pop("layout", "half"))
+    label = kw.pop("label", f"d={head_dim} base={base:g}" + (f" r={rotary}" if rotary else ""))
+    return _models_from(label, cfg, context, "inline spec")
+
+
+def _load_preset(name: str) -> list:
+    presets = _presets()
+    if presets is None:
+        raise fail(
+            "a preset name, a config.json path or head_dim=...,base=...",
+            repr(name),
+            "this build has no ropekit.presets; pass a config.json path or an inline spec",
+        )
+    names = list(presets.names())
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.4)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise fail(
+            "a preset name, a config.json path or a model folder",
+            repr(name) + " (no such preset or file)",
+            hint + "run `ropekit list` for the presets",
+        )
+    info = presets.info(name)
+    return _models_from(name, info["config"], info.get("context"), info.get("source"))
+
+
+def load_models(spec: str) -> list:
+    """Resolve one MODEL argument to a list of :class:`ropekit.analysis.Model` (one per
+    layer type for per-layer configs such as Gemma 3). See the module docstring."""
+    from .analysis import Model
+
+    if not isinstance(spec, str) or not spec.strip():
+        raise fail("a MODEL (preset name, config.json path or inline spec)", repr(spec), "see `ropekit list`")
+    unscaled = spec.endswith(":unscaled")
+    if unscaled:
+        spec = spec[: -len(":unscaled")]
+    if os.path.exists(spec):
+        models = _load_path(Path(spec))
+    elif "=" in spec:
+        models = _load_spec(spec)
+    else:
+        models = _load_preset(spec)
+    if unscaled:
+        models = [Model(f"{m.label} unscaled", m.config.replace(scaling=None), m.original_context, m.source) for m in models]
+    return models
+
+
+def _load_all(specs: Sequence[str]) -> list:
+    out: list = []
+    for s in specs:
+        out.extend(load_models(s))
+    return out
+
+
+def _default_models() -> list:
+    p = _presets()
+    if p is not None and DEFAULT_MODEL in p.names():
+        return load_models(DEFAULT_MODEL)
+    return [_builtin_default()]
+
+
+# ----------------------------------------------------------------------------- formatting
+def _num(x: Optional[float]) -> str:
+    if x is None:
+        return "∞"
+    ax = abs(x)
+    if ax == 0:
+        return "0"
+    if ax >= 1e7 or ax < 1e-2:
+        return f"{x:.3g}"
+    if ax >= 1000:
+        return f"{x:,.0f}"
+    return f"{x:.3g}"
+
+
+def _range(lo: Optional[float], hi: Optional[float]) -> str:
+    return _num(lo) if lo == hi else f"{_num(lo)} .. {_num(hi)}"
+
+
+def _scaling_text(sc: Optional[dict]) -> str:
+    if not sc:
+        return "none"
+    d = dict(sc)
+    kind = d.pop("rope_type", "?")
+    parts = []
+    for k, v in d.items():
+        if v is None:
             continue
-        y = apply_rotary(x, c[:, None].float(), s[:, None].float(), backend=name)
-        print(f"    {name:<10} {float((y.double() - ref).abs().max()):.2e}")
+        if isinstance(v, list):
+            v = f"[{len(v)} values {_num(min(v))}..{_num(max(v))}]" if v else "[]"
+        elif isinstance(v, float):
+            v = f"{v:g}"
+        parts.append(f"{k}={v}")
+    return kind + ("  " + " ".join(parts) if parts else "")
+
+
+def format_summary(s: Dict[str, Any], *, pairs: bool = False) -> str:
+    """The text table of ``ropekit inspect`` from :func:`ropekit.analysis.summary`."""
+    c = s["config"]
+    scaled = c["scaling"] is not None
+    rows = [
+        ("head dim / rotary dim", f"{c['head_dim']} / {c['rotary_dim']} ({s['n_pairs']} pairs)"),
+        ("base", _num(c["base"])),
+        ("layout", c["layout"] + (": pairs (i, i + r/2)" if c["layout"] == "half" else ": pairs (2i, 2i+1)")),
+        ("scaling", _scaling_text(c["scaling"])),
+        ("attention factor", f"{s['attention_factor']:.6g}" + (" (folded into cos/sin)" if s["attention_factor"] != 1 else "")),
+    ]
+    ctx, orig = s["context"], s["original_context"]
+    if ctx:
+        rows.append(("context", f"{ctx:,} positions" + (f" (original {orig:,})" if orig and orig != ctx else "")))
+    else:
+        rows.append(("context", "unknown"))
+    t, w = s["theta"], s["wavelength"]
+    if scaled:
+        rows.append(("θ (rad/token)", f"{_range(*t['before'])} before scaling; {_range(*t['after'])} after"))
+        rows.append(("wavelength (tokens)", f"{_range(*w['before'])} before; {_range(*w['after'])} after"))
+    else:
+        rows.append(("θ (rad/token)", _range(*t["before"])))
+        rows.append(("wavelength (tokens)", _range(*w["before"])))
+    if s.get("not_rotating"):
+        rows.append(("not rotating", f"{s['not_rotating']} pairs have θ = 0 after scaling (identity)"))
+    b = s.get("bands")
+    if b:
+        extra = f" (pairs <= {b['low']:g} / >= {b['high']:g})" if b["kind"] == "yarn" else ""
+        rows.append(
+            (f"bands ({b['kind']})", f"unchanged for λ < {_num(b['unchanged_below'])}, interpolated for λ > {_num(b['interpolated_above'])}{extra}")
+        )
+    cov = s.get("coverage")
+    if cov:
+        text = f"{cov['wrapped_in_training']} of {s['n_pairs']} pairs turn fully within {orig:,} tokens"
+        n_out = len(cov["out_of_range"])
+        if ctx and ctx != orig or scaled:
+            if n_out:
+                text += f"; at {ctx:,}, {n_out} pairs reach angles beyond training (up to {cov['max_angle_ratio']:.3g}x)"
+            else:
+                text += f"; at {ctx:,} every pair stays within the angles seen in training"
+        rows.append(("coverage", text))
+    width = max(len(k) for k, _ in rows) + 2
+    head = s["label"] + (f"  ({s['source']})" if s.get("source") else "")
+    lines = [head] + [f"  {k:<{width}}{v}" for k, v in rows]
+    lines.append(f"  {'pairs':<{width}}{'class':<14}{'wavelength before':<22}{'after':<22}θ_before/θ_after")
+    for r in s["runs"]:
+        span = f"{r['first']}-{r['last']}" if r["first"] != r["last"] else f"{r['first']}"
+        lines.append(
+            f"    {span:<{width - 2}}{r['class']:<14}{_range(*r['wavelength_before']):<22}"
+            f"{_range(*r['wavelength_after']):<22}{_range(*r['ratio'])}"
+        )
+    if pairs:
+        lines.append(f"  {'pair':>6} {'θ before':>12} {'θ after':>12} {'λ before':>12} {'λ after':>12} {'factor':>8}  class")
+        for p in s["pairs"]:
+            lines.append(
+                f"  {p['pair']:>6} {p['theta_before']:>12.5g} {p['theta_after']:>12.5g} {_num(p['wavelength_before']):>12}"
+                f" {_num(p['wavelength_after']):>12} {_num(p['ratio']):>8}  {p['class']}"
+            )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- progress
+class Progress:
+    """A tiny progress bar (tqdm is not a dependency).
+
+    On a terminal it redraws one line ``[#####.....] 3/10 label 1.2s``; otherwise (logs,
+    pipes) it prints one line per step.
+
+    Example:
+        >>> import io
+        >>> out = io.StringIO()
+        >>> with Progress(2, stream=out) as p:
+        ...     p.update("a"); p.update("b")
+        >>> out.getvalue().splitlines()[-1].startswith("[##############################] 2/2")
+        True
+    """
+
+    def __init__(self, total: int, *, stream: Optional[TextIO] = None, width: int = 30) -> None:
+        self.total, self.n, self.width = max(int(total), 1), 0, width
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.t0 = time.perf_counter()
+
+    def update(self, label: str = "") -> None:
+        self.n += 1
+        full = int(self.width * min(self.n, self.total) / self.total)
+        line = f"[{'#' * full}{'.' * (self.width - full)}] {self.n}/{self.total} {label} {time.perf_counter() - self.t0:.1f}s"
+        if self.tty:
+            self.stream.write("\r" + line[: 120].ljust(120))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# ----------------------------------------------------------------------------- commands
+def _cmd_list(args: argparse.Namespace) -> int:
+    p = _presets()
+    if p is None:
+        raise fail("ropekit.presets", "not available in this build", "pass config.json paths or inline specs instead")
+    names = list(p.names())
+    w = max(len(n) for n in names) + 2
+    for n in names:
+        info = p.info(n)
+        ctx = info.get("context")
+        print(f"{n:<{w}}{(f'{ctx:,}' if ctx else '?'):>10}  {info.get('source', '')}")
     return 0
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .analysis import summary
+
+    models = load_models(args.model)
+    sums = [summary(m) for m in models]
+    if args.json:
+        print(json.dumps({"model": args.model, "configs": sums}, indent=2, allow_nan=False))
+        return 0
+    print("\n\n".join(format_summary(s, pairs=args.pairs) for s in sums))
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from .analysis import plots
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise fail("--out FILE.png", repr(args.out), "give the output a .png name")
+    models = _load_all(args.models)
+    fn = plots.KINDS[args.kind]
+    kw = {"max_distance": args.max_distance} if args.max_distance and args.kind in ("decay", "scores") else {}
+    fn(models, str(out), **kw)
+    print(f"wrote {out} ({args.kind}: {', '.join(m.label for m in models)})")
+    return 0
+
+
+def _prepare_triton() -> str:
+    """Without CUDA, run Triton kernels in its CPU interpreter (must precede the import)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        return " (Triton runs in its CPU interpreter)"
+    return ""
+
+
+def _check_line(i: int, c: Any) -> str:
+    status = "SKIP" if c.skipped else ("PASS" if c.passed else "FAIL")
+    value = c.note if c.skipped else f"{c.value:.2e} <= {c.bound:.1e}" + (f"  ({c.note})" if c.note else "")
+    return f"  [{i:>2}] {status}  {c.name:<78} {value}"
+
+
+def _run_verify(models: list, names: Optional[List[str]], stream: TextIO = sys.stdout) -> list:
+    from . import backends as _backends
+    from .analysis.checks import backend_checks, property_checks
+
+    note = _prepare_triton()
+    if names is None:
+        names = _backends.available()
+    else:
+        for n in names:
+            _backends.get(n)  # RopeError for unknown/unavailable
+    print(f"backends on this machine: {', '.join(names)}{note if 'triton' in names else ''}", file=stream)
+    results = []
+    i = 0
+    for m in models:
+        sc = m.config.scaling
+        print(
+            f"{m.label}: head dim {m.config.head_dim}, rotary dim {m.config.rotary_dim}, {m.config.layout}, "
+            f"scaling {sc.rope_type if sc is not None else 'none'}, context {m.context or 'unknown'}",
+            file=stream,
+        )
+        for c in property_checks(m.config, context=m.context):
+            i += 1
+            results.append(c)
+            print(_check_line(i, c), file=stream, flush=True)
+
+        def show(c: Any) -> None:
+            nonlocal i
+            i += 1
+            print(_check_line(i, c), file=stream, flush=True)
+
+        results.extend(backend_checks(m.config, names, context=m.context, on_check=show))
+    failed = [c for c in results if not c.passed]
+    print(f"{len(results)} checks: {len(results) - len(failed)} passed, {len(failed)} failed", file=stream)
+    return results
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    models = load_models(args.model) if args.model else _default_models()
+    results = _run_verify(models, args.backend)
+    return 0 if all(c.passed for c in results) else 1
+
+
+def find_bench_script() -> Optional[Path]:
+    """``benchmarks/bench_apply.py`` of a source checkout (``$ROPEKIT_BENCH`` overrides)."""
+    env = os.environ.get("ROPEKIT_BENCH")
+    cands = [Path(env)] if env else []
+    cands += [Path(__file__).resolve().parents[2] / "benchmarks" / "bench_apply.py", Path.cwd() / "benchmarks" / "bench_apply.py"]
+    for c in cands:
+        if c.is_file():
+            return c
+    return None
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    script = find_bench_script()
+    if script is None:
+        raise fail(
+            "benchmarks/bench_apply.py of a ropekit source checkout",
+            "no such file (ropekit installed from a wheel?)",
+            "clone the repository and run `ropekit bench` (or `make bench`) inside it; ROPEKIT_BENCH=path also works",
+        )
+    spec = importlib.util.spec_from_file_location("ropekit_bench_apply", script)
+    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.path.insert(0, str(script.parent))
+    try:
+        spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    finally:
+        sys.path.remove(str(script.parent))
+    argv = ([] if args.full else ["--quick"]) + list(args.bench_args)
+    print(f"ropekit bench: {script}{' --quick' if not args.full else ''}", flush=True)
+    if hasattr(mod, "cases") and hasattr(mod, "run_case"):
+        # the script exposes its cases: drive them with the progress bar and summarise here
+        cases = list(mod.cases(quick=not args.full))
+        rows = []
+        with Progress(len(cases)) as bar:
+            for case in cases:
+                rows.append(mod.run_case(case))
+                bar.update(str(getattr(case, "name", case))[:60])
+        print(mod.summary(rows) if hasattr(mod, "summary") else _table(rows))
+        return 0
+    main_fn = getattr(mod, "main", None)
+    if main_fn is None:
+        raise fail("bench_apply.py defining main(argv)", f"{script} without main", "update the benchmark script")
+    kw = {}
+    try:
+        if "progress" in _inspect.signature(main_fn).parameters:
+            kw["progress"] = Progress
+    except (TypeError, ValueError):  # pragma: no cover - builtins without signature
+        pass
+    rc = main_fn(argv, **kw)
+    return int(rc or 0)
+
+
+def _table(rows: List[Dict[str, Any]]) -> str:
+    if not rows:
+        return "(no results)"
+    keys = list(rows[0])
+    cells = [[str(r.get(k, "")) for k in keys] for r in rows]
+    w = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+    lines = ["  ".join(k.ljust(w[i]) for i, k in enumerate(keys))]
+    lines += ["  ".join(c[i].ljust(w[i]) for i in range(len(keys))) for c in cells]
+    return "\n".join(lines)
+
+
+_FIGURES = (
+    ("decay", "Long-range decay bound",
+     "RoFormer's bound (1/(r/2)) Σ_j |S_j| on the attention score vs relative distance (section 3.4.3). "
+     "Lower frequencies (larger base, interpolation) keep the bound high over longer distances."),
+    ("wavelengths", "Wavelength of each pair",
+     "2π/θ_i per rotary pair before (dashed) and after (solid) scaling, against the original (dotted) and "
+     "extended (dash-dot) context; shading: unchanged / in between / interpolated pairs of the scaled model."),
+    ("frequencies", "Frequencies before and after scaling",
+     "θ_i on a log axis and the per-pair factor θ_before/θ_after the scheme divides each frequency by."),
+    ("scores", "Attention logit vs distance",
+     "⟨f(q,m), f(k,n)⟩/√d for q = k, averaged over 64 standard normal vectors; it depends only on m - n."),
+)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from . import __version__
+    from .analysis import Model, plots, summary
+    from .config import RopeConfig
+
+    t0 = time.perf_counter()
+    models = load_models(args.model) if args.model else _default_models()
+    name = args.model or models[0].label
+    print(f"ropekit demo — {name}\n")
+    sums = [summary(m) for m in models]
+    tables = [format_summary(s) for s in sums]
+    print("\n\n".join(tables) + "\n")
+
+    print("verify:")
+    results = _run_verify(models, None)
+    print()
+
+    # figures: the model, the same frequencies without scaling, and plain RoPE (base 1e4)
+    compare = list(models)
+    for m in models:
+        if m.config.scaling is not None:
+            compare.append(Model(f"{m.label} unscaled", m.config.replace(scaling=None), m.original_context, m.source))
+    d = models[0].config.head_dim
+    compare.append(Model("RoPE base 1e4 (RoFormer)", RopeConfig(head_dim=d, base=10000.0), 4096, "arXiv 2104.09864"))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for kind, _, _ in _FIGURES:
+        path = out / f"{kind}.png"
+        plots.KINDS[kind](compare, str(path))
+        written.append(path)
+        print(f"  wrote {path}")
+
+    failed = [c for c in results if not c.passed]
+    lines = [
+        f"# ropekit report — {name}",
+        "",
+        f"ropekit {__version__}, torch {torch.__version__}. Reproduce with `ropekit demo"
+        + (f" --model {args.model}" if args.model else "") + "` (or `make demo`).",
+        "",
+        "## Configuration (`ropekit inspect`)",
+        "",
+        "```",
+        *"\n\n".join(tables).splitlines(),
+        "```",
+        "",
+        "## Checks (`ropekit verify`)",
+        "",
+        f"{len(results)} checks, {len(results) - len(failed)} passed, {len(failed)} failed.",
+        "",
+        "| # | check | measured | bound | result |",
+        "|---|---|---|---|---|",
+    ]
+    for i, c in enumerate(results, 1):
+        val = c.note if c.skipped else f"{c.value:.2e}"
+        res = "skip" if c.skipped else ("pass" if c.passed else "**FAIL**")
+        lines.append(f"| {i} | {c.name.replace('|', chr(92) + '|')} | {val} | {c.bound:.1e} | {res} |")
+    lines += ["", "## Figures", "", "Compared: " + ", ".join(m.label for m in compare) + ".", ""]
+    for kind, title, text in _FIGURES:
+        lines += [f"### {title}", "", text, "", f"![{title}]({kind}.png)", ""]
+    report = out / "report.md"
+    report.write_text("\n".join(lines), encoding="utf-8")
+    print(f"\nreport: {report} with {len(written)} figures ({time.perf_counter() - t0:.1f}s)")
+    return 0 if not failed else 1
+
+
+# ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ropekit", description="Rotary position embedding: inspect, verify, plot, bench.")
-    sub = p.add_subparsers(dest="cmd")
-    d = sub.add_parser("demo", help="a short tour: rotation, relative positions, backends agreeing")
-    d.set_defaults(func=_demo)
+    p = _Parser(
+        prog="ropekit",
+        description="Rotary position embedding: inspect a model's RoPE, plot it, verify the kernels, benchmark them.",
+        epilog="MODEL: a preset name (`ropekit list`), a config.json path, a HF model folder, or "
+        "head_dim=128,base=500000[,rotary_dim=..,layout=..,context=..]; append :unscaled to drop the scaling.",
+    )
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
+
+    s = sub.add_parser("inspect", help="table of a model's rotary settings, frequency bands and context coverage")
+    s.add_argument("model", metavar="MODEL")
+    s.add_argument("--json", action="store_true", help="print JSON (ropekit.analysis.summary) instead of the table")
+    s.add_argument("--pairs", action="store_true", help="also list every rotary pair")
+    s.set_defaults(func=_cmd_inspect)
+
+    s = sub.add_parser("plot", help="draw decay / wavelengths / frequencies / scores for one or more models into a PNG")
+    s.add_argument("kind", choices=["decay", "wavelengths", "frequencies", "scores"])
+    s.add_argument("models", metavar="MODEL", nargs="+")
+    s.add_argument("--out", required=True, metavar="FILE.png")
+    s.add_argument("--max-distance", type=int, default=0, help="largest distance for decay/scores (default: context)")
+    s.set_defaults(func=_cmd_plot)
+
+    s = sub.add_parser("verify", help="property checks and agreement of every available backend; exit 1 on failure")
+    s.add_argument("model", metavar="MODEL", nargs="?", help=f"default: {DEFAULT_MODEL}")
+    s.add_argument("--backend", action="append", metavar="NAME", help="only this backend (repeatable); default: all available")
+    s.set_defaults(func=_cmd_verify)
+
+    s = sub.add_parser("bench", help="run benchmarks/bench_apply.py --quick (source checkout only)")
+    s.add_argument("--full", action="store_true", help="the full benchmark instead of --quick")
+    s.add_argument("bench_args", nargs=argparse.REMAINDER, help="extra arguments passed to the script")
+    s.set_defaults(func=_cmd_bench)
+
+    s = sub.add_parser("demo", help="tour of a model: inspect + verify + figures in ropekit-report/")
+    s.add_argument("--model", default=None, metavar="MODEL", help=f"default: {DEFAULT_MODEL}")
+    s.add_argument("--out", default="ropekit-report", metavar="DIR")
+    s.set_defaults(func=_cmd_demo)
+
+    s = sub.add_parser("list", help="the presets: name, context, source model")
+    s.set_defaults(func=_cmd_list)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command; returns the exit status (0 ok, 1 a verify check failed, 2 error)."""
     p = build_parser()
-    args = p.parse_args(argv)
-    if not getattr(args, "func", None):
-        p.print_help()
-        return 2
     try:
+        args = p.parse_args(argv)
+        if not getattr(args, "func", None):
+            p.print_help()
+            return 2
         return int(args.func(args) or 0)
-    except ValueError as e:  # RopeError and friends: one clear line, no traceback
+    except SystemExit as e:  # --help
+        return int(e.code or 0) if not isinstance(e.code, str) else 2
+    except _UsageError as e:
         print(f"ropekit: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError, ImportError) as e:  # RopeError and friends: one clear line, no traceback
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"ropekit: error: {msg}", file=sys.stderr)
         return 2

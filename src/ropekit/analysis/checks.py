@@ -126,7 +126,8 @@ def backend_checks(
     - forward float32: ``max |y - y_ref| <= 1e-5 · max(1, attention factor)`` (float32
       products of values ~N(0,1); a wrong pairing gives errors of order 1);
     - backward float32: the same bound on ``dL/dx`` for ``L = Σ y·g``;
-    - forward bfloat16: within bf16 output rounding, ``max |y - y_ref| <= 2^-8 · max |y_ref|``.
+    - forward bfloat16: rounded once, ``|y - y_ref| <= ½ ulp_bf16(y_ref) + 2e-6`` per element
+      (one ulp for Triton under its CPU interpreter, whose float32 -> bf16 cast truncates).
 
     ``on_check`` is called with each check as soon as it is measured.
     """
@@ -170,14 +171,24 @@ def backend_checks(
         add(Check(f"{tag} backward float32: max abs err of dx", float((xg.grad.double() - ref_grad).abs().max()), 1e-5 * af))
 
         xb = x.to(torch.bfloat16)
-        bound = 2.0**-8 * float(ref.abs().max())
+        # one rounding of the float32 result: |y - ref| <= ½ ulp_bf16(ref) + float32 slack
+        ulps, note = 0.5, ""
+        if name == "triton" and not xb.is_cuda:
+            ulps, note = 1.0, "Triton's CPU interpreter truncates float32 -> bfloat16 (1 ulp allowed)"
         if not be.supports(xb):
-            add(Check(f"{tag} forward bfloat16", float("nan"), bound, note="bfloat16 not supported", skipped=True))
+            add(Check(f"{tag} forward bfloat16", float("nan"), 1.0, note="bfloat16 not supported", skipped=True))
             continue
         refb = apply_rotary(xb.double(), c, sn, layout=cfg.layout, backend="reference")
         yb = apply_rotary(xb, c, sn, layout=cfg.layout, backend=name)
-        add(Check(f"{tag} forward bfloat16: max abs err vs oracle", float((yb.double() - refb).abs().max()), bound))
+        err = (yb.double() - refb).abs() / (ulps * _bf16_ulp(refb) + 2e-6 * af)
+        add(Check(f"{tag} forward bfloat16: max err / ({ulps:g} ulp + 2e-6)", float(err.max()), 1.0, note=note))
     return out
+
+
+def _bf16_ulp(v: torch.Tensor) -> torch.Tensor:
+    """Spacing of bfloat16 numbers (8 significant bits) at ``|v|``: ``2^(floor(log2|v|) - 7)``."""
+    _, e = torch.frexp(v)  # v = m · 2^e, 0.5 <= |m| < 1
+    return torch.ldexp(torch.ones_like(v), e - 8)
 
 
 def run_checks(cfg: RopeConfig, *, context: Optional[int] = None, names: Optional[Sequence[str]] = None) -> List[Check]:

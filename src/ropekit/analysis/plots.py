@@ -105,6 +105,14 @@ def _first_scaled(models: Sequence[Model]) -> Any:
     return None
 
 
+def _has_unscaled_twin(m: Model, models: Sequence[Model]) -> bool:
+    c = m.config
+    return any(
+        o.config.scaling is None and (o.config.head_dim, o.config.rotary_dim, o.config.base) == (c.head_dim, c.rotary_dim, c.base)
+        for o in models
+    )
+
+
 def plot_wavelengths(models: Sequence[Model], path: str) -> str:
     """Wavelength ``2π/θ_i`` of every pair before (dashed) and after (solid) scaling, on a
     log axis, with each model's original (dotted) and extended (dash-dot) context as
@@ -114,20 +122,23 @@ def plot_wavelengths(models: Sequence[Model], path: str) -> str:
     sm = _first_scaled(models)
     if sm is not None:
         _shade_bands(ax, sm)
+    drawn: dict = {}  # context value -> annotated already (models often share one)
     for m, c in zip(models, _colors(len(models))):
         before, after = wavelengths(m.config, seq_len=m.context)
         i = torch.arange(m.config.n_pairs).numpy()
-        if m.config.scaling is not None:
+        scaled = m.config.scaling is not None
+        if scaled and not _has_unscaled_twin(m, models):
             ax.plot(i, before.numpy(), color=c, ls="--", lw=1.0, label=f"{m.label}: before scaling")
-        ax.plot(i, after.numpy(), color=c, lw=1.6, marker=".", ms=3, label=f"{m.label}" + (": after scaling" if m.config.scaling is not None else ""))
+        ax.plot(i, after.numpy(), color=c, lw=1.6, marker=".", ms=3, label=m.label + (": after scaling" if scaled else ""))
         oc = m.original_context
-        if oc:
-            ax.axhline(oc, color=c, ls=":", lw=1.2)
-            what = "original context" if m.context and m.context != oc else "context"
-            ax.annotate(f"{what} {oc:,}", (0, oc), xytext=(2, 3), textcoords="offset points", fontsize=7, color=c)
-        if m.context and m.context != oc:
-            ax.axhline(m.context, color=c, ls="-.", lw=1.2)
-            ax.annotate(f"extended context {m.context:,}", (0, m.context), xytext=(2, 3), textcoords="offset points", fontsize=7, color=c)
+        for value, ls, what in ((oc, ":", "original context" if m.context and m.context != oc else "context"),
+                                (m.context if m.context != oc else None, "-.", "extended context")):
+            if not value or value in drawn:
+                continue
+            drawn[value] = True
+            ax.axhline(value, color=c, ls=ls, lw=1.2)
+            ax.annotate(f"{what} {value:,} ({m.label})", (1.0, value), xycoords=("axes fraction", "data"),
+                        xytext=(-4, 3), textcoords="offset points", ha="right", fontsize=7, color=c)
     ax.set_yscale("log")
     ax.set_xlabel("rotary pair i (0 = highest frequency)")
     ax.set_ylabel("wavelength 2π/θ_i (tokens, log scale)")
@@ -145,7 +156,7 @@ def plot_frequencies(models: Sequence[Model], path: str) -> str:
     for m, c in zip(models, _colors(len(models))):
         tb, ta = m.config.base_inv_freq(), m.config.inv_freq(m.context)
         i = torch.arange(m.config.n_pairs).numpy()
-        if m.config.scaling is not None:
+        if m.config.scaling is not None and not _has_unscaled_twin(m, models):
             ax.plot(i, tb.numpy(), color=c, ls="--", lw=1.0, label=f"{m.label}: before")
         ax.plot(i, ta.numpy(), color=c, lw=1.6, label=f"{m.label}" + (": after" if m.config.scaling is not None else ""))
         ax2.plot(i, (tb / ta).numpy(), color=c, lw=1.6, marker=".", ms=3, label=m.label)

@@ -441,6 +441,7 @@ class _GatherRotary(torch.autograd.Function):
     def forward(ctx, q, k, cos_t, sin_t, pos, fmt, interleaved, inplace):  # type: ignore[override]
         qo, ko = _gather_apply([q, k], cos_t, sin_t, pos, fmt, interleaved, False, inplace)
         ctx.save_for_backward(cos_t, sin_t, pos)
+        ctx.set_materialize_grads(False)  # an unused output gets no zero-filled gradient launch
         ctx.fmt, ctx.interleaved = fmt, interleaved
         if inplace:
             ctx.mark_dirty(q, k)

@@ -253,7 +253,7 @@ def format_summary(s: Dict[str, Any], *, pairs: bool = False) -> str:
         rows.append(("not rotating", f"{s['not_rotating']} pairs have θ = 0 after scaling (identity)"))
     b = s.get("bands")
     if b:
-        extra = f" (pairs <= {b['low']:g} / >= {b['high']:g})" if b["kind"] == "yarn" else ""
+        extra = f" (pairs <= {b['low']:.3g} / >= {b['high']:.3g})" if b["kind"] == "yarn" else ""
         rows.append(
             (f"bands ({b['kind']})", f"unchanged for λ < {_num(b['unchanged_below'])}, interpolated for λ > {_num(b['interpolated_above'])}{extra}")
         )
@@ -267,6 +267,8 @@ def format_summary(s: Dict[str, Any], *, pairs: bool = False) -> str:
             else:
                 text += f"; at {ctx:,} every pair stays within the angles seen in training"
         rows.append(("coverage", text))
+    elif scaled:
+        rows.append(("coverage", "unknown: this scheme does not record the original (training) context"))
     width = max(len(k) for k, _ in rows) + 2
     head = s["label"] + (f"  ({s['source']})" if s.get("source") else "")
     lines = [head] + [f"  {k:<{width}}{v}" for k, v in rows]

@@ -523,7 +523,9 @@ def summary(model: Model) -> Dict[str, Any]:
         "not_rotating": int((~rot).sum()),
         "bands": b,
         "runs": band_runs(cfg, seq_len=ctx),
-        "coverage": context_coverage(cfg, ctx, orig),
+        # a scaled config whose scheme does not record the training length (linear, NTK):
+        # the angles seen in training are unknown, so no coverage claim
+        "coverage": context_coverage(cfg, ctx, orig) if cfg.scaling is None or _original_context(cfg) else {},
         "pairs": pair_table(cfg, seq_len=ctx),
     })
 

@@ -306,15 +306,17 @@ def _is_nested(p: Any) -> bool:
 
 
 def _layer_head_dim(src: _Src, model_type: str, layer_type: str, head_dim: int) -> int:
-    # Gemma 4: full-attention layers use `global_head_dim` (a config.json key; in a 5.x
-    # config object it lives in per_layer_config[layer_type].head_dim).
+    # Heterogeneous 5.x config objects (Gemma 4) resolve head_dim per layer type.
+    if not src.is_dict:
+        try:
+            g = src.obj.per_layer_config[layer_type].head_dim
+        except Exception:
+            g = None
+        if isinstance(g, int) and not isinstance(g, bool):
+            return g
+    # Gemma 4 config.json: full-attention layers use `global_head_dim`.
     if model_type.startswith("gemma4") and layer_type == "full_attention":
         g = src.get("global_head_dim")
-        if g is None and not src.is_dict:
-            try:
-                g = src.obj.per_layer_config[layer_type].head_dim
-            except Exception:
-                g = None
         if g is not None:
             return int(g)
     return head_dim

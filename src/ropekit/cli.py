@@ -384,9 +384,11 @@ def _check_line(i: int, c: Any) -> str:
     return f"  [{i:>2}] {status}  {c.name:<78} {value}"
 
 
-def _run_verify(models: list, names: Optional[List[str]], stream: TextIO = sys.stdout) -> list:
+def _run_verify(models: list, names: Optional[List[str]], stream: Optional[TextIO] = None) -> list:
     from . import backends as _backends
     from .analysis.checks import backend_checks, property_checks
+
+    stream = sys.stdout if stream is None else stream
 
     note = _prepare_triton()
     if names is None:
@@ -452,7 +454,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         spec.loader.exec_module(mod)  # type: ignore[union-attr]
     finally:
         sys.path.remove(str(script.parent))
-    argv = ([] if args.full else ["--quick"]) + list(args.bench_args)
+    extra = list(args.bench_args)
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    argv = ([] if args.full else ["--quick"]) + extra
     print(f"ropekit bench: {script}{' --quick' if not args.full else ''}", flush=True)
     if hasattr(mod, "cases") and hasattr(mod, "run_case"):
         # the script exposes its cases: drive them with the progress bar and summarise here

@@ -286,6 +286,28 @@ def test_rope_index_long_video_conventions():
     assert delta.tolist() == [[11 - 29]]
 
 
+def test_rope_index_match_qwen3_vl_per_frame_videos():
+    from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = Qwen3VLConfig(vision_config=dict(hidden_size=8, num_heads=2, depth=1, spatial_merge_size=2))
+    # Qwen3-VL: <t1> frame1 <t2> frame2 ...: timestamp text tokens separate the frames
+    seq = _sequence([("text", 2), ("image", (1, 4, 4)), ("text", 3)])
+    frames = [("text", 2), ("video", (1, 4, 6))] * 3  # one video of 3 frames, listed per frame
+    seq2 = _sequence(frames + [("text", 2)])
+    types_, mask, imgs, _ = _batch([seq, seq2])
+    vids = torch.tensor([[3, 4, 6]])  # one row per video, as the processor gives it
+    hpos, hdelta = _hf_rope_index(
+        hf_q3.Qwen3VLModel, cfg, input_ids=torch.ones_like(types_), mm_token_type_ids=types_,
+        image_grid_thw=imgs, video_grid_thw=vids.clone(), attention_mask=mask,
+    )
+    pos, delta = mrope_positions(
+        types_, image_grid_thw=imgs, video_grid_thw=vids, spatial_merge_size=2, attention_mask=mask, split_video_frames=True
+    )
+    assert torch.equal(pos, hpos) and torch.equal(delta, hdelta.long())
+
+
 def test_decode_positions_continue_the_prefill():
     types_ = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0]])  # 2 text, 2x3 image (merge 1), 3 text
     grid = torch.tensor([[1, 2, 3]])

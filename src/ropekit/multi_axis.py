@@ -447,6 +447,7 @@ def mrope_positions(
     video_time_intervals: Optional[Sequence[float]] = None,
     attention_mask: Optional[torch.Tensor] = None,
     text_after: str = "max",
+    split_video_frames: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """M-RoPE position ids ``(3, b, s)`` of a mix of text, image and video tokens, and the
     per-sequence decoding delta ``[b, 1]`` (Qwen2-VL / Qwen2.5-VL ``get_rope_index``).
@@ -479,6 +480,9 @@ def mrope_positions(
         video_time_intervals: one ``Δ`` per video (default 1).
         attention_mask: ``[b, s]``, 1 for real tokens.
         text_after: ``"max"`` or ``"spatial"``, see above.
+        split_video_frames: Qwen3-VL: every video row ``(T, H, W)`` becomes ``T`` rows
+            ``(1, H, W)``, one per frame (the frames are separated by timestamp text
+            tokens, so each frame is its own vision block).
 
     Returns:
         ``(positions, delta)``: int64 ``(3, b, s)`` and int64 ``[b, 1]``.
@@ -503,11 +507,6 @@ def mrope_positions(
     if bad:
         raise fail("token types in {0, 1, 2}", f"values {sorted(bad)}", "0 = text, 1 = image, 2 = video")
     grids = {1: _as_grids(image_grid_thw, "image_grid_thw"), 2: _as_grids(video_grid_thw, "video_grid_thw")}
-    for kind, gl in grids.items():
-        for g in gl:
-            if g[0] < 1 or g[1] % m or g[2] % m or g[1] < 1 or g[2] < 1:
-                name = "image_grid_thw" if kind == 1 else "video_grid_thw"
-                raise fail(f"{name} rows (t, h, w) positive with h, w divisible by spatial_merge_size={m}", str(g), "check the processor output")
     n_videos = len(grids[2])
     if video_time_intervals is None:
         intervals = [1.0] * n_videos
@@ -515,6 +514,14 @@ def mrope_positions(
         intervals = [float(v) for v in video_time_intervals]
         if len(intervals) != n_videos:
             raise fail(f"{n_videos} video_time_intervals (one per video)", str(len(intervals)), "pass tokens_per_second * second_per_grid_t per video")
+    if split_video_frames:
+        intervals = [dt for g, dt in zip(grids[2], intervals) for _ in range(g[0])]
+        grids[2] = [(1, g[1], g[2]) for g in grids[2] for _ in range(g[0])]
+    for kind, gl in grids.items():
+        for g in gl:
+            if g[0] < 1 or g[1] % m or g[2] % m or g[1] < 1 or g[2] < 1:
+                name = "image_grid_thw" if kind == 1 else "video_grid_thw"
+                raise fail(f"{name} rows (t, h, w) positive with h, w divisible by spatial_merge_size={m}", str(g), "check the processor output")
     used = {1: 0, 2: 0}
     b, s = token_types.shape
     device = token_types.device

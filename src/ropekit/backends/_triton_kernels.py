@@ -62,8 +62,13 @@ def _rope_tile(
     COPY_TAIL: tl.constexpr,
     TAIL_B: tl.constexpr,
     F64: tl.constexpr,
+    INPLACE: tl.constexpr,
 ):
     """Rotate heads ``h0 .. h0+BH-1`` of the token tile ``(m0, m1)`` [BT] with c/s [BT, 1|BH, R2P]."""
+    if INPLACE:
+        dst = x_ptr  # o_ptr is None: the op never passes one tensor twice (torch.compile clones each)
+    else:
+        dst = o_ptr
     h = h0 + tl.arange(0, BH).to(tl.int64)  # [BH]
     rows = tmask[:, None] & (h < H)[None, :]  # [BT, BH]
     xrow = m0[:, None] * sx0 + m1[:, None] * sx1 + h[None, :] * sxh  # [BT, BH] int64
@@ -81,7 +86,7 @@ def _rope_tile(
         y1 = x1 * c - x2 * s
         y2 = x2 * c + x1 * s
         y = tl.reshape(tl.join(y1, y2), (BT, BH, 2 * R2P))  # [BT, BH, 2*R2P]
-        tl.store(o_ptr + orow[:, :, None] + col[None, None, :], y.to(o_ptr.dtype.element_ty), mask=mask)
+        tl.store(dst + orow[:, :, None] + col[None, None, :], y.to(dst.dtype.element_ty), mask=mask)
     else:
         col = tl.arange(0, R2P)  # [R2P]
         mask = rows[:, :, None] & (col < R2)[None, None, :]  # [BT, BH, R2P]
@@ -98,15 +103,15 @@ def _rope_tile(
         y1 = x1 * c - x2 * s
         y2 = x2 * c + x1 * s
         oo = orow[:, :, None] + col[None, None, :]
-        tl.store(o_ptr + oo, y1.to(o_ptr.dtype.element_ty), mask=mask)
-        tl.store(o_ptr + oo + R2, y2.to(o_ptr.dtype.element_ty), mask=mask)
+        tl.store(dst + oo, y1.to(dst.dtype.element_ty), mask=mask)
+        tl.store(dst + oo + R2, y2.to(dst.dtype.element_ty), mask=mask)
     if COPY_TAIL:
         # pass-through dims [r, d): copied here, not by a second launch
         for c0 in range(2 * R2, D, TAIL_B):
             tcol = c0 + tl.arange(0, TAIL_B)  # [TAIL_B]
             tmsk = rows[:, :, None] & (tcol < D)[None, None, :]
             t = tl.load(x_ptr + xrow[:, :, None] + tcol[None, None, :], mask=tmsk)
-            tl.store(o_ptr + orow[:, :, None] + tcol[None, None, :], t.to(o_ptr.dtype.element_ty), mask=tmsk)
+            tl.store(dst + orow[:, :, None] + tcol[None, None, :], t.to(dst.dtype.element_ty), mask=tmsk)
 
 
 @triton.jit
@@ -157,10 +162,14 @@ def rope_kernel(
     COPY_TAIL: tl.constexpr,
     TAIL_B: tl.constexpr,
     F64: tl.constexpr,
+    INPLACE: tl.constexpr,
+    HAS_B: tl.constexpr,
 ):
     """Rotate ``BT`` tokens x ``BH`` heads of group a (q) or b (k); see the module docstring.
 
     ``M = m0 * m1`` tokens; ``NBA = cdiv(HA, BH)`` head blocks belong to group a.
+    INPLACE: ``oa_ptr``/``ob_ptr`` are None and results go to ``xa_ptr``/``xb_ptr``;
+    not HAS_B: ``xb_ptr``/``ob_ptr`` are None and the grid has no group-b blocks.
     GATHER: ``sc0``/``ss0`` are the table row strides, ``scr``/``ssr`` the column strides,
     ``sp0``/``sp1`` the strides of ``pos [m0, m1]`` (0 when shared by the batch).
     """
@@ -201,13 +210,19 @@ def rope_kernel(
     if CONJ:
         s = -s  # R(-θ): the backward / inverse rotation
 
-    if is_b:
-        _rope_tile(
-            xb_ptr, ob_ptr, sxb0, sxb1, sxbh, sob0, sob1, sobh, m0, m1, tmask, h0, HB, c, s,
-            R2, D, R2P, BT, BH, INTERLEAVED, COPY_TAIL, TAIL_B, F64,
-        )  # fmt: skip
+    if HAS_B:
+        if is_b:
+            _rope_tile(
+                xb_ptr, ob_ptr, sxb0, sxb1, sxbh, sob0, sob1, sobh, m0, m1, tmask, h0, HB, c, s,
+                R2, D, R2P, BT, BH, INTERLEAVED, COPY_TAIL, TAIL_B, F64, INPLACE,
+            )  # fmt: skip
+        else:
+            _rope_tile(
+                xa_ptr, oa_ptr, sxa0, sxa1, sxah, soa0, soa1, soah, m0, m1, tmask, h0, HA, c, s,
+                R2, D, R2P, BT, BH, INTERLEAVED, COPY_TAIL, TAIL_B, F64, INPLACE,
+            )  # fmt: skip
     else:
         _rope_tile(
             xa_ptr, oa_ptr, sxa0, sxa1, sxah, soa0, soa1, soah, m0, m1, tmask, h0, HA, c, s,
-            R2, D, R2P, BT, BH, INTERLEAVED, COPY_TAIL, TAIL_B, F64,
+            R2, D, R2P, BT, BH, INTERLEAVED, COPY_TAIL, TAIL_B, F64, INPLACE,
         )  # fmt: skip

@@ -96,7 +96,7 @@ def _pow2(n: int) -> int:
 
 def _launch(
     xa: torch.Tensor,
-    oa: torch.Tensor,
+    oa: Optional[torch.Tensor],
     xb: Optional[torch.Tensor],
     ob: Optional[torch.Tensor],
     cos: torch.Tensor,
@@ -109,6 +109,8 @@ def _launch(
 ) -> None:
     """Launch the kernel on canonical views ``xa/oa [m0, m1, ha, d]``, ``xb/ob [m0, m1, hb, d]``.
 
+    In place (``not out_of_place``) ``oa``/``ob`` are ignored (None).
+
     ``pos is None``: ``cos``/``sin`` are ``[m0, m1, ha|1, r/2]`` broadcast views.
     Otherwise they are tables ``[n, r/2]`` and ``pos [m0, m1]`` int64 selects the rows.
     """
@@ -116,8 +118,15 @@ def _launch(
 
     m0, m1, ha, d = xa.shape
     hb = 0 if xb is None else xb.shape[2]
-    if xb is None or ob is None:
-        xb, ob = xa, oa  # never read: no program has a head block of group b
+    inplace = not out_of_place
+    # no tensor is passed to the kernel twice: under torch.compile each mutated kernel
+    # argument is cloned separately, so aliases would split; unused pointers are None
+    oa_arg = None if inplace else oa
+    xb_arg = None if hb == 0 else xb
+    ob_arg = None if (hb == 0 or inplace) else ob
+    sxb = xb.stride()[:3] if hb else (0, 0, 0)
+    sob = ob.stride()[:3] if hb and ob is not None else sxb
+    soa = oa.stride()[:3] if oa is not None else xa.stride()[:3]
     r2 = cos.shape[-1]
     M = m0 * m1
     if M == 0 or ha + hb == 0:
@@ -129,7 +138,7 @@ def _launch(
     nba = triton.cdiv(ha, bh)
     grid = (triton.cdiv(M, bt), nba + triton.cdiv(hb, bh))
     if pos is None:
-        sc, ss, sp, pos = cos.stride(), sin.stride(), (0, 0), cos
+        sc, ss, sp = cos.stride(), sin.stride(), (0, 0)
     else:
         sc = (cos.stride(0), 0, 0, cos.stride(1))
         ss = (sin.stride(0), 0, 0, sin.stride(1))
@@ -143,14 +152,14 @@ def _launch(
     guard = torch.cuda.device(xa.device) if xa.is_cuda else contextlib.nullcontext()
     with guard:
         kernel[grid](
-            xa, oa, xb, ob, cos, sin, pos,
+            xa, oa_arg, xb_arg, ob_arg, cos, sin, pos,
             M, m1, ha, hb, nba,
-            *xa.stride()[:3], *oa.stride()[:3], *xb.stride()[:3], *ob.stride()[:3],
+            *xa.stride()[:3], *soa, *sxb, *sob,
             *sc, *ss, *sp,
             R2=r2, D=d, R2P=r2p, BT=bt, BH=bh,
-            INTERLEAVED=interleaved, CONJ=conjugate, GATHER=pos is not cos,
+            INTERLEAVED=interleaved, CONJ=conjugate, GATHER=pos is not None,
             COS_PER_HEAD=cos_per_head, COPY_TAIL=tail, TAIL_B=tail_b,
-            F64=xa.dtype == torch.float64,
+            F64=xa.dtype == torch.float64, INPLACE=inplace, HAS_B=hb > 0,
             num_warps=4,
         )  # fmt: skip
 
@@ -165,7 +174,7 @@ def _rotary_inplace_impl(
     conjugate: bool,
     cos_per_head: bool,
 ) -> None:
-    _launch(xa, xa, xb, xb, cos, sin, pos, interleaved, conjugate, cos_per_head, False)
+    _launch(xa, None, xb, None, cos, sin, pos, interleaved, conjugate, cos_per_head, False)
 
 
 def _rotary_out_impl(

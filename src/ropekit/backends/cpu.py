@@ -1,0 +1,387 @@
+"""Fast CPU backend ``"cpu"``: a fused C++ kernel, built at first use, called through ctypes.
+
+One pass over ``x``: each row of ``d`` elements is read once and written once, both lanes
+of every pair are loaded before either is stored (so in place is safe), the half-width
+cos/sin row is shared by all heads of a token (it stays in L1), and rows are split across
+``torch.get_num_threads()`` threads for large inputs (one thread below ~1 MB, where
+starting threads costs more than it saves). q and k go through one call.
+
+Precision: float32, bfloat16 and float16 inputs are computed in float32 — products
+rounded separately, no FMA contraction — and rounded once to the input dtype
+(round-to-nearest-even); float64 inputs are computed in float64. Tables are converted to
+the compute dtype (a no-op for the usual float32 tables).
+
+Strides: any strides on the leading dims (a ``bshd`` view of ``bhsd`` memory is used as
+is, broadcast tables keep their zero strides); a last dim that is not unit-stride, more
+than four leading dims that cannot be merged, or a kernel that could not be built (no
+compiler: one warning) fall back to the ``eager`` backend, which gives the same results
+up to float32 rounding.
+
+Why plain C++ compiled with the system compiler and loaded with ctypes: measured in
+``KERNELS.md`` — about 0.5 s for a cold build and 10 ms for a cached load, no torch
+headers, no recompiles per shape (numba: 2-5 s cold; ``load_inline``: 21 s;
+``torch.compile``: 10 s and ~20 µs per call). See :mod:`ropekit.backends._cpu_build`.
+
+Example:
+    >>> import torch, ropekit
+    >>> q = torch.randn(1, 6, 4, 64)                                   # [b, s, h, d]
+    >>> cos, sin = ropekit.cos_sin(ropekit.RopeConfig(64), torch.arange(6))  # [s, r/2]
+    >>> y = ropekit.apply_rotary(q, cos[:, None], sin[:, None], backend="cpu")
+    >>> ref = ropekit.apply_rotary(q, cos[:, None], sin[:, None], backend="reference")
+    >>> torch.allclose(y, ref, atol=1e-5)
+    True
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from .._errors import fail
+from . import _cpu_build
+from . import eager as _eager
+
+NAME = "cpu"
+DIFFERENTIABLE = False
+
+__all__ = ["NAME", "available", "supports", "rotate", "rotate_qk", "rotate_qk_gather", "kernel_loaded"]
+
+# dtype -> kernel code; float64 is computed in float64, the others in float32
+_DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+_LAYOUT = {"half": 0, "interleaved": 1}
+_F32, _F64, _I64 = torch.float32, torch.float64, torch.int64
+#: Below this many bytes (x plus output, all jobs) the kernel runs on one thread:
+#: starting threads costs tens of µs.
+PARALLEL_BYTES = 1 << 20
+_PACK: dict = {}  # argument count -> struct.Struct of that many int64
+
+_lib = None  # the loaded kernel (ctypes.CDLL), or False when it cannot be built
+_call = None  # its rk_rotate
+_has_f16 = False
+
+
+def _load():
+    global _lib, _call, _has_f16
+    lib = _cpu_build.load()
+    if lib is None:
+        _lib = False
+        return False
+    _has_f16 = bool(lib.rk_features() & 1)
+    _call = lib.rk_rotate
+    _lib = lib
+    return lib
+
+
+def _reset() -> None:
+    """Forget the loaded kernel (tests switch compilers / cache directories)."""
+    global _lib, _call, _has_f16
+    _lib, _call, _has_f16 = None, None, False
+    _cpu_build.reset()
+
+
+def kernel_loaded() -> bool:
+    """Whether the compiled kernel is in use (building it on first call); ``False`` means eager fallback."""
+    return bool(_lib if _lib is not None else _load())
+
+
+def available() -> bool:
+    """Always: without a compiler the backend still runs (eager fallback, one warning)."""
+    return True
+
+
+def supports(x: torch.Tensor) -> bool:
+    """CPU tensors of float16/bfloat16/float32/float64."""
+    return x.is_cpu and x.dtype in _DT
+
+
+def _fast(x: torch.Tensor) -> Optional[int]:
+    """Kernel dtype code when the compiled kernel can take ``x``, else ``None``."""
+    dt = _DT.get(x.dtype)
+    if dt is None or not x.is_cpu:
+        return None
+    if _lib is None:
+        _load()
+    if not _lib or (dt == 2 and not _has_f16):
+        return None
+    return dt
+
+
+def _run(jobs: tuple, njobs: int, serial: int = 0) -> int:
+    """Call the kernel on ``njobs`` concatenated job tuples (layout: ``rk_rotate`` in the C++ file).
+
+    All jobs are validated before any is run: a nonzero return means nothing was written.
+    """
+    n = len(jobs) + 4
+    pk = _PACK.get(n)
+    if pk is None:
+        pk = _PACK[n] = struct.Struct(f"<{n}q")
+    return _call(pk.pack(njobs, torch.get_num_threads(), PARALLEL_BYTES, serial, *jobs))
+
+
+def _strided(x, out, cos, sin, dt, lay, conj) -> tuple:
+    """Job fields for ``out = rot(x)`` with cos/sin broadcast through their strides."""
+    xs = x.stride()
+    return (dt, lay, conj, 0, x.dim(), cos.dim(), cos.shape[-1], x.data_ptr(), out.data_ptr(), cos.data_ptr(),
+            sin.data_ptr(), 0, 0, 0, *x.shape, *xs, *(xs if out is x else out.stride()), *cos.shape, *cos.stride(),
+            *sin.stride())
+
+
+def _tables(cos, sin, dt):
+    """Tables in the compute dtype (a no-op for float32 tables and non-float64 x)."""
+    cdt = _F64 if dt == 3 else _F32
+    if cos.dtype is not cdt:
+        cos = cos.to(cdt)
+    if sin.dtype is not cdt:
+        sin = sin.to(cdt)
+    return cos, sin
+
+
+def _contig_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def rotate(x, cos, sin, layout, conjugate, out):
+    """``out = rot(x)`` (``rot(-θ)`` when ``conjugate``); see the backend contract.
+
+    Args:
+        x: ``[..., d]``, any strides (a non-unit last-dim stride goes to eager).
+        cos, sin: ``[..., r/2]`` broadcastable to ``x.shape[:-1] + (r/2,)``.
+        layout: ``"half"`` or ``"interleaved"``.
+        conjugate: rotate by ``-θ``.
+        out: ``x``'s shape and dtype; may be ``x`` itself (in place).
+
+    Returns:
+        ``out``.
+    """
+    dt = _fast(x)
+    if dt is not None:
+        c, s = _tables(cos, sin, dt)
+        rc = _run(_strided(x, out, c, s, dt, _LAYOUT[layout], 1 if conjugate else 0), 1)
+        if rc == 3 and (c.stride(-1) != 1 or s.stride(-1) != 1):
+            c, s = _contig_last(c), _contig_last(s)
+            rc = _run(_strided(x, out, c, s, dt, _LAYOUT[layout], 1 if conjugate else 0), 1)
+        if rc == 0:
+            return out
+    return _eager.rotate(x, cos, sin, layout, conjugate, out)
+
+
+def _check_inplace(t: torch.Tensor, name: str) -> None:
+    if t.numel() > 1 and torch._debug_has_internal_overlap(t) == 1:
+        raise fail(
+            f"{name} whose elements do not alias (it is written in place)",
+            f"{name} with overlapping memory (stride {t.stride()}, e.g. from expand)",
+            f"pass {name}.contiguous() or use inplace=False",
+        )
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def rotate_qk(q, k, cos, sin, layout, inplace):
+    """Rotate ``q`` ``[..., hq, d]`` and ``k`` ``[..., hk, d]`` with the same tables in one call.
+
+    Returns ``(q_rot, k_rot)``: ``q``/``k`` themselves when ``inplace``, else fresh tensors
+    (``torch.empty_like``, so a ``bshd`` view of ``bhsd`` memory keeps its strides).
+    No autograd (``ropekit.apply_rotary_qk`` calls this only without grad).
+    """
+    qo, ko = (q, k) if inplace else (torch.empty_like(q), torch.empty_like(k))
+    dq = _fast(q)
+    if dq is not None and k.dtype is q.dtype:
+        lay = _LAYOUT[layout]
+        c, s = _tables(cos, sin, dq)
+        jq = _strided(q, qo, c, s, dq, lay, 0)
+        jk = _strided(k, ko, c, s, dq, lay, 0)
+        # q and k may overlap when in place on one storage: then k after q, as two calls would
+        rc = _run(jq + jk, 2, 1 if inplace and _same_storage(q, k) else 0)
+        if rc == 0:
+            return qo, ko
+        # nonzero: nothing was written; 4 = an expanded (zero-stride) q or k written in place
+    if inplace:
+        _check_inplace(q, "q")
+        _check_inplace(k, "k")
+    rotate(q, cos, sin, layout, False, qo)
+    rotate(k, cos, sin, layout, False, ko)
+    return qo, ko
+
+
+# ---------------------------------------------------------------------------------------
+# gather: table rows picked by position inside the kernel
+
+# position strides on x's leading dims, per format: [s] (or [t]) positions, then [b, s]
+_POS1 = {"bshd": (0, 1, 0), "bhsd": (0, 0, 1), "sbhd": (1, 0, 0), "thd": (1, 0)}
+
+
+def _pos_strides(fmt: str, pos: torch.Tensor) -> tuple:
+    if pos.dim() == 1:
+        return _POS1[fmt]
+    pb, ps = pos.stride()
+    if pos.shape[0] == 1:
+        pb = 0
+    return {"bshd": (pb, ps, 0), "bhsd": (pb, 0, ps), "sbhd": (ps, pb, 0)}[fmt]
+
+
+def _check_gather(q, k, cos_table, sin_table, positions, fmt):
+    from ..positions import split_format
+
+    b, s = split_format(q, fmt)
+    if split_format(k, fmt, "k") != (b, s):
+        raise fail(
+            f"q and k with the same batch and sequence sizes in format {fmt!r}",
+            f"q {tuple(q.shape)} and k {tuple(k.shape)}",
+            "rotate them in separate calls",
+        )
+    for nm, t in (("q", q), ("k", k)):
+        if t.dtype not in _DT:
+            raise fail(f"{nm} of a real floating dtype {tuple(_DT)}", f"{nm}.dtype={t.dtype}", f"convert {nm} to float")
+    if q.shape[-1] != k.shape[-1]:
+        raise fail("q and k of the same head dim", f"{q.shape[-1]} and {k.shape[-1]}", "use one RopeConfig per head dim")
+    for nm, t in (("cos_table", cos_table), ("sin_table", sin_table)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.dtype.is_floating_point:
+            got = f"shape {tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise fail(f"{nm} a float [n, r/2] table", got, "pass the tables of RotaryEmbedding.tables(n)")
+    if cos_table.shape != sin_table.shape or 2 * cos_table.shape[1] > q.shape[-1] or cos_table.shape[1] < 1:
+        raise fail(
+            f"cos_table and sin_table of one shape [n, r/2] with 1 <= r/2 <= d/2 = {q.shape[-1] // 2}",
+            f"{tuple(cos_table.shape)} and {tuple(sin_table.shape)}",
+            "build them with ropekit.cos_sin(cfg, torch.arange(n))",
+        )
+    if not isinstance(positions, torch.Tensor) or positions.dtype.is_floating_point or positions.dtype.is_complex or positions.dtype == torch.bool:
+        got = str(positions.dtype) if isinstance(positions, torch.Tensor) else type(positions).__name__
+        raise fail("positions an integer tensor", got, "pass int64 positions")
+    ok = ((s,),) if fmt == "thd" else ((s,), (b, s), (1, s))
+    if tuple(positions.shape) not in ok:
+        raise fail(
+            f"positions of shape {' or '.join(str(list(o)) for o in ok)} for q {tuple(q.shape)} in format {fmt!r}",
+            f"shape {list(positions.shape)}",
+            "one position per token ([s] shared by the batch, [b, s] per sample, [t] packed)",
+        )
+    for nm, t in (("k", k), ("cos_table", cos_table), ("sin_table", sin_table), ("positions", positions)):
+        if t.device != q.device:
+            raise fail(f"{nm} on q's device {q.device}", f"{t.device}", f"move it: {nm}.to(q.device)")
+
+
+def _bad_positions(positions: torch.Tensor, n: int):
+    lo, hi = int(positions.min()), int(positions.max())
+    return fail(
+        f"positions in [0, {n}) (the table length)",
+        f"positions from {lo} to {hi}",
+        "grow the tables (RotaryEmbedding.tables(max_position + 1)) or fix the positions",
+    )
+
+
+def _check_range(pos: torch.Tensor, n: int) -> None:
+    if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= n):
+        raise _bad_positions(pos, n)
+
+
+def _gather_views(cos_table, sin_table, pos, fmt):
+    """Gathered tables viewed to broadcast against q/k in ``fmt`` (unfused paths)."""
+    from ..modules import _table_view
+
+    return _table_view(cos_table[pos], fmt, pos.dim()), _table_view(sin_table[pos], fmt, pos.dim())
+
+
+def _gather(q, k, cos_table, sin_table, pos, fmt, layout, conj, qo, ko):
+    """``qo, ko = rot(q), rot(k)`` with the table rows ``pos``; ``qo``/``ko`` may be ``q``/``k``.
+
+    Positions are range-checked before anything is written (RopeError).
+    """
+    n = cos_table.shape[0]
+    dq = _fast(q)
+    if dq is not None and k.dtype is q.dtype:
+        cdt = _F64 if dq == 3 else _F32
+        if cos_table.dtype is cdt and sin_table.dtype is cdt and cos_table.is_contiguous() and sin_table.is_contiguous():
+            if pos.dtype is not _I64 or not pos.is_contiguous():
+                pos = pos.to(_I64).contiguous()
+            lay, h, pst, np_ = _LAYOUT[layout], cos_table.shape[1], _pos_strides(fmt, pos), pos.numel()
+            c, s, p = cos_table.data_ptr(), sin_table.data_ptr(), pos.data_ptr()
+            jq = (dq, lay, conj, 1, q.dim(), 0, h, q.data_ptr(), qo.data_ptr(), c, s, p, np_, n,
+                  *q.shape, *q.stride(), *qo.stride(), *pst)
+            jk = (dq, lay, conj, 1, k.dim(), 0, h, k.data_ptr(), ko.data_ptr(), c, s, p, np_, n,
+                  *k.shape, *k.stride(), *ko.stride(), *pst)
+            rc = _run(jq + jk, 2, 1 if qo is q and _same_storage(q, k) else 0)
+            if rc >= 100:
+                raise _bad_positions(pos, n)
+            if rc == 0:
+                return qo, ko
+    # other table dtypes / strides / q-k dtypes: gather the rows first, then the strided path
+    _check_range(pos, n)
+    cos, sin = _gather_views(cos_table, sin_table, pos, fmt)
+    rotate(q, cos, sin, layout, bool(conj), qo)
+    rotate(k, cos, sin, layout, bool(conj), ko)
+    return qo, ko
+
+
+class _GatherRotary(torch.autograd.Function):
+    """Autograd of the fused gather: the backward is the same kernel conjugated (R(θ)ᵀ = R(-θ))."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos_table, sin_table, pos, fmt, layout, inplace):  # type: ignore[override]
+        qo, ko = (q, k) if inplace else (torch.empty_like(q), torch.empty_like(k))
+        _gather(q, k, cos_table, sin_table, pos, fmt, layout, 0, qo, ko)
+        ctx.save_for_backward(cos_table, sin_table, pos)
+        ctx.fmt, ctx.layout = fmt, layout
+        if inplace:
+            ctx.mark_dirty(q, k)
+        return qo, ko
+
+    @staticmethod
+    def backward(ctx, gq, gk):  # type: ignore[override]
+        cos_table, sin_table, pos = ctx.saved_tensors
+        # gradients may be expanded (zero strides, e.g. from .sum()): the kernel reads any
+        # strides; a non-unit last-dim stride is made contiguous here
+        gq = gq if gq.stride(-1) == 1 else gq.contiguous()
+        gk = gk if gk.stride(-1) == 1 else gk.contiguous()
+        dq, dk = torch.empty_like(gq, memory_format=torch.contiguous_format), torch.empty_like(gk, memory_format=torch.contiguous_format)
+        _gather(gq, gk, cos_table, sin_table, pos, ctx.fmt, ctx.layout, 1, dq, dk)
+        return dq, dk, None, None, None, None, None, None
+
+
+def rotate_qk_gather(q, k, cos_table, sin_table, positions, fmt, layout, inplace):
+    """Rotate ``q`` and ``k`` with table rows gathered by position inside the kernel.
+
+    Args:
+        q: ``[b, s, hq, d]`` / ``[b, hq, s, d]`` / ``[s, b, hq, d]`` / ``[t, hq, d]`` by ``fmt``.
+        k: the same format with ``hk`` heads.
+        cos_table, sin_table: ``[n, r/2]`` tables for positions ``0 .. n-1`` (float32 for
+            float32/bf16/fp16 q, float64 for float64 q take the zero-copy path; other
+            dtypes are gathered and converted first).
+        positions: int64 ``[s]`` (shared by the batch), ``[b, s]`` or ``[t]`` (``thd``).
+        fmt: ``"bshd"``, ``"bhsd"``, ``"sbhd"`` or ``"thd"``.
+        layout: ``"half"`` or ``"interleaved"``.
+        inplace: write into ``q`` and ``k``.
+
+    Returns:
+        ``(q_rot, k_rot)``. Differentiable in ``q`` and ``k`` (tables that require grad
+        take the unfused path through :func:`ropekit.apply_rotary_qk`).
+
+    Raises:
+        RopeError: positions outside ``[0, n)`` (checked before anything is written), or
+        shapes that do not match ``fmt``.
+    """
+    _check_gather(q, k, cos_table, sin_table, positions, fmt)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or cos_table.requires_grad or sin_table.requires_grad)
+    if inplace:
+        _check_inplace(q, "q")
+        _check_inplace(k, "k")
+        if grad and any(t.is_leaf and t.requires_grad for t in (q, k)):
+            raise fail(
+                "inplace=True on a tensor autograd may modify",
+                "a leaf tensor that requires grad",
+                "use inplace=False, or apply to a non-leaf (e.g. the output of the q projection)",
+            )
+    if not grad:
+        qo, ko = (q, k) if inplace else (torch.empty_like(q), torch.empty_like(k))
+        return _gather(q, k, cos_table, sin_table, positions, fmt, layout, 0, qo, ko)
+    if cos_table.requires_grad or sin_table.requires_grad:
+        from ..functional import apply_rotary_qk
+
+        n = cos_table.shape[0]
+        if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= n):
+            raise _bad_positions(positions, n)
+        cos, sin = _gather_views(cos_table, sin_table, positions, fmt)
+        return apply_rotary_qk(q, k, cos, sin, layout=layout, inplace=inplace, backend=NAME)
+    return _GatherRotary.apply(q, k, cos_table, sin_table, positions, fmt, layout, inplace)

@@ -14,12 +14,13 @@ Quickstart:
 
 from __future__ import annotations
 
-from . import backends, scaling
+from . import attention, backends, multi_axis, scaling, variants
 from ._errors import RopeError
 from .config import LAYOUTS, RopeConfig
 from .convert import convert_layout
 from .functional import apply_rotary, apply_rotary_qk
 from .modules import RotaryEmbedding
+from .multi_axis import multi_axis_cos_sin
 from .positions import FORMATS, positions_from_cu_seqlens
 from .tables import angles, cos_sin, from_full_width, to_full_width
 
@@ -39,6 +40,10 @@ __all__ = [
     "RotaryEmbedding",
     "convert_layout",
     "positions_from_cu_seqlens",
+    "multi_axis_cos_sin",
     "backends",
     "scaling",
+    "multi_axis",
+    "variants",
+    "attention",
 ]

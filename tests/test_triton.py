@@ -370,7 +370,8 @@ def test_torch_compile_fullgraph():
     def f(q, k):
         a, b = apply_rotary_qk(q, k, cos_t[:3, None], sin_t[:3, None], backend="triton")
         c, d = tb.rotate_qk_gather(q, k, cos_t, sin_t, pos, "bshd", "half", False)
-        return a + 1, b, c, d
+        e, _ = tb.rotate_qk_gather(q * 2, k * 2, cos_t, sin_t, pos, "bshd", "interleaved", True)  # in place
+        return a + 1, b, c, d, e
 
     torch._dynamo.reset()
     got = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k)
@@ -378,3 +379,4 @@ def test_torch_compile_fullgraph():
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
     _close(got[2], _oracle(q, cfg, pos), torch.float32)
+    _close(got[4], _oracle(q * 2, RopeConfig(16, layout="interleaved"), pos), torch.float32)

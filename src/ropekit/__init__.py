@@ -14,7 +14,7 @@ Quickstart:
 
 from __future__ import annotations
 
-from . import attention, backends, multi_axis, scaling, variants
+from . import attention, backends, hf, multi_axis, presets, scaling, variants
 from ._errors import RopeError
 from .config import LAYOUTS, RopeConfig
 from .convert import convert_layout
@@ -46,4 +46,6 @@ __all__ = [
     "multi_axis",
     "variants",
     "attention",
+    "hf",
+    "presets",
 ]

@@ -96,3 +96,13 @@ def test_config_round_trip():
     assert RopeConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.replace(base=2e6).base == 2e6
     assert hash(cfg) == hash(RopeConfig.from_dict(cfg.to_dict()))
+
+
+def test_subclass_does_not_hijack_registry():
+    from ropekit.scaling import SCHEMES, Scaling
+
+    class MyLinear(Linear):
+        pass
+
+    assert SCHEMES["linear"] is Linear
+    assert type(Scaling.from_dict({"rope_type": "linear", "factor": 2.0})) is Linear

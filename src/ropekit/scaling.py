@@ -42,7 +42,9 @@ class Scaling:
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
-        if cls.rope_type:
+        # only a class that names its own rope_type registers: a user subclass that inherits
+        # one (e.g. class MyYaRN(YaRN)) must not replace the built-in scheme
+        if "rope_type" in cls.__dict__ and cls.rope_type and cls.rope_type not in _REGISTRY:
             _REGISTRY[cls.rope_type] = cls
 
     # -- interface --------------------------------------------------------------

@@ -192,8 +192,12 @@ def _rotary_out_impl(
     _launch(xa, oa, xb, ob, cos, sin, pos, interleaved, conjugate, cos_per_head, True)
 
 
-def _register_ops():
+_REGISTERED = False
+
+
+def _register_ops() -> None:
     """Define ``ropekit::triton_rotary_`` / ``ropekit::triton_rotary_out`` once per process."""
+    global _REGISTERED
     from ._triton_kernels import rope_kernel
 
     interpreted = rope_kernel.__class__.__name__ == "InterpretedFunction"
@@ -214,6 +218,7 @@ def _register_ops():
         else:
             op = torch.library.custom_op(qual, mutates_args=muts)(fn)
             op.register_fake(_fake_mutation)
+    _REGISTERED = True
 
 
 def _fake_mutation(*args, **kwargs) -> None:
@@ -226,6 +231,8 @@ if available():
 
 
 def _run(xa, oa, xb, ob, cos, sin, pos, interleaved, conjugate, cos_per_head, inplace):
+    if not _REGISTERED:  # e.g. TRITON_INTERPRET=1 set after this module was imported
+        _register_ops()
     if inplace:
         torch.ops.ropekit.triton_rotary_(xa, xb, cos, sin, pos, interleaved, conjugate, cos_per_head)
     else:

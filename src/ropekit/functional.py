@@ -183,11 +183,35 @@ def _resolve(backend: str, x: torch.Tensor):
     return backend
 
 
-def _rotate_traced(x, cos, sin, layout: str, conjugate: bool, be) -> torch.Tensor:
-    """Functional rotation for graphs (torch.compile/export): no storage checks, no host syncs.
+def _rotate_functional(x, cos, sin, layout: str, conjugate: bool) -> torch.Tensor:
+    """The eager backend's formula without writes into buffers (graphs trace and differentiate it).
 
-    Autograd is torch's own (AOTAutograd), except for opaque backends, whose op carries the
-    ``R(-θ)`` backward. Tables that require grad always use the traceable eager formula.
+    float32 products (float64 for float64 ``x``), one cast to ``x.dtype``; a new tensor.
+    """
+    r = 2 * cos.shape[-1]
+    cdt = _eager.compute_dtype(x)
+    c, s = cos.to(cdt), sin.to(cdt)
+    if conjugate:
+        s = -s
+    x1, x2 = (t.to(cdt) for t in _eager.pair_views(x, r, layout))  # [..., r/2] each
+    y1 = x1 * c - x2 * s
+    y2 = x2 * c + x1 * s
+    if layout == "half":
+        y = torch.cat((y1, y2), dim=-1)  # [..., r]
+    else:
+        y = torch.stack((y1, y2), dim=-1).flatten(-2)  # [..., r/2, 2] -> [..., r]
+    y = y.to(x.dtype)
+    if x.shape[-1] > r:
+        y = torch.cat((y, x[..., r:]), dim=-1)  # [..., d]
+    return y
+
+
+def _rotate_traced(x, cos, sin, layout: str, conjugate: bool, be) -> torch.Tensor:
+    """Rotation for graphs (torch.compile/export): no storage checks, no host syncs, no
+    writes into buffers. ``reference`` traces its float64 matrix; ``eager``/``complex``/
+    ``auto`` trace the eager formula (:func:`_rotate_functional`); opaque backends are the
+    custom op ``ropekit::rotate``, which carries the ``R(-θ)`` backward (tables that
+    require grad take the traced formula instead).
     """
     if isinstance(be, str):
         if not (cos.requires_grad or sin.requires_grad):
@@ -195,7 +219,7 @@ def _rotate_traced(x, cos, sin, layout: str, conjugate: bool, be) -> torch.Tenso
         be = _eager
     if getattr(be, "DIFFERENTIABLE", False):
         return be.apply(x, cos, sin, layout, conjugate).to(x.dtype)
-    return be.rotate(x, cos, sin, layout, conjugate, torch.empty_like(x))
+    return _rotate_functional(x, cos, sin, layout, conjugate)
 
 
 class _Rotary(torch.autograd.Function):
@@ -274,10 +298,11 @@ def apply_rotary(
     Precision: computed in float32 (float64 for float64 ``x``) from the given tables and
     cast once to ``x.dtype``; the ``reference`` backend computes in float64.
 
-    Under ``torch.compile``/``torch.export`` (fullgraph-safe, no graph breaks): ``"auto"``
-    traces the eager formula (inductor fuses it); ``"eager"``, ``"complex"`` and
-    ``"reference"`` are traced as written; any other backend runs as the opaque custom op
-    ``ropekit::rotate``. Aliasing of ``out`` with ``x`` is not checked while tracing.
+    Under ``torch.compile``/``torch.export`` (fullgraph-safe, no graph breaks): ``"auto"``,
+    ``"eager"`` and ``"complex"`` trace the eager float32 formula written functionally
+    (inductor fuses it), ``"reference"`` its float64 matrix, and any other backend runs
+    as the opaque custom op ``ropekit::rotate``. Aliasing of ``out`` with ``x`` is not
+    checked while tracing.
 
     Example:
         >>> from ropekit import RopeConfig, cos_sin
@@ -296,7 +321,7 @@ def apply_rotary(
         _check_out(x, out)
         if grad:
             raise fail("out= without autograd", "inputs that require grad", "drop out= (or run under torch.no_grad())")
-        if out.data_ptr() == x.data_ptr():
+        if (out is x) if tracing() else (out.data_ptr() == x.data_ptr()):
             inplace, out = True, None
         else:
             _check_writable(out, "out")

@@ -109,7 +109,10 @@ def resolve_positions(
     if positions is not None:
         check_positions(positions)
         ok = ((s,),) if fmt == "thd" else ((s,), (b, s), (1, s))
-        if tuple(positions.shape) not in ok:
+        shape = tuple(positions.shape)
+        # compare lengths before sizes: with symbolic sizes (torch.export) each size
+        # comparison becomes a guard, and ``(2, s) == (s,)`` would guard ``s != 2``
+        if not any(len(o) == len(shape) and all(a == c for a, c in zip(shape, o)) for o in ok):
             raise fail(
                 f"positions of shape {' or '.join(str(list(o)) for o in ok)}",
                 f"shape {list(positions.shape)}",

@@ -2,8 +2,10 @@
 
 MODEL arguments accept a preset name (``ropekit list``), a ``config.json`` path, a local
 Hugging Face model folder (its ``config.json``), or an inline spec
-``head_dim=128,base=500000[,rotary_dim=..,layout=..,context=..,label=..]``. Append
-``:unscaled`` to drop the scaling (same base frequencies, original context).
+``head_dim=128,base=500000[,rotary_dim=..,layout=..,context=..,label=..]``, optionally
+with a scheme: ``rope_type=yarn,factor=4,original_max_position=4096`` (the parameters of
+:mod:`ropekit.scaling`). Append ``:unscaled`` to drop the scaling (same base frequencies,
+original context).
 
 Every user error prints one line ``ropekit: error: ...`` and exits with status 2;
 ``verify`` exits with 1 when a check fails.
@@ -108,19 +110,39 @@ def _load_path(path: Path) -> list:
     return _models_from(label, cfg, _context_of(data), str(file))
 
 
-_SPEC_KEYS = ("head_dim", "base", "rotary_dim", "layout", "context", "label")
+_SPEC_KEYS = ("head_dim", "base", "rotary_dim", "layout", "context", "label", "rope_type")
+
+
+def _spec_value(v: str) -> Any:
+    low = v.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for conv in (int, float):
+        try:
+            return conv(v)
+        except ValueError:
+            pass
+    return v
 
 
 def _load_spec(spec: str) -> list:
+    """``head_dim=128,base=1e4[,rotary_dim=..,layout=..,context=..,label=..]`` plus, with
+    ``rope_type=<scheme>``, that scheme's parameters (``factor=4,original_max_position=4096``)."""
     from .config import RopeConfig
+    from .scaling import Scaling
 
     kw: Dict[str, Any] = {}
+    params: Dict[str, Any] = {}
     for part in spec.split(","):
         key, _, value = part.partition("=")
-        key = key.strip()
-        if key not in _SPEC_KEYS or not value:
-            raise fail(f"key=value pairs with keys {_SPEC_KEYS}", repr(part), "e.g. head_dim=128,base=500000,context=8192")
-        kw[key] = value.strip()
+        key, value = key.strip(), value.strip()
+        if not key or not value or (key not in _SPEC_KEYS and "rope_type" not in spec):
+            raise fail(
+                f"key=value pairs with keys {_SPEC_KEYS} (+ scheme parameters after rope_type=)",
+                repr(part),
+                "e.g. head_dim=128,base=500000,context=8192 or head_dim=128,rope_type=linear,factor=4",
+            )
+        (kw if key in _SPEC_KEYS else params)[key] = value
     try:
         head_dim = int(kw.pop("head_dim"))
         base = float(kw.pop("base", 10000.0))
@@ -130,8 +152,15 @@ def _load_spec(spec: str) -> list:
         raise fail("head_dim in the spec", repr(spec), "e.g. head_dim=128,base=10000") from None
     except ValueError as e:
         raise fail("numbers for head_dim/base/rotary_dim/context", repr(spec), f"fix the value ({e})") from None
-    cfg = RopeConfig(head_dim=head_dim, base=base, rotary_dim=rotary, layout=kw.pop("layout", "half"))
-    label = kw.pop("label", f"d={head_dim} base={base:g}" + (f" r={rotary}" if rotary else ""))
+    scaling = None
+    kind = kw.pop("rope_type", None)
+    if kind is not None:
+        try:
+            scaling = Scaling.from_dict({"rope_type": kind, **{k: _spec_value(v) for k, v in params.items()}})
+        except TypeError as e:
+            raise fail(f"parameters of the {kind} scheme", repr(sorted(params)), f"check the names ({e})") from None
+    cfg = RopeConfig(head_dim=head_dim, base=base, rotary_dim=rotary, layout=kw.pop("layout", "half"), scaling=scaling)
+    label = kw.pop("label", f"d={head_dim} base={base:g}" + (f" r={rotary}" if rotary else "") + (f" {kind}" if kind else ""))
     return _models_from(label, cfg, context, "inline spec")
 
 
@@ -579,7 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ropekit",
         description="Rotary position embedding: inspect a model's RoPE, plot it, verify the kernels, benchmark them.",
         epilog="MODEL: a preset name (`ropekit list`), a config.json path, a HF model folder, or "
-        "head_dim=128,base=500000[,rotary_dim=..,layout=..,context=..]; append :unscaled to drop the scaling.",
+        "head_dim=128,base=500000[,rotary_dim=..,layout=..,context=..,label=..][,rope_type=yarn,factor=4,"
+        "original_max_position=4096]; append :unscaled to drop the scaling.",
     )
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
 

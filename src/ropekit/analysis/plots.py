@@ -113,8 +113,22 @@ def _has_unscaled_twin(m: Model, models: Sequence[Model]) -> bool:
     )
 
 
+def _first_of_base(m: Model, models: Sequence[Model], seen: set) -> bool:
+    """True once per distinct unscaled frequency set: scaled models sharing a base draw one
+    "before scaling" curve."""
+    key = (m.config.head_dim, m.config.rotary_dim, m.config.base)
+    if key in seen:
+        return False
+    seen.add(key)
+    return True
+
+
+def _before_label(m: Model) -> str:
+    return f"before scaling (base {m.config.base:g}, r={m.config.rotary_dim})"
+
+
 def plot_wavelengths(models: Sequence[Model], path: str) -> str:
-    """Wavelength ``2π/θ_i`` of every pair before (dashed) and after (solid) scaling, on a
+    """Wavelength ``2π/θ_i`` of every pair before (black dashed) and after (solid) scaling, on a
     log axis, with each model's original (dotted) and extended (dash-dot) context as
     horizontals. The bands of the first scaled model are shaded by class."""
     models = _check(models)
@@ -123,13 +137,14 @@ def plot_wavelengths(models: Sequence[Model], path: str) -> str:
     if sm is not None:
         _shade_bands(ax, sm)
     drawn: dict = {}  # context value -> annotated already (models often share one)
+    seen_bases: set = set()
     for m, c in zip(models, _colors(len(models))):
         before, after = wavelengths(m.config, seq_len=m.context)
         i = torch.arange(m.config.n_pairs).numpy()
         scaled = m.config.scaling is not None
-        if scaled and not _has_unscaled_twin(m, models):
-            ax.plot(i, before.numpy(), color=c, ls="--", lw=1.0, label=f"{m.label}: before scaling")
-        ax.plot(i, after.numpy(), color=c, lw=1.6, marker=".", ms=3, label=m.label + (": after scaling" if scaled else ""))
+        if scaled and not _has_unscaled_twin(m, models) and _first_of_base(m, models, seen_bases):
+            ax.plot(i, before.numpy(), color="k", ls="--", lw=1.0, label=_before_label(m))
+        ax.plot(i, after.numpy(), color=c, lw=1.6, marker=".", ms=3, label=m.label)
         oc = m.original_context
         for value, ls, what in ((oc, ":", "original context" if m.context and m.context != oc else "context"),
                                 (m.context if m.context != oc else None, "-.", "extended context")):
@@ -149,16 +164,17 @@ def plot_wavelengths(models: Sequence[Model], path: str) -> str:
 
 
 def plot_frequencies(models: Sequence[Model], path: str) -> str:
-    """Two panels: ``θ_i`` before (dashed) and after (solid) scaling on a log axis, and the
+    """Two panels: ``θ_i`` before (black dashed) and after (solid) scaling on a log axis, and the
     per-pair factor ``θ_before/θ_after`` the scheme divides each frequency by."""
     models = _check(models)
     fig, (ax, ax2) = _figure(nrows=2, height=6.4, sharex=True)
+    seen_bases: set = set()
     for m, c in zip(models, _colors(len(models))):
         tb, ta = m.config.base_inv_freq(), m.config.inv_freq(m.context)
         i = torch.arange(m.config.n_pairs).numpy()
-        if m.config.scaling is not None and not _has_unscaled_twin(m, models):
-            ax.plot(i, tb.numpy(), color=c, ls="--", lw=1.0, label=f"{m.label}: before")
-        ax.plot(i, ta.numpy(), color=c, lw=1.6, label=f"{m.label}" + (": after" if m.config.scaling is not None else ""))
+        if m.config.scaling is not None and not _has_unscaled_twin(m, models) and _first_of_base(m, models, seen_bases):
+            ax.plot(i, tb.numpy(), color="k", ls="--", lw=1.0, label=_before_label(m))
+        ax.plot(i, ta.numpy(), color=c, lw=1.6, label=m.label)
         ax2.plot(i, (tb / ta).numpy(), color=c, lw=1.6, marker=".", ms=3, label=m.label)
     ax.set_yscale("log")
     ax.set_ylabel("θ_i (rad / token, log)")

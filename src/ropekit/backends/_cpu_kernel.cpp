@@ -117,14 +117,12 @@ static inline void inter(vd a, vd b, vd& v0, vd& v1) {
 }
 #endif
 
-// Storage type S, compute type C, vector V of N compute lanes; ld/st widen and round.
+// Storage type S, compute type C, vector V of N compute lanes; vld widens, vst rounds.
 struct F32 {
     typedef float S;
     typedef float C;
     typedef vf V;
     enum { N = NF };
-    static inline C ld(S v) { return v; }
-    static inline S st(C v) { return v; }
     static inline V vld(const S* p) { return vload(p); }
     static inline void vst(S* p, V v) { memcpy(p, &v, sizeof v); }
 };
@@ -133,35 +131,18 @@ struct F64 {
     typedef double C;
     typedef vd V;
     enum { N = ND };
-    static inline C ld(S v) { return v; }
-    static inline S st(C v) { return v; }
     static inline V vld(const S* p) { return vload(p); }
     static inline void vst(S* p, V v) { memcpy(p, &v, sizeof v); }
 };
 
 // bfloat16 <-> float32. Load: bf16 is the top half of a float32 (exact). Store: round to
-// nearest even, NaN stays a quiet NaN (what torch's .to(torch.bfloat16) does).
-static inline float bf16_ld(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-static inline uint16_t bf16_st(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    uint32_t n = (u >> 16) | 0x40u;
-    return (uint16_t)(((u & 0x7FFFFFFFu) > 0x7F800000u) ? n : r);
-}
-
+// nearest even, u + 0x7FFF + (bit 16 of u), then the top half; NaN stays a quiet NaN
+// (what torch's .to(torch.bfloat16) does).
 struct BF16 {
     typedef uint16_t S;
     typedef float C;
     typedef vf V;
     enum { N = NF };
-    static inline C ld(S v) { return bf16_ld(v); }
-    static inline S st(C f) { return bf16_st(f); }
 #if RK_VB == 64
     static inline V vld(const S* p) {
         return (V)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
@@ -172,7 +153,7 @@ struct BF16 {
         _mm256_storeu_si256((__m256i*)p, (__m256i)h);
     }
 #else
-    static inline void vst(S* p, V f) {  // bf16_st on 16 lanes
+    static inline void vst(S* p, V f) {  // the rounding above on 16 lanes
         const __m512i u = _mm512_castps_si512((__m512)f);
         const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
         const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
@@ -185,7 +166,7 @@ struct BF16 {
     static inline V vld(const S* p) {
         return (V)_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
     }
-    static inline void vst(S* p, V f) {  // bf16_st on 8 lanes
+    static inline void vst(S* p, V f) {  // the rounding above on 8 lanes
         const __m256i u = _mm256_castps_si256((__m256)f);
         const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
         __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
@@ -226,8 +207,6 @@ struct F16 {
     typedef float C;
     typedef vf V;
     enum { N = NF };
-    static inline C ld(S v) { return _cvtsh_ss(v); }
-    static inline S st(C v) { return (S)_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 #if RK_VB == 64
     static inline V vld(const S* p) { return (V)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
     static inline void vst(S* p, V f) {
@@ -248,17 +227,6 @@ struct F16 {
     typedef float C;
     typedef vf V;
     enum { N = NF };
-    static inline C ld(S v) {
-        _Float16 h;
-        memcpy(&h, &v, 2);
-        return (float)h;
-    }
-    static inline S st(C v) {  // IEEE conversion: round to nearest even
-        _Float16 h = (_Float16)v;
-        S u;
-        memcpy(&u, &h, 2);
-        return u;
-    }
     static inline V vld(const S* p) {
         vhf h;
         memcpy(&h, p, sizeof h);
@@ -305,15 +273,29 @@ static inline void row(const typename T::S* px, typename T::S* po, const typenam
             T::vst(po + 2 * i + N, o1);
         }
     }
-    for (; i < h; ++i) {
-        const i64 j1 = LAYOUT == 0 ? i : 2 * i;
-        const i64 j2 = LAYOUT == 0 ? h + i : 2 * i + 1;
-        C a = T::ld(px[j1]), b = T::ld(px[j2]);
-        C c = pc[i], s = sign * ps[i];
-        C y1 = a * c - b * s;
-        C y2 = b * c + a * s;
-        po[j1] = T::st(y1);
-        po[j2] = T::st(y2);
+    if (i < h) {
+        // the last h % N pairs: through the same vector code on zero-padded copies (a scalar
+        // loop here gets SLP-vectorized by GCC into fmaddsub despite -ffp-contract=off)
+        const i64 m = h - i;
+        typename T::S xa[N], xb[N], ya[N], yb[N];
+        C cc[N], sn[N];
+        memset(xa, 0, sizeof xa);
+        memset(xb, 0, sizeof xb);
+        memset(cc, 0, sizeof cc);
+        memset(sn, 0, sizeof sn);
+        for (i64 k = 0; k < m; ++k) {
+            xa[k] = px[LAYOUT == 0 ? i + k : 2 * (i + k)];
+            xb[k] = px[LAYOUT == 0 ? h + i + k : 2 * (i + k) + 1];
+            cc[k] = pc[i + k];
+            sn[k] = ps[i + k];
+        }
+        const V a = T::vld(xa), b = T::vld(xb), c = vload(cc), s = vload(sn) * sign;
+        T::vst(ya, a * c - b * s);
+        T::vst(yb, b * c + a * s);
+        for (i64 k = 0; k < m; ++k) {
+            po[LAYOUT == 0 ? i + k : 2 * (i + k)] = ya[k];
+            po[LAYOUT == 0 ? h + i + k : 2 * (i + k) + 1] = yb[k];
+        }
     }
 }
 

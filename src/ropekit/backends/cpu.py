@@ -12,10 +12,11 @@ rounded separately, no FMA contraction — and rounded once to the input dtype
 the compute dtype (a no-op for the usual float32 tables).
 
 Strides: any strides on the leading dims (a ``bshd`` view of ``bhsd`` memory is used as
-is, broadcast tables keep their zero strides); a last dim that is not unit-stride, more
-than four leading dims that cannot be merged, or a kernel that could not be built (no
-compiler: one warning) fall back to the ``eager`` backend, which gives the same results
-up to float32 rounding.
+is, broadcast tables keep their zero strides, leading dims that are contiguous for every
+operand are merged). An input or table whose last dim is not unit-stride is read from a
+compact copy; an output whose last dim is not unit-stride, more than eight leading dims
+that cannot be merged, or a kernel that could not be built (no compiler: one warning)
+fall back to the ``eager`` backend, which gives the same results up to float32 rounding.
 
 Why plain C++ compiled with the system compiler and loaded with ctypes: measured in
 ``KERNELS.md`` — about 0.5 s for a cold build and 10 ms for a cached load, no torch
@@ -159,9 +160,11 @@ def rotate(x, cos, sin, layout, conjugate, out):
     if dt is not None:
         c, s = _tables(cos, sin, dt)
         rc = _run(_strided(x, out, c, s, dt, _LAYOUT[layout], 1 if conjugate else 0), 1)
-        if rc == 3 and (c.stride(-1) != 1 or s.stride(-1) != 1):
-            c, s = _contig_last(c), _contig_last(s)
-            rc = _run(_strided(x, out, c, s, dt, _LAYOUT[layout], 1 if conjugate else 0), 1)
+        if rc == 3:
+            # a read operand whose last dim is not unit-stride (e.g. the expanded gradient
+            # of .sum(), all strides 0): read a compact copy instead
+            x2, c, s = _contig_last(x), _contig_last(c), _contig_last(s)
+            rc = _run(_strided(x2, out, c, s, dt, _LAYOUT[layout], 1 if conjugate else 0), 1)
         if rc == 0:
             return out
     return _eager.rotate(x, cos, sin, layout, conjugate, out)

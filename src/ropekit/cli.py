@@ -598,7 +598,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         lines += [f"### {title}", "", text, "", f"![{title}]({kind}.png)", ""]
     report = out / "report.md"
     report.write_text("\n".join(lines), encoding="utf-8")
-    print(f"\nreport: {report} with {len(written)} figures ({time.perf_counter() - t0:.1f}s)")
+    print(f"\nreport: {report.resolve()} with {len(written)} figures ({time.perf_counter() - t0:.1f}s)")
     return 0 if not failed else 1
 
 

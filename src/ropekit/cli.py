@@ -469,6 +469,14 @@ def find_bench_script() -> Optional[Path]:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    """Run ``benchmarks/bench_apply.py`` in-process. Protocol, first match wins:
+
+    - ``cases(quick: bool) -> list`` and ``run_case(case) -> dict`` (and optionally
+      ``summary(rows) -> str``): ropekit drives the cases with :class:`Progress` and prints
+      the summary (or a plain table of the row dicts);
+    - ``main(argv)`` (optionally ``main(argv, progress=Progress)``), called with
+      ``["--quick", *extra]`` (``--full`` drops ``--quick``).
+    """
     script = find_bench_script()
     if script is None:
         raise fail(

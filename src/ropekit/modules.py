@@ -102,7 +102,9 @@ class RotaryEmbedding(nn.Module):
         self.cfg = cfg
         self.backend = backend
         self.table_dtype = table_dtype
-        self.max_position = int(max_position)
+        if isinstance(max_position, bool) or not isinstance(max_position, int) or max_position < 0:
+            raise fail("max_position an int >= 0", repr(max_position), "pass the longest sequence you expect (or 0: grow on demand)")
+        self.max_position = max_position
         self.attention_scaling = attention_scaling
         self._lock = threading.Lock()
         self._key: object = None
@@ -253,6 +255,9 @@ class RotaryEmbedding(nn.Module):
         Returns:
             ``(q_rot, k_rot)`` in the input format and dtypes.
         """
+        _check_qk(q, k)
+        if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0):
+            raise fail("seq_len an int >= 0 or None", repr(seq_len), "pass the total sequence length (e.g. prompt + generated)")
         split_format(k, format, "k")
         qb, qs = split_format(q, format)
         kb, ks = split_format(k, format, "k")
@@ -262,7 +267,6 @@ class RotaryEmbedding(nn.Module):
                 f"q {tuple(q.shape)} and k {tuple(k.shape)}",
                 "rotate new keys with their own call (e.g. offsets=cache_len)",
             )
-        _check_qk(q, k)
         if self._sync_free(q):
             # graph path: no cache, no lock, no sync; cos/sin from positions inside the graph
             cos, sin = self.cos_sin_for(q, positions=positions, offsets=offsets, cu_seqlens=cu_seqlens, format=format, seq_len=seq_len)

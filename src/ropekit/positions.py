@@ -104,6 +104,10 @@ def resolve_positions(
     elif cu_seqlens is not None:
         raise fail("cu_seqlens only with format='thd'", f"format={fmt!r}", "pass format='thd' with q/k of shape [t, h, d]")
 
+    dev = torch.device(device) if device is not None else None
+    for name, v in (("positions", positions), ("offsets", offsets), ("cu_seqlens", cu_seqlens)):
+        if isinstance(v, torch.Tensor) and v.device.type == "meta" and (dev is None or dev.type != "meta"):
+            raise fail(f"{name} with values (q/k are on {dev})", f"{name} on the meta device", f"build {name} on q's device")
     if cu_seqlens is not None:
         return positions_from_cu_seqlens(cu_seqlens.to(device), total=s)
     if positions is not None:

@@ -40,14 +40,25 @@ def check_positions(positions: torch.Tensor, name: str = "positions", *, check_v
             f"convert with {name}.long(); bf16/fp16 cannot even represent integers above 256/2048 exactly",
         )
     if check_values and positions.numel() and positions.device.type != "meta" and not torch.compiler.is_compiling():
-        lo = int(positions.min())
+        lo, hi = (int(v) for v in torch.aminmax(positions))  # one pass, one sync
         if lo < 0:
             raise fail(
                 f"{name} >= 0",
                 f"a minimum of {lo}",
                 "positions count from 0; for left padding clamp padded positions to 0 (they are masked anyway)",
             )
+        if hi > MAX_EXACT_POSITION:
+            raise fail(
+                f"{name} <= 2**53 (exact in the float64 angle m·θ)",
+                f"a maximum of {hi}",
+                "positions are token indices; check how they were computed",
+            )
     return positions
+
+
+def _check_cfg(cfg) -> None:
+    if not isinstance(cfg, RopeConfig):
+        raise fail("cfg a ropekit.RopeConfig", type(cfg).__name__, "build one with RopeConfig(head_dim=...)")
 
 
 def _as_positions(positions: Union[torch.Tensor, int, list, tuple, range]) -> torch.Tensor:
@@ -71,6 +82,7 @@ def angles(cfg: RopeConfig, positions: torch.Tensor, *, seq_len: Optional[int] =
     Positions up to 2^53 are exact in float64; each angle is one correctly rounded
     float64 product, so its absolute error is below ``|m·θ| · 2^-53``.
     """
+    _check_cfg(cfg)
     positions = check_positions(_as_positions(positions))
     inv = cfg.inv_freq(seq_len).to(positions.device)  # [r/2] float64
     return positions.to(torch.float64).unsqueeze(-1) * inv  # [..., r/2]
@@ -125,6 +137,7 @@ def cos_sin(
         >>> cos.shape
         torch.Size([5, 4])
     """
+    _check_cfg(cfg)
     if dtype not in _FLOAT_DTYPES:
         raise fail(f"dtype one of {_FLOAT_DTYPES}", str(dtype), "tables are floating point; use torch.float32")
     positions = check_positions(_as_positions(positions))
@@ -141,12 +154,19 @@ def cos_sin(
     return cos.to(dtype), sin.to(dtype)
 
 
+def _check_table(t) -> None:
+    if not isinstance(t, torch.Tensor) or t.dim() < 1:
+        got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise fail("a cos/sin table tensor [..., width]", got, "pass cos or sin from ropekit.cos_sin")
+
+
 def to_full_width(t: torch.Tensor, layout: str = "half") -> torch.Tensor:
     """Half-width ``[..., r/2]`` -> full-width ``[..., r]`` (transformers' form).
 
     ``"half"``: ``cat(t, t)``; ``"interleaved"``: each value repeated twice in place.
     """
     check_layout(layout)
+    _check_table(t)
     if layout == "half":
         return torch.cat((t, t), dim=-1)
     return torch.repeat_interleave(t, 2, dim=-1)
@@ -159,6 +179,7 @@ def from_full_width(t: torch.Tensor, layout: str = "half", *, check: bool = True
     the table was built for the other layout.
     """
     check_layout(layout)
+    _check_table(t)
     r = t.shape[-1]
     if r % 2:
         raise fail("a full-width table with an even last dim", f"shape {tuple(t.shape)}", "pass cos/sin of width r")

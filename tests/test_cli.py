@@ -266,3 +266,49 @@ def test_python_m_ropekit_and_lazy_imports():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert json.loads(r.stdout)["configs"][0]["n_pairs"] == 4, r.stderr
     assert "RC 0 HEAVY []" in r.stderr, r.stderr
+
+
+FAKE_BENCH_APPLY = textwrap.dedent(
+    '''
+    """Mimics benchmarks/bench_apply.py's structure: main(argv) calling first_call/bench_case."""
+    import argparse
+    from pathlib import Path
+
+    def first_call(meta):
+        print("first-call line")
+        return [{"variant": "first"}]
+
+    def bench_case(b, s, hq, hk, d, dtype_name, rounds, with_compile, meta):
+        print("per-variant line", dtype_name, b, s)
+        return [{"variant": f"{dtype_name} {b}x{s}"}]
+
+    def table(path):
+        return "TABLE " + Path(path).read_text().replace("\\n", " | ")
+
+    def main(argv=None):
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--quick", action="store_true")
+        ap.add_argument("--csv", type=Path, default=Path("results/apply.csv"))
+        args = ap.parse_args(argv)
+        rows = first_call({})
+        for dt in ("float32", "bfloat16"):
+            for b, s in ([(1, 2048), (8, 1)] if args.quick else [(1, 2048), (4, 2048), (8, 1)]):
+                rows += bench_case(b, s, 32, 8, 128, dt, 7, False, {})
+        args.csv.write_text("\\n".join(r["variant"] for r in rows))
+        print(table(args.csv))
+    '''
+)
+
+
+def test_bench_apply_structure_gets_progress_and_temp_csv(capsys, tmp_path, monkeypatch):
+    script = tmp_path / "bench_apply.py"
+    script.write_text(FAKE_BENCH_APPLY)
+    monkeypatch.setenv("ROPEKIT_BENCH", str(script))
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "bench")
+    assert code == 0
+    assert "5/5" in err and "bfloat16 b=8 s=1" in err  # 1 first call + 2 dtypes x 2 quick cases
+    assert "per-variant line" not in out and out.count("TABLE first") == 1
+    assert not (tmp_path / "results").exists()  # never the script's default CSV
+    code, out, _ = run(capsys, "bench", "--verbose")
+    assert code == 0 and "per-variant line" in out

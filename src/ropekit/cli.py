@@ -509,6 +509,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     main_fn = getattr(mod, "main", None)
     if main_fn is None:
         raise fail("bench_apply.py defining main(argv)", f"{script} without main", "update the benchmark script")
+    if hasattr(mod, "bench_case") and hasattr(mod, "table"):
+        return _bench_apply_with_progress(mod, argv, verbose=args.verbose)
     kw = {}
     try:
         if "progress" in _inspect.signature(main_fn).parameters:
@@ -516,6 +518,65 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     except (TypeError, ValueError):  # pragma: no cover - builtins without signature
         pass
     rc = main_fn(argv, **kw)
+    return int(rc or 0)
+
+
+def _opt(argv: List[str], name: str) -> Optional[str]:
+    for i, a in enumerate(argv):
+        if a == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _bench_apply_with_progress(mod: Any, argv: List[str], *, verbose: bool) -> int:
+    """Run bench_apply.main(argv) with a progress bar over its ``bench_case`` calls, its
+    per-row lines hidden (``--verbose`` shows them), then print its summary table.
+
+    Without ``--csv`` in ``argv`` the rows go to a temporary CSV, so a quick run never
+    appends to the committed ``benchmarks/results/apply.csv``.
+    """
+    import contextlib
+    import io
+    import tempfile
+
+    quick = "--quick" in argv
+    cases = _opt(argv, "--cases")
+    n_cases = len(cases.split(",")) if cases else (2 if quick else 3)
+    n_dtypes = len((_opt(argv, "--dtypes") or "float32,bfloat16").split(","))
+    with tempfile.TemporaryDirectory() as tmp:
+        csv = user_csv = _opt(argv, "--csv")
+        if csv is None:
+            csv = str(Path(tmp) / "apply.csv")
+            argv = argv + ["--csv", csv]
+        real_case, real_first = mod.bench_case, getattr(mod, "first_call", None)
+        with Progress(n_cases * n_dtypes + (1 if real_first else 0)) as bar:
+
+            def case(b, s, hq, hk, d, dtype_name, *a, **k):
+                rows = real_case(b, s, hq, hk, d, dtype_name, *a, **k)
+                bar.update(f"{dtype_name} b={b} s={s}")
+                return rows
+
+            def first(*a, **k):
+                rows = real_first(*a, **k)
+                bar.update("first call (fresh process)")
+                return rows
+
+            mod.bench_case = case
+            if real_first:
+                mod.first_call = first
+            sink = sys.stdout if verbose else io.StringIO()
+            try:
+                with contextlib.redirect_stdout(sink):
+                    rc = mod.main(argv)
+            finally:
+                mod.bench_case = real_case
+                if real_first:
+                    mod.first_call = real_first
+        print(mod.table(Path(csv)))
+        if user_csv is not None:
+            print(f"rows appended to {csv}")
     return int(rc or 0)
 
 
@@ -641,6 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("bench", help="run benchmarks/bench_apply.py --quick (source checkout only)")
     s.add_argument("--full", action="store_true", help="the full benchmark instead of --quick")
+    s.add_argument("--verbose", action="store_true", help="show the script's per-variant lines")
     s.add_argument("bench_args", nargs=argparse.REMAINDER, help="extra arguments passed to the script")
     s.set_defaults(func=_cmd_bench)
 

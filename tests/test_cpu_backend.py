@@ -240,6 +240,22 @@ def test_threaded_split_matches(monkeypatch, dtype, no_eager):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_streaming_stores_match(monkeypatch, dtype, layout, no_eager):
+    """Non-temporal stores (forced on small outputs), aligned and misaligned outputs, partial rotary."""
+    monkeypatch.setattr(cpu, "NT_BYTES", 0)
+    torch.manual_seed(71)
+    for d, r in ((128, None), (72, 40)):
+        x = torch.randn(2, 9, 5, d, dtype=dtype)
+        cos, sin = (t.float()[:, None] for t in _tables(d, 9, r))
+        want = _formula(x, cos, sin, layout)
+        assert torch.equal(apply_rotary(x, cos, sin, layout=layout, backend="cpu"), want)
+        buf = torch.empty(x.numel() + 1, dtype=dtype)
+        out = buf[1:].view_as(x)  # misaligned by one element: regular stores
+        assert torch.equal(apply_rotary(x, cos, sin, layout=layout, backend="cpu", out=out), want)
+
+
 def test_qk_views_of_one_buffer_in_place(no_eager):
     """q and k as views of one fused qkv buffer, rotated in place in one call."""
     torch.manual_seed(8)

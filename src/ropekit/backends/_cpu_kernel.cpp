@@ -26,6 +26,9 @@
 #include <string.h>
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
+#define RK_HAS_NT 1
+#else
+#define RK_HAS_NT 0
 #endif
 
 typedef int64_t i64;
@@ -46,6 +49,7 @@ struct Job {
     i64 npos, ntable;     // positions count, table rows (gather only)
     i64 nd;               // leading (row) dims after normalisation
     i64 nrows;
+    i64 nt;               // 1: non-temporal stores (large out != x, aligned; float32/bfloat16)
     i64 size[MAXD];
     i64 xs[MAXD], os[MAXD], cs[MAXD], ss[MAXD], ps[MAXD];  // element strides
 };
@@ -125,6 +129,13 @@ struct F32 {
     enum { N = NF };
     static inline V vld(const S* p) { return vload(p); }
     static inline void vst(S* p, V v) { memcpy(p, &v, sizeof v); }
+#if RK_VB == 64
+    static inline void vst_nt(S* p, V v) { _mm512_stream_ps(p, (__m512)v); }
+#elif defined(__AVX__)
+    static inline void vst_nt(S* p, V v) { _mm256_stream_ps(p, (__m256)v); }
+#else
+    static inline void vst_nt(S* p, V v) { vst(p, v); }
+#endif
 };
 struct F64 {
     typedef double S;
@@ -148,25 +159,24 @@ struct BF16 {
         return (V)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
     }
 #if defined(__AVX512BF16__)
-    static inline void vst(S* p, V f) {  // hardware round-to-nearest-even, NaN -> quiet NaN
-        __m256bh h = _mm512_cvtneps_pbh((__m512)f);
-        _mm256_storeu_si256((__m256i*)p, (__m256i)h);
-    }
+    static inline __m256i pack(V f) { return (__m256i)_mm512_cvtneps_pbh((__m512)f); }  // hardware RNE, NaN -> qNaN
 #else
-    static inline void vst(S* p, V f) {  // the rounding above on 16 lanes
+    static inline __m256i pack(V f) {  // the rounding above on 16 lanes
         const __m512i u = _mm512_castps_si512((__m512)f);
         const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
         const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
         const __m512i n = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
         const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)), _mm512_set1_epi32(0x7F800000));
-        _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, r, n)));
+        return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, r, n));
     }
 #endif
+    static inline void vst(S* p, V f) { _mm256_storeu_si256((__m256i*)p, pack(f)); }
+    static inline void vst_nt(S* p, V f) { _mm256_stream_si256((__m256i*)p, pack(f)); }
 #elif defined(__AVX2__)
     static inline V vld(const S* p) {
         return (V)_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
     }
-    static inline void vst(S* p, V f) {  // the rounding above on 8 lanes
+    static inline __m128i pack(V f) {  // the rounding above on 8 lanes
         const __m256i u = _mm256_castps_si256((__m256)f);
         const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
         __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
@@ -174,9 +184,10 @@ struct BF16 {
         const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)), _mm256_set1_epi32(0x7F800000));
         r = _mm256_blendv_epi8(r, n, nan);
         // 8 x u32 (< 2^16) -> 8 x u16: pack within 128-bit lanes, then join the two halves
-        const __m256i pk = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
-        _mm_storeu_si128((__m128i*)p, _mm256_castsi256_si128(pk));
+        return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
     }
+    static inline void vst(S* p, V f) { _mm_storeu_si128((__m128i*)p, pack(f)); }
+    static inline void vst_nt(S* p, V f) { _mm_stream_si128((__m128i*)p, pack(f)); }
 #else
     static inline V vld(const S* p) {
         vh h;
@@ -196,6 +207,7 @@ struct BF16 {
         vh h = __builtin_convertvector(out, vh);
         memcpy(p, &h, sizeof h);
     }
+    static inline void vst_nt(S* p, V f) { vst(p, f); }
 #endif
 };
 
@@ -244,7 +256,15 @@ struct F16 {
 
 // One row: r/2 pairs, N pairs per step. Each step loads both lanes of its pairs before
 // storing them, so out == x is safe; steps touch disjoint pairs.
-template <typename T, int LAYOUT>
+template <typename T, int LAYOUT, int NT>
+static inline void st(typename T::S* p, typename T::V v) {
+    if constexpr (NT != 0)
+        T::vst_nt(p, v);  // non-temporal: no read-for-ownership of the output lines
+    else
+        T::vst(p, v);
+}
+
+template <typename T, int LAYOUT, int NT>
 static inline void row(const typename T::S* px, typename T::S* po, const typename T::C* pc,
                        const typename T::C* ps, i64 h, typename T::C sign) {
     typedef typename T::C C;
@@ -264,13 +284,13 @@ static inline void row(const typename T::S* px, typename T::S* po, const typenam
         const V y1 = a * c - b * s;
         const V y2 = b * c + a * s;
         if (LAYOUT == 0) {
-            T::vst(po + i, y1);
-            T::vst(po + h + i, y2);
+            st<T, LAYOUT, NT>(po + i, y1);
+            st<T, LAYOUT, NT>(po + h + i, y2);
         } else {
             V o0, o1;
             inter(y1, y2, o0, o1);
-            T::vst(po + 2 * i, o0);
-            T::vst(po + 2 * i + N, o1);
+            st<T, LAYOUT, NT>(po + 2 * i, o0);
+            st<T, LAYOUT, NT>(po + 2 * i + N, o1);
         }
     }
     if (i < h) {
@@ -300,7 +320,7 @@ static inline void row(const typename T::S* px, typename T::S* po, const typenam
 }
 
 // Rows [r0, r1) of one job.
-template <typename T, int LAYOUT>
+template <typename T, int LAYOUT, int NT>
 static void run_rows(const Job& j, i64 r0, i64 r1) {
     typedef typename T::S S;
     typedef typename T::C C;
@@ -338,7 +358,7 @@ static void run_rows(const Job& j, i64 r0, i64 r1) {
             pc = CT + co;
             ps = ST + so;
         }
-        row<T, LAYOUT>(X + xo, O + oo, pc, ps, h, sign);
+        row<T, LAYOUT, NT>(X + xo, O + oo, pc, ps, h, sign);
         if (copy_tail) memcpy(O + oo + 2 * h, X + xo + 2 * h, (size_t)tail * sizeof(S));
         for (int k = nd - 1; k >= 0; --k) {  // next row index, carrying
             ++idx[k];
@@ -358,24 +378,37 @@ static void run_rows(const Job& j, i64 r0, i64 r1) {
     }
 }
 
-template <typename T>
+template <typename T, int NT>
 static void dispatch_layout(const Job& j, i64 r0, i64 r1) {
     if (j.layout == 0)
-        run_rows<T, 0>(j, r0, r1);
+        run_rows<T, 0, NT>(j, r0, r1);
     else
-        run_rows<T, 1>(j, r0, r1);
+        run_rows<T, 1, NT>(j, r0, r1);
 }
 
 static void run_job(const Job& j, i64 r0, i64 r1) {
     switch (j.dtype) {
-        case 0: dispatch_layout<F32>(j, r0, r1); break;
-        case 1: dispatch_layout<BF16>(j, r0, r1); break;
+        case 0:
+            if (j.nt)
+                dispatch_layout<F32, 1>(j, r0, r1);
+            else
+                dispatch_layout<F32, 0>(j, r0, r1);
+            break;
+        case 1:
+            if (j.nt)
+                dispatch_layout<BF16, 1>(j, r0, r1);
+            else
+                dispatch_layout<BF16, 0>(j, r0, r1);
+            break;
 #if ROPEKIT_HAS_F16
-        case 2: dispatch_layout<F16>(j, r0, r1); break;
+        case 2: dispatch_layout<F16, 0>(j, r0, r1); break;
 #endif
-        case 3: dispatch_layout<F64>(j, r0, r1); break;
+        case 3: dispatch_layout<F64, 0>(j, r0, r1); break;
         default: break;
     }
+#if RK_HAS_NT
+    if (j.nt) _mm_sfence();  // order the streaming stores before the thread reports done
+#endif
 }
 
 // Global rows [g0, g1) over the concatenated jobs.
@@ -429,11 +462,12 @@ extern "C" {
 
 // Bit 0: float16 compiled in. The ABI version lets Python reject a stale library.
 int rk_features(void) { return ROPEKIT_HAS_F16 ? 1 : 0; }
-int rk_abi(void) { return 3; }
+int rk_abi(void) { return 4; }
 
 // Packed arguments (int64), as written by cpu.py:
-//   hdr = [njobs, max_threads, parallel_bytes, serial, job 0, job 1, ...]
-//   (serial = 1: job n+1 starts after job n has finished, for operands that may overlap)
+//   hdr = [njobs, max_threads, parallel_bytes, serial, nt_bytes, job 0, job 1, ...]
+//   (serial = 1: job n+1 starts after job n has finished, for operands that may overlap;
+//   out-of-place calls writing >= nt_bytes in total use non-temporal stores where aligned)
 //   job = [dtype, layout, conj, gather, nx, nc, half, x, out, cos, sin, pos, npos, ntable,
 //          x sizes (nx), x strides (nx), out strides (nx),
 //          cos sizes (nc), cos strides (nc), sin strides (nc),     -- stride tables (gather 0)
@@ -449,9 +483,10 @@ int rk_rotate(const i64* hdr) {
     i64 nthreads = hdr[1];
     const i64 par_bytes = hdr[2];
     const i64 serial = hdr[3];
+    const i64 nt_bytes = hdr[4];
     if (njobs < 1 || njobs > MAXJ) return 3;
     Job jobs[MAXJ];
-    const i64* a = hdr + 4;
+    const i64* a = hdr + 5;
     i64 total = 0, bytes = 0;
     for (i64 n = 0; n < njobs; ++n) {
         Job& j = jobs[n];
@@ -520,6 +555,17 @@ int rk_rotate(const i64* hdr) {
         bytes += 2 * nrows * j.d * (j.dtype == 0 ? 4 : j.dtype == 3 ? 8 : 2);
     }
     if (bytes < par_bytes) nthreads = 1;
+    for (i64 n = 0; n < njobs; ++n) {
+        // streaming stores pay off only when the output is far larger than the caches and
+        // is not the input; they need every vector store aligned to its width
+        Job& j = jobs[n];
+        const i64 es = j.dtype == 0 ? 4 : j.dtype == 3 ? 8 : 2;
+        const i64 A = (j.dtype == 0 ? NF * 4 : NF * 2);
+        bool nt = RK_HAS_NT && (j.dtype == 0 || j.dtype == 1) && bytes / 2 >= nt_bytes && j.x != j.o && j.o % A == 0 &&
+                  (j.layout == 1 || (j.half * es) % A == 0);
+        for (i64 k = 0; nt && k < j.nd; ++k) nt = (j.os[k] * es) % A == 0;
+        j.nt = nt ? 1 : 0;
+    }
     if (serial) {
         for (i64 n = 0; n < njobs; ++n) run_parallel(&jobs[n], 1, jobs[n].nrows, nthreads);
     } else {

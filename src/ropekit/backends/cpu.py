@@ -56,6 +56,9 @@ _F32, _F64, _I64 = torch.float32, torch.float64, torch.int64
 #: Below this many bytes (x plus output, all jobs) the kernel runs on one thread:
 #: starting threads costs tens of µs.
 PARALLEL_BYTES = 1 << 20
+#: Out-of-place calls writing at least this many bytes use non-temporal (streaming) stores:
+#: the output lines are not read first and do not evict the cache (float32/bf16, aligned).
+NT_BYTES = 16 << 20
 _PACK: dict = {}  # argument count -> struct.Struct of that many int64
 
 _lib = None  # the loaded kernel (ctypes.CDLL), or False when it cannot be built
@@ -114,19 +117,26 @@ def _run(jobs: tuple, njobs: int, serial: int = 0) -> int:
 
     All jobs are validated before any is run: a nonzero return means nothing was written.
     """
-    n = len(jobs) + 4
+    n = len(jobs) + 5
     pk = _PACK.get(n)
     if pk is None:
         pk = _PACK[n] = struct.Struct(f"<{n}q")
-    return _call(pk.pack(njobs, torch.get_num_threads(), PARALLEL_BYTES, serial, *jobs))
+    return _call(pk.pack(njobs, torch.get_num_threads(), PARALLEL_BYTES, serial, NT_BYTES, *jobs))
 
 
-def _strided(x, out, cos, sin, dt, lay, conj) -> tuple:
-    """Job fields for ``out = rot(x)`` with cos/sin broadcast through their strides."""
+def _strided(x, out, cos, sin, dt, lay, conj, tab=None) -> tuple:
+    """Job fields for ``out = rot(x)`` with cos/sin broadcast through their strides.
+
+    ``tab``: ``_table_fields(cos, sin)`` when already computed (q and k share it).
+    """
     xs = x.stride()
     return (dt, lay, conj, 0, x.dim(), cos.dim(), cos.shape[-1], x.data_ptr(), out.data_ptr(), cos.data_ptr(),
-            sin.data_ptr(), 0, 0, 0, *x.shape, *xs, *(xs if out is x else out.stride()), *cos.shape, *cos.stride(),
-            *sin.stride())
+            sin.data_ptr(), 0, 0, 0, *x.shape, *xs, *(xs if out is x else out.stride()),
+            *(tab or _table_fields(cos, sin)))
+
+
+def _table_fields(cos, sin) -> tuple:
+    return (*cos.shape, *cos.stride(), *sin.stride())
 
 
 def _tables(cos, sin, dt):
@@ -195,8 +205,9 @@ def rotate_qk(q, k, cos, sin, layout, inplace):
     if dq is not None and k.dtype is q.dtype:
         lay = _LAYOUT[layout]
         c, s = _tables(cos, sin, dq)
-        jq = _strided(q, qo, c, s, dq, lay, 0)
-        jk = _strided(k, ko, c, s, dq, lay, 0)
+        tab = _table_fields(c, s)
+        jq = _strided(q, qo, c, s, dq, lay, 0, tab)
+        jk = _strided(k, ko, c, s, dq, lay, 0, tab)
         # q and k may overlap when in place on one storage: then k after q, as two calls would
         rc = _run(jq + jk, 2, 1 if inplace and _same_storage(q, k) else 0)
         if rc == 0:

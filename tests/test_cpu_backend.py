@@ -9,8 +9,6 @@ kernel must be bit-identical to "compute in float32, round once to nearest even"
 
 from __future__ import annotations
 
-import math
-import os
 import warnings
 
 import pytest

@@ -36,7 +36,7 @@ Example:
 from __future__ import annotations
 
 import struct
-from typing import Optional, Sequence, Tuple
+from typing import Optional
 
 import torch
 

@@ -106,3 +106,20 @@ def test_subclass_does_not_hijack_registry():
 
     assert SCHEMES["linear"] is Linear
     assert type(Scaling.from_dict({"rope_type": "linear", "factor": 2.0})) is Linear
+
+
+def test_transformers_angles_mode():
+    # bit parity mode: same values as ropekit.hf.transformers_cos_sin, and it really is float32 angles
+    from ropekit.hf import transformers_cos_sin
+
+    cfg = RopeConfig(128, base=500000.0)
+    pos = torch.tensor([0, 5, 2**20 + 1])
+    c, s = cos_sin(cfg, pos, angles="transformers")
+    c2, s2 = transformers_cos_sin(cfg, pos)
+    assert torch.equal(c, c2) and torch.equal(s, s2)
+    want = torch.cos(pos.float()[:, None] * (1.0 / (500000.0 ** (torch.arange(0, 128, 2).float() / 128))))
+    assert torch.equal(c, want)
+    exact, _ = cos_sin(cfg, pos)
+    assert not torch.equal(c, exact)
+    with pytest.raises(ValueError, match="angles"):
+        cos_sin(cfg, pos, angles="float32")

@@ -88,6 +88,9 @@ def angles(cfg: RopeConfig, positions: torch.Tensor, *, seq_len: Optional[int] =
     return positions.to(torch.float64).unsqueeze(-1) * inv  # [..., r/2]
 
 
+_exact_angles = angles  # cos_sin's keyword `angles` shadows the function inside it
+
+
 def _default_seq_len(cfg: RopeConfig, positions: torch.Tensor) -> Optional[int]:
     if cfg.scaling is None or not cfg.scaling.length_dependent:
         return None  # frequencies do not depend on the length: skip the device sync
@@ -108,6 +111,7 @@ def cos_sin(
     device: Optional[Union[str, torch.device]] = None,
     seq_len: Optional[int] = None,
     attention_scaling: bool = True,
+    angles: str = "exact",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Half-width cos/sin tables for integer positions.
 
@@ -124,6 +128,10 @@ def cos_sin(
         attention_scaling: multiply by ``cfg.attention_factor`` (YaRN/LongRoPE's
             ``mscale``), as transformers does. ``False`` returns plain cos/sin, e.g. to
             apply the factor to the attention softmax temperature yourself.
+        angles: ``"exact"`` (default): float64 angles from exact integer positions.
+            ``"transformers"``: reproduce transformers' float32 angles bit for bit (see
+            :func:`ropekit.hf.transformers_cos_sin`), for outputs identical to an HF model;
+            its error grows with position (``docs/numerics.md``).
 
     Returns:
         ``(cos, sin)``, each ``[*positions.shape, r/2]`` of ``dtype``.
@@ -140,12 +148,20 @@ def cos_sin(
     _check_cfg(cfg)
     if dtype not in _FLOAT_DTYPES:
         raise fail(f"dtype one of {_FLOAT_DTYPES}", str(dtype), "tables are floating point; use torch.float32")
+    if angles != "exact":
+        if angles != "transformers":
+            raise fail('angles "exact" or "transformers"', repr(angles), 'use "exact" unless you need bit parity with transformers')
+        from .hf import transformers_cos_sin
+
+        return transformers_cos_sin(
+            cfg, positions, seq_len=seq_len, dtype=dtype, device=device, attention_scaling=attention_scaling
+        )
     positions = check_positions(_as_positions(positions))
     if seq_len is None:
         seq_len = _default_seq_len(cfg, positions)
     if device is not None:
         positions = positions.to(device)
-    ang = angles(cfg, positions, seq_len=seq_len)  # float64 [..., r/2]
+    ang = _exact_angles(cfg, positions, seq_len=seq_len)  # float64 [..., r/2]
     cos, sin = torch.cos(ang), torch.sin(ang)
     if attention_scaling:
         f = cfg.attention_factor

@@ -495,3 +495,41 @@ def test_version_policy(monkeypatch):
     monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.57.1")
     with pytest.raises(RopeError, match="4.57.1"):
         rt.patch(_build("llama"))
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        dict(rope_type="linear", factor=2.0),
+        dict(rope_type="dynamic", factor=2.0),
+        dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=8),
+        dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=2.0, original_max_position_embeddings=8),
+    ],
+    ids=lambda p: p["rope_type"],
+)
+def test_llama_scaling_types_exact_tables(rope):
+    """Exact tables of scaled Llama configs agree with transformers' up to float32 rounding,
+    also past max_position_embeddings = 16 where dynamic NTK changes the base."""
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(**{**SMALL, "max_position_embeddings": 16}, **TOK, rope_parameters=dict(rope_theta=10000.0, **rope))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = T.AutoModelForCausalLM.from_config(cfg).eval()
+    x, ids = torch.zeros(1), _ids(2, 40)
+    pos = torch.arange(40)[None]
+    with torch.no_grad():
+        ref = model(ids).logits
+        theirs = model.model.rotary_emb(x, pos)
+        with rt.patched(model, tables="exact"):
+            ours = model.model.rotary_emb(x, pos)
+            out = model(ids).logits
+        inv_tf = model.model.rotary_emb.inv_freq.double()  # transformers' float32 frequencies
+    gap = max((a - b).abs().max().item() for a, b in zip(theirs, ours))
+    # transformers rounds the (scaled) frequencies to float32: at position m <= 39 the angle
+    # is off by m * |Δθ|, plus the float32 rounding of the angle m·θ (<= m·θ·2^-24) and of
+    # cos/sin (a few ulps); both tables carry the same attention factor.
+    inv64 = ropekit.RopeConfig.from_hf(cfg).inv_freq()
+    af = model.model.rotary_emb.attention_scaling
+    bound = af * (39 * (inv_tf - inv64).abs().max().item() + 39 * inv64.max().item() * 2**-24) + 4 * 2**-23
+    assert gap <= bound
+    torch.testing.assert_close(out, ref, rtol=0, atol=50 * gap + 1e-6)

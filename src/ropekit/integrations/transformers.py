@@ -618,11 +618,20 @@ def patch(model: torch.nn.Module, *, tables: str = "exact") -> PatchReport:
     already patched, a transformers major version other than 5, or a model whose
     modules do not look like the registry expects.
 
-    Example (not run here: builds a model)::
-
-        >>> report = patch(model)                       # doctest: +SKIP
-        >>> report.functions                            # doctest: +SKIP
-        ('transformers.models.llama.modeling_llama.apply_rotary_pos_emb',)
+    Example:
+        >>> import torch, transformers
+        >>> cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+        ...     num_attention_heads=4, intermediate_size=64, pad_token_id=0)
+        >>> model = transformers.LlamaForCausalLM(cfg).eval()
+        >>> ids = torch.randint(0, 64, (1, 8))
+        >>> with torch.no_grad():
+        ...     ref = model(ids).logits
+        ...     report = patch(model, tables="transformers")
+        ...     same = torch.allclose(model(ids).logits, ref, atol=1e-6)
+        >>> same, report.functions
+        (True, ('transformers.models.llama.modeling_llama.apply_rotary_pos_emb',))
+        >>> unpatch(model).attention
+        ('model.layers.0.self_attn',)
     """
     if tables not in TABLE_MODES:
         raise fail(

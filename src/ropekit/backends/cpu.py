@@ -41,6 +41,7 @@ from typing import Optional
 import torch
 
 from .._errors import fail
+from ..positions import split_format
 from . import _cpu_build
 from . import eager as _eager
 
@@ -238,8 +239,7 @@ def _pos_strides(fmt: str, pos: torch.Tensor) -> tuple:
 
 
 def _check_gather(q, k, cos_table, sin_table, positions, fmt):
-    from ..positions import split_format
-
+    """Everything the kernel relies on to stay inside its buffers (shapes, devices, dtypes)."""
     b, s = split_format(q, fmt)
     if split_format(k, fmt, "k") != (b, s):
         raise fail(
@@ -272,9 +272,10 @@ def _check_gather(q, k, cos_table, sin_table, positions, fmt):
             f"shape {list(positions.shape)}",
             "one position per token ([s] shared by the batch, [b, s] per sample, [t] packed)",
         )
-    for nm, t in (("k", k), ("cos_table", cos_table), ("sin_table", sin_table), ("positions", positions)):
-        if t.device != q.device:
-            raise fail(f"{nm} on q's device {q.device}", f"{t.device}", f"move it: {nm}.to(q.device)")
+    if not (q.is_cpu and k.is_cpu and cos_table.is_cpu and sin_table.is_cpu and positions.is_cpu):
+        for nm, t in (("k", k), ("cos_table", cos_table), ("sin_table", sin_table), ("positions", positions)):
+            if t.device != q.device:
+                raise fail(f"{nm} on q's device {q.device}", f"{t.device}", f"move it: {nm}.to(q.device)")
 
 
 def _bad_positions(positions: torch.Tensor, n: int):

@@ -407,6 +407,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--cases", default=None, help="e.g. '1x2048,4x2048,8x1' (b x s)")
     ap.add_argument("--variants", default=None, help="comma-separated substrings: time only matching variants (+ copy_/clone())")
     ap.add_argument("--modes", default="forward,backward,fwd+bwd")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (the cpu kernel follows it)")
     ap.add_argument("--no-first-call", action="store_true", help="skip the fresh-process first-call measurement")
     ap.add_argument("--csv", type=Path, default=CSV_PATH)
     ap.add_argument("--plot", action="store_true", help="only draw the PNG from the CSV's latest run")
@@ -417,6 +418,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.table:
         return print(table(args.csv))
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     hq, hk, d = 32, 8, 128
     cases = [(1, 2048), (8, 1)] if args.quick else [(1, 2048), (4, 2048), (8, 1)]
     if args.cases:

@@ -311,12 +311,13 @@ def append_rows(rows: List[dict], path: Path) -> None:
         w.writerows(rows)
 
 
-def latest_rows(path: Path) -> List[dict]:
+def latest_rows(path: Path, run: Optional[str] = None) -> List[dict]:
+    """Rows of one run (``run`` = its timestamp; default the last run in the file)."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows:
         return []
-    last = rows[-1]["run"]
+    last = run or rows[-1]["run"]
     return [r for r in rows if r["run"] == last]
 
 
@@ -324,13 +325,13 @@ def latest_rows(path: Path) -> List[dict]:
 # outputs drawn from the CSV
 
 
-def plot(path: Path, png: Path) -> None:
+def plot(path: Path, png: Path, run: Optional[str] = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in latest_rows(path) if r["mode"] == "forward"]
+    rows = [r for r in latest_rows(path, run) if r["mode"] == "forward"]
     cases = sorted({(int(r["b"]), int(r["s"]), r["dtype"]) for r in rows}, key=lambda c: (c[2], -c[1], c[0]))
     if not cases:
         return
@@ -366,8 +367,8 @@ def plot(path: Path, png: Path) -> None:
     print(f"wrote {png}")
 
 
-def table(path: Path, modes=("forward", "backward", "fwd+bwd")) -> str:
-    rows = latest_rows(path)
+def table(path: Path, modes=("forward", "backward", "fwd+bwd"), run: Optional[str] = None) -> str:
+    rows = latest_rows(path, run)
     out = []
     for mode in modes:
         sub = [r for r in rows if r["mode"] == mode]
@@ -412,11 +413,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--csv", type=Path, default=CSV_PATH)
     ap.add_argument("--plot", action="store_true", help="only draw the PNG from the CSV's latest run")
     ap.add_argument("--table", action="store_true", help="only print the CSV's latest run as markdown")
+    ap.add_argument("--run", default=None, help="with --plot/--table: the run (its timestamp) instead of the latest")
+    ap.add_argument("--png", type=Path, default=None, help="with --plot: output path (default: the CSV's name, .png)")
     args = ap.parse_args(argv)
     if args.plot:
-        return plot(args.csv, args.csv.with_suffix(".png"))
+        return plot(args.csv, args.png or args.csv.with_suffix(".png"), args.run)
     if args.table:
-        return print(table(args.csv))
+        return print(table(args.csv, run=args.run))
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -18,10 +18,14 @@ compact copy; an output whose last dim is not unit-stride, more than eight leadi
 that cannot be merged, or a kernel that could not be built (no compiler: one warning)
 fall back to the ``eager`` backend, which gives the same results up to float32 rounding.
 
-Why plain C++ compiled with the system compiler and loaded with ctypes: measured in
-``KERNELS.md`` — about 0.5 s for a cold build and 10 ms for a cached load, no torch
-headers, no recompiles per shape (numba: 2-5 s cold; ``load_inline``: 21 s;
-``torch.compile``: 10 s and ~20 µs per call). See :mod:`ropekit.backends._cpu_build`.
+Why plain C++ compiled with the system compiler and loaded with ctypes (``KERNELS.md``):
+no torch headers, no recompiles per shape, ~1 s CPU for a cold build of this kernel and
+~15 ms for a cached load (numba: 2-5 s cold; ``load_inline``: 21 s; ``torch.compile``:
+10 s and ~20 µs per call), and a ctypes call costs ~0.2 µs (one packed int64 argument
+block). See :mod:`ropekit.backends._cpu_build` and ``docs/performance.md``.
+
+Out-of-place calls writing >= :data:`NT_BYTES` use streaming stores (no read of the output
+lines before writing them). ctypes releases the GIL during the kernel.
 
 Example:
     >>> import torch, ropekit

@@ -85,26 +85,71 @@ def sinusoidal_table(n: int, dim: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------
-# Rotary variants from ropekit.variants (written concurrently by another part of the
-# project). Each factory returns a module with RotaryEmbedding's call signature
-# ``(q, k, *, format, seq_len) -> (q, k)``, or None when the variant is not available.
+# Rotary variants from ropekit.variants. Each module has RotaryEmbedding's call signature
+# ``(q, k, *, format="bshd", seq_len=None) -> (q, k)`` for positions 0 .. s-1.
+
+#: p of p-RoPE (Barbero et al. 2024, arXiv 2410.06205): the fraction of frequencies that rotate.
+P_ROPE_P = 0.75
 
 
-def _variant_factory(name: str) -> Optional[Callable[["ModelConfig"], nn.Module]]:
+class _TableRope(nn.Module):
+    """Positions ``0 .. s-1`` in ``bshd``; tables cached per ``s`` (float32 ``[s, 1, r/2]``)."""
+
+    def __init__(self, cfg: RopeConfig, backend: str) -> None:
+        super().__init__()
+        self.cfg, self.backend = cfg, backend
+        self._cache: Dict[int, Tuple[torch.Tensor, ...]] = {}
+
+    def _tables(self, s: int) -> Tuple[torch.Tensor, ...]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, q, k, *, format: str = "bshd", seq_len: Optional[int] = None):
+        if format != "bshd":
+            raise fail('format "bshd"', repr(format), "transpose q and k to [b, s, h, d]")
+        s = q.shape[1]
+        t = self._cache.get(s)
+        if t is None:
+            t = self._cache[s] = tuple(x[:, None, :] for x in self._tables(s))  # each [s, 1, r/2]
+        return self._apply(q, k, t)
+
+
+class XPosRope(_TableRope):
+    """xPos (Sun et al. 2022) via :func:`ropekit.variants.xpos_cos_sin` (γ 0.4, scale base 512)."""
+
+    def _tables(self, s):
+        from ..variants import xpos_cos_sin
+
+        return tuple(xpos_cos_sin(self.cfg, torch.arange(s)))
+
+    def _apply(self, q, k, t):
+        from ..variants import XPosTables, apply_xpos
+
+        return apply_xpos(q, k, XPosTables(*t), layout=self.cfg.layout, backend=self.backend)
+
+
+class PRope(_TableRope):
+    """p-RoPE (Barbero et al. 2024) via :func:`ropekit.variants.p_rope_cos_sin`, ``p = P_ROPE_P``."""
+
+    def _tables(self, s):
+        from ..variants import p_rope_cos_sin
+
+        return p_rope_cos_sin(self.cfg, torch.arange(s), P_ROPE_P)
+
+    def _apply(self, q, k, t):
+        from ..functional import apply_rotary_qk
+
+        return apply_rotary_qk(q, k, t[0], t[1], layout=self.cfg.layout, backend=self.backend)
+
+
+def _variant_factory(name: str) -> Optional[Callable[["ModelConfig", str], nn.Module]]:
     try:
-        from .. import variants  # type: ignore[attr-defined]
+        from .. import variants
     except ImportError:
         return None
-    if name == "xpos":
-        mod = getattr(variants, "XPosEmbedding", None) or getattr(variants, "XPos", None)
-        if mod is None:
-            return None
-        return lambda mc: mod(mc.rope_config())
-    if name == "p-rope":
-        fn = getattr(variants, "p_rope_config", None) or getattr(variants, "PRope", None)
-        if fn is None:
-            return None
-        return lambda mc: RotaryEmbedding(fn(mc.rope_config(), 0.75), backend="eager")
+    if name == "xpos" and hasattr(variants, "xpos_cos_sin") and hasattr(variants, "apply_xpos"):
+        return lambda mc, backend: XPosRope(mc.rope_config(), backend)
+    if name == "p-rope" and hasattr(variants, "p_rope_cos_sin"):
+        return lambda mc, backend: PRope(mc.rope_config(), backend)
     return None
 
 
@@ -187,7 +232,7 @@ class TinyLM(nn.Module):
                     "it is not available in this ropekit",
                     f"choose from {available_encodings()}",
                 )
-            self.rope = factory(mc)
+            self.rope = factory(mc, rope_backend)
         self.apply(self._init)
 
     @staticmethod

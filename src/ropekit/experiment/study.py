@@ -20,7 +20,7 @@ from .model import ModelConfig, TinyLM, available_encodings
 from .schemes import FINETUNE_SCHEMES, SCHEMES, scheme_config
 from .train import TrainConfig, eval_windows, evaluate, set_determinism, train
 
-__all__ = ["StudyConfig", "StudyResult", "run_study", "Progress"]
+__all__ = ["StudyConfig", "StudyResult", "run_study", "run_study_parallel", "merge_results", "Progress"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,3 +259,42 @@ def run_study(
         res.analysis = _analysis_rows(cfg)
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def merge_results(parts: Sequence[StudyResult], config: StudyConfig, seconds: float) -> StudyResult:
+    """One result from per-seed results (rows concatenated in seed order)."""
+    parts = sorted(parts, key=lambda r: list(r.config.seeds))
+    first = parts[0]
+    out = StudyResult(config, first.corpus, first.unigram_bpb, first.skipped_encodings, seconds=seconds)
+    out.environment = dict(first.environment, jobs=str(len(parts)))
+    for r in parts:
+        out.curves += r.curves
+        out.encodings += r.encodings
+        out.extrapolation += r.extrapolation
+    out.analysis = first.analysis
+    return out
+
+
+def _worker(args) -> StudyResult:
+    root, cfg = args
+    from .corpus import load_corpus
+
+    return run_study(load_corpus(root), cfg)
+
+
+def run_study_parallel(corpus_root: Optional[str], cfg: StudyConfig, jobs: int) -> StudyResult:
+    """:func:`run_study` with the seeds spread over ``jobs`` processes of
+    ``max(1, cfg.threads // jobs)`` threads each (same total thread budget).
+
+    Each seed's numbers are computed exactly as in a single process; only the thread
+    count per process may differ, which on CPU changes reduction order at most.
+    """
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    t0 = time.perf_counter()
+    threads = max(1, cfg.threads // jobs)
+    subs = [(corpus_root, dataclasses.replace(cfg, seeds=(s,), threads=threads)) for s in cfg.seeds]
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
+        parts = list(ex.map(_worker, subs))
+    return merge_results(parts, cfg, time.perf_counter() - t0)

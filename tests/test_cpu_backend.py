@@ -423,6 +423,17 @@ def test_no_compiler_falls_back_to_eager_with_one_warning(fresh_build, monkeypat
     assert list(fresh_build.iterdir()) == []
 
 
+def test_unwritable_cache_dir_falls_back(fresh_build, monkeypatch):
+    blocker = fresh_build / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("ROPEKIT_CACHE_DIR", str(blocker / "sub"))
+    with pytest.warns(RuntimeWarning, match="cache directory"):
+        assert not cpu.kernel_loaded()
+    x = torch.randn(1, 3, 2, 8)
+    cos, sin = (t.float()[:, None] for t in _tables(8, 3))
+    torch.testing.assert_close(apply_rotary(x, cos, sin, backend="cpu").double(), _ref(x, cos, sin, "half"), atol=2e-6, rtol=2e-6)
+
+
 def test_cache_reuse_and_key(fresh_build, monkeypatch):
     assert cpu.kernel_loaded()  # builds into the empty cache dir
     libs = [p for p in fresh_build.iterdir() if p.suffix == ".so"]

@@ -97,9 +97,12 @@ def library_path(compiler: str, flags: List[str]) -> Path:
 
 
 def _compile(compiler: str, flags: List[str], dest: Path) -> Tuple[bool, str]:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
+        os.close(fd)
+    except OSError as e:  # unwritable cache directory: eager fallback with the reason
+        return False, f"cache directory {dest.parent}: {e} (set ROPEKIT_CACHE_DIR)"
     try:
         proc = subprocess.run(
             [compiler, *flags, str(_SRC), "-o", tmp], capture_output=True, text=True, timeout=120

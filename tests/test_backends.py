@@ -162,3 +162,45 @@ def test_empty_tensors():
     x = torch.randn(2, 0, 3, 8)
     for be in FAST + ["reference"]:
         assert apply_rotary(x, c[:, None], s[:, None], backend=be).shape == x.shape
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_qk_fused_autograd(backend, inplace):
+    # apply_rotary_qk with grad goes through the backend's fused rotate_qk when it has one
+    torch.manual_seed(5)
+    cfg = RopeConfig(24, rotary_dim=16)
+    c, s = cos_sin(cfg, torch.arange(5))
+    q0, k0 = torch.randn(2, 5, 4, 24), torch.randn(2, 5, 2, 24)
+    gq, gk = torch.randn_like(q0), torch.randn_like(k0)
+    q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+    qi, ki = (q * 1, k * 1) if inplace else (q, k)
+    q2, k2 = apply_rotary_qk(qi, ki, c[:, None], s[:, None], backend=backend, inplace=inplace)
+    ((q2 * gq).sum() + (k2 * gk).sum()).backward()
+    qr, kr = q0.double().requires_grad_(), k0.double().requires_grad_()
+    c64, s64 = cos_sin(cfg, torch.arange(5), dtype=torch.float64)
+    q3 = apply_rotary(qr, c64[:, None], s64[:, None], backend="reference")
+    k3 = apply_rotary(kr, c64[:, None], s64[:, None], backend="reference")
+    ((q3 * gq.double()).sum() + (k3 * gk.double()).sum()).backward()
+    torch.testing.assert_close(q2.double(), q3, atol=3e-6, rtol=3e-6)
+    torch.testing.assert_close(k2.double(), k3, atol=3e-6, rtol=3e-6)
+    torch.testing.assert_close(q.grad.double(), qr.grad, atol=3e-6, rtol=3e-6)
+    torch.testing.assert_close(k.grad.double(), kr.grad, atol=3e-6, rtol=3e-6)
+    # only one output used: the other gets no gradient launch
+    q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+    q2, _ = apply_rotary_qk(q, k, c[:, None], s[:, None], backend=backend)
+    (q2 * gq).sum().backward()
+    torch.testing.assert_close(q.grad.double(), qr.grad, atol=3e-6, rtol=3e-6)
+    assert k.grad is None
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_qk_inplace_rejects_overlapping_windows(backend):
+    cfg = RopeConfig(8)
+    c, s = cos_sin(cfg, torch.arange(3))
+    buf = torch.randn(40)
+    win = buf.unfold(0, 8, 4)[:6].view(2, 3, 8)  # overlapping windows
+    keep = buf.clone()
+    with pytest.raises(ropekit.RopeError, match="overlapping memory"):
+        apply_rotary_qk(win, win.clone(), c, s, backend=backend, inplace=True)
+    assert torch.equal(buf, keep)

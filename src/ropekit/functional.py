@@ -263,6 +263,35 @@ class _Rotary(torch.autograd.Function):
         return dx, dcos, dsin, None, None, None
 
 
+class _RotaryQK(torch.autograd.Function):
+    """q and k through a backend's fused ``rotate_qk`` (one pass forward, one pass backward).
+
+    Backward: ``(dq, dk) = R(-θ)(gq, gk)``, again one fused call; only the tables are saved.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, layout, backend, inplace):  # type: ignore[override]
+        qo, ko = backend.rotate_qk(q, k, cos, sin, layout, inplace)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no launch for it
+        ctx.save_for_backward(cos, sin)
+        ctx.layout, ctx.backend = layout, backend
+        if inplace:
+            ctx.mark_dirty(q, k)
+        return qo, ko
+
+    @staticmethod
+    def backward(ctx, gq, gk):  # type: ignore[override]
+        cos, sin = ctx.saved_tensors
+        neg = -sin  # R(θ)ᵀ = R(-θ)
+        be, layout = ctx.backend, ctx.layout
+        if gq is not None and gk is not None:
+            dq, dk = be.rotate_qk(gq, gk, cos, neg, layout, False)
+        else:
+            dq = None if gq is None else be.rotate(gq, cos, neg, layout, False, torch.empty_like(gq))
+            dk = None if gk is None else be.rotate(gk, cos, neg, layout, False, torch.empty_like(gk))
+        return dq, dk, None, None, None, None, None
+
+
 def apply_rotary(
     x: torch.Tensor,
     cos: torch.Tensor,
@@ -390,8 +419,22 @@ def apply_rotary_qk(
         return apply_rotary(q, cos, sin, **kw), apply_rotary(k, cos, sin, **kw)
     be = _backends.resolve(backend, q)
     qk = getattr(be, "rotate_qk", None)
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, cos, sin))
-    if qk is not None and not grad and not conjugate:
-        return qk(q, k, cos, sin, layout, inplace)
+    tables_grad = cos.requires_grad or sin.requires_grad
+    if qk is not None and not tables_grad and q.numel() and k.numel():
+        if inplace:
+            for name, t in (("q", q), ("k", k)):
+                _check_writable(t, name)
+                if torch.is_grad_enabled() and t.is_leaf and t.requires_grad:
+                    raise fail(
+                        "inplace=True on a tensor autograd may modify",
+                        f"{name}: a leaf tensor that requires grad",
+                        "use inplace=False, or apply to a non-leaf (e.g. the output of the projection)",
+                    )
+        if conjugate:
+            sin = -sin  # r/2 values per position: small next to q and k
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+            return _RotaryQK.apply(q, k, cos, sin, layout, be, inplace)
+        with torch.no_grad():
+            return qk(q, k, cos, sin, layout, inplace)
     kw = dict(layout=layout, inplace=inplace, backend=be.NAME, conjugate=conjugate)
     return apply_rotary(q, cos, sin, **kw), apply_rotary(k, cos, sin, **kw)

@@ -2,14 +2,22 @@
 
 The smoke study (a 2-layer byte-level LM, 300 steps, one seed) runs once per module. Its
 assertions are only the orderings the issue asks for, each checked to hold for seeds 0-4
-at this size before being asserted here (see docs/evidence.md, "Robustness of the test
-orderings", for the measured margins); no absolute values are asserted because they
-depend on the Python version's standard library.
+at this size before being asserted here, with margins well inside what was measured
+(Python 3.11.7 stdlib, `smoke_config(seeds=(s,))` for s = 0..4; table in docs/evidence.md):
+
+    ordering (bits/byte, tail = last 128 positions)     measured over seeds 0-4   asserted
+    NoPE - RoPE at length 128                            +0.455 .. +0.526          > +0.2
+    plain RoPE tail at 1024 - tail at 128                +0.484 .. +0.571          > +0.25
+    plain RoPE - YaRN, tail at 1024                      +0.236 .. +0.394          > +0.1
+    PI (linear) - plain RoPE, tail at 1024               +0.156 .. +0.535          >= 0
+
+No absolute values are asserted: they depend on the Python version's standard library.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 
 import pytest
@@ -18,7 +26,7 @@ import torch
 from ropekit import RopeConfig, scaling
 from ropekit.experiment import run, smoke_config
 from ropekit.experiment.corpus import load_corpus, stdlib_files, unigram_bits_per_byte
-from ropekit.experiment.model import ModelConfig, TinyLM
+from ropekit.experiment.model import ModelConfig, TinyLM, available_encodings
 from ropekit.experiment.report import aggregate, write_report
 from ropekit.experiment.schemes import SCHEMES, scheme_config
 from ropekit.experiment.study import run_study
@@ -37,7 +45,9 @@ def smoke(corpus):
     torch_threads = torch.get_num_threads()
     det = torch.are_deterministic_algorithms_enabled()
     try:
-        res = run_study(corpus, smoke_config(seeds=(SEED,)), quiet=True)
+        # 1 thread: the margins above were measured with 1 thread, and a busy machine slows 2
+        # threads far more (seed 0 gives the same numbers with 1 and 2 threads here)
+        res = run_study(corpus, dataclasses.replace(smoke_config(seeds=(SEED,)), threads=1), quiet=True)
     finally:  # do not leak the study's global settings into other test modules
         torch.set_num_threads(torch_threads)
         torch.use_deterministic_algorithms(det)
@@ -150,6 +160,37 @@ def test_training_is_deterministic(corpus):
         assert torch.equal(v, outs[1][1][k]), k
 
 
+def test_every_available_encoding_trains():
+    mc = ModelConfig(n_layer=1, d_model=64, n_head=2, ctx=32)
+    x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+    outs = {}
+    for pe in available_encodings():
+        torch.manual_seed(0)
+        m = TinyLM(mc, pe)
+        y = m(x)
+        y.float().pow(2).mean().backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters()), pe
+        outs[pe] = y.detach()
+    # same init (seeded), so encodings differ only through positions: all must differ from NoPE
+    for pe, y in outs.items():
+        if pe != "nope":
+            assert not torch.equal(y, outs["nope"]), pe
+
+
+def test_p_rope_leaves_the_lowest_frequencies_unrotated():
+    from ropekit.experiment.model import P_ROPE_P
+
+    if "p-rope" not in available_encodings():
+        pytest.skip("ropekit.variants has no p-RoPE")
+    mc = ModelConfig(n_layer=1, d_model=64, n_head=2, ctx=32)
+    rope = TinyLM(mc, "p-rope").rope
+    q, k = torch.randn(1, 32, 2, 32), torch.randn(1, 32, 2, 32)
+    q2, _ = rope(q, k)
+    kept = int(P_ROPE_P * 16)  # pairs (i, i + 16) with i >= kept do not rotate ("half" layout)
+    assert torch.equal(q2[..., kept:16], q[..., kept:16]) and torch.equal(q2[..., 16 + kept :], q[..., 16 + kept :])
+    assert not torch.allclose(q2[:, 1:, :, :kept], q[:, 1:, :, :kept])
+
+
 def test_absolute_encodings_refuse_longer_inputs():
     m = TinyLM(ModelConfig(n_layer=1, d_model=32, n_head=1, ctx=16), "learned")
     with pytest.raises(ValueError, match="at most ctx=16"):
@@ -171,7 +212,7 @@ def test_plain_rope_degrades_beyond_the_training_length(smoke):
 
 
 def test_yarn_beats_plain_rope_at_8x(smoke):
-    assert _ext(smoke, "yarn", 1024) < _ext(smoke, "none", 1024) - 0.25
+    assert _ext(smoke, "yarn", 1024) < _ext(smoke, "none", 1024) - 0.1
 
 
 def test_training_free_pi_does_not_beat_plain_rope_at_8x(smoke):
@@ -180,7 +221,7 @@ def test_training_free_pi_does_not_beat_plain_rope_at_8x(smoke):
 
 def test_nope_is_worse_than_rope_at_the_training_length(smoke):
     by = {r["encoding"]: r["bpb"] for r in smoke.encodings}
-    assert by["nope"] > by["rope"] + 0.02
+    assert by["nope"] > by["rope"] + 0.2
     assert by["rope"] < smoke.unigram_bpb - 1.0  # the model uses context at all
 
 

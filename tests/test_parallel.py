@@ -96,6 +96,9 @@ def _worker(rank: int, world: int, init_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         _checks(rank, world)
+        # every rank done before teardown: a rank destroying gloo while a peer still has
+        # traffic in flight aborts the process ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

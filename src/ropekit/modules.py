@@ -11,7 +11,7 @@ from torch import nn
 from ._errors import fail
 from .config import RopeConfig
 from . import backends as _backends
-from .functional import apply_rotary_qk, tracing
+from .functional import _check_writable, apply_rotary_qk, tracing
 from .positions import resolve_positions, split_format
 from .tables import MAX_EXACT_POSITION, cos_sin
 
@@ -162,9 +162,12 @@ class RotaryEmbedding(nn.Module):
                 self.cos_cached, self.sin_cached, self._key = cos, sin, key
         return cos, sin
 
-    def _positions(self, q, positions, offsets, cu_seqlens, format):
+    def _positions(self, q, positions, offsets, cu_seqlens, format, check_values=True):
         b, s = split_format(q, format)
-        pos = resolve_positions(format, b, s, positions=positions, offsets=offsets, cu_seqlens=cu_seqlens, device=q.device)
+        pos = resolve_positions(
+            format, b, s, positions=positions, offsets=offsets, cu_seqlens=cu_seqlens, device=q.device,
+            check_values=check_values,
+        )
         if pos.dim() == 2 and pos.shape[0] == 1:
             pos = pos[0]
         return pos
@@ -175,8 +178,17 @@ class RotaryEmbedding(nn.Module):
         The table covers every position, or is ``None`` when the positions are too large
         and sparse for a table (then cos/sin are computed for the positions themselves).
         """
-        pos = self._positions(q, positions, offsets, cu_seqlens, format)
-        n = int(pos.max()) + 1 if pos.numel() else 0
+        pos = self._positions(q, positions, offsets, cu_seqlens, format, check_values=False)
+        n = 0
+        if pos.numel():
+            lo, hi = (int(v) for v in torch.aminmax(pos))  # one host sync for both ends
+            if lo < 0:
+                raise fail(
+                    "positions >= 0 (offsets + 0..s-1, or the positions given)",
+                    f"a minimum position of {lo}",
+                    "positions count from 0; for left padding clamp padded positions to 0 (they are masked anyway)",
+                )
+            n = hi + 1
         if n - 1 > MAX_EXACT_POSITION:
             raise fail(
                 f"positions <= 2**53 (exact in the float64 angle m·θ)",
@@ -258,7 +270,6 @@ class RotaryEmbedding(nn.Module):
         _check_qk(q, k)
         if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0):
             raise fail("seq_len an int >= 0 or None", repr(seq_len), "pass the total sequence length (e.g. prompt + generated)")
-        split_format(k, format, "k")
         qb, qs = split_format(q, format)
         kb, ks = split_format(k, format, "k")
         if (qb, qs) != (kb, ks):
@@ -277,6 +288,9 @@ class RotaryEmbedding(nn.Module):
             # fused path: the kernel gathers table rows by position itself
             pos, table, seq_len = self._positions_and_tables(q, positions, offsets, cu_seqlens, format, seq_len)
             if table is not None:
+                if inplace:
+                    for name, t in (("q", q), ("k", k)):
+                        _check_writable(t, name)
                 return gather(q, k, table[0], table[1], pos, format, self.cfg.layout, inplace)
             cos, sin = self._direct_cos_sin(pos, q, seq_len)
             cos, sin = _table_view(cos, format, pos.dim()), _table_view(sin, format, pos.dim())

@@ -87,11 +87,13 @@ def resolve_positions(
     offsets: Union[int, torch.Tensor, None] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
     device: Union[str, torch.device, None] = None,
+    check_values: bool = True,
 ) -> torch.Tensor:
     """Integer positions ``[s]`` (shared by the batch) or ``[b, s]`` (``[t]`` for ``thd``).
 
     Exactly one of ``positions``, ``offsets`` and ``cu_seqlens`` may be given; with none,
-    positions are ``0 .. s-1``.
+    positions are ``0 .. s-1``. ``check_values=False`` skips the (device-syncing) check
+    that tensor positions/offsets are ``>= 0``: for callers that check the result's range.
     """
     given = [n for n, v in (("positions", positions), ("offsets", offsets), ("cu_seqlens", cu_seqlens)) if v is not None]
     if len(given) > 1:
@@ -111,7 +113,7 @@ def resolve_positions(
     if cu_seqlens is not None:
         return positions_from_cu_seqlens(cu_seqlens.to(device), total=s)
     if positions is not None:
-        check_positions(positions)
+        check_positions(positions, check_values=check_values)
         ok = ((s,),) if fmt == "thd" else ((s,), (b, s), (1, s))
         shape = tuple(positions.shape)
         # compare lengths before sizes: with symbolic sizes (torch.export) each size
@@ -132,7 +134,7 @@ def resolve_positions(
         if offsets < 0:
             raise fail("offsets >= 0", str(offsets), "pass the number of tokens already in the KV cache")
         return base + offsets
-    check_positions(offsets, "offsets")
+    check_positions(offsets, "offsets", check_values=check_values)
     if offsets.dim() == 0:
         return base + offsets.to(device=device, dtype=torch.int64)
     if tuple(offsets.shape) != (b,):

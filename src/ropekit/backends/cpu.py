@@ -186,12 +186,10 @@ def rotate(x, cos, sin, layout, conjugate, out):
 
 
 def _check_inplace(t: torch.Tensor, name: str) -> None:
-    if t.numel() > 1 and torch._debug_has_internal_overlap(t) == 1:
-        raise fail(
-            f"{name} whose elements do not alias (it is written in place)",
-            f"{name} with overlapping memory (stride {t.stride()}, e.g. from expand)",
-            f"pass {name}.contiguous() or use inplace=False",
-        )
+    # the same sufficient test as apply_rotary's (catches unfold/as_strided windows too)
+    from ..functional import _check_writable
+
+    _check_writable(t, name)
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:

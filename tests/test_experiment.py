@@ -240,6 +240,29 @@ def test_report_files(smoke, tmp_path):
     assert agg[("none", 128)][2] == 1
 
 
+def test_merge_replaces_rows_of_rerun_encodings(smoke, tmp_path):
+    import copy
+
+    from ropekit.experiment.report import load_result, merge_dirs
+
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    write_report(smoke, a, command="first")
+    back, cmd = load_result(a, smoke.corpus, smoke.unigram_bpb)
+    assert cmd == "first" and back.config == smoke.config
+    assert [r["bpb"] for r in back.encodings] == pytest.approx([r["bpb"] for r in smoke.encodings], rel=1e-5)
+    rerun = copy.deepcopy(smoke)
+    rerun.encodings = [dict(r, bpb=r["bpb"] + 1.0) for r in smoke.encodings if r["encoding"] == "nope"]
+    rerun.curves = [r for r in smoke.curves if r["encoding"] == "nope"]
+    rerun.extrapolation, rerun.analysis = [], []
+    write_report(rerun, b, command="second")
+    merged, cmd = merge_dirs([a, b], smoke.corpus, smoke.unigram_bpb)
+    assert cmd == "first && second"
+    by = {r["encoding"]: r["bpb"] for r in merged.encodings}
+    old = {r["encoding"]: r["bpb"] for r in smoke.encodings}
+    assert by["nope"] == pytest.approx(old["nope"] + 1.0, rel=1e-5) and by["rope"] == pytest.approx(old["rope"], rel=1e-5)
+    assert len(merged.extrapolation) == len(smoke.extrapolation) and len(merged.curves) == len(smoke.curves)
+
+
 def test_analysis_rows(smoke):
     rows = {r["scheme"]: r for r in smoke.analysis}
     assert set(rows) == set(SCHEMES)

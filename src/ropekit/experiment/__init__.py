@@ -79,6 +79,8 @@ def build_parser(prog: str = "ropekit experiment") -> argparse.ArgumentParser:
                    "between them; 2 jobs x 1 thread is faster than 1 x 2 on a busy machine)")
     p.add_argument("--corpus-root", default=None, help="directory of .py files (default: this Python's stdlib)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    p.add_argument("--merge", nargs="+", metavar="DIR", default=None, help="no training: merge result directories "
+                   "into --out (rows of later ones replace the same encoding/scheme of earlier ones) and redraw")
     return p
 
 
@@ -96,6 +98,17 @@ def run(argv: Optional[List[str]] = None) -> int:
     from .study import run_study
 
     args = build_parser().parse_args(argv)
+    if args.merge:
+        from .corpus import unigram_bits_per_byte
+        from .report import merge_dirs
+
+        corpus = load_corpus(args.corpus_root)
+        res, command = merge_dirs(args.merge, corpus.describe(), unigram_bits_per_byte(corpus.train, corpus.heldout))
+        out = args.out or args.merge[0]
+        paths = write_report(res, out, command=command)
+        if not args.quiet:
+            print(f"merged {len(args.merge)} directories into {out}/: {paths[0]}")
+        return 0
     if args.smoke:
         cfg = smoke_config(steps=args.steps or 300, seeds=range(args.seeds or 1))
     else:
@@ -105,7 +118,7 @@ def run(argv: Optional[List[str]] = None) -> int:
         changes["finetune_steps"] = args.finetune_steps
     if args.encodings:
         changes["encodings"] = tuple(s.strip() for s in args.encodings.split(",") if s.strip())
-    if args.schemes:
+    if args.schemes is not None:  # "" = no extrapolation table
         changes["schemes"] = tuple(s.strip() for s in args.schemes.split(",") if s.strip())
     if args.eval_spans:
         changes["eval_spans"] = args.eval_spans
@@ -114,7 +127,7 @@ def run(argv: Optional[List[str]] = None) -> int:
     if args.jobs > 1 and len(cfg.seeds) > 1:
         from .study import run_study_parallel
 
-        res = run_study_parallel(args.corpus_root, cfg, min(args.jobs, len(cfg.seeds)))
+        res = run_study_parallel(args.corpus_root, cfg, min(args.jobs, len(cfg.seeds)), quiet=args.quiet)
     else:
         res = run_study(load_corpus(args.corpus_root), cfg, quiet=args.quiet)
     command = "python -m ropekit.experiment " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))

@@ -8,7 +8,8 @@ and output embeddings. The position encoding is one of :data:`POSITION_ENCODINGS
   for longer inputs) — the tables are not parameters, so the weights stay valid.
 - ``"nope"``: no position information at all (causal masking only).
 - ``"learned"``: a learned absolute embedding ``[ctx, d_model]`` added to the input.
-- ``"sinusoidal"``: the fixed sinusoids of Vaswani et al. (2017) added to the input.
+- ``"sinusoidal"``: the fixed sinusoids of Vaswani et al. (2017) added to the input
+  (token embeddings multiplied by ``sqrt(d_model)`` first, as in the paper).
 - ``"xpos"``, ``"p-rope"``: rotary variants from :mod:`ropekit.variants` when that
   module provides them (see :func:`available_encodings`).
 
@@ -260,7 +261,12 @@ class TinyLM(nn.Module):
                     f"s={s}",
                     "absolute tables end at the training length; use a rotary or NoPE model",
                 )
-            x = x + (self.pos.weight[:s] if self.pe == "learned" else self.sin_table[:s])
+            if self.pe == "learned":
+                x = x + self.pos.weight[:s]
+            else:
+                # Vaswani et al. 2017 (sec. 3.4) multiply the embeddings by sqrt(d_model): without
+                # it the unit-amplitude sinusoids swamp the 0.02-scale token embeddings
+                x = x * math.sqrt(self.mc.d_model) + self.sin_table[:s]
         for blk in self.blocks:
             x = blk(x, self.rope, seq_len if seq_len is not None else s)
         return F.linear(self.ln_f(x), self.tok.weight)  # [b, s, 256]

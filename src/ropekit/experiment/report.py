@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 from .schemes import describe_scheme
 from .study import StudyResult
 
-__all__ = ["write_report", "aggregate", "write_csv"]
+__all__ = ["write_report", "aggregate", "write_csv", "read_csv", "load_result", "merge_dirs"]
 
 
 def write_csv(path: str, rows: Sequence[Dict[str, Any]]) -> None:
@@ -138,7 +138,11 @@ def write_report(res: StudyResult, out: str, *, command: str = "") -> List[str]:
             paths.append(p)
     p = os.path.join(out, "config.json")
     with open(p, "w") as f:
-        json.dump({"command": command, "config": res.config.to_dict(), "environment": res.environment}, f, indent=1)
+        json.dump(
+            {"command": command, "config": res.config.to_dict(), "environment": res.environment, "seconds": res.seconds},
+            f,
+            indent=1,
+        )
     paths.append(p)
     pngs = _plots(res, out)
     paths += pngs
@@ -148,6 +152,8 @@ def write_report(res: StudyResult, out: str, *, command: str = "") -> List[str]:
     L.append("# ropekit evidence: a tiny byte-level LM trained on CPU\n")
     if command:
         L.append(f"Command: `{command}`  ")
+    if "jobs" in res.environment:
+        L.append(f"Seeds ran in {res.environment['jobs']} parallel processes.  ")
     L.append(
         f"Seeds: {list(cfg.seeds)} ({len(cfg.seeds)}); wall time {res.seconds / 60:.1f} min; "
         f"Python {res.environment.get('python')}, torch {res.environment.get('torch')}, "
@@ -228,3 +234,61 @@ def write_report(res: StudyResult, out: str, *, command: str = "") -> List[str]:
     with open(rp, "w") as f:
         f.write("\n".join(L) + "\n")
     return [rp, *paths]
+
+
+def _parse(v: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def read_csv(path: str) -> List[Dict[str, Any]]:
+    """Inverse of :func:`write_csv` (numbers parsed back; floats to the 6 digits written)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return [{k: _parse(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def load_result(out: str, corpus_text: str, unigram_bpb: float) -> Tuple[StudyResult, str]:
+    """A result back from the files :func:`write_report` wrote into ``out``, and its command.
+    The corpus description and unigram baseline are passed in (recomputed by the caller)."""
+    from .model import ModelConfig
+    from .study import StudyConfig
+    from .train import TrainConfig
+
+    with open(os.path.join(out, "config.json")) as f:
+        meta = json.load(f)
+    d = dict(meta["config"])
+    d["model"], d["train"] = ModelConfig(**d["model"]), TrainConfig(**d["train"])
+    for k in ("seeds", "encodings", "schemes", "multiples"):
+        d[k] = tuple(d[k])
+    res = StudyResult(StudyConfig(**d), corpus_text, unigram_bpb, [])
+    res.environment = meta.get("environment", {})
+    res.seconds = float(meta.get("seconds", 0.0))
+    res.curves, res.encodings = read_csv(os.path.join(out, "curves.csv")), read_csv(os.path.join(out, "encodings.csv"))
+    res.extrapolation = read_csv(os.path.join(out, "extrapolation.csv"))
+    res.analysis = read_csv(os.path.join(out, "analysis.csv"))
+    return res, meta.get("command", "")
+
+
+def merge_dirs(dirs: Sequence[str], corpus_text: str, unigram_bpb: float) -> Tuple[StudyResult, str]:
+    """Merge result directories: rows of a later directory replace the earlier rows of the
+    same encoding (loss curves, encodings table) or the same scheme (extrapolation), e.g. to
+    re-run one encoding after a fix without re-running everything."""
+    base, cmd = load_result(dirs[0], corpus_text, unigram_bpb)
+    cmds = [cmd]
+    for d in dirs[1:]:
+        r, c = load_result(d, corpus_text, unigram_bpb)
+        cmds.append(c)
+        encs = {x["encoding"] for x in r.encodings}
+        schemes = {(x["scheme"], x["finetuned"]) for x in r.extrapolation}
+        base.curves = [x for x in base.curves if x["encoding"] not in encs] + r.curves
+        base.encodings = [x for x in base.encodings if x["encoding"] not in encs] + r.encodings
+        base.extrapolation = [x for x in base.extrapolation if (x["scheme"], x["finetuned"]) not in schemes] + r.extrapolation
+        base.analysis = r.analysis or base.analysis
+        base.seconds += r.seconds
+    return base, " && ".join(c for c in cmds if c)

@@ -276,13 +276,13 @@ def merge_results(parts: Sequence[StudyResult], config: StudyConfig, seconds: fl
 
 
 def _worker(args) -> StudyResult:
-    root, cfg = args
+    root, cfg, quiet = args
     from .corpus import load_corpus
 
-    return run_study(load_corpus(root), cfg)
+    return run_study(load_corpus(root), cfg, quiet=quiet)
 
 
-def run_study_parallel(corpus_root: Optional[str], cfg: StudyConfig, jobs: int) -> StudyResult:
+def run_study_parallel(corpus_root: Optional[str], cfg: StudyConfig, jobs: int, *, quiet: bool = False) -> StudyResult:
     """:func:`run_study` with the seeds spread over ``jobs`` processes of
     ``max(1, cfg.threads // jobs)`` threads each (same total thread budget).
 
@@ -294,7 +294,7 @@ def run_study_parallel(corpus_root: Optional[str], cfg: StudyConfig, jobs: int) 
 
     t0 = time.perf_counter()
     threads = max(1, cfg.threads // jobs)
-    subs = [(corpus_root, dataclasses.replace(cfg, seeds=(s,), threads=threads)) for s in cfg.seeds]
+    subs = [(corpus_root, dataclasses.replace(cfg, seeds=(s,), threads=threads), quiet) for s in cfg.seeds]
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
         parts = list(ex.map(_worker, subs))
     return merge_results(parts, cfg, time.perf_counter() - t0)

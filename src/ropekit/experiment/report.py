@@ -11,7 +11,7 @@ import json
 import os
 import statistics
 from collections import defaultdict
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
 from .schemes import describe_scheme
 from .study import StudyResult

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .._errors import fail
-from .model import ModelConfig, TinyLM
+from .model import TinyLM
 
 __all__ = ["TrainConfig", "train", "EvalWindows", "eval_windows", "evaluate", "set_determinism"]
 

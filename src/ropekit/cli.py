@@ -713,7 +713,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("list", help="the presets: name, context, source model")
     s.set_defaults(func=_cmd_list)
+
+    # every argument goes to ropekit.experiment's own parser (prefix_chars="+" keeps argparse
+    # from claiming --smoke etc. here)
+    s = sub.add_parser(
+        "experiment",
+        add_help=False,
+        prefix_chars="+",
+        help="tiny byte-level LM on CPU: position encodings and length extrapolation (docs/evidence.md)",
+    )
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(func=_cmd_experiment)
     return p
+
+
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from .experiment import run
+
+    return run(args.rest)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -20,7 +20,7 @@ from .config import LAYOUTS, RopeConfig
 from .convert import convert_layout
 from .functional import apply_rotary, apply_rotary_qk
 from .modules import RotaryEmbedding
-from .multi_axis import multi_axis_cos_sin
+from .multi_axis import MultiAxisRotaryEmbedding, multi_axis_cos_sin
 from .positions import FORMATS, positions_from_cu_seqlens
 from .tables import angles, cos_sin, from_full_width, to_full_width
 
@@ -41,6 +41,7 @@ __all__ = [
     "convert_layout",
     "positions_from_cu_seqlens",
     "multi_axis_cos_sin",
+    "MultiAxisRotaryEmbedding",
     "backends",
     "scaling",
     "multi_axis",

@@ -44,6 +44,7 @@ __all__ = [
     "pair_axes",
     "multi_axis_angles",
     "multi_axis_cos_sin",
+    "MultiAxisRotaryEmbedding",
     "AxialRope",
     "grid_positions",
     "image_positions",
@@ -590,3 +591,120 @@ def mrope_decode_positions(delta: torch.Tensor, start: Union[int, torch.Tensor],
         st = st[:, None]  # per-sample cache lengths [b, 1]
     k = torch.arange(length, device=delta.device, dtype=torch.int64) + st  # [length] or [b, length]
     return (k + delta).unsqueeze(0).expand(3, -1, -1)  # [3, b, length]
+
+
+# --------------------------------------------------------------------------- module
+
+
+class MultiAxisRotaryEmbedding(torch.nn.Module):
+    """M-RoPE / multi-axis RoPE of q and k as a module (Qwen2-VL chunked, Qwen3-VL interleaved).
+
+    Pair ``j`` keeps frequency ``cfg.inv_freq()[j]`` and takes its angle from the position on
+    the axis ``pair_axes(sections, interleaved)[j]`` (see :func:`multi_axis_cos_sin`). With
+    the same position on every axis (text tokens) it equals 1-D :class:`ropekit.RotaryEmbedding`.
+
+    Args:
+        cfg: the rotary configuration (its ``layout`` is used for the pairs).
+        sections: rotary pairs per axis, summing to ``r/2`` (e.g. ``[16, 24, 24]``).
+        interleaved: Qwen3-VL's pair-to-axis rule instead of consecutive blocks.
+        backend: apply backend (``"auto"`` picks the fastest available).
+        table_dtype: dtype of cos/sin (angles are float64, rounded once).
+        attention_scaling: fold ``cfg.attention_factor`` into cos/sin.
+
+    Tables are computed per call from the positions (they are not a function of one index),
+    so the module holds no buffers.
+
+    Example:
+        >>> import ropekit
+        >>> rope = MultiAxisRotaryEmbedding(ropekit.RopeConfig(head_dim=16), [2, 3, 3])
+        >>> q, k = torch.randn(2, 5, 4, 16), torch.randn(2, 5, 1, 16)       # [b, s, h, d]
+        >>> pos = torch.randint(0, 9, (2, 5, 3))                            # [b, s, (t, h, w)]
+        >>> q2, k2 = rope(q, k, pos)
+        >>> q2.shape, k2.shape
+        (torch.Size([2, 5, 4, 16]), torch.Size([2, 5, 1, 16]))
+    """
+
+    def __init__(
+        self,
+        cfg: RopeConfig,
+        sections: Sequence[int],
+        *,
+        interleaved: bool = False,
+        backend: str = "auto",
+        table_dtype: torch.dtype = torch.float32,
+        attention_scaling: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(cfg, RopeConfig):
+            raise fail("cfg a ropekit.RopeConfig", type(cfg).__name__, "build one with RopeConfig(head_dim=...)")
+        self.cfg = cfg
+        self.sections = _check_sections(sections, cfg.n_pairs)
+        self.interleaved = bool(interleaved)
+        if interleaved:
+            pair_axes(self.sections, interleaved=True)  # RopeError now for sections the rule cannot honour
+        self.backend = backend
+        self.table_dtype = table_dtype
+        self.attention_scaling = attention_scaling
+
+    def extra_repr(self) -> str:
+        return f"sections={list(self.sections)}, interleaved={self.interleaved}, layout={self.cfg.layout!r}"
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        positions: torch.Tensor,
+        *,
+        format: str = "bshd",
+        seq_len: Optional[int] = None,
+        inplace: bool = False,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Rotate ``q`` and ``k``.
+
+        Args:
+            q: ``[b, s, hq, d]`` (or ``bhsd``/``sbhd`` by ``format``; ``[t, hq, d]`` for ``thd``).
+            k: same layout with ``hk`` heads.
+            positions: integer ``[b, s, n_axes]`` or ``[s, n_axes]`` (``[t, n_axes]`` for
+                ``thd``); transformers' ``position_ids`` ``(3, b, s)`` are
+                ``position_ids.movedim(0, -1)``.
+            format: ``"bshd"``, ``"bhsd"``, ``"sbhd"`` or ``"thd"``.
+            seq_len: total length for length-dependent scaling.
+            inplace: rotate q and k in place.
+
+        Returns:
+            ``(q_rot, k_rot)``.
+        """
+        from .functional import apply_rotary_qk
+        from .modules import _table_view
+        from .positions import split_format
+
+        b, s = split_format(q, format)
+        kb, ks = split_format(k, format, "k")
+        if (b, s) != (kb, ks):
+            raise fail(
+                f"q and k with the same batch and sequence sizes in format {format!r}",
+                f"q {tuple(q.shape)} and k {tuple(k.shape)}",
+                "rotate new keys with their own call",
+            )
+        if not isinstance(positions, torch.Tensor):
+            raise fail("positions an integer tensor [..., n_axes]", type(positions).__name__, "pass torch.as_tensor(positions)")
+        n_axes = len(self.sections)
+        ok = [(s, n_axes)] if format == "thd" else [(s, n_axes), (b, s, n_axes)]
+        if tuple(positions.shape) not in ok:
+            raise fail(
+                f"positions of shape {' or '.join(str(list(o)) for o in ok)} for q in format {format!r}",
+                f"shape {list(positions.shape)}",
+                "one position per token and axis; transformers' (3, b, s) position_ids: .movedim(0, -1)",
+            )
+        cos, sin = multi_axis_cos_sin(
+            self.cfg,
+            positions.to(q.device),
+            self.sections,
+            interleaved=self.interleaved,
+            dtype=self.table_dtype,
+            seq_len=seq_len,
+            attention_scaling=self.attention_scaling,
+        )  # [*positions.shape[:-1], r/2]
+        pdims = positions.dim() - 1
+        cos, sin = _table_view(cos, format, pdims), _table_view(sin, format, pdims)
+        return apply_rotary_qk(q, k, cos, sin, layout=self.cfg.layout, inplace=inplace, backend=self.backend)

@@ -32,7 +32,6 @@ import argparse
 import csv
 import datetime as _dt
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,8 @@ from ropekit import RopeConfig, RotaryEmbedding, apply_rotary, apply_rotary_qk, 
 from ropekit.backends import cpu as _cpu
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))  # run as a script or loaded by `ropekit bench`
+from _env import cpu_model, git_rev, version  # noqa: E402
 RESULTS = ROOT / "results"
 CSV_PATH = RESULTS / "apply.csv"
 PNG_PATH = RESULTS / "apply.png"
@@ -62,31 +63,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # environment
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
-
-def _version(mod: str) -> str:
-    try:
-        return __import__(mod).__version__
-    except Exception:
-        return "-"
-
-
-def _git_rev() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src", "benchmarks/bench_apply.py"], cwd=ROOT.parent, capture_output=True, text=True).stdout.strip()
-        return rev + ("+dirty" if dirty else "")
-    except OSError:
-        return "-"
 
 
 # ------------------------------------------------------------------------------------------
@@ -429,9 +406,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         cases = [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",")]
     rounds = args.rounds or (7 if args.quick else 15)
     with_compile = not (args.quick or args.no_compile)
-    meta = dict(run=_dt.datetime.now().isoformat(timespec="seconds"), device="cpu", cpu=_cpu_model(),
-                threads=torch.get_num_threads(), torch=torch.__version__, triton=_version("triton"),
-                transformers=_version("transformers"), git_rev=_git_rev())
+    meta = dict(run=_dt.datetime.now().isoformat(timespec="seconds"), device="cpu", cpu=cpu_model(),
+                threads=torch.get_num_threads(), torch=torch.__version__, triton=version("triton"),
+                transformers=version("transformers"), git_rev=git_rev("bench_apply.py"))
     print(f"ropekit apply benchmark: {meta}", flush=True)
     rows = [] if args.no_first_call else first_call(meta)
     only = args.variants.split(",") if args.variants else None

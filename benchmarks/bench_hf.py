@@ -34,9 +34,8 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as _dt
-import platform
 import statistics
-import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -47,6 +46,8 @@ import torch
 from ropekit.integrations import transformers as rt
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))  # run as a script or loaded by `ropekit bench`
+from _env import cpu_model, git_rev  # noqa: E402
 CSV_PATH = ROOT / "results" / "hf.csv"
 FIELDS = [
     "run", "device", "cpu", "threads", "torch", "transformers", "ropekit_backend", "git_rev", "shape",
@@ -55,27 +56,6 @@ FIELDS = [
 ]  # fmt: skip
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git_rev() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "src", "benchmarks/bench_hf.py"],
-            cwd=ROOT.parent, capture_output=True, text=True,
-        )  # fmt: skip
-        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except OSError:
-        return "-"
 
 
 def _stats(ts: List[float]) -> Tuple[float, float, float]:
@@ -230,9 +210,9 @@ def bench(args) -> List[dict]:
             med, p20, p80 = _stats(times[v])
             rows.append(
                 dict(
-                    run=run_id, device="cpu", cpu=_cpu_model(), threads=torch.get_num_threads(),
+                    run=run_id, device="cpu", cpu=cpu_model(), threads=torch.get_num_threads(),
                     torch=torch.__version__, transformers=transformers.__version__, ropekit_backend=backend,
-                    git_rev=_git_rev(), shape=f"b{args.b} s{args.s} L{args.layers} h{args.heads}/{args.kv_heads} d{args.hidden // args.heads}",
+                    git_rev=git_rev("bench_hf.py"), shape=f"b{args.b} s{args.s} L{args.layers} h{args.heads}/{args.kv_heads} d{args.hidden // args.heads}",
                     b=args.b, s=args.s, hidden=args.hidden, layers=args.layers, heads=args.heads,
                     kv_heads=args.kv_heads, head_dim=args.hidden // args.heads, dtype=str(args.dtype).replace("torch.", ""),
                     variant=v, mode=mode, median_ms=f"{med:.3f}", p20_ms=f"{p20:.3f}", p80_ms=f"{p80:.3f}",

@@ -12,7 +12,7 @@ from ._errors import fail
 from .config import RopeConfig
 from . import backends as _backends
 from .functional import _check_writable, apply_rotary_qk, tracing
-from .positions import resolve_positions, split_format
+from .positions import resolve_positions, split_format, split_qk_format
 from .tables import MAX_EXACT_POSITION, cos_sin
 
 __all__ = ["RotaryEmbedding"]
@@ -270,14 +270,7 @@ class RotaryEmbedding(nn.Module):
         _check_qk(q, k)
         if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0):
             raise fail("seq_len an int >= 0 or None", repr(seq_len), "pass the total sequence length (e.g. prompt + generated)")
-        qb, qs = split_format(q, format)
-        kb, ks = split_format(k, format, "k")
-        if (qb, qs) != (kb, ks):
-            raise fail(
-                f"q and k with the same batch and sequence sizes in format {format!r}",
-                f"q {tuple(q.shape)} and k {tuple(k.shape)}",
-                "rotate new keys with their own call (e.g. offsets=cache_len)",
-            )
+        split_qk_format(q, k, format)
         if self._sync_free(q):
             # graph path: no cache, no lock, no sync; cos/sin from positions inside the graph
             cos, sin = self.cos_sin_for(q, positions=positions, offsets=offsets, cu_seqlens=cu_seqlens, format=format, seq_len=seq_len)

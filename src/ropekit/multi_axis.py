@@ -676,16 +676,9 @@ class MultiAxisRotaryEmbedding(torch.nn.Module):
         """
         from .functional import apply_rotary_qk
         from .modules import _table_view
-        from .positions import split_format
+        from .positions import split_qk_format
 
-        b, s = split_format(q, format)
-        kb, ks = split_format(k, format, "k")
-        if (b, s) != (kb, ks):
-            raise fail(
-                f"q and k with the same batch and sequence sizes in format {format!r}",
-                f"q {tuple(q.shape)} and k {tuple(k.shape)}",
-                "rotate new keys with their own call",
-            )
+        b, s = split_qk_format(q, k, format)
         if not isinstance(positions, torch.Tensor):
             raise fail("positions an integer tensor [..., n_axes]", type(positions).__name__, "pass torch.as_tensor(positions)")
         n_axes = len(self.sections)

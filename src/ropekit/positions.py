@@ -12,7 +12,7 @@ import torch
 from ._errors import fail
 from .tables import check_positions
 
-__all__ = ["FORMATS", "positions_from_cu_seqlens", "resolve_positions", "split_format"]
+__all__ = ["FORMATS", "positions_from_cu_seqlens", "resolve_positions", "split_format", "split_qk_format"]
 
 #: Tensor formats of q/k: batch, sequence, heads, head dim; ``thd`` is packed tokens.
 FORMATS = ("bshd", "bhsd", "sbhd", "thd")
@@ -32,6 +32,22 @@ def split_format(x: torch.Tensor, fmt: str, name: str = "q"):
     if fmt == "thd":
         return None, x.shape[0]
     return x.shape[fmt.index("b")], x.shape[fmt.index("s")]
+
+
+def split_qk_format(q: torch.Tensor, k: torch.Tensor, fmt: str):
+    """``(b, s)`` shared by ``q`` and ``k`` in format ``fmt``; RopeError when they differ.
+
+    q and k may differ in their heads dim only (GQA/MQA).
+    """
+    qb, qs = split_format(q, fmt)
+    kb, ks = split_format(k, fmt, "k")
+    if (qb, qs) != (kb, ks):
+        raise fail(
+            f"q and k with the same batch and sequence sizes in format {fmt!r}",
+            f"q {tuple(q.shape)} and k {tuple(k.shape)}",
+            "rotate new keys with their own call (e.g. offsets=cache_len)",
+        )
+    return qb, qs
 
 
 def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: Optional[int] = None) -> torch.Tensor:

@@ -42,7 +42,6 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-import ropekit
 from ropekit import RopeConfig, RotaryEmbedding, apply_rotary, apply_rotary_qk, cos_sin
 from ropekit.backends import cpu as _cpu
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ropekit
-from ropekit import RopeConfig, apply_rotary, apply_rotary_qk, convert_layout, cos_sin, from_full_width, to_full_width
+from ropekit import RopeConfig, apply_rotary_qk, convert_layout, cos_sin, from_full_width, to_full_width
 
 BACKENDS = [b for b in ropekit.backends.available() if b != "triton"]
 

@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, TextIO
 
 import torch
 
-from ._errors import RopeError, fail
+from ._errors import fail
 
 __all__ = ["main", "build_parser", "load_models", "Progress"]
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Hashable, Optional
 
 import torch
 
-from ._errors import RopeError, fail
+from ._errors import fail
 
 if TYPE_CHECKING:  # pragma: no cover
     from .scaling import Scaling

@@ -7,13 +7,13 @@ only when ``cos``/``sin`` themselves require grad).
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 
 from . import backends as _backends
 from . import reference as _reference
-from ._errors import RopeError, fail
+from ._errors import fail
 from .backends import complex as _complex
 from .backends import eager as _eager
 from .config import check_layout

@@ -191,7 +191,7 @@ class RotaryEmbedding(nn.Module):
             n = hi + 1
         if n - 1 > MAX_EXACT_POSITION:
             raise fail(
-                f"positions <= 2**53 (exact in the float64 angle m·θ)",
+                "positions <= 2**53 (exact in the float64 angle m·θ)",
                 f"a maximum position of {n - 1}",
                 "positions are token indices; check how they were computed",
             )

@@ -37,7 +37,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from ._errors import fail
-from .config import RopeConfig, check_layout
+from .config import RopeConfig
 from .tables import check_positions
 
 __all__ = [

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Dict, Hashable, Optional, Tuple
 
 import torch
 
-from ._errors import RopeError, fail
+from ._errors import fail
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import RopeConfig

@@ -12,7 +12,7 @@ from typing import Dict, Hashable, Optional, Tuple, Union
 
 import torch
 
-from ._errors import RopeError, fail
+from ._errors import fail
 from .config import RopeConfig, check_layout
 
 __all__ = ["cos_sin", "angles", "to_full_width", "from_full_width", "check_positions", "TableCache"]

@@ -16,13 +16,13 @@ heads, ``d`` head dim, ``r`` rotary dim; a rotary pair ``i`` has frequency ``θ_
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from ._errors import fail
-from .config import RopeConfig, check_layout
+from .config import RopeConfig
 from .tables import _as_positions, check_positions
 
 __all__ = [

@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, List, Sequence, Tuple
 

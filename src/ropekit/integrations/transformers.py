@@ -59,7 +59,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from .._errors import RopeError, fail
+from .._errors import fail
 from ..config import RopeConfig
 from ..functional import apply_rotary, apply_rotary_qk
 from ..tables import TableCache, check_positions, cos_sin, to_full_width

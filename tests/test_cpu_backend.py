@@ -374,6 +374,46 @@ def test_gather_autograd(fmt, no_eager):
     torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("mode", ["q_only", "both_sum", "k_no_grad"])
+def test_gather_backward_partial_and_expanded(mode, inplace, monkeypatch, no_eager):
+    """Backward of the fused gather: one kernel call, only for the gradients that exist and are needed.
+
+    q_only: k's output unused -> a one-tensor call, no gradient for k; both_sum: expanded
+    (zero-stride) gradients from .sum(); k_no_grad: k's gradient is not needed.
+    """
+    b, s, hq, hk, d = 2, 3, 2, 1, 16
+    cos_t, sin_t = cos_sin(RopeConfig(d, rotary_dim=12), torch.arange(8))  # float32 [8, 6]
+    pos = torch.tensor([[1, 7, 0], [3, 3, 5]])
+    c, sn = cos_t[pos][:, :, None], sin_t[pos][:, :, None]  # [b, s, 1, r/2]
+    q, k = _qk("bshd", b, s, hq, hk, d, torch.float32, seed=21)
+    gq, gk = torch.randn_like(q), torch.randn_like(k)
+    calls = []
+    real = cpu._run
+    monkeypatch.setattr(cpu, "_run", lambda jobs, njobs, serial=0: calls.append(njobs) or real(jobs, njobs, serial))
+    qa = q.clone().requires_grad_()
+    ka = k.clone().requires_grad_(mode != "k_no_grad")
+    qi, ki = (qa * 1, ka * 1) if inplace else (qa, ka)
+    qo, ko = cpu.rotate_qk_gather(qi, ki, cos_t, sin_t, pos, "bshd", "half", inplace)
+    assert (qo is qi and ko is ki) == inplace
+    assert torch.equal(qo, _formula(q, c, sn, "half")) and torch.equal(ko, _formula(k, c, sn, "half"))
+    if mode == "q_only":
+        qo.sum().backward()
+        want_q, want_k = torch.ones_like(q), None
+    elif mode == "both_sum":
+        (qo.sum() + ko.sum()).backward()
+        want_q, want_k = torch.ones_like(q), torch.ones_like(k)
+    else:
+        ((qo * gq).sum() + (ko * gk).sum()).backward()
+        want_q, want_k = gq, None
+    assert calls == [2, 1 if want_k is None else 2]  # forward q+k, backward one call
+    assert torch.equal(qa.grad, _formula(want_q, c, sn, "half", conjugate=True))
+    if want_k is None:
+        assert ka.grad is None
+    else:
+        assert torch.equal(ka.grad, _formula(want_k, c, sn, "half", conjugate=True))
+
+
 def test_gather_positions_out_of_range_write_nothing():
     q, k = torch.randn(1, 4, 2, 16), torch.randn(1, 4, 1, 16)
     cos_t, sin_t = cos_sin(RopeConfig(16), torch.arange(8))  # [8, 8] float32

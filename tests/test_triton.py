@@ -347,6 +347,47 @@ def test_module_inplace_and_untouched():
         rope(w, wk_, positions=pos, inplace=True)
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("mode", ["q_only", "both_sum", "k_no_grad"])
+def test_gather_backward_partial_and_expanded(mode, inplace, monkeypatch):
+    """Backward of the fused gather: one launch, only for the gradients that exist and are needed.
+
+    q_only: k's output unused -> no gradient for k; both_sum: expanded (zero-stride)
+    gradients from .sum(); k_no_grad: k's gradient is not needed.
+    """
+    torch.manual_seed(8)
+    cfg = RopeConfig(16, rotary_dim=12)
+    cos_t, sin_t = cos_sin(cfg, torch.arange(8, device=DEV))
+    pos = torch.tensor([[1, 7, 0], [3, 3, 5]], device=DEV)
+    q, k = torch.randn(2, 3, 2, 16, device=DEV), torch.randn(2, 3, 1, 16, device=DEV)
+    gq, gk = torch.randn_like(q), torch.randn_like(k)
+    qa = q.clone().requires_grad_()
+    ka = k.clone().requires_grad_(mode != "k_no_grad")
+    qi, ki = (qa * 1, ka * 1) if inplace else (qa, ka)
+    calls = _Launches(monkeypatch)
+    qo, ko = tb.rotate_qk_gather(qi, ki, cos_t, sin_t, pos, "bshd", "half", inplace)
+    assert (qo is qi and ko is ki) == inplace
+    _close(qo, _oracle(q, cfg, pos), torch.float32)
+    _close(ko, _oracle(k, cfg, pos), torch.float32)
+    if mode == "q_only":
+        qo.sum().backward()
+        want_q, want_k = torch.ones_like(q), None
+    elif mode == "both_sum":
+        (qo.sum() + ko.sum()).backward()
+        want_q, want_k = torch.ones_like(q), torch.ones_like(k)
+    else:
+        ((qo * gq).sum() + (ko * gk).sum()).backward()
+        want_q, want_k = gq, None
+    assert calls.n == 2  # forward q+k, backward one launch
+    for x, want, grad in ((q, want_q, qa.grad), (k, want_k, ka.grad)):
+        if want is None:
+            assert grad is None
+            continue
+        xr = x.double().requires_grad_()
+        (_oracle(xr, cfg, pos) * want.double()).sum().backward()
+        _close(grad, xr.grad, torch.float32)
+
+
 def test_positions_outside_table_raise():
     cfg = RopeConfig(16)
     cos_t, sin_t = cos_sin(cfg, torch.arange(8, device=DEV))  # n = 8 rows

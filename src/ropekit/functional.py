@@ -438,3 +438,45 @@ def apply_rotary_qk(
             return qk(q, k, cos, sin, layout, inplace)
     kw = dict(layout=layout, inplace=inplace, backend=be.NAME, conjugate=conjugate)
     return apply_rotary(q, cos, sin, **kw), apply_rotary(k, cos, sin, **kw)
+
+
+class _GatherQK(torch.autograd.Function):
+    """Autograd of a backend's fused gather (``rotate_qk_gather``: table rows picked by position).
+
+    The backend module supplies one hook::
+
+        backend._gather_rotate(xs, cos_table, sin_table, pos, fmt, layout, conjugate, inplace) -> list
+
+    rotating each tensor of ``xs`` (1 or 2, in format ``fmt``) by the rows ``pos`` of the
+    ``[n, r/2]`` tables (by ``-θ`` when ``conjugate``) and returning the results, ``xs``
+    themselves when ``inplace``. With ``conjugate=True, inplace=False`` it must take
+    gradients of any strides (expanded ones too, e.g. from ``.sum()``).
+
+    Forward: the hook on ``[q, k]``. Backward: ``R(θ)ᵀ = R(-θ)``, so the same hook conjugated,
+    out of place, on the gradients that exist and are needed; only the tables and positions
+    are saved (positions are validated by the backend before ``apply``).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, cos_table, sin_table, pos, fmt, layout, backend, inplace):  # type: ignore[override]
+        qo, ko = backend._gather_rotate([q, k], cos_table, sin_table, pos, fmt, layout, False, inplace)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no launch for it
+        ctx.save_for_backward(cos_table, sin_table, pos)
+        ctx.fmt, ctx.layout, ctx.backend = fmt, layout, backend
+        if inplace:
+            ctx.mark_dirty(q, k)
+        return qo, ko
+
+    @staticmethod
+    def backward(ctx, gq, gk):  # type: ignore[override]
+        cos_table, sin_table, pos = ctx.saved_tensors
+        grads = [gq, gk]
+        idx = [i for i in (0, 1) if grads[i] is not None and ctx.needs_input_grad[i]]
+        out = [None, None]
+        if idx:
+            res = ctx.backend._gather_rotate(
+                [grads[i] for i in idx], cos_table, sin_table, pos, ctx.fmt, ctx.layout, True, False
+            )
+            for i, r in zip(idx, res):
+                out[i] = r
+        return out[0], out[1], None, None, None, None, None, None, None

@@ -301,60 +301,57 @@ def _gather_views(cos_table, sin_table, pos, fmt):
     return _table_view(cos_table[pos], fmt, pos.dim()), _table_view(sin_table[pos], fmt, pos.dim())
 
 
-def _gather(q, k, cos_table, sin_table, pos, fmt, layout, conj, qo, ko):
-    """``qo, ko = rot(q), rot(k)`` with the table rows ``pos``; ``qo``/``ko`` may be ``q``/``k``.
+def _gather(xs, cos_table, sin_table, pos, fmt, layout, conj, outs):
+    """``outs[i] = rot(xs[i])`` with the table rows ``pos``, 1 or 2 tensors in one kernel call;
+    ``outs`` may be ``xs`` (in place).
 
     Positions are range-checked before anything is written (RopeError).
     """
     n = cos_table.shape[0]
-    dq = _fast(q)
-    if dq is not None and k.dtype is q.dtype:
+    dq = _fast(xs[0])
+    if dq is not None and all(x.dtype is xs[0].dtype for x in xs):
         cdt = _F64 if dq == 3 else _F32
         if cos_table.dtype is cdt and sin_table.dtype is cdt and cos_table.is_contiguous() and sin_table.is_contiguous():
             if pos.dtype is not _I64 or not pos.is_contiguous():
                 pos = pos.to(_I64).contiguous()
             lay, h, pst, np_ = _LAYOUT[layout], cos_table.shape[1], _pos_strides(fmt, pos), pos.numel()
             c, s, p = cos_table.data_ptr(), sin_table.data_ptr(), pos.data_ptr()
-            jq = (dq, lay, conj, 1, q.dim(), 0, h, q.data_ptr(), qo.data_ptr(), c, s, p, np_, n,
-                  *q.shape, *q.stride(), *qo.stride(), *pst)
-            jk = (dq, lay, conj, 1, k.dim(), 0, h, k.data_ptr(), ko.data_ptr(), c, s, p, np_, n,
-                  *k.shape, *k.stride(), *ko.stride(), *pst)
-            rc = _run(jq + jk, 2, 1 if qo is q and _same_storage(q, k) else 0)
+            jobs = ()
+            for x, o in zip(xs, outs):
+                jobs += (dq, lay, conj, 1, x.dim(), 0, h, x.data_ptr(), o.data_ptr(), c, s, p, np_, n,
+                         *x.shape, *x.stride(), *o.stride(), *pst)
+            # q and k may overlap when in place on one storage: then k after q, as two calls would
+            serial = 1 if len(xs) == 2 and outs[0] is xs[0] and _same_storage(xs[0], xs[1]) else 0
+            rc = _run(jobs, len(xs), serial)
             if rc >= 100:
                 raise _bad_positions(pos, n)
             if rc == 0:
-                return qo, ko
+                return outs
     # other table dtypes / strides / q-k dtypes: gather the rows first, then the strided path
     _check_range(pos, n)
     cos, sin = _gather_views(cos_table, sin_table, pos, fmt)
-    rotate(q, cos, sin, layout, bool(conj), qo)
-    rotate(k, cos, sin, layout, bool(conj), ko)
-    return qo, ko
+    for x, o in zip(xs, outs):
+        rotate(x, cos, sin, layout, bool(conj), o)
+    return outs
 
 
-class _GatherRotary(torch.autograd.Function):
-    """Autograd of the fused gather: the backward is the same kernel conjugated (R(θ)ᵀ = R(-θ))."""
+def _gather_rotate(xs, cos_table, sin_table, pos, fmt, layout, conjugate, inplace) -> list:
+    """The fused-gather hook of :class:`ropekit.functional._GatherQK`: rotate 1 or 2 tensors.
 
-    @staticmethod
-    def forward(ctx, q, k, cos_table, sin_table, pos, fmt, layout, inplace):  # type: ignore[override]
-        qo, ko = (q, k) if inplace else (torch.empty_like(q), torch.empty_like(k))
-        _gather(q, k, cos_table, sin_table, pos, fmt, layout, 0, qo, ko)
-        ctx.save_for_backward(cos_table, sin_table, pos)
-        ctx.fmt, ctx.layout = fmt, layout
-        if inplace:
-            ctx.mark_dirty(q, k)
-        return qo, ko
-
-    @staticmethod
-    def backward(ctx, gq, gk):  # type: ignore[override]
-        cos_table, sin_table, pos = ctx.saved_tensors
-        # gradients may be expanded (zero strides, e.g. from .sum()): the kernel reads any
-        # strides; a non-unit last-dim stride is made contiguous here
-        gq = gq if gq.stride(-1) == 1 else gq.contiguous()
-        gk = gk if gk.stride(-1) == 1 else gk.contiguous()
-        dq, dk = torch.empty_like(gq, memory_format=torch.contiguous_format), torch.empty_like(gk, memory_format=torch.contiguous_format)
-        _gather(gq, gk, cos_table, sin_table, pos, ctx.fmt, ctx.layout, 1, dq, dk)
-        return dq, dk, None, None, None, None, None, None
+    Returns ``xs`` themselves when ``inplace``. Out of place, the forward rotation writes into
+    ``torch.empty_like`` outputs (a ``bshd`` view of ``bhsd`` memory keeps its strides); the
+    conjugated one (backward) takes gradients that may be expanded (zero strides, e.g. from
+    ``.sum()``): the kernel reads any strides, a non-unit last-dim stride is made contiguous
+    here, and the outputs are contiguous.
+    """
+    if inplace:
+        outs = list(xs)
+    elif conjugate:
+        xs = [x if x.stride(-1) == 1 else x.contiguous() for x in xs]
+        outs = [torch.empty_like(x, memory_format=torch.contiguous_format) for x in xs]
+    else:
+        outs = [torch.empty_like(x) for x in xs]
+    return _gather(xs, cos_table, sin_table, pos, fmt, layout, 1 if conjugate else 0, outs)
 
 
 def rotate_qk_gather(q, k, cos_table, sin_table, positions, fmt, layout, inplace):
@@ -372,8 +369,9 @@ def rotate_qk_gather(q, k, cos_table, sin_table, positions, fmt, layout, inplace
         inplace: write into ``q`` and ``k``.
 
     Returns:
-        ``(q_rot, k_rot)``. Differentiable in ``q`` and ``k`` (tables that require grad
-        take the unfused path through :func:`ropekit.apply_rotary_qk`).
+        ``(q_rot, k_rot)``. Differentiable in ``q`` and ``k`` through
+        :class:`ropekit.functional._GatherQK` (tables that require grad take the unfused
+        path through :func:`ropekit.apply_rotary_qk`).
 
     Raises:
         RopeError: positions outside ``[0, n)`` (checked before anything is written), or
@@ -391,8 +389,8 @@ def rotate_qk_gather(q, k, cos_table, sin_table, positions, fmt, layout, inplace
                 "use inplace=False, or apply to a non-leaf (e.g. the output of the q projection)",
             )
     if not grad:
-        qo, ko = (q, k) if inplace else (torch.empty_like(q), torch.empty_like(k))
-        return _gather(q, k, cos_table, sin_table, positions, fmt, layout, 0, qo, ko)
+        qo, ko = _gather_rotate([q, k], cos_table, sin_table, positions, fmt, layout, False, inplace)
+        return qo, ko
     if cos_table.requires_grad or sin_table.requires_grad:
         from ..functional import apply_rotary_qk
 
@@ -401,4 +399,8 @@ def rotate_qk_gather(q, k, cos_table, sin_table, positions, fmt, layout, inplace
             raise _bad_positions(positions, n)
         cos, sin = _gather_views(cos_table, sin_table, positions, fmt)
         return apply_rotary_qk(q, k, cos, sin, layout=layout, inplace=inplace, backend=NAME)
-    return _GatherRotary.apply(q, k, cos_table, sin_table, positions, fmt, layout, inplace)
+    import sys
+
+    from ..functional import _GatherQK
+
+    return _GatherQK.apply(q, k, cos_table, sin_table, positions, fmt, layout, sys.modules[__name__], inplace)

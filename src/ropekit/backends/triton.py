@@ -434,47 +434,22 @@ def _gather_groups(xs, outs, cos_t, sin_t, pos, fmt, interleaved, conjugate, inp
         _run(xa, oa, None, None, cos_t, sin_t, pv, interleaved, conjugate, False, inplace)
 
 
-def _gather_apply(xs, cos_t, sin_t, pos, fmt, interleaved, conjugate, inplace):
-    """Rotate each tensor of ``xs`` (unit last stride enforced here); returns the results."""
+def _gather_rotate(xs, cos_table, sin_table, pos, fmt, layout, conjugate, inplace) -> list:
+    """The fused-gather hook of :class:`ropekit.functional._GatherQK`: rotate 1 or 2 tensors.
+
+    Unit last stride is enforced here (incoming gradients may be expanded: zero strides;
+    in place, such a tensor is rotated in a copy and written back). Returns ``xs``
+    themselves when ``inplace``, else fresh tensors.
+    """
     work = [_unit_last(x) for x in xs]
     outs = work if inplace else [torch.empty_like(w) for w in work]
-    _gather_groups(work, outs, cos_t, sin_t, pos, fmt, interleaved, conjugate, inplace)
+    _gather_groups(work, outs, cos_table, sin_table, pos, fmt, layout == "interleaved", conjugate, inplace)
     if inplace:
         for x, w in zip(xs, work):
             if w is not x:
                 x.copy_(w)
         return list(xs)
     return outs
-
-
-class _GatherRotary(torch.autograd.Function):
-    """Autograd for the fused gather: backward = the same kernel with ``sin -> -sin``.
-
-    Saves only the tables and positions, no activations.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, cos_t, sin_t, pos, fmt, interleaved, inplace):  # type: ignore[override]
-        qo, ko = _gather_apply([q, k], cos_t, sin_t, pos, fmt, interleaved, False, inplace)
-        ctx.save_for_backward(cos_t, sin_t, pos)
-        ctx.set_materialize_grads(False)  # an unused output gets no zero-filled gradient launch
-        ctx.fmt, ctx.interleaved = fmt, interleaved
-        if inplace:
-            ctx.mark_dirty(q, k)
-        return qo, ko
-
-    @staticmethod
-    def backward(ctx, gq, gk):  # type: ignore[override]
-        cos_t, sin_t, pos = ctx.saved_tensors
-        idx = [i for i, g in enumerate((gq, gk)) if g is not None and ctx.needs_input_grad[i]]
-        grads: List[Optional[torch.Tensor]] = [None, None]
-        if idx:
-            gs = [(gq, gk)[i] for i in idx]
-            # out of place: incoming gradients may be shared or expanded (zero strides)
-            res = _gather_apply(gs, cos_t, sin_t, pos, ctx.fmt, ctx.interleaved, True, False)
-            for i, r in zip(idx, res):
-                grads[i] = r
-        return grads[0], grads[1], None, None, None, None, None, None
 
 
 def _check_range(pos: torch.Tensor, n: int) -> None:
@@ -516,7 +491,8 @@ def rotate_qk_gather(
         inplace: write into q and k (they must not be leaves that require grad).
 
     Returns:
-        ``(q_rot, k_rot)``; differentiable w.r.t. q and k (the tables get no gradient).
+        ``(q_rot, k_rot)``; differentiable w.r.t. q and k through
+        :class:`ropekit.functional._GatherQK` (the tables get no gradient).
 
     Raises RopeError for positions outside ``[0, n)`` (one host sync; see the module doc).
     """
@@ -550,7 +526,6 @@ def rotate_qk_gather(
             "one position per token (per sample if they differ)",
         )
     _check_range(pos, n)
-    interleaved = layout == "interleaved"
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     if inplace:
         for name, t in (("q", q), ("k", k)):
@@ -564,7 +539,11 @@ def rotate_qk_gather(
     if q.numel() == 0 or k.numel() == 0:
         return (q, k) if inplace else (q.clone(), k.clone())
     if grad:
-        return _GatherRotary.apply(q, k, cos_table, sin_table, pos, fmt, interleaved, inplace)
+        import sys
+
+        from ..functional import _GatherQK
+
+        return _GatherQK.apply(q, k, cos_table, sin_table, pos, fmt, layout, sys.modules[__name__], inplace)
     with torch.no_grad():
-        qo, ko = _gather_apply([q, k], cos_table, sin_table, pos, fmt, interleaved, False, inplace)
+        qo, ko = _gather_rotate([q, k], cos_table, sin_table, pos, fmt, layout, False, inplace)
     return qo, ko

@@ -166,6 +166,29 @@ def test_nan_inf_and_rounding_edges_bf16(no_eager):
     _assert_nan_equal(y, _formula(x, cos, sin, "half"))
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("half", [8, 16, 24, 40, 64])
+@pytest.mark.parametrize("conjugate", [False, True])
+def test_nan_payloads_stay_nan_bf16(layout, half, conjugate, no_eager):
+    """NaN and inf in x and NaNs with any payload in the float32 tables: NaN exactly where the
+    float32 formula has one, the same bits elsewhere. Pins the bf16 fast path, whose rounding has
+    no NaN test (the tables' NaN payloads are made canonical per table row: a NaN whose low
+    16 bits are set, e.g. 0x7FFFFFFF, would otherwise round to -0.0)."""
+    g = torch.Generator().manual_seed(half)
+    x = torch.randn(6, 4, 2 * half, generator=g).to(torch.bfloat16)  # [s, h, d]
+    xb = x.view(torch.int16).view(-1)
+    xb[::29], xb[3::31], xb[5::37], xb[9::43], xb[11::47] = 0x7FC0, -64, 0x7F80, 0x7FFF, -1  # NaN, -NaN, inf, NaNs
+    cos, sin = torch.randn(6, 1, half, generator=g), torch.randn(6, 1, half, generator=g)
+    cb, sb = cos.view(torch.int32).view(-1), sin.view(torch.int32).view(-1)
+    payloads = [0x7FFFFFFF, -1, 0x7F800001, 0x7FFF8000, -32768, 0x7F800000, 0x7FC00000]  # NaNs, inf
+    for i, bits in enumerate(payloads):
+        cb[(7 * i + 3) % cb.numel()] = bits
+        sb[(11 * i + 5) % sb.numel()] = bits
+    y = apply_rotary(x, cos, sin, layout=layout, conjugate=conjugate, backend="cpu")
+    _assert_nan_equal(y.view(torch.int16).view(torch.bfloat16), _formula(x, cos, sin, layout, conjugate))
+    assert not torch.equal(torch.isnan(y), torch.zeros_like(y, dtype=torch.bool))  # the case is exercised
+
+
 def _assert_nan_equal(a, b):
     assert a.shape == b.shape
     an, bn = torch.isnan(a), torch.isnan(b)

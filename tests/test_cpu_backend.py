@@ -535,3 +535,46 @@ def test_backend_registry_and_auto():
     x = torch.randn(1, 2, 1, 8)
     assert ropekit.backends.resolve("auto", x).NAME == "cpu"
     assert cpu.supports(x) and not cpu.supports(torch.zeros(2, dtype=torch.int64))
+
+
+def _thp_mode():
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _vma_field(addr: int, field: str):
+    """``field`` of the /proc/self/smaps mapping that holds ``addr`` (None if not found)."""
+    cur = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                cur = lo <= addr < hi
+            elif cur and head == field + ":":
+                return line.split()[1]
+    return None
+
+
+def test_new_output_is_empty_like_and_advises_huge_pages():
+    x = torch.randn(6, 4, 8).transpose(0, 1)  # a permuted view: empty_like keeps its strides
+    out = cpu.new_output(x)
+    assert out.shape == x.shape and out.stride() == x.stride() and out.dtype == x.dtype
+    assert cpu.new_output(x, torch.contiguous_format).is_contiguous()
+    assert cpu._lib.rk_advise_huge(out.data_ptr(), 4096) == 1  # no whole 2 MiB page inside: nothing done
+    if _thp_mode() not in ("always", "madvise") or not hasattr(__import__("os"), "sched_getaffinity"):
+        pytest.skip("no transparent huge pages on this system")
+    big = cpu.new_output(torch.empty(cpu.HUGE_BYTES // 4 * 2))  # 8 MiB of float32
+    p = big.data_ptr() + (2 << 20) + 4096  # inside the advised (2 MiB-aligned) interior
+    eligible = _vma_field(p, "THPeligible")
+    if eligible is None:
+        pytest.skip("this kernel's smaps has no THPeligible field")
+    assert eligible == "1"
+    # and a result through the public path is still right
+    q = torch.randn(1, 2048, 8, 128)
+    cos, sin = cos_sin(RopeConfig(128), torch.arange(2048))
+    y = apply_rotary(q, cos[:, None], sin[:, None], backend="cpu")
+    assert torch.equal(y, _formula(q, cos[:, None], sin[:, None], "half"))

@@ -142,7 +142,7 @@ def _check_writable(t: torch.Tensor, name: str) -> None:
 def _rotate_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str, conjugate: bool, backend: str) -> torch.Tensor:
     """A non-traceable backend as one opaque graph node: ``rot(x)`` into a fresh tensor."""
     be = _backends.resolve(backend, x)
-    return be.rotate(x, cos, sin, layout, conjugate, torch.empty_like(x))
+    return be.rotate(x, cos, sin, layout, conjugate, _new_out(be, x))
 
 
 @_rotate_op.register_fake
@@ -163,6 +163,12 @@ def _rotate_op_backward(ctx, g):
 
 
 _rotate_op.register_autograd(_rotate_op_backward, setup_context=_rotate_op_setup)
+
+
+def _new_out(be, x: torch.Tensor) -> torch.Tensor:
+    """A fresh output for backend ``be`` to write (its ``new_output`` hook, else ``empty_like``)."""
+    hook = getattr(be, "new_output", None)
+    return torch.empty_like(x) if hook is None else hook(x)
 
 
 def _resolve(backend: str, x: torch.Tensor):
@@ -225,7 +231,7 @@ def _rotate_traced(x, cos, sin, layout: str, conjugate: bool, be) -> torch.Tenso
 class _Rotary(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin, layout, backend, inplace):  # type: ignore[override]
-        dst = x if inplace else torch.empty_like(x)
+        dst = x if inplace else _new_out(backend, x)
         backend.rotate(x, cos, sin, layout, False, dst)
         need_tables_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         saved_x = (x.clone() if inplace else x) if need_tables_grad else None
@@ -246,7 +252,7 @@ class _Rotary(torch.autograd.Function):
         dx = dcos = dsin = None
         if ctx.needs_input_grad[0]:
             # d/dx of R(θ)x is R(θ)ᵀ = R(-θ): the forward with sin -> -sin
-            dx = ctx.backend.rotate(g, cos, sin, ctx.layout, True, torch.empty_like(g))
+            dx = ctx.backend.rotate(g, cos, sin, ctx.layout, True, _new_out(ctx.backend, g))
         if len(saved) == 3:
             x = saved[2]
             r = 2 * cos.shape[-1]
@@ -287,8 +293,8 @@ class _RotaryQK(torch.autograd.Function):
         if gq is not None and gk is not None:
             dq, dk = be.rotate_qk(gq, gk, cos, neg, layout, False)
         else:
-            dq = None if gq is None else be.rotate(gq, cos, neg, layout, False, torch.empty_like(gq))
-            dk = None if gk is None else be.rotate(gk, cos, neg, layout, False, torch.empty_like(gk))
+            dq = None if gq is None else be.rotate(gq, cos, neg, layout, False, _new_out(be, gq))
+            dk = None if gk is None else be.rotate(gk, cos, neg, layout, False, _new_out(be, gk))
         return dq, dk, None, None, None, None, None
 
 
@@ -380,7 +386,7 @@ def apply_rotary(
         return y
     if out is not None or not grad:
         with torch.no_grad():
-            dst = x if inplace else (out if out is not None else torch.empty_like(x))
+            dst = x if inplace else (out if out is not None else _new_out(be, x))
             return be.rotate(x, cos, sin, layout, conjugate, dst)
     if conjugate:
         sin = -sin

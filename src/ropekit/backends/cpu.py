@@ -39,6 +39,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import struct
 from typing import Optional
 
@@ -52,7 +53,7 @@ from . import eager as _eager
 NAME = "cpu"
 DIFFERENTIABLE = False
 
-__all__ = ["NAME", "available", "supports", "rotate", "rotate_qk", "rotate_qk_gather", "kernel_loaded"]
+__all__ = ["NAME", "available", "supports", "rotate", "rotate_qk", "rotate_qk_gather", "kernel_loaded", "new_output"]
 
 # dtype -> kernel code; float64 is computed in float64, the others in float32
 _DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
@@ -64,6 +65,11 @@ PARALLEL_BYTES = 1 << 20
 #: Out-of-place calls writing at least this many bytes use non-temporal (streaming) stores:
 #: the output lines are not read first and do not evict the cache (float32/bf16, aligned).
 NT_BYTES = 16 << 20
+#: Fresh outputs of at least this many bytes are put on transparent huge pages
+#: (``madvise(MADV_HUGEPAGE)`` before the first write; see :func:`new_output`).
+#: ``ROPEKIT_HUGEPAGES=0`` turns it off.
+HUGE_BYTES = 4 << 20
+_HUGE = os.environ.get("ROPEKIT_HUGEPAGES", "1") != "0"
 _PACK: dict = {}  # argument count -> struct.Struct of that many int64
 
 _lib = None  # the loaded kernel (ctypes.CDLL), or False when it cannot be built
@@ -115,6 +121,25 @@ def _fast(x: torch.Tensor) -> Optional[int]:
     if not _lib or (dt == 2 and not _has_f16):
         return None
     return dt
+
+
+def new_output(x: torch.Tensor, memory_format=torch.preserve_format) -> torch.Tensor:
+    """``torch.empty_like(x)`` for a result the kernel is about to write, on huge pages when large.
+
+    With Linux's transparent-huge-page mode ``madvise`` (a common default), every 4 KiB page
+    of a fresh multi-MB tensor faults on its first write — for a 32 MB float32 output that
+    cost 3x the rotation itself. Outputs of at least :data:`HUGE_BYTES` are advised
+    (``MADV_HUGEPAGE``, a hint that never changes contents) so the kernel faults 2 MiB at a
+    time: out-of-place calls and backward then cost about what writing an existing buffer
+    does. ``ROPEKIT_HUGEPAGES=0`` disables it; without the compiled kernel, or on other
+    systems, this is ``torch.empty_like``.
+    """
+    out = torch.empty_like(x, memory_format=memory_format)
+    if _HUGE and out.is_cpu:
+        n = out.numel() * out.element_size()
+        if n >= HUGE_BYTES and (_lib or (_lib is None and _load())):
+            _lib.rk_advise_huge(out.data_ptr(), n)
+    return out
 
 
 def _run(jobs: tuple, njobs: int, serial: int = 0) -> int:
@@ -200,10 +225,10 @@ def rotate_qk(q, k, cos, sin, layout, inplace):
     """Rotate ``q`` ``[..., hq, d]`` and ``k`` ``[..., hk, d]`` with the same tables in one call.
 
     Returns ``(q_rot, k_rot)``: ``q``/``k`` themselves when ``inplace``, else fresh tensors
-    (``torch.empty_like``, so a ``bshd`` view of ``bhsd`` memory keeps its strides).
+    (:func:`new_output`, so a ``bshd`` view of ``bhsd`` memory keeps its strides).
     No autograd (``ropekit.apply_rotary_qk`` calls this only without grad).
     """
-    qo, ko = (q, k) if inplace else (torch.empty_like(q), torch.empty_like(k))
+    qo, ko = (q, k) if inplace else (new_output(q), new_output(k))
     dq = _fast(q)
     if dq is not None and k.dtype is q.dtype:
         lay = _LAYOUT[layout]
@@ -339,7 +364,7 @@ def _gather_rotate(xs, cos_table, sin_table, pos, fmt, layout, conjugate, inplac
     """The fused-gather hook of :class:`ropekit.functional._GatherQK`: rotate 1 or 2 tensors.
 
     Returns ``xs`` themselves when ``inplace``. Out of place, the forward rotation writes into
-    ``torch.empty_like`` outputs (a ``bshd`` view of ``bhsd`` memory keeps its strides); the
+    :func:`new_output` outputs (a ``bshd`` view of ``bhsd`` memory keeps its strides); the
     conjugated one (backward) takes gradients that may be expanded (zero strides, e.g. from
     ``.sum()``): the kernel reads any strides, a non-unit last-dim stride is made contiguous
     here, and the outputs are contiguous.
@@ -348,9 +373,9 @@ def _gather_rotate(xs, cos_table, sin_table, pos, fmt, layout, conjugate, inplac
         outs = list(xs)
     elif conjugate:
         xs = [x if x.stride(-1) == 1 else x.contiguous() for x in xs]
-        outs = [torch.empty_like(x, memory_format=torch.contiguous_format) for x in xs]
+        outs = [new_output(x, torch.contiguous_format) for x in xs]
     else:
-        outs = [torch.empty_like(x) for x in xs]
+        outs = [new_output(x) for x in xs]
     return _gather(xs, cos_table, sin_table, pos, fmt, layout, 1 if conjugate else 0, outs)
 
 

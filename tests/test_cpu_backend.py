@@ -564,6 +564,7 @@ def test_new_output_is_empty_like_and_advises_huge_pages():
     out = cpu.new_output(x)
     assert out.shape == x.shape and out.stride() == x.stride() and out.dtype == x.dtype
     assert cpu.new_output(x, torch.contiguous_format).is_contiguous()
+    assert cpu.kernel_loaded()
     assert cpu._lib.rk_advise_huge(out.data_ptr(), 4096) == 1  # no whole 2 MiB page inside: nothing done
     if _thp_mode() not in ("always", "madvise") or not hasattr(__import__("os"), "sched_getaffinity"):
         pytest.skip("no transparent huge pages on this system")
@@ -578,3 +579,64 @@ def test_new_output_is_empty_like_and_advises_huge_pages():
     cos, sin = cos_sin(RopeConfig(128), torch.arange(2048))
     y = apply_rotary(q, cos[:, None], sin[:, None], backend="cpu")
     assert torch.equal(y, _formula(q, cos[:, None], sin[:, None], "half"))
+
+
+# --- the per-signature fast path of apply_rotary_qk (cpu.fast_qk) ---------------------------
+
+
+def _decode_inputs(dtype=torch.float32, b=3, hq=4, hk=2, d=32):
+    g = torch.Generator().manual_seed(11)
+    qkv = torch.randn(b, 1, hq + 2 * hk, d, generator=g).to(dtype)  # one projection output
+    q, k = qkv[:, :, :hq], qkv[:, :, hq:hq + hk]  # non-contiguous views of one storage
+    cos, sin = _tables(d, 64, positions=torch.tensor([[5], [17], [40]]), dtype=torch.float32)
+    return qkv, q, k, cos[:, :, None], sin[:, :, None]  # tables [b, 1, 1, r/2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_fast_qk_repeats_the_validated_call(dtype, inplace, monkeypatch, no_eager):
+    cpu._PLANS.clear()
+    qkv, q, k, cos, sin = _decode_inputs(dtype)
+    want = (_formula(q, cos, sin, "half"), _formula(k, cos, sin, "half"))
+    before = qkv.clone()
+    got1 = apply_rotary_qk(q, k, cos, sin, inplace=inplace, backend="cpu")  # validated, recorded
+    assert len(cpu._PLANS) == 1
+    if inplace:
+        qkv.copy_(before)
+    # from now on the checks must not run: the fast path alone answers
+    monkeypatch.setattr(ropekit.functional, "check_tables", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    got2 = apply_rotary_qk(q, k, cos, sin, inplace=inplace, backend="cpu")
+    for g1, g2, w in zip(got1, got2, want):
+        assert torch.equal(g2, w) and (inplace or torch.equal(g1, w))
+    if inplace:
+        assert got2[0].data_ptr() == q.data_ptr() and got2[1].data_ptr() == k.data_ptr()
+        assert torch.equal(qkv[:, :, 8:], before[:, :, 8:])  # the v part is untouched
+    else:
+        assert torch.equal(qkv, before)
+
+
+def test_fast_qk_other_signatures_are_still_checked():
+    cpu._PLANS.clear()
+    _, q, k, cos, sin = _decode_inputs()
+    apply_rotary_qk(q, k, cos, sin, backend="cpu")
+    with pytest.raises(RopeError):
+        apply_rotary_qk(q, k, cos, sin, layout="halves", backend="cpu")
+    with pytest.raises(RopeError):  # tables of another batch: a new signature, checked
+        apply_rotary_qk(q, k, cos[:2], sin[:2], backend="cpu")
+    with pytest.raises(RopeError):  # same signature, but one table on a different dtype
+        apply_rotary_qk(q, k, cos.to(torch.int32), sin, backend="cpu")
+
+
+def test_fast_qk_in_place_bumps_the_version_counter():
+    """A kernel write autograd does not see would make a saved tensor silently stale."""
+    cpu._PLANS.clear()
+    _, q, k, cos, sin = _decode_inputs()
+    q, k = q.clone(), k.clone()
+    w = torch.randn(q.shape[-1], 3, requires_grad=True)
+    for _ in range(2):  # the second call takes the fast path
+        y = (q @ w).sum()  # saves q for backward
+        v = q._version
+        apply_rotary_qk(q, k, cos, sin, inplace=True, backend="cpu")
+        assert q._version > v
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.backward()

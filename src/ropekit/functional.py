@@ -28,6 +28,10 @@ _X_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRACEABLE = {"eager": _eager, "complex": _complex, "reference": _reference}
 
 
+# backend names whose validated q/k calls may take the CPU kernel's per-signature fast path
+_FAST_QK_BACKENDS = ("auto", "cpu")
+
+
 def tracing() -> bool:
     """True while torch.compile / torch.export trace the caller (then no host syncs)."""
     return torch.compiler.is_compiling()
@@ -415,6 +419,23 @@ def apply_rotary_qk(
     Returns:
         ``(q_rot, k_rot)``.
     """
+    if not conjugate and backend in _FAST_QK_BACKENDS:
+        # a call shaped like one already validated and run on the CPU kernel (decode loops):
+        # one dict lookup instead of the checks below (see cpu.fast_qk)
+        try:
+            plain = type(q) is torch.Tensor and type(k) is torch.Tensor
+            if plain and not (
+                torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or cos.requires_grad or sin.requires_grad)
+            ):
+                if not tracing():
+                    from .backends import cpu as _cpu
+
+                    key = _cpu.qk_key(q, k, cos, sin, layout, inplace, backend)
+                    res = _cpu.fast_qk(key, q, k, cos, sin, inplace)
+                    if res is not None:
+                        return res
+        except (AttributeError, TypeError):
+            pass  # not tensors / unhashable layout: the checks below say what is wrong
     check_layout(layout)
     check_tables(q, cos, sin, "q")
     check_tables(k, cos, sin, "k")
@@ -441,7 +462,10 @@ def apply_rotary_qk(
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
             return _RotaryQK.apply(q, k, cos, sin, layout, be, inplace)
         with torch.no_grad():
-            return qk(q, k, cos, sin, layout, inplace)
+            qo, ko = qk(q, k, cos, sin, layout, inplace)
+        if be.NAME == "cpu" and backend in _FAST_QK_BACKENDS and not conjugate and type(q) is torch.Tensor and type(k) is torch.Tensor:
+            be.remember_qk(be.qk_key(q, k, cos, sin, layout, inplace, backend), q, k, cos, sin, qo, ko, layout)
+        return qo, ko
     kw = dict(layout=layout, inplace=inplace, backend=be.NAME, conjugate=conjugate)
     return apply_rotary(q, cos, sin, **kw), apply_rotary(k, cos, sin, **kw)
 

@@ -32,7 +32,7 @@ from typing import List, Optional, Tuple
 __all__ = ["load", "cache_dir", "find_compiler", "library_path", "reset"]
 
 _SRC = Path(__file__).with_name("_cpu_kernel.cpp")
-_ABI = 5  # rk_abi() of _cpu_kernel.cpp: the packed argument format
+_ABI = 6  # rk_abi() of _cpu_kernel.cpp: the packed argument format
 # -ffp-contract=off: no FMA contraction, so results do not depend on the CPU's FMA support
 _BASE_FLAGS = ["-O2", "-std=c++17", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-fno-math-errno"]
 _ARCH_FLAGS = (["-march=native"], ["-mcpu=native"], [])
@@ -124,6 +124,8 @@ def _open(path: Path):
         raise OSError(f"{path}: ABI {lib.rk_abi()} != {_ABI}")
     lib.rk_rotate.argtypes = [ctypes.c_char_p]
     lib.rk_rotate.restype = ctypes.c_int
+    lib.rk_run.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    lib.rk_run.restype = ctypes.c_int
     lib.rk_advise_huge.argtypes = [ctypes.c_int64, ctypes.c_int64]
     lib.rk_advise_huge.restype = ctypes.c_int
     return lib

@@ -583,7 +583,7 @@ extern "C" {
 
 // Bit 0: float16 compiled in. The ABI version lets Python reject a stale library.
 int rk_features(void) { return ROPEKIT_HAS_F16 ? 1 : 0; }
-int rk_abi(void) { return 5; }
+int rk_abi(void) { return 6; }
 
 // Ask for transparent huge pages on [addr, addr + nbytes) (its whole 2 MiB pages only), for a
 // freshly allocated output before the kernel first writes it: with the kernel's THP mode
@@ -617,13 +617,24 @@ int rk_advise_huge(i64 addr, i64 nbytes) {
 // written), 2 for an unsupported dtype, 3 for a layout the kernel does not take (a
 // non-unit last-dim stride, too many dims, r > d): the caller then uses eager; 4 when
 // out has a zero stride (expanded memory: not writable element-wise).
-int rk_rotate(const i64* hdr) {
+//
+// rk_run(tpl, live) is the same call with the per-call values taken from a second, short
+// block (cpu.py keeps one template per call signature and packs only what changes):
+//   live = [max_threads, parallel_bytes, serial, nt_bytes, (x, out, cos, sin, pos) per job]
+// replacing hdr[1..4] and each job's five addresses in the template tpl.
+static int rotate_impl(const i64* hdr, const i64* live);
+
+int rk_rotate(const i64* hdr) { return rotate_impl(hdr, nullptr); }
+int rk_run(const i64* tpl, const i64* live) { return rotate_impl(tpl, live); }
+
+static int rotate_impl(const i64* hdr, const i64* live) {
     enum { MAXJ = 4 };
     const i64 njobs = hdr[0];
-    i64 nthreads = hdr[1];
-    const i64 par_bytes = hdr[2];
-    const i64 serial = hdr[3];
-    const i64 nt_bytes = hdr[4];
+    const i64* hv = live ? live - 1 : hdr;  // hv[1..4]: threads, parallel bytes, serial, nt bytes
+    i64 nthreads = hv[1];
+    const i64 par_bytes = hv[2];
+    const i64 serial = hv[3];
+    const i64 nt_bytes = hv[4];
     if (njobs < 1 || njobs > MAXJ) return 3;
     Job jobs[MAXJ];
     const i64* a = hdr + 5;
@@ -632,7 +643,9 @@ int rk_rotate(const i64* hdr) {
         Job& j = jobs[n];
         j.dtype = a[0]; j.layout = a[1]; j.conj = a[2]; j.gather = a[3];
         const i64 nx = a[4], nc = a[5];
-        j.half = a[6]; j.x = a[7]; j.o = a[8]; j.c = a[9]; j.s = a[10]; j.pos = a[11];
+        j.half = a[6];
+        const i64* ad = live ? live + 4 + 5 * n : a + 7;  // x, out, cos, sin, pos
+        j.x = ad[0]; j.o = ad[1]; j.c = ad[2]; j.s = ad[3]; j.pos = ad[4];
         j.npos = a[12]; j.ntable = a[13];
         const i64* xsz = a + 14;
         const i64* xst = xsz + nx;

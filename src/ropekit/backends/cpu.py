@@ -71,6 +71,11 @@ NT_BYTES = 16 << 20
 HUGE_BYTES = 4 << 20
 _HUGE = os.environ.get("ROPEKIT_HUGEPAGES", "1") != "0"
 _PACK: dict = {}  # argument count -> struct.Struct of that many int64
+_LIVE2 = struct.Struct("<14q")  # rk_run's per-call block for two jobs (q and k)
+#: validated q/k call signatures -> (packed template, q extent, k extent) or False (the
+#: kernel declined it: always take the general path); see :func:`fast_qk`
+_PLANS: dict = {}
+_PLANS_MAX = 1024
 
 _lib = None  # the loaded kernel (ctypes.CDLL), or False when it cannot be built
 _call = None  # its rk_rotate
@@ -200,13 +205,17 @@ def rotate(x, cos, sin, layout, conjugate, out):
     if dt is not None:
         c, s = _tables(cos, sin, dt)
         rc = _run(_strided(x, out, c, s, dt, _LAYOUT[layout], 1 if conjugate else 0), 1)
+        if rc == 0:
+            _bump_version(out)  # out may be x or a caller's buffer: autograd must see the write
+            return out
         if rc == 3:
             # a read operand whose last dim is not unit-stride (e.g. the expanded gradient
             # of .sum(), all strides 0): read a compact copy instead
             x2, c, s = _contig_last(x), _contig_last(c), _contig_last(s)
             rc = _run(_strided(x2, out, c, s, dt, _LAYOUT[layout], 1 if conjugate else 0), 1)
-        if rc == 0:
-            return out
+            if rc == 0:
+                _bump_version(out)
+                return out
     return _eager.rotate(x, cos, sin, layout, conjugate, out)
 
 
@@ -239,6 +248,8 @@ def rotate_qk(q, k, cos, sin, layout, inplace):
         # q and k may overlap when in place on one storage: then k after q, as two calls would
         rc = _run(jq + jk, 2, 1 if inplace and _same_storage(q, k) else 0)
         if rc == 0:
+            if inplace:
+                _bump_version((q, k))
             return qo, ko
         # nonzero: nothing was written; 4 = an expanded (zero-stride) q or k written in place
     if inplace:
@@ -247,6 +258,73 @@ def rotate_qk(q, k, cos, sin, layout, inplace):
     rotate(q, cos, sin, layout, False, qo)
     rotate(k, cos, sin, layout, False, ko)
     return qo, ko
+
+
+# ---------------------------------------------------------------------------------------
+# per-call fast path for small (decode) calls: one dict lookup instead of re-validating
+
+
+def _extent(t: torch.Tensor) -> int:
+    """Bytes from ``t``'s first element to just past its last (strides are non-negative)."""
+    return (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+
+def qk_key(q, k, cos, sin, layout: str, inplace: bool, backend: str) -> tuple:
+    """What a q/k call's validation and kernel arguments depend on, except the addresses."""
+    return (q.shape, q.stride(), k.shape, k.stride(), cos.shape, cos.stride(), sin.shape, sin.stride(),
+            q.dtype, k.dtype, cos.dtype, sin.dtype, layout, inplace, backend)
+
+
+def remember_qk(key: tuple, q, k, cos, sin, qo, ko, layout: str) -> None:
+    """Record ``key`` as validated: :func:`ropekit.apply_rotary_qk` calls this after its checks
+    passed and :func:`rotate_qk` wrote ``qo``/``ko``; later calls with the same key go
+    through :func:`fast_qk`. Only calls the kernel takes as they are are recorded (tables
+    already in the compute dtype, q and k of one dtype)."""
+    dt = _fast(q)
+    cdt = _F64 if dt == 3 else _F32
+    if dt is None or k.dtype is not q.dtype or cos.dtype is not cdt or sin.dtype is not cdt:
+        return
+    if len(_PLANS) >= _PLANS_MAX:
+        _PLANS.clear()
+    lay = _LAYOUT[layout]
+    tab = _table_fields(cos, sin)
+    jobs = _strided(q, qo, cos, sin, dt, lay, 0, tab) + _strided(k, ko, cos, sin, dt, lay, 0, tab)
+    tpl = struct.pack(f"<{len(jobs) + 5}q", 2, 0, 0, 0, 0, *jobs)
+    _PLANS[key] = (tpl, _extent(q), _extent(k))
+
+
+def fast_qk(key: tuple, q, k, cos, sin, inplace: bool):
+    """``(q_rot, k_rot)`` for a call signature recorded by :func:`remember_qk`, else ``None``.
+
+    The caller has checked that no autograd is involved and that nothing is being traced;
+    everything else the checks depend on is in ``key``. Costs one dict lookup, the outputs
+    (unless ``inplace``), one ``struct.pack`` of the addresses and one ctypes call.
+    """
+    plan = _PLANS.get(key)
+    if not plan or not (q.is_cpu and k.is_cpu and cos.is_cpu and sin.is_cpu):
+        return None
+    tpl, qext, kext = plan
+    qp, kp, cp, sp = q.data_ptr(), k.data_ptr(), cos.data_ptr(), sin.data_ptr()
+    if inplace:
+        qo, ko = q, k
+        serial = 1 if qp < kp + kext and kp < qp + qext else 0  # may overlap: k after q
+    else:
+        qo, ko = new_output(q), new_output(k)
+        serial = 0
+    live = _LIVE2.pack(torch.get_num_threads(), PARALLEL_BYTES, serial, NT_BYTES,
+                       qp, qo.data_ptr(), cp, sp, 0, kp, ko.data_ptr(), cp, sp, 0)
+    if _lib.rk_run(tpl, live) != 0:
+        _PLANS[key] = False  # nothing was written; the general path handles this signature
+        return None
+    if inplace:
+        _bump_version((q, k))
+    return qo, ko
+
+
+def _bump_version(ts) -> None:
+    """Tell autograd that ``ts`` were modified in place (the kernel writes behind its back), so
+    a graph that saved one of them raises instead of silently using the new values."""
+    torch.autograd.graph.increment_version(ts)
 
 
 # ---------------------------------------------------------------------------------------
@@ -415,6 +493,8 @@ def rotate_qk_gather(q, k, cos_table, sin_table, positions, fmt, layout, inplace
             )
     if not grad:
         qo, ko = _gather_rotate([q, k], cos_table, sin_table, positions, fmt, layout, False, inplace)
+        if inplace:
+            _bump_version((q, k))
         return qo, ko
     if cos_table.requires_grad or sin_table.requires_grad:
         from ..functional import apply_rotary_qk

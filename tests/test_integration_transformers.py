@@ -295,9 +295,8 @@ def _tables_of(model, family) -> float:
     """The tables the model builds for positions 0..63 (GPT-J: its embed_positions buffer)."""
     x = torch.zeros(1)
     pos = torch.arange(64)[None]
-    if family == "gptj":
-        attn = next(m for m in model.modules() if isinstance(m, m_gptj.GPTJAttention))
-        return attn.embed_positions
+    if family == "gptj":  # the attention's buffer up to transformers 5.23, model.rotary_emb's from 5.24
+        return rt._gptj_holders(model.named_modules())[0][1].embed_positions
 
     rot = next(m for m in model.modules() if type(m).__name__ in rt.REGISTRY[model.config.model_type].rotary)
     if family == "gemma3":

@@ -183,3 +183,79 @@ def test_module_errors():
         rope(q, q[:, :3])
     with pytest.raises(ropekit.RopeError, match="RopeConfig"):
         RotaryEmbedding({"head_dim": 16})
+
+
+# --- the per-call fast path of the cpu backend (validated signatures, decode loops) ----------
+
+
+def _cpu_or_skip():
+    from ropekit.backends import cpu
+
+    if not cpu.kernel_loaded():
+        pytest.skip("no compiled CPU kernel here")
+    return cpu
+
+
+@pytest.mark.parametrize("fmt", ["bshd", "bhsd", "sbhd"])
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("layout", ropekit.LAYOUTS)
+def test_fast_path_decode_loop_matches_oracle(fmt, inplace, layout, monkeypatch):
+    """A decode loop (s = 1, per-sample offsets) and int-offset chunks: after the first call
+    of each signature the general path must not run, and every result matches the oracle."""
+    cpu = _cpu_or_skip()
+    cpu._PLANS.clear()
+    b, hq, hk, d, r = 3, 4, 2, 24, 16
+    rope = RotaryEmbedding(RopeConfig(d, rotary_dim=r, layout=layout), backend="cpu", max_position=64)
+    general = RotaryEmbedding._positions_and_tables
+    calls = []
+    monkeypatch.setattr(RotaryEmbedding, "_positions_and_tables", lambda *a, **kw: calls.append(1) or general(*a, **kw))
+    g = torch.Generator().manual_seed(5)
+    for step in range(4):
+        off = torch.tensor([3, 20, 41]) + step
+        q, k = torch.randn(b, 1, hq, d, generator=g), torch.randn(b, 1, hk, d, generator=g)
+        qf, kf = _to_fmt(q, fmt).clone(), _to_fmt(k, fmt).clone()
+        q2, k2 = rope(qf, kf, offsets=off, format=fmt, inplace=inplace)
+        pos = off[:, None]
+        torch.testing.assert_close(_from_fmt(q2, fmt).double(), rope_bshd(q, pos, r, layout), atol=5e-6, rtol=5e-6)
+        torch.testing.assert_close(_from_fmt(k2, fmt).double(), rope_bshd(k, pos, r, layout), atol=5e-6, rtol=5e-6)
+        assert (q2.data_ptr() == qf.data_ptr()) == inplace
+    for step in range(3):  # int offsets, s = 5 (chunked prefill)
+        q, k = torch.randn(b, 5, hq, d, generator=g), torch.randn(b, 5, hk, d, generator=g)
+        q2, k2 = rope(_to_fmt(q, fmt), _to_fmt(k, fmt), offsets=7 * step, format=fmt)
+        pos = (torch.arange(5) + 7 * step).expand(b, 5)
+        torch.testing.assert_close(_from_fmt(q2, fmt).double(), rope_bshd(q, pos, r, layout), atol=5e-6, rtol=5e-6)
+    assert len(calls) == 2  # one general call per signature, the rest took the fast path
+
+
+def test_fast_path_grows_tables_and_still_raises():
+    cpu = _cpu_or_skip()
+    cpu._PLANS.clear()
+    rope = RotaryEmbedding(RopeConfig(16), backend="cpu", max_position=8)
+    q, k = torch.randn(2, 1, 2, 16), torch.randn(2, 1, 1, 16)
+    rope(q, k, offsets=torch.tensor([1, 2]))  # recorded with an 8-row table
+    # past the table: the kernel declines before writing, the general path grows the table
+    q2, _ = rope(q, k, offsets=torch.tensor([1, 500]))
+    torch.testing.assert_close(q2.double(), rope_bshd(q, torch.tensor([[1], [500]]), 16, "half"), atol=5e-6, rtol=5e-6)
+    assert rope.cos_cached.shape[0] > 500
+    with pytest.raises(ropekit.RopeError):
+        rope(q, k, offsets=torch.tensor([1, -3]), inplace=True)
+    with pytest.raises(ropekit.RopeError):
+        rope(q, k, offsets=-2)
+    with pytest.raises(ropekit.RopeError):  # a bad format is still caught
+        rope(q, k, offsets=torch.tensor([1, 2]), format="bsdh")
+    qc = q.clone()
+    with pytest.raises(ropekit.RopeError):
+        rope(qc, k, offsets=torch.tensor([1, -3]), inplace=True)
+    assert torch.equal(qc, q)  # nothing written
+
+
+def test_fast_path_length_dependent_scaling_is_not_cached():
+    _cpu_or_skip()
+    from ropekit.scaling import DynamicNTK
+
+    cfg = RopeConfig(16, scaling=DynamicNTK(factor=4.0, max_position=8))
+    rope = RotaryEmbedding(cfg, backend="cpu")
+    eager = RotaryEmbedding(cfg, backend="eager")
+    q, k = torch.randn(1, 4, 2, 16), torch.randn(1, 4, 1, 16)
+    for off in (0, 30, 2):  # the table depends on the length: every call recomputes it
+        assert torch.allclose(rope(q, k, offsets=off)[0], eager(q, k, offsets=off)[0], atol=1e-6)

@@ -11,7 +11,7 @@ from torch import nn
 from ._errors import fail
 from .config import RopeConfig
 from . import backends as _backends
-from .functional import _check_writable, apply_rotary_qk, tracing
+from .functional import _check_writable, _cpu_backend, apply_rotary_qk, tracing
 from .positions import resolve_positions, split_format, split_qk_format
 from .tables import MAX_EXACT_POSITION, cos_sin
 
@@ -202,6 +202,85 @@ class RotaryEmbedding(nn.Module):
         cos_t, sin_t = self.tables(n, device=q.device, seq_len=seq_len)
         return pos, (cos_t, sin_t), seq_len
 
+    # -- per-call fast path (CPU kernel, decode loops) ---------------------------------
+    # A call whose signature (shapes, strides, dtypes, format, kind of offsets, table size)
+    # already went through the checks below and the kernel is recorded by cpu.remember_gather;
+    # the next such call costs a dict lookup and one kernel call: no position tensor is built
+    # (the kernel reads the offsets, or a cached arange shifted by an int offset) and no
+    # host-side range check runs (the kernel checks every position before writing; on a
+    # miss the general path grows the table or raises).
+
+    _POS_OFF = {"bshd": (1, 0, 0), "bhsd": (1, 0, 0), "sbhd": (0, 1, 0)}  # [b] offsets, s = 1
+    _POS_AR = {"bshd": (0, 1, 0), "bhsd": (0, 0, 1), "sbhd": (1, 0, 0)}  # [s] positions
+
+    def _fast_positions(self, q, offsets, format):
+        """``(kind, npos, pos strides, address)`` of positions the kernel can read directly, or ``None``."""
+        if format == "bshd":
+            b, s = q.shape[0], q.shape[1]
+        elif format == "bhsd":
+            b, s = q.shape[0], q.shape[2]
+        elif format == "sbhd":
+            b, s = q.shape[1], q.shape[0]
+        else:
+            return None
+        if offsets is None or (type(offsets) is int and offsets >= 0):
+            off = offsets or 0
+            ar = self.__dict__.get("_arange")
+            if ar is None or ar.shape[0] < off + s:
+                ar = torch.arange(max(2 * (off + s), 1024))
+                self.__dict__["_arange"] = ar
+            return ("arange", s), s, self._POS_AR[format], ar.data_ptr() + 8 * off
+        if (
+            type(offsets) is torch.Tensor and s == 1 and offsets.dtype is torch.int64 and offsets.shape == (b,)
+            and offsets.is_cpu and offsets.stride() == (1,)
+        ):
+            return ("offsets", b), b, self._POS_OFF[format], offsets.data_ptr()
+        return None
+
+    def _fast_key(self, q, k, format, inplace, kind, cos_t):
+        return ("gather", q.shape, q.stride(), k.shape, k.stride(), q.dtype, k.dtype, cos_t.shape, cos_t.dtype,
+                format, self.cfg.layout, inplace, kind)
+
+    def _static_table(self):
+        """The cached tables when they hold the length-independent frequencies, else ``None``."""
+        sc = self.cfg.scaling
+        if sc is not None and sc.length_dependent:
+            return None
+        buf = self._buffers  # not self.cos_cached: nn.Module.__getattr__ costs ~1 µs per buffer
+        cos_t, sin_t = buf["cos_cached"], buf["sin_cached"]
+        if cos_t is None or sin_t is None or self._key != self.cfg.table_key(None) or not cos_t.is_cpu:
+            return None
+        return cos_t, sin_t
+
+    def _fast_gather(self, q, k, offsets, format, inplace):
+        try:
+            if type(q) is not torch.Tensor or type(k) is not torch.Tensor or not q.is_cpu:
+                return None
+            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+                return None
+            if tracing():
+                return None
+            tab = self._static_table()
+            if tab is None:
+                return None
+            fp = self._fast_positions(q, offsets, format)
+            if fp is None:
+                return None
+            return _cpu_backend().fast_gather(self._fast_key(q, k, format, inplace, fp[0], tab[0]), q, k, tab[0], tab[1], fp[3], inplace)
+        except (AttributeError, TypeError, IndexError):
+            return None  # not tensors, odd arguments: the checks of the general path say what is wrong
+
+    def _remember_gather(self, q, k, qo, ko, offsets, format, inplace, table):
+        if type(q) is not torch.Tensor or type(k) is not torch.Tensor or torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+            return
+        tab = self._static_table()
+        if tab is None or tab[0] is not table[0] or tab[1] is not table[1]:
+            return
+        fp = self._fast_positions(q, offsets, format)
+        if fp is None:
+            return
+        _cpu_backend().remember_gather(self._fast_key(q, k, format, inplace, fp[0], tab[0]), q, k, qo, ko, tab[0], tab[1], fp[1], fp[2], self.cfg.layout)
+
     def _direct_cos_sin(self, pos, q, seq_len):
         """cos/sin computed for ``pos`` itself (graphs, meta tensors, sparse huge positions)."""
         if seq_len is None and self.cfg.scaling is not None and self.cfg.scaling.length_dependent:
@@ -267,6 +346,10 @@ class RotaryEmbedding(nn.Module):
         Returns:
             ``(q_rot, k_rot)`` in the input format and dtypes.
         """
+        if positions is None and cu_seqlens is None and seq_len is None and self.backend in ("auto", "cpu"):
+            fast = self._fast_gather(q, k, offsets, format, inplace)
+            if fast is not None:
+                return fast
         _check_qk(q, k)
         if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0):
             raise fail("seq_len an int >= 0 or None", repr(seq_len), "pass the total sequence length (e.g. prompt + generated)")
@@ -284,7 +367,10 @@ class RotaryEmbedding(nn.Module):
                 if inplace:
                     for name, t in (("q", q), ("k", k)):
                         _check_writable(t, name)
-                return gather(q, k, table[0], table[1], pos, format, self.cfg.layout, inplace)
+                qo, ko = gather(q, k, table[0], table[1], pos, format, self.cfg.layout, inplace)
+                if be.NAME == "cpu" and positions is None and cu_seqlens is None and self.backend in ("auto", "cpu"):
+                    self._remember_gather(q, k, qo, ko, offsets, format, inplace, table)
+                return qo, ko
             cos, sin = self._direct_cos_sin(pos, q, seq_len)
             cos, sin = _table_view(cos, format, pos.dim()), _table_view(sin, format, pos.dim())
         else:

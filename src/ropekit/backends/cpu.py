@@ -321,6 +321,52 @@ def fast_qk(key: tuple, q, k, cos, sin, inplace: bool):
     return qo, ko
 
 
+def remember_gather(key: tuple, q, k, qo, ko, cos_t, sin_t, npos: int, pst: tuple, layout: str) -> None:
+    """Record a validated fused-gather call (see :meth:`ropekit.RotaryEmbedding.forward`):
+    positions are ``npos`` contiguous int64 values read through the per-dim strides ``pst``
+    (their address is passed per call to :func:`fast_gather`)."""
+    dt = _fast(q)
+    cdt = _F64 if dt == 3 else _F32
+    if dt is None or k.dtype is not q.dtype or cos_t.dtype is not cdt or sin_t.dtype is not cdt:
+        return
+    if not (cos_t.is_contiguous() and sin_t.is_contiguous()):
+        return
+    if len(_PLANS) >= _PLANS_MAX:
+        _PLANS.clear()
+    n, h, lay = cos_t.shape[0], cos_t.shape[1], _LAYOUT[layout]
+    jobs = ()
+    for x, o in ((q, qo), (k, ko)):
+        jobs += (dt, lay, 0, 1, x.dim(), 0, h, 0, 0, 0, 0, 0, npos, n, *x.shape, *x.stride(), *o.stride(), *pst)
+    _PLANS[key] = (struct.pack(f"<{len(jobs) + 5}q", 2, 0, 0, 0, 0, *jobs), _extent(q), _extent(k))
+
+
+def fast_gather(key: tuple, q, k, cos_t, sin_t, pos_ptr: int, inplace: bool):
+    """``(q_rot, k_rot)`` for a fused-gather signature recorded by :func:`remember_gather`, else
+    ``None`` (also when a position is outside the table: nothing was written, and the
+    caller's general path grows the table or raises)."""
+    plan = _PLANS.get(key)
+    if not plan or not (q.is_cpu and k.is_cpu):
+        return None
+    tpl, qext, kext = plan
+    qp, kp, cp, sp = q.data_ptr(), k.data_ptr(), cos_t.data_ptr(), sin_t.data_ptr()
+    if inplace:
+        qo, ko = q, k
+        serial = 1 if qp < kp + kext and kp < qp + qext else 0
+    else:
+        qo, ko = new_output(q), new_output(k)
+        serial = 0
+    live = _LIVE2.pack(torch.get_num_threads(), PARALLEL_BYTES, serial, NT_BYTES,
+                       qp, qo.data_ptr(), cp, sp, pos_ptr, kp, ko.data_ptr(), cp, sp, pos_ptr)
+    rc = _lib.rk_run(tpl, live)
+    if rc != 0:
+        if rc < 100:
+            _PLANS[key] = False
+        return None
+    if inplace:
+        _bump_version((q, k))
+    return qo, ko
+
+
 def _bump_version(ts) -> None:
     """Tell autograd that ``ts`` were modified in place (the kernel writes behind its back), so
     a graph that saved one of them raises instead of silently using the new values."""

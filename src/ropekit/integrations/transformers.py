@@ -84,7 +84,7 @@ __all__ = [
 #: ``tables=`` values of :func:`patch`.
 TABLE_MODES = ("exact", "transformers")
 #: transformers versions the integration tests ran against (``major.minor``).
-TESTED_VERSIONS = ("5.23",)
+TESTED_VERSIONS = ("5.23", "5.24")
 _SUPPORTED_MAJOR = 5
 
 
@@ -247,7 +247,8 @@ class Family:
             (:func:`apply_rotary_pos_emb_interleave`), ``"gptj"`` (GPT-J's signature).
         tables: how exact tables are built: ``"rope"`` (one config), ``"per_layer"``
             (Gemma 3: one config per layer type), ``"mrope"`` (Qwen2-VL: 3-axis M-RoPE),
-            ``"gptj"`` (replace each attention's ``embed_positions`` buffer).
+            ``"gptj"`` (replace the ``embed_positions`` buffers: each attention's up to
+            transformers 5.23, ``model.rotary_emb``'s from 5.24).
         note: one line for the docs.
     """
 
@@ -509,10 +510,20 @@ def _exact_forward(rot: torch.nn.Module, kind: str) -> Callable:
     return forward
 
 
-def _gptj_exact_buffer(attn: torch.nn.Module) -> torch.Tensor:
+def _gptj_holders(named) -> List[Tuple[str, torch.nn.Module]]:
+    """The modules holding GPT-J's ``embed_positions`` table: each ``GPTJAttention`` up to
+    transformers 5.23, the model's one ``GPTJRotaryEmbedding`` (``model.rotary_emb``) from 5.24."""
+    return [
+        (n, m) for n, m in named
+        if type(m).__name__ in ("GPTJAttention", "GPTJRotaryEmbedding")
+        and isinstance(getattr(m, "embed_positions", None), torch.Tensor)
+    ]
+
+
+def _gptj_exact_buffer(holder: torch.nn.Module, config: Any) -> torch.Tensor:
     """GPT-J's ``embed_positions`` ``[max_positions, r]`` = ``cat(sin, cos)``, exact angles."""
-    cfg = _rope_config(attn.config)
-    old = attn.embed_positions
+    cfg = _rope_config(config)
+    old = holder.embed_positions
     if cfg.rotary_dim != old.shape[-1]:
         raise fail(
             f"GPT-J tables of width rotary_dim = {cfg.rotary_dim}",
@@ -690,7 +701,14 @@ def patch(model: torch.nn.Module, *, tables: str = "exact") -> PatchReport:
         exact_buffers = []
         if tables == "exact":
             if fam.tables == "gptj":
-                exact_buffers = [(m, "embed_positions", _gptj_exact_buffer(m)) for _, m in attn]
+                holders = _gptj_holders(named)
+                if not holders:
+                    raise fail(
+                        "GPT-J modules holding embed_positions (GPTJAttention or GPTJRotaryEmbedding)",
+                        "none",
+                        'use tables="transformers", or check the transformers version',
+                    )
+                exact_buffers = [(m, "embed_positions", _gptj_exact_buffer(m, model.config)) for _, m in holders]
             else:
                 exact_forwards = [(m, _exact_forward(m, fam.tables)) for _, m in rot]
         state = _State(report=None, installs=[], forwards=[], buffers=[])  # type: ignore[arg-type]

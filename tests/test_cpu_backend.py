@@ -640,3 +640,46 @@ def test_fast_qk_in_place_bumps_the_version_counter():
         assert q._version > v
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             y.backward()
+
+
+@pytest.mark.parametrize("mode", ["fresh", "inplace", "out"])
+@pytest.mark.parametrize("conjugate", [False, True])
+def test_fast_rotate_repeats_the_validated_call(mode, conjugate, monkeypatch, no_eager):
+    cpu._PLANS.clear()
+    _, q, _, cos, sin = _decode_inputs(torch.bfloat16)
+    q = q.clone()
+    want = _formula(q, cos, sin, "half", conjugate)
+    buf = torch.empty_like(q)
+    kw = dict(conjugate=conjugate, backend="cpu", inplace=mode == "inplace", out=buf if mode == "out" else None)
+    x = q.clone()
+    apply_rotary(x, cos, sin, **kw)  # validated, recorded
+    assert len(cpu._PLANS) == 1
+    monkeypatch.setattr(ropekit.functional, "check_tables", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    x = q.clone()
+    v = (x if mode == "inplace" else buf)._version
+    y = apply_rotary(x, cos, sin, **kw)
+    assert torch.equal(y, want)
+    assert y.data_ptr() == {"fresh": y.data_ptr(), "inplace": x.data_ptr(), "out": buf.data_ptr()}[mode]
+    if mode != "fresh":
+        assert y._version > v
+    if mode != "inplace":
+        assert torch.equal(x, q)
+
+
+def test_fast_rotate_out_aliasing_x_still_handled():
+    cpu._PLANS.clear()
+    x = torch.randn(4, 8, 16)
+    cos, sin = _tables(16, 8, dtype=torch.float32)  # [8, 8]: x is [b, s, d]
+    other = torch.empty_like(x)
+    apply_rotary(x, cos, sin, out=other, backend="cpu")  # records (x, out) of this signature
+    want = _formula(x, cos, sin, "half")
+    # out = x itself: the same signature, but the general path must treat it as in place
+    y = apply_rotary(x, cos, sin, out=x, backend="cpu")
+    assert y.data_ptr() == x.data_ptr() and torch.equal(y, want)
+    # out overlapping x (same shape/strides, shifted by one row): rejected, nothing written
+    base = torch.randn(5 * 8 * 16)
+    xa, oa = base[: 4 * 128].view(4, 8, 16), base[128:].view(4, 8, 16)
+    before = base.clone()
+    with pytest.raises(RopeError):
+        apply_rotary(xa, cos, sin, out=oa, backend="cpu")
+    assert torch.equal(base, before)

@@ -362,6 +362,23 @@ def apply_rotary(
         >>> apply_rotary(q, cos[:, None], sin[:, None]).shape  # tables [s, 1, r/2]
         torch.Size([2, 5, 4, 64])
     """
+    key = None
+    if backend in _FAST_QK_BACKENDS:
+        # a call shaped like one already validated and run on the CPU kernel (see cpu.fast_rotate)
+        try:
+            if (
+                type(x) is torch.Tensor
+                and (out is None or (type(out) is torch.Tensor and not inplace))
+                and not (torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad))
+                and not tracing()
+            ):
+                _cpu = _cpu_backend()
+                key = _cpu.rotate_key(x, cos, sin, out, layout, inplace, conjugate, backend)
+                res = _cpu.fast_rotate(key, x, cos, sin, out, inplace)
+                if res is not None:
+                    return res
+        except (AttributeError, TypeError):
+            key = None  # not tensors / unhashable arguments: the checks below say what is wrong
     check_layout(layout)
     check_tables(x, cos, sin)
     be = _resolve(backend, x)
@@ -403,7 +420,10 @@ def apply_rotary(
     if out is not None or not grad:
         with torch.no_grad():
             dst = x if inplace else (out if out is not None else _new_out(be, x))
-            return be.rotate(x, cos, sin, layout, conjugate, dst)
+            y = be.rotate(x, cos, sin, layout, conjugate, dst)
+        if key is not None and be.NAME == "cpu" and key[9] == (None if out is None else (out.shape, out.stride(), out.dtype)) and key[11] == inplace:
+            be.remember_rotate(key, x, cos, sin, dst, layout, conjugate)  # the call was not rewritten
+        return y
     if conjugate:
         sin = -sin
     return _Rotary.apply(x, cos, sin, layout, be, inplace)

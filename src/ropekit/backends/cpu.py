@@ -71,6 +71,7 @@ NT_BYTES = 16 << 20
 HUGE_BYTES = 4 << 20
 _HUGE = os.environ.get("ROPEKIT_HUGEPAGES", "1") != "0"
 _PACK: dict = {}  # argument count -> struct.Struct of that many int64
+_LIVE1 = struct.Struct("<9q")  # rk_run's per-call block for one job
 _LIVE2 = struct.Struct("<14q")  # rk_run's per-call block for two jobs (q and k)
 #: validated q/k call signatures -> (packed template, q extent, k extent) or False (the
 #: kernel declined it: always take the general path); see :func:`fast_qk`
@@ -319,6 +320,50 @@ def fast_qk(key: tuple, q, k, cos, sin, inplace: bool):
     if inplace:
         _bump_version((q, k))
     return qo, ko
+
+
+def rotate_key(x, cos, sin, out, layout: str, inplace: bool, conjugate: bool, backend: str) -> tuple:
+    """:func:`qk_key` for one tensor (``apply_rotary``), ``out`` included."""
+    return (x.shape, x.stride(), cos.shape, cos.stride(), sin.shape, sin.stride(), x.dtype, cos.dtype, sin.dtype,
+            None if out is None else (out.shape, out.stride(), out.dtype), layout, inplace, conjugate, backend)
+
+
+def remember_rotate(key: tuple, x, cos, sin, dst, layout: str, conjugate: bool) -> None:
+    """:func:`remember_qk` for one tensor written into ``dst`` (``x`` itself, ``out=`` or fresh)."""
+    dt = _fast(x)
+    cdt = _F64 if dt == 3 else _F32
+    if dt is None or cos.dtype is not cdt or sin.dtype is not cdt:
+        return
+    if len(_PLANS) >= _PLANS_MAX:
+        _PLANS.clear()
+    jobs = _strided(x, dst, cos, sin, dt, _LAYOUT[layout], 1 if conjugate else 0)
+    _PLANS[key] = (struct.pack(f"<{len(jobs) + 5}q", 1, 0, 0, 0, 0, *jobs), _extent(x), _extent(dst))
+
+
+def fast_rotate(key: tuple, x, cos, sin, out, inplace: bool):
+    """The rotated tensor for a signature recorded by :func:`remember_rotate`, else ``None``
+    (also when ``out`` overlaps ``x``: the general path treats or rejects that)."""
+    plan = _PLANS.get(key)
+    if not plan or not (x.is_cpu and cos.is_cpu and sin.is_cpu):
+        return None
+    tpl, xext, oext = plan
+    xp = x.data_ptr()
+    if inplace:
+        dst = x
+    elif out is not None:
+        op = out.data_ptr()
+        if not out.is_cpu or (xp < op + oext and op < xp + xext):
+            return None
+        dst = out
+    else:
+        dst = new_output(x)
+    if _lib.rk_run(tpl, _LIVE1.pack(torch.get_num_threads(), PARALLEL_BYTES, 0, NT_BYTES,
+                                    xp, dst.data_ptr(), cos.data_ptr(), sin.data_ptr(), 0)) != 0:
+        _PLANS[key] = False
+        return None
+    if inplace or out is not None:
+        _bump_version(dst)
+    return dst
 
 
 def remember_gather(key: tuple, q, k, qo, ko, cos_t, sin_t, npos: int, pst: tuple, layout: str) -> None:

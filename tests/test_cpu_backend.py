@@ -242,10 +242,16 @@ def test_out_of_place_allocates_only_the_output(monkeypatch):
     _assert_matches(ko, k, cos, sin, "half")
 
 
+@pytest.mark.parametrize("runtime", ["openmp", "pthreads"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_threaded_split_matches(monkeypatch, dtype, no_eager):
-    """Force the multi-threaded path on a small input (rows split across threads and q/k)."""
+def test_threaded_split_matches(monkeypatch, dtype, runtime, no_eager):
+    """Force the multi-threaded path on a small input (rows split across threads and q/k), on
+    torch's OpenMP team (the default where torch runs one) and on the kernel's own pthreads."""
     monkeypatch.setattr(cpu, "PARALLEL_BYTES", 0)
+    omp = cpu._openmp_entry_points()
+    if runtime == "openmp" and omp is None:
+        pytest.skip("no OpenMP runtime loaded by torch here")
+    cpu._lib.rk_use_openmp(*(omp if runtime == "openmp" else (0, 0, 0)))
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
@@ -259,6 +265,7 @@ def test_threaded_split_matches(monkeypatch, dtype, no_eager):
         assert qo is q and torch.equal(q, wq) and torch.equal(k, wk)
     finally:
         torch.set_num_threads(threads)
+        cpu._lib.rk_use_openmp(*(omp or (0, 0, 0)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -32,7 +32,7 @@ from typing import List, Optional, Tuple
 __all__ = ["load", "cache_dir", "find_compiler", "library_path", "reset"]
 
 _SRC = Path(__file__).with_name("_cpu_kernel.cpp")
-_ABI = 6  # rk_abi() of _cpu_kernel.cpp: the packed argument format
+_ABI = 7  # rk_abi() of _cpu_kernel.cpp: the packed argument format
 # -ffp-contract=off: no FMA contraction, so results do not depend on the CPU's FMA support
 _BASE_FLAGS = ["-O2", "-std=c++17", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-fno-math-errno"]
 _ARCH_FLAGS = (["-march=native"], ["-mcpu=native"], [])
@@ -126,6 +126,8 @@ def _open(path: Path):
     lib.rk_rotate.restype = ctypes.c_int
     lib.rk_run.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
     lib.rk_run.restype = ctypes.c_int
+    lib.rk_use_openmp.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+    lib.rk_use_openmp.restype = ctypes.c_int
     lib.rk_advise_huge.argtypes = [ctypes.c_int64, ctypes.c_int64]
     lib.rk_advise_huge.restype = ctypes.c_int
     return lib

@@ -91,8 +91,39 @@ def _load():
         return False
     _has_f16 = bool(lib.rk_features() & 1)
     _call = lib.rk_rotate
+    omp = _openmp_entry_points() if os.environ.get("ROPEKIT_OPENMP", "1") != "0" else None
+    lib.rk_use_openmp(*(omp or (0, 0, 0)))
     _lib = lib
     return lib
+
+
+def _openmp_entry_points():
+    """``(GOMP_parallel, omp_get_thread_num, omp_get_num_threads)`` addresses of the OpenMP
+    runtime torch has loaded in this process (Linux: found in ``/proc/self/maps``), or ``None``.
+
+    The kernel then splits rows over torch's own OpenMP team instead of starting threads of
+    its own: after a torch op those workers spin waiting for more work, and competing with
+    them cost our second thread most of its core. Without such a runtime (or with
+    ``ROPEKIT_OPENMP=0``) the kernel starts pthreads.
+    """
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if line.rstrip().endswith((".so", ".so.1", ".so.5")) and "omp" in line}
+    except OSError:
+        return None
+    names = ("libgomp", "libiomp5", "libomp")
+    for path in sorted(paths, key=lambda p: ("torch" not in p, p)):  # torch's own copy first
+        if not os.path.basename(path).startswith(names):
+            continue
+        try:
+            rt = ctypes.CDLL(path)  # already loaded: the same instance torch uses
+            return tuple(ctypes.cast(getattr(rt, n), ctypes.c_void_p).value
+                         for n in ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads"))
+        except (OSError, AttributeError):
+            continue
+    return None
 
 
 def _reset() -> None:

@@ -575,7 +575,7 @@ def test_new_output_is_empty_like_and_advises_huge_pages():
     assert cpu._lib.rk_advise_huge(out.data_ptr(), 4096) == 1  # no whole 2 MiB page inside: nothing done
     if _thp_mode() not in ("always", "madvise") or not hasattr(__import__("os"), "sched_getaffinity"):
         pytest.skip("no transparent huge pages on this system")
-    big = cpu.new_output(torch.empty(cpu.HUGE_BYTES // 4 * 2))  # 8 MiB of float32
+    big = cpu.new_output(torch.empty(cpu.HUGE_BYTES // 4 * 2))  # 2 x HUGE_BYTES of float32
     p = big.data_ptr() + (2 << 20) + 4096  # inside the advised (2 MiB-aligned) interior
     eligible = _vma_field(p, "THPeligible")
     if eligible is None:
@@ -690,3 +690,16 @@ def test_fast_rotate_out_aliasing_x_still_handled():
     with pytest.raises(RopeError):
         apply_rotary(xa, cos, sin, out=oa, backend="cpu")
     assert torch.equal(base, before)
+
+
+def test_first_call_does_not_wait_for_the_compile(fresh_build, monkeypatch):
+    """Empty cache: the first calls run eager while the kernel builds in the background."""
+    monkeypatch.setattr(cpu, "_WAIT_BUILD", False)
+    x = torch.randn(2, 3, 2, 16)
+    cos, sin = (t.float()[:, None] for t in _tables(16, 3))
+    y = apply_rotary(x, cos, sin, backend="cpu")
+    torch.testing.assert_close(y.double(), _ref(x, cos, sin, "half"), atol=2e-6, rtol=2e-6)
+    assert cpu._lib is None  # not built yet: that call was eager
+    assert cpu.kernel_loaded()  # waits for the background build
+    assert list(fresh_build.iterdir())  # the library is in the cache
+    assert torch.equal(apply_rotary(x, cos, sin, backend="cpu"), _formula(x, cos, sin, "half"))

@@ -213,7 +213,7 @@ class RotaryEmbedding(nn.Module):
     _POS_OFF = {"bshd": (1, 0, 0), "bhsd": (1, 0, 0), "sbhd": (0, 1, 0)}  # [b] offsets, s = 1
     _POS_AR = {"bshd": (0, 1, 0), "bhsd": (0, 0, 1), "sbhd": (1, 0, 0)}  # [s] positions
 
-    def _fast_positions(self, q, offsets, format):
+    def _fast_positions(self, q, offsets, format, ntable):
         """``(kind, npos, pos strides, address)`` of positions the kernel can read directly, or ``None``."""
         if format == "bshd":
             b, s = q.shape[0], q.shape[1]
@@ -225,9 +225,11 @@ class RotaryEmbedding(nn.Module):
             return None
         if offsets is None or (type(offsets) is int and offsets >= 0):
             off = offsets or 0
-            ar = self.__dict__.get("_arange")
+            if off + s > ntable:
+                return None  # past the table: the general path grows it (or raises)
+            ar = self.__dict__.get("_arange")  # positions 0 .. ntable-1 (no larger than the table)
             if ar is None or ar.shape[0] < off + s:
-                ar = torch.arange(max(2 * (off + s), 1024))
+                ar = torch.arange(ntable)
                 self.__dict__["_arange"] = ar
             return ("arange", s), s, self._POS_AR[format], ar.data_ptr() + 8 * off
         if (
@@ -263,7 +265,7 @@ class RotaryEmbedding(nn.Module):
             tab = self._static_table()
             if tab is None:
                 return None
-            fp = self._fast_positions(q, offsets, format)
+            fp = self._fast_positions(q, offsets, format, tab[0].shape[0])
             if fp is None:
                 return None
             return _cpu_backend().fast_gather(self._fast_key(q, k, format, inplace, fp[0], tab[0]), q, k, tab[0], tab[1], fp[3], inplace)
@@ -276,7 +278,7 @@ class RotaryEmbedding(nn.Module):
         tab = self._static_table()
         if tab is None or tab[0] is not table[0] or tab[1] is not table[1]:
             return
-        fp = self._fast_positions(q, offsets, format)
+        fp = self._fast_positions(q, offsets, format, tab[0].shape[0])
         if fp is None:
             return
         _cpu_backend().remember_gather(self._fast_key(q, k, format, inplace, fp[0], tab[0]), q, k, qo, ko, tab[0], tab[1], fp[1], fp[2], self.cfg.layout)

@@ -38,6 +38,7 @@ _BASE_FLAGS = ["-O2", "-std=c++17", "-shared", "-fPIC", "-pthread", "-ffp-contra
 _ARCH_FLAGS = (["-march=native"], ["-mcpu=native"], [])
 
 _lock = threading.Lock()
+_start_lock = threading.Lock()  # starts the background build (load(wait=False))
 _state: dict = {}  # "lib": CDLL | None once tried; "warned": bool
 
 
@@ -153,12 +154,31 @@ def _build() -> Tuple[Optional[ctypes.CDLL], str]:
     return None, "; ".join(errors)[-2000:]
 
 
-def load() -> Optional[ctypes.CDLL]:
-    """The kernel library, built on first use; ``None`` (with one warning) if it cannot be built."""
+def _cached() -> bool:
+    """Whether the library for this compiler and CPU is already in the cache (a ~15 ms load)."""
+    compiler = find_compiler()
+    return compiler is None or library_path(compiler, _BASE_FLAGS + _ARCH_FLAGS[0]).exists()
+
+
+def load(wait: bool = True) -> Optional[ctypes.CDLL]:
+    """The kernel library, built on first use; ``None`` (with one warning) if it cannot be built.
+
+    ``wait=False``: when it still has to be compiled (~1-2 s), start that in a background
+    thread and return ``None`` at once — the caller runs the eager path meanwhile and gets the
+    library from a later call. A cached library, or no compiler at all, is answered at once.
+    """
     try:
         return _state["lib"]
     except KeyError:
         pass
+    if not wait and not _cached():
+        with _start_lock:  # not _lock: the build holds that for its whole compile
+            t = _state.get("thread")
+            if "lib" not in _state and (t is None or not t.is_alive()):
+                t = threading.Thread(target=load, name="ropekit-cpu-build", daemon=True)
+                _state["thread"] = t
+                t.start()
+        return _state.get("lib")
     with _lock:
         if "lib" not in _state:
             lib, why = _build()
@@ -176,5 +196,8 @@ def load() -> Optional[ctypes.CDLL]:
 
 def reset() -> None:
     """Forget the loaded library and the warning (tests; a new compiler or cache dir)."""
+    t = _state.get("thread")
+    if t is not None and t is not threading.current_thread():
+        t.join()  # a background build finishes first (it takes _lock itself)
     with _lock:
         _state.clear()

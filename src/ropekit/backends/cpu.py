@@ -1,5 +1,9 @@
 """Fast CPU backend ``"cpu"``: a fused C++ kernel, built at first use, called through ctypes.
 
+The first call in a process without a cached build starts the compile (~1-2 s) in a
+background thread and runs the ``eager`` backend until it is ready (``ROPEKIT_BUILD_WAIT=1``
+waits instead; :func:`kernel_loaded` always waits).
+
 One pass over ``x``: each row of ``d`` elements is read once and written once, both lanes
 of every pair are loaded before either is stored (so in place is safe), the half-width
 cos/sin row is shared by all heads of a token (it stays in L1), and rows are split across
@@ -66,10 +70,15 @@ PARALLEL_BYTES = 1 << 20
 #: the output lines are not read first and do not evict the cache (float32/bf16, aligned).
 NT_BYTES = 16 << 20
 #: Fresh outputs of at least this many bytes are put on transparent huge pages
-#: (``madvise(MADV_HUGEPAGE)`` before the first write; see :func:`new_output`).
-#: ``ROPEKIT_HUGEPAGES=0`` turns it off.
-HUGE_BYTES = 4 << 20
+#: (``madvise(MADV_HUGEPAGE)`` before the first write; see :func:`new_output`). 32 MiB is
+#: glibc's largest mmap threshold on 64-bit: anything that large is always a fresh mapping
+#: that page-faults, while smaller blocks are often reused from the heap, already faulted
+#: (advising those measured no gain, sometimes a loss). ``ROPEKIT_HUGEPAGES=0`` turns it off.
+HUGE_BYTES = 32 << 20
 _HUGE = os.environ.get("ROPEKIT_HUGEPAGES", "1") != "0"
+#: ``ROPEKIT_BUILD_WAIT=1``: the first call waits for the kernel's compile instead of running
+#: eager while it builds in the background (results then never mix the two paths' roundings)
+_WAIT_BUILD = os.environ.get("ROPEKIT_BUILD_WAIT", "0") == "1"
 _PACK: dict = {}  # argument count -> struct.Struct of that many int64
 _LIVE1 = struct.Struct("<9q")  # rk_run's per-call block for one job
 _LIVE2 = struct.Struct("<14q")  # rk_run's per-call block for two jobs (q and k)
@@ -83,10 +92,16 @@ _call = None  # its rk_rotate
 _has_f16 = False
 
 
-def _load():
+def _load(wait: bool = True):
+    """Load (building if needed) the kernel. ``wait=False`` (the apply paths): a kernel that
+    still has to be compiled is built in a background thread and ``None`` is returned — those
+    calls run the eager path, so the first call in a fresh process costs milliseconds, not
+    the 1-2 s of a compile; :func:`kernel_loaded` waits for the build."""
     global _lib, _call, _has_f16
-    lib = _cpu_build.load()
+    lib = _cpu_build.load(wait=wait)
     if lib is None:
+        if not wait and "lib" not in _cpu_build._state:
+            return None  # still building: try again on the next call
         _lib = False
         return False
     _has_f16 = bool(lib.rk_features() & 1)
@@ -130,6 +145,7 @@ def _reset() -> None:
     """Forget the loaded kernel (tests switch compilers / cache directories)."""
     global _lib, _call, _has_f16
     _lib, _call, _has_f16 = None, None, False
+    _PLANS.clear()
     _cpu_build.reset()
 
 
@@ -154,7 +170,7 @@ def _fast(x: torch.Tensor) -> Optional[int]:
     if dt is None or not x.is_cpu:
         return None
     if _lib is None:
-        _load()
+        _load(wait=_WAIT_BUILD)
     if not _lib or (dt == 2 and not _has_f16):
         return None
     return dt
@@ -174,7 +190,7 @@ def new_output(x: torch.Tensor, memory_format=torch.preserve_format) -> torch.Te
     out = torch.empty_like(x, memory_format=memory_format)
     if _HUGE and out.is_cpu:
         n = out.numel() * out.element_size()
-        if n >= HUGE_BYTES and (_lib or (_lib is None and _load())):
+        if n >= HUGE_BYTES and (_lib or (_lib is None and _load(wait=_WAIT_BUILD))):
             _lib.rk_advise_huge(out.data_ptr(), n)
     return out
 

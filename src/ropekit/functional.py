@@ -304,8 +304,10 @@ class _RotaryQK(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gq, gk):  # type: ignore[override]
         cos, sin = ctx.saved_tensors
-        neg = -sin  # R(θ)ᵀ = R(-θ)
         be, layout = ctx.backend, ctx.layout
+        if gq is not None and gk is not None and getattr(be, "ROTATE_QK_CONJUGATE", False):
+            return (*be.rotate_qk(gq, gk, cos, sin, layout, False, conjugate=True), None, None, None, None, None)
+        neg = -sin  # R(θ)ᵀ = R(-θ)
         if gq is not None and gk is not None:
             dq, dk = be.rotate_qk(gq, gk, cos, neg, layout, False)
         else:

@@ -56,6 +56,7 @@ from . import eager as _eager
 
 NAME = "cpu"
 DIFFERENTIABLE = False
+ROTATE_QK_CONJUGATE = True  # rotate_qk takes conjugate= (the backward uses it)
 
 __all__ = ["NAME", "available", "supports", "rotate", "rotate_qk", "rotate_qk_gather", "kernel_loaded", "new_output"]
 
@@ -278,12 +279,13 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
-def rotate_qk(q, k, cos, sin, layout, inplace):
+def rotate_qk(q, k, cos, sin, layout, inplace, conjugate=False):
     """Rotate ``q`` ``[..., hq, d]`` and ``k`` ``[..., hk, d]`` with the same tables in one call.
 
     Returns ``(q_rot, k_rot)``: ``q``/``k`` themselves when ``inplace``, else fresh tensors
     (:func:`new_output`, so a ``bshd`` view of ``bhsd`` memory keeps its strides).
-    No autograd (``ropekit.apply_rotary_qk`` calls this only without grad).
+    No autograd (``ropekit.apply_rotary_qk`` calls this only without grad; its backward
+    calls it with ``conjugate=True``: ``R(-θ)`` without building ``-sin``).
     """
     qo, ko = (q, k) if inplace else (new_output(q), new_output(k))
     dq = _fast(q)
@@ -291,8 +293,9 @@ def rotate_qk(q, k, cos, sin, layout, inplace):
         lay = _LAYOUT[layout]
         c, s = _tables(cos, sin, dq)
         tab = _table_fields(c, s)
-        jq = _strided(q, qo, c, s, dq, lay, 0, tab)
-        jk = _strided(k, ko, c, s, dq, lay, 0, tab)
+        cj = 1 if conjugate else 0
+        jq = _strided(q, qo, c, s, dq, lay, cj, tab)
+        jk = _strided(k, ko, c, s, dq, lay, cj, tab)
         # q and k may overlap when in place on one storage: then k after q, as two calls would
         rc = _run(jq + jk, 2, 1 if inplace and _same_storage(q, k) else 0)
         if rc == 0:
@@ -303,8 +306,8 @@ def rotate_qk(q, k, cos, sin, layout, inplace):
     if inplace:
         _check_inplace(q, "q")
         _check_inplace(k, "k")
-    rotate(q, cos, sin, layout, False, qo)
-    rotate(k, cos, sin, layout, False, ko)
+    rotate(q, cos, sin, layout, conjugate, qo)
+    rotate(k, cos, sin, layout, conjugate, ko)
     return qo, ko
 
 

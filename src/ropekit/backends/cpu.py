@@ -71,11 +71,12 @@ PARALLEL_BYTES = 1 << 20
 #: the output lines are not read first and do not evict the cache (float32/bf16, aligned).
 NT_BYTES = 16 << 20
 #: Fresh outputs of at least this many bytes are put on transparent huge pages
-#: (``madvise(MADV_HUGEPAGE)`` before the first write; see :func:`new_output`). 32 MiB is
-#: glibc's largest mmap threshold on 64-bit: anything that large is always a fresh mapping
-#: that page-faults, while smaller blocks are often reused from the heap, already faulted
-#: (advising those measured no gain, sometimes a loss). ``ROPEKIT_HUGEPAGES=0`` turns it off.
-HUGE_BYTES = 32 << 20
+#: (``madvise(MADV_HUGEPAGE)`` before the first write; see :func:`new_output`). Whether a
+#: block of 4-32 MiB is a fresh mapping (every page faults) or reused heap memory (already
+#: faulted, the hint is a no-op) depends on glibc's allocation history: with a 32 MiB
+#: threshold a bf16 backward at s=2048 took 2.3-13 ms from run to run. ``ROPEKIT_HUGEPAGES=0``
+#: turns it off.
+HUGE_BYTES = 4 << 20
 _HUGE = os.environ.get("ROPEKIT_HUGEPAGES", "1") != "0"
 #: ``ROPEKIT_BUILD_WAIT=1``: the first call waits for the kernel's compile instead of running
 #: eager while it builds in the background (results then never mix the two paths' roundings)

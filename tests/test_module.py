@@ -259,3 +259,21 @@ def test_fast_path_length_dependent_scaling_is_not_cached():
     q, k = torch.randn(1, 4, 2, 16), torch.randn(1, 4, 1, 16)
     for off in (0, 30, 2):  # the table depends on the length: every call recomputes it
         assert torch.allclose(rope(q, k, offsets=off)[0], eager(q, k, offsets=off)[0], atol=1e-6)
+
+
+def test_fast_path_respects_a_subclass_that_makes_its_own_tables():
+    cpu = _cpu_or_skip()
+    cpu._PLANS.clear()
+
+    class Doubled(RotaryEmbedding):  # tables for twice the position
+        def tables(self, n, *, device, seq_len=None):
+            cos, sin = super().tables(2 * n, device=device, seq_len=seq_len)
+            return cos[::2].contiguous(), sin[::2].contiguous()
+
+    rope = Doubled(RopeConfig(16), backend="cpu", max_position=32)
+    q, k = torch.randn(2, 1, 2, 16), torch.randn(2, 1, 1, 16)
+    off = torch.tensor([3, 5])
+    for _ in range(3):
+        q2, _ = rope(q, k, offsets=off)
+        want = rope_bshd(q, 2 * off[:, None], 16, "half")
+        torch.testing.assert_close(q2.double(), want, atol=5e-6, rtol=5e-6)

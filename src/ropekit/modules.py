@@ -40,6 +40,20 @@ def _table_view(t: torch.Tensor, fmt: str, pos_dims: int) -> torch.Tensor:
     return t.transpose(0, 1)[:, :, None, :]  # sbhd: [s, b, 1, r/2]
 
 
+_PLAIN: dict = {}
+
+
+def _plain_tables(cls) -> bool:
+    """Whether ``cls`` keeps RotaryEmbedding's own positions and tables logic (the fast path
+    reads the cached tables directly; a subclass that overrides how they are made opts out)."""
+    ok = _PLAIN.get(cls)
+    if ok is None:
+        ok = _PLAIN[cls] = all(
+            getattr(cls, n) is getattr(RotaryEmbedding, n) for n in ("tables", "_positions", "_positions_and_tables")
+        )
+    return ok
+
+
 def _check_qk(q: torch.Tensor, k: torch.Tensor) -> None:
     for name, t in (("q", q), ("k", k)):
         if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
@@ -258,6 +272,8 @@ class RotaryEmbedding(nn.Module):
         try:
             if type(q) is not torch.Tensor or type(k) is not torch.Tensor or not q.is_cpu:
                 return None
+            if not _plain_tables(type(self)):
+                return None
             if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
                 return None
             if tracing():
@@ -273,7 +289,7 @@ class RotaryEmbedding(nn.Module):
             return None  # not tensors, odd arguments: the checks of the general path say what is wrong
 
     def _remember_gather(self, q, k, qo, ko, offsets, format, inplace, table):
-        if type(q) is not torch.Tensor or type(k) is not torch.Tensor or torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        if not _plain_tables(type(self)) or type(q) is not torch.Tensor or type(k) is not torch.Tensor or torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
             return
         tab = self._static_table()
         if tab is None or tab[0] is not table[0] or tab[1] is not table[1]:

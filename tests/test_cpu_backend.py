@@ -703,3 +703,49 @@ def test_first_call_does_not_wait_for_the_compile(fresh_build, monkeypatch):
     assert cpu.kernel_loaded()  # waits for the background build
     assert list(fresh_build.iterdir())  # the library is in the cache
     assert torch.equal(apply_rotary(x, cos, sin, backend="cpu"), _formula(x, cos, sin, "half"))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fast_paths_fuzz_against_formula(seed):
+    """Random layouts, dtypes, strides (transposed / sliced views), broadcast tables, in place,
+    out= and fresh: the first call (checked) and the repeats (fast path) give the formula's
+    bits, and never touch memory outside their outputs."""
+    g = torch.Generator().manual_seed(100 + seed)
+    cpu._PLANS.clear()
+
+    def ri(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+    for _ in range(12):
+        dtype = [torch.float32, torch.bfloat16, torch.float16, torch.float64][ri(0, 3)]
+        if dtype is torch.float16 and not cpu._has_f16:
+            continue
+        layout = LAYOUTS[ri(0, 1)]
+        b, s, hq, hk, half = ri(1, 3), ri(1, 5), ri(1, 4), ri(1, 3), ri(1, 20)
+        d = 2 * half + 2 * ri(0, 2)  # partial rotary sometimes
+        base_q = torch.randn(s, b, hq + 1, d + 3, generator=g).to(dtype)  # padded: views are strided
+        base_k = torch.randn(b, hk, s, d, generator=g).to(dtype)
+        q = base_q[:, :, :hq, :d].transpose(0, 1)  # [b, s, hq, d], non-contiguous
+        k = base_k.transpose(1, 2)  # [b, s, hk, d] view of bhsd memory
+        tab_dt = torch.float64 if dtype is torch.float64 else torch.float32
+        cos, sin = _tables(d, s + 7, r=2 * half, positions=torch.randint(0, 50, (b, s), generator=g), dtype=tab_dt)
+        cos, sin = cos[:, :, None], sin[:, :, None]  # [b, s, 1, half]
+        mode = ["fresh", "inplace", "out"][ri(0, 2)]
+        want_q, want_k = _formula(q, cos, sin, layout), _formula(k, cos, sin, layout)
+        for _ in range(3):
+            bq, bk = base_q.clone(), base_k.clone()
+            qq, kk = bq[:, :, :hq, :d].transpose(0, 1), bk.transpose(1, 2)
+            if mode == "out":
+                oq, ok = torch.empty_like(qq), torch.empty_like(kk)
+                yq = apply_rotary(qq, cos, sin, layout=layout, out=oq, backend="cpu")
+                yk = apply_rotary(kk, cos, sin, layout=layout, out=ok, backend="cpu")
+                assert yq.data_ptr() == oq.data_ptr() and yk.data_ptr() == ok.data_ptr()
+            else:
+                yq, yk = apply_rotary_qk(qq, kk, cos, sin, layout=layout, inplace=mode == "inplace", backend="cpu")
+            assert torch.equal(yq, want_q) and torch.equal(yk, want_k)
+            if mode == "inplace":
+                # only the q view changed in its base: the padding stays as it was
+                assert torch.equal(bq[:, :, hq:], base_q[:, :, hq:]) and torch.equal(bq[..., d:], base_q[..., d:])
+            else:
+                assert torch.equal(bq, base_q) and torch.equal(bk, base_k)
+    assert any(cpu._PLANS.values())  # the repeats went through recorded plans

@@ -464,9 +464,15 @@ def fast_gather(key: tuple, q, k, cos_t, sin_t, pos_ptr: int, inplace: bool):
 
 
 def _bump_version(ts) -> None:
-    """Tell autograd that ``ts`` were modified in place (the kernel writes behind its back), so
-    a graph that saved one of them raises instead of silently using the new values."""
-    torch.autograd.graph.increment_version(ts)
+    """Tell autograd that ``ts`` (a tensor or a tuple of them) were modified in place (the
+    kernel writes behind its back), so a graph that saved one of them raises instead of
+    silently using the new values. ``torch.autograd.graph.increment_version``'s own call,
+    without its Python wrapper (0.3 µs instead of 0.9 at decode); inference tensors have no
+    counter and are skipped by torch."""
+    _increment_version((ts,) if isinstance(ts, torch.Tensor) else ts)
+
+
+_increment_version = getattr(torch._C, "_increment_version", None) or torch.autograd.graph.increment_version
 
 
 # ---------------------------------------------------------------------------------------

@@ -94,7 +94,14 @@ def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str, co
     if conjugate:
         R = R.transpose(-1, -2)
     x64 = x.to(torch.float64)
-    y = (R @ x64[..., :r].unsqueeze(-1)).squeeze(-1)  # [..., r]
+    # y_i = sum_j R_ij x_j over the matrix's structural nonzeros only: a matmul would also add
+    # the 0 * x_j terms, and 0 * NaN / 0 * inf = NaN would spread one non-finite x_j to every
+    # rotary dim of its token. Each y_i is then the same two-product sum (exact zeros added).
+    a, b = _pair_index(r, layout)
+    mask = torch.zeros(r, r, dtype=torch.bool, device=x.device)
+    mask[a, a] = mask[a, b] = mask[b, a] = mask[b, b] = True
+    prod = R * x64[..., :r].unsqueeze(-2)  # [..., r, r]: R_ij x_j
+    y = torch.where(mask, prod, torch.zeros((), dtype=torch.float64, device=x.device)).sum(-1)  # [..., r]
     return torch.cat((y, x64[..., r:]), dim=-1)
 
 

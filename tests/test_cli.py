@@ -206,6 +206,27 @@ def test_verify_exit_1_when_a_backend_is_wrong(capsys, tmp_path, monkeypatch):
     assert "FAIL  backend broken" in out and "3 failed" in out
 
 
+def test_verify_json(capsys, tmp_path, monkeypatch):
+    import json
+
+    code, out, _ = run(capsys, "verify", "head_dim=72,rotary_dim=48,layout=interleaved,context=2048",
+                       "--backend", "eager", "--json")
+    data = json.loads(out)  # stdout is only the JSON document
+    assert code == 0 and data["passed"] and data["n_failed"] == 0
+    assert data["n_checks"] == len(data["checks"]) == 6 + 3
+    assert all(c["passed"] and c["value"] <= c["bound"] for c in data["checks"] if not c["skipped"])
+    # a failing backend: exit 1 and the failing checks say so
+    from ropekit import backends
+
+    (tmp_path / "broken_backend_for_test.py").write_text(BROKEN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(backends._PATHS, "broken", "broken_backend_for_test")
+    code, out, _ = run(capsys, "verify", "head_dim=32,context=256", "--backend", "broken", "--json")
+    data = json.loads(out)
+    assert code == 1 and not data["passed"] and data["n_failed"] == 3
+    assert all("broken" in c["name"] for c in data["checks"] if not c["passed"])
+
+
 # ------------------------------------------------------------------------------ bench
 def test_bench_without_script_is_a_clear_error(capsys, monkeypatch):
     import ropekit.cli as cli

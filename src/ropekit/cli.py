@@ -18,6 +18,7 @@ import difflib
 import importlib.util
 import inspect as _inspect
 import json
+import math
 import os
 import sys
 import time
@@ -453,7 +454,21 @@ def _run_verify(models: list, names: Optional[List[str]], stream: Optional[TextI
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     models = load_models(args.model) if args.model else _default_models()
-    results = _run_verify(models, args.backend)
+    if not args.json:
+        results = _run_verify(models, args.backend)
+        return 0 if all(c.passed for c in results) else 1
+    import io
+
+    log = io.StringIO()  # the human-readable lines are not part of the JSON
+    results = _run_verify(models, args.backend, stream=log)
+    checks = [
+        {"name": c.name, "value": c.value if math.isfinite(c.value) else str(c.value), "bound": c.bound,
+         "passed": c.passed, "skipped": c.skipped, "note": c.note}
+        for c in results
+    ]
+    print(json.dumps({"models": [m.label for m in models], "passed": all(c.passed for c in results),
+                      "n_checks": len(checks), "n_failed": sum(not c["passed"] for c in checks), "checks": checks},
+                     indent=2))
     return 0 if all(c.passed for c in results) else 1
 
 
@@ -698,6 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("verify", help="property checks and agreement of every available backend; exit 1 on failure")
     s.add_argument("model", metavar="MODEL", nargs="?", help=f"default: {DEFAULT_MODEL}")
     s.add_argument("--backend", action="append", metavar="NAME", help="only this backend (repeatable); default: all available")
+    s.add_argument("--json", action="store_true", help="print the checks as JSON (name, value, bound, passed, note)")
     s.set_defaults(func=_cmd_verify)
 
     s = sub.add_parser("bench", help="run benchmarks/bench_apply.py --quick (source checkout only)")

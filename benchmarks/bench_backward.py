@@ -24,15 +24,14 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import cpu_model, git_rev, version  # noqa: E402
+from bench_apply import _round_robin, _stats  # noqa: E402
 
 from ropekit import RopeConfig, RotaryEmbedding, apply_rotary_qk, cos_sin  # noqa: E402
 
@@ -67,14 +66,7 @@ def case(b, s, dtype, rounds):
     for f in fns.values():
         for _ in range(3):
             f()
-    times = {n: [] for n in fns}
-    for _ in range(rounds):
-        for n, f in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                f()
-            times[n].append((time.perf_counter() - t0) / inner)
-    return dict(b=b, s=s, hq=hq, hk=hk, d=d), times
+    return dict(b=b, s=s, hq=hq, hk=hk, d=d), _round_robin(fns, rounds, inner)
 
 
 def main(argv=None):
@@ -94,13 +86,13 @@ def main(argv=None):
         for c in args.cases.split(","):
             b, s = (int(v) for v in c.split("x"))
             shape, times = case(b, s, getattr(torch, dt), args.rounds)
-            med = {n: statistics.median(v) for n, v in times.items()}
-            for n, v in times.items():
-                q = statistics.quantiles(v, n=10, method="inclusive")
+            stats = {n: _stats(v) for n, v in times.items()}  # median, p20, p80
+            med = {n: st[0] for n, st in stats.items()}
+            for n, (m, p20, p80) in stats.items():
                 fwd = med["module forward" if n.startswith("module") else "forward"]
-                ratio = med[n] / fwd if "forward" in n or "backward" in n else float("nan")
-                rows.append(dict(meta, **shape, dtype=dt, variant=n, median_us=f"{med[n] * 1e6:.2f}",
-                                 p20_us=f"{q[1] * 1e6:.2f}", p80_us=f"{q[7] * 1e6:.2f}", ratio_to_forward=f"{ratio:.3f}"))
+                ratio = m / fwd if "forward" in n or "backward" in n else float("nan")
+                rows.append(dict(meta, **shape, dtype=dt, variant=n, median_us=f"{m * 1e6:.2f}",
+                                 p20_us=f"{p20 * 1e6:.2f}", p80_us=f"{p80 * 1e6:.2f}", ratio_to_forward=f"{ratio:.3f}"))
                 print(f"  {dt:8s} b={b} s={s:<5d} {n:16s} {med[n] * 1e6:10.1f} µs  x{ratio:.2f} of forward", flush=True)
     args.csv.parent.mkdir(parents=True, exist_ok=True)
     new = not args.csv.exists()

@@ -44,3 +44,20 @@ def rope_bshd(x: torch.Tensor, pos: torch.Tensor, r: int, layout: str, base: flo
             y[:, i2] = xv[:, i1] * sn + xv[:, i2] * c
             out[bi, si] = y
     return out
+
+
+def backward_for_mode(mode: str, qo: torch.Tensor, ko: torch.Tensor, gq: torch.Tensor, gk: torch.Tensor, q, k):
+    """Run the backward of one of the fused-gather gradient cases and return the upstream
+    gradients ``(want_q, want_k)`` that reached the rotation (``None``: no gradient for k).
+
+    ``"q_only"``: only q's output is used; ``"both_sum"``: ``.sum()`` of both (expanded,
+    zero-stride gradients); otherwise random gradients with k not requiring grad.
+    """
+    if mode == "q_only":
+        qo.sum().backward()
+        return torch.ones_like(q), None
+    if mode == "both_sum":
+        (qo.sum() + ko.sum()).backward()
+        return torch.ones_like(q), torch.ones_like(k)
+    ((qo * gq).sum() + (ko * gk).sum()).backward()
+    return gq, None

@@ -19,6 +19,8 @@ from ropekit import RopeConfig, RopeError, RotaryEmbedding, apply_rotary, apply_
 from ropekit.backends import _cpu_build
 from ropekit.backends import cpu
 
+from _oracle import backward_for_mode
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 LAYOUTS = ["half", "interleaved"]
 # tolerance against the float64 oracle: a few ulp of the dtype (|x| <~ 4)
@@ -427,15 +429,7 @@ def test_gather_backward_partial_and_expanded(mode, inplace, monkeypatch, no_eag
     qo, ko = cpu.rotate_qk_gather(qi, ki, cos_t, sin_t, pos, "bshd", "half", inplace)
     assert (qo is qi and ko is ki) == inplace
     assert torch.equal(qo, _formula(q, c, sn, "half")) and torch.equal(ko, _formula(k, c, sn, "half"))
-    if mode == "q_only":
-        qo.sum().backward()
-        want_q, want_k = torch.ones_like(q), None
-    elif mode == "both_sum":
-        (qo.sum() + ko.sum()).backward()
-        want_q, want_k = torch.ones_like(q), torch.ones_like(k)
-    else:
-        ((qo * gq).sum() + (ko * gk).sum()).backward()
-        want_q, want_k = gq, None
+    want_q, want_k = backward_for_mode(mode, qo, ko, gq, gk, q, k)
     assert calls == [2, 1 if want_k is None else 2]  # forward q+k, backward one call
     assert torch.equal(qa.grad, _formula(want_q, c, sn, "half", conjugate=True))
     if want_k is None:

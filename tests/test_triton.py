@@ -19,6 +19,7 @@ pytest.importorskip("triton")
 
 import ropekit  # noqa: E402
 from ropekit import RopeConfig, RopeError, RotaryEmbedding, apply_rotary, apply_rotary_qk, cos_sin  # noqa: E402
+from _oracle import backward_for_mode  # noqa: E402
 
 tb = pytest.importorskip("ropekit.backends.triton")
 pytestmark = pytest.mark.skipif(not tb.available(), reason="triton needs CUDA or TRITON_INTERPRET=1")
@@ -369,15 +370,7 @@ def test_gather_backward_partial_and_expanded(mode, inplace, monkeypatch):
     assert (qo is qi and ko is ki) == inplace
     _close(qo, _oracle(q, cfg, pos), torch.float32)
     _close(ko, _oracle(k, cfg, pos), torch.float32)
-    if mode == "q_only":
-        qo.sum().backward()
-        want_q, want_k = torch.ones_like(q), None
-    elif mode == "both_sum":
-        (qo.sum() + ko.sum()).backward()
-        want_q, want_k = torch.ones_like(q), torch.ones_like(k)
-    else:
-        ((qo * gq).sum() + (ko * gk).sum()).backward()
-        want_q, want_k = gq, None
+    want_q, want_k = backward_for_mode(mode, qo, ko, gq, gk, q, k)
     assert calls.n == 2  # forward q+k, backward one launch
     for x, want, grad in ((q, want_q, qa.grad), (k, want_k, ka.grad)):
         if want is None:

@@ -364,7 +364,7 @@ def apply_rotary(
         >>> apply_rotary(q, cos[:, None], sin[:, None]).shape  # tables [s, 1, r/2]
         torch.Size([2, 5, 4, 64])
     """
-    key = None
+    key, out0, inplace0 = None, out, inplace
     if backend in _FAST_QK_BACKENDS:
         # a call shaped like one already validated and run on the CPU kernel (see cpu.fast_rotate)
         try:
@@ -423,7 +423,7 @@ def apply_rotary(
         with torch.no_grad():
             dst = x if inplace else (out if out is not None else _new_out(be, x))
             y = be.rotate(x, cos, sin, layout, conjugate, dst)
-        if key is not None and be.NAME == "cpu" and key[9] == (None if out is None else (out.shape, out.stride(), out.dtype)) and key[11] == inplace:
+        if key is not None and be.NAME == "cpu" and out is out0 and inplace == inplace0:
             be.remember_rotate(key, x, cos, sin, dst, layout, conjugate)  # the call was not rewritten
         return y
     if conjugate:

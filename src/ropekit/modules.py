@@ -229,14 +229,9 @@ class RotaryEmbedding(nn.Module):
 
     def _fast_positions(self, q, offsets, format, ntable):
         """``(kind, npos, pos strides, address)`` of positions the kernel can read directly, or ``None``."""
-        if format == "bshd":
-            b, s = q.shape[0], q.shape[1]
-        elif format == "bhsd":
-            b, s = q.shape[0], q.shape[2]
-        elif format == "sbhd":
-            b, s = q.shape[1], q.shape[0]
-        else:
+        if format not in self._POS_AR:  # thd or unknown: the general path
             return None
+        b, s = q.shape[format.index("b")], q.shape[format.index("s")]  # as positions.split_format
         if offsets is None or (type(offsets) is int and offsets >= 0):
             off = offsets or 0
             if off + s > ntable:

@@ -327,31 +327,39 @@ def qk_key(q, k, cos, sin, layout: str, inplace: bool, backend: str) -> tuple:
             q.dtype, k.dtype, cos.dtype, sin.dtype, layout, inplace, backend)
 
 
+def _plan_dtype(x, *tables):
+    """Kernel dtype code of ``x`` when a plan can be recorded for it (compiled kernel, tables
+    already in the compute dtype, the other tensors of ``x``'s dtype), else ``None``."""
+    dt = _fast(x)
+    if dt is None:
+        return None
+    cdt = _F64 if dt == 3 else _F32
+    return dt if all(t.dtype is cdt for t in tables) else None
+
+
+def _store_plan(key: tuple, njobs: int, jobs: tuple, *extents: int) -> None:
+    if len(_PLANS) >= _PLANS_MAX:
+        _PLANS.clear()
+    _PLANS[key] = (struct.pack(f"<{len(jobs) + 5}q", njobs, 0, 0, 0, 0, *jobs), *extents)
+
+
 def remember_qk(key: tuple, q, k, cos, sin, qo, ko, layout: str) -> None:
     """Record ``key`` as validated: :func:`ropekit.apply_rotary_qk` calls this after its checks
     passed and :func:`rotate_qk` wrote ``qo``/``ko``; later calls with the same key go
     through :func:`fast_qk`. Only calls the kernel takes as they are are recorded (tables
     already in the compute dtype, q and k of one dtype)."""
-    dt = _fast(q)
-    cdt = _F64 if dt == 3 else _F32
-    if dt is None or k.dtype is not q.dtype or cos.dtype is not cdt or sin.dtype is not cdt:
+    dt = _plan_dtype(q, cos, sin)
+    if dt is None or k.dtype is not q.dtype:
         return
-    if len(_PLANS) >= _PLANS_MAX:
-        _PLANS.clear()
     lay = _LAYOUT[layout]
     tab = _table_fields(cos, sin)
     jobs = _strided(q, qo, cos, sin, dt, lay, 0, tab) + _strided(k, ko, cos, sin, dt, lay, 0, tab)
-    tpl = struct.pack(f"<{len(jobs) + 5}q", 2, 0, 0, 0, 0, *jobs)
-    _PLANS[key] = (tpl, _extent(q), _extent(k))
+    _store_plan(key, 2, jobs, _extent(q), _extent(k))
 
 
-def fast_qk(key: tuple, q, k, cos, sin, inplace: bool):
-    """``(q_rot, k_rot)`` for a call signature recorded by :func:`remember_qk`, else ``None``.
-
-    The caller has checked that no autograd is involved and that nothing is being traced;
-    everything else the checks depend on is in ``key``. Costs one dict lookup, the outputs
-    (unless ``inplace``), one ``struct.pack`` of the addresses and one ctypes call.
-    """
+def _run_qk_plan(key: tuple, q, k, cos, sin, pos_ptr: int, inplace: bool):
+    """Run a two-job plan (q and k) on new addresses; ``None`` when there is none or the
+    kernel declined (nothing written; a position outside the table keeps the plan)."""
     plan = _PLANS.get(key)
     if not plan or not (q.is_cpu and k.is_cpu and cos.is_cpu and sin.is_cpu):
         return None
@@ -364,13 +372,25 @@ def fast_qk(key: tuple, q, k, cos, sin, inplace: bool):
         qo, ko = new_output(q), new_output(k)
         serial = 0
     live = _LIVE2.pack(torch.get_num_threads(), PARALLEL_BYTES, serial, NT_BYTES,
-                       qp, qo.data_ptr(), cp, sp, 0, kp, ko.data_ptr(), cp, sp, 0)
-    if _lib.rk_run(tpl, live) != 0:
-        _PLANS[key] = False  # nothing was written; the general path handles this signature
+                       qp, qo.data_ptr(), cp, sp, pos_ptr, kp, ko.data_ptr(), cp, sp, pos_ptr)
+    rc = _lib.rk_run(tpl, live)
+    if rc != 0:
+        if rc < 100:
+            _PLANS[key] = False  # the general path handles this signature from now on
         return None
     if inplace:
         _bump_version((q, k))
     return qo, ko
+
+
+def fast_qk(key: tuple, q, k, cos, sin, inplace: bool):
+    """``(q_rot, k_rot)`` for a call signature recorded by :func:`remember_qk`, else ``None``.
+
+    The caller has checked that no autograd is involved and that nothing is being traced;
+    everything else the checks depend on is in ``key``. Costs one dict lookup, the outputs
+    (unless ``inplace``), one ``struct.pack`` of the addresses and one ctypes call.
+    """
+    return _run_qk_plan(key, q, k, cos, sin, 0, inplace)
 
 
 def rotate_key(x, cos, sin, out, layout: str, inplace: bool, conjugate: bool, backend: str) -> tuple:
@@ -381,14 +401,11 @@ def rotate_key(x, cos, sin, out, layout: str, inplace: bool, conjugate: bool, ba
 
 def remember_rotate(key: tuple, x, cos, sin, dst, layout: str, conjugate: bool) -> None:
     """:func:`remember_qk` for one tensor written into ``dst`` (``x`` itself, ``out=`` or fresh)."""
-    dt = _fast(x)
-    cdt = _F64 if dt == 3 else _F32
-    if dt is None or cos.dtype is not cdt or sin.dtype is not cdt:
+    dt = _plan_dtype(x, cos, sin)
+    if dt is None:
         return
-    if len(_PLANS) >= _PLANS_MAX:
-        _PLANS.clear()
     jobs = _strided(x, dst, cos, sin, dt, _LAYOUT[layout], 1 if conjugate else 0)
-    _PLANS[key] = (struct.pack(f"<{len(jobs) + 5}q", 1, 0, 0, 0, 0, *jobs), _extent(x), _extent(dst))
+    _store_plan(key, 1, jobs, _extent(x), _extent(dst))
 
 
 def fast_rotate(key: tuple, x, cos, sin, out, inplace: bool):
@@ -421,46 +438,21 @@ def remember_gather(key: tuple, q, k, qo, ko, cos_t, sin_t, npos: int, pst: tupl
     """Record a validated fused-gather call (see :meth:`ropekit.RotaryEmbedding.forward`):
     positions are ``npos`` contiguous int64 values read through the per-dim strides ``pst``
     (their address is passed per call to :func:`fast_gather`)."""
-    dt = _fast(q)
-    cdt = _F64 if dt == 3 else _F32
-    if dt is None or k.dtype is not q.dtype or cos_t.dtype is not cdt or sin_t.dtype is not cdt:
+    dt = _plan_dtype(q, cos_t, sin_t)
+    if dt is None or k.dtype is not q.dtype or not (cos_t.is_contiguous() and sin_t.is_contiguous()):
         return
-    if not (cos_t.is_contiguous() and sin_t.is_contiguous()):
-        return
-    if len(_PLANS) >= _PLANS_MAX:
-        _PLANS.clear()
     n, h, lay = cos_t.shape[0], cos_t.shape[1], _LAYOUT[layout]
     jobs = ()
     for x, o in ((q, qo), (k, ko)):
         jobs += (dt, lay, 0, 1, x.dim(), 0, h, 0, 0, 0, 0, 0, npos, n, *x.shape, *x.stride(), *o.stride(), *pst)
-    _PLANS[key] = (struct.pack(f"<{len(jobs) + 5}q", 2, 0, 0, 0, 0, *jobs), _extent(q), _extent(k))
+    _store_plan(key, 2, jobs, _extent(q), _extent(k))
 
 
 def fast_gather(key: tuple, q, k, cos_t, sin_t, pos_ptr: int, inplace: bool):
     """``(q_rot, k_rot)`` for a fused-gather signature recorded by :func:`remember_gather`, else
     ``None`` (also when a position is outside the table: nothing was written, and the
     caller's general path grows the table or raises)."""
-    plan = _PLANS.get(key)
-    if not plan or not (q.is_cpu and k.is_cpu):
-        return None
-    tpl, qext, kext = plan
-    qp, kp, cp, sp = q.data_ptr(), k.data_ptr(), cos_t.data_ptr(), sin_t.data_ptr()
-    if inplace:
-        qo, ko = q, k
-        serial = 1 if qp < kp + kext and kp < qp + qext else 0
-    else:
-        qo, ko = new_output(q), new_output(k)
-        serial = 0
-    live = _LIVE2.pack(torch.get_num_threads(), PARALLEL_BYTES, serial, NT_BYTES,
-                       qp, qo.data_ptr(), cp, sp, pos_ptr, kp, ko.data_ptr(), cp, sp, pos_ptr)
-    rc = _lib.rk_run(tpl, live)
-    if rc != 0:
-        if rc < 100:
-            _PLANS[key] = False
-        return None
-    if inplace:
-        _bump_version((q, k))
-    return qo, ko
+    return _run_qk_plan(key, q, k, cos_t, sin_t, pos_ptr, inplace)
 
 
 def _bump_version(ts) -> None:

@@ -1,0 +1,549 @@
+// ropekit CPU rotary kernel: the SIMD math, plain C++17 (no torch headers).
+//
+// Compiled once per instruction-set level by setup.py (-DRK_LEVEL=default|avx2|avx512 with
+// that level's -m flags); ops.cpp picks the level at load time from the CPU's features
+// (ROPEKIT_CPU_CAPABILITY forces a lower one). Interface: kernel.h.
+//
+// Precision: loads widen to the compute type C (float32 for float32/bfloat16/float16,
+// float64 for float64), y1 = x1*c - x2*s and y2 = x2*c + x1*s are computed in C with
+// separately rounded products (-ffp-contract=off: the same bits with or without FMA
+// hardware, at every level), then rounded once to the storage type (round-to-nearest-even
+// for bf16 and fp16).
+//
+// In place (out == x) is safe: every block of pairs is fully loaded into local arrays
+// before any of it is stored, and both lanes of a pair are in the same block.
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#define RK_HAS_NT 1
+#else
+#define RK_HAS_NT 0
+#endif
+
+#include "kernel.h"
+
+#ifndef RK_LEVEL
+#define RK_LEVEL default
+#endif
+#define RK_CAT2(a, b) a##b
+#define RK_CAT(a, b) RK_CAT2(a, b)
+
+typedef int64_t i64;
+
+namespace RK_CAT(rk_, RK_LEVEL) {
+
+typedef RkJob Job;
+enum { MAXD = RK_MAXD };
+
+// SIMD through GCC/clang vector extensions, so one source compiles for whatever
+// -march=native offers: 64-byte vectors with AVX-512 (16 float lanes), else 32-byte (AVX2
+// ymm, NEON/SSE register pairs). Intrinsics only for the dtype conversions.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define RK_VB 64
+#else
+#define RK_VB 32
+#endif
+typedef float vf __attribute__((vector_size(RK_VB)));
+typedef double vd __attribute__((vector_size(RK_VB)));
+typedef uint32_t vu __attribute__((vector_size(RK_VB)));
+typedef uint16_t vh __attribute__((vector_size(RK_VB / 2)));
+enum { NF = RK_VB / 4, ND = RK_VB / 8 };
+
+static inline vf vload(const float* p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline vd vload(const double* p) { vd v; memcpy(&v, p, sizeof v); return v; }
+
+// (x0 y0 x1 y1 ...) pairs <-> lanes a = (x0 x1 ...), b = (y0 y1 ...)
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define RK_SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+typedef int32_t vi32 __attribute__((vector_size(RK_VB)));
+typedef int64_t vi64 __attribute__((vector_size(RK_VB)));
+#endif
+#if RK_VB == 64
+#define RK_F_EVEN 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30
+#define RK_F_ODD 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31
+#define RK_F_LO 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23
+#define RK_F_HI 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31
+#define RK_D_EVEN 0, 2, 4, 6, 8, 10, 12, 14
+#define RK_D_ODD 1, 3, 5, 7, 9, 11, 13, 15
+#define RK_D_LO 0, 8, 1, 9, 2, 10, 3, 11
+#define RK_D_HI 4, 12, 5, 13, 6, 14, 7, 15
+#else
+#define RK_F_EVEN 0, 2, 4, 6, 8, 10, 12, 14
+#define RK_F_ODD 1, 3, 5, 7, 9, 11, 13, 15
+#define RK_F_LO 0, 8, 1, 9, 2, 10, 3, 11
+#define RK_F_HI 4, 12, 5, 13, 6, 14, 7, 15
+#define RK_D_EVEN 0, 2, 4, 6
+#define RK_D_ODD 1, 3, 5, 7
+#define RK_D_LO 0, 4, 1, 5
+#define RK_D_HI 2, 6, 3, 7
+#endif
+#ifdef RK_SHUF
+static inline void deint(vf v0, vf v1, vf& a, vf& b) { a = RK_SHUF(v0, v1, RK_F_EVEN); b = RK_SHUF(v0, v1, RK_F_ODD); }
+static inline void inter(vf a, vf b, vf& v0, vf& v1) { v0 = RK_SHUF(a, b, RK_F_LO); v1 = RK_SHUF(a, b, RK_F_HI); }
+static inline void deint(vd v0, vd v1, vd& a, vd& b) { a = RK_SHUF(v0, v1, RK_D_EVEN); b = RK_SHUF(v0, v1, RK_D_ODD); }
+static inline void inter(vd a, vd b, vd& v0, vd& v1) { v0 = RK_SHUF(a, b, RK_D_LO); v1 = RK_SHUF(a, b, RK_D_HI); }
+#else  // GCC < 12
+static inline void deint(vf v0, vf v1, vf& a, vf& b) {
+    a = __builtin_shuffle(v0, v1, (vi32){RK_F_EVEN});
+    b = __builtin_shuffle(v0, v1, (vi32){RK_F_ODD});
+}
+static inline void inter(vf a, vf b, vf& v0, vf& v1) {
+    v0 = __builtin_shuffle(a, b, (vi32){RK_F_LO});
+    v1 = __builtin_shuffle(a, b, (vi32){RK_F_HI});
+}
+static inline void deint(vd v0, vd v1, vd& a, vd& b) {
+    a = __builtin_shuffle(v0, v1, (vi64){RK_D_EVEN});
+    b = __builtin_shuffle(v0, v1, (vi64){RK_D_ODD});
+}
+static inline void inter(vd a, vd b, vd& v0, vd& v1) {
+    v0 = __builtin_shuffle(a, b, (vi64){RK_D_LO});
+    v1 = __builtin_shuffle(a, b, (vi64){RK_D_HI});
+}
+#endif
+
+// Storage type S, compute type C, vector V of N compute lanes; vld widens, vst rounds.
+struct F32 {
+    typedef float S;
+    typedef float C;
+    typedef vf V;
+    enum { N = NF };
+    static inline V vld(const S* p) { return vload(p); }
+    static inline void vst(S* p, V v) { memcpy(p, &v, sizeof v); }
+#if RK_VB == 64
+    static inline void vst_nt(S* p, V v) { _mm512_stream_ps(p, (__m512)v); }
+#elif defined(__AVX__)
+    static inline void vst_nt(S* p, V v) { _mm256_stream_ps(p, (__m256)v); }
+#else
+    static inline void vst_nt(S* p, V v) { vst(p, v); }
+#endif
+};
+struct F64 {
+    typedef double S;
+    typedef double C;
+    typedef vd V;
+    enum { N = ND };
+    static inline V vld(const S* p) { return vload(p); }
+    static inline void vst(S* p, V v) { memcpy(p, &v, sizeof v); }
+};
+
+// bfloat16 <-> float32. Load: bf16 is the top half of a float32 (exact). Store: round to
+// nearest even, u + 0x7FFF + (bit 16 of u), then the top half; NaN stays a quiet NaN
+// (what torch's .to(torch.bfloat16) does).
+struct BF16 {
+    typedef uint16_t S;
+    typedef float C;
+    typedef vf V;
+    enum { N = NF };
+#if RK_VB == 64
+    static inline V vld(const S* p) {
+        return (V)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+    }
+#if defined(__AVX512BF16__)
+    static inline __m256i pack(V f) { return (__m256i)_mm512_cvtneps_pbh((__m512)f); }  // hardware RNE, NaN -> qNaN
+#else
+    static inline __m256i pack(V f) {  // the rounding above on 16 lanes
+        const __m512i u = _mm512_castps_si512((__m512)f);
+        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+        const __m512i n = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+        const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)), _mm512_set1_epi32(0x7F800000));
+        return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, r, n));
+    }
+#endif
+    static inline void vst(S* p, V f) { _mm256_storeu_si256((__m256i*)p, pack(f)); }
+    static inline void vst_nt(S* p, V f) { _mm256_stream_si256((__m256i*)p, pack(f)); }
+#elif defined(__AVX2__)
+    static inline V vld(const S* p) {
+        return (V)_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+    }
+    static inline __m128i pack(V f) {  // the rounding above on 8 lanes
+        const __m256i u = _mm256_castps_si256((__m256)f);
+        const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+        __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+        const __m256i n = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+        const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)), _mm256_set1_epi32(0x7F800000));
+        r = _mm256_blendv_epi8(r, n, nan);
+        // 8 x u32 (< 2^16) -> 8 x u16: pack within 128-bit lanes, then join the two halves
+        return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
+    }
+    static inline void vst(S* p, V f) { _mm_storeu_si128((__m128i*)p, pack(f)); }
+    static inline void vst_nt(S* p, V f) { _mm_stream_si128((__m128i*)p, pack(f)); }
+#else
+    static inline V vld(const S* p) {
+        vh h;
+        memcpy(&h, p, sizeof h);
+        vu u = __builtin_convertvector(h, vu) << 16;
+        V f;
+        memcpy(&f, &u, sizeof f);
+        return f;
+    }
+    static inline void vst(S* p, V f) {
+        vu u;
+        memcpy(&u, &f, sizeof u);
+        vu r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+        vu n = (u >> 16) | 0x40u;
+        vu nan = (vu)((u & 0x7FFFFFFFu) > 0x7F800000u);  // all ones where NaN
+        vu out = (nan & n) | (~nan & r);
+        vh h = __builtin_convertvector(out, vh);
+        memcpy(p, &h, sizeof h);
+    }
+    static inline void vst_nt(S* p, V f) { vst(p, f); }
+#endif
+};
+
+template <typename T> struct IsBF16 { enum { value = 0 }; };
+template <> struct IsBF16<BF16> { enum { value = 1 }; };
+
+// float16: F16C conversions (one instruction each way, round to nearest even) where the
+// CPU has them, else the compiler's _Float16; without either, float16 goes to eager.
+#if defined(__F16C__) && defined(__AVX2__)
+struct F16 {
+    typedef uint16_t S;
+    typedef float C;
+    typedef vf V;
+    enum { N = NF };
+#if RK_VB == 64
+    static inline V vld(const S* p) { return (V)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+    static inline void vst(S* p, V f) {
+        _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph((__m512)f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+#else
+    static inline V vld(const S* p) { return (V)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+    static inline void vst(S* p, V f) {
+        _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph((__m256)f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+#endif
+};
+#define ROPEKIT_HAS_F16 1
+#elif defined(__FLT16_MAX__)
+typedef _Float16 vhf __attribute__((vector_size(RK_VB / 2)));
+struct F16 {
+    typedef uint16_t S;  // the bits of a _Float16
+    typedef float C;
+    typedef vf V;
+    enum { N = NF };
+    static inline V vld(const S* p) {
+        vhf h;
+        memcpy(&h, p, sizeof h);
+        return __builtin_convertvector(h, vf);
+    }
+    static inline void vst(S* p, V f) {
+        vhf h = __builtin_convertvector(f, vhf);
+        memcpy(p, &h, sizeof h);
+    }
+};
+#define ROPEKIT_HAS_F16 1
+#else
+#define ROPEKIT_HAS_F16 0
+#endif
+
+// One row: r/2 pairs, N pairs per step. Each step loads both lanes of its pairs before
+// storing them, so out == x is safe; steps touch disjoint pairs.
+template <typename T, int LAYOUT, int NT>
+static inline void st(typename T::S* p, typename T::V v) {
+    if constexpr (NT != 0)
+        T::vst_nt(p, v);  // non-temporal: no read-for-ownership of the output lines
+    else
+        T::vst(p, v);
+}
+
+#if RK_VB == 32 && defined(__AVX2__)
+// bfloat16 without AVX-512 (AVX2 only): the generic path widens and rounds 8 lanes at a
+// time with a shift/shuffle-heavy sequence that made bf16 ~2.3x slower than float16 on
+// the same rows. Here 16 bf16 (32 bytes) are split into their even and odd elements with
+// one shift and one AND (a bf16 is the top half of a float32), computed, rounded and
+// re-interleaved with one 16-bit blend: no widening shuffles and no pack/permute. For the
+// half layout cos/sin are split even/odd to match (two shuffles each); the interleaved
+// layout's pairs are already even/odd. Rounding: round-to-nearest-even on the float32
+// bits, u + 0x7FFF + (bit 16 of u), with no NaN test in the loop: every NaN reaching it has
+// zero low 16 bits, so the increment cannot carry and the top half stays that NaN. (x86
+// arithmetic returns either the default NaN 0xFFC00000 or an operand's NaN, quieted; the
+// x operands are widened bf16, low bits zero, and the cos/sin rows are copied per table
+// row with every NaN replaced by 0x7FC00000 — the one place a payload with low bits set
+// could come from.) The same bits as the generic path for every value, NaN -> NaN.
+static inline __m256i bf16_round_hi(__m256 y) {  // the bf16 in the top 16 bits of each lane
+    const __m256i u = _mm256_castps_si256(y);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    return _mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF)));
+}
+// even lanes' bf16 in the low half of each 32-bit lane, odd lanes' in the high half
+static inline __m256i bf16_join(__m256 ye, __m256 yo) {
+    return _mm256_blend_epi16(_mm256_srli_epi32(bf16_round_hi(ye), 16), bf16_round_hi(yo), 0xAA);
+}
+static inline void bf16_split(__m256i v, __m256& e, __m256& o) {
+    e = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    o = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xFFFF0000u)));
+}
+template <int NT>
+static inline void bf16_store(uint16_t* p, __m256i v) {
+    if constexpr (NT != 0) {  // two 16-byte streaming stores: 16-byte alignment is enough
+        _mm_stream_si128((__m128i*)p, _mm256_castsi256_si128(v));
+        _mm_stream_si128((__m128i*)(p + 8), _mm256_extracti128_si256(v, 1));
+    } else {
+        _mm256_storeu_si256((__m256i*)p, v);
+    }
+}
+// One table row copied for the rows (heads) that share it: the conjugation sign folded into
+// sin, NaN replaced by the canonical 0x7FC00000 (see above), and for the half layout each
+// block of 16 split even/odd to match bf16_split. n: a multiple of 16 (half) or 8.
+enum { BF16_TAB_MAX = 1024 };  // pairs; longer rows take the generic path
+static inline __m256 bf16_tab_clean(__m256 v) {
+    return _mm256_blendv_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+template <int LAYOUT>
+static inline void bf16_prep_tables(const float* pc, const float* ps, float sign, i64 n, float* cb, float* sb) {
+    const __m256 sg = _mm256_set1_ps(sign);
+    if (LAYOUT == 1) {
+        for (i64 i = 0; i < n; i += 8) {
+            _mm256_store_ps(cb + i, bf16_tab_clean(_mm256_loadu_ps(pc + i)));
+            _mm256_store_ps(sb + i, bf16_tab_clean(_mm256_loadu_ps(ps + i) * sg));
+        }
+        return;
+    }
+    for (i64 i = 0; i < n; i += 16) {
+        const __m256 c0 = bf16_tab_clean(_mm256_loadu_ps(pc + i)), c1 = bf16_tab_clean(_mm256_loadu_ps(pc + i + 8));
+        const __m256 s0 = bf16_tab_clean(_mm256_loadu_ps(ps + i) * sg);
+        const __m256 s1 = bf16_tab_clean(_mm256_loadu_ps(ps + i + 8) * sg);
+        // even (0 2 .. 14) and odd (1 3 .. 15) elements in order: in-lane shuffle, then qwords 0 2 1 3
+        _mm256_store_ps(cb + i, (__m256)_mm256_permute4x64_pd((__m256d)_mm256_shuffle_ps(c0, c1, 0x88), 0xD8));
+        _mm256_store_ps(cb + i + 8, (__m256)_mm256_permute4x64_pd((__m256d)_mm256_shuffle_ps(c0, c1, 0xDD), 0xD8));
+        _mm256_store_ps(sb + i, (__m256)_mm256_permute4x64_pd((__m256d)_mm256_shuffle_ps(s0, s1, 0x88), 0xD8));
+        _mm256_store_ps(sb + i + 8, (__m256)_mm256_permute4x64_pd((__m256d)_mm256_shuffle_ps(s0, s1, 0xDD), 0xD8));
+    }
+}
+// Half layout, pairs (i + k, h + i + k) for i < n (a multiple of 16). Tables from bf16_prep_tables.
+template <int NT>
+static inline void row_bf16_avx2_half(const uint16_t* px, uint16_t* po, const float* cb, const float* sb, i64 h,
+                                      i64 n) {
+    for (i64 i = 0; i < n; i += 16) {
+        __m256 ae, ao, be, bo;
+        bf16_split(_mm256_loadu_si256((const __m256i*)(px + i)), ae, ao);
+        bf16_split(_mm256_loadu_si256((const __m256i*)(px + h + i)), be, bo);
+        const __m256 ce = _mm256_load_ps(cb + i), co = _mm256_load_ps(cb + i + 8);
+        const __m256 se = _mm256_load_ps(sb + i), so = _mm256_load_ps(sb + i + 8);
+        bf16_store<NT>(po + i, bf16_join(ae * ce - be * se, ao * co - bo * so));
+        bf16_store<NT>(po + h + i, bf16_join(be * ce + ae * se, bo * co + ao * so));
+    }
+}
+// Interleaved layout, pairs (2(i + k), 2(i + k) + 1) for i < n (a multiple of 8): the
+// pairs are already even/odd (a = even, b = odd). Tables from bf16_prep_tables.
+template <int NT>
+static inline void row_bf16_avx2_il(const uint16_t* px, uint16_t* po, const float* cb, const float* sb, i64 n) {
+    for (i64 i = 0; i < n; i += 8) {
+        __m256 a, b;
+        bf16_split(_mm256_loadu_si256((const __m256i*)(px + 2 * i)), a, b);
+        const __m256 c = _mm256_load_ps(cb + i), s = _mm256_load_ps(sb + i);
+        bf16_store<NT>(po + 2 * i, bf16_join(a * c - b * s, b * c + a * s));
+    }
+}
+#define RK_BF16_AVX2 1
+#else
+#define RK_BF16_AVX2 0
+#endif
+
+template <typename T, int LAYOUT, int NT>
+static inline void row(const typename T::S* px, typename T::S* po, const typename T::C* pc,
+                       const typename T::C* ps, i64 h, typename T::C sign, i64 i = 0) {
+    typedef typename T::C C;
+    typedef typename T::V V;
+    const int N = T::N;
+    for (; i + N <= h; i += N) {
+        V a, b;
+        if (LAYOUT == 0) {
+            a = T::vld(px + i);
+            b = T::vld(px + h + i);
+        } else {
+            deint(T::vld(px + 2 * i), T::vld(px + 2 * i + N), a, b);
+        }
+        const V c = vload(pc + i);
+        const V s = vload(ps + i) * sign;  // exact: sign is +-1
+        const V y1 = a * c - b * s;
+        const V y2 = b * c + a * s;
+        if (LAYOUT == 0) {
+            st<T, LAYOUT, NT>(po + i, y1);
+            st<T, LAYOUT, NT>(po + h + i, y2);
+        } else {
+            V o0, o1;
+            inter(y1, y2, o0, o1);
+            st<T, LAYOUT, NT>(po + 2 * i, o0);
+            st<T, LAYOUT, NT>(po + 2 * i + N, o1);
+        }
+    }
+    if (i < h) {
+        // the last h % N pairs: through the same vector code on zero-padded copies (a scalar
+        // loop here gets SLP-vectorized by GCC into fmaddsub despite -ffp-contract=off)
+        const i64 m = h - i;
+        typename T::S xa[N], xb[N], ya[N], yb[N];
+        C cc[N], sn[N];
+        memset(xa, 0, sizeof xa);
+        memset(xb, 0, sizeof xb);
+        memset(cc, 0, sizeof cc);
+        memset(sn, 0, sizeof sn);
+        for (i64 k = 0; k < m; ++k) {
+            xa[k] = px[LAYOUT == 0 ? i + k : 2 * (i + k)];
+            xb[k] = px[LAYOUT == 0 ? h + i + k : 2 * (i + k) + 1];
+            cc[k] = pc[i + k];
+            sn[k] = ps[i + k];
+        }
+        const V a = T::vld(xa), b = T::vld(xb), c = vload(cc), s = vload(sn) * sign;
+        T::vst(ya, a * c - b * s);
+        T::vst(yb, b * c + a * s);
+        for (i64 k = 0; k < m; ++k) {
+            po[LAYOUT == 0 ? i + k : 2 * (i + k)] = ya[k];
+            po[LAYOUT == 0 ? h + i + k : 2 * (i + k) + 1] = yb[k];
+        }
+    }
+}
+
+// Rows [r0, r1) of one job.
+template <typename T, int LAYOUT, int NT>
+static void run_rows(const Job& j, i64 r0, i64 r1) {
+    typedef typename T::S S;
+    typedef typename T::C C;
+    const S* X = (const S*)(intptr_t)j.x;
+    S* O = (S*)(intptr_t)j.o;
+    const C* CT = (const C*)(intptr_t)j.c;
+    const C* ST = (const C*)(intptr_t)j.s;
+    const i64* P = (const i64*)(intptr_t)j.pos;
+    const C sign = j.conj ? C(-1) : C(1);
+    const i64 h = j.half, tail = j.d - 2 * j.half;
+    const bool copy_tail = tail > 0 && (const void*)X != (const void*)O;
+
+    const int nd = (int)j.nd;
+    i64 idx[MAXD];
+    i64 rem = r0;
+    for (int k = nd - 1; k >= 0; --k) {
+        idx[k] = rem % j.size[k];
+        rem /= j.size[k];
+    }
+    i64 xo = 0, oo = 0, co = 0, so = 0, po = 0;
+    for (int k = 0; k < nd; ++k) {
+        xo += idx[k] * j.xs[k];
+        oo += idx[k] * j.os[k];
+        co += idx[k] * j.cs[k];
+        so += idx[k] * j.ss[k];
+        po += idx[k] * j.ps[k];
+    }
+#if RK_BF16_AVX2
+    alignas(32) float cb[IsBF16<T>::value ? BF16_TAB_MAX : 1];
+    alignas(32) float sb[IsBF16<T>::value ? BF16_TAB_MAX : 1];
+    const C *lc = nullptr, *ls = nullptr;  // the table row now in cb/sb
+    const i64 hv = h <= BF16_TAB_MAX ? h - h % (LAYOUT == 0 ? 16 : 8) : 0;  // pairs for the fast loop
+#endif
+    for (i64 r = r0; r < r1; ++r) {
+        const C *pc, *ps;
+        if (j.gather) {
+            const i64 p = P[po];
+            pc = CT + p * h;
+            ps = ST + p * h;
+        } else {
+            pc = CT + co;
+            ps = ST + so;
+        }
+#if RK_BF16_AVX2
+        if constexpr (IsBF16<T>::value) {
+            if (hv > 0) {
+                if (pc != lc || ps != ls) {  // a new table row: rows of one token's heads share it
+                    bf16_prep_tables<LAYOUT>(pc, ps, sign, hv, cb, sb);
+                    lc = pc;
+                    ls = ps;
+                }
+                if (LAYOUT == 0)
+                    row_bf16_avx2_half<NT>(X + xo, O + oo, cb, sb, h, hv);
+                else
+                    row_bf16_avx2_il<NT>(X + xo, O + oo, cb, sb, hv);
+            }
+            if (hv < h) row<T, LAYOUT, NT>(X + xo, O + oo, pc, ps, h, sign, hv);
+        } else
+#endif
+            row<T, LAYOUT, NT>(X + xo, O + oo, pc, ps, h, sign);
+        if (copy_tail) memcpy(O + oo + 2 * h, X + xo + 2 * h, (size_t)tail * sizeof(S));
+        for (int k = nd - 1; k >= 0; --k) {  // next row index, carrying
+            ++idx[k];
+            xo += j.xs[k];
+            oo += j.os[k];
+            co += j.cs[k];
+            so += j.ss[k];
+            po += j.ps[k];
+            if (idx[k] < j.size[k] || k == 0) break;
+            xo -= j.xs[k] * j.size[k];
+            oo -= j.os[k] * j.size[k];
+            co -= j.cs[k] * j.size[k];
+            so -= j.ss[k] * j.size[k];
+            po -= j.ps[k] * j.size[k];
+            idx[k] = 0;
+        }
+    }
+}
+
+template <typename T, int NT>
+static void dispatch_layout(const Job& j, i64 r0, i64 r1) {
+    if (j.layout == 0)
+        run_rows<T, 0, NT>(j, r0, r1);
+    else
+        run_rows<T, 1, NT>(j, r0, r1);
+}
+
+static void run_job(const Job& j, i64 r0, i64 r1) {
+    switch (j.dtype) {
+        case 0:
+            if (j.nt)
+                dispatch_layout<F32, 1>(j, r0, r1);
+            else
+                dispatch_layout<F32, 0>(j, r0, r1);
+            break;
+        case 1:
+            if (j.nt)
+                dispatch_layout<BF16, 1>(j, r0, r1);
+            else
+                dispatch_layout<BF16, 0>(j, r0, r1);
+            break;
+#if ROPEKIT_HAS_F16
+        case 2: dispatch_layout<F16, 0>(j, r0, r1); break;
+#endif
+        case 3: dispatch_layout<F64, 0>(j, r0, r1); break;
+        default: break;
+    }
+#if RK_HAS_NT
+    if (j.nt) _mm_sfence();  // order the streaming stores before the thread reports done
+#endif
+}
+
+// Global rows [g0, g1) over the concatenated jobs.
+static void run_range(const Job* jobs, i64 njobs, i64 g0, i64 g1) {
+    i64 base = 0;
+    for (i64 n = 0; n < njobs && base < g1; ++n) {
+        const i64 lo = g0 > base ? g0 : base;
+        const i64 hi = g1 < base + jobs[n].nrows ? g1 : base + jobs[n].nrows;
+        if (lo < hi) run_job(jobs[n], lo - base, hi - base);
+        base += jobs[n].nrows;
+    }
+}
+
+}  // namespace
+
+using namespace RK_CAT(rk_, RK_LEVEL);
+
+extern "C" {
+
+int RK_CAT(rk_features_, RK_LEVEL)(void) { return ROPEKIT_HAS_F16 ? 1 : 0; }
+
+void RK_CAT(rk_finish_, RK_LEVEL)(RkJob* jobs, i64 njobs, i64 bytes, i64 nt_bytes) {
+    // streaming stores pay off only when the output is far larger than the caches and is
+    // not the input; they need every vector store aligned to its width
+    for (i64 n = 0; n < njobs; ++n) {
+        Job& j = jobs[n];
+        const i64 es = j.dtype == 0 ? 4 : j.dtype == 3 ? 8 : 2;
+        const i64 A = (j.dtype == 0 ? NF * 4 : NF * 2);
+        bool nt = RK_HAS_NT && (j.dtype == 0 || j.dtype == 1) && bytes / 2 >= nt_bytes && j.x != j.o && j.o % A == 0 &&
+                  (j.layout == 1 || (j.half * es) % A == 0);
+        for (i64 k = 0; nt && k < j.nd; ++k) nt = (j.os[k] * es) % A == 0;
+        j.nt = nt ? 1 : 0;
+    }
+}
+
+void RK_CAT(rk_rows_, RK_LEVEL)(const RkJob* jobs, i64 njobs, i64 g0, i64 g1) { run_range(jobs, njobs, g0, g1); }
+
+}  // extern "C"

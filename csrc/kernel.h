@@ -1,0 +1,54 @@
+// ropekit CPU rotary kernel: the interface between the operator layer (ops.cpp, torch
+// headers) and the SIMD math (kernel.cpp, plain C++ compiled once per instruction-set level).
+//
+// ops.cpp validates the tensors, normalises each one into an RkJob (rows of d elements over
+// at most RK_MAXD leading dims, every operand addressed through element strides) and splits
+// the rows of all jobs over torch's thread pool (at::parallel_for); each thread calls the
+// level's rk_rows_* on its range of rows.
+#pragma once
+#include <stdint.h>
+
+#define RK_MAXD 8
+
+// One tensor to rotate: out = rot(x) with half-width cos/sin rows taken either through the
+// table strides (cs/ss: zero = broadcast) or through a position index into a contiguous
+// [ntable, half] table (gather: ps strides into the int64 positions).
+typedef struct RkJob {
+    int64_t dtype;   // 0 float32, 1 bfloat16, 2 float16, 3 float64
+    int64_t layout;  // 0 half (i, i + r/2), 1 interleaved (2i, 2i + 1)
+    int64_t conj;    // 1: rotate by -theta (sin -> -sin)
+    int64_t gather;  // 1: table rows come from pos[], else from the cos/sin strides
+    int64_t half;    // r/2
+    int64_t d;       // head dim (elements past r are copied when out != x)
+    int64_t x, o, c, s, pos;  // addresses
+    int64_t npos, ntable;     // positions count, table rows (gather only)
+    int64_t nd;               // leading (row) dims after normalisation, >= 1
+    int64_t nrows;
+    int64_t nt;  // 1: non-temporal stores (set by rk_finish_*)
+    int64_t size[RK_MAXD];
+    int64_t xs[RK_MAXD], os[RK_MAXD], cs[RK_MAXD], ss[RK_MAXD], ps[RK_MAXD];  // element strides
+} RkJob;
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// One set per level: default (the compiler's baseline), avx2 (AVX2 + FMA + F16C), avx512
+// (AVX-512 F/BW/VL/DQ). Every level computes the same bits (-ffp-contract=off).
+#define RK_DECLARE_LEVEL(L)                                                                  \
+    /* bit 0: float16 compiled in */                                                         \
+    int rk_features_##L(void);                                                               \
+    /* choose streaming stores per job (out != x, large, aligned); bytes = all jobs' bytes */ \
+    void rk_finish_##L(RkJob* jobs, int64_t njobs, int64_t bytes, int64_t nt_bytes);         \
+    /* rows [g0, g1) of the jobs' concatenated rows */                                       \
+    void rk_rows_##L(const RkJob* jobs, int64_t njobs, int64_t g0, int64_t g1);
+
+RK_DECLARE_LEVEL(default)
+#if defined(__x86_64__) || defined(_M_X64)
+RK_DECLARE_LEVEL(avx2)
+RK_DECLARE_LEVEL(avx512)
+#endif
+
+#ifdef __cplusplus
+}
+#endif

@@ -10,9 +10,12 @@ PYTEST_ARGS ?=
 $(PY):
 	python3 -m venv $(VENV)
 
-$(STAMP): $(PY) pyproject.toml
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
+# The compiled operators (csrc/) build during the project's install: without build isolation,
+# so the build uses the torch installed just before (an isolated build would fetch another).
+$(STAMP): $(PY) pyproject.toml setup.py $(wildcard csrc/*)
+	$(PY) -m pip install --quiet torch==2.13.0 "setuptools>=64" wheel
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[dev]"
+	$(PY) -c "import ropekit.ops as o; print('ropekit operators:', o.capability() if o.LOADED else o.REASON)"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -30,4 +33,4 @@ experiment: $(STAMP)
 	$(PY) -m ropekit.experiment --jobs 2
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache src/ropekit/_C*.so

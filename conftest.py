@@ -16,4 +16,3 @@ if not _has_cuda:
 # The cpu backend normally runs eager while its kernel compiles in the background (first use
 # with an empty cache); tests must see one path or the other deterministically, so they wait
 # for the build (test_first_call_does_not_wait_for_the_compile switches this off itself).
-os.environ.setdefault("ROPEKIT_BUILD_WAIT", "1")

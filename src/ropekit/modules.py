@@ -11,8 +11,8 @@ from torch import nn
 from ._errors import fail
 from .config import RopeConfig
 from . import backends as _backends
-from .functional import _check_writable, _cpu_backend, apply_rotary_qk, tracing
-from .positions import resolve_positions, split_format, split_qk_format
+from .functional import apply_gather, apply_rotary_qk, tracing
+from .positions import resolve_positions, split_format, split_qk_format, table_view
 from .tables import MAX_EXACT_POSITION, cos_sin
 
 __all__ = ["RotaryEmbedding"]
@@ -21,37 +21,6 @@ __all__ = ["RotaryEmbedding"]
 # (and when the positions are sparse) cos/sin are computed for the given positions directly,
 # with the same float64 formula, so a position like 10**12 never allocates a huge table.
 TABLE_ROWS_LIMIT = 1 << 20
-
-
-def _table_view(t: torch.Tensor, fmt: str, pos_dims: int) -> torch.Tensor:
-    """Gathered table ``[s, r/2]`` / ``[b, s, r/2]`` / ``[t, r/2]`` -> broadcastable to q in ``fmt``."""
-    if fmt == "thd":
-        return t[:, None, :]  # [t, 1, r/2]
-    if pos_dims == 1:  # shared by the batch
-        if fmt == "bshd":
-            return t[:, None, :]  # [s, 1, r/2]
-        if fmt == "bhsd":
-            return t  # [s, r/2]
-        return t[:, None, None, :]  # sbhd: [s, 1, 1, r/2]
-    if fmt == "bshd":
-        return t[:, :, None, :]  # [b, s, 1, r/2]
-    if fmt == "bhsd":
-        return t[:, None, :, :]  # [b, 1, s, r/2]
-    return t.transpose(0, 1)[:, :, None, :]  # sbhd: [s, b, 1, r/2]
-
-
-_PLAIN: dict = {}
-
-
-def _plain_tables(cls) -> bool:
-    """Whether ``cls`` keeps RotaryEmbedding's own positions and tables logic (the fast path
-    reads the cached tables directly; a subclass that overrides how they are made opts out)."""
-    ok = _PLAIN.get(cls)
-    if ok is None:
-        ok = _PLAIN[cls] = all(
-            getattr(cls, n) is getattr(RotaryEmbedding, n) for n in ("tables", "_positions", "_positions_and_tables")
-        )
-    return ok
 
 
 def _check_qk(q: torch.Tensor, k: torch.Tensor) -> None:
@@ -216,84 +185,6 @@ class RotaryEmbedding(nn.Module):
         cos_t, sin_t = self.tables(n, device=q.device, seq_len=seq_len)
         return pos, (cos_t, sin_t), seq_len
 
-    # -- per-call fast path (CPU kernel, decode loops) ---------------------------------
-    # A call whose signature (shapes, strides, dtypes, format, kind of offsets, table size)
-    # already went through the checks below and the kernel is recorded by cpu.remember_gather;
-    # the next such call costs a dict lookup and one kernel call: no position tensor is built
-    # (the kernel reads the offsets, or a cached arange shifted by an int offset) and no
-    # host-side range check runs (the kernel checks every position before writing; on a
-    # miss the general path grows the table or raises).
-
-    _POS_OFF = {"bshd": (1, 0, 0), "bhsd": (1, 0, 0), "sbhd": (0, 1, 0)}  # [b] offsets, s = 1
-    _POS_AR = {"bshd": (0, 1, 0), "bhsd": (0, 0, 1), "sbhd": (1, 0, 0)}  # [s] positions
-
-    def _fast_positions(self, q, offsets, format, ntable):
-        """``(kind, npos, pos strides, address)`` of positions the kernel can read directly, or ``None``."""
-        if format not in self._POS_AR:  # thd or unknown: the general path
-            return None
-        b, s = q.shape[format.index("b")], q.shape[format.index("s")]  # as positions.split_format
-        if offsets is None or (type(offsets) is int and offsets >= 0):
-            off = offsets or 0
-            if off + s > ntable:
-                return None  # past the table: the general path grows it (or raises)
-            ar = self.__dict__.get("_arange")  # positions 0 .. ntable-1 (no larger than the table)
-            if ar is None or ar.shape[0] < off + s:
-                ar = torch.arange(ntable)
-                self.__dict__["_arange"] = ar
-            return ("arange", s), s, self._POS_AR[format], ar.data_ptr() + 8 * off
-        if (
-            type(offsets) is torch.Tensor and s == 1 and offsets.dtype is torch.int64 and offsets.shape == (b,)
-            and offsets.is_cpu and offsets.stride() == (1,)
-        ):
-            return ("offsets", b), b, self._POS_OFF[format], offsets.data_ptr()
-        return None
-
-    def _fast_key(self, q, k, format, inplace, kind, cos_t):
-        return ("gather", q.shape, q.stride(), k.shape, k.stride(), q.dtype, k.dtype, cos_t.shape, cos_t.dtype,
-                format, self.cfg.layout, inplace, kind)
-
-    def _static_table(self):
-        """The cached tables when they hold the length-independent frequencies, else ``None``."""
-        sc = self.cfg.scaling
-        if sc is not None and sc.length_dependent:
-            return None
-        buf = self._buffers  # not self.cos_cached: nn.Module.__getattr__ costs ~1 µs per buffer
-        cos_t, sin_t = buf["cos_cached"], buf["sin_cached"]
-        if cos_t is None or sin_t is None or self._key != self.cfg.table_key(None) or not cos_t.is_cpu:
-            return None
-        return cos_t, sin_t
-
-    def _fast_gather(self, q, k, offsets, format, inplace):
-        try:
-            if type(q) is not torch.Tensor or type(k) is not torch.Tensor or not q.is_cpu:
-                return None
-            if not _plain_tables(type(self)):
-                return None
-            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-                return None
-            if tracing():
-                return None
-            tab = self._static_table()
-            if tab is None:
-                return None
-            fp = self._fast_positions(q, offsets, format, tab[0].shape[0])
-            if fp is None:
-                return None
-            return _cpu_backend().fast_gather(self._fast_key(q, k, format, inplace, fp[0], tab[0]), q, k, tab[0], tab[1], fp[3], inplace)
-        except (AttributeError, TypeError, IndexError):
-            return None  # not tensors, odd arguments: the checks of the general path say what is wrong
-
-    def _remember_gather(self, q, k, qo, ko, offsets, format, inplace, table):
-        if not _plain_tables(type(self)) or type(q) is not torch.Tensor or type(k) is not torch.Tensor or torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-            return
-        tab = self._static_table()
-        if tab is None or tab[0] is not table[0] or tab[1] is not table[1]:
-            return
-        fp = self._fast_positions(q, offsets, format, tab[0].shape[0])
-        if fp is None:
-            return
-        _cpu_backend().remember_gather(self._fast_key(q, k, format, inplace, fp[0], tab[0]), q, k, qo, ko, tab[0], tab[1], fp[1], fp[2], self.cfg.layout)
-
     def _direct_cos_sin(self, pos, q, seq_len):
         """cos/sin computed for ``pos`` itself (graphs, meta tensors, sparse huge positions)."""
         if seq_len is None and self.cfg.scaling is not None and self.cfg.scaling.length_dependent:
@@ -327,7 +218,7 @@ class RotaryEmbedding(nn.Module):
                 cos, sin = self._direct_cos_sin(pos, q, seq_len)  # [*pos.shape, r/2]
             else:
                 cos, sin = table[0][pos], table[1][pos]  # [*pos.shape, r/2]
-        return _table_view(cos, format, pos.dim()), _table_view(sin, format, pos.dim())
+        return table_view(cos, format, pos.dim()), table_view(sin, format, pos.dim())
 
     def forward(
         self,
@@ -359,8 +250,8 @@ class RotaryEmbedding(nn.Module):
         Returns:
             ``(q_rot, k_rot)`` in the input format and dtypes.
         """
-        if positions is None and cu_seqlens is None and seq_len is None and self.backend in ("auto", "cpu"):
-            fast = self._fast_gather(q, k, offsets, format, inplace)
+        if positions is None and cu_seqlens is None and seq_len is None and not self._sync_free(q):
+            fast = self._cached_gather(q, k, offsets, format, inplace)
             if fast is not None:
                 return fast
         _check_qk(q, k)
@@ -371,21 +262,57 @@ class RotaryEmbedding(nn.Module):
             # graph path: no cache, no lock, no sync; cos/sin from positions inside the graph
             cos, sin = self.cos_sin_for(q, positions=positions, offsets=offsets, cu_seqlens=cu_seqlens, format=format, seq_len=seq_len)
             return apply_rotary_qk(q, k, cos, sin, layout=self.cfg.layout, inplace=inplace, backend=self.backend)
-        be = _backends.resolve(self.backend, q)
-        gather = getattr(be, "rotate_qk_gather", None)
-        if gather is not None:
-            # fused path: the kernel gathers table rows by position itself
-            pos, table, seq_len = self._positions_and_tables(q, positions, offsets, cu_seqlens, format, seq_len)
-            if table is not None:
-                if inplace:
-                    for name, t in (("q", q), ("k", k)):
-                        _check_writable(t, name)
-                qo, ko = gather(q, k, table[0], table[1], pos, format, self.cfg.layout, inplace)
-                if be.NAME == "cpu" and positions is None and cu_seqlens is None and self.backend in ("auto", "cpu"):
-                    self._remember_gather(q, k, qo, ko, offsets, format, inplace, table)
-                return qo, ko
-            cos, sin = self._direct_cos_sin(pos, q, seq_len)
-            cos, sin = _table_view(cos, format, pos.dim()), _table_view(sin, format, pos.dim())
+        pos, table, seq_len = self._positions_and_tables(q, positions, offsets, cu_seqlens, format, seq_len)
+        if table is not None:
+            # the table covers every position (checked above): rows picked inside the kernel
+            return apply_gather(q, k, table[0], table[1], pos, format=format, layout=self.cfg.layout, inplace=inplace, backend=self.backend)
+        cos, sin = self._direct_cos_sin(pos, q, seq_len)
+        cos, sin = table_view(cos, format, pos.dim()), table_view(sin, format, pos.dim())
+        return apply_rotary_qk(q, k, cos, sin, layout=self.cfg.layout, inplace=inplace, backend=self.backend)
+
+    def _cached_gather(self, q, k, offsets, format, inplace):
+        """The common call (positions from ``offsets``, length-independent scaling, tables
+        already cached on q's device): positions built without a host sync and the cached
+        tables passed as they are; the fused op checks every position against the table
+        before writing. ``None`` when this shortcut does not apply or the op refused the
+        call (e.g. a position past the table): the general path then grows the tables or
+        explains the error."""
+        sc = self.cfg.scaling
+        if (sc is not None and sc.length_dependent) or type(q) is not torch.Tensor or type(k) is not torch.Tensor:
+            return None
+        if format not in ("bshd", "bhsd", "sbhd") or q.dim() != 4:
+            return None
+        if not _backends.resolve(self.backend, q).CHECKS:
+            return None  # a backend that needs the positions checked before the call
+        s = int(q.shape[2 if format == "bhsd" else 0 if format == "sbhd" else 1])
+        static = offsets is None or type(offsets) is int
+        if static and not 0 <= (offsets or 0) <= max(self.max_position, TABLE_ROWS_LIMIT) - s:
+            return None  # negative, or past what a table should hold: the general path decides
+        buf = self._buffers  # not self.cos_cached: nn.Module.__getattr__ costs ~1 µs per buffer
+        cos_t, sin_t = buf["cos_cached"], buf["sin_cached"]
+        fresh = (
+            cos_t is None or sin_t is None or cos_t.device != q.device or cos_t.dtype != self.table_dtype
+            or sin_t.dtype != self.table_dtype or self._key != self.cfg.table_key(None)
+        )
+        if static and (fresh or (offsets or 0) + s > cos_t.shape[0]):
+            cos_t, sin_t = self.tables((offsets or 0) + s, device=q.device)  # first call: the same path as later ones
+        elif fresh:
+            return None
+        if static:
+            off = offsets or 0
+            pos = self._arange(cos_t.shape[0], q.device)[off : off + s]  # [s]
+        elif type(offsets) is torch.Tensor and offsets.dim() == 1 and offsets.dtype == torch.int64:
+            pos = offsets[:, None] if s == 1 else offsets[:, None] + self._arange(cos_t.shape[0], q.device)[:s]  # [b, s]
         else:
-            cos, sin = self.cos_sin_for(q, positions=positions, offsets=offsets, cu_seqlens=cu_seqlens, format=format, seq_len=seq_len)
-        return apply_rotary_qk(q, k, cos, sin, layout=self.cfg.layout, inplace=inplace, backend=be.NAME)
+            return None
+        try:
+            return apply_gather(q, k, cos_t, sin_t, pos, format=format, layout=self.cfg.layout, inplace=inplace, backend=self.backend)
+        except ValueError:
+            return None  # the general path below re-checks everything and grows or explains
+
+    def _arange(self, n: int, device: torch.device) -> torch.Tensor:
+        ar = self.__dict__.get("_arange_cache")
+        if ar is None or ar.shape[0] < n or ar.device != device:
+            ar = torch.arange(max(n, 1), device=device)
+            self.__dict__["_arange_cache"] = ar
+        return ar

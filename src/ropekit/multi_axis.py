@@ -675,7 +675,7 @@ class MultiAxisRotaryEmbedding(torch.nn.Module):
             ``(q_rot, k_rot)``.
         """
         from .functional import apply_rotary_qk
-        from .modules import _table_view
+        from .positions import table_view as _table_view
         from .positions import split_qk_format
 
         b, s = split_qk_format(q, k, format)

@@ -156,3 +156,20 @@ def resolve_positions(
     if tuple(offsets.shape) != (b,):
         raise fail(f"offsets an int or a tensor of shape [b] = [{b}]", f"shape {list(offsets.shape)}", "one offset per sample")
     return offsets.to(device=device, dtype=torch.int64)[:, None] + base  # [b, s]
+
+
+def table_view(t: torch.Tensor, fmt: str, pos_dims: int) -> torch.Tensor:
+    """Gathered table ``[s, r/2]`` / ``[b, s, r/2]`` / ``[t, r/2]`` -> broadcastable to q in ``fmt``."""
+    if fmt == "thd":
+        return t[:, None, :]  # [t, 1, r/2]
+    if pos_dims == 1:  # shared by the batch
+        if fmt == "bshd":
+            return t[:, None, :]  # [s, 1, r/2]
+        if fmt == "bhsd":
+            return t  # [s, r/2]
+        return t[:, None, None, :]  # sbhd: [s, 1, 1, r/2]
+    if fmt == "bshd":
+        return t[:, :, None, :]  # [b, s, 1, r/2]
+    if fmt == "bhsd":
+        return t[:, None, :, :]  # [b, 1, s, r/2]
+    return t.transpose(0, 1)[:, :, None, :]  # sbhd: [s, b, 1, r/2]

@@ -1,18 +1,32 @@
 """Backend registry.
 
-A backend is a module exposing::
+A backend is a module declaring what it can do and exposing the same entry points::
 
     NAME: str
-    available() -> bool                      # can it run on this machine at all
-    supports(x: Tensor) -> bool              # can it run on this tensor (device, dtype)
+    CHECKS: bool          # its entry points validate their inputs themselves (ValueError
+                          # "ropekit: expected ..."); the API then runs its Python checks
+                          # only to explain a refusal
+    available() -> bool   # can it run on this machine at all
+    supports(x) -> bool   # can it run on this tensor (device, dtype)
+    apply(x, cos, sin, layout, conjugate, inplace, out) -> Tensor
+    apply_qk(q, k, cos, sin, layout, conjugate, inplace) -> (Tensor, Tensor)
+    apply_gather(q, k, cos_table, sin_table, positions, fmt, layout, conjugate, inplace) -> (Tensor, Tensor)
+
+The entry points handle autograd, graphs (torch.compile/export) and in place themselves:
+the compiled ``cpu`` operators in C++ (``torch.ops.ropekit.*``), the others through
+:mod:`ropekit.backends._generic` around a primitive they declare with::
+
+    DIFFERENTIABLE: bool  # torch differentiates its ops (the reference's float64 matrix)
+    TRACEABLE: bool       # graphs can trace its ops (else it is one opaque custom op there)
+    FUSED_QK: bool        # has rotate_qk(q, k, cos, sin, layout, inplace)
+    GATHER: bool          # has gather(xs, cos_table, sin_table, pos, fmt, layout, conjugate, inplace)
     rotate(x, cos, sin, layout, conjugate, out) -> Tensor
 
 ``rotate`` writes ``rot(x)`` (or ``rot(-θ)(x)`` when ``conjugate``) into ``out`` and
 returns it. ``out`` has ``x``'s shape and dtype and may *be* ``x`` (in place); a backend
 must read both lanes of a pair before writing either. ``cos``/``sin`` are half width and
 broadcast to ``x.shape[:-1] + (r/2,)``; dims past ``r`` are copied unchanged when ``out``
-is not ``x``. Backends are called without autograd (``ropekit.functional`` wraps them),
-except those with ``DIFFERENTIABLE = True`` (the reference), whose ops torch differentiates.
+is not ``x``.
 
 Backends are imported lazily so ``import ropekit`` needs torch only.
 """
@@ -31,7 +45,7 @@ __all__ = ["get", "names", "available", "resolve", "register"]
 
 # name -> module path; imported on first use
 _PATHS: Dict[str, str] = {
-    "reference": "ropekit.reference",
+    "reference": "ropekit.backends.reference",
     "complex": "ropekit.backends.complex",
     "eager": "ropekit.backends.eager",
     "cpu": "ropekit.backends.cpu",
@@ -44,6 +58,7 @@ def register(name: str, module_path: str) -> None:
     """Register a backend by module path (imported on first use)."""
     _PATHS[name] = module_path
     _LOADED.pop(name, None)
+    _AUTO.clear()
 
 
 def names() -> List[str]:
@@ -53,7 +68,7 @@ def names() -> List[str]:
 
 def get(name: str) -> ModuleType:
     """The backend module ``name``; RopeError if unknown or unavailable here."""
-    if name not in _PATHS:
+    if not isinstance(name, str) or name not in _PATHS:
         raise fail(f'backend in {["auto", *_PATHS]}', repr(name), 'use backend="auto" to let ropekit choose')
     mod = _LOADED.get(name)
     if mod is None:
@@ -63,10 +78,28 @@ def get(name: str) -> ModuleType:
             raise fail(
                 f'backend "{name}" importable', f"ImportError: {e}", "install its extra (e.g. pip install ropekit[triton])"
             ) from None
+        _complete(mod)
         _LOADED[name] = mod
     if not mod.available():
         raise fail(f'backend "{name}" available on this machine', "not available", 'use backend="auto" or "eager"')
     return mod
+
+
+_DEFAULTS = {"CHECKS": False, "DIFFERENTIABLE": False, "TRACEABLE": False, "FUSED_QK": False, "GATHER": False}
+
+
+def _complete(mod: ModuleType) -> None:
+    """A registered backend that declares only the primitive (``NAME``, ``available``,
+    ``supports``, ``rotate``) gets the defaults above and the shared entry points."""
+    for key, value in _DEFAULTS.items():
+        if not hasattr(mod, key):
+            setattr(mod, key, value)
+    if not hasattr(mod, "apply"):
+        from . import _generic
+
+        mod.apply = lambda *a: _generic.apply(mod, *a)
+        mod.apply_qk = lambda *a: _generic.apply_qk(mod, *a)
+        mod.apply_gather = lambda *a: _generic.apply_gather(mod, *a)
 
 
 def available() -> List[str]:
@@ -81,26 +114,50 @@ def available() -> List[str]:
     return out
 
 
-def resolve(name: str, x: torch.Tensor) -> ModuleType:
-    """Pick the backend for ``x``. ``"auto"``: triton on CUDA, the fast CPU path on CPU,
-    else eager; each only when it is available and supports ``x``."""
-    if name != "auto":
-        mod = get(name)
-        if not mod.supports(x):
-            raise fail(
-                f'a tensor backend "{name}" supports',
-                f"{x.dtype} on {x.device}",
-                'use backend="auto" (or "eager", which runs everywhere)',
-            )
-        return mod
-    prefs = ("triton", "eager") if x.is_cuda else ("cpu", "eager") if x.device.type == "cpu" else ("eager",)
+_AUTO: Dict[tuple, ModuleType] = {}  # (device type, dtype) -> the "auto" choice
+_WARNED: set = set()
+
+
+def _auto(x: torch.Tensor) -> ModuleType:
+    prefs = ("triton", "eager") if x.is_cuda else ("cpu", "eager") if x.device.type in ("cpu", "meta") else ("eager",)
     for n in prefs:
         if n not in _PATHS:
             continue
         try:
             mod = get(n)
-        except ValueError:
+        except ValueError as e:
+            if n == "cpu" and n not in _WARNED:
+                _WARNED.add(n)
+                import warnings
+
+                warnings.warn(
+                    f"ropekit: the compiled cpu operators are not available ({e}); CPU tensors run the eager "
+                    "backend (same results up to float32 rounding, slower). Reinstall with a C++ compiler: "
+                    "pip install --no-build-isolation -e .",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
             continue
         if mod.supports(x):
             return mod
     return get("eager")
+
+
+def resolve(name: str, x: torch.Tensor) -> ModuleType:
+    """Pick the backend for ``x``. ``"auto"``: triton on CUDA, the compiled ``cpu`` operators
+    on CPU, else eager; each only when it is available and supports ``x`` (the choice is
+    made once per device type and dtype)."""
+    if name == "auto":
+        key = (x.device.type, x.dtype)
+        mod = _AUTO.get(key)
+        if mod is None:
+            mod = _AUTO[key] = _auto(x)
+        return mod
+    mod = get(name)
+    if not mod.supports(x):
+        raise fail(
+            f'a tensor backend "{name}" supports',
+            f"{x.dtype} on {x.device}",
+            'use backend="auto" (or "eager", which runs everywhere)',
+        )
+    return mod

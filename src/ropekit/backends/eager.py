@@ -7,10 +7,19 @@ written, so ``out`` may be ``x``. Runs on every device.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
+from . import _generic
+from ._generic import compute_dtype, pair_views
+
 NAME = "eager"
+CHECKS = False
 DIFFERENTIABLE = False
+TRACEABLE = True
+FUSED_QK = False
+GATHER = False
 
 
 def available() -> bool:
@@ -19,19 +28,6 @@ def available() -> bool:
 
 def supports(x: torch.Tensor) -> bool:
     return True
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """float64 for float64 inputs, float32 for everything else (fp16/bf16 included)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def pair_views(t: torch.Tensor, r: int, layout: str):
-    """The two lanes ``(t1, t2)`` of the rotary pairs, as views ``[..., r/2]``."""
-    if layout == "half":
-        return t[..., : r // 2], t[..., r // 2 : r]
-    tv = t[..., :r].unflatten(-1, (r // 2, 2))  # [..., r/2, 2]
-    return tv[..., 0], tv[..., 1]
 
 
 def rotate(x, cos, sin, layout, conjugate, out):
@@ -53,3 +49,16 @@ def rotate(x, cos, sin, layout, conjugate, out):
     if out is not x and x.shape[-1] > r:
         out[..., r:].copy_(x[..., r:])
     return out
+
+
+def apply(x, cos, sin, layout, conjugate, inplace, out):
+    """Entry point (see :mod:`ropekit.backends`): :func:`rotate` with autograd."""
+    return _generic.apply(sys.modules[__name__], x, cos, sin, layout, conjugate, inplace, out)
+
+
+def apply_qk(q, k, cos, sin, layout, conjugate, inplace):
+    return _generic.apply_qk(sys.modules[__name__], q, k, cos, sin, layout, conjugate, inplace)
+
+
+def apply_gather(q, k, cos_table, sin_table, positions, fmt, layout, conjugate, inplace):
+    return _generic.apply_gather(sys.modules[__name__], q, k, cos_table, sin_table, positions, fmt, layout, conjugate, inplace)

@@ -44,16 +44,23 @@ Example:
 
 import contextlib
 import os
+import sys
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from .. import _checks
 from .._errors import fail
+from . import _generic
 
 NAME = "triton"
+CHECKS = False  # inputs are checked in Python (ropekit.functional) before the launch
 DIFFERENTIABLE = False
+TRACEABLE = False  # one opaque custom op in graphs (see _generic)
+FUSED_QK = True
+GATHER = True
 
-__all__ = ["NAME", "available", "supports", "rotate", "rotate_qk", "rotate_qk_gather"]
+__all__ = ["NAME", "available", "supports", "rotate", "rotate_qk", "rotate_qk_gather", "apply", "apply_qk", "apply_gather"]
 
 try:
     import triton  # noqa: F401
@@ -280,9 +287,7 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_writable(t: torch.Tensor, name: str) -> None:
-    from ..functional import _check_writable as check
-
-    check(t, name)
+    _checks._check_writable(t, name)
 
 
 def _rotate_canon(x, cos, sin, interleaved, conjugate, out, inplace) -> None:
@@ -435,7 +440,7 @@ def _gather_groups(xs, outs, cos_t, sin_t, pos, fmt, interleaved, conjugate, inp
 
 
 def _gather_rotate(xs, cos_table, sin_table, pos, fmt, layout, conjugate, inplace) -> list:
-    """The fused-gather hook of :class:`ropekit.functional._GatherQK`: rotate 1 or 2 tensors.
+    """The fused-gather hook of :class:`ropekit.backends._generic._GatherQK`: rotate 1 or 2 tensors.
 
     Unit last stride is enforced here (incoming gradients may be expanded: zero strides;
     in place, such a tensor is rotated in a copy and written back). Returns ``xs``
@@ -492,7 +497,7 @@ def rotate_qk_gather(
 
     Returns:
         ``(q_rot, k_rot)``; differentiable w.r.t. q and k through
-        :class:`ropekit.functional._GatherQK` (the tables get no gradient).
+        :class:`ropekit.backends._generic._GatherQK` (the tables get no gradient).
 
     Raises RopeError for positions outside ``[0, n)`` (one host sync; see the module doc).
     """
@@ -539,11 +544,31 @@ def rotate_qk_gather(
     if q.numel() == 0 or k.numel() == 0:
         return (q, k) if inplace else (q.clone(), k.clone())
     if grad:
-        import sys
-
-        from ..functional import _GatherQK
-
-        return _GatherQK.apply(q, k, cos_table, sin_table, pos, fmt, layout, sys.modules[__name__], inplace)
+        if inplace:
+            return _generic.apply_gather(sys.modules[__name__], q, k, cos_table, sin_table, pos, fmt, layout, False, True)
+        return _generic._GatherQK.apply(q, k, cos_table, sin_table, pos, fmt, layout, sys.modules[__name__], inplace)
     with torch.no_grad():
         qo, ko = _gather_rotate([q, k], cos_table, sin_table, pos, fmt, layout, False, inplace)
     return qo, ko
+
+
+gather = _gather_rotate  # the fused-gather hook of ropekit.backends._generic._GatherQK
+
+
+def apply(x, cos, sin, layout, conjugate, inplace, out):
+    """Entry point (see :mod:`ropekit.backends`): :func:`rotate` with autograd."""
+    return _generic.apply(sys.modules[__name__], x, cos, sin, layout, conjugate, inplace, out)
+
+
+def apply_qk(q, k, cos, sin, layout, conjugate, inplace):
+    """Entry point: :func:`rotate_qk` (one launch) with autograd."""
+    return _generic.apply_qk(sys.modules[__name__], q, k, cos, sin, layout, conjugate, inplace)
+
+
+def apply_gather(q, k, cos_table, sin_table, positions, fmt, layout, conjugate, inplace):
+    """Entry point: :func:`rotate_qk_gather` (checks, range check, autograd); conjugated
+    rotations gather the rows first."""
+    if conjugate:
+        _check_range(positions, cos_table.shape[0])
+        return _generic.apply_gather(sys.modules[__name__], q, k, cos_table, sin_table, positions, fmt, layout, True, inplace)
+    return rotate_qk_gather(q, k, cos_table, sin_table, positions, fmt, layout, inplace)

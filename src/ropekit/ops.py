@@ -1,0 +1,57 @@
+"""ropekit's compiled operators, ``torch.ops.ropekit.*`` (built from ``csrc/`` at install).
+
+Loading this module registers the ops with PyTorch's dispatcher when the package was
+installed with its extension (``pip install --no-build-isolation -e .`` with torch already
+present and a C++ compiler). Without it, :data:`LOADED` is ``False``, :data:`REASON` says
+why, and the ``cpu`` backend is not available (``backend="auto"`` warns once and runs
+``eager``).
+
+The ops (schemas in ``csrc/ops.cpp``), for CPU and Meta tensors, differentiable in ``x``/
+``q``/``k`` (backward: the same op with the rotation conjugated)::
+
+    rotary(x, cos, sin, layout="half", conjugate=False) -> Tensor
+    rotary_(x!, cos, sin, layout, conjugate) -> ()               # in place
+    rotary_out(x, cos, sin, layout, conjugate, *, out!) -> ()
+    rotary_qk(q, k, cos, sin, layout, conjugate) -> (Tensor, Tensor)
+    rotary_qk_(q!, k!, cos, sin, layout, conjugate) -> ()
+    rotary_gather(q, k, cos_table, sin_table, positions, format, layout, conjugate) -> (Tensor, Tensor)
+    rotary_gather_(q!, k!, cos_table, sin_table, positions, format, layout, conjugate) -> ()
+    cpu_capability() -> str                                     # "default", "avx2" or "avx512"
+
+The kernel is compiled for several instruction-set levels and the best one the CPU runs is
+picked when the library loads; ``ROPEKIT_CPU_CAPABILITY=default|avx2|avx512`` (set before
+the first call) forces a lower one. Every level gives the same bits.
+
+Example:
+    >>> import torch, ropekit
+    >>> from ropekit import ops
+    >>> if ops.LOADED:
+    ...     q = torch.randn(1, 4, 2, 8)
+    ...     cos, sin = ropekit.cos_sin(ropekit.RopeConfig(8), torch.arange(4))
+    ...     y = torch.ops.ropekit.rotary(q, cos[:, None], sin[:, None])
+    ...     assert y.shape == q.shape
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+__all__ = ["LOADED", "REASON", "capability"]
+
+try:
+    from . import _C  # noqa: F401  (its static initialisers register torch.ops.ropekit.*)
+
+    LOADED = True
+    REASON: Optional[str] = None
+except ImportError as e:  # installed without the extension (no compiler, or no torch at build time)
+    LOADED = False
+    REASON = f"ropekit._C was not built ({e})"
+
+
+def capability() -> Optional[str]:
+    """The instruction-set level the CPU kernel runs at (``None`` without the extension)."""
+    if not LOADED:
+        return None
+    import torch
+
+    return torch.ops.ropekit.cpu_capability()

@@ -15,7 +15,8 @@
 // Per dispatch key:
 //   CPU              the fused kernel (kernel.cpp, one build per instruction-set level),
 //                    rows split over torch's own thread pool (at::parallel_for)
-//   Meta             shape/dtype checks and empty outputs (FakeTensor, torch.compile, export)
+//   Meta/fake        registered from Python (ropekit/ops.py: torch.library.register_fake), so
+//                    symbolic shapes of torch.compile(dynamic=True) and export stay symbolic
 //   ADInplaceOrView  the version-counter bump of the mutated tensors
 //   Autograd         backward = the same op with the rotation conjugated (R(θ)ᵀ = R(-θ));
 //                    only the tables (and positions) are saved, never activations
@@ -258,10 +259,11 @@ void check_qk_disjoint(const Tensor& q, const Tensor& k) {
 // ---------------------------------------------------------------------------------------
 // jobs
 
-// Output for rot(x): x's strides when they are dense with a unit last dim (a bshd view of
-// bhsd memory stays so), else contiguous. The Meta kernels use the same rule.
+// Output for rot(x): empty_like(x) (x's strides when they are dense: a bshd view of bhsd
+// memory stays so) when x's last dim is unit-stride, else contiguous. The fake (Meta)
+// kernels in ropekit/ops.py use the same rule.
 Tensor new_out(const Tensor& x) {
-    const bool keep = x.is_non_overlapping_and_dense() && (x.size(-1) <= 1 || x.stride(-1) == 1);
+    const bool keep = x.size(-1) <= 1 || x.stride(-1) == 1;
     return at::empty_like(x, keep ? at::MemoryFormat::Preserve : at::MemoryFormat::Contiguous);
 }
 
@@ -651,58 +653,6 @@ void rotary_gather__cpu(Tensor& q, Tensor& k, const Tensor& ct, const Tensor& st
 std::string cpu_capability() { return level().name; }
 
 // ---------------------------------------------------------------------------------------
-// Meta kernels: the same checks (no data), outputs allocated by the same rule
-
-Tensor rotary_meta(const Tensor& x, const Tensor& cos, const Tensor& sin, c10::string_view layout, bool) {
-    check_x(x, "x");
-    check_tables(x, cos, sin, "x");
-    parse_layout(layout);
-    return new_out(x);
-}
-
-void rotary__meta(Tensor& x, const Tensor& cos, const Tensor& sin, c10::string_view layout, bool) {
-    check_x(x, "x");
-    check_tables(x, cos, sin, "x");
-    parse_layout(layout);
-}
-
-void rotary_out_meta(const Tensor& x, const Tensor& cos, const Tensor& sin, c10::string_view layout, bool, Tensor& out) {
-    check_x(x, "x");
-    check_tables(x, cos, sin, "x");
-    parse_layout(layout);
-    RK_CHECK(out.defined() && out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type(),
-             "out of x's shape/dtype ", shape_str(x), " ", x.scalar_type(), ", got ",
-             out.defined() ? c10::str(shape_str(out), " ", out.scalar_type()) : std::string("None"),
-             ". Fix: allocate it with torch.empty_like(x)");
-}
-
-std::tuple<Tensor, Tensor> rotary_qk_meta(const Tensor& q, const Tensor& k, const Tensor& cos, const Tensor& sin,
-                                          c10::string_view layout, bool) {
-    check_qk(q, k, cos, sin);
-    parse_layout(layout);
-    return {new_out(q), new_out(k)};
-}
-
-void rotary_qk__meta(Tensor& q, Tensor& k, const Tensor& cos, const Tensor& sin, c10::string_view layout, bool) {
-    check_qk(q, k, cos, sin);
-    parse_layout(layout);
-}
-
-std::tuple<Tensor, Tensor> rotary_gather_meta(const Tensor& q, const Tensor& k, const Tensor& ct, const Tensor& st,
-                                              const Tensor& positions, c10::string_view format, c10::string_view layout,
-                                              bool) {
-    check_gather(q, k, ct, st, positions, parse_format(format), format);
-    parse_layout(layout);
-    return {new_out(q), new_out(k)};
-}
-
-void rotary_gather__meta(Tensor& q, Tensor& k, const Tensor& ct, const Tensor& st, const Tensor& positions,
-                         c10::string_view format, c10::string_view layout, bool) {
-    check_gather(q, k, ct, st, positions, parse_format(format), format);
-    parse_layout(layout);
-}
-
-// ---------------------------------------------------------------------------------------
 // the ops as typed handles (for the autograd and ADInplaceOrView kernels)
 
 #define RK_OP(name, sig) \
@@ -1026,16 +976,6 @@ TORCH_LIBRARY_IMPL(ropekit, CPU, m) {
     m.impl("rotary_qk_", &rotary_qk__cpu);
     m.impl("rotary_gather", &rotary_gather_cpu);
     m.impl("rotary_gather_", &rotary_gather__cpu);
-}
-
-TORCH_LIBRARY_IMPL(ropekit, Meta, m) {
-    m.impl("rotary", &rotary_meta);
-    m.impl("rotary_", &rotary__meta);
-    m.impl("rotary_out", &rotary_out_meta);
-    m.impl("rotary_qk", &rotary_qk_meta);
-    m.impl("rotary_qk_", &rotary_qk__meta);
-    m.impl("rotary_gather", &rotary_gather_meta);
-    m.impl("rotary_gather_", &rotary_gather__meta);
 }
 
 TORCH_LIBRARY_IMPL(ropekit, ADInplaceOrView, m) {

@@ -238,3 +238,20 @@ def explain(err: Exception, check) -> RopeError:
     if msg.startswith("ropekit: "):
         return RopeError(msg[len("ropekit: "):])
     return fail("inputs the backend accepts", f"{type(err).__name__}: {msg}", "check the shapes, dtypes and devices of the inputs")
+
+
+def check_gather_fake(q, k, cos_table, sin_table, positions, fmt, layout) -> None:
+    """The shape checks of a fused gather for fake/meta tensors (values are not checked)."""
+    from .positions import split_format
+
+    check_layout(layout)
+    b, s = split_format(q, fmt)
+    if split_format(k, fmt, "k") != (b, s):
+        raise fail(f"q and k with the same batch and sequence sizes in format {fmt!r}",
+                   f"q {tuple(q.shape)} and k {tuple(k.shape)}", "rotate them in separate calls")
+    for nm, t in (("cos_table", cos_table), ("sin_table", sin_table)):
+        if t.dim() != 2 or 2 * t.shape[1] > q.shape[-1]:
+            raise fail(f"{nm} a float [n, r/2] table with r/2 <= d/2", f"shape {tuple(t.shape)}",
+                       "pass the tables of RotaryEmbedding.tables(n)")
+    if positions.dtype.is_floating_point or positions.dtype == torch.bool:
+        raise fail("positions an integer tensor", str(positions.dtype), "pass int64 positions")

@@ -22,9 +22,9 @@ from ._errors import fail
 __all__ = ["apply_rotary", "apply_rotary_qk", "check_tables", "tracing"]
 
 
-def _resolve(backend: str, x) -> "object":
+def _resolve(backend: str, x, name: str = "x") -> "object":
     if not isinstance(x, torch.Tensor):
-        raise fail("x (q, k) a torch.Tensor", type(x).__name__, "convert it with torch.as_tensor")
+        raise fail(f"{name} a torch.Tensor", type(x).__name__, f"convert {name} with torch.as_tensor")
     return _backends.resolve(backend, x)
 
 
@@ -110,7 +110,7 @@ def apply_rotary_qk(
     Returns:
         ``(q_rot, k_rot)``.
     """
-    be = _resolve(backend, q)
+    be = _resolve(backend, q, "q")
     if be.CHECKS:
         try:
             return be.apply_qk(q, k, cos, sin, layout, conjugate, inplace)
@@ -132,7 +132,7 @@ def apply_gather(q, k, cos_table, sin_table, positions, *, format: str, layout: 
             every value in ``[0, n)`` (a RopeError otherwise; the ``cpu`` operator checks
             them itself, the caller checks them for other backends).
     """
-    be = _resolve(backend, q)
+    be = _resolve(backend, q, "q")
     if be.CHECKS:
         try:
             return be.apply_gather(q, k, cos_table, sin_table, positions, format, layout, False, inplace)

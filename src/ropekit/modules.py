@@ -196,7 +196,10 @@ class RotaryEmbedding(nn.Module):
         return cos_sin(self.cfg, pos, dtype=self.table_dtype, seq_len=seq_len, attention_scaling=self.attention_scaling)
 
     def _sync_free(self, q) -> bool:
-        return tracing() or q.device.type == "meta"
+        """Graphs (torch.compile/export, torch.jit.trace) and meta tensors: cos/sin from the
+        positions inside the graph, no cache (a trace must not record a table build that only
+        its first call makes)."""
+        return tracing() or torch.jit.is_tracing() or q.device.type == "meta"
 
     def cos_sin_for(
         self,
@@ -250,7 +253,7 @@ class RotaryEmbedding(nn.Module):
         Returns:
             ``(q_rot, k_rot)`` in the input format and dtypes.
         """
-        if positions is None and cu_seqlens is None and seq_len is None and not self._sync_free(q):
+        if positions is None and cu_seqlens is None and seq_len is None and type(q) is torch.Tensor and not self._sync_free(q):
             fast = self._cached_gather(q, k, offsets, format, inplace)
             if fast is not None:
                 return fast
@@ -280,6 +283,9 @@ class RotaryEmbedding(nn.Module):
         sc = self.cfg.scaling
         if (sc is not None and sc.length_dependent) or type(q) is not torch.Tensor or type(k) is not torch.Tensor:
             return None
+        cls = type(self)
+        if cls.tables is not RotaryEmbedding.tables or cls._positions_and_tables is not RotaryEmbedding._positions_and_tables:
+            return None  # a subclass that makes its own tables or positions: the general path
         if format not in ("bshd", "bhsd", "sbhd") or q.dim() != 4:
             return None
         if not _backends.resolve(self.backend, q).CHECKS:

@@ -48,6 +48,54 @@ except ImportError as e:  # installed without the extension (no compiler, or no 
     REASON = f"ropekit._C was not built ({e})"
 
 
+def _new_out(x):
+    """The CPU kernel's output rule (``new_out`` in ``csrc/ops.cpp``)."""
+    import torch
+
+    keep = x.shape[-1] <= 1 or x.stride(-1) == 1
+    return torch.empty_like(x, memory_format=torch.preserve_format if keep else torch.contiguous_format)
+
+
+def _register_fakes() -> None:
+    """Fake (Meta) kernels: the Python checks of the call, then empty outputs by the kernel's
+    rule. In Python so that symbolic shapes (torch.compile with dynamic shapes, export) stay
+    symbolic; they serve meta tensors too."""
+    import torch
+
+    from ._checks import check_apply, check_gather_fake, check_qk
+
+    def rotary(x, cos, sin, layout="half", conjugate=False):
+        check_apply(x, cos, sin, layout, False, None)
+        return _new_out(x)
+
+    def rotary_(x, cos, sin, layout="half", conjugate=False):
+        check_apply(x, cos, sin, layout, False, None)
+
+    def rotary_out(x, cos, sin, layout="half", conjugate=False, *, out):
+        check_apply(x, cos, sin, layout, False, out)
+
+    def rotary_qk(q, k, cos, sin, layout="half", conjugate=False):
+        check_qk(q, k, cos, sin, layout, False)
+        return _new_out(q), _new_out(k)
+
+    def rotary_qk_(q, k, cos, sin, layout="half", conjugate=False):
+        check_qk(q, k, cos, sin, layout, False)
+
+    def rotary_gather(q, k, cos_table, sin_table, positions, format="bshd", layout="half", conjugate=False):
+        check_gather_fake(q, k, cos_table, sin_table, positions, format, layout)
+        return _new_out(q), _new_out(k)
+
+    def rotary_gather_(q, k, cos_table, sin_table, positions, format="bshd", layout="half", conjugate=False):
+        check_gather_fake(q, k, cos_table, sin_table, positions, format, layout)
+
+    for fn in (rotary, rotary_, rotary_out, rotary_qk, rotary_qk_, rotary_gather, rotary_gather_):
+        torch.library.register_fake(f"ropekit::{fn.__name__}", fn)
+
+
+if LOADED:
+    _register_fakes()
+
+
 def capability() -> Optional[str]:
     """The instruction-set level the CPU kernel runs at (``None`` without the extension)."""
     if not LOADED:

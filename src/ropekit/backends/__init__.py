@@ -102,6 +102,12 @@ def _complete(mod: ModuleType) -> None:
         mod.apply_gather = lambda *a: _generic.apply_gather(mod, *a)
 
 
+# torch-only and light: loaded with the registry, so a first call inside a graph needs no import
+for _n in ("eager", "cpu"):
+    _LOADED[_n] = importlib.import_module(_PATHS[_n])
+    _complete(_LOADED[_n])
+
+
 def available() -> List[str]:
     """Names of the backends that can run on this machine."""
     out = []
@@ -119,6 +125,13 @@ _WARNED: set = set()
 
 
 def _auto(x: torch.Tensor) -> ModuleType:
+    if torch.compiler.is_compiling():
+        # a graph: no imports, no warnings; the modules loaded so far (eager and cpu always are)
+        for n in (("triton",) if x.is_cuda else ("cpu",) if x.device.type in ("cpu", "meta") else ()) + ("eager",):
+            mod = _LOADED.get(n)
+            if mod is not None and mod.available() and mod.supports(x):
+                return mod
+        return _LOADED["eager"]
     prefs = ("triton", "eager") if x.is_cuda else ("cpu", "eager") if x.device.type in ("cpu", "meta") else ("eager",)
     for n in prefs:
         if n not in _PATHS:
@@ -151,7 +164,9 @@ def resolve(name: str, x: torch.Tensor) -> ModuleType:
         key = (x.device.type, x.dtype)
         mod = _AUTO.get(key)
         if mod is None:
-            mod = _AUTO[key] = _auto(x)
+            mod = _auto(x)
+            if not torch.compiler.is_compiling():
+                _AUTO[key] = mod
         return mod
     mod = get(name)
     if not mod.supports(x):

@@ -430,7 +430,7 @@ def stats(ts: List[float]) -> Tuple[float, float, float]:
 
 
 def max_err(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
-    return max(float((g.float() - w.float()).abs().max()) if g.numel() else 0.0 for g, w in zip(got, want))
+    return max(float((g.detach().float() - w.detach().float()).abs().max()) if g.numel() else 0.0 for g, w in zip(got, want))
 
 
 def err_tol(dtype: str, want: Sequence[torch.Tensor]) -> float:
@@ -978,11 +978,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--tests-log", type=Path, default=None, help="pytest output to quote in the summary")
     ap.add_argument("--tests-rc", type=int, default=None)
     ap.add_argument("--summarize", action="store_true", help="only rewrite summary.md from OUT/gpu.csv")
+    ap.add_argument("--note", default="", help="a line for the top of the summary")
     args = ap.parse_args(argv)
 
     out = args.out
     csv_path, md_path = out / "gpu.csv", out / "summary.md"
     tests = tests_text(args.tests_log, args.tests_rc)
+    if args.note:
+        tests = f"{args.note}\n\n{tests}" if tests else args.note
     if args.summarize:
         rows = read_rows(csv_path) if csv_path.exists() else []
         md_path.parent.mkdir(parents=True, exist_ok=True)

@@ -112,7 +112,11 @@ def peak_gbps(device: torch.device, override: Optional[float] = None) -> Tuple[f
         return float(override), "--peak-gbps"
     if device.type != "cuda":
         return 0.0, "none (not a GPU)"
-    props = torch.cuda.get_device_properties(device)
+    return peak_from_props(torch.cuda.get_device_properties(device))
+
+
+def peak_from_props(props) -> Tuple[float, str]:
+    """Double data rate x memory clock (kHz, as CUDA reports it) x bus width; else by name."""
     clock_khz = getattr(props, "memory_clock_rate", 0) or 0
     bus_bits = getattr(props, "memory_bus_width", 0) or 0
     if clock_khz and bus_bits:
@@ -445,7 +449,8 @@ def err_tol(dtype: str, want: Sequence[torch.Tensor]) -> float:
 
 def _row(meta, case: Optional[Case], variant: str, mode: str, inplace="", med=None, p20=None, p80=None,
          moved=None, copy_gbps=None, err=None, note="") -> dict:
-    r = {k: v for k, v in meta.items() if not k.startswith("_")}
+    r = dict.fromkeys(FIELDS, "")
+    r.update({k: v for k, v in meta.items() if not k.startswith("_")})
     r.update(variant=variant, mode=mode, inplace=inplace, note=note,
              median_us="" if med is None else f"{med * 1e6:.2f}", p20_us="" if p20 is None else f"{p20 * 1e6:.2f}",
              p80_us="" if p80 is None else f"{p80 * 1e6:.2f}", max_err="" if err is None else f"{err:.3g}")

@@ -103,10 +103,12 @@ for req in $missing; do
         "${src[@]}" "$req" || echo "gpu-check: could not install $req (optional: the benchmark skips it)"
 done
 
-echo "gpu-check: tests/test_triton.py on $test_dev (at most ${TEST_TIMEOUT} s)"
+workers=()  # Triton compiles each kernel specialization the tests need: spread them over processes
+if [ -z "$CPU_RUN" ] && "$PY" -c "import xdist" 2>/dev/null; then workers=(-n "${GPU_TEST_WORKERS:-8}"); fi
+echo "gpu-check: tests/test_triton.py on $test_dev (at most ${TEST_TIMEOUT} s) ${workers[*]}"
 # shellcheck disable=SC2086
 ROPEKIT_TEST_DEVICE=$test_dev timeout "$TEST_TIMEOUT" "$PY" -m pytest tests/test_triton.py src/ropekit/backends/triton.py \
-    -rfE -p no:cacheprovider ${GPU_TEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log"
+    "${workers[@]}" -rfE -p no:cacheprovider ${GPU_TEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log"
 test_rc=${PIPESTATUS[0]}
 
 echo "gpu-check: benchmarks/bench_gpu.py (budget ${BENCH_BUDGET} s)"

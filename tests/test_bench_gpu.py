@@ -170,7 +170,7 @@ def test_int64_check_passes_and_can_fail(meta, monkeypatch):
 
 
 def test_sweep_configs_are_bit_exact_and_best_is_reported(meta):
-    classes = bg.sweep_classes([(1, 4), (2, 4), (3, 1)], "float32", 4, 2, 16, DEV)
+    classes = bg.sweep_classes([(1, 4), (2, 4), (3, 1), (1, 1)], "float32", 4, 2, 16, DEV)
     assert list(classes) == ["prefill b=2 s=4 float32", "decode b=3 float32"]
     grid = {"tile": (256, 1024), "bh_max": (2, 16), "num_warps": (4,)}
     rows, best = bg.sweep(meta, classes, grid, rounds=1, log=lambda m: None)

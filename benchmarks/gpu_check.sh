@@ -96,6 +96,10 @@ for req in reqs:
 EOF
 )
 for req in $missing; do
+    if [[ "$req" == triton* ]]; then  # it must match torch: never guessed here
+        echo "gpu-check: triton is not installed for $PY: install the triton version its torch was built with"
+        continue
+    fi
     src=()
     [ -n "$WHEELS" ] && src=(--no-index --find-links "$WHEELS")
     echo "gpu-check: installing $req into $SITE"

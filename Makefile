@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.ropekit-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup bench experiment clean
+.PHONY: demo test setup bench experiment gpu-check clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -31,6 +31,12 @@ bench: $(STAMP)
 
 experiment: $(STAMP)
 	$(PY) -m ropekit.experiment --jobs 2
+
+# On a CUDA machine: tests/test_triton.py on the GPU, then benchmarks/bench_gpu.py (under 8
+# minutes); CSV, summary.md and logs into $(OUT). Without CUDA: says so and exits 0 (no setup).
+OUT ?= gpu-results
+gpu-check:
+	OUT="$(OUT)" VENV="$(VENV)" bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache src/ropekit/_C*.so

@@ -4,13 +4,16 @@ import os
 
 # The Triton kernel runs on CPU tensors under the interpreter; this must be set before
 # triton kernels are defined (module import), so it lives in the root conftest.
+# ROPEKIT_TEST_DEVICE=cuda|cpu picks the device of tests/test_triton.py explicitly (default:
+# cuda when available); cpu forces the interpreter even on a machine with a GPU.
 try:
     import torch
 
     _has_cuda = torch.cuda.is_available()
 except Exception:  # pragma: no cover
     _has_cuda = False
-if not _has_cuda:
+_test_device = os.environ.get("ROPEKIT_TEST_DEVICE", "")
+if _test_device == "cpu" or (not _has_cuda and _test_device != "cuda"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # The cpu backend normally runs eager while its kernel compiles in the background (first use

@@ -1,7 +1,10 @@
 """The Triton backend against the float64 dense-matrix oracle (``backend="reference"``).
 
 On a machine without CUDA the root conftest sets ``TRITON_INTERPRET=1``, so the kernel runs
-on CPU tensors through Triton's interpreter (~1 M elements/s: shapes stay tiny). The
+on CPU tensors through Triton's interpreter (~1 M elements/s: shapes stay tiny). With CUDA
+the tests run on the GPU; ``ROPEKIT_TEST_DEVICE=cuda`` makes that a requirement (the module
+fails to import without a CUDA device instead of testing the interpreter), and
+``ROPEKIT_TEST_DEVICE=cpu`` forces the interpreter on a machine with a GPU. The
 interpreter truncates float32 -> bfloat16 at the store instead of rounding, so low
 precision outputs are compared with a tolerance of one ulp of the dtype (``rtol = eps``).
 
@@ -12,10 +15,20 @@ tests/test_backends.py::test_reference_vs_python).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-pytest.importorskip("triton")
+DEV = os.environ.get("ROPEKIT_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+if DEV not in ("cpu", "cuda"):
+    raise RuntimeError(f"ROPEKIT_TEST_DEVICE must be cpu or cuda, not {DEV!r}")
+if DEV == "cuda":
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"ROPEKIT_TEST_DEVICE=cuda but torch {torch.__version__} sees no CUDA device")
+    import triton  # noqa: F401  (required on CUDA: an ImportError fails the run instead of skipping it)
+else:
+    pytest.importorskip("triton")
 
 import ropekit  # noqa: E402
 from ropekit import RopeConfig, RopeError, RotaryEmbedding, apply_rotary, apply_rotary_qk, cos_sin  # noqa: E402
@@ -24,7 +37,6 @@ from _oracle import backward_for_mode  # noqa: E402
 tb = pytest.importorskip("ropekit.backends.triton")
 pytestmark = pytest.mark.skipif(not tb.available(), reason="triton needs CUDA or TRITON_INTERPRET=1")
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 LAYOUTS = ropekit.LAYOUTS
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 SHAPES = [  # (b, s, h, d, r)
@@ -82,6 +94,8 @@ def test_available_and_supports():
     assert not tb.supports(x.to(torch.int32))
     if DEV == "cpu":  # CPU tensors only through the interpreter
         assert tb.supports(x) == (tb._interpret())
+    else:
+        assert x.is_cuda and not tb._interpret()  # the compiled kernel, not the interpreter
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -414,3 +428,60 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(g, w)
     _close(got[2], _oracle(q, cfg, pos), torch.float32)
     _close(got[4], _oracle(q * 2, RopeConfig(16, layout="interleaved"), pos), torch.float32)
+
+
+# --------------------------------------------------------------------------------------
+# launch configuration (block sizes): defaults unchanged, overrides checked and bit-exact
+# --------------------------------------------------------------------------------------
+
+
+def test_launch_params_default_rule():
+    """Without overrides the launcher picks what it always did: BH = min(pow2(heads), 16),
+    BT = min(pow2(tokens), tile / (BH * 2 * R2P)), 4 warps, tile 4096 (16384 interpreted)."""
+    assert tb.LAUNCH_DEFAULTS == {"tile": None, "bh_max": 16, "num_warps": 4}
+    with tb.launch_config(**tb.LAUNCH_DEFAULTS):
+        assert tb._launch_params(4096 * 8, 32, 8, 64, False) == (4096 // (16 * 128), 16, 4)
+        assert tb._launch_params(64, 32, 8, 64, False) == (2, 16, 4)
+        assert tb._launch_params(3, 5, 2, 32, False) == (4, 8, 4)
+        assert tb._launch_params(1, 1, 0, 4, False) == (1, 1, 4)
+        assert tb._launch_params(10**6, 32, 8, 64, True) == (16384 // (16 * 128), 16, 4)
+        with tb.launch_config(tile=8192, bh_max=4, num_warps=8):
+            assert tb._launch_params(4096 * 8, 32, 8, 64, False) == (8192 // (4 * 128), 4, 8)
+        assert tb.LAUNCH == tb.LAUNCH_DEFAULTS  # restored
+
+
+@pytest.mark.parametrize("bad", [{"tile": 3000}, {"tile": 0}, {"bh_max": 3}, {"num_warps": 64}, {"num_warps": True}, {"warps": 4}])
+def test_launch_config_rejects_bad_values(bad):
+    before = dict(tb.LAUNCH)
+    with pytest.raises(RopeError, match="expected"):
+        with tb.launch_config(**bad):
+            pass
+    assert tb.LAUNCH == before
+
+
+def test_launch_env_parsing():
+    assert tb._parse_launch_env("tile=8192, num_warps=8") == dict(tb.LAUNCH, tile=8192, num_warps=8)
+    assert tb._parse_launch_env("tile=None")["tile"] is None
+    for bad in ("tile", "tile=abc", "bh=4", "num_warps=3"):
+        with pytest.raises(RopeError):
+            tb._parse_launch_env(bad)
+
+
+@pytest.mark.parametrize("cfg", [{"tile": 256, "bh_max": 2, "num_warps": 1}, {"tile": 1 << 15, "bh_max": 1, "num_warps": 8}])
+def test_other_block_sizes_same_bits(cfg, monkeypatch):
+    """Block sizes only change how the work is split: outputs are bit-identical."""
+    torch.manual_seed(9)
+    cfg_r = RopeConfig(72, rotary_dim=40)
+    q, k = torch.randn(2, 5, 5, 72, device=DEV), torch.randn(2, 5, 2, 72, device=DEV)
+    c, s = cos_sin(cfg_r, torch.arange(5, device=DEV), device=DEV)
+    rope = RotaryEmbedding(cfg_r, backend="triton")
+    pos = torch.tensor([[0, 3, 1, 7, 2], [4, 4, 0, 9, 5]], device=DEV)
+    want = apply_rotary_qk(q, k, c[:, None], s[:, None], backend="triton") + rope(q, k, positions=pos)
+    seen = []
+    real = tb._launch_params
+    monkeypatch.setattr(tb, "_launch_params", lambda *a: seen.append(real(*a)) or seen[-1])
+    with tb.launch_config(**cfg):
+        got = apply_rotary_qk(q, k, c[:, None], s[:, None], backend="triton") + rope(q, k, positions=pos)
+    assert seen and all(p[1] <= cfg["bh_max"] and p[2] == cfg["num_warps"] for p in seen)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)

@@ -20,6 +20,9 @@ Strides: any strides are read directly (e.g. a ``bshd`` view of ``bhsd`` memory)
 the last dim has stride 1. A tensor whose last-dim stride is not 1 (e.g. an expanded
 gradient from ``.sum()``) costs one ``.contiguous()`` copy (and a copy back when in place).
 
+Block sizes: ``LAUNCH`` / :func:`launch_config` (or ``ROPEKIT_TRITON_LAUNCH``) override the
+built-in choice of tile, heads per program and warps; the defaults are unchanged by them.
+
 Host syncs: none in the launch path, except the position range check of
 :func:`rotate_qk_gather` (one ``aminmax`` read back to raise a :class:`~ropekit.RopeError`
 for positions outside ``[0, n)``). Under ``torch.compile`` that check becomes a
@@ -60,7 +63,10 @@ TRACEABLE = False  # one opaque custom op in graphs (see _generic)
 FUSED_QK = True
 GATHER = True
 
-__all__ = ["NAME", "available", "supports", "rotate", "rotate_qk", "rotate_qk_gather", "apply", "apply_qk", "apply_gather"]
+__all__ = [
+    "NAME", "available", "supports", "rotate", "rotate_qk", "rotate_qk_gather", "apply", "apply_qk", "apply_gather",
+    "LAUNCH", "launch_config",
+]
 
 try:
     import triton  # noqa: F401
@@ -101,6 +107,89 @@ def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+# --------------------------------------------------------------------------------------
+# launch configuration (tunable; the defaults are the built-in rule)
+# --------------------------------------------------------------------------------------
+# ``tile``: elements one program covers (BT tokens x BH heads x 2*R2P columns), a power of
+#     two; None: _TILE on GPU, _TILE_INTERPRET under the interpreter.
+# ``bh_max``: most heads that share one cos/sin load (power of two).
+# ``num_warps``: warps per program.
+# Change them with ``launch_config(...)`` (a context manager) or, read at import, the
+# environment variable ROPEKIT_TRITON_LAUNCH="tile=8192,bh_max=8,num_warps=8".
+# benchmarks/bench_gpu.py --sweep times a grid of them and prints the best per shape class.
+
+LAUNCH_DEFAULTS = {"tile": None, "bh_max": 16, "num_warps": 4}
+LAUNCH = dict(LAUNCH_DEFAULTS)
+
+
+def _checked_launch(cfg: dict) -> dict:
+    """``cfg`` merged over the current LAUNCH, each value checked (RopeError)."""
+    out = dict(LAUNCH)
+    for key, val in cfg.items():
+        if key not in LAUNCH_DEFAULTS:
+            raise fail(f"a launch key in {sorted(LAUNCH_DEFAULTS)}", repr(key), "e.g. launch_config(tile=8192, bh_max=8, num_warps=8)")
+        if key == "tile" and val is None:
+            out[key] = None
+            continue
+        ok = type(val) is int and val >= 1 and val & (val - 1) == 0
+        if key == "num_warps":
+            ok = ok and val <= 32
+        if not ok:
+            raise fail(f"{key} a power of two" + (" <= 32" if key == "num_warps" else "") + (" or None" if key == "tile" else ""),
+                       repr(val), f"pass e.g. {key}={LAUNCH_DEFAULTS[key] or 4096}")
+        out[key] = val
+    return out
+
+
+def _parse_launch_env(text: str) -> dict:
+    """``"tile=8192,bh_max=8"`` -> ``{"tile": 8192, "bh_max": 8}`` (RopeError if malformed)."""
+    cfg = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, _, val = (v.strip() for v in item.partition("="))
+        if val == "None":
+            cfg[key] = None
+        elif val.isdigit():
+            cfg[key] = int(val)
+        else:
+            raise fail("ROPEKIT_TRITON_LAUNCH as key=int pairs separated by commas", repr(text), 'e.g. ROPEKIT_TRITON_LAUNCH="tile=8192,num_warps=8"')
+    return _checked_launch(cfg)
+
+
+@contextlib.contextmanager
+def launch_config(**cfg):
+    """Launch with other block sizes inside the block (keys of ``LAUNCH``); restored on exit.
+
+    Example:
+        >>> from ropekit.backends import triton as tb
+        >>> before = dict(tb.LAUNCH)
+        >>> with tb.launch_config(tile=8192, num_warps=8):
+        ...     tb.LAUNCH["tile"], tb.LAUNCH["num_warps"]
+        (8192, 8)
+        >>> tb.LAUNCH == before
+        True
+    """
+    new = _checked_launch(cfg)
+    old = dict(LAUNCH)
+    LAUNCH.update(new)
+    try:
+        yield LAUNCH
+    finally:
+        LAUNCH.clear()
+        LAUNCH.update(old)
+
+
+if os.environ.get("ROPEKIT_TRITON_LAUNCH"):
+    LAUNCH.update(_parse_launch_env(os.environ["ROPEKIT_TRITON_LAUNCH"]))
+
+
+def _launch_params(M: int, ha: int, hb: int, r2p: int, interpreted: bool) -> Tuple[int, int, int]:
+    """``(BT, BH, num_warps)`` for ``M`` tokens, ``ha``/``hb`` heads, padded half width ``r2p``."""
+    bh = min(_pow2(max(ha, hb)), LAUNCH["bh_max"])  # >= 8 heads share a cos/sin load when there are that many
+    tile = LAUNCH["tile"] or (_TILE_INTERPRET if interpreted else _TILE)
+    bt = max(1, min(_pow2(M), tile // (bh * 2 * r2p)))
+    return bt, bh, LAUNCH["num_warps"]
+
+
 def _launch(
     xa: torch.Tensor,
     oa: Optional[torch.Tensor],
@@ -139,9 +228,7 @@ def _launch(
     if M == 0 or ha + hb == 0:
         return
     r2p = _pow2(r2)
-    bh = min(_pow2(max(ha, hb)), 16)  # >= 8 heads share a cos/sin load when there are that many
-    tile = _TILE_INTERPRET if rope_kernel.__class__.__name__ == "InterpretedFunction" else _TILE
-    bt = max(1, min(_pow2(M), tile // (bh * 2 * r2p)))
+    bt, bh, num_warps = _launch_params(M, ha, hb, r2p, rope_kernel.__class__.__name__ == "InterpretedFunction")
     nba = triton.cdiv(ha, bh)
     grid = (triton.cdiv(M, bt), nba + triton.cdiv(hb, bh))
     if pos is None:
@@ -167,7 +254,7 @@ def _launch(
             INTERLEAVED=interleaved, CONJ=conjugate, GATHER=pos is not None,
             COS_PER_HEAD=cos_per_head, COPY_TAIL=tail, TAIL_B=tail_b,
             F64=xa.dtype == torch.float64, INPLACE=inplace, HAS_B=hb > 0,
-            num_warps=4,
+            num_warps=num_warps,
         )  # fmt: skip
 
 

@@ -5,7 +5,9 @@ decode b=8, s=1; float32 and bfloat16; forward, backward, forward+backward):
 
 * ropekit ``apply_rotary_qk`` with each CPU backend (``eager``, ``cpu``): in place, ``out=``
   and out of place, plus ``RotaryEmbedding`` (the fused position gather) and the bare
-  ``cpu.rotate_qk`` binding (what the backend itself costs per call);
+  operator ``torch.ops.ropekit.rotary_qk_`` (what the dispatcher call itself costs);
+* a pair of aten in-place ops on the same tensors (``q.mul_(1.0); k.mul_(1.0)``): the
+  per-call floor of any dispatcher op touching q and k;
 * transformers' ``apply_rotary_pos_emb`` (``transformers.models.llama.modeling_llama``), with
   full-width tables in the model dtype as ``LlamaRotaryEmbedding`` returns them;
 * Meta llama's complex form (``view_as_complex(x.float()) * freqs_cis``, written here);
@@ -20,10 +22,11 @@ round), so load changes on a shared machine hit all of them alike. Rows are appe
 mode, median/p20/p80 (µs), GB/s and the ratio to the same-run ``copy_`` of the same bytes
 (> 1 means faster than copy: in place moves fewer bytes than ``copy_``, which also reads
 its destination). ``--plot`` draws ``benchmarks/results/apply.png`` from the CSV; ``--table``
-prints the latest run as markdown. Also measured: the first call in a fresh process with
-the kernel cache empty ("first_call_cold") and filled ("first_call_cached"), in seconds, and
-when the compiled kernel is in use ("..._kernel_ready": with an empty cache the first calls
-run eager while it builds in the background).
+prints the latest run as markdown. Also measured: the first call in a fresh process
+("first_call", seconds after ``import torch, ropekit``: the operators are compiled at
+install, nothing is built at run time) and a training step on views of one projection
+("train" rows: the projection's forward + backward alone, and with ``apply_rotary_qk``
+in place on its q/k views, beside the ``mul_`` pair).
 
 Run: ``python benchmarks/bench_apply.py`` (all, ~10-20 min on 2 cores), ``--quick`` (subset).
 """
@@ -45,7 +48,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from ropekit import RopeConfig, RotaryEmbedding, apply_rotary, apply_rotary_qk, cos_sin
-from ropekit.backends import cpu as _cpu
+import ropekit.ops  # noqa: F401  (registers torch.ops.ropekit)
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))  # run as a script or loaded by `ropekit bench`
@@ -166,7 +169,8 @@ def variants(b, s, hq, hk, d, dtype, decode, with_compile) -> Tuple[Dict, Dict, 
     posarg = {"offsets": pos[:, 0]} if decode else {}
     fwd["ropekit-cpu module in-place"] = lambda: rope(qi, ki, inplace=True, **posarg)
     fwd["ropekit-cpu module"] = lambda: rope(q, k, **posarg)
-    fwd["cpu.rotate_qk in-place (binding only)"] = lambda: _cpu.rotate_qk(qi, ki, c4, s4, "half", True)
+    fwd["torch.ops.ropekit.rotary_qk_ (op only)"] = lambda: torch.ops.ropekit.rotary_qk_(qi, ki, c4, s4, "half", False)
+    fwd["aten mul_ pair"] = lambda: (qi.mul_(1.0), ki.mul_(1.0))
     hf = hf_apply()
     fwd["transformers eager"] = lambda: hf(q, k, cf, sf, unsqueeze_dim=2)
     fwd["meta complex"] = lambda: meta_apply(q, k, freqs)
@@ -249,35 +253,62 @@ def bench_case(b, s, hq, hk, d, dtype_name, rounds, with_compile, meta, only=Non
 
 
 FIRST_CALL = r"""
-import sys, time
-t0 = time.perf_counter()
+import time
 import torch, ropekit
-t1 = time.perf_counter()
 q = torch.randn(1, 16, 4, 128)
 cos, sin = ropekit.cos_sin(ropekit.RopeConfig(128), torch.arange(16))
-t2 = time.perf_counter()
+t0 = time.perf_counter()
 ropekit.apply_rotary(q, cos[:, None], sin[:, None], backend="cpu")
-t3 = time.perf_counter()
-from ropekit.backends import cpu
-assert cpu.kernel_loaded()  # waits for a background build
-t4 = time.perf_counter()
-print(t3 - t2, t4 - t2)
+t1 = time.perf_counter()
+print(t1 - t0)
 """
 
 
 def first_call(meta) -> List[dict]:
-    """First apply in a fresh process (after import torch/ropekit): empty cache, then cached."""
+    """First apply in a fresh process (after import torch/ropekit): nothing is compiled at run time."""
+    out = subprocess.run([sys.executable, "-c", FIRST_CALL], capture_output=True, text=True, check=True)
+    sec = float(out.stdout.strip().splitlines()[-1])
+    print(f"  first_call         {sec:.4f} s", flush=True)
+    return [dict(meta, variant="ropekit-cpu", shape="b=1 s=16 hq=4 hk=0 d=128", b=1, s=16, hq=4, hk=0, d=128,
+                 dtype="float32", mode="first_call", median_us=f"{sec * 1e6:.0f}", p20_us="", p80_us="", gbps="",
+                 ratio_to_copy="")]
+
+
+def train_rows(meta, b, s, hq, hk, d, dtype_name, rounds) -> List[dict]:
+    """A training step on views of one projection: ``qkv = x @ W`` viewed as ``[b, s, hq+2hk, d]``,
+    q/k/v sliced from it, forward + backward of a loss on them; alone, and with ropekit rotating
+    q and k in place on those views (what a model does). Beside the ``mul_`` pair."""
+    dtype = DTYPES[dtype_name]
+    g = torch.Generator().manual_seed(0)
+    hidden = 64
+    x = torch.randn(b, s, hidden, generator=g).to(dtype)
+    w = torch.randn((hq + 2 * hk) * d, hidden, generator=g).to(dtype).requires_grad_()
+    cos, sin = cos_sin(RopeConfig(d), torch.arange(s))
+    c4, s4 = cos[:, None], sin[:, None]
+    qi, ki = torch.randn(b, s, hq, d).to(dtype), torch.randn(b, s, hk, d).to(dtype)
+
+    def step(rope: bool):
+        qkv = (x @ w.T).view(b, s, hq + 2 * hk, d)
+        q, k, v = qkv[:, :, :hq], qkv[:, :, hq:hq + hk], qkv[:, :, hq + hk:]
+        if rope:
+            apply_rotary_qk(q, k, c4, s4, inplace=True)
+        (q.sum() + k.sum() + v.sum()).backward()
+        w.grad = None
+
+    fns = {"aten mul_ pair": lambda: (qi.mul_(1.0), ki.mul_(1.0)), "train: projection fwd+bwd": lambda: step(False),
+           "train: projection + ropekit in-place fwd+bwd": lambda: step(True)}
+    ts = _round_robin(fns, rounds, 20)
+    med = {n: _stats(t)[0] for n, t in ts.items()}
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, ROPEKIT_CACHE_DIR=tmp)
-        for mode in ("first_call_cold", "first_call_cached"):
-            out = subprocess.run([sys.executable, "-c", FIRST_CALL], env=env, capture_output=True, text=True, check=True)
-            sec, ready = (float(v) for v in out.stdout.strip().splitlines()[-1].split())
-            print(f"  {mode:18s} {sec:.3f} s (kernel in use after {ready:.3f} s)", flush=True)
-            for m, v in ((mode, sec), (mode + "_kernel_ready", ready)):
-                rows.append(dict(meta, variant="ropekit-cpu", shape="b=1 s=16 hq=4 hk=0 d=128", b=1, s=16, hq=4, hk=0,
-                                 d=128, dtype="float32", mode=m, median_us=f"{v * 1e6:.0f}", p20_us="", p80_us="",
-                                 gbps="", ratio_to_copy=""))
+    for name, t in ts.items():
+        m, p20, p80 = _stats(t)
+        rows.append(dict(meta, variant=name, shape=f"b={b} s={s} hq={hq} hk={hk} d={d}", b=b, s=s, hq=hq, hk=hk, d=d,
+                         dtype=dtype_name, mode="train", median_us=f"{m * 1e6:.2f}", p20_us=f"{p20 * 1e6:.2f}",
+                         p80_us=f"{p80 * 1e6:.2f}", gbps="", ratio_to_copy=""))
+        print(f"  train    {dtype_name:8s} b={b} s={s:<5d} {name:48s} {m * 1e6:10.1f} µs", flush=True)
+    extra = med["train: projection + ropekit in-place fwd+bwd"] - med["train: projection fwd+bwd"]
+    print(f"  train    ropekit's added cost: {extra * 1e6:.1f} µs = x{extra / med['aten mul_ pair']:.2f} of the mul_ pair",
+          flush=True)
     return rows
 
 
@@ -387,7 +418,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--cases", default=None, help="e.g. '1x2048,4x2048,8x1' (b x s)")
     ap.add_argument("--variants", default=None, help="comma-separated substrings: time only matching variants (+ copy_/clone())")
-    ap.add_argument("--modes", default="forward,backward,fwd+bwd")
+    ap.add_argument("--modes", default="forward,backward,fwd+bwd,train")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (the cpu kernel follows it)")
     ap.add_argument("--no-first-call", action="store_true", help="skip the fresh-process first-call measurement")
     ap.add_argument("--csv", type=Path, default=CSV_PATH)
@@ -418,6 +449,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     for dtn in args.dtypes.split(","):
         for b, s in cases:
             rows += bench_case(b, s, hq, hk, d, dtn, rounds, with_compile, meta, only, args.modes.split(","))
+            if "train" in args.modes.split(","):
+                rows += train_rows(meta, b, s, hq, hk, d, dtn, rounds)
     append_rows(rows, args.csv)
     print(f"appended {len(rows)} rows to {args.csv}")
     plot(args.csv, args.csv.with_suffix(".png"))

@@ -56,13 +56,13 @@ def rotate_functional(x, cos, sin, layout: str, conjugate: bool) -> torch.Tensor
     return y
 
 
+_OPAQUE: dict = {}  # NAME -> module of the non-traceable backends that ran in a graph
+
+
 @torch.library.custom_op("ropekit::generic_rotate", mutates_args=())
 def _rotate_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str, conjugate: bool, backend: str) -> torch.Tensor:
     """An opaque (non-traceable) backend as one graph node: ``rot(x)`` into a fresh tensor."""
-    from . import get
-
-    be = get(backend)
-    return be.rotate(x, cos, sin, layout, conjugate, torch.empty_like(x))
+    return _OPAQUE[backend].rotate(x, cos, sin, layout, conjugate, torch.empty_like(x))
 
 
 @_rotate_op.register_fake
@@ -92,6 +92,7 @@ def _rotate_traced(be: ModuleType, x, cos, sin, layout: str, conjugate: bool) ->
     if be.DIFFERENTIABLE:
         return be.apply_matrix(x, cos, sin, layout, conjugate).to(x.dtype)
     if not be.TRACEABLE and not (cos.requires_grad or sin.requires_grad):
+        _OPAQUE[be.NAME] = be
         return _rotate_op(x, cos, sin, layout, conjugate, be.NAME)
     return rotate_functional(x, cos, sin, layout, conjugate)
 

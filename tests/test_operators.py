@@ -252,6 +252,37 @@ def test_jit_trace_of_the_module_equals_eager():
         assert torch.equal(w, g)
 
 
+@pytest.mark.parametrize("which", ["apply_rotary", "apply_rotary_qk", "apply_rotary_qk_inplace"])
+def test_jit_trace_of_the_functions_equals_eager(which):
+    cos, sin = _tables(32, 6)
+
+    def fn(q, k):
+        if which == "apply_rotary":
+            return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin, layout="interleaved")
+        if which == "apply_rotary_qk":
+            return apply_rotary_qk(q, k, cos, sin)
+        return apply_rotary_qk(q * 1, k * 1, cos, sin, inplace=True)
+
+    q, k = _inputs()
+    traced = torch.jit.trace(fn, (q, k))
+    assert "ropekit::rotary" in str(traced.graph)
+    for w, g in zip(fn(q, k), traced(q, k)):
+        assert torch.equal(w, g)
+    for w, g in zip(_grads(fn, q, k), _grads(traced, q, k)):
+        assert torch.equal(w, g)
+
+
+def test_verify_of_the_cpu_backend_runs_the_operators():
+    """`ropekit verify --backend cpu` measures the compiled operators (it once reported PASS for
+    an eager fallback)."""
+    from ropekit.cli import main
+
+    with torch.autograd.profiler.profile() as prof:
+        code = main(["verify", "head_dim=32,context=256", "--backend", "cpu"])
+    assert code == 0
+    assert any(e.name.startswith("ropekit::rotary") for e in prof.function_events)
+
+
 def _recording_backend(graphs):
     from torch._dynamo.backends.common import aot_autograd
 

@@ -549,13 +549,16 @@ Tensor check_gather(const Tensor& q, const Tensor& k, const Tensor& ct, const Te
     RK_CHECK(pos.defined() && at::isIntegralType(pos.scalar_type(), /*includeBool=*/false), "positions an integer tensor, got ",
              pos.defined() ? c10::str(pos.scalar_type()) : std::string("None"), ". Fix: pass int64 positions");
     check_same_device(q, pos, "q", "positions");
+    // [b] with s == 1: one token per sample (decode), read as [b, 1]
+    const bool per_sample = f.b >= 0 && s == 1 && pos.dim() == 1 && pos.size(0) == b && b != 1;
     const bool ok = f.b < 0 ? (pos.dim() == 1 && pos.size(0) == s)
-                            : ((pos.dim() == 1 && pos.size(0) == s) ||
+                            : ((pos.dim() == 1 && pos.size(0) == s) || per_sample ||
                                (pos.dim() == 2 && (pos.size(0) == b || pos.size(0) == 1) && pos.size(1) == s));
     RK_CHECK(ok, "positions of shape ", f.b < 0 ? c10::str("[", s, "]") : c10::str("[", s, "] or [", b, ", ", s, "]"),
              " for q ", shape_str(q), " in format '", fs, "', got shape ", shape_str(pos),
              ". Fix: one position per token ([s] shared by the batch, [b, s] per sample, [t] packed)");
-    return pos.scalar_type() == at::kLong ? pos.contiguous() : pos.to(at::kLong).contiguous();
+    const Tensor p = pos.scalar_type() == at::kLong ? pos.contiguous() : pos.to(at::kLong).contiguous();
+    return per_sample ? p.view({b, 1}) : p;
 }
 
 void check_positions_range(const Tensor& pos, int64_t n) {

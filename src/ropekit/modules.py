@@ -22,6 +22,8 @@ __all__ = ["RotaryEmbedding"]
 # with the same float64 formula, so a position like 10**12 never allocates a huge table.
 TABLE_ROWS_LIMIT = 1 << 20
 
+_SEQ_DIM = {"bshd": 1, "bhsd": 2, "sbhd": 0}  # the sequence dim of q in each 4-D format
+
 
 def _check_qk(q: torch.Tensor, k: torch.Tensor) -> None:
     for name, t in (("q", q), ("k", k)):
@@ -274,47 +276,47 @@ class RotaryEmbedding(nn.Module):
         return apply_rotary_qk(q, k, cos, sin, layout=self.cfg.layout, inplace=inplace, backend=self.backend)
 
     def _cached_gather(self, q, k, offsets, format, inplace):
-        """The common call (positions from ``offsets``, length-independent scaling, tables
-        already cached on q's device): positions built without a host sync and the cached
-        tables passed as they are; the fused op checks every position against the table
-        before writing. ``None`` when this shortcut does not apply or the op refused the
-        call (e.g. a position past the table): the general path then grows the tables or
-        explains the error."""
-        sc = self.cfg.scaling
-        if (sc is not None and sc.length_dependent) or type(q) is not torch.Tensor or type(k) is not torch.Tensor:
+        """The common call (positions from ``offsets``, length-independent scaling, a backend
+        that checks its own inputs): positions built without a host sync and the cached tables
+        passed as they are; the fused op checks every position against the table before
+        writing. ``None`` when this shortcut does not apply or the op refused the call (e.g. a
+        position past the table): the general path then grows the tables or explains."""
+        plain = self.__dict__.get("_plain")
+        if plain is None:  # the scheme and the class never change: decided once
+            sc, cls = self.cfg.scaling, type(self)
+            plain = self.__dict__["_plain"] = (sc is None or not sc.length_dependent) and (
+                cls.tables is RotaryEmbedding.tables
+                and cls._positions_and_tables is RotaryEmbedding._positions_and_tables
+            )  # a subclass making its own tables or positions takes the general path
+        sdim = _SEQ_DIM.get(format)
+        if not plain or sdim is None or type(k) is not torch.Tensor or q.dim() != 4:
             return None
-        cls = type(self)
-        if cls.tables is not RotaryEmbedding.tables or cls._positions_and_tables is not RotaryEmbedding._positions_and_tables:
-            return None  # a subclass that makes its own tables or positions: the general path
-        if format not in ("bshd", "bhsd", "sbhd") or q.dim() != 4:
-            return None
-        if not _backends.resolve(self.backend, q).CHECKS:
+        be = _backends.resolve(self.backend, q)
+        if not be.CHECKS:
             return None  # a backend that needs the positions checked before the call
-        s = int(q.shape[2 if format == "bhsd" else 0 if format == "sbhd" else 1])
-        static = offsets is None or type(offsets) is int
-        if static and not 0 <= (offsets or 0) <= max(self.max_position, TABLE_ROWS_LIMIT) - s:
-            return None  # negative, or past what a table should hold: the general path decides
+        s = int(q.shape[sdim])
         buf = self._buffers  # not self.cos_cached: nn.Module.__getattr__ costs ~1 µs per buffer
         cos_t, sin_t = buf["cos_cached"], buf["sin_cached"]
-        fresh = (
+        stale = (
             cos_t is None or sin_t is None or cos_t.device != q.device or cos_t.dtype != self.table_dtype
             or sin_t.dtype != self.table_dtype or self._key != self.cfg.table_key(None)
         )
-        if static and (fresh or (offsets or 0) + s > cos_t.shape[0]):
-            cos_t, sin_t = self.tables((offsets or 0) + s, device=q.device)  # first call: the same path as later ones
-        elif fresh:
-            return None
-        if static:
+        if offsets is None or type(offsets) is int:
             off = offsets or 0
+            if not 0 <= off <= max(self.max_position, TABLE_ROWS_LIMIT) - s:
+                return None  # negative, or past what a table should hold: the general path decides
+            if stale or off + s > cos_t.shape[0]:
+                cos_t, sin_t = self.tables(off + s, device=q.device)  # first call: the same path as later ones
             pos = self._arange(cos_t.shape[0], q.device)[off : off + s]  # [s]
-        elif type(offsets) is torch.Tensor and offsets.dim() == 1 and offsets.dtype == torch.int64:
-            pos = offsets[:, None] if s == 1 else offsets[:, None] + self._arange(cos_t.shape[0], q.device)[:s]  # [b, s]
+        elif type(offsets) is torch.Tensor and offsets.dtype == torch.int64 and offsets.dim() == 1 and not stale:
+            # [b] positions for one token per sample (the op reads them as [b, 1]), else [b, s]
+            pos = offsets if s == 1 else offsets[:, None] + self._arange(cos_t.shape[0], q.device)[:s]
         else:
             return None
         try:
-            return apply_gather(q, k, cos_t, sin_t, pos, format=format, layout=self.cfg.layout, inplace=inplace, backend=self.backend)
-        except ValueError:
-            return None  # the general path below re-checks everything and grows or explains
+            return be.apply_gather(q, k, cos_t, sin_t, pos, format, self.cfg.layout, False, inplace)
+        except (ValueError, RuntimeError, TypeError):
+            return None  # refused before writing: the general path re-checks everything and grows or explains
 
     def _arange(self, n: int, device: torch.device) -> torch.Tensor:
         ar = self.__dict__.get("_arange_cache")

@@ -15,6 +15,7 @@ The ops (schemas in ``csrc/ops.cpp``), for CPU and Meta tensors, differentiable 
     rotary_qk(q, k, cos, sin, layout, conjugate) -> (Tensor, Tensor)
     rotary_qk_(q!, k!, cos, sin, layout, conjugate) -> ()
     rotary_gather(q, k, cos_table, sin_table, positions, format, layout, conjugate) -> (Tensor, Tensor)
+        # positions [s], [b, s] ([1, s]), [t] for thd, or [b] when s == 1 (one token per sample)
     rotary_gather_(q!, k!, cos_table, sin_table, positions, format, layout, conjugate) -> ()
     cpu_capability() -> str                                     # "default", "avx2" or "avx512"
 

@@ -1,0 +1,92 @@
+"""The number checks every constructor shares: one rule for ints, one for reals.
+
+A config value is accepted or refused the same way in every field and every scheme:
+
+- ints: a Python/NumPy/0-d-tensor integer, or a float with an integral value (JSON files
+  sometimes store ``4096.0``); never a bool, never a string;
+- reals: any real number (int, float, NumPy scalar), finite; never a bool, never a string;
+- a string, even ``"10000"``, is refused with a message that says it is a string: config
+  files must store numbers as JSON numbers (transformers does not convert them either).
+
+Every refusal is a :class:`~ropekit.RopeError` in the house format, including values too
+large for a float (``10**400``), which Python itself would report as ``OverflowError``.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, Optional
+
+from ._errors import fail
+
+__all__ = ["integer", "real", "describe"]
+
+
+def describe(value: Any) -> str:
+    """``repr`` of a refused value, saying when it is a string (``'8.0'`` looks like a number)."""
+    if isinstance(value, (str, bytes)):
+        return f"the string {value!r}"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _string_fix(value: Any, fix: str) -> str:
+    if isinstance(value, (str, bytes)):
+        return "pass a number, not a string (in a config.json: the number without quotes)"
+    return fix
+
+
+def integer(name: str, value: Any, *, minimum: int = 1, maximum: Optional[int] = None, fix: str = "") -> int:
+    """``value`` as an ``int`` in ``[minimum, maximum]``, else a RopeError naming ``name``."""
+    fix = fix or f"pass the checkpoint's {name}"
+    rng = f"an int >= {minimum}" if maximum is None else f"an int in [{minimum}, {maximum}]"
+    out: Optional[int] = None
+    if not isinstance(value, (bool, str, bytes)):
+        if isinstance(value, float):
+            if math.isfinite(value) and value.is_integer():
+                out = int(value)
+        else:
+            try:
+                out = operator.index(value)
+            except TypeError:
+                out = None
+    if out is None or out < minimum or (maximum is not None and out > maximum):
+        raise fail(f"{name} {rng}", describe(value), _string_fix(value, fix))
+    return out
+
+
+def real(
+    name: str,
+    value: Any,
+    *,
+    minimum: Optional[float] = None,
+    above: Optional[float] = None,
+    maximum: Optional[float] = None,
+    fix: str = "",
+) -> float:
+    """``value`` as a finite ``float`` with ``value >= minimum`` / ``value > above`` / ``value <= maximum``."""
+    fix = fix or f"pass the checkpoint's {name}"
+    parts = ["a finite number"]
+    if above is not None:
+        parts.append(f"> {above:g}")
+    if minimum is not None:
+        parts.append(f">= {minimum:g}")
+    if maximum is not None:
+        parts.append(f"<= {maximum:g}")
+    what = f"{name} " + " ".join(parts) if len(parts) < 3 else f"{name} a finite number in the range {' and '.join(parts[1:])}"
+    out: Optional[float] = None
+    if not isinstance(value, (bool, str, bytes)) and not isinstance(value, complex):
+        try:
+            out = float(value)
+        except (TypeError, ValueError, OverflowError, RuntimeError):
+            out = None  # not a number, or an int too large for a float (10**400)
+    if (
+        out is None
+        or not math.isfinite(out)
+        or (minimum is not None and out < minimum)
+        or (above is not None and out <= above)
+        or (maximum is not None and out > maximum)
+    ):
+        raise fail(what, describe(value), _string_fix(value, fix))
+    return out

@@ -67,14 +67,15 @@ def real(
 ) -> float:
     """``value`` as a finite ``float`` with ``value >= minimum`` / ``value > above`` / ``value <= maximum``."""
     fix = fix or f"pass the checkpoint's {name}"
-    parts = ["a finite number"]
-    if above is not None:
-        parts.append(f"> {above:g}")
-    if minimum is not None:
-        parts.append(f">= {minimum:g}")
-    if maximum is not None:
-        parts.append(f"<= {maximum:g}")
-    what = f"{name} " + " ".join(parts) if len(parts) < 3 else f"{name} a finite number in the range {' and '.join(parts[1:])}"
+    lo = f"[{minimum:g}" if minimum is not None else (f"({above:g}" if above is not None else None)
+    if lo is not None and maximum is not None:
+        what = f"{name} a finite number in {lo}, {maximum:g}]"
+    elif lo is not None:
+        what = f"{name} a finite number {'>=' if minimum is not None else '>'} {lo[1:]}"
+    elif maximum is not None:
+        what = f"{name} a finite number <= {maximum:g}"
+    else:
+        what = f"{name} a finite number"
     out: Optional[float] = None
     if not isinstance(value, (bool, str, bytes)) and not isinstance(value, complex):
         try:

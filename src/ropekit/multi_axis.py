@@ -656,6 +656,10 @@ class MultiAxisRotaryEmbedding(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"sections={list(self.sections)}, interleaved={self.interleaved}, layout={self.cfg.layout!r}"
 
+    def rope_init(self, device: Union[str, torch.device, None] = None) -> None:
+        """Nothing to rebuild (the module holds no tables): here so that every ropekit module
+        can be materialised the same way, ``module.to_empty(device=...)`` then ``rope_init()``."""
+
     def forward(
         self,
         q: torch.Tensor,

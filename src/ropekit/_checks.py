@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from ._errors import fail
 
-__all__ = ["integer", "real", "describe"]
+__all__ = ["integer", "real", "flag", "device", "describe"]
 
 
 def describe(value: Any) -> str:
@@ -91,3 +91,24 @@ def real(
     ):
         raise fail(what, describe(value), _string_fix(value, fix))
     return out
+
+
+def flag(name: str, value: Any) -> bool:
+    """``value`` if it is a bool (NumPy bools too), else a RopeError: ``"false"`` is not False."""
+    if isinstance(value, bool):
+        return value
+    if type(value).__name__ == "bool_":  # numpy.bool_ without importing numpy
+        return bool(value)
+    raise fail(f"{name} True or False", describe(value), f"pass {name}=True or {name}=False")
+
+
+def device(name: str, value: Any):
+    """``torch.device(value)`` (``None`` stays ``None``), a RopeError for a name torch does not know."""
+    import torch
+
+    if value is None or isinstance(value, torch.device):
+        return value
+    try:
+        return torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        raise fail(f"{name} a torch.device, e.g. 'cpu' or 'cuda:0'", describe(value), f"pass {name}='cpu' or a torch.device") from None

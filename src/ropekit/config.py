@@ -179,6 +179,10 @@ class RopeConfig:
     # ------------------------------------------------------------------ conversions
     def replace(self, **changes: Any) -> "RopeConfig":
         """A copy with some fields changed (validated again)."""
+        fields = [f.name for f in dataclasses.fields(self)]
+        unknown = sorted(set(changes) - set(fields))
+        if unknown:
+            raise fail(f"fields among {fields}", repr(unknown), "remove the unknown keyword arguments")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:

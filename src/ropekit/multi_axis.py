@@ -36,10 +36,11 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ._checks import integer, real
+from ._checks import describe, flag, integer, real
+from ._checks import device as check_device
 from ._errors import fail
-from .config import CPU, RopeConfig, check_seq_len
-from .tables import _default_seq_len, check_cfg, check_dtype, check_positions
+from .config import CPU, MAX_EXACT_POSITION, RopeConfig, check_seq_len
+from .tables import _default_seq_len, check_cfg, check_dtype, check_positions, check_table
 
 __all__ = [
     "pair_axes",
@@ -99,7 +100,7 @@ def pair_axes(sections: Sequence[int], *, interleaved: bool = False) -> torch.Te
     """
     secs = _check_sections(sections, None)
     total, n = sum(secs), len(secs)
-    if not interleaved:
+    if not flag("interleaved", interleaved):
         return torch.repeat_interleave(
             torch.arange(n, device=CPU), torch.tensor(secs, dtype=torch.int64, device=CPU), output_size=total
         )
@@ -198,6 +199,7 @@ def multi_axis_cos_sin(
     secs = _check_sections(sections, cfg.n_pairs)
     positions = _check_axis_positions(positions, len(secs), allow_float=False)
     seq_len = check_seq_len(seq_len)
+    attention_scaling = flag("attention_scaling", attention_scaling)
     if seq_len is None:
         seq_len = _default_seq_len(cfg, positions)
     axes = pair_axes(secs, interleaved=interleaved)
@@ -322,6 +324,9 @@ class AxialRope:
         (or ``[b, t, n_axes]``). Tables are float32 (float64 for float64 ``x``)."""
         from .functional import apply_rotary
 
+        if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+            got = str(x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise fail("x a real floating tensor [b, s, h, d]", got, "convert x to float")
         tdt = torch.float64 if x.dtype == torch.float64 else torch.float32
         cos, sin = self.cos_sin(positions, n_special=n_special, dtype=tdt)
         return apply_rotary(x, cos[..., None, :], sin[..., None, :], layout=self.layout, backend=backend)
@@ -335,6 +340,8 @@ def with_special_tokens(cos: torch.Tensor, sin: torch.Tensor, n_special: int) ->
     """
     if isinstance(n_special, bool) or not isinstance(n_special, int) or n_special < 0:
         raise fail("n_special a non-negative int", repr(n_special), "pass the number of leading CLS/register tokens")
+    check_table(cos)
+    check_table(sin)
     if n_special == 0:
         return cos, sin
     if cos.dim() < 2:
@@ -390,7 +397,8 @@ def grid_positions(
     dims = tuple(integer("shape entries", n, maximum=MAX_GRID_TOKENS, fix="pass e.g. (h, w) = (14, 14)") for n in dims)
     if math.prod(dims) > MAX_GRID_TOKENS:
         raise fail(f"a grid of at most 2**32 tokens", f"shape {dims} = {math.prod(dims)} tokens", "check the patch counts (not pixels?)")
-    device = CPU if device is None else torch.device(device)
+    device = CPU if device is None else check_device("device", device)
+    normalize = flag("normalize", normalize)
     k = len(dims)
     given = [n for n, v in (("scale", scale), ("reference_shape", reference_shape), ("normalize", normalize or None)) if v is not None]
     if len(given) > 1:
@@ -398,9 +406,9 @@ def grid_positions(
 
     def per_axis(v, name):
         try:
-            vals = list(v) if not isinstance(v, (str, bytes)) else [v]
+            vals = list(v) if not isinstance(v, (str, bytes)) else [v] * k
         except TypeError:
-            vals = [v] * k
+            vals = [v] * k  # one value for every axis
         if len(vals) != k:
             raise fail(f"{name} a positive number or {k} of them", repr(v), f"give one {name} per axis")
         return [real(name, x, above=0, fix=f"give one positive {name} per axis") for x in vals]
@@ -438,7 +446,10 @@ _TEXT_AFTER = ("max", "spatial")
 def _as_grids(g, name) -> List[Tuple[int, int, int]]:
     if g is None:
         return []
-    t = g if isinstance(g, torch.Tensor) else torch.as_tensor(g, device=CPU)
+    try:
+        t = g if isinstance(g, torch.Tensor) else torch.as_tensor(g, device=CPU)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise fail(f"{name} an integer tensor [n, 3] of (t, h, w) patch counts", describe(g), "pass e.g. torch.tensor([[1, 4, 6]])") from None
     if t.device.type == "meta":
         raise fail(f"{name} with values", "a tensor on the meta device", f"build {name} on CPU (the grid sizes are read on the host)")
     if t.dim() != 2 or t.shape[-1] != 3 or t.dtype.is_floating_point:
@@ -593,7 +604,15 @@ def mrope_decode_positions(delta: torch.Tensor, start: Union[int, torch.Tensor],
     """
     if not isinstance(delta, torch.Tensor) or delta.dim() != 2 or delta.shape[1] != 1:
         raise fail("delta an int tensor [b, 1] from mrope_positions", repr(getattr(delta, "shape", delta)), "pass the second output of mrope_positions")
-    st = torch.as_tensor(start, device=delta.device, dtype=torch.int64)
+    length = integer("length", length, minimum=0, maximum=MAX_EXACT_POSITION, fix="pass the number of tokens to decode")
+    if isinstance(start, torch.Tensor):
+        check_positions(start, "start")
+        st = start.to(device=delta.device, dtype=torch.int64)
+    else:
+        st = torch.tensor(
+            integer("start", start, minimum=0, maximum=MAX_EXACT_POSITION, fix="pass the number of cached tokens"),
+            device=delta.device, dtype=torch.int64,
+        )
     if st.dim() == 1:
         st = st[:, None]  # per-sample cache lengths [b, 1]
     k = torch.arange(length, device=delta.device, dtype=torch.int64) + st  # [length] or [b, length]
@@ -646,12 +665,13 @@ class MultiAxisRotaryEmbedding(torch.nn.Module):
             raise fail("cfg a ropekit.RopeConfig", type(cfg).__name__, "build one with RopeConfig(head_dim=...)")
         self.cfg = cfg
         self.sections = _check_sections(sections, cfg.n_pairs)
-        self.interleaved = bool(interleaved)
+        self.interleaved = flag("interleaved", interleaved)
         if interleaved:
             pair_axes(self.sections, interleaved=True)  # RopeError now for sections the rule cannot honour
         self.backend = backend
+        check_dtype(table_dtype)
         self.table_dtype = table_dtype
-        self.attention_scaling = attention_scaling
+        self.attention_scaling = flag("attention_scaling", attention_scaling)
 
     def extra_repr(self) -> str:
         return f"sections={list(self.sections)}, interleaved={self.interleaved}, layout={self.cfg.layout!r}"

@@ -21,6 +21,7 @@ from typing import Optional, Union
 import torch
 
 from .config import RopeConfig, check_layout
+from .tables import check_table
 
 NAME = "reference"
 DIFFERENTIABLE = True
@@ -50,6 +51,8 @@ def block_matrix(cos: torch.Tensor, sin: torch.Tensor, layout: str = "half") -> 
     Entries equal the given table values (times any attention factor folded into them).
     """
     check_layout(layout)
+    check_table(cos)
+    check_table(sin)
     cos = cos.to(torch.float64)
     sin = sin.to(torch.float64)
     r = 2 * cos.shape[-1]

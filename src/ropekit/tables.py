@@ -12,7 +12,8 @@ from typing import Dict, Hashable, Optional, Tuple, Union
 
 import torch
 
-from ._checks import describe, integer
+from ._checks import describe, flag, integer
+from ._checks import device as check_device
 from ._errors import fail
 from .config import CPU, MAX_EXACT_POSITION, RopeConfig, check_layout, check_seq_len
 
@@ -166,6 +167,8 @@ def cos_sin(
     check_cfg(cfg)
     check_dtype(dtype)
     seq_len = check_seq_len(seq_len)
+    device = check_device("device", device)
+    attention_scaling = flag("attention_scaling", attention_scaling)
     if angles != "exact":
         if angles != "transformers":
             raise fail('angles "exact" or "transformers"', repr(angles), 'use "exact" unless you need bit parity with transformers')
@@ -188,10 +191,11 @@ def cos_sin(
     return cos.to(dtype), sin.to(dtype)
 
 
-def _check_table(t) -> None:
-    if not isinstance(t, torch.Tensor) or t.dim() < 1:
-        got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-        raise fail("a cos/sin table tensor [..., width]", got, "pass cos or sin from ropekit.cos_sin")
+def check_table(t) -> None:
+    """RopeError unless ``t`` is a floating tensor with at least one dim (a cos/sin table)."""
+    if not isinstance(t, torch.Tensor) or t.dim() < 1 or not t.dtype.is_floating_point:
+        got = f"shape {tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise fail("a floating cos/sin table tensor [..., width]", got, "pass cos or sin from ropekit.cos_sin")
 
 
 def to_full_width(t: torch.Tensor, layout: str = "half") -> torch.Tensor:
@@ -200,7 +204,7 @@ def to_full_width(t: torch.Tensor, layout: str = "half") -> torch.Tensor:
     ``"half"``: ``cat(t, t)``; ``"interleaved"``: each value repeated twice in place.
     """
     check_layout(layout)
-    _check_table(t)
+    check_table(t)
     if layout == "half":
         return torch.cat((t, t), dim=-1)
     return torch.repeat_interleave(t, 2, dim=-1)
@@ -213,7 +217,7 @@ def from_full_width(t: torch.Tensor, layout: str = "half", *, check: bool = True
     the table was built for the other layout.
     """
     check_layout(layout)
-    _check_table(t)
+    check_table(t)
     r = t.shape[-1]
     if r % 2:
         raise fail("a full-width table with an even last dim", f"shape {tuple(t.shape)}", "pass cos/sin of width r")
@@ -250,7 +254,7 @@ def build_table(
     """
     check_cfg(cfg)
     check_dtype(dtype)
-    device = torch.device(device)
+    device = check_device("device", device)
     n = integer("table length", n, minimum=0, maximum=MAX_EXACT_POSITION + 1, fix="ask for at most 2**53 + 1 positions")
     nbytes = 2 * n * cfg.n_pairs * torch.empty((), dtype=dtype, device=CPU).element_size()
     got = f"{n} rows x {cfg.n_pairs} pairs x 2 tables of {dtype} = {nbytes / 2**30:.3g} GiB"
@@ -286,7 +290,7 @@ class TableCache:
     def __init__(self, cfg: RopeConfig, *, attention_scaling: bool = True, min_len: int = 0) -> None:
         check_cfg(cfg)
         self.cfg = cfg
-        self.attention_scaling = attention_scaling
+        self.attention_scaling = flag("attention_scaling", attention_scaling)
         self.min_len = integer("min_len", min_len, minimum=0, maximum=MAX_EXACT_POSITION + 1, fix="pass the longest sequence you expect, or 0")
         self._tables: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
         self._lock = threading.Lock()
@@ -299,7 +303,7 @@ class TableCache:
         self, n: int, *, device: torch.device, dtype: torch.dtype = torch.float32, seq_len: Optional[int] = None
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` each ``[n', r/2]`` with ``n' >= n``, covering positions ``0 .. n'-1``."""
-        device = torch.device(device)
+        device = check_device("device", device)
         check_dtype(dtype)
         n = integer("n", n, minimum=0, maximum=MAX_EXACT_POSITION + 1, fix="ask for the rows of positions 0 .. n-1, n <= 2**53 + 1")
         key: Hashable = (str(device), dtype, self.cfg.table_key(seq_len))

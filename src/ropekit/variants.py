@@ -21,7 +21,7 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ._checks import integer, real
+from ._checks import flag, integer, real
 from ._errors import fail
 from .config import CPU, MAX_EXACT_POSITION, RopeConfig, check_seq_len
 from .tables import _as_positions, _default_seq_len, check_cfg, check_dtype, check_positions
@@ -96,6 +96,7 @@ def p_rope_cos_sin(
     seq_len = check_seq_len(seq_len)
     if seq_len is None:
         seq_len = _default_seq_len(cfg, pos)
+    attention_scaling = flag("attention_scaling", attention_scaling)
     inv = p_rope_inv_freq(cfg, p, seq_len=seq_len).to(pos.device)
     ang = pos.to(torch.float64).unsqueeze(-1) * inv  # float64 [..., r/2]
     cos, sin = torch.cos(ang), torch.sin(ang)

@@ -17,6 +17,7 @@ import torch
 
 import ropekit
 from ropekit import RopeConfig, RopeError, cos_sin
+from ropekit import analysis as A
 from ropekit import multi_axis as M
 from ropekit import reference
 from ropekit import scaling as S
@@ -81,6 +82,9 @@ NUMBER_FIELDS = {
     "TableCache.get n": lambda v: TableCache(CFG).get(v, device="cpu"),
     "layout_permutation head_dim": lambda v: layout_permutation(v, "half", "interleaved"),
     "layout_permutation rotary_dim": lambda v: layout_permutation(16, "half", "interleaved", rotary_dim=v),
+    "analysis.decay_distances max_distance": lambda v: A.decay_distances(v),
+    "analysis.classify_pairs rtol": lambda v: A.classify_pairs(CFG, rtol=v),
+    "analysis.context_coverage context": lambda v: A.context_coverage(CFG, v, 8),
 }
 
 
@@ -161,6 +165,12 @@ WRONG_TYPES = {
     "DynamicNTK static 'yes'": lambda: S.DynamicNTK(2.0, 16, static="yes"),
     "TableCache cfg str": lambda: TableCache("cfg"),
     "TableCache.get device": lambda: TableCache(CFG).get(4, device="nodev"),
+    "analysis.decay_bound distances str": lambda: A.decay_bound(CFG, "10"),
+    "analysis.decay_bound distances 10**30": lambda: A.decay_bound(CFG, [10**30]),
+    "analysis.decay_bound distances nan": lambda: A.decay_bound(CFG, [float("nan")]),
+    "analysis.attention_scores distances str": lambda: A.attention_scores(CFG, "x"),
+    "analysis.attention_scores distances -1": lambda: A.attention_scores(CFG, [-1]),
+    "analysis.attention_scores distances 1.5": lambda: A.attention_scores(CFG, [1.5]),
 }
 
 

@@ -182,3 +182,19 @@ def test_meta_weights_convert_on_meta():
         w = torch.empty(4 * 16, 8)
         out = convert_layout(w, 4, "half", "interleaved")
     assert out.device.type == "meta" and out.shape == w.shape
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="hf.py: transformers_inv_freq/transformers_cos_sin create their aranges and tensors without a "
+    "device (lines with torch.arange(0, dim, 2, ...), torch.tensor(...)): inside torch.device('meta') they "
+    "are meta tensors ('Cannot copy out of meta tensor')",
+)
+@pytest.mark.parametrize("name", ["plain", "yarn", "longrope", "llama3", "dynamic"])
+def test_transformers_angles_inside_meta_context(name):
+    cfg = _cfg(name)
+    pos = torch.arange(40, device="cpu")
+    want = cos_sin(cfg, pos, angles="transformers", seq_len=40)
+    with torch.device("meta"):
+        got = cos_sin(cfg, pos, angles="transformers", seq_len=40)
+    assert got[0].device.type == "cpu" and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -151,7 +151,9 @@ def xpos_cos_sin(
     (float32: ``|m - c| <= 87.3·B/|ln ζ_0| = 35 694`` for ``B = 512, γ = 0.4``, so up to
     ~71 000 positions around a mid-sequence center; the paper's ``c = 0`` form ends at
     ~35 700). Positions outside that range are a RopeError, never inf/0 tables; see
-    :func:`xpos_max_distance` for the limit of each dtype.
+    :func:`xpos_max_distance` for the limit of each dtype. (Meta tensors and graphs being
+    traced by torch.compile have no values to check: there ``center`` is required to be
+    right, and defaults to 0.)
 
     Args:
         cfg: rotary configuration (frequencies ``θ_i``; scaling allowed).

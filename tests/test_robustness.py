@@ -30,8 +30,8 @@ from ropekit.tables import MAX_TABLE_BYTES, TableCache, build_table, from_full_w
 CFG = RopeConfig(16)
 
 #: Wrong in every numeric field: a numeric string, ints too large for a float, NaN, inf, a
-#: bool, a list, an object, a complex number.
-BAD_NUMBERS = ["8", "1e4", 10**400, -(10**400), float("nan"), float("inf"), True, [2.0], object(), 1j]
+#: bool, a list, an object, a complex number, a tensor without a value (meta).
+BAD_NUMBERS = ["8", "1e4", 10**400, -(10**400), float("nan"), float("inf"), True, [2.0], object(), 1j, torch.tensor(8.0, device="meta")]
 
 #: field -> a call taking the value under test
 NUMBER_FIELDS = {

@@ -49,7 +49,7 @@ def integer(name: str, value: Any, *, minimum: int = 1, maximum: Optional[int] =
         else:
             try:
                 out = operator.index(value)
-            except TypeError:
+            except (TypeError, ValueError, RuntimeError, NotImplementedError):  # not an integer; meta tensors
                 out = None
     if out is None or out < minimum or (maximum is not None and out > maximum):
         raise fail(f"{name} {rng}", describe(value), _string_fix(value, fix))
@@ -80,8 +80,8 @@ def real(
     if not isinstance(value, (bool, str, bytes)) and not isinstance(value, complex):
         try:
             out = float(value)
-        except (TypeError, ValueError, OverflowError, RuntimeError):
-            out = None  # not a number, or an int too large for a float (10**400)
+        except (TypeError, ValueError, OverflowError, RuntimeError, NotImplementedError):
+            out = None  # not a number, an int too large for a float (10**400), a tensor without one value
     if (
         out is None
         or not math.isfinite(out)

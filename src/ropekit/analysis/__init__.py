@@ -266,10 +266,14 @@ def context_coverage(cfg: RopeConfig, context: Optional[int], original_context: 
         Empty dict when a context is unknown.
     """
     _check_cfg(cfg)
+    if context is None or original_context is None:
+        return {}
+    context = integer("context", context, minimum=0, maximum=1 << 53, fix="pass the context length in tokens, or None")
+    original_context = integer(
+        "original_context", original_context, minimum=0, maximum=1 << 53, fix="pass the training context in tokens, or None"
+    )
     if not context or not original_context:
         return {}
-    context = integer("context", context, maximum=1 << 53, fix="pass the context length in tokens, or None")
-    original_context = integer("original_context", original_context, maximum=1 << 53, fix="pass the training context in tokens, or None")
     before, _ = wavelengths(cfg)
     tb = cfg.base_inv_freq()
     ta = cfg.inv_freq(int(context))

@@ -198,3 +198,15 @@ def test_transformers_angles_inside_meta_context(name):
     with torch.device("meta"):
         got = cos_sin(cfg, pos, angles="transformers", seq_len=40)
     assert got[0].device.type == "cpu" and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_positions_inside_meta_context_are_cpu_positions():
+    from ropekit.positions import resolve_positions
+
+    with torch.device("meta"):
+        base = resolve_positions("bshd", 2, 3)
+        off = resolve_positions("bshd", 2, 3, offsets=4)
+        per = resolve_positions("bshd", 2, 3, offsets=torch.tensor([1, 2], device="cpu"))
+        cu = ropekit.positions_from_cu_seqlens(torch.tensor([0, 2, 3], device="cpu"))
+    assert base.tolist() == [0, 1, 2] and off.tolist() == [4, 5, 6]
+    assert per.tolist() == [[1, 2, 3], [2, 3, 4]] and cu.tolist() == [0, 1, 0]

@@ -9,9 +9,10 @@ from typing import Optional, Union
 
 import torch
 
+from ._checks import device as check_device
 from ._checks import integer
 from ._errors import fail
-from .config import MAX_EXACT_POSITION
+from .config import CPU, MAX_EXACT_POSITION
 from .tables import check_positions
 
 __all__ = ["FORMATS", "check_format", "positions_from_cu_seqlens", "resolve_positions", "split_format", "split_qk_format"]
@@ -136,8 +137,10 @@ def resolve_positions(
     """Integer positions ``[s]`` (shared by the batch) or ``[b, s]`` (``[t]`` for ``thd``).
 
     Exactly one of ``positions``, ``offsets`` and ``cu_seqlens`` may be given; with none,
-    positions are ``0 .. s-1``. ``check_values=False`` skips the (device-syncing) check
-    that tensor positions/offsets are ``>= 0``: for callers that check the result's range.
+    positions are ``0 .. s-1``. They go to ``device`` (default: the given tensor's device,
+    else CPU; never the device of an active ``torch.device(...)`` context).
+    ``check_values=False`` skips the (device-syncing) check that tensor positions/offsets
+    are ``>= 0``: for callers that check the result's range.
     """
     given = [n for n, v in (("positions", positions), ("offsets", offsets), ("cu_seqlens", cu_seqlens)) if v is not None]
     if len(given) > 1:
@@ -150,10 +153,13 @@ def resolve_positions(
     elif cu_seqlens is not None:
         raise fail("cu_seqlens only with format='thd'", f"format={fmt!r}", "pass format='thd' with q/k of shape [t, h, d]")
 
-    dev = torch.device(device) if device is not None else None
+    dev = check_device("device", device)
     for name, v in (("positions", positions), ("offsets", offsets), ("cu_seqlens", cu_seqlens)):
         if isinstance(v, torch.Tensor) and v.device.type == "meta" and (dev is None or dev.type != "meta"):
             raise fail(f"{name} with values (q/k are on {dev})", f"{name} on the meta device", f"build {name} on q's device")
+    if dev is None:  # explicit, never a torch.device(...) context's: the given tensor's device, else CPU
+        dev = next((v.device for v in (positions, offsets, cu_seqlens) if isinstance(v, torch.Tensor)), CPU)
+    device = dev
     if cu_seqlens is not None:
         return positions_from_cu_seqlens(cu_seqlens.to(device), total=s)
     if positions is not None:

@@ -322,3 +322,20 @@ def test_reference_builds_one_matrix_per_position_not_per_row(layout, fmt):
     want = torch.einsum("sij,bshj->bshi", R, xs.double()).float()
     got = y if fmt == "bshd" else y.transpose(1, 2)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------------ head widths
+@pytest.mark.parametrize("width", [24, 8])
+def test_head_width_other_than_the_config_is_a_rope_error_naming_both(width):
+    """Wider heads were accepted with only their first dims rotated; narrower ones failed
+    with an error about table widths. Same check in every module of these files."""
+    x = torch.randn(1, 4, 2, width)
+    pos3, pos2 = torch.zeros(4, 3, dtype=torch.long), M.image_positions(2, 2)
+    calls = {
+        "MultiAxisRotaryEmbedding": lambda: ropekit.MultiAxisRotaryEmbedding(CFG, [2, 3, 3])(x, x, pos3),
+        "AxialRope.apply": lambda: M.AxialRope(16).apply(x, pos2),
+        "RopeMixed": lambda: V.RopeMixed(16, 2)(x, x, positions=pos2),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RopeError, match=rf"head width cfg.head_dim = 16, got [qx] of head width {width}.*head_dim={width}"):
+            call()

@@ -63,6 +63,25 @@ def check_seq_len(seq_len: Any) -> Optional[int]:
     )
 
 
+def check_head_width(cfg: Any, **tensors: Any) -> None:
+    """RopeError unless every tensor's last dim equals ``cfg.head_dim`` (``q=..., k=...``; ``cfg``
+    is a RopeConfig or any object with a ``head_dim``, e.g. AxialRope, RopeMixed).
+
+    A wider head would have only its first ``rotary_dim`` dims rotated and a narrower one
+    would not hold the rotary pairs: either way the config is not this model's.
+    """
+    for name, t in tensors.items():
+        width = t.shape[-1] if isinstance(t, torch.Tensor) and t.dim() else None
+        if width != cfg.head_dim:
+            got = f"{name} of head width {width} (shape {tuple(t.shape)})" if width is not None else f"{name} {type(t).__name__}"
+            raise fail(
+                f"{name} with the config's head width cfg.head_dim = {cfg.head_dim}",
+                got,
+                f"build the RopeConfig with head_dim={width} (and rotary_dim for partial rotary), "
+                "or check the [..., heads, head_dim] reshape of q/k" if width is not None else f"pass {name} as a tensor",
+            )
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
     """Frozen, validated settings of a rotary position embedding.

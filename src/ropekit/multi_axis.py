@@ -39,7 +39,7 @@ import torch
 from ._checks import describe, flag, integer, real
 from ._checks import device as check_device
 from ._errors import fail
-from .config import CPU, MAX_EXACT_POSITION, RopeConfig, check_seq_len
+from .config import CPU, MAX_EXACT_POSITION, RopeConfig, check_head_width, check_seq_len
 from .tables import _default_seq_len, check_cfg, check_dtype, check_positions, check_table
 
 __all__ = [
@@ -327,6 +327,7 @@ class AxialRope:
         if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
             got = str(x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
             raise fail("x a real floating tensor [b, s, h, d]", got, "convert x to float")
+        check_head_width(self, x=x)
         tdt = torch.float64 if x.dtype == torch.float64 else torch.float32
         cos, sin = self.cos_sin(positions, n_special=n_special, dtype=tdt)
         return apply_rotary(x, cos[..., None, :], sin[..., None, :], layout=self.layout, backend=backend)
@@ -710,6 +711,7 @@ class MultiAxisRotaryEmbedding(torch.nn.Module):
         from .positions import split_qk_format
 
         b, s = split_qk_format(q, k, format)
+        check_head_width(self.cfg, q=q, k=k)
         if not isinstance(positions, torch.Tensor):
             raise fail("positions an integer tensor [..., n_axes]", type(positions).__name__, "pass torch.as_tensor(positions)")
         n_axes = len(self.sections)

@@ -23,7 +23,7 @@ from torch import nn
 
 from ._checks import flag, integer, real
 from ._errors import fail
-from .config import CPU, MAX_EXACT_POSITION, RopeConfig, check_seq_len
+from .config import CPU, MAX_EXACT_POSITION, RopeConfig, check_head_width, check_seq_len
 from .tables import _as_positions, _default_seq_len, check_cfg, check_dtype, check_positions
 
 __all__ = [
@@ -398,6 +398,7 @@ class RopeMixed(nn.Module):
         """Rotate ``q, k [b, s, h, d]`` at ``positions [s, A]`` or ``[b, s, A]``."""
         from .functional import apply_rotary
 
+        check_head_width(self, q=q, k=k)
         cos, sin = self.cos_sin(positions)  # [(b,) s, h, r/2]
         return (
             apply_rotary(q, cos, sin, layout=self.layout, backend=backend),

@@ -1,5 +1,5 @@
-"""Backward against forward of the ``cpu`` backend, timed round-robin in one loop (issue 4:
-"backward within 1.1x of forward").
+"""Backward against forward of the ``cpu`` backend, timed round-robin in one loop (the
+performance target "backward within 1.1x of forward", ``docs/performance.md``).
 
 ``bench_apply.py`` times its forward and backward modes one after the other, minutes apart;
 on a shared VM the machine's speed drifts between them by more than the 10% this target is

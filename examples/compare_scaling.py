@@ -5,13 +5,17 @@ Equivalent to
     ropekit plot wavelengths qwen2.5-7b qwen2.5-7b-yarn --out wavelengths.png
 
 Run: python examples/compare_scaling.py [OUT_DIR]   (needs matplotlib; ~5 s)
+
+The two PNGs go into OUT_DIR, created if needed; default ``ropekit-figures`` in the current
+folder.
 """
 
 from __future__ import annotations
 
-import sys
-import tempfile
+import argparse
 from pathlib import Path
+
+DEFAULT_OUT = "ropekit-figures"
 
 from ropekit import RopeConfig
 from ropekit.analysis import Model, decay_bound
@@ -33,4 +37,9 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp()))
+    parser = argparse.ArgumentParser(description="Draw decay.png and wavelengths.png comparing RoPE settings.")
+    parser.add_argument(
+        "out", nargs="?", default=DEFAULT_OUT, metavar="OUT_DIR",
+        help=f"folder for the PNGs, created if needed (default: ./{DEFAULT_OUT})",
+    )
+    main(Path(parser.parse_args().out))

@@ -333,3 +333,73 @@ def test_bench_apply_structure_gets_progress_and_temp_csv(capsys, tmp_path, monk
     assert not (tmp_path / "results").exists()  # never the script's default CSV
     code, out, _ = run(capsys, "bench", "--verbose")
     assert code == 0 and "per-variant line" in out
+
+
+# ------------------------------------------------------------------------------ first use
+def test_version(capsys):
+    import ropekit
+
+    code, out, err = run(capsys, "--version")
+    assert code == 0 and out.strip().startswith(f"ropekit {ropekit.__version__} (torch ")
+
+
+def test_reader_closing_the_pipe_is_not_an_error(tmp_path):
+    """`ropekit inspect ... | head`: no "[Errno 32] Broken pipe", status 141 (128 + SIGPIPE)."""
+    import os
+
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before the command writes anything
+    proc = subprocess.run(
+        [sys.executable, "-m", "ropekit", "inspect", "llama-3.1-8b", "--pairs"],
+        stdout=w, stderr=subprocess.PIPE, text=True, timeout=300,
+    )
+    os.close(w)
+    assert proc.returncode == 141, proc.stderr
+    assert "Broken pipe" not in proc.stderr and "Errno 32" not in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == ""
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "ten"])
+def test_plot_max_distance_must_be_positive(capsys, tmp_path, value):
+    code, out, err = run(capsys, "plot", "decay", "llama-3.1-8b", "--out", str(tmp_path / "x.png"), "--max-distance", value)
+    assert_one_line_error(code, err)
+    assert "--max-distance: expected an int >= 1" in err and not (tmp_path / "x.png").exists()
+
+
+def test_plot_max_distance_only_where_it_means_something(capsys, tmp_path):
+    code, out, err = run(capsys, "plot", "wavelengths", "llama-3.1-8b", "--out", str(tmp_path / "x.png"), "--max-distance", "10")
+    assert_one_line_error(code, err)
+    assert "--max-distance with plot decay or scores" in err
+
+
+def test_config_file_labels(capsys, tmp_path):
+    """A file is labelled by its own name; a model folder (or its config.json) by the folder's."""
+    (tmp_path / "data").mkdir()
+    named = tmp_path / "data" / "my-llama-3.json"
+    named.write_text(json.dumps(LLAMA_JSON))
+    code, out, _ = run(capsys, "inspect", str(named))
+    assert code == 0 and out.splitlines()[0].startswith("my-llama-3  (")
+    folder = tmp_path / "Llama-3.1-8B"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(LLAMA_JSON))
+    for arg in (str(folder), str(folder / "config.json"), str(folder) + "/"):
+        code, out, _ = run(capsys, "inspect", arg)
+        assert code == 0 and out.splitlines()[0].startswith("Llama-3.1-8B  ("), out.splitlines()[0]
+
+
+def test_context_from_transformers_class_defaults(capsys):
+    """gemma-3-4b-it's config.json omits max_position_embeddings (Gemma3TextConfig's default)."""
+    pytest.importorskip("transformers")
+    path = Path(__file__).parent / "data" / "gemma-3-4b-it.json"
+    assert "max_position_embeddings" not in json.dumps(json.loads(path.read_text()))
+    code, out, _ = run(capsys, "inspect", str(path), "--json")
+    assert code == 0
+    contexts = {entry["context"] for entry in json.loads(out)["configs"]}
+    assert contexts == {131072}
+
+
+def test_verify_bf16_lines_explain_a_ratio_just_under_one(capsys):
+    code, out, _ = run(capsys, "verify", "head_dim=64,context=2048", "--backend", "eager")
+    assert code == 0
+    line = next(l for l in out.splitlines() if "forward bfloat16" in l)
+    assert "<= 1.0e+00" in line and "the most one correct rounding can be off" in line and "just under 1" in line

@@ -27,3 +27,15 @@ def test_example_runs(script, tmp_path):
     )
     assert r.returncode == 0, f"{script.name} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
     assert r.stdout.strip(), f"{script.name} printed nothing"
+
+
+def test_compare_scaling_writes_where_the_user_says(tmp_path):
+    """Default: ./ropekit-figures of the current folder (never a random temporary folder)."""
+    script = next(p for p in EXAMPLES if p.name == "compare_scaling.py")
+    for argv, where in (([], tmp_path / "ropekit-figures"), (["mine/figs"], tmp_path / "mine" / "figs")):
+        r = subprocess.run([sys.executable, str(script), *argv], cwd=tmp_path, capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert sorted(p.name for p in where.iterdir()) == ["decay.png", "wavelengths.png"]
+        assert "decay.png" in r.stdout and "wavelengths.png" in r.stdout
+    r = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0 and "default: ./ropekit-figures" in " ".join(r.stdout.split()).replace("- ", "-")

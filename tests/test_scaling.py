@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig  # noqa: E402
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 
-REL_INV = 1e-6  # issue 3: inv_freq relative error bound vs transformers
+REL_INV = 1e-6  # inv_freq relative error bound vs transformers (docs/numerics.md)
 REL_F64 = 1e-12  # vs transformers' own formulas evaluated in float64 (see _Float64Torch)
 ABS_ATT = 1e-9  # attention factor bound
 

@@ -151,9 +151,9 @@ def test_xpos_long_sequence_stays_finite_in_float32():
     for x in t:
         assert torch.isfinite(x).all()
     assert t.cos_q.abs().amax(-1).min() > 0 and t.cos_k.abs().amax(-1).min() > 0
-    # the uncentered paper form does not fit float32 at this length
-    t0 = xpos_cos_sin(cfg, pos, center=0)
-    assert not torch.isfinite(t0.cos_k).all()
+    # the uncentered paper form does not fit float32 at this length: a RopeError, not inf/0
+    with pytest.raises(RopeError, match=r"within 35694 of the center.*c=0, \|m - c\| up to 69993"):
+        xpos_cos_sin(cfg, pos, center=0)
     # and the centered float32 scores still equal the float64 ones far from the center
     q, k = _rand(2, 64, seed=7, dtype=torch.float32), _rand(2, 64, seed=8, dtype=torch.float32)
     ends = torch.tensor([69_990, 69_993])

@@ -8,7 +8,9 @@ with a scheme: ``rope_type=yarn,factor=4,original_max_position=4096`` (the param
 original context).
 
 Every user error prints one line ``ropekit: error: ...`` and exits with status 2;
-``verify`` exits with 1 when a check fails.
+``verify`` exits with 1 when a check fails. When the reader of the output goes away early
+(``ropekit inspect MODEL | head``) the command stops quietly with status 141 (128 + SIGPIPE,
+as Unix tools do). ``ropekit --version`` prints the version.
 """
 
 from __future__ import annotations
@@ -81,14 +83,55 @@ def _models_from(label: str, config: Any, context: Optional[int], source: Option
     return [Model(label, config, context, source)]
 
 
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length")
+
+
+def _positive_int(v: Any) -> Optional[int]:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+
 def _context_of(data: Dict[str, Any]) -> Optional[int]:
+    """The context length a config.json states, else the one its transformers config class
+    fills in (e.g. ``google/gemma-3-4b-it`` omits ``max_position_embeddings``, equal to
+    Gemma3TextConfig's default 131072), else ``None``."""
     for d in (data, data.get("text_config") or {}, data.get("llm_config") or {}):
         if isinstance(d, dict):
-            for key in ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length"):
-                v = d.get(key)
-                if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            for key in _CONTEXT_KEYS:
+                v = _positive_int(d.get(key))
+                if v is not None:
                     return v
+    return _class_default_context(data)
+
+
+def _class_default_context(data: Dict[str, Any]) -> Optional[int]:
+    model_type = data.get("model_type")
+    if not isinstance(model_type, str):
+        return None
+    try:
+        from transformers import AutoConfig  # optional dependency
+    except Exception:
+        return None
+    rest = {k: v for k, v in data.items() if k != "model_type"}
+    try:
+        conf = AutoConfig.for_model(model_type, **rest)
+    except Exception:  # unknown model type, or a config the class refuses: no context
+        return None
+    for obj in (conf, getattr(conf, "text_config", None), getattr(conf, "llm_config", None)):
+        for key in _CONTEXT_KEYS:
+            v = _positive_int(getattr(obj, key, None)) if obj is not None else None
+            if v is not None:
+                return v
     return None
+
+
+def _path_label(path: Path, file: Path) -> str:
+    """A model folder, or a file named config.json: the folder's name (the Hugging Face
+    layout, where the folder is the model); any other file: its own name without .json."""
+    if path.is_dir():
+        return path.resolve().name or str(path)
+    if file.name == "config.json":
+        return file.resolve().parent.name or file.name
+    return file.stem or file.name
 
 
 def _load_path(path: Path) -> list:
@@ -107,7 +150,7 @@ def _load_path(path: Path) -> list:
         cfg = RopeConfig.from_hf(data)
     except ImportError as e:
         raise fail("ropekit.hf (the config loader)", f"ImportError: {e}", "update ropekit") from None
-    label = path.name if path.is_dir() else (file.parent.name or file.name)
+    label = _path_label(path, file)
     return _models_from(label, cfg, _context_of(data), str(file))
 
 
@@ -394,7 +437,11 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         raise fail("--out FILE.png", repr(args.out), "give the output a .png name")
     models = _load_all(args.models)
     fn = plots.KINDS[args.kind]
-    kw = {"max_distance": args.max_distance} if args.max_distance and args.kind in ("decay", "scores") else {}
+    kw = {}
+    if args.max_distance is not None:
+        if args.kind not in ("decay", "scores"):
+            raise fail("--max-distance with plot decay or scores", f"plot {args.kind}", "drop --max-distance (it sets the x range of decay/scores)")
+        kw["max_distance"] = args.max_distance
     fn(models, str(out), **kw)
     print(f"wrote {out} ({args.kind}: {', '.join(m.label for m in models)})")
     return 0
@@ -687,6 +734,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- parser
+def _distance(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1 (a distance in tokens), got {v!r}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="ropekit",
@@ -695,6 +752,9 @@ def build_parser() -> argparse.ArgumentParser:
         "head_dim=128,base=500000[,rotary_dim=..,layout=..,context=..,label=..][,rope_type=yarn,factor=4,"
         "original_max_position=4096]; append :unscaled to drop the scaling.",
     )
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"ropekit {__version__} (torch {torch.__version__})")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
 
     s = sub.add_parser("inspect", help="table of a model's rotary settings, frequency bands and context coverage")
@@ -707,7 +767,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("kind", choices=["decay", "wavelengths", "frequencies", "scores"])
     s.add_argument("models", metavar="MODEL", nargs="+")
     s.add_argument("--out", required=True, metavar="FILE.png")
-    s.add_argument("--max-distance", type=int, default=0, help="largest distance for decay/scores (default: context)")
+    s.add_argument(
+        "--max-distance", type=_distance, default=None, metavar="N",
+        help="largest distance for decay/scores, an int >= 1 (default: the largest context)",
+    )
     s.set_defaults(func=_cmd_plot)
 
     s = sub.add_parser("verify", help="property checks and agreement of every available backend; exit 1 on failure")
@@ -749,6 +812,22 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     return run(args.rest)
 
 
+#: Exit status when the reader of stdout closes it early (``ropekit inspect ... | head``):
+#: 128 + SIGPIPE, what a Unix tool killed by SIGPIPE reports. Nothing is printed.
+EXIT_BROKEN_PIPE = 141
+
+
+def _reader_went_away() -> int:
+    # Point stdout at /dev/null so the interpreter's final flush does not fail again and
+    # print "Exception ignored ... BrokenPipeError" (the recipe of Python's signal docs).
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # pragma: no cover - stdout without a file descriptor
+        pass
+    return EXIT_BROKEN_PIPE
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command; returns the exit status (0 ok, 1 a verify check failed, 2 error)."""
     p = build_parser()
@@ -763,6 +842,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except _UsageError as e:
         print(f"ropekit: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return _reader_went_away()
     except (ValueError, OSError, ImportError) as e:  # RopeError and friends: one clear line, no traceback
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"ropekit: error: {msg}", file=sys.stderr)

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any, Hashable, Optional
+from typing import TYPE_CHECKING, Any, Hashable, Mapping, Optional
 
 import torch
 
+from ._checks import integer, real
 from ._errors import fail
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -27,6 +28,15 @@ __all__ = ["RopeConfig", "LAYOUTS"]
 #: Meta llama's complex code).
 LAYOUTS = ("half", "interleaved")
 
+#: Largest accepted ``head_dim``: far above any real attention head (<= 1024), low enough
+#: that a typo such as ``head_dim=10**12`` is a RopeError instead of an allocator failure.
+MAX_HEAD_DIM = 1 << 16
+
+#: Frequency tensors are computed here (float64, exact). Named explicitly so that they do
+#: not land on whatever ``torch.device(...)`` context or default device is active, e.g.
+#: ``with torch.device("meta"):`` model construction.
+CPU = torch.device("cpu")
+
 
 def check_layout(layout: Any) -> str:
     if layout not in LAYOUTS:
@@ -37,6 +47,39 @@ def check_layout(layout: Any) -> str:
             '"interleaved" for RoFormer/GPT-J/Meta-llama style (pairs 2i, 2i+1)',
         )
     return layout
+
+
+#: Largest position whose float64 value (and so the angle ``m·θ``) is exact: 2**53.
+MAX_EXACT_POSITION = 1 << 53
+
+
+def check_seq_len(seq_len: Any) -> Optional[int]:
+    """``None`` or an int in ``[0, 2**53]`` (the total length read by length-dependent scaling)."""
+    if seq_len is None:
+        return None
+    return integer(
+        "seq_len", seq_len, minimum=0, maximum=MAX_EXACT_POSITION,
+        fix="pass the total sequence length (prompt + generated tokens), or None",
+    )
+
+
+def check_head_width(cfg: Any, **tensors: Any) -> None:
+    """RopeError unless every tensor's last dim equals ``cfg.head_dim`` (``q=..., k=...``; ``cfg``
+    is a RopeConfig or any object with a ``head_dim``, e.g. AxialRope, RopeMixed).
+
+    A wider head would have only its first ``rotary_dim`` dims rotated and a narrower one
+    would not hold the rotary pairs: either way the config is not this model's.
+    """
+    for name, t in tensors.items():
+        width = t.shape[-1] if isinstance(t, torch.Tensor) and t.dim() else None
+        if width != cfg.head_dim:
+            got = f"{name} of head width {width} (shape {tuple(t.shape)})" if width is not None else f"{name} {type(t).__name__}"
+            raise fail(
+                f"{name} with the config's head width cfg.head_dim = {cfg.head_dim}",
+                got,
+                f"build the RopeConfig with head_dim={width} (and rotary_dim for partial rotary), "
+                "or check the [..., heads, head_dim] reshape of q/k" if width is not None else f"pass {name} as a tensor",
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,16 +113,18 @@ class RopeConfig:
     scaling: Optional["Scaling"] = None
 
     def __post_init__(self) -> None:
-        hd = self.head_dim
-        if isinstance(hd, bool) or not isinstance(hd, int) or hd <= 0:
-            raise fail("head_dim a positive int", repr(hd), "pass the size of one attention head, e.g. 128")
-        base = self.base
-        if isinstance(base, bool) or not isinstance(base, (int, float)) or not math.isfinite(base) or base <= 1:
-            raise fail("base a finite number > 1", repr(base), "pass the model's rope_theta, e.g. 10000.0")
-        object.__setattr__(self, "base", float(base))
-        r = hd if self.rotary_dim is None else self.rotary_dim
-        if isinstance(r, bool) or not isinstance(r, int):
-            raise fail("rotary_dim an int or None", repr(r), "pass e.g. rotary_dim=head_dim // 2, or None for all dims")
+        hd = integer(
+            "head_dim", self.head_dim, maximum=MAX_HEAD_DIM, fix="pass the size of one attention head, e.g. 128"
+        )
+        object.__setattr__(self, "head_dim", hd)
+        base = real("base", self.base, above=1, fix="pass the model's rope_theta, e.g. 10000.0")
+        object.__setattr__(self, "base", base)
+        if self.rotary_dim is None:
+            r = hd
+        else:
+            r = integer(
+                "rotary_dim", self.rotary_dim, minimum=0, fix="pass e.g. rotary_dim=head_dim // 2, or None for all dims"
+            )
         if r <= 0 or r % 2 or r > hd:
             raise fail(
                 f"rotary_dim even and in [2, head_dim={hd}]",
@@ -114,16 +159,20 @@ class RopeConfig:
         """
         base = self.base if base is None else float(base)
         den = self.rotary_dim if denominator is None else int(denominator)
-        i2 = torch.arange(0, self.rotary_dim, 2, dtype=torch.float64)  # [r/2]
-        return 1.0 / torch.pow(torch.tensor(base, dtype=torch.float64), i2 / den)
+        i2 = torch.arange(0, self.rotary_dim, 2, dtype=torch.float64, device=CPU)  # [r/2]
+        return 1.0 / torch.pow(torch.tensor(base, dtype=torch.float64, device=CPU), i2 / den)
 
     def inv_freq(self, seq_len: Optional[int] = None) -> torch.Tensor:
         """Frequencies after scaling, float64 ``[r/2]`` on CPU.
+
+        Always on CPU, whatever ``torch.device(...)`` context or default device is active
+        (inside ``with torch.device("meta"):`` too): callers move them where they need them.
 
         Args:
             seq_len: total sequence length; only schemes that depend on it (dynamic NTK,
                 LongRoPE) read it. ``None`` means "within the original context".
         """
+        seq_len = check_seq_len(seq_len)
         if self.scaling is None:
             return self.base_inv_freq()
         return self.scaling.inv_freq(self, seq_len)
@@ -141,6 +190,7 @@ class RopeConfig:
         ``None`` for schemes whose frequencies do not depend on the sequence length, so a
         table built once serves every position.
         """
+        seq_len = check_seq_len(seq_len)
         if self.scaling is None:
             return None
         return self.scaling.table_key(self, seq_len)
@@ -148,6 +198,10 @@ class RopeConfig:
     # ------------------------------------------------------------------ conversions
     def replace(self, **changes: Any) -> "RopeConfig":
         """A copy with some fields changed (validated again)."""
+        fields = [f.name for f in dataclasses.fields(self)]
+        unknown = sorted(set(changes) - set(fields))
+        if unknown:
+            raise fail(f"fields among {fields}", repr(unknown), "remove the unknown keyword arguments")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -164,6 +218,8 @@ class RopeConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "RopeConfig":
         """Inverse of :meth:`to_dict`."""
+        if not isinstance(data, Mapping):
+            raise fail("a dict with keys head_dim, base, rotary_dim, layout, scaling", type(data).__name__, "pass RopeConfig.to_dict()'s output")
         data = dict(data)
         sc = data.pop("scaling", None)
         if sc is not None:

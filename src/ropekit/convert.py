@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 
 from ._errors import fail
-from .config import check_layout
+from ._checks import integer
+from .config import CPU, MAX_HEAD_DIM, check_layout
 
 __all__ = ["convert_layout", "layout_permutation"]
 
@@ -20,13 +21,14 @@ def layout_permutation(head_dim: int, src: str, dst: str, rotary_dim: Optional[i
     """
     check_layout(src)
     check_layout(dst)
-    r = head_dim if rotary_dim is None else rotary_dim
+    head_dim = integer("head_dim", head_dim, maximum=MAX_HEAD_DIM, fix="pass the size of one attention head")
+    r = head_dim if rotary_dim is None else integer("rotary_dim", rotary_dim, minimum=0, fix="pass the model's rotary dim")
     if r % 2 or not 0 < r <= head_dim:
         raise fail(f"rotary_dim even and in [2, {head_dim}]", str(r), "pass the model's rotary dim")
-    idx = torch.arange(head_dim)
+    idx = torch.arange(head_dim, device=CPU)  # int64 [d] on CPU, explicitly (meta-context safe)
     if src == dst:
         return idx
-    j = torch.arange(r // 2)
+    j = torch.arange(r // 2, device=CPU)
     half_to_inter = torch.stack((j, j + r // 2), dim=-1).reshape(r)  # interleaved slot -> half slot
     perm = idx.clone()
     if src == "half":  # dst interleaved

@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import backends as _backends
-from ._checks import check_inplace, check_qk_disjoint, check_apply, check_qk, check_tables, explain, tracing
+from ._tensor_checks import check_inplace, check_qk_disjoint, check_apply, check_qk, check_tables, explain, tracing
 from ._errors import fail
 
 __all__ = ["apply_rotary", "apply_rotary_qk", "check_tables", "tracing"]

@@ -36,9 +36,11 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ._checks import describe, flag, integer, real
+from ._checks import device as check_device
 from ._errors import fail
-from .config import RopeConfig
-from .tables import check_positions
+from .config import CPU, MAX_EXACT_POSITION, RopeConfig, check_head_width, check_seq_len
+from .tables import _default_seq_len, check_cfg, check_dtype, check_positions, check_table
 
 __all__ = [
     "pair_axes",
@@ -54,26 +56,19 @@ __all__ = [
     "mrope_decode_positions",
 ]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 Tables = Tuple[torch.Tensor, torch.Tensor]
 
 
 # --------------------------------------------------------------------------- sections
 def _check_sections(sections: Sequence[int], n_pairs: Optional[int]) -> Tuple[int, ...]:
     try:
-        secs = tuple(sections)
+        secs = tuple(sections) if not isinstance(sections, (str, bytes)) else None
     except TypeError:
         secs = None
-    if (
-        secs is None
-        or len(secs) < 1
-        or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in secs)
-    ):
-        raise fail(
-            "sections a sequence of non-negative ints (rotary pairs per axis)",
-            repr(sections),
-            "pass e.g. [16, 24, 24] (Qwen2-VL's mrope_section) for r/2 = 64",
-        )
+    fix = "pass e.g. [16, 24, 24] (Qwen2-VL's mrope_section) for r/2 = 64"
+    if not secs:
+        raise fail("sections a sequence of non-negative ints (rotary pairs per axis)", repr(sections), fix)
+    secs = tuple(integer("sections entries (rotary pairs per axis)", v, minimum=0, maximum=1 << 16, fix=fix) for v in secs)
     if n_pairs is not None and sum(secs) != n_pairs:
         raise fail(
             f"sections summing to r/2 = {n_pairs} (one entry per axis, in rotary pairs)",
@@ -84,7 +79,7 @@ def _check_sections(sections: Sequence[int], n_pairs: Optional[int]) -> Tuple[in
 
 
 def pair_axes(sections: Sequence[int], *, interleaved: bool = False) -> torch.Tensor:
-    """The axis each rotary pair takes its position from: int64 ``[r/2]``, ``r/2 = sum(sections)``.
+    """The axis each rotary pair takes its position from: int64 ``[r/2]`` on CPU, ``r/2 = sum(sections)``.
 
     ``interleaved=False`` (chunked, Qwen2-VL / Qwen2.5-VL): the first ``sections[0]`` pairs
     belong to axis 0, the next ``sections[1]`` to axis 1, and so on.
@@ -105,9 +100,11 @@ def pair_axes(sections: Sequence[int], *, interleaved: bool = False) -> torch.Te
     """
     secs = _check_sections(sections, None)
     total, n = sum(secs), len(secs)
-    if not interleaved:
-        return torch.repeat_interleave(torch.arange(n), torch.tensor(secs, dtype=torch.int64))
-    out = torch.zeros(total, dtype=torch.int64)
+    if not flag("interleaved", interleaved):
+        return torch.repeat_interleave(
+            torch.arange(n, device=CPU), torch.tensor(secs, dtype=torch.int64, device=CPU), output_size=total
+        )
+    out = torch.zeros(total, dtype=torch.int64, device=CPU)
     for a in range(1, n):
         if secs[a] and a + n * (secs[a] - 1) >= total:
             raise fail(
@@ -197,14 +194,14 @@ def multi_axis_cos_sin(
         >>> ropekit.apply_rotary(q, cos[:, None], sin[:, None]).shape
         torch.Size([1, 3, 2, 16])
     """
-    if not isinstance(cfg, RopeConfig):
-        raise fail("cfg a ropekit.RopeConfig", type(cfg).__name__, "build one with RopeConfig(head_dim=...)")
-    if dtype not in _FLOAT_DTYPES:
-        raise fail(f"dtype one of {_FLOAT_DTYPES}", str(dtype), "tables are floating point; use torch.float32")
+    check_cfg(cfg)
+    check_dtype(dtype)
     secs = _check_sections(sections, cfg.n_pairs)
     positions = _check_axis_positions(positions, len(secs), allow_float=False)
-    if seq_len is None and cfg.scaling is not None and cfg.scaling.length_dependent:
-        seq_len = int(positions.max()) + 1 if positions.numel() else 0
+    seq_len = check_seq_len(seq_len)
+    attention_scaling = flag("attention_scaling", attention_scaling)
+    if seq_len is None:
+        seq_len = _default_seq_len(cfg, positions)
     axes = pair_axes(secs, interleaved=interleaved)
     ang = multi_axis_angles(positions, axes, cfg.inv_freq(seq_len))  # float64 [..., r/2]
     cos, sin = torch.cos(ang), torch.sin(ang)
@@ -267,9 +264,8 @@ class AxialRope:
         cfg = RopeConfig(self.head_dim, base=self.base, rotary_dim=self.rotary_dim, layout=self.layout)
         object.__setattr__(self, "rotary_dim", cfg.rotary_dim)
         object.__setattr__(self, "base", cfg.base)
-        n = self.n_axes
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise fail("n_axes a positive int", repr(n), "use 2 for images (h, w) or 3 for video (t, h, w)")
+        n = integer("n_axes", self.n_axes, maximum=64, fix="use 2 for images (h, w) or 3 for video (t, h, w)")
+        object.__setattr__(self, "n_axes", n)
         if self.sections is None:
             q, rem = divmod(cfg.n_pairs, n)
             secs: Tuple[int, ...] = tuple(q + (a < rem) for a in range(n))
@@ -280,10 +276,8 @@ class AxialRope:
         object.__setattr__(self, "sections", secs)
         if self.freqs not in _FREQ_KINDS:
             raise fail(f"freqs in {_FREQ_KINDS}", repr(self.freqs), 'use "lang" (base^-i/n) or "pixel" (linear, for [-1, 1] coords)')
-        mf = self.max_freq
-        if isinstance(mf, bool) or not isinstance(mf, (int, float)) or not math.isfinite(mf) or mf <= 0:
-            raise fail("max_freq a positive finite number", repr(mf), "rotary-embedding-torch uses max_freq=10 for pixel freqs")
-        object.__setattr__(self, "max_freq", float(mf))
+        mf = real("max_freq", self.max_freq, above=0, fix="rotary-embedding-torch uses max_freq=10 for pixel freqs")
+        object.__setattr__(self, "max_freq", mf)
 
     @property
     def n_pairs(self) -> int:
@@ -294,18 +288,18 @@ class AxialRope:
         return pair_axes(self.sections, interleaved=False)  # type: ignore[arg-type]
 
     def inv_freq(self) -> torch.Tensor:
-        """float64 ``[r/2]``: each axis's spectrum, concatenated in axis order."""
+        """float64 ``[r/2]`` on CPU: each axis's spectrum, concatenated in axis order."""
         parts = []
         for n_a in self.sections:  # type: ignore[union-attr]
-            i = torch.arange(n_a, dtype=torch.float64)
+            i = torch.arange(n_a, dtype=torch.float64, device=CPU)
             if self.freqs == "lang":
                 # base^(-2i/(2 n_a)): the spectrum of a 1-D RoPE over this axis's 2 n_a dims
-                parts.append(torch.pow(torch.tensor(self.base, dtype=torch.float64), -i / max(n_a, 1)))
+                parts.append(torch.pow(torch.tensor(self.base, dtype=torch.float64, device=CPU), -i / max(n_a, 1)))
             else:
                 top = self.max_freq / 2
-                lin = 1.0 + (top - 1.0) * i / (n_a - 1) if n_a > 1 else torch.ones(n_a, dtype=torch.float64)
+                lin = 1.0 + (top - 1.0) * i / (n_a - 1) if n_a > 1 else torch.ones(n_a, dtype=torch.float64, device=CPU)
                 parts.append(math.pi * lin)
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=CPU)
 
     def angles(self, positions: torch.Tensor) -> torch.Tensor:
         """float64 ``[..., r/2]`` angles for positions ``[..., n_axes]`` (integer or float)."""
@@ -318,8 +312,7 @@ class AxialRope:
         ``n_special`` leading rows (CLS / register tokens) are ``cos = 1, sin = 0``: those
         tokens are not rotated. Positions may be float (rescaled / normalised grids).
         """
-        if dtype not in _FLOAT_DTYPES:
-            raise fail(f"dtype one of {_FLOAT_DTYPES}", str(dtype), "use torch.float32")
+        check_dtype(dtype)
         ang = self.angles(positions)
         cos, sin = torch.cos(ang), torch.sin(ang)
         return with_special_tokens(cos.to(dtype), sin.to(dtype), n_special)
@@ -331,6 +324,10 @@ class AxialRope:
         (or ``[b, t, n_axes]``). Tables are float32 (float64 for float64 ``x``)."""
         from .functional import apply_rotary
 
+        if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+            got = str(x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise fail("x a real floating tensor [b, s, h, d]", got, "convert x to float")
+        check_head_width(self, x=x)
         tdt = torch.float64 if x.dtype == torch.float64 else torch.float32
         cos, sin = self.cos_sin(positions, n_special=n_special, dtype=tdt)
         return apply_rotary(x, cos[..., None, :], sin[..., None, :], layout=self.layout, backend=backend)
@@ -344,6 +341,8 @@ def with_special_tokens(cos: torch.Tensor, sin: torch.Tensor, n_special: int) ->
     """
     if isinstance(n_special, bool) or not isinstance(n_special, int) or n_special < 0:
         raise fail("n_special a non-negative int", repr(n_special), "pass the number of leading CLS/register tokens")
+    check_table(cos)
+    check_table(sin)
     if n_special == 0:
         return cos, sin
     if cos.dim() < 2:
@@ -356,6 +355,10 @@ def with_special_tokens(cos: torch.Tensor, sin: torch.Tensor, n_special: int) ->
 
 
 # --------------------------------------------------------------------------- grids
+#: Largest patch grid :func:`grid_positions` builds (tokens): far above any image or video.
+MAX_GRID_TOKENS = 1 << 32
+
+
 def grid_positions(
     shape: Sequence[int],
     *,
@@ -377,6 +380,9 @@ def grid_positions(
     - ``normalize``: ``-1 + 2i/(n_a - 1)`` (float64, ``0`` when ``n_a = 1``), coordinates in
       ``[-1, 1]`` for ``AxialRope(freqs="pixel")``.
 
+    ``device``: where the positions go; default CPU (explicitly, whatever
+    ``torch.device(...)`` context is active: positions need values).
+
     Example:
         >>> grid_positions((2, 3)).tolist()
         [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
@@ -387,18 +393,26 @@ def grid_positions(
         dims = tuple(shape)
     except TypeError:
         dims = None
-    if not dims or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in dims):
+    if not dims or isinstance(shape, (str, bytes)):
         raise fail("shape a non-empty sequence of positive ints", repr(shape), "pass e.g. (h, w) = (14, 14)")
+    dims = tuple(integer("shape entries", n, maximum=MAX_GRID_TOKENS, fix="pass e.g. (h, w) = (14, 14)") for n in dims)
+    if math.prod(dims) > MAX_GRID_TOKENS:
+        raise fail(f"a grid of at most 2**32 tokens", f"shape {dims} = {math.prod(dims)} tokens", "check the patch counts (not pixels?)")
+    device = CPU if device is None else check_device("device", device)
+    normalize = flag("normalize", normalize)
     k = len(dims)
     given = [n for n, v in (("scale", scale), ("reference_shape", reference_shape), ("normalize", normalize or None)) if v is not None]
     if len(given) > 1:
         raise fail("at most one of scale=, reference_shape=, normalize=True", " and ".join(given), "combine them yourself")
 
     def per_axis(v, name):
-        vals = [v] * k if isinstance(v, (int, float)) and not isinstance(v, bool) else list(v)
-        if len(vals) != k or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0 for x in vals):
+        try:
+            vals = list(v) if not isinstance(v, (str, bytes)) else [v] * k
+        except TypeError:
+            vals = [v] * k  # one value for every axis
+        if len(vals) != k:
             raise fail(f"{name} a positive number or {k} of them", repr(v), f"give one {name} per axis")
-        return [float(x) for x in vals]
+        return [real(name, x, above=0, fix=f"give one positive {name} per axis") for x in vals]
 
     coords = []
     for a, n in enumerate(dims):
@@ -433,7 +447,12 @@ _TEXT_AFTER = ("max", "spatial")
 def _as_grids(g, name) -> List[Tuple[int, int, int]]:
     if g is None:
         return []
-    t = torch.as_tensor(g)
+    try:
+        t = g if isinstance(g, torch.Tensor) else torch.as_tensor(g, device=CPU)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise fail(f"{name} an integer tensor [n, 3] of (t, h, w) patch counts", describe(g), "pass e.g. torch.tensor([[1, 4, 6]])") from None
+    if t.device.type == "meta":
+        raise fail(f"{name} with values", "a tensor on the meta device", f"build {name} on CPU (the grid sizes are read on the host)")
     if t.dim() != 2 or t.shape[-1] != 3 or t.dtype.is_floating_point:
         raise fail(f"{name} an integer tensor [n, 3] of (t, h, w) patch counts", f"shape {tuple(t.shape)} {t.dtype}", "pass e.g. torch.tensor([[1, 4, 6]])")
     return [tuple(int(v) for v in row) for row in t.tolist()]
@@ -501,9 +520,9 @@ def mrope_positions(
         raise fail("token_types an integer tensor [b, s] (0 text, 1 image, 2 video)", got, "pass transformers' mm_token_type_ids")
     if text_after not in _TEXT_AFTER:
         raise fail(f"text_after in {_TEXT_AFTER}", repr(text_after), '"max" follows the Qwen reference code')
-    m = spatial_merge_size
-    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-        raise fail("spatial_merge_size a positive int", repr(m), "Qwen2-VL uses 2")
+    m = integer("spatial_merge_size", spatial_merge_size, maximum=1 << 16, fix="Qwen2-VL uses 2")
+    if token_types.device.type == "meta":
+        raise fail("token_types with values", "a tensor on the meta device", "pass the processor's mm_token_type_ids (on CPU or an accelerator)")
     bad = set(torch.unique(token_types).tolist()) - {0, 1, 2}
     if bad:
         raise fail("token types in {0, 1, 2}", f"values {sorted(bad)}", "0 = text, 1 = image, 2 = video")
@@ -512,7 +531,7 @@ def mrope_positions(
     if video_time_intervals is None:
         intervals = [1.0] * n_videos
     else:
-        intervals = [float(v) for v in video_time_intervals]
+        intervals = [real("video_time_intervals entries", v, minimum=0, fix="pass tokens_per_second * second_per_grid_t per video") for v in video_time_intervals]
         if len(intervals) != n_videos:
             raise fail(f"{n_videos} video_time_intervals (one per video)", str(len(intervals)), "pass tokens_per_second * second_per_grid_t per video")
     if split_video_frames:
@@ -539,7 +558,7 @@ def mrope_positions(
         for kind, grp in itertools.groupby(types.tolist()):
             n_tok = len(list(grp))
             if kind == 0:
-                pieces.append((torch.arange(n_tok, dtype=torch.int64) + p).expand(3, -1))  # [3, L]
+                pieces.append((torch.arange(n_tok, dtype=torch.int64, device=CPU) + p).expand(3, -1))  # [3, L]
                 p += n_tok
                 continue
             covered = 0
@@ -553,8 +572,8 @@ def mrope_positions(
                 dt = 1.0 if kind == 1 else intervals[idx]
                 used[kind] += 1
                 # float32 product then truncation, as transformers does (torch.arange(t) * interval).long()
-                ti = (torch.arange(gt, dtype=torch.float32) * torch.tensor(dt, dtype=torch.float32)).long()
-                tt, hh, ww = torch.meshgrid(ti, torch.arange(gh), torch.arange(gw), indexing="ij")
+                ti = (torch.arange(gt, dtype=torch.float32, device=CPU) * torch.tensor(dt, dtype=torch.float32, device=CPU)).long()
+                tt, hh, ww = torch.meshgrid(ti, torch.arange(gh, device=CPU), torch.arange(gw, device=CPU), indexing="ij")
                 block = torch.stack((tt, hh, ww)).reshape(3, -1) + p  # [3, T·H·W]
                 pieces.append(block)
                 covered += block.shape[1]
@@ -565,7 +584,7 @@ def mrope_positions(
                     f"{n_tok} tokens vs {covered} from the grids (batch row {row})",
                     "check image_grid_thw/video_grid_thw and spatial_merge_size",
                 )
-        pos = torch.cat(pieces, dim=1) if pieces else torch.zeros(3, 0, dtype=torch.int64)  # [3, L]
+        pos = torch.cat(pieces, dim=1) if pieces else torch.zeros(3, 0, dtype=torch.int64, device=CPU)  # [3, L]
         if keep is not None:
             out[:, row, keep] = pos.to(device)
         else:
@@ -586,7 +605,15 @@ def mrope_decode_positions(delta: torch.Tensor, start: Union[int, torch.Tensor],
     """
     if not isinstance(delta, torch.Tensor) or delta.dim() != 2 or delta.shape[1] != 1:
         raise fail("delta an int tensor [b, 1] from mrope_positions", repr(getattr(delta, "shape", delta)), "pass the second output of mrope_positions")
-    st = torch.as_tensor(start, device=delta.device, dtype=torch.int64)
+    length = integer("length", length, minimum=0, maximum=MAX_EXACT_POSITION, fix="pass the number of tokens to decode")
+    if isinstance(start, torch.Tensor):
+        check_positions(start, "start")
+        st = start.to(device=delta.device, dtype=torch.int64)
+    else:
+        st = torch.tensor(
+            integer("start", start, minimum=0, maximum=MAX_EXACT_POSITION, fix="pass the number of cached tokens"),
+            device=delta.device, dtype=torch.int64,
+        )
     if st.dim() == 1:
         st = st[:, None]  # per-sample cache lengths [b, 1]
     k = torch.arange(length, device=delta.device, dtype=torch.int64) + st  # [length] or [b, length]
@@ -639,15 +666,20 @@ class MultiAxisRotaryEmbedding(torch.nn.Module):
             raise fail("cfg a ropekit.RopeConfig", type(cfg).__name__, "build one with RopeConfig(head_dim=...)")
         self.cfg = cfg
         self.sections = _check_sections(sections, cfg.n_pairs)
-        self.interleaved = bool(interleaved)
+        self.interleaved = flag("interleaved", interleaved)
         if interleaved:
             pair_axes(self.sections, interleaved=True)  # RopeError now for sections the rule cannot honour
         self.backend = backend
+        check_dtype(table_dtype)
         self.table_dtype = table_dtype
-        self.attention_scaling = attention_scaling
+        self.attention_scaling = flag("attention_scaling", attention_scaling)
 
     def extra_repr(self) -> str:
         return f"sections={list(self.sections)}, interleaved={self.interleaved}, layout={self.cfg.layout!r}"
+
+    def rope_init(self, device: Union[str, torch.device, None] = None) -> None:
+        """Nothing to rebuild (the module holds no tables): here so that every ropekit module
+        can be materialised the same way, ``module.to_empty(device=...)`` then ``rope_init()``."""
 
     def forward(
         self,
@@ -679,6 +711,7 @@ class MultiAxisRotaryEmbedding(torch.nn.Module):
         from .positions import split_qk_format
 
         b, s = split_qk_format(q, k, format)
+        check_head_width(self.cfg, q=q, k=k)
         if not isinstance(positions, torch.Tensor):
             raise fail("positions an integer tensor [..., n_axes]", type(positions).__name__, "pass torch.as_tensor(positions)")
         n_axes = len(self.sections)

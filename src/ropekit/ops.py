@@ -63,7 +63,7 @@ def _register_fakes() -> None:
     symbolic; they serve meta tensors too."""
     import torch
 
-    from ._checks import check_apply, check_gather_fake, check_qk
+    from ._tensor_checks import check_apply, check_gather_fake, check_qk
 
     def rotary(x, cos, sin, layout="half", conjugate=False):
         check_apply(x, cos, sin, layout, False, None)

@@ -89,6 +89,7 @@ def shard_positions(
         >>> shard_positions(8, 2, 1).tolist()
         [4, 5, 6, 7]
     """
+    device = torch.device("cpu") if device is None else device  # explicit: never a meta context's device
     pieces = [torch.arange(a, a + n, device=device) for a, n in _chunks(seq_len, world_size, rank, scheme)]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 

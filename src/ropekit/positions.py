@@ -9,25 +9,52 @@ from typing import Optional, Union
 
 import torch
 
+from ._checks import device as check_device
+from ._checks import integer
 from ._errors import fail
+from .config import CPU, MAX_EXACT_POSITION
 from .tables import check_positions
 
-__all__ = ["FORMATS", "positions_from_cu_seqlens", "resolve_positions", "split_format", "split_qk_format"]
+__all__ = ["FORMATS", "check_format", "positions_from_cu_seqlens", "resolve_positions", "split_format", "split_qk_format"]
 
 #: Tensor formats of q/k: batch, sequence, heads, head dim; ``thd`` is packed tokens.
 FORMATS = ("bshd", "bhsd", "sbhd", "thd")
 
 
+#: What a tensor of each format looks like, and how to get one (the fix of a wrong rank).
+_FORMAT_HELP = {
+    "bshd": "[batch, seq, heads, head_dim]",
+    "bhsd": "[batch, heads, seq, head_dim]",
+    "sbhd": "[seq, batch, heads, head_dim]",
+    "thd": "[tokens, heads, head_dim] (packed, no batch dim)",
+}
+
+
+def check_format(fmt) -> str:
+    """RopeError unless ``fmt`` is one of :data:`FORMATS`."""
+    if not isinstance(fmt, str) or fmt not in FORMATS:
+        raise fail(f"format in {FORMATS}", repr(fmt), 'use "bshd" for [batch, seq, heads, head_dim] tensors')
+    return fmt
+
+
 def split_format(x: torch.Tensor, fmt: str, name: str = "q"):
     """``(b, s)`` of ``x`` in format ``fmt`` (``b = None`` for ``thd``)."""
-    if fmt not in FORMATS:
-        raise fail(f"format in {FORMATS}", repr(fmt), 'use "bshd" for [batch, seq, heads, head_dim] tensors')
+    check_format(fmt)
+    if not isinstance(x, torch.Tensor):
+        raise fail(f"{name} a torch.Tensor {_FORMAT_HELP[fmt]}", type(x).__name__, f"pass torch.as_tensor({name})")
     want = len(fmt)
     if x.dim() != want:
+        if fmt == "thd":
+            fix = (
+                "pack the tokens to [t, heads, head_dim] (e.g. q.reshape(-1, heads, head_dim) of the "
+                "unpadded tokens, with cu_seqlens), or pass format='bshd' / 'bhsd' / 'sbhd' for a batched tensor"
+            )
+        else:
+            fix = f"reshape to {_FORMAT_HELP[fmt]}, or pass the format= that matches {name}'s layout ('thd' for packed [t, heads, head_dim])"
         raise fail(
-            f"{name} with {want} dims for format {fmt!r} ([{', '.join(fmt)}])",
+            f"{name} with {want} dims for format {fmt!r} ({_FORMAT_HELP[fmt]})",
             f"{x.dim()} dims, shape {tuple(x.shape)}",
-            "reshape to [batch, seq, heads, head_dim] (or pass the matching format=)",
+            fix,
         )
     if fmt == "thd":
         return None, x.shape[0]
@@ -69,6 +96,8 @@ def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: Optional[int] = N
         got = f"shape {tuple(cu_seqlens.shape)}" if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
         raise fail("cu_seqlens a 1-D integer tensor [n_seqs + 1]", got, "pass e.g. torch.tensor([0, 3, 5])")
     check_positions(cu_seqlens, "cu_seqlens", check_values=False)
+    if total is not None:
+        total = integer("total", total, minimum=0, maximum=MAX_EXACT_POSITION, fix="pass the packed token count t = q.shape[0]")
     cu = cu_seqlens.long()
     if cu.device.type == "meta" or torch.compiler.is_compiling():
         if total is None:
@@ -108,8 +137,10 @@ def resolve_positions(
     """Integer positions ``[s]`` (shared by the batch) or ``[b, s]`` (``[t]`` for ``thd``).
 
     Exactly one of ``positions``, ``offsets`` and ``cu_seqlens`` may be given; with none,
-    positions are ``0 .. s-1``. ``check_values=False`` skips the (device-syncing) check
-    that tensor positions/offsets are ``>= 0``: for callers that check the result's range.
+    positions are ``0 .. s-1``. They go to ``device`` (default: the given tensor's device,
+    else CPU; never the device of an active ``torch.device(...)`` context).
+    ``check_values=False`` skips the (device-syncing) check that tensor positions/offsets
+    are ``>= 0``: for callers that check the result's range.
     """
     given = [n for n, v in (("positions", positions), ("offsets", offsets), ("cu_seqlens", cu_seqlens)) if v is not None]
     if len(given) > 1:
@@ -122,10 +153,13 @@ def resolve_positions(
     elif cu_seqlens is not None:
         raise fail("cu_seqlens only with format='thd'", f"format={fmt!r}", "pass format='thd' with q/k of shape [t, h, d]")
 
-    dev = torch.device(device) if device is not None else None
+    dev = check_device("device", device)
     for name, v in (("positions", positions), ("offsets", offsets), ("cu_seqlens", cu_seqlens)):
         if isinstance(v, torch.Tensor) and v.device.type == "meta" and (dev is None or dev.type != "meta"):
             raise fail(f"{name} with values (q/k are on {dev})", f"{name} on the meta device", f"build {name} on q's device")
+    if dev is None:  # explicit, never a torch.device(...) context's: the given tensor's device, else CPU
+        dev = next((v.device for v in (positions, offsets, cu_seqlens) if isinstance(v, torch.Tensor)), CPU)
+    device = dev
     if cu_seqlens is not None:
         return positions_from_cu_seqlens(cu_seqlens.to(device), total=s)
     if positions is not None:
@@ -149,6 +183,12 @@ def resolve_positions(
     if isinstance(offsets, int):
         if offsets < 0:
             raise fail("offsets >= 0", str(offsets), "pass the number of tokens already in the KV cache")
+        if offsets + max(s - 1, 0) > MAX_EXACT_POSITION:
+            raise fail(
+                "offsets + s - 1 <= 2**53 (positions exact in the float64 angle m·θ)",
+                f"offsets={offsets} with s={s}",
+                "pass the number of tokens already in the KV cache",
+            )
         return base + offsets
     check_positions(offsets, "offsets", check_values=check_values)
     if offsets.dim() == 0:

@@ -16,11 +16,13 @@ Interface every scheme implements (see :class:`Scaling`):
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, Hashable, Optional, Tuple, Type
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, Hashable, Mapping, Optional, Tuple, Type
 
 import torch
 
+from ._checks import describe, integer, real
 from ._errors import fail
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -70,17 +72,35 @@ class Scaling:
 
     @staticmethod
     def from_dict(data: dict) -> "Scaling":
+        """Inverse of :meth:`to_dict`: ``{"rope_type": ..., <the scheme's fields>}``.
+
+        Every field without a default must be present (e.g. YaRN's ``factor``): a missing
+        one is a RopeError naming it, never a silent default.
+        """
+        if not isinstance(data, Mapping):
+            raise fail("scaling a dict with rope_type and the scheme's fields", type(data).__name__, "pass Scaling.to_dict()'s output")
         data = dict(data)
         kind = data.pop("rope_type", None)
-        if kind not in _REGISTRY:
+        if not isinstance(kind, str) or kind not in _REGISTRY:
             raise fail(f"rope_type in {sorted(_REGISTRY)}", repr(kind), "use one of the known scheme names")
-        return _REGISTRY[kind](**data)
+        cls = _REGISTRY[kind]
+        sig = inspect.signature(cls).parameters.values()
+        params = [p for p in sig if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        missing = [p.name for p in params if p.default is p.empty and p.name not in data]
+        # a scheme taking **legacy keys judges unknown ones itself
+        takes_more = any(p.kind is p.VAR_KEYWORD for p in sig)
+        unknown = [] if takes_more else [k for k in data if k not in {p.name for p in params}]
+        if missing or unknown:
+            raise fail(
+                f"{cls.__name__} keys {[p.name for p in params]} (required: {[p.name for p in params if p.default is p.empty]})",
+                f"keys {sorted(data)}" + (f", missing {missing}" if missing else "") + (f", unknown {unknown}" if unknown else ""),
+                f"add the missing keys / remove the unknown ones (see ropekit.scaling.{cls.__name__})",
+            )
+        return cls(**data)
 
 
 def _check_factor(name: str, value: Any, minimum: float = 1.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
-        raise fail(f"{name} a finite number >= {minimum}", repr(value), f"pass the checkpoint's {name}")
-    return float(value)
+    return real(name, value, minimum=minimum)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,22 +121,31 @@ class Linear(Scaling):
 
 
 def _check_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        if isinstance(value, float) and value.is_integer() and value >= minimum:
-            return int(value)  # JSON configs sometimes store 4096.0
-        raise fail(f"{name} an int >= {minimum}", repr(value), f"pass the checkpoint's {name}, e.g. 4096")
-    return int(value)
+    # a context length: at most 2**53 (positions beyond it are not exact in float64)
+    return integer(name, value, minimum=minimum, maximum=1 << 53, fix=f"pass the checkpoint's {name}, e.g. 4096")
 
 
 def _check_positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise fail(f"{name} a finite number > 0", repr(value), f"pass the checkpoint's {name}")
-    return float(value)
+    return real(name, value, above=0)
 
 
-def _ntk_base(base: float, scale: float, r: int) -> float:
-    """``base · scale^(r/(r-2))`` in float64 (bloc97's NTK-aware base change)."""
-    return base * scale ** (r / (r - 2))
+def _ntk_base(base: float, scale: float, r: int, what: str = "NTK") -> float:
+    """``base · scale^(r/(r-2))`` in float64 (bloc97's NTK-aware base change).
+
+    RopeError when the new base is not a finite float64 (e.g. ``factor=1e200`` with a small
+    rotary dim, or a dynamic-NTK length far past the trained context).
+    """
+    try:
+        out = base * scale ** (r / (r - 2))
+    except OverflowError:
+        out = math.inf
+    if not math.isfinite(out):
+        raise fail(
+            f"a {what} base base·scale^(r/(r-2)) that fits in float64",
+            f"base={base:g}, scale={scale:g}, r={r}: {out}",
+            "check factor (and for dynamic NTK the sequence length): real checkpoints use factors below 1000",
+        )
+    return out
 
 
 def _check_ntk_dim(cfg: "RopeConfig", scheme: str) -> None:
@@ -155,6 +184,7 @@ class NTK(Scaling):
 
     def validate(self, cfg: "RopeConfig") -> None:
         _check_ntk_dim(cfg, "NTK")
+        _ntk_base(cfg.base, self.factor, cfg.rotary_dim)  # type: ignore[arg-type]
 
     def inv_freq(self, cfg: "RopeConfig", seq_len: Optional[int]) -> torch.Tensor:
         return cfg.base_inv_freq(base=_ntk_base(cfg.base, self.factor, cfg.rotary_dim))  # type: ignore[arg-type]
@@ -196,6 +226,8 @@ class DynamicNTK(Scaling):
 
     def validate(self, cfg: "RopeConfig") -> None:
         _check_ntk_dim(cfg, "DynamicNTK")
+        if self.static:
+            _ntk_base(cfg.base, self.factor * self.factor - (self.factor - 1), cfg.rotary_dim, "DynamicNTK")  # type: ignore[arg-type]
 
     def _length(self, seq_len: Optional[int]) -> Optional[int]:
         if self.static:
@@ -212,7 +244,7 @@ class DynamicNTK(Scaling):
             if length is None:
                 return cfg.base_inv_freq()
         scale = self.factor * length / self.max_position - (self.factor - 1)
-        return cfg.base_inv_freq(base=_ntk_base(cfg.base, scale, cfg.rotary_dim))  # type: ignore[arg-type]
+        return cfg.base_inv_freq(base=_ntk_base(cfg.base, scale, cfg.rotary_dim, "DynamicNTK"))  # type: ignore[arg-type]
 
     def table_key(self, cfg: "RopeConfig", seq_len: Optional[int]) -> Hashable:
         return self._length(seq_len)
@@ -298,10 +330,7 @@ class YaRN(Scaling):
                 "swap them; the paper's defaults are beta_fast=32, beta_slow=1",
             )
         for name, v in (("mscale", mscale), ("mscale_all_dim", mscale_all_dim)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise fail(f"{name} a finite number >= 0", repr(v), f"pass the checkpoint's {name} (0 to disable)")
-        s(self, "mscale", float(mscale))
-        s(self, "mscale_all_dim", float(mscale_all_dim))
+            s(self, name, real(name, v, minimum=0, fix=f"pass the checkpoint's {name} (0 to disable)"))
         if attention_factor is not None:
             attention_factor = _check_positive("attention_factor", attention_factor)
         s(self, "attention_factor_override", attention_factor)
@@ -332,7 +361,7 @@ class YaRN(Scaling):
         low, high = self.correction_range(cfg)
         if low == high:
             high += 0.001  # transformers' guard against a zero-width ramp
-        i = torch.arange(cfg.n_pairs, dtype=torch.float64)
+        i = torch.arange(cfg.n_pairs, dtype=torch.float64, device=theta.device)
         ramp = ((i - low) / (high - low)).clamp(0, 1)  # 0: keep θ_i (extrapolate), 1: θ_i/s
         return theta / self.factor * ramp + theta * (1 - ramp)
 
@@ -346,15 +375,13 @@ class YaRN(Scaling):
 
 def _factor_tuple(name: str, value: Any) -> Tuple[float, ...]:
     if isinstance(value, torch.Tensor):
+        if value.device.type == "meta" or value.dim() != 1:
+            raise fail(f"{name} a list of numbers (or a 1-D tensor with values)", f"tensor of shape {tuple(value.shape)} on {value.device}", f"pass the checkpoint's {name} list")
         value = value.tolist()
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
-        raise fail(f"{name} a list of numbers", type(value).__name__, f"pass the checkpoint's {name} list")
-    out = []
-    for v in value:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise fail(f"{name} entries finite numbers > 0", repr(v), f"check the checkpoint's {name}")
-        out.append(float(v))
-    return tuple(out)
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or not hasattr(value, "__iter__"):
+        got = "null (None)" if value is None else type(value).__name__
+        raise fail(f"{name} a list of numbers", got, f"pass the checkpoint's {name} list (one factor per rotary pair)")
+    return tuple(real(f"{name} entries", v, above=0, fix=f"check the checkpoint's {name}") for v in value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -403,7 +430,8 @@ class LongRoPE(Scaling):
         s = object.__setattr__
         s(self, "short_factor", _factor_tuple("short_factor", short_factor))
         s(self, "long_factor", _factor_tuple("long_factor", long_factor))
-        s(self, "original_max_position", _check_int("original_max_position", original_max_position))
+        # >= 2: the attention factor divides by ln(original_max_position)
+        s(self, "original_max_position", _check_int("original_max_position", original_max_position, minimum=2))
         if factor is not None:
             factor = _check_factor("factor", factor)
         if attention_factor is not None:
@@ -439,7 +467,8 @@ class LongRoPE(Scaling):
 
     def inv_freq(self, cfg: "RopeConfig", seq_len: Optional[int]) -> torch.Tensor:
         ext = self.long_factor if self.is_long(seq_len) else self.short_factor
-        return cfg.base_inv_freq() / torch.tensor(ext, dtype=torch.float64)
+        theta = cfg.base_inv_freq()
+        return theta / torch.tensor(ext, dtype=torch.float64, device=theta.device)
 
     def attention_factor(self, cfg: "RopeConfig") -> float:
         if self.attention_factor_override is not None:
@@ -540,10 +569,11 @@ class Proportional(Scaling):
     rope_type: ClassVar[str] = "proportional"
 
     def __post_init__(self) -> None:
-        p = self.partial_rotary_factor
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 < p <= 1):
-            raise fail("partial_rotary_factor in (0, 1]", repr(p), "pass the checkpoint's value, e.g. 0.25 for Gemma 4")
-        object.__setattr__(self, "partial_rotary_factor", float(p))
+        p = real(
+            "partial_rotary_factor", self.partial_rotary_factor, above=0, maximum=1,
+            fix="pass the checkpoint's value, e.g. 0.25 for Gemma 4",
+        )
+        object.__setattr__(self, "partial_rotary_factor", p)
         object.__setattr__(self, "factor", _check_factor("factor", self.factor))
 
     def n_rotating(self, cfg: "RopeConfig") -> int:

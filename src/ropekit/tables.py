@@ -12,15 +12,14 @@ from typing import Dict, Hashable, Optional, Tuple, Union
 
 import torch
 
+from ._checks import describe, flag, integer
+from ._checks import device as check_device
 from ._errors import fail
-from .config import RopeConfig, check_layout
+from .config import CPU, MAX_EXACT_POSITION, RopeConfig, check_layout, check_seq_len
 
-__all__ = ["cos_sin", "angles", "to_full_width", "from_full_width", "check_positions", "TableCache"]
+__all__ = ["cos_sin", "angles", "to_full_width", "from_full_width", "check_positions", "TableCache", "build_table"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-#: Largest position whose float64 value (and so the angle ``m·θ``) is exact: 2**53.
-MAX_EXACT_POSITION = 1 << 53
 
 
 def check_positions(positions: torch.Tensor, name: str = "positions", *, check_values: bool = True) -> torch.Tensor:
@@ -56,24 +55,44 @@ def check_positions(positions: torch.Tensor, name: str = "positions", *, check_v
     return positions
 
 
-def _check_cfg(cfg) -> None:
+def check_dtype(dtype) -> None:
+    """RopeError unless ``dtype`` is a floating table dtype (f16, bf16, f32, f64)."""
+    if dtype not in _FLOAT_DTYPES:
+        raise fail(f"dtype one of {_FLOAT_DTYPES}", str(dtype), "tables are floating point; use torch.float32")
+
+
+def check_cfg(cfg) -> None:
+    """RopeError unless ``cfg`` is a :class:`~ropekit.RopeConfig`."""
     if not isinstance(cfg, RopeConfig):
         raise fail("cfg a ropekit.RopeConfig", type(cfg).__name__, "build one with RopeConfig(head_dim=...)")
 
 
 def _as_positions(positions: Union[torch.Tensor, int, list, tuple, range]) -> torch.Tensor:
+    """Tensor positions unchanged; an int/list/tuple/range as int64 positions on CPU.
+
+    Python positions are always put on CPU, explicitly: never on the device of an active
+    ``torch.device(...)`` context (e.g. ``meta``, where they would have no values).
+    """
     if isinstance(positions, torch.Tensor):
         return positions
     if isinstance(positions, bool):
         raise fail("positions an integer tensor", "a bool", "pass e.g. torch.arange(seq_len)")
-    if isinstance(positions, int):
-        return torch.tensor(positions, dtype=torch.int64)
-    if isinstance(positions, (list, tuple, range)):
-        t = torch.as_tensor(list(positions))
-        if t.numel() == 0:
-            t = t.long()
-        return t
-    raise fail("positions an integer tensor, int, list or range", type(positions).__name__, "pass torch.arange(seq_len)")
+    if not isinstance(positions, (int, list, tuple, range)):
+        raise fail("positions an integer tensor, int, list or range", type(positions).__name__, "pass torch.arange(seq_len)")
+    try:
+        if isinstance(positions, int):
+            t = torch.tensor(positions, dtype=torch.int64, device=CPU)
+        elif isinstance(positions, range):
+            t = torch.arange(positions.start, positions.stop, positions.step, dtype=torch.int64, device=CPU)
+        else:
+            t = torch.as_tensor(list(positions), device=CPU)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+        raise fail(
+            "positions an int, range or (nested) list of ints in [0, 2**53]",
+            f"{describe(positions)} ({e})",
+            "pass torch.arange(seq_len) or a list of token indices",
+        ) from None
+    return t.long() if t.numel() == 0 else t  # [] would be float32
 
 
 def angles(cfg: RopeConfig, positions: torch.Tensor, *, seq_len: Optional[int] = None) -> torch.Tensor:
@@ -82,7 +101,7 @@ def angles(cfg: RopeConfig, positions: torch.Tensor, *, seq_len: Optional[int] =
     Positions up to 2^53 are exact in float64; each angle is one correctly rounded
     float64 product, so its absolute error is below ``|m·θ| · 2^-53``.
     """
-    _check_cfg(cfg)
+    check_cfg(cfg)
     positions = check_positions(_as_positions(positions))
     inv = cfg.inv_freq(seq_len).to(positions.device)  # [r/2] float64
     return positions.to(torch.float64).unsqueeze(-1) * inv  # [..., r/2]
@@ -145,9 +164,11 @@ def cos_sin(
         >>> cos.shape
         torch.Size([5, 4])
     """
-    _check_cfg(cfg)
-    if dtype not in _FLOAT_DTYPES:
-        raise fail(f"dtype one of {_FLOAT_DTYPES}", str(dtype), "tables are floating point; use torch.float32")
+    check_cfg(cfg)
+    check_dtype(dtype)
+    seq_len = check_seq_len(seq_len)
+    device = check_device("device", device)
+    attention_scaling = flag("attention_scaling", attention_scaling)
     if angles != "exact":
         if angles != "transformers":
             raise fail('angles "exact" or "transformers"', repr(angles), 'use "exact" unless you need bit parity with transformers')
@@ -170,10 +191,11 @@ def cos_sin(
     return cos.to(dtype), sin.to(dtype)
 
 
-def _check_table(t) -> None:
-    if not isinstance(t, torch.Tensor) or t.dim() < 1:
-        got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-        raise fail("a cos/sin table tensor [..., width]", got, "pass cos or sin from ropekit.cos_sin")
+def check_table(t) -> None:
+    """RopeError unless ``t`` is a floating tensor with at least one dim (a cos/sin table)."""
+    if not isinstance(t, torch.Tensor) or t.dim() < 1 or not t.dtype.is_floating_point:
+        got = f"shape {tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise fail("a floating cos/sin table tensor [..., width]", got, "pass cos or sin from ropekit.cos_sin")
 
 
 def to_full_width(t: torch.Tensor, layout: str = "half") -> torch.Tensor:
@@ -182,7 +204,7 @@ def to_full_width(t: torch.Tensor, layout: str = "half") -> torch.Tensor:
     ``"half"``: ``cat(t, t)``; ``"interleaved"``: each value repeated twice in place.
     """
     check_layout(layout)
-    _check_table(t)
+    check_table(t)
     if layout == "half":
         return torch.cat((t, t), dim=-1)
     return torch.repeat_interleave(t, 2, dim=-1)
@@ -195,7 +217,7 @@ def from_full_width(t: torch.Tensor, layout: str = "half", *, check: bool = True
     the table was built for the other layout.
     """
     check_layout(layout)
-    _check_table(t)
+    check_table(t)
     r = t.shape[-1]
     if r % 2:
         raise fail("a full-width table with an even last dim", f"shape {tuple(t.shape)}", "pass cos/sin of width r")
@@ -213,6 +235,49 @@ def from_full_width(t: torch.Tensor, layout: str = "half", *, check: bool = True
     return a
 
 
+def build_table(
+    cfg: RopeConfig,
+    n: int,
+    *,
+    dtype: torch.dtype,
+    device: Union[str, torch.device],
+    seq_len: Optional[int] = None,
+    attention_scaling: bool = True,
+    what: str = "a cos/sin table",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``cos_sin(cfg, arange(n))`` for a table of ``n`` rows, or a RopeError when it cannot exist.
+
+    A table of ``n`` rows holds ``2 · n · r/2`` values of ``dtype`` (and its float64 angles
+    while it is built). Refused with a RopeError: ``n`` not an int in ``[0, 2**53 + 1]``; a
+    table over :data:`MAX_TABLE_BYTES`; and an allocation the device refuses (reported
+    with the table's size instead of the allocator's own error).
+    """
+    check_cfg(cfg)
+    check_dtype(dtype)
+    device = check_device("device", device)
+    n = integer("table length", n, minimum=0, maximum=MAX_EXACT_POSITION + 1, fix="ask for at most 2**53 + 1 positions")
+    nbytes = 2 * n * cfg.n_pairs * torch.empty((), dtype=dtype, device=CPU).element_size()
+    got = f"{n} rows x {cfg.n_pairs} pairs x 2 tables of {dtype} = {nbytes / 2**30:.3g} GiB"
+    fix = (
+        "pass a smaller max_position / length (tables grow on demand), or give the positions "
+        "themselves to ropekit.cos_sin, which computes only the rows asked for"
+    )
+    if nbytes > MAX_TABLE_BYTES:
+        raise fail(f"{what} of at most {MAX_TABLE_BYTES >> 30} GiB", got, fix)
+    try:
+        pos = torch.arange(n, dtype=torch.int64, device=device)
+        return cos_sin(cfg, pos, dtype=dtype, seq_len=seq_len, attention_scaling=attention_scaling)
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if isinstance(e, torch.OutOfMemoryError) or "alloc" in str(e).lower():
+            raise fail(f"{what} that fits in {device} memory", f"{got} (the allocator refused it)", fix) from None
+        raise
+
+
+#: Largest cos/sin table (both halves) ropekit will try to build: 1 TiB. Anything larger is
+#: a wrong ``max_position`` or position, not a model (10M positions x 64 pairs is 5 GiB).
+MAX_TABLE_BYTES = 1 << 40
+
+
 class TableCache:
     """Lazily grown cos/sin tables for positions ``0 .. n-1``, keyed by device, dtype and
     (for length-dependent scaling) ``cfg.table_key(seq_len)``.
@@ -223,9 +288,10 @@ class TableCache:
     """
 
     def __init__(self, cfg: RopeConfig, *, attention_scaling: bool = True, min_len: int = 0) -> None:
+        check_cfg(cfg)
         self.cfg = cfg
-        self.attention_scaling = attention_scaling
-        self.min_len = int(min_len)
+        self.attention_scaling = flag("attention_scaling", attention_scaling)
+        self.min_len = integer("min_len", min_len, minimum=0, maximum=MAX_EXACT_POSITION + 1, fix="pass the longest sequence you expect, or 0")
         self._tables: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
         self._lock = threading.Lock()
 
@@ -237,7 +303,9 @@ class TableCache:
         self, n: int, *, device: torch.device, dtype: torch.dtype = torch.float32, seq_len: Optional[int] = None
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` each ``[n', r/2]`` with ``n' >= n``, covering positions ``0 .. n'-1``."""
-        device = torch.device(device)
+        device = check_device("device", device)
+        check_dtype(dtype)
+        n = integer("n", n, minimum=0, maximum=MAX_EXACT_POSITION + 1, fix="ask for the rows of positions 0 .. n-1, n <= 2**53 + 1")
         key: Hashable = (str(device), dtype, self.cfg.table_key(seq_len))
         hit = self._tables.get(key)
         if hit is not None and hit[0].shape[0] >= n:
@@ -248,9 +316,8 @@ class TableCache:
                 return hit
             size = max(n, self.min_len, 1)
             size = 1 << (size - 1).bit_length()
-            pos = torch.arange(size, dtype=torch.int64, device=device)
-            table = cos_sin(
-                self.cfg, pos, dtype=dtype, seq_len=seq_len, attention_scaling=self.attention_scaling
+            table = build_table(
+                self.cfg, size, dtype=dtype, device=device, seq_len=seq_len, attention_scaling=self.attention_scaling
             )
             new = dict(self._tables)
             new[key] = table

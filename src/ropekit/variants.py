@@ -21,38 +21,30 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from ._checks import flag, integer, real
 from ._errors import fail
-from .config import RopeConfig
-from .tables import _as_positions, check_positions
+from .config import CPU, MAX_EXACT_POSITION, RopeConfig, check_head_width, check_seq_len
+from .tables import _as_positions, _default_seq_len, check_cfg, check_dtype, check_positions
 
 __all__ = [
     "p_rope_inv_freq",
     "p_rope_cos_sin",
     "XPosTables",
     "xpos_zeta",
+    "xpos_max_distance",
     "xpos_cos_sin",
     "apply_xpos",
     "RopeMixed",
 ]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _check_cfg(cfg) -> None:
-    if not isinstance(cfg, RopeConfig):
-        raise fail("cfg a ropekit.RopeConfig", type(cfg).__name__, "build one with RopeConfig(head_dim=...)")
-
-
-def _check_dtype(dtype) -> None:
-    if dtype not in _FLOAT_DTYPES:
-        raise fail(f"dtype one of {_FLOAT_DTYPES}", str(dtype), "tables are floating point; use torch.float32")
+_check_cfg = check_cfg
+_check_dtype = check_dtype
 
 
 # --------------------------------------------------------------------------- p-RoPE
 def p_rope_n_rotated(cfg: RopeConfig, p: float) -> int:
     """``⌊p · r/2⌋`` (computed as the paper's code does: ``int(p * r // 2)``)."""
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0.0 <= p <= 1.0):
-        raise fail("p a fraction in [0, 1]", repr(p), "p = 1 is plain RoPE, p = 0 is NoPE; the paper uses p = 0.25 or 0.75")
+    p = real("p", p, minimum=0.0, maximum=1.0, fix="p = 1 is plain RoPE, p = 0 is NoPE; the paper uses p = 0.25 or 0.75")
     return int(p * cfg.rotary_dim // 2)  # type: ignore[operator]
 
 
@@ -101,8 +93,10 @@ def p_rope_cos_sin(
     _check_cfg(cfg)
     _check_dtype(dtype)
     pos = check_positions(_as_positions(positions))
-    if seq_len is None and cfg.scaling is not None and cfg.scaling.length_dependent:
-        seq_len = int(pos.max()) + 1 if pos.numel() else 0
+    seq_len = check_seq_len(seq_len)
+    if seq_len is None:
+        seq_len = _default_seq_len(cfg, pos)
+    attention_scaling = flag("attention_scaling", attention_scaling)
     inv = p_rope_inv_freq(cfg, p, seq_len=seq_len).to(pos.device)
     ang = pos.to(torch.float64).unsqueeze(-1) * inv  # float64 [..., r/2]
     cos, sin = torch.cos(ang), torch.sin(ang)
@@ -129,9 +123,8 @@ def xpos_zeta(cfg: RopeConfig, gamma: float = 0.4) -> torch.Tensor:
         [0.285714, 0.642857]
     """
     _check_cfg(cfg)
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma <= 0:
-        raise fail("gamma a positive finite number", repr(gamma), "xPos uses gamma = 0.4")
-    i2 = torch.arange(0, cfg.rotary_dim, 2, dtype=torch.float64)  # type: ignore[arg-type]  # [r/2] = 2i
+    gamma = real("gamma", gamma, above=0, fix="xPos uses gamma = 0.4")
+    i2 = torch.arange(0, cfg.rotary_dim, 2, dtype=torch.float64, device=CPU)  # type: ignore[arg-type]  # [r/2] = 2i
     return (i2 / cfg.rotary_dim + gamma) / (1.0 + gamma)
 
 
@@ -155,9 +148,12 @@ def xpos_cos_sin(
     ``cos_q = ζ^{(m-c)/B} cos mθ``, ``sin_q = ζ^{(m-c)/B} sin mθ``, and likewise for ``k``
     with the opposite exponent. The score depends on ``m - n`` only; the center ``c``
     cancels and exists for range: ``ζ_0^{±(m-c)/B}`` must stay inside the table dtype
-    (float32: ``|m - c| < 87·B/|ln ζ_0| ≈ 35 500`` for ``B = 512, γ = 0.4``, so up to
-    ~71 000 positions around a mid-sequence center; the paper's ``c = 0`` form overflows
-    past ~35 500).
+    (float32: ``|m - c| <= 87.3·B/|ln ζ_0| = 35 694`` for ``B = 512, γ = 0.4``, so up to
+    ~71 000 positions around a mid-sequence center; the paper's ``c = 0`` form ends at
+    ~35 700). Positions outside that range are a RopeError, never inf/0 tables; see
+    :func:`xpos_max_distance` for the limit of each dtype. (Meta tensors and graphs being
+    traced by torch.compile have no values to check: there ``center`` is required to be
+    right, and defaults to 0.)
 
     Args:
         cfg: rotary configuration (frequencies ``θ_i``; scaling allowed).
@@ -182,22 +178,61 @@ def xpos_cos_sin(
 
     _check_cfg(cfg)
     _check_dtype(dtype)
-    if isinstance(scale_base, bool) or not isinstance(scale_base, (int, float)) or not math.isfinite(scale_base) or scale_base <= 0:
-        raise fail("scale_base a positive finite number", repr(scale_base), "xPos uses scale_base = 512")
+    scale_base = real("scale_base", scale_base, above=0, fix="xPos uses scale_base = 512")
     pos = check_positions(_as_positions(positions))
     zeta = xpos_zeta(cfg, gamma).to(pos.device)  # float64 [r/2]
+    has_values = pos.numel() and pos.device.type != "meta" and not torch.compiler.is_compiling()
+    lo, hi = (int(v) for v in torch.aminmax(pos)) if has_values else (0, 0)  # one sync for both ends
     if center is None:
-        center = (int(pos.min()) + int(pos.max())) // 2 if pos.numel() else 0
-    if isinstance(center, bool) or not isinstance(center, int):
-        raise fail("center an int (or None)", repr(center), "pass the position the scales are taken relative to")
+        center = (lo + hi) // 2
+    center = integer("center", center, minimum=-MAX_EXACT_POSITION, maximum=MAX_EXACT_POSITION,
+                     fix="pass the position the scales are taken relative to (an int), or None")
+    if has_values:
+        _check_xpos_range(cfg, lo, hi, center, gamma, scale_base, dtype)
     cos, sin = cos_sin(cfg, pos, dtype=torch.float64, seq_len=seq_len)  # [..., r/2]
     # exponent (m - c)/B in float64 from exact integers; ζ^e = exp(e · ln ζ)
-    e = (pos.to(torch.float64) - float(center)).unsqueeze(-1) / float(scale_base)  # [..., 1]
+    e = (pos.to(torch.float64) - float(center)).unsqueeze(-1) / scale_base  # [..., 1]
     up = torch.exp(e * torch.log(zeta))  # ζ^{(m-c)/B}   [..., r/2]
     down = torch.exp(-e * torch.log(zeta))  # ζ^{-(m-c)/B}
     return XPosTables(
         (cos * up).to(dtype), (sin * up).to(dtype), (cos * down).to(dtype), (sin * down).to(dtype)
     )
+
+
+def xpos_max_distance(cfg: RopeConfig, *, gamma: float = 0.4, scale_base: float = 512.0, dtype: torch.dtype = torch.float32) -> int:
+    """Largest ``|m - c|`` for which every xPos scale ``ζ_i^{±(m-c)/B}`` (times the attention
+    factor) is a finite, normal number of ``dtype``: ``⌊B · L / |ln ζ_0|⌋`` with
+    ``L = min(ln(max) - ln(attention_factor), -ln(tiny))`` of ``dtype``.
+
+    float32 with the paper's ``B = 512, γ = 0.4``: 35 694, i.e. windows of about 71 000
+    positions around the center; float64: about 290 000; float16: about 3 900.
+
+    Example:
+        >>> xpos_max_distance(RopeConfig(head_dim=64))
+        35694
+    """
+    _check_cfg(cfg)
+    _check_dtype(dtype)
+    gamma = real("gamma", gamma, above=0, fix="xPos uses gamma = 0.4")
+    scale_base = real("scale_base", scale_base, above=0, fix="xPos uses scale_base = 512")
+    fi = torch.finfo(dtype)
+    room = min(math.log(fi.max) - math.log(max(cfg.attention_factor, 1.0)), -math.log(fi.tiny))
+    worst = abs(math.log(gamma / (1.0 + gamma)))  # |ln ζ_0|, the fastest-changing scale
+    return int(scale_base * room / worst)
+
+
+def _check_xpos_range(cfg: RopeConfig, lo: int, hi: int, center: int, gamma: float, scale_base: float, dtype) -> None:
+    far = max(abs(lo - center), abs(hi - center))
+    limit = xpos_max_distance(cfg, gamma=gamma, scale_base=scale_base, dtype=dtype)
+    if far > limit:
+        wider = xpos_max_distance(cfg, gamma=gamma, scale_base=scale_base, dtype=torch.float64)
+        raise fail(
+            f"positions within {limit} of the center c for xPos tables in {dtype} (beyond it "
+            f"ζ^(±(m-c)/B) overflows to inf or underflows to 0)",
+            f"positions {lo} .. {hi} with c={center}, |m - c| up to {far}",
+            f"pass a center= nearer the positions (q and k that meet must share it), a larger scale_base, "
+            f"or dtype=torch.float64 (|m - c| up to {wider})",
+        )
 
 
 def apply_xpos(
@@ -281,39 +316,59 @@ class RopeMixed(nn.Module):
     ) -> None:
         super().__init__()
         cfg = RopeConfig(head_dim, base=100.0, rotary_dim=rotary_dim, layout=layout)  # validation only
-        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-            raise fail("num_heads a positive int", repr(num_heads), "pass the number of attention heads")
-        if isinstance(n_axes, bool) or not isinstance(n_axes, int) or n_axes < 1:
-            raise fail("n_axes a positive int", repr(n_axes), "2 for images")
+        num_heads = integer("num_heads", num_heads, maximum=1 << 16, fix="pass the number of attention heads")
+        n_axes = integer("n_axes", n_axes, maximum=64, fix="2 for images, 3 for video")
         if init not in _INITS:
             raise fail(f"init in {_INITS}", repr(init), '"mixed" (paper) or "axial" (RoPE-Axial start)')
-        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 1:
-            raise fail("theta a finite number > 1", repr(theta), "the paper uses 10 (mixed) or 100 (axial)")
+        theta = real("theta", theta, above=1, fix="the paper uses 10 (mixed) or 100 (axial)")
+        head_dim = cfg.head_dim
         r = cfg.rotary_dim
         self.head_dim, self.num_heads, self.n_axes = head_dim, num_heads, n_axes
         self.rotary_dim, self.layout, self.theta, self.init = r, layout, float(theta), init
-        if init == "mixed":
-            if n_axes != 2 or r % 4:  # type: ignore[operator]
-                raise fail(
-                    "n_axes == 2 and rotary_dim % 4 == 0 for init='mixed'",
-                    f"n_axes={n_axes}, rotary_dim={r}",
-                    "use init='axial' for other shapes (frequencies stay learnable)",
-                )
-            q = r // 4  # type: ignore[operator]
-            # float64 init, stored as float32: μ_j = theta^(-4j/r)
-            mag = torch.pow(torch.tensor(float(theta), dtype=torch.float64), -torch.arange(0, r, 4, dtype=torch.float64) / r)[:q]
-            alpha = torch.rand(num_heads, 1, generator=generator, dtype=torch.float64) * 2 * math.pi  # [h, 1]
+        if init == "mixed" and (n_axes != 2 or r % 4):  # type: ignore[operator]
+            raise fail(
+                "n_axes == 2 and rotary_dim % 4 == 0 for init='mixed'",
+                f"n_axes={n_axes}, rotary_dim={r}",
+                "use init='axial' for other shapes (frequencies stay learnable)",
+            )
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise fail("generator a torch.Generator or None", type(generator).__name__, "pass torch.Generator().manual_seed(0)")
+        # the parameter follows the active device (a torch.device context, e.g. meta, or the
+        # default device) like torch.nn's own layers; its values are computed on CPU
+        self.freqs = nn.Parameter(torch.empty(n_axes, num_heads, r // 2, dtype=torch.float32))  # [A, h, r/2]
+        self.rope_init(generator=generator)
+
+    def initial_freqs(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The init of :attr:`freqs` (see the class docstring): float64 ``[A, h, r/2]`` on CPU."""
+        r, h, A = self.rotary_dim, self.num_heads, self.n_axes
+        if self.init == "mixed":
+            q = r // 4
+            # float64 init: μ_j = theta^(-4j/r)
+            i4 = torch.arange(0, r, 4, dtype=torch.float64, device=CPU)
+            mag = torch.pow(torch.tensor(self.theta, dtype=torch.float64, device=CPU), -i4 / r)[:q]
+            if generator is not None and generator.device.type != "cpu":
+                raise fail("a CPU torch.Generator (the init is computed on CPU)", f"one on {generator.device}", "pass torch.Generator()")
+            alpha = torch.rand(h, 1, generator=generator, dtype=torch.float64, device=CPU) * 2 * math.pi  # [h, 1]
             ang = torch.cat((alpha.expand(-1, q), alpha.expand(-1, q) + math.pi / 2), dim=-1)  # [h, r/2]
             mags = torch.cat((mag, mag))  # [r/2]
-            f = torch.stack((mags * torch.cos(ang), mags * torch.sin(ang)))  # [2, h, r/2]
-        else:
-            from .multi_axis import AxialRope
+            return torch.stack((mags * torch.cos(ang), mags * torch.sin(ang)))  # [2, h, r/2]
+        from .multi_axis import AxialRope
 
-            ax = AxialRope(r, n_axes=n_axes, base=float(theta))  # type: ignore[arg-type]
-            axes, w = ax.axes(), ax.inv_freq()  # [r/2]
-            f = torch.zeros(n_axes, num_heads, r // 2, dtype=torch.float64)  # type: ignore[operator]
-            f[axes, :, torch.arange(r // 2)] = w[:, None]  # type: ignore[operator]
-        self.freqs = nn.Parameter(f.to(torch.float32))  # [A, h, r/2]
+        ax = AxialRope(r, n_axes=A, base=self.theta)
+        axes, w = ax.axes(), ax.inv_freq()  # [r/2]
+        f = torch.zeros(A, h, r // 2, dtype=torch.float64, device=CPU)
+        f[axes, :, torch.arange(r // 2, device=CPU)] = w[:, None]
+        return f
+
+    def rope_init(self, generator: Optional[torch.Generator] = None) -> None:
+        """(Re)initialise :attr:`freqs` in place, e.g. after ``to_empty`` from the meta device.
+
+        A no-op while :attr:`freqs` is on the meta device (it has no storage to fill).
+        """
+        if self.freqs.device.type == "meta":
+            return
+        with torch.no_grad():
+            self.freqs.copy_(self.initial_freqs(generator))
 
     def extra_repr(self) -> str:
         return (
@@ -343,6 +398,7 @@ class RopeMixed(nn.Module):
         """Rotate ``q, k [b, s, h, d]`` at ``positions [s, A]`` or ``[b, s, A]``."""
         from .functional import apply_rotary
 
+        check_head_width(self, q=q, k=k)
         cos, sin = self.cos_sin(positions)  # [(b,) s, h, r/2]
         return (
             apply_rotary(q, cos, sin, layout=self.layout, backend=backend),

@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .._checks import describe, integer, real
 from .._errors import fail
 from ..config import RopeConfig
 
@@ -133,6 +134,7 @@ def classify_pairs(cfg: RopeConfig, *, seq_len: Optional[int] = None, rtol: floa
         {'interpolated'}
     """
     _check_cfg(cfg)
+    rtol = real("rtol", rtol, minimum=0, fix="pass a relative tolerance, e.g. 1e-9")
     after = cfg.inv_freq(seq_len)
     ratio = cfg.base_inv_freq() / after  # [r/2]; inf where a pair stops rotating
     factor = _param(cfg, "factor")
@@ -263,6 +265,13 @@ def context_coverage(cfg: RopeConfig, context: Optional[int], original_context: 
         (original·θ_before)`` among the pairs that did not wrap; 0 if all wrapped).
         Empty dict when a context is unknown.
     """
+    _check_cfg(cfg)
+    if context is None or original_context is None:
+        return {}
+    context = integer("context", context, minimum=0, maximum=1 << 53, fix="pass the context length in tokens, or None")
+    original_context = integer(
+        "original_context", original_context, minimum=0, maximum=1 << 53, fix="pass the training context in tokens, or None"
+    )
     if not context or not original_context:
         return {}
     before, _ = wavelengths(cfg)
@@ -282,10 +291,16 @@ def context_coverage(cfg: RopeConfig, context: Optional[int], original_context: 
 
 # --------------------------------------------------------------------------- decay bound
 def _distances(distances: Union[torch.Tensor, Sequence[int], int]) -> torch.Tensor:
-    d = torch.as_tensor(distances)
+    try:
+        d = distances if isinstance(distances, torch.Tensor) else torch.as_tensor(distances, device="cpu")
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise fail("distances a tensor, list or number (each < 2**63)", describe(distances), "pass e.g. torch.arange(1024)") from None
     if d.dtype == torch.bool or d.dtype.is_complex:
         raise fail("distances as numbers", f"dtype {d.dtype}", "pass e.g. torch.arange(1024)")
-    return d.to(_F64).reshape(-1)
+    d = d.to(_F64).reshape(-1)
+    if d.numel() and d.device.type != "meta" and not bool(torch.isfinite(d).all()):
+        raise fail("finite distances", "inf or nan", "pass distances in tokens, e.g. torch.arange(1024)")
+    return d
 
 
 def decay_bound(
@@ -332,8 +347,9 @@ def decay_bound(
 def decay_distances(max_distance: int, *, dense: int = 1024, points: int = 1500) -> torch.Tensor:
     """Distances for plotting a decay curve: every integer up to ``dense``, then about
     ``points`` log-spaced integers up to ``max_distance``. int64 ``[n]``, sorted, unique."""
-    if max_distance < 1:
-        raise fail("max_distance >= 1", repr(max_distance), "pass the context length")
+    max_distance = integer("max_distance", max_distance, maximum=1 << 53, fix="pass the context length")
+    dense = integer("dense", dense, minimum=0, maximum=1 << 24, fix="pass e.g. 1024")
+    points = integer("points", points, maximum=1 << 24, fix="pass e.g. 1500")
     a = torch.arange(0, min(dense, max_distance) + 1, dtype=torch.int64)
     if max_distance <= dense:
         return a
@@ -457,7 +473,10 @@ def attention_scores(
     from ..backends.eager import pair_views
 
     qq, kk = _vectors(cfg, q, k, seed, samples)  # [n, d]
-    dist = torch.as_tensor(distances, dtype=torch.int64).reshape(-1)  # [D]
+    dist = _distances(distances)  # [D] float64
+    if dist.numel() and not bool((dist == dist.round()).all() & (dist >= 0).all() & (dist <= 2**53).all()):
+        raise fail("distances non-negative integers <= 2**53", describe(distances), "pass e.g. torch.arange(4096)")
+    dist = dist.to(torch.int64)
     if seq_len is None:
         seq_len = int(dist.max()) + 1 if dist.numel() else 1
     r = cfg.rotary_dim

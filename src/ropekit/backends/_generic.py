@@ -15,7 +15,7 @@ from types import ModuleType
 
 import torch
 
-from .._checks import tracing
+from .._tensor_checks import tracing
 
 __all__ = ["apply", "apply_qk", "apply_gather", "rotate_functional"]
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops as _ops
-from .._checks import check_apply, check_qk, tracing
+from .._tensor_checks import check_apply, check_qk, tracing
 from . import _generic
 from . import eager as _eager
 

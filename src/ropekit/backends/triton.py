@@ -52,7 +52,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .. import _checks
+from .. import _tensor_checks
 from .._errors import fail
 from . import _generic
 
@@ -374,7 +374,7 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_writable(t: torch.Tensor, name: str) -> None:
-    _checks._check_writable(t, name)
+    _tensor_checks._check_writable(t, name)
 
 
 def _rotate_canon(x, cos, sin, interleaved, conjugate, out, inplace) -> None:

@@ -22,7 +22,6 @@ def _pending(where: str):
 
 
 # ------------------------------------------------------------------ modules.py / functional.py
-@_pending("modules.py/functional.py: a head wider than cfg.head_dim is accepted and only its first dims rotate")
 def test_head_wider_than_config_is_a_rope_error_naming_both_widths():
     rope = RotaryEmbedding(RopeConfig(64))
     q = torch.randn(1, 4, 2, 80)
@@ -30,7 +29,6 @@ def test_head_wider_than_config_is_a_rope_error_naming_both_widths():
         rope(q, q)
 
 
-@_pending("modules.py/functional.py: a narrower head gets an error about internal cos_table widths")
 def test_head_narrower_than_config_is_a_rope_error_naming_both_widths():
     rope = RotaryEmbedding(RopeConfig(64))
     q = torch.randn(1, 4, 2, 48)
@@ -40,7 +38,6 @@ def test_head_narrower_than_config_is_a_rope_error_naming_both_widths():
     assert "head_dim" in msg and "64" in msg and "48" in msg and "cos_table" not in msg
 
 
-@_pending("modules.py: float64 q/k get float32 tables unless table_dtype is given (~1e-7 error)")
 def test_float64_q_k_get_float64_tables():
     cfg = RopeConfig(64, base=1e4)
     q = torch.randn(2, 50, 3, 64, dtype=torch.float64)
@@ -51,7 +48,6 @@ def test_float64_q_k_get_float64_tables():
     torch.testing.assert_close(out, want, atol=1e-12, rtol=0)
 
 
-@_pending("modules.py: RotaryEmbedding has no angles='transformers' option (cos_sin has one)")
 def test_rotary_embedding_transformers_angles_bit_parity():
     cfg = RopeConfig(64, base=5e5)
     rope = RotaryEmbedding(cfg, angles="transformers")
@@ -64,7 +60,6 @@ def test_rotary_embedding_transformers_angles_bit_parity():
         RotaryEmbedding(cfg, angles="float32")
 
 
-@_pending("modules.py: RotaryEmbedding(dict from from_hf) says 'use RopeConfig.from_hf', which made the dict")
 def test_rotary_embedding_of_a_per_layer_dict_names_the_layer_types():
     from pathlib import Path
 
@@ -77,14 +72,12 @@ def test_rotary_embedding_of_a_per_layer_dict_names_the_layer_types():
     assert "RopeConfig.from_hf" not in msg.split("Fix:")[1]
 
 
-@_pending("modules.py: RotaryEmbedding(max_position=2**45).rope_init() is an allocator RuntimeError (use tables.build_table)")
 def test_absurd_max_position_is_a_rope_error():
     rope = RotaryEmbedding(RopeConfig(64), max_position=2**45)
     with pytest.raises(RopeError, match=r"table"):
         rope.rope_init()
 
 
-@_pending("modules.py: attention_scaling / table_dtype / backend are not checked at construction")
 @pytest.mark.parametrize(
     "kw", [dict(attention_scaling="no"), dict(table_dtype=torch.int32), dict(backend="nope")], ids=str
 )

@@ -96,17 +96,11 @@ def test_rope_init_inside_meta_context():
     assert rope.cos_cached.device.type == "cpu" and torch.equal(rope.cos_cached, ref.cos_cached)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="modules.py: RotaryEmbedding._fast_positions builds its cached arange with torch.arange(ntable) "
-    "and no device; inside torch.device('meta') it is a meta tensor whose data_ptr() the CPU kernel "
-    "reads: segmentation fault (fix: torch.arange(ntable, device='cpu'))",
-)
 def test_forward_of_a_cpu_module_inside_meta_context():
     """A module already on CPU, called on CPU tensors while a meta context is active.
 
-    Run in a subprocess: today this crashes the interpreter (segfault), which must not take
-    the test session down with it.
+    Run in a subprocess: a kernel reading a meta tensor's address would crash the interpreter
+    (it once did), which must not take the test session down with it.
     """
     import subprocess
     import sys

@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 from ._errors import fail
-from .config import RopeConfig
+from ._checks import flag, integer
+from .config import RopeConfig, check_head_width
 from . import backends as _backends
 from .functional import apply_gather, apply_rotary_qk, tracing
 from .positions import resolve_positions, split_format, split_qk_format, table_view
-from .tables import MAX_EXACT_POSITION, cos_sin
+from .tables import MAX_EXACT_POSITION, build_table, check_dtype, cos_sin
 
 __all__ = ["RotaryEmbedding"]
 
@@ -40,12 +41,17 @@ class RotaryEmbedding(nn.Module):
     Args:
         cfg: the :class:`~ropekit.RopeConfig` (layout, rotary dim, scaling).
         backend: apply backend (``"auto"`` picks the fastest available for the tensors).
-        table_dtype: dtype of the cached cos/sin (float32 default; float64 for a float64
-            model). ``module.to(torch.bfloat16)`` does not lower it: tables whose dtype
-            was changed are rebuilt from float64 angles.
+        table_dtype: dtype of the cached cos/sin; default (``None``) float32, and float64
+            for float64 q/k (so float64 stays float64). ``module.to(torch.bfloat16)`` does
+            not lower it: tables whose dtype was changed are rebuilt from float64 angles.
         max_position: initial table length (grown on demand, to the next power of two).
         attention_scaling: fold ``cfg.attention_factor`` into cos/sin (default, as
             transformers does).
+        angles: ``"exact"`` (float64 angles from integer positions, the default) or
+            ``"transformers"`` (transformers' float32 ``inv_freq · position``, for bit
+            parity with a model's own rotary embedding; see :func:`ropekit.cos_sin`).
+
+    q and k must have the config's head width (``cfg.head_dim``): a RopeError otherwise.
 
     Tables are non-persistent buffers (never in ``state_dict``); :meth:`rope_init`
     rebuilds them after meta-device initialisation.
@@ -77,20 +83,36 @@ class RotaryEmbedding(nn.Module):
         cfg: RopeConfig,
         *,
         backend: str = "auto",
-        table_dtype: torch.dtype = torch.float32,
+        table_dtype: Optional[torch.dtype] = None,
         max_position: int = 0,
         attention_scaling: bool = True,
+        angles: str = "exact",
     ) -> None:
         super().__init__()
+        if isinstance(cfg, dict) and cfg and all(isinstance(c, RopeConfig) or c is None for c in cfg.values()):
+            keys = ", ".join(repr(k) for k in cfg)
+            raise fail(
+                "cfg a ropekit.RopeConfig (one per module)",
+                f"a dict of configs per layer type ({keys}), as RopeConfig.from_hf returns for models whose "
+                "layer types use different RoPE",
+                "build one module per layer type: {k: RotaryEmbedding(c) for k, c in cfgs.items() if c is not None}",
+            )
         if not isinstance(cfg, RopeConfig):
             raise fail("cfg a ropekit.RopeConfig", type(cfg).__name__, "build one with RopeConfig(head_dim=...) or RopeConfig.from_hf(...)")
+        if not isinstance(backend, str) or backend not in ("auto", *_backends.names()):
+            raise fail(f'backend in {["auto", *_backends.names()]}', repr(backend), 'use backend="auto" to let ropekit choose')
+        if table_dtype is not None:
+            check_dtype(table_dtype)
+        if angles not in ("exact", "transformers"):
+            raise fail('angles "exact" or "transformers"', repr(angles),
+                       'use "exact" (float64 angles) or "transformers" (bit parity with transformers\' float32 angles)')
         self.cfg = cfg
         self.backend = backend
         self.table_dtype = table_dtype
-        if isinstance(max_position, bool) or not isinstance(max_position, int) or max_position < 0:
-            raise fail("max_position an int >= 0", repr(max_position), "pass the longest sequence you expect (or 0: grow on demand)")
-        self.max_position = max_position
-        self.attention_scaling = attention_scaling
+        self.max_position = integer("max_position", max_position, minimum=0, maximum=MAX_EXACT_POSITION + 1,
+                                    fix="pass the longest sequence you expect (or 0: grow on demand)")
+        self.attention_scaling = flag("attention_scaling", attention_scaling)
+        self.angles = angles
         self._lock = threading.Lock()
         self._key: object = None
         self.register_buffer("cos_cached", None, persistent=False)
@@ -120,11 +142,28 @@ class RotaryEmbedding(nn.Module):
         if self.max_position:
             self.tables(self.max_position, device=dev)
 
+    def _dtype_for(self, q: torch.Tensor) -> torch.dtype:
+        """The table dtype for ``q``: ``table_dtype``, else float64 for float64 q, else float32."""
+        if self.table_dtype is not None:
+            return self.table_dtype
+        return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+    def _tables_for(self, q, n, seq_len):
+        """:meth:`tables` in q's table dtype (``dtype=`` only when it is not the default, so a
+        subclass overriding ``tables(n, *, device, seq_len)`` keeps working)."""
+        dtype = self._dtype_for(q)
+        if dtype == (self.table_dtype or torch.float32):
+            return self.tables(n, device=q.device, seq_len=seq_len)
+        return self.tables(n, device=q.device, seq_len=seq_len, dtype=dtype)
+
     def tables(
-        self, n: int, *, device: Union[str, torch.device], seq_len: Optional[int] = None
+        self, n: int, *, device: Union[str, torch.device], seq_len: Optional[int] = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Cached ``(cos, sin)``, each ``[n', r/2]`` with ``n' >= n``, for positions ``0 .. n'-1``."""
+        """Cached ``(cos, sin)``, each ``[n', r/2]`` with ``n' >= n``, for positions ``0 .. n'-1``
+        (``dtype``: default ``table_dtype``, else float32)."""
         device = torch.device(device)
+        dtype = dtype or self.table_dtype or torch.float32
         key = self.cfg.table_key(seq_len)
         with self._lock:
             cos, sin = self.cos_cached, self.sin_cached
@@ -132,17 +171,17 @@ class RotaryEmbedding(nn.Module):
                 cos is None
                 or sin is None
                 or cos.device != device
-                or cos.dtype != self.table_dtype
-                or sin.dtype != self.table_dtype
+                or cos.dtype != dtype
+                or sin.dtype != dtype
                 or cos.shape[0] < n
                 or key != self._key
             )
             if stale:
                 size = max(n, self.max_position, 1)
                 size = 1 << (size - 1).bit_length()
-                pos = torch.arange(size, device=device)
-                cos, sin = cos_sin(
-                    self.cfg, pos, dtype=self.table_dtype, seq_len=seq_len, attention_scaling=self.attention_scaling
+                cos, sin = build_table(
+                    self.cfg, size, dtype=dtype, device=device, seq_len=seq_len,
+                    attention_scaling=self.attention_scaling, angles=self.angles,
                 )
                 self.cos_cached, self.sin_cached, self._key = cos, sin, key
         return cos, sin
@@ -184,7 +223,7 @@ class RotaryEmbedding(nn.Module):
             seq_len = n
         if n > max(self.max_position, TABLE_ROWS_LIMIT) and n > 4 * pos.numel():
             return pos, None, seq_len
-        cos_t, sin_t = self.tables(n, device=q.device, seq_len=seq_len)
+        cos_t, sin_t = self._tables_for(q, n, seq_len)
         return pos, (cos_t, sin_t), seq_len
 
     def _direct_cos_sin(self, pos, q, seq_len):
@@ -195,7 +234,8 @@ class RotaryEmbedding(nn.Module):
                 "seq_len=None",
                 "pass seq_len= (the total length of the sequence) to the module call",
             )
-        return cos_sin(self.cfg, pos, dtype=self.table_dtype, seq_len=seq_len, attention_scaling=self.attention_scaling)
+        return cos_sin(self.cfg, pos, dtype=self._dtype_for(q), seq_len=seq_len, attention_scaling=self.attention_scaling,
+                       angles=self.angles)
 
     def _sync_free(self, q) -> bool:
         """Graphs (torch.compile/export, torch.jit.trace) and meta tensors: cos/sin from the
@@ -214,6 +254,7 @@ class RotaryEmbedding(nn.Module):
         seq_len: Optional[int] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """The gathered ``(cos, sin)`` for ``q`` in ``format``, broadcastable to ``q.shape[:-1] + (r/2,)``."""
+        check_head_width(self.cfg, q=q)
         if self._sync_free(q):
             pos = self._positions(q, positions, offsets, cu_seqlens, format)
             cos, sin = self._direct_cos_sin(pos, q, seq_len)  # [*pos.shape, r/2]
@@ -260,6 +301,7 @@ class RotaryEmbedding(nn.Module):
             if fast is not None:
                 return fast
         _check_qk(q, k)
+        check_head_width(self.cfg, q=q, k=k)
         if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0):
             raise fail("seq_len an int >= 0 or None", repr(seq_len), "pass the total sequence length (e.g. prompt + generated)")
         split_qk_format(q, k, format)
@@ -291,22 +333,26 @@ class RotaryEmbedding(nn.Module):
         sdim = _SEQ_DIM.get(format)
         if not plain or sdim is None or type(k) is not torch.Tensor or q.dim() != 4:
             return None
+        hd = self.cfg.head_dim
+        if q.shape[-1] != hd or k.dim() != 4 or k.shape[-1] != hd:
+            return None  # the general path names both widths
         be = _backends.resolve(self.backend, q)
         if not be.CHECKS:
             return None  # a backend that needs the positions checked before the call
         s = int(q.shape[sdim])
         buf = self._buffers  # not self.cos_cached: nn.Module.__getattr__ costs ~1 µs per buffer
         cos_t, sin_t = buf["cos_cached"], buf["sin_cached"]
+        dtype = self._dtype_for(q)
         stale = (
-            cos_t is None or sin_t is None or cos_t.device != q.device or cos_t.dtype != self.table_dtype
-            or sin_t.dtype != self.table_dtype or self._key != self.cfg.table_key(None)
+            cos_t is None or sin_t is None or cos_t.device != q.device or cos_t.dtype != dtype
+            or sin_t.dtype != dtype or self._key != self.cfg.table_key(None)
         )
         if offsets is None or type(offsets) is int:
             off = offsets or 0
             if not 0 <= off <= max(self.max_position, TABLE_ROWS_LIMIT) - s:
                 return None  # negative, or past what a table should hold: the general path decides
             if stale or off + s > cos_t.shape[0]:
-                cos_t, sin_t = self.tables(off + s, device=q.device)  # first call: the same path as later ones
+                cos_t, sin_t = self._tables_for(q, off + s, None)  # first call: the same path as later ones
             pos = self._arange(cos_t.shape[0], q.device)[off : off + s]  # [s]
         elif type(offsets) is torch.Tensor and offsets.dtype == torch.int64 and offsets.dim() == 1 and not stale:
             # [b] positions for one token per sample (the op reads them as [b, 1]), else [b, s]

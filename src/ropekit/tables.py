@@ -244,6 +244,7 @@ def build_table(
     seq_len: Optional[int] = None,
     attention_scaling: bool = True,
     what: str = "a cos/sin table",
+    angles: str = "exact",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``cos_sin(cfg, arange(n))`` for a table of ``n`` rows, or a RopeError when it cannot exist.
 
@@ -266,7 +267,7 @@ def build_table(
         raise fail(f"{what} of at most {MAX_TABLE_BYTES >> 30} GiB", got, fix)
     try:
         pos = torch.arange(n, dtype=torch.int64, device=device)
-        return cos_sin(cfg, pos, dtype=dtype, seq_len=seq_len, attention_scaling=attention_scaling)
+        return cos_sin(cfg, pos, dtype=dtype, seq_len=seq_len, attention_scaling=attention_scaling, angles=angles)
     except (torch.OutOfMemoryError, RuntimeError) as e:
         if isinstance(e, torch.OutOfMemoryError) or "alloc" in str(e).lower():
             raise fail(f"{what} that fits in {device} memory", f"{got} (the allocator refused it)", fix) from None

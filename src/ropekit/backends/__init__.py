@@ -94,9 +94,11 @@ def _complete(mod: ModuleType) -> None:
     for key, value in _DEFAULTS.items():
         if not hasattr(mod, key):
             setattr(mod, key, value)
-    if not hasattr(mod, "apply"):
-        from . import _generic
+    from . import _generic
 
+    if not mod.TRACEABLE:
+        _generic._OPAQUE[mod.NAME] = mod  # graphs call it through one opaque custom op
+    if not hasattr(mod, "apply"):
         mod.apply = lambda *a: _generic.apply(mod, *a)
         mod.apply_qk = lambda *a: _generic.apply_qk(mod, *a)
         mod.apply_gather = lambda *a: _generic.apply_gather(mod, *a)

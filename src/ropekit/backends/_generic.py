@@ -56,7 +56,7 @@ def rotate_functional(x, cos, sin, layout: str, conjugate: bool) -> torch.Tensor
     return y
 
 
-_OPAQUE: dict = {}  # NAME -> module of the non-traceable backends that ran in a graph
+_OPAQUE: dict = {}  # NAME -> module of each non-traceable backend (filled when the registry loads it)
 
 
 @torch.library.custom_op("ropekit::generic_rotate", mutates_args=())
@@ -92,7 +92,6 @@ def _rotate_traced(be: ModuleType, x, cos, sin, layout: str, conjugate: bool) ->
     if be.DIFFERENTIABLE:
         return be.apply_matrix(x, cos, sin, layout, conjugate).to(x.dtype)
     if not be.TRACEABLE and not (cos.requires_grad or sin.requires_grad):
-        _OPAQUE[be.NAME] = be
         return _rotate_op(x, cos, sin, layout, conjugate, be.NAME)
     return rotate_functional(x, cos, sin, layout, conjugate)
 

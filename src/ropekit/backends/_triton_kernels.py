@@ -15,7 +15,7 @@ Axis 0 walks token tiles (it is the only axis not capped at 65535); axis 1 walks
 blocks, those of q first, then those of k, so no tile mixes q and k. A program loads the
 cos/sin rows of its ``BT`` tokens once (``r/2`` columns) and reuses them for ``BH`` heads.
 
-Properties (numbered as in shared/KERNELS.md):
+Properties a reviewer can check by reading the kernel:
  1. token/head indices are int64 before any stride multiply;
  2. ``R2``/``D`` are compile-time constants, x rows are loaded contiguously (no strided gathers);
  3. interleaved: one contiguous load of ``2*R2P`` columns, reshaped to ``[.., R2P, 2]`` and split;
@@ -173,7 +173,7 @@ def rope_kernel(
     GATHER: ``sc0``/``ss0`` are the table row strides, ``scr``/``ssr`` the column strides,
     ``sp0``/``sp1`` the strides of ``pos [m0, m1]`` (0 when shared by the batch).
     """
-    # int64 before any multiply: b*s*h*d can exceed 2^31 (KERNELS.md property 1)
+    # int64 before any multiply: b*s*h*d can exceed 2^31 (property 1 above)
     t = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT).to(tl.int64)  # [BT]
     tmask = t < M
     m0 = t // M1

@@ -222,6 +222,7 @@ class Measured:
         out_perm: output lane of each input lane, ``None`` when lanes stay in place
             (DeepSeek's interleave function returns ``[even lanes | odd lanes]``).
         lanes: table lane (index into the last dim of cos/sin) feeding each pair.
+        qlayout: ``"bhsd"`` or ``"bshd"``: where the function expects the heads.
     """
 
     width: int
@@ -231,32 +232,50 @@ class Measured:
     direction: int
     out_perm: Optional[Tuple[int, ...]]
     lanes: Tuple[int, ...]
+    qlayout: str = "bhsd"
 
 
-def _probe_q(kind: str, w: int, S: int, dtype: torch.dtype) -> torch.Tensor:
+def qk_layouts(kind: str) -> Tuple[str, ...]:
+    """Layouts of q/k a function of this kind may take, most likely first: ``"bhsd"``
+    (``unsqueeze_dim=1``) or ``"bshd"`` (GPT-J; Llama 4's complex ``freqs_cis``)."""
+    if kind == "sincos":
+        return ("bshd",)
+    if kind == "complex":
+        return ("bshd", "bhsd")
+    return ("bhsd",)
+
+
+def _probe_q(qlayout: str, w: int, S: int, dtype: torch.dtype) -> torch.Tensor:
     eye = torch.eye(w, dtype=dtype)
-    if kind in ("sincos", "complex"):
+    if qlayout == "bshd":
         return eye[None, None].expand(1, S, w, w).contiguous()  # [1, S, heads=w, w]
     return eye[None, :, None, :].expand(1, w, S, w).contiguous()  # [1, heads=w, S, w]
 
 
-def _matrix(out: torch.Tensor, kind: str) -> torch.Tensor:
+def _matrix(out: torch.Tensor, qlayout: str) -> torch.Tensor:
     """Probe output -> ``[S, w_out, w_in]`` (column j = image of basis vector j)."""
-    if kind in ("sincos", "complex"):
+    if qlayout == "bshd":
         return out[0].transpose(1, 2)  # [S, w, w_out] -> [S, w_out, w]
     return out[0].permute(1, 2, 0)  # [w, S, w_out] -> [S, w_out, w]
 
 
-def rope_matrix(fn: Callable, kind: str, cos: Any, sin: Any, width: int) -> torch.Tensor:
-    """``[S, w_out, w]`` matrices of ``fn`` on the q argument (float32 basis vectors)."""
-    S = (cos.shape[-2] if cos.dim() >= 2 else 1)
-    dtype = torch.float32 if not torch.is_complex(cos) else torch.float32
-    q = _probe_q(kind, width, S, dtype)
-    with torch.no_grad():
-        out = run_fn(fn, kind, q, q.clone(), cos, sin)[0]
-    if not isinstance(out, torch.Tensor):
-        raise NotRope("the function did not return a tensor for q")
-    return _matrix(out, kind)
+def rope_matrix(fn: Callable, kind: str, cos: Any, sin: Any, width: int) -> Tuple[torch.Tensor, str]:
+    """``([S, w_out, w] matrices of fn on the q argument, q layout)`` from float32 basis vectors."""
+    S = cos.shape[-2] if cos.dim() >= 2 else 1
+    err: Optional[Exception] = None
+    for qlayout in qk_layouts(kind):
+        q = _probe_q(qlayout, width, S, torch.float32)
+        try:
+            with torch.no_grad():
+                out = run_fn(fn, kind, q, q.clone(), cos, sin)[0]
+        except Exception as e:  # e.g. the other layout's broadcast: try the next
+            err = e
+            continue
+        if not isinstance(out, torch.Tensor):
+            raise NotRope("the function did not return a tensor for q")
+        return _matrix(out, qlayout), qlayout
+    assert err is not None
+    raise err
 
 
 def _tables_2d(t: torch.Tensor) -> torch.Tensor:
@@ -277,7 +296,8 @@ def measure(fn: Callable, kind: str, cos: Any, sin: Any, width: int) -> Tuple[Me
         ``(Measured, R)`` with ``R`` ``[S, w, w]`` float32: the map in input lane order
         (``out_perm`` undone), scale included.
     """
-    M = rope_matrix(fn, kind, cos, sin, width).double()  # [S, w_out, w]
+    M, qlayout = rope_matrix(fn, kind, cos, sin, width)
+    M = M.double()  # [S, w_out, w]
     S, w_out, w = M.shape
     if w_out != w:
         raise NotRope(f"q of {w} lanes came back with {w_out}")
@@ -290,15 +310,14 @@ def measure(fn: Callable, kind: str, cos: Any, sin: Any, width: int) -> Tuple[Me
         raise NotRope("at position 0 the function mixes lanes")
     R = M[:, perm, :]  # [S, w, w]: R[s][i, j], rows back in input lane order
     eye = torch.eye(w, dtype=R.dtype) * a[0]
-    moving = [j for j in range(w) if not torch.equal(R[:, :, j], eye[:, j].expand(S, w))]
+    moving = (R != eye).any(dim=1).any(dim=0).nonzero().flatten().tolist()  # lanes whose column moves
     if not moving:
         raise NotRope("no lane rotates at the probe positions")
     off = min(moving)
-    partner = {}
-    for j in moving:
-        col = R[:, :, j].abs().clone()
-        col[:, j] = -1
-        partner[j] = int(col.max(dim=0).values.argmax())
+    off_diag = R.abs().amax(dim=0)  # [w, w]: largest |R[i, j]| over positions
+    off_diag.fill_diagonal_(-1)
+    best = off_diag.argmax(dim=0).tolist()  # partner row of each input lane
+    partner = {j: best[j] for j in moving}
     for j, p in partner.items():
         if partner.get(p) != j:
             raise NotRope(f"lane {j} mixes with lane {p}, which does not mix back")
@@ -311,42 +330,45 @@ def measure(fn: Callable, kind: str, cos: Any, sin: Any, width: int) -> Tuple[Me
         layout = "interleaved"
         r = max(moving) + 1 - off
         r += r % 2
-        pairs = [(off + 2 * i, off + 2 * i + 1) for i in range(r // 2)]
+        lo_idx = torch.arange(off, off + r, 2)
+        hi_idx = lo_idx + 1
     else:
         layout = "half"
         r = 2 * delta
-        pairs = [(off + i, off + i + delta) for i in range(delta)]
-    if off + r > w or any(partner.get(lo, hi) != hi for lo, hi in pairs):
+        lo_idx = torch.arange(off, off + delta)
+        hi_idx = lo_idx + delta
+    if off + r > w or any(partner.get(lo, hi) != hi for lo, hi in zip(lo_idx.tolist(), hi_idx.tolist())):
         raise NotRope(f"rotating lanes {moving} are not one {layout} block")
     if r == 2:
         layout = "half"  # one pair: both layouts are the same map
     # direction and the per-pair rotation structure
-    direction = 0
-    for lo, hi in pairs:
-        c_lo, c_hi = R[:, lo, lo], R[:, hi, hi]
-        s_hi, s_lo = R[:, hi, lo], R[:, lo, hi]
-        if not (torch.equal(c_lo, c_hi) and torch.equal(s_hi, -s_lo)):
-            raise NotRope(f"pair ({lo}, {hi}) is not a rotation (its cos/sin lanes differ)")
-        if S > 1 and s_hi[1] != 0 and direction == 0:
-            direction = 1 if s_hi[1] > 0 else -1
-    direction = direction or 1
+    c_lo, c_hi = R[:, lo_idx, lo_idx], R[:, hi_idx, hi_idx]  # [S, r/2]
+    s_hi, s_lo = R[:, hi_idx, lo_idx], R[:, lo_idx, hi_idx]
+    bad = ~((c_lo == c_hi) & (s_hi == -s_lo)).all(dim=0)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise NotRope(f"pair ({int(lo_idx[i])}, {int(hi_idx[i])}) is not a rotation (its cos/sin lanes differ)")
+    direction = 1
+    if S > 1:
+        nz = s_hi[1][s_hi[1] != 0]
+        if nz.numel():
+            if not ((nz > 0).all() or (nz < 0).all()):
+                raise NotRope("pairs rotate in different directions")
+            direction = 1 if bool(nz[0] > 0) else -1
     # which table lane feeds each pair
     if kind == "complex":
         ct, st = _tables_2d(cos.real).double(), _tables_2d(cos.imag).double()
     else:
         ct, st = _tables_2d(cos).double(), _tables_2d(sin).double()
-    lanes = []
-    for lo, hi in pairs:
-        hit = [
-            L
-            for L in range(ct.shape[-1])
-            if torch.equal(ct[:, L], R[:, lo, lo]) and torch.equal(direction * st[:, L], R[:, hi, lo])
-        ]
-        if not hit:
-            raise NotRope(f"no table lane gives the angles of pair ({lo}, {hi})")
-        lanes.append(hit[0])
+    if ct.shape[0] != S:
+        raise NotRope(f"tables of {ct.shape[0]} positions for a probe of {S}")
+    hit = (ct[:, None, :] == c_lo[:, :, None]).all(0) & ((direction * st)[:, None, :] == s_hi[:, :, None]).all(0)
+    if not hit.any(dim=1).all():  # hit [r/2, T]: table lane L gives the angles of pair i
+        i = int((~hit.any(dim=1)).nonzero()[0])
+        raise NotRope(f"no table lane gives the angles of pair ({int(lo_idx[i])}, {int(hi_idx[i])})")
+    lanes = hit.int().argmax(dim=1).tolist()
     out_perm = None if perm.tolist() == list(range(w)) else tuple(perm.tolist())
-    return Measured(w, off, r, layout, direction, out_perm, tuple(lanes)), R.float()
+    return Measured(w, off, r, layout, direction, out_perm, tuple(lanes), qlayout), R.float()
 
 
 def expected_matrix(
@@ -478,6 +500,24 @@ def text_sites(module: ModuleType, config: Any) -> List[CallSite]:
     return out
 
 
+def head_width(config: Any, component: str) -> Optional[int]:
+    """Head width of a component per the config (``index_head_dim`` for an indexer)."""
+    def get(k):
+        try:
+            v = getattr(config, k, None)
+        except Exception:
+            v = None
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+    if component == "indexer":
+        return get("index_head_dim")
+    hd = get("head_dim")
+    if hd:
+        return hd
+    hidden, heads = get("hidden_size"), get("num_attention_heads")
+    return hidden // heads if hidden and heads else None
+
+
 def derive(config: Any, model_type: str, layer_type: Optional[str] = None) -> Optional[List[Component]]:
     """The rotary components of a family, from its code and config; ``None`` when the
     modeling module cannot be read (no transformers, no module, no rotary class that takes
@@ -509,13 +549,22 @@ def derive(config: Any, model_type: str, layer_type: Optional[str] = None) -> Op
         kind = signature_kind(fn)
         m = None
         errors = []
-        for tw in dict.fromkeys((cos.shape[-1], 2 * cos.shape[-1])):
+        widths = [cos.shape[-1], 2 * cos.shape[-1]]
+        if site.head_slice == "all":  # the function gets the whole head: probe that first
+            head = head_width(config, name)
+            if head:
+                widths.insert(0, head)
+        for tw in dict.fromkeys(widths):
             try:
                 m, _ = measure(fn, kind, cos, sin, tw)
                 break
-            except Exception as e:  # a width the function does not take: try the next
-                errors.append(f"{type(e).__name__}: {e}")
+            except NotRope as e:  # the function ran: its effect is not RoPE at this width
+                errors.append(e)
+            except Exception:  # a width the function does not take: try the next
+                continue
         if m is None:
-            raise NotRope(f"{site.fn} on probe q: {errors[-1]}")
+            if errors:
+                raise errors[0]
+            return None  # no probe width ran: the code cannot be read this way
         comps[name] = Component(name, site, m, n_inv)
     return list(comps.values())

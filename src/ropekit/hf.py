@@ -102,8 +102,8 @@ class _Src:
         else:
             try:
                 v = getattr(self.obj, key, None)
-            except Exception:  # some config properties raise when unset
-                v = None
+            except Exception:  # some config properties raise when unset; heterogeneous
+                v = vars(self.obj).get(key) if hasattr(self.obj, "__dict__") else None  # configs: the global value
         return default if v is None else v
 
 
@@ -329,14 +329,21 @@ def _is_nested(p: Any) -> bool:
 
 
 def _layer_head_dim(src: _Src, model_type: str, layer_type: str, head_dim: int) -> int:
-    # Heterogeneous 5.x config objects (Gemma 4) resolve head_dim per layer type.
+    # Heterogeneous 5.x config objects (Gemma 4) resolve head_dim per layer: read it from a
+    # layer of this type (per_layer_config is indexed by layer; older releases by type).
     if not src.is_dict:
-        try:
-            g = src.obj.per_layer_config[layer_type].head_dim
-        except Exception:
-            g = None
-        if isinstance(g, int) and not isinstance(g, bool):
-            return g
+        plc = getattr(src.obj, "per_layer_config", None)
+        types = src.get("layer_types")
+        keys: list = []
+        if plc is not None and isinstance(types, (list, tuple)):
+            keys = [i for i, t in enumerate(types) if t == layer_type][:1]
+        for key in keys + [layer_type]:
+            try:
+                g = plc[key].head_dim
+            except Exception:
+                g = None
+            if isinstance(g, int) and not isinstance(g, bool):
+                return g
     # Gemma 4 config.json: full-attention layers use `global_head_dim`.
     if model_type.startswith("gemma4") and layer_type == "full_attention":
         g = src.get("global_head_dim")
@@ -372,7 +379,9 @@ def _with_class_defaults(d: Mapping) -> Any:
         return None
 
 
-def rope_facts(config: Any, model_type: Optional[str] = None) -> Optional[Dict[str, Any]]:
+def rope_facts(
+    config: Any, model_type: Optional[str] = None, layer_type: Optional[str] = None
+) -> Optional[Dict[str, Any]]:
     """What transformers' own modeling code does with RoPE for this config, per component.
 
     Reads the family's modeling module (needs transformers): which RoPE function each
@@ -383,6 +392,8 @@ def rope_facts(config: Any, model_type: Optional[str] = None) -> Optional[Dict[s
     Args:
         config: a transformers ``PretrainedConfig`` (the language-model part).
         model_type: default ``config.model_type``.
+        layer_type: for per-layer-type rope parameters, the layer type whose tables to
+            probe (default: the first).
 
     Returns:
         ``{component: Component}`` (``"attention"``, ``"indexer"``), or ``None`` when the code
@@ -399,7 +410,7 @@ def rope_facts(config: Any, model_type: Optional[str] = None) -> Optional[Dict[s
     if not mt:
         return None
     try:
-        comps = _hf_code.derive(config, mt)
+        comps = _hf_code.derive(config, mt, layer_type=layer_type)
     except _hf_code.NotRope as e:
         raise fail(
             "a RoPE that ropekit can express (one rotation per pair, pairs (i, i+r/2) or (2i, 2i+1))",
@@ -521,7 +532,10 @@ def rope_config_from_hf(
         src = _Src(text)  # multimodal wrapper (Llama 4, Gemma 3, Mistral 3, ...): read the LM part
         model_type = str(src.get("model_type", model_type)).lower()
 
-    facts = rope_facts(src.obj, model_type) if read_code and not src.is_dict else None
+    def facts_for(layer_type: Optional[str] = None) -> Dict[str, Any]:
+        f = rope_facts(src.obj, model_type, layer_type) if read_code and not src.is_dict else None
+        return f or {"attention": None}
+
     layout_given = layout is not None
     if layout is None:
         layout = layout_for_model_type(model_type, src.get("rope_interleave"))
@@ -550,18 +564,23 @@ def rope_config_from_hf(
         return cfg.replace(**overrides) if overrides else cfg
 
     results: Dict[str, Any] = {}
-    for name, comp in (facts or {"attention": None}).items():
-        lay = layout if (layout_given or comp is None) else comp.measured.layout
-        if _is_nested(params):
-            out: Dict[str, Optional[RopeConfig]] = {}
-            for layer_type, p in params.items():
+    if _is_nested(params):
+        for layer_type, p in params.items():
+            for name, comp in facts_for(layer_type if p is not None else None).items():
+                out = results.setdefault(name, {})
                 if p is None:
                     out[layer_type] = None
                     continue
+                lay = layout if (layout_given or comp is None) else comp.measured.layout
                 hd = _layer_head_dim(src, model_type, layer_type, head_dim)
                 out[layer_type] = finish(_one(src, p, model_type, hd, max_pos, lay), name, comp)
-            results[name] = out
-        else:
+        full = {lt for lt in params}
+        for name, out in results.items():  # a component seen only on some layer types
+            for lt in full - set(out):
+                out[lt] = None
+    else:
+        for name, comp in facts_for().items():
+            lay = layout if (layout_given or comp is None) else comp.measured.layout
             r = comp.measured.rotary_dim if comp is not None else None
             results[name] = finish(_one(src, params, model_type, head_dim, max_pos, lay, r), name, comp)
     if component is not None:

@@ -429,7 +429,7 @@ def layer_types_of(config: Any) -> List[Optional[str]]:
 
 
 def module_tables(
-    rot: torch.nn.Module, S: int = 8, layer_type: Optional[str] = None, config: Any = None
+    rot: torch.nn.Module, S: int = 7, layer_type: Optional[str] = None, config: Any = None
 ) -> Tuple[Any, Any]:
     """``(cos, sin)`` of a rotary module for positions ``0..S-1`` (batch 1), in the order
     the attention unpacks them (GPT-J returns ``(sin, cos)``: swapped back here), or

@@ -816,7 +816,7 @@ def _wrap_attention(mod: torch.nn.Module, plans: Dict[Tuple[str, str], Callable]
     return forward
 
 
-_PROBE_S = 8
+_PROBE_S = 7  # odd: never equal to a (even) head width, so a wrong q layout cannot broadcast
 
 
 def _rotary_probes(rots: List[Tuple[str, torch.nn.Module]]) -> List[Tuple[str, torch.nn.Module, Any, Any, str, Any]]:

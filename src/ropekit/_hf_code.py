@@ -126,6 +126,9 @@ def _split_position(func: ast.AST, name: str) -> str:
         call = node.value.func
         if not (isinstance(call, ast.Attribute) and call.attr == "split"):
             continue
+        sizes = node.value.args[1] if len(node.value.args) > 1 else node.value.args[0] if node.value.args else None
+        if not isinstance(sizes, (ast.List, ast.Tuple)):
+            continue  # a split into equal chunks (fused qkv), not [nope, rope] pieces of a head
         for tgt in node.targets:
             if isinstance(tgt, ast.Tuple):
                 ids = [e.id if isinstance(e, ast.Name) else None for e in tgt.elts]

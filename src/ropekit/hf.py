@@ -266,6 +266,27 @@ def _scheme(
     raise _known_error(kind)
 
 
+def _sub_config_names(src: _Src) -> list:
+    if src.is_dict:
+        return [k for k, v in src.obj.items() if isinstance(v, Mapping) and ("model_type" in v or "hidden_size" in v)]
+    return sorted(getattr(type(src.obj), "sub_configs", None) or {})
+
+
+def _layer_src(src: _Src, layer_type: str) -> _Src:
+    """Heterogeneous configs (per-layer attributes, transformers 5.x): the config of a
+    layer of this type; otherwise ``src``."""
+    if src.is_dict:
+        return src
+    plc = getattr(src.obj, "per_layer_config", None)
+    types = src.get("layer_types")
+    if plc is None or not isinstance(types, (list, tuple)) or layer_type not in types:
+        return src
+    try:
+        return _Src(plc[list(types).index(layer_type)])
+    except Exception:
+        return src
+
+
 def _head_dim(src: _Src, model_type: str) -> int:
     v = src.get("qk_rope_head_dim")  # multi-head latent attention: only this part rotates
     if v is None and model_type == "chatglm":
@@ -275,6 +296,13 @@ def _head_dim(src: _Src, model_type: str) -> int:
     if v is None:
         hidden = src.get("hidden_size", src.get("n_embd", src.get("d_model")))
         heads = src.get("num_attention_heads", src.get("n_head"))
+        subs = [k for k in _sub_config_names(src) if k != "text_config"]
+        if (hidden is None or heads is None) and subs:
+            raise fail(
+                "a config with one language model (its own heads, or a text_config)",
+                f"{model_type or 'a config'} made of several models: {', '.join(subs)}",
+                "pass the sub-config of the part you want, e.g. RopeConfig.from_hf(config." + subs[0] + ")",
+            )
         if hidden is None or heads is None:
             raise fail(
                 "head_dim, or hidden_size and num_attention_heads (GPT-J: n_embd and n_head)",
@@ -299,9 +327,8 @@ def _one(
     # relative to the full head) > rope params (5.x) > top-level partial_rotary_factor >
     # GPT-NeoX rotary_pct
     proportional = str(p.get("rope_type", p.get("type"))) == "proportional"
-    if rotary_dim is not None and not proportional:
-        pass
-    elif src.get("qk_rope_head_dim") is not None and not proportional:
+    measured = rotary_dim
+    if src.get("qk_rope_head_dim") is not None and not proportional:
         rotary_dim = int(src.get("qk_rope_head_dim"))
     elif model_type in ("gptj", "codegen"):
         rotary_dim = int(src.get("rotary_dim", head_dim))
@@ -312,6 +339,15 @@ def _one(
         if prf is None:
             prf = 0.25 if model_type == "gpt_neox" else 1.0  # transformers' GPTNeoXConfig default
         rotary_dim = head_dim if proportional else int(head_dim * prf)
+        if rotary_dim % 2 and not proportional:
+            raise fail(
+                "an even rotary dim int(head_dim * partial_rotary_factor)",
+                f"{model_type or 'config'}: int({head_dim} * {prf}) = {rotary_dim}; transformers then uses "
+                f"{(rotary_dim + 1) // 2} frequencies base^(-2i/{rotary_dim}), which no RopeConfig expresses",
+                "pick head_dim and partial_rotary_factor with an even product, or build RopeConfig by hand",
+            )
+    if measured is not None and not proportional:
+        rotary_dim = measured  # the model's own rotary module decides
     base = p.get("rope_theta", src.get("rope_theta", src.get("rotary_emb_base")))
     if base is None:
         base = 10000.0 * float(src.get("rope_ratio", 1.0)) if model_type == "chatglm" else 10000.0
@@ -565,15 +601,25 @@ def rope_config_from_hf(
 
     results: Dict[str, Any] = {}
     if _is_nested(params):
+        per_type = {lt: facts_for(lt) for lt, p in params.items() if p is not None}
+        # a layer type the model does not use (absent from layer_types) cannot be probed:
+        # its pairing and direction are the code's, read on another layer type
+        known = next((f for f in per_type.values() if any(c is not None for c in f.values())), None)
         for layer_type, p in params.items():
-            for name, comp in facts_for(layer_type if p is not None else None).items():
+            facts = per_type.get(layer_type) or {"attention": None}
+            if known is not None and all(c is None for c in facts.values()):
+                facts = known
+            for name, comp in facts.items():
                 out = results.setdefault(name, {})
                 if p is None:
                     out[layer_type] = None
                     continue
                 lay = layout if (layout_given or comp is None) else comp.measured.layout
-                hd = _layer_head_dim(src, model_type, layer_type, head_dim)
-                out[layer_type] = finish(_one(src, p, model_type, hd, max_pos, lay), name, comp)
+                lsrc = _layer_src(src, layer_type)
+                hd = _layer_head_dim(src, model_type, layer_type, _head_dim(lsrc, model_type))
+                cfg = _one(lsrc, p, model_type, hd, max_pos, lay)
+                cfg = _place(cfg, lsrc, name, comp, layout_given)
+                out[layer_type] = cfg.replace(**overrides) if overrides else cfg
         full = {lt for lt in params}
         for name, out in results.items():  # a component seen only on some layer types
             for lt in full - set(out):

@@ -47,7 +47,9 @@ SMALL: Dict[str, Any] = dict(
     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
     index_head_dim=16, index_n_heads=2, index_topk=8, rotary_dim=8, global_head_dim=32,
     vocab_size_per_layer_input=128, depth=1, embed_dim=32, num_heads=4, out_hidden_size=64,
-    vision_hidden_size=32, projector_hidden_size=64, text_hidden_size=64, hidden_size_per_layer_input=8, num_kv_shared_layers=0,
+    vision_hidden_size=32, projector_hidden_size=64, text_hidden_size=64, encoder_num_attention_heads=4,
+    decoder_num_attention_heads=4, encoder_num_key_value_heads=2, decoder_num_key_value_heads=2,
+    encoder_num_hidden_layers=2, decoder_num_hidden_layers=2, hidden_size_per_layer_input=8, num_kv_shared_layers=0,
 )  # fmt: skip
 _TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 MAX_PARAMS = 3_000_000
@@ -68,7 +70,8 @@ class Row:
         patch: ``"proven"``, ``"refused"``, ``"wrong"``, ``"not built"`` or ``"n/a"``.
         logits, generate: patched (``tables="transformers"``) logits bit-identical and
             greedy tokens identical; ``None`` when not run.
-        detail: the difference / reason, one line.
+        detail: the config's difference / reason, one line.
+        patch_detail: why the patch was refused / differs / was not run.
         seconds: time spent on this row.
         rounding: ``config`` is exact in pairing, direction, width and slice, but the
             model's own tables differ from :func:`ropekit.hf.transformers_cos_sin` by float32
@@ -86,6 +89,7 @@ class Row:
     detail: str = ""
     seconds: float = 0.0
     rounding: bool = False
+    patch_detail: str = ""
 
     def as_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -159,6 +163,8 @@ def _shrink_kwargs(cls: type, depth: int = 0) -> Dict[str, Any]:
     for k, v in _TOKENS.items():
         if k in known:
             kw[k] = v
+    if getattr(default, "per_layer_config", None) is not None and "per_layer_config" in known:
+        kw["per_layer_config"] = None  # per-layer overrides keep full-size values: drop them
     rp = getattr(default, "rope_parameters", None) if default is not None else None
     if isinstance(rp, dict) and not any(isinstance(v, dict) for v in rp.values()) and _uses_mrope(cls, rp):
         r = kw.get("qk_rope_head_dim") or kw.get("head_dim") or 16
@@ -233,9 +239,10 @@ def _static_check(cfg_text: Any, flat: Dict[Tuple[str, Optional[str]], Any]) -> 
 
     mt = getattr(cfg_text, "model_type", "")
     module = _hf_code.modeling_module_for(mt)
+    used = getattr(cfg_text, "layer_types", None)
     for (name, lt), cfg in flat.items():
-        if cfg is None:
-            continue
+        if cfg is None or (lt is not None and isinstance(used, (list, tuple)) and lt not in used):
+            continue  # a layer type no layer of this config has: its tables are never built
         comps = _hf_code.derive(cfg_text, mt, layer_type=lt)
         comp = next((c for c in comps or [] if c.name == name), None)
         if comp is None:
@@ -392,7 +399,12 @@ def _runtime_check(calls: list, flat: Dict[Tuple[str, Optional[str]], Any]) -> O
             return f"{caller}.{fname}: {e}"
         except Exception:
             continue
-        off_head, hw = _head_offset(q)
+        module = sys.modules.get(getattr(fn, "__module__", ""), None)
+        sites = _hf_code.call_sites(module) if module is not None else ()
+        split = any(st.cls == caller and st.fn == fname and st.head_slice != "all" for st in sites)
+        # the view trick reads the slice only where the code splits the head (MLA); a fused
+        # qkv projection makes any other q a view too
+        off_head, hw = _head_offset(q) if split else (0, None)
         cands = [c for (n, _), c in flat.items() if n == name and c is not None]
         if not cands:
             return f"{caller} ({name}) calls {fname}, but from_hf has no {name} component"
@@ -403,7 +415,9 @@ def _runtime_check(calls: list, flat: Dict[Tuple[str, Optional[str]], Any]) -> O
                 c.scaling is not None and type(c.scaling).__name__ == "Proportional" and m.rotary_dim <= c.rotary_dim
             )
             lay_ok = m.layout == c.layout or m.rotary_dim == 2
-            head_ok = (hw is None and (head == c.head_dim or head == c.rotary_dim)) or (hw == c.head_dim)
+            head_ok = (hw is None and head in (c.head_dim, c.rotary_dim) or head <= c.head_dim) or (
+                hw is not None and hw >= c.head_dim
+            )  # a fused projection may make the storage row wider than one head
             off_ok = off_head + m.offset == c.rotary_offset or (hw is None and head != c.head_dim and m.offset == 0)
             if r_ok and lay_ok and head_ok and off_ok and m.direction == c.direction:
                 ok = True
@@ -491,39 +505,39 @@ def check(model_type: str, family: str = "", *, models: bool = True, generate: b
         row.seconds = time.perf_counter() - t0
         return row
     text = _text(cfg)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            result = rope_config_from_hf(cfg)
-    except Exception as e:
-        from .._errors import RopeError
-
-        row.config = "refused" if isinstance(e, RopeError) else "wrong"
-        row.detail = f"{type(e).__name__}: {str(e)[:220]}"
-        result = None
     from .. import _hf_code
+    from .._errors import RopeError
 
+    try:
+        facts = _hf_code.derive(text, getattr(text, "model_type", model_type))
+    except _hf_code.NotRope:
+        facts = ["not rope"]  # from_hf must refuse it by name
+    except Exception:
+        facts = None
+    result = None
+    if not facts:
+        row.config = "n/a"
+        row.detail = "no 1-D RoPE call in the language model's code ropekit can read (vision-only, inline, or other)"
+    else:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result = rope_config_from_hf(cfg)
+        except Exception as e:
+            row.config = "refused" if isinstance(e, RopeError) else "wrong"
+            row.detail = f"{type(e).__name__}: {str(e)[:220]}"
     if result is not None:
         flat = _flat(result)
-        facts = None
         try:
-            facts = _hf_code.derive(text, getattr(text, "model_type", model_type))
+            diff = _static_check(text, flat)
         except Exception as e:
-            facts = None
-        if not facts:
-            row.config = "n/a"
-            row.detail = "no 1-D RoPE call in the language model's code ropekit can read (vision-only, inline, or other)"
+            diff = f"check failed: {type(e).__name__}: {str(e)[:150]}"
+        if diff and diff.startswith("ROUNDING "):
+            row.config, row.checked, row.detail = "exact", "code", diff[len("ROUNDING "):]
+            row.rounding = True
         else:
-            try:
-                diff = _static_check(text, flat)
-            except Exception as e:
-                diff = f"check failed: {type(e).__name__}: {str(e)[:150]}"
-            if diff and diff.startswith("ROUNDING "):
-                row.config, row.checked, row.detail = "exact", "code", diff[len("ROUNDING "):]
-                row.rounding = True
-            else:
-                row.config, row.checked = ("wrong", "code") if diff else ("exact", "code")
-                row.detail = diff or ""
+            row.config, row.checked = ("wrong", "code") if diff else ("exact", "code")
+            row.detail = diff or ""
         try:
             row.path_equal, why = _path_equal(cfg, result)
         except Exception as e:
@@ -536,7 +550,7 @@ def check(model_type: str, family: str = "", *, models: bool = True, generate: b
     model, causal, why = _build(model_type, cfg)
     if model is None:
         row.patch = "not built"
-        row.detail = row.detail or why
+        row.patch_detail = why
         row.seconds = time.perf_counter() - t0
         return row
     vocab = int(getattr(text, "vocab_size", None) or getattr(cfg, "vocab_size", 128) or 128)
@@ -547,7 +561,7 @@ def check(model_type: str, family: str = "", *, models: bool = True, generate: b
             ref = _run(model, ids)
     except Exception as e:
         row.patch = "not built"
-        row.detail = row.detail or f"forward failed: {type(e).__name__}: {str(e)[:120]}"
+        row.patch_detail = f"forward failed: {type(e).__name__}: {str(e)[:120]}"
         row.seconds = time.perf_counter() - t0
         return row
     if result is not None and row.config == "exact" and calls:
@@ -558,14 +572,14 @@ def check(model_type: str, family: str = "", *, models: bool = True, generate: b
             row.checked = "code+run"
     if not calls:
         row.patch = "n/a"
-        row.detail = row.detail or "the forward calls no module-level RoPE function"
+        row.patch_detail = "the forward calls no module-level RoPE function"
         row.seconds = time.perf_counter() - t0
         return row
     try:
         rt.patch(model, tables="transformers")
     except Exception as e:
         row.patch = "refused"
-        row.detail = row.detail or f"{type(e).__name__}: {str(e)[:220]}"
+        row.patch_detail = f"{type(e).__name__}: {str(e)[:220]}"
         row.seconds = time.perf_counter() - t0
         return row
     try:
@@ -585,7 +599,7 @@ def check(model_type: str, family: str = "", *, models: bool = True, generate: b
         ok = row.logits and restored and row.generate is not False
         row.patch = "proven" if ok else "wrong"
         if not ok:
-            row.detail = row.detail or (
+            row.patch_detail = (
                 f"patched logits differ by {(out - ref).abs().max().item():.3g}" if not row.logits
                 else "greedy tokens differ" if row.generate is False else "unpatch did not restore the logits"
             )
@@ -593,7 +607,7 @@ def check(model_type: str, family: str = "", *, models: bool = True, generate: b
         if rt.is_patched(model):
             rt.unpatch(model)
         row.patch = "wrong"
-        row.detail = row.detail or f"patched run failed: {type(e).__name__}: {str(e)[:150]}"
+        row.patch_detail = f"patched run failed: {type(e).__name__}: {str(e)[:150]}"
     row.seconds = time.perf_counter() - t0
     return row
 
@@ -679,7 +693,8 @@ def format_table(rows: List[Row]) -> str:
         cfg = r.config + (f" ({r.checked})" if r.checked and r.config == "exact" else "") + (" ≈" if r.rounding else "")
         lines.append(
             "| " + " | ".join(
-                _cell(x) for x in (r.model_type, r.family, cfg, r.path_equal, r.patch, r.logits, r.generate, r.detail[:160])
+                _cell(x) for x in (r.model_type, r.family, cfg, r.path_equal, r.patch, r.logits, r.generate,
+                                   "; ".join(t for t in (r.detail[:160], r.patch_detail[:160]) if t))
             ) + " |"
         )  # fmt: skip
     return "\n".join(lines)

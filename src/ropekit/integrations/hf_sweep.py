@@ -63,8 +63,9 @@ class Row:
     Attributes:
         model_type, family: the config's ``model_type`` and its modeling module's name.
         config: ``"exact"``, ``"refused"`` (a RopeError naming why), ``"wrong"``
-            (a difference), or ``"n/a"`` (no 1-D RoPE in the language model's code, or no
-            tiny config).
+            (a difference), ``"n/a"`` (no 1-D RoPE call in the language model's code: vision
+            or audio towers, 2-D RoPE, inline RoPE, composite configs), or ``"untested"``
+            (the config class rejected the sweep's tiny sizes).
         checked: ``"code+run"`` (also the recorded forward), ``"code"``.
         path_equal: ``from_hf(saved config.json) == from_hf(config)``.
         patch: ``"proven"``, ``"refused"``, ``"wrong"``, ``"not built"`` or ``"n/a"``.
@@ -157,7 +158,17 @@ def _shrink_kwargs(cls: type, depth: int = 0) -> Dict[str, Any]:
     known = names | attrs
     kw = {k: v for k, v in SMALL.items() if k in known}
     if "qk_rope_head_dim" in known:
-        kw.pop("head_dim", None)  # MLA configs derive head_dim from the rope part
+        # MLA: keep head_dim's relation to the rope/nope parts of the default config
+        kw.pop("head_dim", None)
+        try:
+            hd, rope = getattr(default, "head_dim", None), getattr(default, "qk_rope_head_dim", None)
+            nope = getattr(default, "qk_nope_head_dim", None)
+        except Exception:
+            hd = rope = nope = None
+        if hd is not None and hd == rope:
+            kw["head_dim"] = SMALL["qk_rope_head_dim"]
+        elif hd is not None and rope is not None and nope is not None and hd == rope + nope:
+            kw["head_dim"] = SMALL["qk_rope_head_dim"] + SMALL["qk_nope_head_dim"]
         if "num_key_value_heads" in kw:
             kw["num_key_value_heads"] = kw["num_attention_heads"]  # MLA: one latent per head
     for k, v in _TOKENS.items():
@@ -501,6 +512,7 @@ def check(model_type: str, family: str = "", *, models: bool = True, generate: b
             warnings.simplefilter("ignore")
             cfg = tiny_config(model_type)
     except Exception as e:
+        row.config = "untested"
         row.detail = f"no tiny config: {type(e).__name__}: {str(e)[:120]}"
         row.seconds = time.perf_counter() - t0
         return row
@@ -646,7 +658,7 @@ def summary(rows: List[Row]) -> Dict[str, Any]:
     def fam_count(pred) -> int:
         return len({r.family for r in rows if pred(r)})
 
-    applicable = [r for r in rows if r.config != "n/a"]
+    applicable = [r for r in rows if r.config not in ("n/a", "untested")]
     fam_config: Dict[str, str] = {}
     for r in applicable:
         prev = fam_config.get(r.family)
@@ -658,6 +670,7 @@ def summary(rows: List[Row]) -> Dict[str, Any]:
         "families": len({r.family for r in rows}),
         "applicable_model_types": len(applicable),
         "applicable_families": len(fam_config),
+        "untested_model_types": sum(r.config == "untested" for r in rows),
         "config_exact_model_types": sum(r.config == "exact" for r in rows),
         "config_exact_tables_rounding_model_types": sum(r.config == "exact" and r.rounding for r in rows),
         "config_refused_model_types": sum(r.config == "refused" for r in rows),

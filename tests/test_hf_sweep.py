@@ -84,6 +84,12 @@ def test_patch_sweep_every_built_model(rows):
     assert all(r.logits and r.generate in (True, None) for r in proven)
     assert all("RopeError" in r.patch_detail for r in rows if r.patch == "refused")
     assert len({r.family for r in proven}) >= 100
+    # ropekit's exact tables: proven (logits within float32 rounding times the tiny network's
+    # gain) or refused with the reason (multi-axis tables ropekit cannot rebuild)
+    exact = [r for r in proven if r.exact.startswith("proven")]
+    assert all(r.exact.startswith(("proven", "refused: ")) for r in proven)
+    assert all(float(r.exact.rsplit(" ", 1)[1]) <= 1e-5 for r in exact), [r.exact for r in exact]
+    assert len({r.family for r in exact}) >= 100
     assert not rt._INSTALLED
 
 

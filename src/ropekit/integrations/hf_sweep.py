@@ -73,6 +73,8 @@ class Row:
             greedy tokens identical; ``None`` when not run.
         detail: the config's difference / reason, one line.
         patch_detail: why the patch was refused / differs / was not run.
+        exact: ``patch(model, tables="exact")``: ``"proven, logits within X"`` or
+            ``"refused: why"``; empty when not run.
         seconds: time spent on this row.
         rounding: ``config`` is exact in pairing, direction, width and slice, but the
             model's own tables differ from :func:`ropekit.hf.transformers_cos_sin` by float32
@@ -91,6 +93,7 @@ class Row:
     seconds: float = 0.0
     rounding: bool = False
     patch_detail: str = ""
+    exact: str = ""
 
     def as_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -627,6 +630,15 @@ def check(model_type: str, family: str = "", *, models: bool = True, generate: b
             rt.unpatch(model)
         back = _run(model, ids)
         restored = bool(torch.equal(back, ref))
+        try:  # ropekit's exact tables: proven at patch time; logits move by float32 rounding
+            rt.patch(model, tables="exact")
+            try:
+                gap = (_run(model, ids) - ref).abs().max().item()
+            finally:
+                rt.unpatch(model)
+            row.exact = f"proven, logits within {gap:.1e}"
+        except Exception as e:
+            row.exact = "refused: " + str(e).split(", got ", 1)[-1].split(". Fix:")[0][:120]
         ok = row.logits and restored and row.generate is not False
         row.patch = "proven" if ok else "wrong"
         if not ok:
@@ -701,6 +713,9 @@ def summary(rows: List[Row]) -> Dict[str, Any]:
         "patch_proven_model_types": sum(r.patch == "proven" for r in rows),
         "patch_proven_families": fam_count(lambda r: r.patch == "proven"),
         "patch_refused_model_types": sum(r.patch == "refused" for r in rows),
+        "exact_tables_proven_model_types": sum(r.exact.startswith("proven") for r in rows),
+        "exact_tables_proven_families": fam_count(lambda r: r.exact.startswith("proven")),
+        "exact_tables_refused_model_types": sum(r.exact.startswith("refused") for r in rows),
         "patch_wrong_model_types": sum(r.patch == "wrong" for r in rows),
         "not_built_model_types": sum(r.patch == "not built" for r in rows),
     }
@@ -719,14 +734,17 @@ def _cell(v: Any) -> str:
 def format_table(rows: List[Row]) -> str:
     """Markdown: one line per model type (config result, path == object, patch result,
     logits, generation, the difference or reason)."""
-    head = "| model_type | family | config | path = object | patch | logits | generate | difference / reason |"
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    head = (
+        "| model_type | family | config | path = object | patch | logits | generate | "
+        'tables="exact" | difference / reason |'
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r.family, r.model_type)):
         cfg = r.config + (f" ({r.checked})" if r.checked and r.config == "exact" else "") + (" ≈" if r.rounding else "")
         lines.append(
             "| " + " | ".join(
                 _cell(x) for x in (r.model_type, r.family, cfg, r.path_equal, r.patch, r.logits, r.generate,
-                                   "; ".join(t for t in (r.detail[:160], r.patch_detail[:160]) if t))
+                                   r.exact or None, "; ".join(t for t in (r.detail[:160], r.patch_detail[:160]) if t))
             ) + " |"
         )  # fmt: skip
     return "\n".join(lines)

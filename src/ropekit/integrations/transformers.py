@@ -1020,10 +1020,16 @@ def patch(model: torch.nn.Module, *, tables: str = "exact") -> PatchReport:
                     # the config must reproduce the module's own tables bit for bit
                     want = fmt.build(*transformers_cos_sin(cfg, pos, dtype=torch.float32))
                     want = (want,) if isinstance(want, torch.Tensor) else (want[1], want[0]) if order == "sin_cos" else want
-                    if not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(want, have)):
+                    # bit for bit, or within float32 rounding where the module computes cos/sin
+                    # another way (Llama 4's torch.polar)
+                    if not all(
+                        a.shape == b.shape and (a.double() - b.double()).abs().max().item() <= 2.0**-21
+                        for a, b in zip(want, have)
+                    ):
                         diff = "; ".join(_diff_text(b, a) for a, b in zip(want, have))
                         raise fail(
-                            "RopeConfig.from_hf + transformers_cos_sin reproducing the model's tables bit for bit",
+                            "RopeConfig.from_hf + transformers_cos_sin reproducing the model's tables "
+                            "(bit for bit, or within float32 rounding)",
                             f"{mt} ({type(rot).__name__}, layer type {lt}): {diff}",
                             'nothing was changed; use tables="transformers"',
                         )

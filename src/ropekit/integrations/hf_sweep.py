@@ -26,7 +26,6 @@ import contextvars
 import dataclasses
 import inspect
 import json
-import os
 import sys
 import tempfile
 import time

@@ -42,7 +42,7 @@ def test_real_config_files():
     phi4 = rope_config_from_hf(os.path.join(DATA, "phi-4-mini-instruct.json"))
     assert (phi4.head_dim, phi4.rotary_dim, len(phi4.scaling.long_factor)) == (128, 96, 48)
     ds = rope_config_from_hf(os.path.join(DATA, "deepseek-v3.json"))
-    assert (ds.head_dim, ds.rotary_dim, ds.layout) == (64, 64, "interleaved")
+    assert (ds.head_dim, ds.rotary_dim, ds.rotary_offset, ds.layout) == (192, 64, 128, "interleaved")  # [nope | rope]
     assert ds.scaling == YaRN(40.0, 4096, mscale=1.0, mscale_all_dim=1.0)
     assert ds.attention_factor == 1.0  # mscale == mscale_all_dim: the ratio is 1
 
@@ -128,9 +128,12 @@ def test_yarn_factor_and_original_defaults_follow_transformers():
      ("phi3", "half"), ("gemma3_text", "half"), ("gpt_oss", "half"), ("something_new", "half")],  # fmt: skip
 )
 def test_layout_inference(mt, expect):
-    assert layout_for_model_type(mt) == expect
-    cfg = rope_config_from_hf({"model_type": mt, "hidden_size": 64, "num_attention_heads": 2, "rotary_dim": 32})
-    assert cfg.layout == expect
+    assert layout_for_model_type(mt) == expect  # the fallback rules (no modeling code)
+    d = {"model_type": mt, "hidden_size": 64, "num_attention_heads": 2, "rotary_dim": 32}
+    assert rope_config_from_hf(d, read_code=False).layout == expect
+    cfg = rope_config_from_hf(d)  # measured from transformers' code when installed
+    cfgs = cfg.values() if isinstance(cfg, dict) else [cfg]
+    assert all(c.layout == expect for c in cfgs if c is not None)
 
 
 def test_layout_override_flag_and_overrides():

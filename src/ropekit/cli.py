@@ -24,6 +24,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, TextIO
 
@@ -793,6 +794,22 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("list", help="the presets: name, context, source model")
     s.set_defaults(func=_cmd_list)
 
+    s = sub.add_parser(
+        "hf-sweep",
+        help="every RoPE family of the installed transformers: from_hf exact?, path = object?, patch proven? "
+        "(tiny configs, no downloads); exit 1 if anything is wrong",
+    )
+    s.add_argument("--only", action="append", metavar="MODEL_TYPE", help="only this model_type (repeatable)")
+    s.add_argument("--no-models", action="store_true", help="config checks only (no model is built or patched)")
+    s.add_argument("--no-generate", action="store_true", help="skip the greedy-generation comparison")
+    s.add_argument("--out", metavar="FILE", help="write the table (.md) or the rows (.json) there")
+    s.add_argument(
+        "--docs", metavar="FILE", help="replace the table between the sweep markers of this markdown file "
+        "(docs/transformers.md)",
+    )
+    s.add_argument("--quiet", action="store_true", help="no per-model line on stderr")
+    s.set_defaults(func=_cmd_hf_sweep)
+
     # every argument goes to ropekit.experiment's own parser (prefix_chars="+" keeps argparse
     # from claiming --smoke etc. here)
     s = sub.add_parser(
@@ -804,6 +821,49 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(func=_cmd_experiment)
     return p
+
+
+SWEEP_BEGIN = "<!-- hf-sweep table: begin (ropekit hf-sweep --docs docs/transformers.md) -->"
+SWEEP_END = "<!-- hf-sweep table: end -->"
+
+
+def _cmd_hf_sweep(args: argparse.Namespace) -> int:
+    from .integrations import hf_sweep
+
+    t0 = time.perf_counter()
+
+    def show(row: Any) -> None:
+        if not args.quiet:
+            note = "; ".join(t for t in (row.detail, row.patch_detail) if t)
+            print(f"{row.model_type:40s} config {row.config:8s} patch {row.patch:9s} {note[:100]}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rows = hf_sweep.sweep(args.only, models=not args.no_models, generate=not args.no_generate, progress=show)
+    summ = hf_sweep.summary(rows)
+    import transformers
+
+    head = (
+        f"transformers {transformers.__version__}, torch {torch.__version__}; "
+        f"{summ['model_types']} model types ({summ['families']} modeling modules) with a 1-D rotary class, "
+        f"{time.perf_counter() - t0:.0f} s."
+    )
+    counts = "\n".join(f"- {k.replace('_', ' ')}: {v}" for k, v in summ.items())
+    if args.out:
+        hf_sweep.write(rows, args.out)
+    if args.docs:
+        path = Path(args.docs)
+        text = path.read_text(encoding="utf-8")
+        if SWEEP_BEGIN not in text or SWEEP_END not in text:
+            raise _UsageError(f"{path} has no sweep markers ({SWEEP_BEGIN} ... {SWEEP_END})")
+        a, rest = text.split(SWEEP_BEGIN, 1)
+        _, b = rest.split(SWEEP_END, 1)
+        block = f"{SWEEP_BEGIN}\n{head}\n\n{counts}\n\n{hf_sweep.format_table(rows)}\n{SWEEP_END}"
+        path.write_text(a + block + b, encoding="utf-8")
+    print(head)
+    print(counts)
+    bad = summ["config_wrong_model_types"] + summ["patch_wrong_model_types"]
+    return 1 if bad else 0
 
 
 def _cmd_experiment(args: argparse.Namespace) -> int:

@@ -95,6 +95,14 @@ class RopeConfig:
         layout: ``"half"`` or ``"interleaved"`` (see :data:`LAYOUTS`).
         scaling: a scheme from :mod:`ropekit.scaling` (``Linear``, ``NTK``, ``YaRN``...),
             or ``None`` for plain RoPE.
+        rotary_offset: first rotating dim of the head: dims ``[rotary_offset, rotary_offset
+            + r)`` rotate, the others pass through. ``0`` (the default) is the usual leading
+            block; multi-head latent attention (DeepSeek-V2/V3, Kimi, Mistral 4, ...) rotates
+            the *last* ``qk_rope_head_dim`` dims of its ``qk_nope_head_dim +
+            qk_rope_head_dim`` head, i.e. ``rotary_offset = qk_nope_head_dim``.
+        direction: ``+1`` rotates pair ``(a, b)`` by ``+m·θ`` (``a' = a·cos - b·sin``,
+            ``b' = b·cos + a·sin``, RoFormer); ``-1`` by ``-m·θ`` (``a' = a·cos + b·sin``,
+            NanoChat). Attention scores depend on ``direction·(m - n)``.
 
     After construction ``rotary_dim`` is always an ``int``.
 
@@ -111,6 +119,8 @@ class RopeConfig:
     rotary_dim: Optional[int] = None
     layout: str = "half"
     scaling: Optional["Scaling"] = None
+    rotary_offset: int = 0
+    direction: int = 1
 
     def __post_init__(self) -> None:
         hd = integer(
@@ -132,6 +142,20 @@ class RopeConfig:
                 "rotary dims come in pairs; round to an even number no larger than head_dim",
             )
         object.__setattr__(self, "rotary_dim", r)
+        off = self.rotary_offset
+        if isinstance(off, bool) or not isinstance(off, int) or off < 0 or off + r > hd:
+            raise fail(
+                f"rotary_offset an int in [0, head_dim - rotary_dim = {hd - r}]",
+                f"rotary_offset={off!r} (head_dim={hd}, rotary_dim={r})",
+                "the rotating dims [rotary_offset, rotary_offset + rotary_dim) must lie inside the head; "
+                "for MLA heads pass head_dim=qk_nope_head_dim + qk_rope_head_dim, rotary_offset=qk_nope_head_dim",
+            )
+        if self.direction not in (1, -1) or isinstance(self.direction, bool):
+            raise fail(
+                "direction 1 or -1",
+                repr(self.direction),
+                "use 1 to rotate by +m·θ (RoFormer, Llama, ...) or -1 to rotate by -m·θ (NanoChat)",
+            )
         check_layout(self.layout)
         if self.scaling is not None:
             from .scaling import Scaling
@@ -205,7 +229,11 @@ class RopeConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        """Plain-data form (JSON-serialisable); inverse of :meth:`from_dict`."""
+        """Plain-data form (JSON-serialisable); inverse of :meth:`from_dict`.
+
+        ``rotary_offset`` and ``direction`` appear only when they differ from their
+        defaults (0 and 1), so plain configs keep their short form.
+        """
         out = {
             "head_dim": self.head_dim,
             "base": self.base,
@@ -213,6 +241,10 @@ class RopeConfig:
             "layout": self.layout,
             "scaling": None if self.scaling is None else self.scaling.to_dict(),
         }
+        if self.rotary_offset:
+            out["rotary_offset"] = self.rotary_offset
+        if self.direction != 1:
+            out["direction"] = self.direction
         return out
 
     @classmethod
@@ -230,14 +262,20 @@ class RopeConfig:
             return cls(scaling=sc, **data)
         except TypeError as e:
             raise fail(
-                "keys head_dim, base, rotary_dim, layout, scaling", repr(sorted(data)), f"remove unknown keys ({e})"
+                "keys head_dim, base, rotary_dim, layout, scaling, rotary_offset, direction", repr(sorted(data)), f"remove unknown keys ({e})"
             ) from None
+
+    @property
+    def rotary_slice(self) -> slice:
+        """The dims of the head that rotate: ``slice(rotary_offset, rotary_offset + r)``."""
+        return slice(self.rotary_offset, self.rotary_offset + self.rotary_dim)  # type: ignore[operator]
 
     @classmethod
     def from_hf(cls, obj: Any, **overrides: Any) -> Any:
         """Build from a Hugging Face config (``PretrainedConfig``, dict or path to ``config.json``).
 
-        See :func:`ropekit.hf.rope_config_from_hf` for the accepted attribute names.
+        See :func:`ropekit.hf.rope_config_from_hf` for the accepted attribute names, the
+        per-layer-type and per-component results, and ``component=``.
         """
         from .hf import rope_config_from_hf
 

@@ -30,9 +30,16 @@ __all__ = [
     "transformers_inv_freq",
     "transformers_cos_sin",
     "layout_for_model_type",
+    "rope_facts",
     "KNOWN_ROPE_TYPES",
     "INTERLEAVED_MODEL_TYPES",
+    "COMPONENTS",
 ]
+
+#: Names of the rotary components :func:`rope_config_from_hf` can return: the attention
+#: layers, and the sparse-attention indexer of DeepSeek-V3.2-style models (own heads,
+#: own pairing, same tables).
+COMPONENTS = ("attention", "indexer")
 
 #: ``rope_type`` values the loader understands (HF names, their aliases, and ropekit's ``ntk``).
 KNOWN_ROPE_TYPES = (
@@ -49,8 +56,10 @@ KNOWN_ROPE_TYPES = (
     "mrope",
 )
 
-#: ``model_type`` values whose transformers implementation pairs dims ``(2i, 2i+1)``.
-#: Checked against transformers 5.x modeling code: ``rotate_every_two`` (GPT-J, CodeGen),
+#: Fallback only, used when transformers' modeling code cannot be read (transformers not
+#: installed, ``read_code=False``, or a model type it does not know): ``model_type`` values
+#: whose transformers implementation pairs dims ``(2i, 2i+1)``. With the code available the
+#: pairing is measured from it instead (:func:`rope_facts`). Checked against transformers 5.x: ``rotate_every_two`` (GPT-J, CodeGen),
 #: ``rotate_half`` over ``x[..., ::2]`` with ``repeat_interleave``'d cos/sin (Cohere, GLM,
 #: GLM-4, Ernie 4.5, Helium), ``view_as_complex`` (DeepSeek-V2, Llama 4), and ChatGLM's
 #: remote code (pairs ``(2i, 2i+1)`` over half of each head).
@@ -77,7 +86,7 @@ INTERLEAVED_MODEL_TYPES = frozenset(
 #: (transformers default ``True``): DeepSeek-V3-style multi-head latent attention.
 _ROPE_INTERLEAVE_FLAG = frozenset({"deepseek_v3", "kimi_k2", "glm4_moe_lite", "mistral4", "axk1"})
 
-_CONFIG_FIELDS = ("head_dim", "base", "rotary_dim", "layout", "scaling")
+_CONFIG_FIELDS = ("head_dim", "base", "rotary_dim", "layout", "scaling", "rotary_offset", "direction")
 
 
 class _Src:
@@ -93,8 +102,8 @@ class _Src:
         else:
             try:
                 v = getattr(self.obj, key, None)
-            except Exception:  # some config properties raise when unset
-                v = None
+            except Exception:  # some config properties raise when unset; heterogeneous
+                v = vars(self.obj).get(key) if hasattr(self.obj, "__dict__") else None  # configs: the global value
         return default if v is None else v
 
 
@@ -257,6 +266,27 @@ def _scheme(
     raise _known_error(kind)
 
 
+def _sub_config_names(src: _Src) -> list:
+    if src.is_dict:
+        return [k for k, v in src.obj.items() if isinstance(v, Mapping) and ("model_type" in v or "hidden_size" in v)]
+    return sorted(getattr(type(src.obj), "sub_configs", None) or {})
+
+
+def _layer_src(src: _Src, layer_type: str) -> _Src:
+    """Heterogeneous configs (per-layer attributes, transformers 5.x): the config of a
+    layer of this type; otherwise ``src``."""
+    if src.is_dict:
+        return src
+    plc = getattr(src.obj, "per_layer_config", None)
+    types = src.get("layer_types")
+    if plc is None or not isinstance(types, (list, tuple)) or layer_type not in types:
+        return src
+    try:
+        return _Src(plc[list(types).index(layer_type)])
+    except Exception:
+        return src
+
+
 def _head_dim(src: _Src, model_type: str) -> int:
     v = src.get("qk_rope_head_dim")  # multi-head latent attention: only this part rotates
     if v is None and model_type == "chatglm":
@@ -266,6 +296,13 @@ def _head_dim(src: _Src, model_type: str) -> int:
     if v is None:
         hidden = src.get("hidden_size", src.get("n_embd", src.get("d_model")))
         heads = src.get("num_attention_heads", src.get("n_head"))
+        subs = [k for k in _sub_config_names(src) if k != "text_config"]
+        if (hidden is None or heads is None) and subs:
+            raise fail(
+                "a config with one language model (its own heads, or a text_config)",
+                f"{model_type or 'a config'} made of several models: {', '.join(subs)}",
+                "pass the sub-config of the part you want, e.g. RopeConfig.from_hf(config." + subs[0] + ")",
+            )
         if hidden is None or heads is None:
             raise fail(
                 "head_dim, or hidden_size and num_attention_heads (GPT-J: n_embd and n_head)",
@@ -277,10 +314,23 @@ def _head_dim(src: _Src, model_type: str) -> int:
 
 
 def _one(
-    src: _Src, p: Mapping, model_type: str, head_dim: int, max_pos: Optional[int], layout: str
+    src: _Src,
+    p: Mapping,
+    model_type: str,
+    head_dim: int,
+    max_pos: Optional[int],
+    layout: str,
+    rotary_dim: Optional[int] = None,
 ) -> RopeConfig:
-    # partial rotary: rope params (5.x) > top-level partial_rotary_factor > GPT-NeoX rotary_pct
-    if model_type in ("gptj", "codegen"):
+    # partial rotary: the model's own rotary module (rotary_dim, measured) > MLA's
+    # qk_rope_head_dim (the rope part *is* the rotary width; a partial_rotary_factor there is
+    # relative to the full head) > rope params (5.x) > top-level partial_rotary_factor >
+    # GPT-NeoX rotary_pct
+    proportional = str(p.get("rope_type", p.get("type"))) == "proportional"
+    measured = rotary_dim
+    if src.get("qk_rope_head_dim") is not None and not proportional:
+        rotary_dim = int(src.get("qk_rope_head_dim"))
+    elif model_type in ("gptj", "codegen"):
         rotary_dim = int(src.get("rotary_dim", head_dim))
     elif model_type == "chatglm":
         rotary_dim = head_dim // 2  # ChatGLM rotates half of each head (RotaryEmbedding(kv_channels // 2))
@@ -288,7 +338,16 @@ def _one(
         prf = p.get("partial_rotary_factor", src.get("partial_rotary_factor", src.get("rotary_pct")))
         if prf is None:
             prf = 0.25 if model_type == "gpt_neox" else 1.0  # transformers' GPTNeoXConfig default
-        rotary_dim = head_dim if str(p.get("rope_type", p.get("type"))) == "proportional" else int(head_dim * prf)
+        rotary_dim = head_dim if proportional else int(head_dim * prf)
+        if rotary_dim % 2 and not proportional:
+            raise fail(
+                "an even rotary dim int(head_dim * partial_rotary_factor)",
+                f"{model_type or 'config'}: int({head_dim} * {prf}) = {rotary_dim}; transformers then uses "
+                f"{(rotary_dim + 1) // 2} frequencies base^(-2i/{rotary_dim}), which no RopeConfig expresses",
+                "pick head_dim and partial_rotary_factor with an even product, or build RopeConfig by hand",
+            )
+    if measured is not None and not proportional:
+        rotary_dim = measured  # the model's own rotary module decides
     base = p.get("rope_theta", src.get("rope_theta", src.get("rotary_emb_base")))
     if base is None:
         base = 10000.0 * float(src.get("rope_ratio", 1.0)) if model_type == "chatglm" else 10000.0
@@ -306,14 +365,21 @@ def _is_nested(p: Any) -> bool:
 
 
 def _layer_head_dim(src: _Src, model_type: str, layer_type: str, head_dim: int) -> int:
-    # Heterogeneous 5.x config objects (Gemma 4) resolve head_dim per layer type.
+    # Heterogeneous 5.x config objects (Gemma 4) resolve head_dim per layer: read it from a
+    # layer of this type (per_layer_config is indexed by layer; older releases by type).
     if not src.is_dict:
-        try:
-            g = src.obj.per_layer_config[layer_type].head_dim
-        except Exception:
-            g = None
-        if isinstance(g, int) and not isinstance(g, bool):
-            return g
+        plc = getattr(src.obj, "per_layer_config", None)
+        types = src.get("layer_types")
+        keys: list = []
+        if plc is not None and isinstance(types, (list, tuple)):
+            keys = [i for i, t in enumerate(types) if t == layer_type][:1]
+        for key in keys + [layer_type]:
+            try:
+                g = plc[key].head_dim
+            except Exception:
+                g = None
+            if isinstance(g, int) and not isinstance(g, bool):
+                return g
     # Gemma 4 config.json: full-attention layers use `global_head_dim`.
     if model_type.startswith("gemma4") and layer_type == "full_attention":
         g = src.get("global_head_dim")
@@ -349,50 +415,151 @@ def _with_class_defaults(d: Mapping) -> Any:
         return None
 
 
+def rope_facts(
+    config: Any, model_type: Optional[str] = None, layer_type: Optional[str] = None
+) -> Optional[Dict[str, Any]]:
+    """What transformers' own modeling code does with RoPE for this config, per component.
+
+    Reads the family's modeling module (needs transformers): which RoPE function each
+    attention (and indexer) class calls, under which config flag and on which slice of the
+    head, then measures that function on basis vectors with the family's own rotary module
+    and this config (see :mod:`ropekit._hf_code`).
+
+    Args:
+        config: a transformers ``PretrainedConfig`` (the language-model part).
+        model_type: default ``config.model_type``.
+        layer_type: for per-layer-type rope parameters, the layer type whose tables to
+            probe (default: the first).
+
+    Returns:
+        ``{component: Component}`` (``"attention"``, ``"indexer"``), or ``None`` when the code
+        cannot be read (transformers missing, no modeling module, a rotary module that does
+        not take this config, or a function signature ropekit does not know).
+
+    Raises:
+        RopeError: the code is readable but its RoPE is not one ropekit can express (the
+        message names the family and the reason).
+    """
+    from . import _hf_code
+
+    mt = model_type or getattr(config, "model_type", None)
+    if not mt:
+        return None
+    try:
+        comps = _hf_code.derive(config, mt, layer_type=layer_type)
+    except _hf_code.NotRope as e:
+        raise fail(
+            "a RoPE that ropekit can express (one rotation per pair, pairs (i, i+r/2) or (2i, 2i+1))",
+            f"{mt}: {e}",
+            "this family's rotary code does something else; build RopeConfig by hand if part of it is RoPE",
+        ) from None
+    except Exception:
+        return None
+    if not comps:
+        return None
+    return {c.name: c for c in comps}
+
+
+def _place(cfg: RopeConfig, src: _Src, name: str, comp: Any, layout_given: bool) -> RopeConfig:
+    """Head width, rotating slice and direction of one component (``comp`` from the code, or
+    ``None``: config rules only)."""
+    r = cfg.rotary_dim
+    nope, rope = src.get("qk_nope_head_dim"), src.get("qk_rope_head_dim")
+    if comp is None:
+        if name == "attention" and nope is not None and rope is not None:
+            # multi-head latent attention (DeepSeek-V2/V3 and descendants): the head is
+            # [nope | rope]; only the last qk_rope_head_dim dims rotate
+            return cfg.replace(head_dim=int(nope) + int(rope), rotary_offset=int(nope))
+        return cfg
+    m, site = comp.measured, comp.site
+    changes: Dict[str, Any] = {"direction": m.direction}
+    if not layout_given:
+        changes["layout"] = m.layout
+    if site.head_slice in ("first", "last"):  # the attention splits the head, rotates one piece
+        if name == "indexer":
+            full = src.get("index_head_dim")
+        else:
+            full = int(nope) + int(rope) if nope is not None and rope is not None else None
+        full = r if full is None else int(full)
+        changes.update(head_dim=full, rotary_offset=full - r if site.head_slice == "last" else 0)
+    elif m.width > r or m.offset:  # the function itself takes the whole head
+        changes.update(head_dim=m.width, rotary_offset=m.offset)
+    if cfg.scaling is not None and type(cfg.scaling).__name__ == "Proportional" and "head_dim" in changes:
+        changes.pop("head_dim")  # its frequencies are relative to head_dim: keep the table's
+        changes.pop("rotary_offset", None)
+    return cfg.replace(**changes)
+
+
 def rope_config_from_hf(
-    obj: Any, *, layout: Optional[str] = None, **overrides: Any
-) -> Union[RopeConfig, Dict[str, Optional[RopeConfig]]]:
+    obj: Any,
+    *,
+    layout: Optional[str] = None,
+    component: Optional[str] = None,
+    read_code: bool = True,
+    **overrides: Any,
+) -> Union[RopeConfig, Dict[str, Any]]:
     """Build a :class:`~ropekit.RopeConfig` from a Hugging Face model config.
 
     Args:
         obj: a transformers ``PretrainedConfig`` (4.x or 5.x), a ``dict`` (the parsed
             ``config.json``) or a path to ``config.json`` / its directory. Multimodal configs
             are read from their ``text_config``.
-        layout: ``"half"`` or ``"interleaved"``; default inferred from ``model_type``
-            (see :data:`INTERLEAVED_MODEL_TYPES`), ``"half"`` for unknown types.
+        layout: ``"half"`` or ``"interleaved"`` to force the pairing; default: measured
+            from the family's modeling code (:func:`rope_facts`), else (no transformers, or
+            ``read_code=False``) the fallback rules of :func:`layout_for_model_type`.
+        component: ``"attention"`` or ``"indexer"`` (see :data:`COMPONENTS`) to get one
+            component of a model that has several; ``None`` returns all of them.
+        read_code: read transformers' modeling code for the pairing, the direction, the
+            rotary width and the head slice (default). ``False`` uses the config alone and
+            never imports transformers.
         **overrides: any ``RopeConfig`` field (``head_dim``, ``base``, ``rotary_dim``,
-            ``scaling``) to replace after loading.
+            ``scaling``, ``rotary_offset``, ``direction``) to replace after loading, in
+            every returned config.
 
     Returns:
         A ``RopeConfig``; or, for configs with per-layer-type rope parameters (transformers
         5.x nested ``rope_parameters``, or Gemma 3's ``rope_local_base_freq``), a dict
-        ``{layer_type: RopeConfig or None}`` (``None`` = a layer type without RoPE).
+        ``{layer_type: RopeConfig or None}`` (``None`` = a layer type without RoPE); or, for
+        models with more than one rotary component (DeepSeek-V3.2's MLA attention and its
+        indexer), a dict ``{component: RopeConfig or per-layer dict}`` (``component=``
+        picks one).
 
-    A ``config.json`` that omits the head shape (left to the config class's defaults, as
-    ``google/gemma-3-4b-it`` does) is completed by ``transformers.AutoConfig.for_model``
-    when transformers is installed.
+    Multi-head latent attention (DeepSeek-V2/V3, Kimi, Mistral 4, ...): ``head_dim`` is the
+    whole query/key head ``qk_nope_head_dim + qk_rope_head_dim`` and ``rotary_offset`` says
+    where the rotating ``qk_rope_head_dim`` dims start (see ``RopeConfig.rotary_slice``).
+
+    With transformers installed a ``dict``/path is first turned into the family's config
+    object (``AutoConfig.for_model``), so ``from_hf(path)`` and ``from_hf(config)`` read the
+    same values (class defaults, derived attributes such as Gemma 4's per-layer head dims).
+
+    Raises:
+        RopeError: bad input, or a family whose RoPE ropekit cannot express (named).
 
     Read: ``head_dim`` (else ``hidden_size // num_attention_heads``, GPT-J ``n_embd //
-    n_head``, MLA ``qk_rope_head_dim``); rotary dim from ``partial_rotary_factor`` /
-    ``rotary_pct`` / GPT-J ``rotary_dim``; base from ``rope_theta`` / ``rotary_emb_base``;
-    scaling from ``rope_parameters`` / ``rope_scaling`` (``rope_type`` or ``type``; ``su``
-    and Phi-3's ``yarn``-with-factor-lists mean ``longrope``; ``dynamic`` with ``alpha`` is
-    HunYuan's static NTK). Missing ``factor`` of YaRN/LongRoPE and missing
+    n_head``); rotary dim from the model's rotary module, else MLA ``qk_rope_head_dim``,
+    ``partial_rotary_factor`` / ``rotary_pct`` / GPT-J ``rotary_dim``; base from
+    ``rope_theta`` / ``rotary_emb_base``; scaling from ``rope_parameters`` /
+    ``rope_scaling`` (``rope_type`` or ``type``; ``su`` and Phi-3's
+    ``yarn``-with-factor-lists mean ``longrope``; ``dynamic`` with ``alpha`` is HunYuan's
+    static NTK). Missing ``factor`` of YaRN/LongRoPE and missing
     ``original_max_position_embeddings`` follow transformers' rules.
 
     Example:
         >>> cfg = rope_config_from_hf({"model_type": "llama", "hidden_size": 4096,
         ...     "num_attention_heads": 32, "rope_theta": 500000.0, "max_position_embeddings": 131072,
         ...     "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-        ...                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}})
+        ...                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
+        ...     read_code=False)
         >>> cfg.head_dim, cfg.base, type(cfg.scaling).__name__, cfg.layout
         (128, 500000.0, 'Llama3', 'half')
     """
     bad = sorted(set(overrides) - set(_CONFIG_FIELDS))
     if bad:
         raise fail(f"overrides among {list(_CONFIG_FIELDS)}", repr(bad), "remove the unknown keyword arguments")
+    if component is not None and component not in COMPONENTS:
+        raise fail(f"component None or one of {list(COMPONENTS)}", repr(component), "pass e.g. component='indexer'")
     loaded = _load(obj)
-    if isinstance(loaded, Mapping) and _is_sparse(loaded):
+    if isinstance(loaded, Mapping) and (read_code or _is_sparse(loaded)):
         loaded = _with_class_defaults(loaded) or loaded
     src = _Src(loaded)
     model_type = str(src.get("model_type", "")).lower()
@@ -401,6 +568,11 @@ def rope_config_from_hf(
         src = _Src(text)  # multimodal wrapper (Llama 4, Gemma 3, Mistral 3, ...): read the LM part
         model_type = str(src.get("model_type", model_type)).lower()
 
+    def facts_for(layer_type: Optional[str] = None) -> Dict[str, Any]:
+        f = rope_facts(src.obj, model_type, layer_type) if read_code and not src.is_dict else None
+        return f or {"attention": None}
+
+    layout_given = layout is not None
     if layout is None:
         layout = layout_for_model_type(model_type, src.get("rope_interleave"))
     head_dim = _head_dim(src, model_type)
@@ -423,18 +595,49 @@ def rope_config_from_hf(
         glob.setdefault("rope_theta", src.get("rope_theta", 1_000_000.0))
         params = {"full_attention": glob, "sliding_attention": {"rope_type": "default", "rope_theta": local_base}}
 
+    def finish(cfg: RopeConfig, name: str, comp: Any) -> RopeConfig:
+        cfg = _place(cfg, src, name, comp, layout_given)
+        return cfg.replace(**overrides) if overrides else cfg
+
+    results: Dict[str, Any] = {}
     if _is_nested(params):
-        out: Dict[str, Optional[RopeConfig]] = {}
+        per_type = {lt: facts_for(lt) for lt, p in params.items() if p is not None}
+        # a layer type the model does not use (absent from layer_types) cannot be probed:
+        # its pairing and direction are the code's, read on another layer type
+        known = next((f for f in per_type.values() if any(c is not None for c in f.values())), None)
         for layer_type, p in params.items():
-            if p is None:
-                out[layer_type] = None
-                continue
-            hd = _layer_head_dim(src, model_type, layer_type, head_dim)
-            cfg = _one(src, p, model_type, hd, max_pos, layout)
-            out[layer_type] = cfg.replace(**overrides) if overrides else cfg
-        return out
-    cfg = _one(src, params, model_type, head_dim, max_pos, layout)
-    return cfg.replace(**overrides) if overrides else cfg
+            facts = per_type.get(layer_type) or {"attention": None}
+            if known is not None and all(c is None for c in facts.values()):
+                facts = known
+            for name, comp in facts.items():
+                out = results.setdefault(name, {})
+                if p is None:
+                    out[layer_type] = None
+                    continue
+                lay = layout if (layout_given or comp is None) else comp.measured.layout
+                lsrc = _layer_src(src, layer_type)
+                hd = _layer_head_dim(src, model_type, layer_type, _head_dim(lsrc, model_type))
+                cfg = _one(lsrc, p, model_type, hd, max_pos, lay)
+                cfg = _place(cfg, lsrc, name, comp, layout_given)
+                out[layer_type] = cfg.replace(**overrides) if overrides else cfg
+        full = {lt for lt in params}
+        for name, out in results.items():  # a component seen only on some layer types
+            for lt in full - set(out):
+                out[lt] = None
+    else:
+        for name, comp in facts_for().items():
+            lay = layout if (layout_given or comp is None) else comp.measured.layout
+            r = comp.measured.rotary_dim if comp is not None else None
+            results[name] = finish(_one(src, params, model_type, head_dim, max_pos, lay, r), name, comp)
+    if component is not None:
+        if component not in results:
+            raise fail(
+                f"a component of this model: {sorted(results)}",
+                repr(component),
+                "leave component=None to get every component",
+            )
+        return results[component]
+    return results["attention"] if len(results) == 1 else results
 
 
 # ---------------------------------------------------------------------------------------

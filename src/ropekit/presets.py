@@ -194,10 +194,14 @@ def _entry(name: str) -> Dict[str, Any]:
 
 
 def get(name: str) -> Union[RopeConfig, Dict[str, RopeConfig]]:
-    """The preset's ``RopeConfig`` (a ``{layer_type: RopeConfig}`` dict for per-layer models)."""
+    """The preset's ``RopeConfig`` (a ``{layer_type: RopeConfig}`` dict for per-layer models).
+
+    Read with the config rules alone (``read_code=False``), so a preset is the same with or
+    without transformers installed, and whatever its version.
+    """
     from .hf import rope_config_from_hf
 
-    return rope_config_from_hf(copy.deepcopy(_entry(name)["config"]))  # type: ignore[return-value]
+    return rope_config_from_hf(copy.deepcopy(_entry(name)["config"]), read_code=False)  # type: ignore[return-value]
 
 
 def max_position(name: str) -> int:

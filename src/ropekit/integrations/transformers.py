@@ -11,13 +11,16 @@ Three pieces:
   full-width ``cos``/``sin`` their rotary modules build), running on
   :func:`ropekit.apply_rotary_qk` with ``backend="auto"`` (the fused CPU kernel on CPU,
   Triton on CUDA when available, else eager).
-- :func:`patch` / :func:`unpatch` / :func:`patched` — per model *instance*: the model's
-  attention modules are wrapped so that, while one of them runs, the modeling module's
-  ``apply_rotary_pos_emb`` (replaced once per modeling module by a dispatcher) goes to
-  ropekit; every other model keeps transformers' code. With ``tables="exact"`` the forward
-  of the model's rotary-embedding module(s) is also replaced by ropekit's tables (float64
-  angles, one rounding); ``tables="transformers"`` keeps the model's own tables.
-- :data:`REGISTRY` — what is patched per ``model_type`` (:func:`supported_model_types`).
+- :func:`patch` / :func:`unpatch` / :func:`patched` — per model *instance*: the modules
+  whose code calls a RoPE function of their modeling module (attention layers, indexers)
+  are wrapped so that, while one of them runs, that function (replaced once by a
+  dispatcher) goes to ropekit; every other model keeps transformers' code. What to patch
+  and how is read from the model's classes and measured on its own tables, and each
+  replacement is proven on probe tensors before anything changes (:class:`Plan`). With
+  ``tables="exact"`` the forward of the model's rotary-embedding module(s) is also
+  replaced by ropekit's tables (float64 angles, one rounding); ``tables="transformers"``
+  keeps the model's own tables.
+- :func:`supported_model_types` — the model types whose code has such an attention.
 
 Precision:
 
@@ -37,8 +40,8 @@ transformers versions: the code was tested with :data:`TESTED_VERSIONS`. A trans
 major version other than 5 is rejected with a :class:`~ropekit.RopeError` (4.x modeling
 code and configs differ); a 5.x version outside the tested range patches but warns once
 (:class:`UntestedVersionWarning`), because the patch depends on function and class names
-inside transformers' modeling files. ``patch`` checks that every function it replaces
-exists, so a renamed function is an error, not a silent no-op.
+inside transformers' modeling files. ``patch`` measures and proves every function it
+replaces, so changed modeling code is an error, not a silent wrong answer.
 
 Shapes: ``b`` batch, ``s`` sequence, ``h`` heads, ``d`` head dim, ``r`` rotary dim.
 """
@@ -50,6 +53,7 @@ import contextvars
 import dataclasses
 import functools
 import inspect
+import math
 import sys
 import threading
 import warnings
@@ -72,8 +76,7 @@ __all__ = [
     "patched",
     "is_patched",
     "PatchReport",
-    "Family",
-    "REGISTRY",
+    "Plan",
     "supported_model_types",
     "TABLE_MODES",
     "TESTED_VERSIONS",
@@ -231,83 +234,288 @@ def _gptj_apply(tensor: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> t
     return apply_rotary(tensor, cos[:, :, None, :], sin[:, :, None, :], layout="interleaved")
 
 
-# --------------------------------------------------------------------------- registry
-@dataclasses.dataclass(frozen=True)
-class Family:
-    """How one transformers model family is patched.
-
-    Attributes:
-        attention: class names of the attention modules whose forward calls the functions
-            (subclasses match too).
-        rotary: class names of the rotary-embedding modules (their forward is replaced with
-            ``tables="exact"``); empty for GPT-J, whose tables are buffers of the attention.
-        functions: ``(name, kind)`` of the module-level functions routed to ropekit, found
-            in the modeling module that defines the attention's ``forward``. ``kind``:
-            ``"hf"`` (:func:`apply_rotary_pos_emb`), ``"hf_interleave"``
-            (:func:`apply_rotary_pos_emb_interleave`), ``"gptj"`` (GPT-J's signature).
-        tables: how exact tables are built: ``"rope"`` (one config), ``"per_layer"``
-            (Gemma 3: one config per layer type), ``"mrope"`` (Qwen2-VL: 3-axis M-RoPE),
-            ``"gptj"`` (replace the ``embed_positions`` buffers: each attention's up to
-            transformers 5.23, ``model.rotary_emb``'s from 5.24).
-        note: one line for the docs.
-    """
-
-    attention: Tuple[str, ...]
-    rotary: Tuple[str, ...]
-    functions: Tuple[Tuple[str, str], ...]
-    tables: str = "rope"
-    note: str = ""
+# --------------------------------------------------------------------------- discovery
+# Which modules of a model to patch is read from transformers' code, not from a list of
+# model types: a module is a "RoPE caller" when one of its class's methods names a
+# module-level RoPE function of the modeling module that defines the method.
 
 
-_HF = (("apply_rotary_pos_emb", "hf"),)
+def _rope_calls_of_class(cls: type) -> Tuple[Tuple[str, str], ...]:
+    """``(modeling module, function)`` pairs the methods of ``cls`` call (1-D RoPE only)."""
+    from .. import _hf_code
+
+    found = []
+    for klass in cls.__mro__:
+        if klass is torch.nn.Module or klass is object:
+            break
+        for attr in vars(klass).values():
+            fn = getattr(attr, "__func__", attr)
+            try:
+                fn = inspect.unwrap(fn) if callable(fn) else fn  # decorators (deprecate_kwarg, ...)
+            except ValueError:
+                pass
+            code = getattr(fn, "__code__", None)
+            modname = getattr(fn, "__module__", None)
+            if code is None or modname not in sys.modules:
+                continue
+            module = sys.modules[modname]
+            fns = _hf_code.rope_functions(module)
+            for name in code.co_names:
+                low = name.lower()
+                if name in fns and "vision" not in low and "2d" not in low and "multidimensional" not in low:
+                    found.append((modname, name))
+    return tuple(dict.fromkeys(found))
 
 
-def _std(prefix: str, note: str) -> Family:
-    return Family((f"{prefix}Attention",), (f"{prefix}RotaryEmbedding",), _HF, "rope", note)
+_CLASS_CACHE: Dict[type, Tuple[Tuple[str, str], ...]] = {}
 
 
-#: ``model_type`` -> :class:`Family`. Checked against transformers 5.23 modeling files.
-REGISTRY: Dict[str, Family] = {
-    "llama": _std("Llama", "default/linear/dynamic/yarn/llama3 RoPE, half layout"),
-    "mistral": _std("Mistral", "default RoPE, half layout"),
-    "qwen2": _std("Qwen2", "default RoPE, half layout"),
-    "qwen3": _std("Qwen3", "default RoPE after the q/k RMSNorm, half layout"),
-    "phi3": _std("Phi3", "LongRoPE (short/long factors switched at original_max_position_embeddings), partial rotary"),
-    "gemma3": Family(
-        ("Gemma3Attention",), ("Gemma3RotaryEmbedding",), _HF, "per_layer", "per-layer-type RoPE (sliding/full bases)"
-    ),
-    "gpt_neox": _std("GPTNeoX", "partial rotary (rotary_pct), half layout"),
-    "gptj": Family(
-        ("GPTJAttention",), (), (("apply_rotary_pos_emb", "gptj"),), "gptj", "interleaved pairs, partial rotary_dim"
-    ),
-    "qwen2_vl": Family(
-        ("Qwen2VLAttention",),
-        ("Qwen2VLRotaryEmbedding",),
-        _HF,
-        "mrope",
-        "text decoder's 3-axis M-RoPE (mrope_section); the vision tower is not patched",
-    ),
-    "deepseek_v3": Family(
-        ("DeepseekV3Attention",),
-        ("DeepseekV3RotaryEmbedding",),
-        _HF + (("apply_rotary_pos_emb_interleave", "hf_interleave"),),
-        "rope",
-        "YaRN (mscale), interleaved pairs (rope_interleave) over qk_rope_head_dim",
-    ),
-}
-REGISTRY["gemma3_text"] = REGISTRY["gemma3"]
-REGISTRY["qwen2_vl_text"] = REGISTRY["qwen2_vl"]
+def _rope_calls(mod: torch.nn.Module) -> Tuple[Tuple[str, str], ...]:
+    cls = type(mod)
+    if cls not in _CLASS_CACHE:
+        _CLASS_CACHE[cls] = _rope_calls_of_class(cls)
+    return _CLASS_CACHE[cls]
 
 
+def _is_rotary(mod: torch.nn.Module) -> bool:
+    name = type(mod).__name__
+    return name.endswith("RotaryEmbedding") and "Vision" not in name
+
+
+def _family(model: Any) -> str:
+    config = getattr(model, "config", None)
+    mt = getattr(config, "model_type", None)
+    if not isinstance(mt, str) or not mt:
+        raise fail(
+            "a transformers model (an nn.Module with .config.model_type)",
+            type(model).__name__,
+            "pass the model object, e.g. AutoModelForCausalLM.from_config(config)",
+        )
+    return mt
+
+
+@functools.lru_cache(maxsize=None)
 def supported_model_types() -> List[str]:
-    """The ``model_type`` values :func:`patch` accepts, sorted.
+    """Model types whose modeling code has an attention that calls a module-level 1-D RoPE
+    function of a signature ropekit can route, sorted (read from the installed transformers;
+    :func:`patch` still proves each function before replacing it).
 
     Example:
         >>> "llama" in supported_model_types()
         True
     """
-    return sorted(REGISTRY)
+    from .. import _hf_code
 
+    try:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    except Exception:  # pragma: no cover - transformers not installed
+        return []
+    out = []
+    for mt in CONFIG_MAPPING_NAMES:
+        module = _hf_code.modeling_module_for(mt)
+        if module is None or not _hf_code.rotary_classes(module):
+            continue
+        sites = [
+            s
+            for s in _hf_code.call_sites(module)
+            if "vision" not in (s.fn + s.cls).lower() and "2d" not in s.fn.lower()
+        ]
+        if any(_hf_code.signature_kind(getattr(module, s.fn, None)) for s in sites):
+            out.append(mt)
+    return sorted(out)
+
+
+# --------------------------------------------------------------------------- plans
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How one RoPE function of a modeling module is replaced, as measured on its code.
+
+    Attributes:
+        module, name: the modeling module and the function.
+        kind: call signature (``"qk"``, ``"x"``, ``"sincos"``, ``"complex"``; see
+            :func:`ropekit._hf_code.signature_kind`).
+        qlayout: ``"bhsd"`` or ``"bshd"`` (where the heads are for the tables' broadcast).
+        layout, direction: the pairing and the sign of the angle.
+        place: which lanes of the q argument rotate: ``"all"``, ``"leading"`` (first ``r``,
+            the rest pass through), ``"trailing"`` (last ``r``).
+        lane_start, lane_step: pair ``i`` reads table lane ``lane_start + i * lane_step``.
+        pairs_per_lane: ``r/2`` divided by the table width (``1/2`` for ``cat(f, f)`` and
+            ``repeat_interleave`` tables, ``1`` for half-width tables), as a ``(num, den)``.
+        deinterleave: the output comes back ``[even lanes | odd lanes]`` (DeepSeek).
+        table_order: ``"cos_sin"``, ``"sin_cos"`` (GPT-J) or ``"complex"`` (Llama 4).
+    """
+
+    module: str
+    name: str
+    kind: str
+    qlayout: str
+    layout: str
+    direction: int
+    place: str
+    lane_start: int
+    lane_step: int
+    pairs_per_lane: Tuple[int, int]
+    deinterleave: bool
+
+    def describe(self) -> str:
+        bits = [self.layout, "-θ" if self.direction < 0 else "+θ", self.place]
+        if self.deinterleave:
+            bits.append("output [even | odd]")
+        return f"{self.name} ({', '.join(bits)})"
+
+
+def _plan_from(module: str, name: str, kind: str, m: Any, table_width: int) -> Plan:
+    from .._hf_code import NotRope
+
+    r = m.rotary_dim
+    if m.offset == 0 and r == m.width:
+        place = "all"
+    elif m.offset == 0:
+        place = "leading"
+    elif m.offset + r == m.width:
+        place = "trailing"
+    else:
+        raise NotRope(f"rotates lanes [{m.offset}, {m.offset + r}) in the middle of its {m.width}-lane argument")
+    lanes = list(m.lanes)
+    step = lanes[1] - lanes[0] if len(lanes) > 1 else 1
+    if step <= 0 or lanes != list(range(lanes[0], lanes[0] + step * len(lanes), step)):
+        raise NotRope(f"pairs read table lanes {lanes}, not an arithmetic progression")
+    deinter = False
+    if m.out_perm is not None:
+        lo, hi = m.offset, m.offset + r
+        want = list(range(m.width))
+        # output lane of each input lane when [x0 x1 x2 x3 ...] comes back as [x0 x2 .. | x1 x3 ..]
+        for i in range(r):
+            want[lo + i] = lo + (i // 2 if i % 2 == 0 else r // 2 + i // 2)
+        if list(m.out_perm) != want or m.layout != "interleaved":
+            raise NotRope(f"returns its lanes in the order {list(m.out_perm)}")
+        deinter = True
+    g = math.gcd(r // 2, table_width)
+    return Plan(
+        module, name, kind, m.qlayout, m.layout, m.direction, place, lanes[0], step,
+        (r // 2 // g, table_width // g), deinter,
+    )  # fmt: skip
+
+
+def _half_from_table(plan: Plan, t: torch.Tensor) -> torch.Tensor:
+    """The model's table ``[..., T]`` -> half width ``[..., r/2]`` (a strided view)."""
+    num, den = plan.pairs_per_lane
+    T = t.shape[-1]
+    if (T * num) % den:
+        raise fail(
+            f"a table whose width fits the measured pattern ({num}/{den} pairs per lane)",
+            f"width {T}",
+            "the model's rotary module changed shape; unpatch and report the model",
+        )
+    n = T * num // den
+    return t[..., plan.lane_start : plan.lane_start + plan.lane_step * (n - 1) + 1 : plan.lane_step]
+
+
+def _unsq(t: torch.Tensor, dim: int) -> torch.Tensor:
+    return t.unsqueeze(dim)
+
+
+def _rotate(plan: Plan, x: Optional[torch.Tensor], c: torch.Tensor, s: torch.Tensor) -> Optional[torch.Tensor]:
+    """Rotate one q/k tensor with broadcast-ready half tables ``c``, ``s`` ``[..., r/2]``."""
+    if x is None:
+        return None
+    r = 2 * c.shape[-1]
+    w = x.shape[-1]
+    if r > w:
+        raise fail(
+            f"q/k with at least r = {r} lanes (twice the half table width)",
+            f"last dim {w}",
+            "the tables do not belong to this tensor",
+        )
+    off = w - r if plan.place == "trailing" else 0
+    xr = x if r == w else x[..., off : off + r]
+    y = apply_rotary(xr, c, s, layout=plan.layout, conjugate=plan.direction < 0)
+    if plan.deinterleave:
+        y = torch.cat((y[..., 0::2], y[..., 1::2]), dim=-1)
+    if r == w:
+        return y
+    return torch.cat([t for t in (x[..., :off], y, x[..., off + r :]) if t.shape[-1]], dim=-1)
+
+
+def _replacement(plan: Plan, original: Callable) -> Callable:
+    """A function with ``original``'s signature that runs ``plan`` on ropekit."""
+    sig = inspect.signature(original)
+    names = list(sig.parameters)
+
+    def call(*args, **kwargs):
+        b = sig.bind(*args, **kwargs)
+        b.apply_defaults()
+        a = b.arguments
+        if plan.kind in ("qk", "x"):
+            ud = a.get("unsqueeze_dim", 1)
+            c = _unsq(_half_from_table(plan, a["cos"]), ud)
+            s = _unsq(_half_from_table(plan, a["sin"]), ud)
+        elif plan.kind == "sincos":
+            c = _half_from_table(plan, a["cos"])[:, :, None, :]
+            s = _half_from_table(plan, a["sin"])[:, :, None, :]
+        else:  # complex freqs_cis
+            f = a[names[2]]
+            ud = 2 if plan.qlayout == "bshd" else 1
+            c, s = _unsq(_half_from_table(plan, f.real), ud), _unsq(_half_from_table(plan, f.imag), ud)
+        if plan.kind == "qk":
+            return _rotate(plan, a[names[0]], c, s), _rotate(plan, a[names[1]], c, s)
+        if plan.kind == "complex":
+            return _rotate(plan, a[names[0]], c, s), _rotate(plan, a[names[1]], c, s)
+        return _rotate(plan, a[names[0]], c, s)
+
+    return call
+
+
+def _probe_tensors(plan: Plan, S: int, w: int, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    if plan.qlayout == "bshd":
+        return torch.randn(2, S, 3, w, generator=g), torch.randn(2, S, 2, w, generator=g)
+    return torch.randn(2, 3, S, w, generator=g), torch.randn(2, 2, S, w, generator=g)
+
+
+def _outputs(out: Any) -> List[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for t in out if isinstance(t, torch.Tensor)]
+
+
+def _diff_text(want: torch.Tensor, got: torch.Tensor) -> str:
+    if want.shape != got.shape:
+        return f"shape {tuple(got.shape)} instead of {tuple(want.shape)}"
+    d = (want.double() - got.double()).abs()
+    lane = int(d.reshape(-1, d.shape[-1]).amax(0).argmax())
+    return f"max |difference| {d.max().item():.3g} (worst lane {lane} of {d.shape[-1]})"
+
+
+def _prove(family: str, plan: Plan, original: Callable, cos: Any, sin: Any, widths: List[int],
+           tables: Optional[Tuple[Any, Any]] = None, tol: float = 0.0) -> None:  # fmt: skip
+    """Run ``original`` and the replacement on random q/k; RopeError unless identical
+    (``tables`` given: the replacement with those tables, within ``tol``·|x|)."""
+    from .._hf_code import run_fn
+
+    rep = _replacement(plan, original)
+    S = cos.shape[-2]
+    c2, s2 = tables if tables is not None else (cos, sin)
+    for w in widths:
+        q, k = _probe_tensors(plan, S, w)
+        with torch.no_grad():
+            want = _outputs(run_fn(original, plan.kind, q, k, cos, sin))
+            got = _outputs(run_fn(rep, plan.kind, q, k, c2, s2))
+        for wt, gt in zip(want, got):
+            ok = wt.shape == gt.shape and wt.dtype == gt.dtype
+            if ok and tables is None:
+                ok = torch.equal(wt, gt)
+            elif ok:
+                ok = bool(((wt.double() - gt.double()).abs() <= tol * (1 + wt.double().abs())).all())
+            if not ok:
+                mode = "exact tables" if tables is not None else "the model's tables"
+                raise fail(
+                    f"ropekit's replacement of {plan.module}.{plan.name} to match it on probe tensors ({mode})",
+                    f"{family}: {_diff_text(wt, gt)} at q width {w}",
+                    'nothing was changed; use tables="transformers" or leave this model unpatched',
+                )
+        if len(want) != len(got):
+            raise fail(f"{plan.name} outputs", f"{family}: {len(got)} instead of {len(want)}", "report this model")
 
 # --------------------------------------------------------------------------- version
 _version_warned = False
@@ -357,29 +565,12 @@ def check_transformers_version(version: Optional[str] = None) -> str:
 
 
 # --------------------------------------------------------------------------- dispatcher
-# True while a patched attention module runs (per thread / asyncio task: a ContextVar).
-_ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("ropekit_hf_active", default=False)
+# While a patched attention module runs, _ACTIVE holds its model's plans
+# {(module, function): replacement} (per thread / asyncio task: a ContextVar).
+_ACTIVE: contextvars.ContextVar[Optional[Dict[Tuple[str, str], Callable]]] = contextvars.ContextVar(
+    "ropekit_hf_active", default=None
+)
 _LOCK = threading.RLock()
-
-
-def _route_hf(names, args, kwargs):
-    a = {**dict(zip(names, args)), **kwargs}
-    return apply_rotary_pos_emb(a[names[0]], a[names[1]], a[names[2]], a[names[3]], unsqueeze_dim=a.get("unsqueeze_dim", 1))
-
-
-def _route_hf_interleave(names, args, kwargs):
-    a = {**dict(zip(names, args)), **kwargs}
-    return apply_rotary_pos_emb_interleave(
-        a[names[0]], a[names[1]], a[names[2]], a[names[3]], unsqueeze_dim=a.get("unsqueeze_dim", 1)
-    )
-
-
-def _route_gptj(names, args, kwargs):
-    a = {**dict(zip(names, args)), **kwargs}
-    return _gptj_apply(a[names[0]], a[names[1]], a[names[2]])  # (tensor, sin, cos)
-
-
-_ROUTES: Dict[str, Callable] = {"hf": _route_hf, "hf_interleave": _route_hf_interleave, "gptj": _route_gptj}
 
 
 @dataclasses.dataclass
@@ -394,26 +585,33 @@ class _Install:
 _INSTALLED: Dict[Tuple[str, str], _Install] = {}
 
 
-def _make_dispatcher(original: Callable, kind: str) -> Callable:
-    names = list(inspect.signature(original).parameters)
-    route = _ROUTES[kind]
+def _make_dispatcher(module: ModuleType, name: str, original: Callable) -> Callable:
+    key = (module.__name__, name)
 
     @functools.wraps(original)
     def dispatch(*args, **kwargs):
-        if _ACTIVE.get():
-            return route(names, args, kwargs)
+        plans = _ACTIVE.get()
+        if plans is not None:
+            rep = plans.get(key)
+            if rep is not None:
+                return rep(*args, **kwargs)
         return original(*args, **kwargs)
 
     dispatch._ropekit_original = original  # type: ignore[attr-defined]
     return dispatch
 
 
-def _acquire(module: ModuleType, name: str, kind: str) -> _Install:
+def _original(module: ModuleType, name: str) -> Callable:
+    inst = _INSTALLED.get((module.__name__, name))
+    return inst.original if inst is not None else getattr(module, name)
+
+
+def _acquire(module: ModuleType, name: str) -> _Install:
     key = (module.__name__, name)
     inst = _INSTALLED.get(key)
     if inst is None:
         original = getattr(module, name)
-        inst = _Install(module, name, original, _make_dispatcher(original, kind))
+        inst = _Install(module, name, original, _make_dispatcher(module, name, original))
         setattr(module, name, inst.dispatcher)
         _INSTALLED[key] = inst
     inst.count += 1
@@ -465,73 +663,98 @@ class _ExactTables:
 def _rope_config(config: Any) -> Any:
     from ..hf import rope_config_from_hf
 
-    return rope_config_from_hf(config)
+    conf = rope_config_from_hf(config)
+    if isinstance(conf, dict) and "attention" in conf and set(conf) <= {"attention", "indexer"}:
+        conf = conf["attention"]  # components share the rotary module's tables
+    return conf
 
 
-def _exact_forward(rot: torch.nn.Module, kind: str) -> Callable:
-    """A replacement ``forward`` for one rotary-embedding module instance."""
-    conf = _rope_config(rot.config)
-    if kind == "per_layer":
-        if not isinstance(conf, dict):
-            raise fail("per-layer-type rope parameters", type(conf).__name__, "report this model config")
+@dataclasses.dataclass(frozen=True)
+class _TableFormat:
+    """How a rotary module lays out its output: ``order`` ``"cos_sin"``/``"sin_cos"``/
+    ``"complex"``; ``shape`` ``"cat"`` (``cat(f, f)``), ``"repeat"`` (``repeat_interleave``)
+    or ``"half"``."""
+
+    order: str
+    shape: str
+
+    def build(self, c: torch.Tensor, s: torch.Tensor) -> Any:
+        if self.shape == "cat":
+            c, s = to_full_width(c), to_full_width(s)
+        elif self.shape == "repeat":
+            c, s = c.repeat_interleave(2, dim=-1), s.repeat_interleave(2, dim=-1)
+        if self.order == "complex":
+            return torch.complex(c.float(), s.float())
+        return (s, c) if self.order == "sin_cos" else (c, s)
+
+
+def _table_format(plan: Plan, order: str) -> Optional[_TableFormat]:
+    num, den = plan.pairs_per_lane
+    if (num, den) == (1, 1) and plan.lane_start == 0 and plan.lane_step == 1:
+        return _TableFormat(order, "half")
+    if (num, den) == (1, 2) and plan.lane_start == 0 and plan.lane_step == 1:
+        return _TableFormat(order, "cat")
+    if (num, den) == (1, 2) and plan.lane_start == 0 and plan.lane_step == 2:
+        return _TableFormat(order, "repeat")
+    return None
+
+
+def _config_of(rot: torch.nn.Module, model: Any = None) -> Any:
+    """The config a rotary module was built from (GPT-J's keeps none: the model's text config)."""
+    cfg = getattr(rot, "config", None)
+    if cfg is None and model is not None:
+        cfg = model.config
+        get_text = getattr(cfg, "get_text_config", None)
+        cfg = get_text() if callable(get_text) else cfg
+    return cfg
+
+
+def _exact_forward(
+    rot: torch.nn.Module, kind: Any = "rope", fmt: Optional[_TableFormat] = None, config: Any = None
+) -> Callable:
+    """A replacement ``forward`` for one rotary-embedding module instance: ropekit's exact
+    tables (one config, per layer type, or M-RoPE) in the module's own format."""
+    fmt = fmt or _TableFormat("cos_sin", "cat")
+    conf = _rope_config(config if config is not None else rot.config)
+    params = inspect.signature(rot.forward).parameters
+    if isinstance(conf, dict):
         tables = {lt: _ExactTables(c) for lt, c in conf.items() if c is not None}
+        if "layer_type" not in params:
+            raise fail("a rotary module taking layer_type", f"{type(rot).__name__} without it", "report this model")
 
         @torch.no_grad()
-        def forward(x, position_ids, layer_type=None):
+        def forward(x, position_ids, layer_type=None, **kw):
             if layer_type not in tables:
                 raise fail(f"layer_type in {sorted(tables)}", repr(layer_type), "pass a layer type of the config")
-            return tuple(t.to(x.device) for t in tables[layer_type].full(position_ids, x.dtype))
+            out = fmt.build(*tables[layer_type].half(position_ids, x.dtype))
+            return out.to(x.device) if isinstance(out, torch.Tensor) else tuple(t.to(x.device) for t in out)
 
         return forward
-    if isinstance(conf, dict):
-        raise fail("one set of rope parameters", f"per-layer {sorted(conf)}", "register the family as per_layer")
-    if kind == "mrope":
+    sections = getattr(rot, "mrope_section", None)
+    if sections is not None:
         from ..multi_axis import multi_axis_cos_sin
 
-        sections = [int(v) for v in rot.mrope_section]
+        sections = [int(v) for v in sections]
 
         @torch.no_grad()
-        def forward(x, position_ids):
+        def forward(x, position_ids, **kw):
             pos = position_ids
             if pos.dim() == 2:  # text-only [b, s]: same position on every axis
                 pos = pos[None].expand(len(sections), -1, -1)  # [3, b, s]
             pos = pos.movedim(0, -1)  # [b, s, 3]
             c, s = multi_axis_cos_sin(conf, pos, sections, dtype=x.dtype)  # [b, s, r/2]
-            return to_full_width(c).to(x.device), to_full_width(s).to(x.device)
+            out = fmt.build(c, s)
+            return out.to(x.device) if isinstance(out, torch.Tensor) else tuple(t.to(x.device) for t in out)
 
         return forward
     tab = _ExactTables(conf)
 
     @torch.no_grad()
-    def forward(x, position_ids):
-        c, s = tab.full(position_ids, x.dtype)
-        return c.to(x.device), s.to(x.device)
+    def forward(x, position_ids, **kw):
+        out = fmt.build(*tab.half(position_ids, x.dtype))
+        return out.to(x.device) if isinstance(out, torch.Tensor) else tuple(t.to(x.device) for t in out)
 
     return forward
-
-
-def _gptj_holders(named) -> List[Tuple[str, torch.nn.Module]]:
-    """The modules holding GPT-J's ``embed_positions`` table: each ``GPTJAttention`` up to
-    transformers 5.23, the model's one ``GPTJRotaryEmbedding`` (``model.rotary_emb``) from 5.24."""
-    return [
-        (n, m) for n, m in named
-        if type(m).__name__ in ("GPTJAttention", "GPTJRotaryEmbedding")
-        and isinstance(getattr(m, "embed_positions", None), torch.Tensor)
-    ]
-
-
-def _gptj_exact_buffer(holder: torch.nn.Module, config: Any) -> torch.Tensor:
-    """GPT-J's ``embed_positions`` ``[max_positions, r]`` = ``cat(sin, cos)``, exact angles."""
-    cfg = _rope_config(config)
-    old = holder.embed_positions
-    if cfg.rotary_dim != old.shape[-1]:
-        raise fail(
-            f"GPT-J tables of width rotary_dim = {cfg.rotary_dim}",
-            f"embed_positions of shape {tuple(old.shape)}",
-            "check config.rotary_dim",
-        )
-    cos, sin = cos_sin(cfg, torch.arange(old.shape[0]), dtype=old.dtype)  # [max_pos, r/2]
-    return torch.cat((sin, cos), dim=-1).to(old.device)  # [max_pos, r]
 
 
 # --------------------------------------------------------------------------- patch state
@@ -540,12 +763,15 @@ class PatchReport:
     """What :func:`patch` changed.
 
     Attributes:
-        model_type: the registry key used.
+        model_type: the model's ``config.model_type``.
         tables: ``"exact"`` or ``"transformers"``.
-        attention: qualified names of the wrapped attention modules.
+        attention: qualified names of the wrapped modules (those whose code calls a RoPE
+            function: attention layers, indexers).
         rotary: qualified names of the modules whose tables were replaced (``"exact"``).
         functions: ``module.function`` names now routed through ropekit while this model runs.
         backend: the backend ``"auto"`` picks for the model's parameters (device, dtype).
+        plans: one line per function: what was measured and proven (pairing, direction,
+            which lanes rotate).
     """
 
     model_type: str
@@ -554,6 +780,7 @@ class PatchReport:
     rotary: Tuple[str, ...]
     functions: Tuple[str, ...]
     backend: str
+    plans: Tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -562,15 +789,10 @@ class _State:
     installs: List[_Install]
     # (module, name, had_instance_attr, previous instance value, our wrapper)
     forwards: List[Tuple[torch.nn.Module, str, bool, Any, Callable]]
-    buffers: List[Tuple[torch.nn.Module, str, torch.Tensor]]
     finalizer: Any = None
 
 
 _STATES: "weakref.WeakKeyDictionary[torch.nn.Module, _State]" = weakref.WeakKeyDictionary()
-
-
-def _matches(mod: torch.nn.Module, names: Tuple[str, ...]) -> bool:
-    return any(c.__name__ in names for c in type(mod).__mro__)
 
 
 def _set_forward(mod: torch.nn.Module, fn: Callable, forwards: list) -> None:
@@ -579,12 +801,12 @@ def _set_forward(mod: torch.nn.Module, fn: Callable, forwards: list) -> None:
     mod.forward = fn  # instance attribute: shadows the class's forward for this instance only
 
 
-def _wrap_attention(mod: torch.nn.Module) -> Callable:
+def _wrap_attention(mod: torch.nn.Module, plans: Dict[Tuple[str, str], Callable]) -> Callable:
     inner = mod.forward  # bound method (or an earlier instance-level wrapper, e.g. accelerate's)
 
     @functools.wraps(inner)
     def forward(*args, **kwargs):
-        token = _ACTIVE.set(True)
+        token = _ACTIVE.set(plans)
         try:
             return inner(*args, **kwargs)
         finally:
@@ -594,26 +816,49 @@ def _wrap_attention(mod: torch.nn.Module) -> Callable:
     return forward
 
 
-def _model_type(model: Any) -> str:
-    config = getattr(model, "config", None)
-    mt = getattr(config, "model_type", None)
-    if not isinstance(mt, str) or not mt:
-        raise fail(
-            "a transformers model (an nn.Module with .config.model_type)",
-            type(model).__name__,
-            "pass the model object, e.g. AutoModelForCausalLM.from_config(config)",
-        )
-    return mt
+_PROBE_S = 7  # odd: never equal to a (even) head width, so a wrong q layout cannot broadcast
+
+
+def _rotary_probes(rots: List[Tuple[str, torch.nn.Module]]) -> List[Tuple[str, torch.nn.Module, Any, Any, str, Any]]:
+    """``(name, module, cos, sin, order, layer_type)`` for every rotary module and layer type."""
+    from .._hf_code import layer_types_of, module_tables
+
+    out = []
+    for n, rot in rots:
+        lts = [None]
+        if "layer_type" in inspect.signature(rot.forward).parameters:
+            lts = layer_types_of(getattr(rot, "config", None))
+        for lt in lts:
+            try:
+                cos, sin = module_tables(rot, _PROBE_S, layer_type=lt, config=getattr(rot, "config", None))
+            except Exception:
+                continue
+            if sin is None:
+                order = "complex"
+            else:
+                raw = rot.forward(torch.zeros(1), torch.arange(_PROBE_S)[None], **({"layer_type": lt} if lt else {}))
+                order = "cos_sin" if raw[0] is cos or torch.equal(raw[0], cos) else "sin_cos"
+            out.append((n, rot, cos, sin, order, lt))
+    return out
+
+
+def _head_widths(attn: List[Tuple[str, torch.nn.Module]]) -> List[int]:
+    ws = []
+    for _, m in attn:
+        for k in ("head_dim", "qk_head_dim", "index_head_dim"):
+            v = getattr(m, k, None)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                ws.append(v)
+    return sorted(set(ws))
 
 
 def patch(model: torch.nn.Module, *, tables: str = "exact") -> PatchReport:
-    """Route this model instance's RoPE through ropekit.
+    """Route this model instance's RoPE through ropekit, after proving the replacement.
 
     Args:
-        model: a transformers model whose ``config.model_type`` is in
-            :func:`supported_model_types` (any head: ``...ForCausalLM``, the base model,
-            multimodal wrappers of Gemma 3 / Qwen2-VL).
-        tables: ``"exact"`` — replace the rotary module's tables with ropekit's (float64
+        model: a transformers model (any head, multimodal wrappers included) whose
+            attention calls a module-level RoPE function of its modeling module.
+        tables: ``"exact"`` — replace the rotary modules' tables with ropekit's (float64
             angles, one rounding; for long contexts and new work); ``"transformers"`` —
             keep the model's own float32 tables bit for bit (for regression tests that
             compare against an unpatched model).
@@ -621,13 +866,22 @@ def patch(model: torch.nn.Module, *, tables: str = "exact") -> PatchReport:
     Returns:
         A :class:`PatchReport` naming every module and function it changed.
 
-    Only this instance changes: its attention modules get an instance-level ``forward``
-    that marks "ropekit active" while they run, and the modeling module's
-    ``apply_rotary_pos_emb`` becomes a dispatcher that takes ropekit's path only then
-    (installed once per modeling module, removed when the last patched model is
-    unpatched or garbage-collected). Raises RopeError for unknown model types, a model
-    already patched, a transformers major version other than 5, or a model whose
-    modules do not look like the registry expects.
+    What is patched is read from the model's code, not from its ``model_type``: every
+    submodule whose class's methods call a 1-D RoPE function of their modeling module
+    (``apply_rotary_pos_emb``, DeepSeek's ``apply_rotary_pos_emb_interleave``, GPT-J's
+    ``(tensor, sin, cos)``, Llama 4's complex ``apply_rotary_emb``, ...). Each function is
+    measured on basis vectors with the model's own tables (pairing, direction, which lanes
+    rotate, table lanes, output order), and the replacement built from that measurement is
+    *proven* on random probe tensors before anything changes: identical bits with the
+    model's tables; with ``tables="exact"`` also ropekit's config must reproduce the
+    model's tables bit for bit through :func:`ropekit.hf.transformers_cos_sin`, and the
+    replacement on exact tables must agree within float32 rounding. Anything that fails
+    is a RopeError naming the family and the difference, and the model is left unchanged.
+
+    Only this instance changes: its RoPE-calling modules get an instance-level
+    ``forward`` that activates ropekit's path while they run; the modeling module's
+    function becomes a dispatcher that takes that path only then (installed once per
+    function, removed when the last patched model is unpatched or garbage-collected).
 
     Example:
         >>> import torch, transformers
@@ -638,12 +892,15 @@ def patch(model: torch.nn.Module, *, tables: str = "exact") -> PatchReport:
         >>> with torch.no_grad():
         ...     ref = model(ids).logits
         ...     report = patch(model, tables="transformers")
-        ...     same = torch.allclose(model(ids).logits, ref, atol=1e-6)
+        ...     same = torch.equal(model(ids).logits, ref)
         >>> same, report.functions
         (True, ('transformers.models.llama.modeling_llama.apply_rotary_pos_emb',))
         >>> unpatch(model).attention
         ('model.layers.0.self_attn',)
     """
+    from .. import _hf_code
+    from ..hf import transformers_cos_sin
+
     if tables not in TABLE_MODES:
         raise fail(
             f"tables in {TABLE_MODES}",
@@ -651,14 +908,7 @@ def patch(model: torch.nn.Module, *, tables: str = "exact") -> PatchReport:
             '"exact" for ropekit\'s float64-angle tables, "transformers" for the model\'s own tables',
         )
     check_transformers_version()
-    mt = _model_type(model)
-    fam = REGISTRY.get(mt)
-    if fam is None:
-        raise fail(
-            f"a model_type ropekit can patch: {', '.join(supported_model_types())}",
-            repr(mt),
-            "use ropekit.integrations.transformers.apply_rotary_pos_emb by hand, or ropekit.RotaryEmbedding",
-        )
+    mt = _family(model)
     with _LOCK:
         if model in _STATES:
             raise fail(
@@ -667,62 +917,138 @@ def patch(model: torch.nn.Module, *, tables: str = "exact") -> PatchReport:
                 "call unpatch(model) first",
             )
         named = list(model.named_modules())
-        attn = [(n, m) for n, m in named if _matches(m, fam.attention)]
-        if not attn:
+        callers = [(n, m, _rope_calls(m)) for n, m in named]
+        callers = [(n, m, c) for n, m, c in callers if c]
+        if not callers:
             raise fail(
-                f"attention modules of class {'/'.join(fam.attention)} in a {mt} model",
-                "none",
-                "the model's structure differs from transformers' 5.x code; check the transformers version",
+                "a model whose attention calls a module-level RoPE function of its modeling module",
+                f"{mt} ({type(model).__name__}): no module calls one",
+                "this family computes RoPE inline or not at all; use ropekit.RotaryEmbedding in your own code",
             )
-        rot = [(n, m) for n, m in named if fam.rotary and _matches(m, fam.rotary)]
-        if tables == "exact" and fam.tables != "gptj" and not rot:
+        rots = [(n, m) for n, m in named if _is_rotary(m)]
+        probes = _rotary_probes(rots)
+        if not probes:
             raise fail(
-                f"rotary-embedding modules of class {'/'.join(fam.rotary)}",
-                "none",
-                'use tables="transformers", or check the transformers version',
+                f"a rotary-embedding module in the {mt} model whose forward(x, position_ids) ropekit can call",
+                f"{[type(m).__name__ for _, m in rots] or 'none'}",
+                "nothing was changed; this family's tables cannot be probed",
             )
-        # modeling modules whose globals the attention forwards read
-        modules: Dict[str, ModuleType] = {}
-        for _, m in attn:
-            fwd = type(m).forward
-            modname = getattr(fwd, "__module__", None) or type(m).__module__
-            modules[modname] = sys.modules[modname]
-        for modname, module in modules.items():
-            for fname, _ in fam.functions:
-                if not callable(getattr(module, fname, None)):
-                    raise fail(
-                        f"function {fname} in {modname}",
-                        "no such function",
-                        "the transformers version differs from the tested one "
-                        f"({', '.join(TESTED_VERSIONS)}); install a tested release",
-                    )
-        # build everything that can fail before changing anything
+        attn = [(n, m) for n, m, _ in callers]
+        widths = _head_widths(attn)
+        keys = list(dict.fromkeys(k for _, _, c in callers for k in c))
+        plans: Dict[Tuple[str, str], Plan] = {}
+        replacements: Dict[Tuple[str, str], Callable] = {}
+        used: Dict[str, Tuple[torch.nn.Module, _TableFormat]] = {}
+        proofs: Dict[Tuple[str, Any], List[Tuple[Tuple[str, str], Plan, Callable, int]]] = {}
+        for key in keys:
+            module = sys.modules[key[0]]
+            original = _original(module, key[1])
+            kind = _hf_code.signature_kind(original)
+            if kind is None:
+                raise fail(
+                    f"{key[0]}.{key[1]} with a RoPE signature ropekit routes (q, k, cos, sin, ...), "
+                    "(x, cos, sin, ...), (tensor, sin, cos) or (xq, xk, freqs_cis)",
+                    f"{mt}: {inspect.signature(original)}",
+                    "nothing was changed; leave this model unpatched",
+                )
+            found = []  # (plan, probe) for every rotary module/layer type this function works with
+            reasons = []
+            for probe in probes:
+                n, rot, cos, sin, order, lt = probe
+                tw = cos.shape[-1]
+                m = None
+                for w in dict.fromkeys(widths + [tw, 2 * tw]):
+                    try:
+                        m, _ = _hf_code.measure(original, kind, cos, sin, w)
+                        break
+                    except _hf_code.NotRope as e:
+                        reasons.append(str(e))
+                    except Exception:
+                        continue
+                if m is None:
+                    continue
+                try:
+                    plan = _plan_from(key[0], key[1], kind, m, tw)
+                except _hf_code.NotRope as e:
+                    reasons.append(str(e))
+                    continue
+                found.append((plan, probe, m.width))
+            if not found:
+                raise fail(
+                    f"{key[0]}.{key[1]} to act as RoPE with the model's own tables",
+                    f"{mt}: {reasons[0] if reasons else 'no rotary module of the model fits it'}",
+                    "nothing was changed; this family cannot be patched",
+                )
+            plan = found[0][0]
+            if any(p != plan for p, _, _ in found[1:]):
+                found = [f for f in found if f[0] == plan]
+            for p, (n, rot, cos, sin, order, lt), w in found:
+                _prove(mt, p, original, cos, sin, [w])
+                proofs.setdefault((n, lt), []).append((key, p, original, w))
+            plans[key] = plan
+            for p, (n, rot, cos, sin, order, lt), w in found:
+                fmt = _table_format(p, order)
+                if n not in used and fmt is not None:
+                    used[n] = (rot, fmt)
+                elif n not in used:
+                    used[n] = (rot, None)  # type: ignore[assignment]
+            replacements[key] = _replacement(plan, original)
         exact_forwards = []
-        exact_buffers = []
         if tables == "exact":
-            if fam.tables == "gptj":
-                holders = _gptj_holders(named)
-                if not holders:
+            for n, rot, cos, sin, order, lt in probes:
+                if n not in used:
+                    continue
+                r, fmt = used[n]
+                if fmt is None:
                     raise fail(
-                        "GPT-J modules holding embed_positions (GPTJAttention or GPTJRotaryEmbedding)",
-                        "none",
-                        'use tables="transformers", or check the transformers version',
+                        "a rotary module whose table layout ropekit can rebuild (cat, repeat_interleave or half)",
+                        f"{mt}: {type(rot).__name__}",
+                        'nothing was changed; use tables="transformers"',
                     )
-                exact_buffers = [(m, "embed_positions", _gptj_exact_buffer(m, model.config)) for _, m in holders]
-            else:
-                exact_forwards = [(m, _exact_forward(m, fam.tables)) for _, m in rot]
-        state = _State(report=None, installs=[], forwards=[], buffers=[])  # type: ignore[arg-type]
+                try:
+                    conf = _rope_config(_config_of(rot, model))
+                except Exception as e:
+                    raise fail(
+                        f"RopeConfig.from_hf to read the {mt} config", str(e), 'use tables="transformers"'
+                    ) from None
+                cfg = conf.get(lt) if isinstance(conf, dict) else conf
+                if not isinstance(cfg, RopeConfig):
+                    raise fail(f"one rope config for layer type {lt!r}", f"{mt}: {cfg!r}", 'use tables="transformers"')
+                have = (cos,) if order == "complex" else (cos, sin)
+                pos = torch.arange(_PROBE_S)[None]
+                if getattr(rot, "mrope_section", None) is None:
+                    # the config must reproduce the module's own tables bit for bit
+                    want = fmt.build(*transformers_cos_sin(cfg, pos, dtype=torch.float32))
+                    want = (want,) if isinstance(want, torch.Tensor) else (want[1], want[0]) if order == "sin_cos" else want
+                    # bit for bit, or within float32 rounding where the module computes cos/sin
+                    # another way (Llama 4's torch.polar)
+                    if not all(
+                        a.shape == b.shape and (a.double() - b.double()).abs().max().item() <= 2.0**-21
+                        for a, b in zip(want, have)
+                    ):
+                        diff = "; ".join(_diff_text(b, a) for a, b in zip(want, have))
+                        raise fail(
+                            "RopeConfig.from_hf + transformers_cos_sin reproducing the model's tables "
+                            "(bit for bit, or within float32 rounding)",
+                            f"{mt} ({type(rot).__name__}, layer type {lt}): {diff}",
+                            'nothing was changed; use tables="transformers"',
+                        )
+                fwd = _exact_forward(rot, fmt=fmt, config=_config_of(rot, model))
+                with torch.no_grad():
+                    new = fwd(torch.zeros(1), pos, **({"layer_type": lt} if lt is not None else {}))
+                new = (new, None) if order == "complex" else ((new[1], new[0]) if order == "sin_cos" else new)
+                for key, plan, original, w in proofs.get((n, lt), []):
+                    _prove(mt, plan, original, cos, sin, [w], tables=new, tol=2.0**-18)
+                if all(r is not m for m, _ in exact_forwards):
+                    exact_forwards.append((r, fwd))
+        state = _State(report=None, installs=[], forwards=[])  # type: ignore[arg-type]
         try:
-            for modname, module in modules.items():
-                for fname, kind in fam.functions:
-                    state.installs.append(_acquire(module, fname, kind))
+            for key in plans:
+                state.installs.append(_acquire(sys.modules[key[0]], key[1]))
             for _, m in attn:
-                _set_forward(m, _wrap_attention(m), state.forwards)
+                _set_forward(m, _wrap_attention(m, replacements), state.forwards)
             for m, fn in exact_forwards:
                 _set_forward(m, fn, state.forwards)
-            for m, name, new in exact_buffers:
-                state.buffers.append((m, name, getattr(m, name)))
-                setattr(m, name, new)
         except BaseException:
             _restore(state)
             raise
@@ -730,13 +1056,15 @@ def patch(model: torch.nn.Module, *, tables: str = "exact") -> PatchReport:
         probe = param if param is not None else torch.empty(0)
         from .. import backends as _backends
 
+        rot_names = {id(m): n for n, m in named}
         report = PatchReport(
             model_type=mt,
             tables=tables,
             attention=tuple(n for n, _ in attn),
-            rotary=tuple(n for n, _ in rot) if tables == "exact" else (),
+            rotary=tuple(rot_names[id(m)] for m, _ in exact_forwards),
             functions=tuple(f"{i.module.__name__}.{i.name}" for i in state.installs),
             backend=_backends.resolve("auto", probe.detach()).NAME,
+            plans=tuple(p.describe() for p in plans.values()),
         )
         state.report = report
         # a patched model that is garbage-collected without unpatch releases its dispatchers
@@ -767,22 +1095,15 @@ def _restore(state: _State) -> None:
         else:
             del mod.__dict__[name]
     state.forwards.clear()
-    for mod, name, old in reversed(state.buffers):
-        cur = getattr(mod, name)
-        # the model may have moved (device/dtype) while patched: follow it
-        if old.device != cur.device or old.dtype != cur.dtype:
-            old = old.to(device=cur.device, dtype=cur.dtype)
-        setattr(mod, name, old)
-    state.buffers.clear()
     _release_all(state.installs)
 
 
 def unpatch(model: torch.nn.Module) -> PatchReport:
     """Undo :func:`patch` on this model; return the report of what was restored.
 
-    Restores the attention and rotary modules' original ``forward`` (and GPT-J's buffers),
-    and — when no other patched model uses it — the modeling module's original
-    ``apply_rotary_pos_emb`` function object. RopeError if the model is not patched.
+    Restores the wrapped modules' and rotary modules' original ``forward``, and — when no
+    other patched model uses it — the modeling module's original function object.
+    RopeError if the model is not patched.
     """
     with _LOCK:
         state = _STATES.pop(model, None)

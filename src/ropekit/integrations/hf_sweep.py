@@ -1,0 +1,761 @@
+"""Sweep every RoPE family of the installed transformers: configs, pairing, patching.
+
+For every ``model_type`` whose modeling module defines a 1-D ``*RotaryEmbedding`` class,
+on a tiny config built from the config class (never weights or hub files):
+
+1. **config** — ``RopeConfig.from_hf(config)`` against the family's own code: the model's
+   RoPE function, fed basis vectors with the model's own tables, must equal, bit for bit,
+   the rotation ropekit's config describes (tables through
+   :func:`ropekit.hf.transformers_cos_sin`, pairing, direction, rotary width, offset) —
+   for every component (attention, indexer) and layer type. When the tiny model builds,
+   the calls the model really makes during a forward are recorded and checked too (which
+   function, the width and head slice of q). ``from_hf`` of the saved ``config.json`` must
+   equal ``from_hf`` of the object.
+2. **patch** — for models that build: ``patch(model, tables="transformers")`` must give
+   bit-identical logits and identical greedy generation; ``unpatch`` must restore the
+   unpatched logits bit for bit.
+
+Results are rows (dicts); :func:`format_table` renders the table in
+``docs/transformers.md``. Run it as ``ropekit hf-sweep``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import inspect
+import json
+import sys
+import tempfile
+import time
+import warnings
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+import torch
+
+__all__ = ["Row", "families", "tiny_config", "check", "sweep", "format_table", "summary"]
+
+SMALL: Dict[str, Any] = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=256, n_embd=64, n_head=4, n_layer=2,
+    n_positions=256, num_layers=2, d_model=64, ffn_dim=64, moe_intermediate_size=32, num_experts=4,
+    n_routed_experts=4, num_local_experts=4, num_experts_per_tok=2, n_shared_experts=1, kv_lora_rank=16,
+    q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, first_k_dense_replace=1, n_group=1,
+    topk_group=1, shared_expert_intermediate_size=32, kv_channels=16, encoder_layers=2, decoder_layers=2,
+    encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+    index_head_dim=16, index_n_heads=2, index_topk=8, rotary_dim=8, global_head_dim=32,
+    vocab_size_per_layer_input=128, depth=1, embed_dim=32, num_heads=4, out_hidden_size=64,
+    vision_hidden_size=32, projector_hidden_size=64, text_hidden_size=64, encoder_num_attention_heads=4,
+    decoder_num_attention_heads=4, encoder_num_key_value_heads=2, decoder_num_key_value_heads=2,
+    encoder_num_hidden_layers=2, decoder_num_hidden_layers=2, hidden_size_per_layer_input=8, num_kv_shared_layers=0,
+)  # fmt: skip
+_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+MAX_PARAMS = 3_000_000
+S = 7  # probe positions (odd: never a head width)
+
+
+@dataclasses.dataclass
+class Row:
+    """One ``model_type`` of the sweep.
+
+    Attributes:
+        model_type, family: the config's ``model_type`` and its modeling module's name.
+        config: ``"exact"``, ``"refused"`` (a RopeError naming why), ``"wrong"``
+            (a difference), ``"n/a"`` (no 1-D RoPE call in the language model's code: vision
+            or audio towers, 2-D RoPE, inline RoPE, composite configs), or ``"untested"``
+            (the config class rejected the sweep's tiny sizes).
+        checked: ``"code+run"`` (also the recorded forward), ``"code"``.
+        path_equal: ``from_hf(saved config.json) == from_hf(config)``.
+        patch: ``"proven"``, ``"refused"``, ``"wrong"``, ``"not built"`` or ``"n/a"``.
+        logits, generate: patched (``tables="transformers"``) logits bit-identical and
+            greedy tokens identical; ``None`` when not run.
+        detail: the config's difference / reason, one line.
+        patch_detail: why the patch was refused / differs / was not run.
+        exact: ``patch(model, tables="exact")``: ``"proven, logits within X"`` or
+            ``"refused: why"``; empty when not run.
+        seconds: time spent on this row.
+        rounding: ``config`` is exact in pairing, direction, width and slice, but the
+            model's own tables differ from :func:`ropekit.hf.transformers_cos_sin` by float32
+            rounding (a different cos/sin routine, e.g. ``torch.polar``).
+    """
+
+    model_type: str
+    family: str
+    config: str = "n/a"
+    checked: str = ""
+    path_equal: Optional[bool] = None
+    patch: str = "n/a"
+    logits: Optional[bool] = None
+    generate: Optional[bool] = None
+    detail: str = ""
+    seconds: float = 0.0
+    rounding: bool = False
+    patch_detail: str = ""
+    exact: str = ""
+
+    def as_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- families
+def families() -> List[Tuple[str, str]]:
+    """``(model_type, modeling module)`` for every model type of the installed transformers
+    whose modeling module defines a 1-D ``*RotaryEmbedding`` class."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    from .. import _hf_code
+
+    out = []
+    for mt in CONFIG_MAPPING_NAMES:
+        mod = _hf_code.modeling_module_for(mt)
+        if mod is not None and _hf_code.rotary_classes(mod):
+            out.append((mt, mod.__name__.rsplit(".", 1)[1].replace("modeling_", "")))
+    return out
+
+
+def _sub_classes(cls: type, default: Any) -> Dict[str, type]:
+    subs = dict(getattr(cls, "sub_configs", {}) or {})
+    for name, sub in list(subs.items()):
+        cur = getattr(default, name, None) if default is not None else None
+        if cur is not None and hasattr(cur, "to_dict") and (not isinstance(sub, type) or sub.__name__ == "AutoConfig"):
+            subs[name] = type(cur)
+        elif not isinstance(sub, type) or sub.__name__ == "AutoConfig":
+            subs.pop(name)
+    return subs
+
+
+def _scaled_sections(sections: List[int], half: int) -> List[int]:
+    n = len(sections)
+    base = [half // n] * n
+    for i in range(half - sum(base)):
+        base[i] += 1
+    return base
+
+
+def _uses_mrope(cls: type, rp: Dict[str, Any]) -> bool:
+    """Whether the config's model reads ``mrope_section`` (multimodal rotary sections)."""
+    if "mrope_section" in rp:
+        return True
+    try:
+        import importlib
+
+        pkg = cls.__module__.rsplit(".", 1)[0]
+        mod = importlib.import_module(f"{pkg}.modeling_{pkg.rsplit('.', 1)[1]}")
+        return "mrope_section" in inspect.getsource(mod)
+    except Exception:
+        return False
+
+
+def _shrink_kwargs(cls: type, depth: int = 0) -> Dict[str, Any]:
+    try:
+        default = cls()
+    except Exception:
+        default = None
+    try:
+        names = set(inspect.signature(cls.__init__).parameters)
+    except (TypeError, ValueError):
+        names = set()
+    attrs = set(vars(default)) if default is not None else set()
+    known = names | attrs
+    kw = {k: v for k, v in SMALL.items() if k in known}
+    if "qk_rope_head_dim" in known:
+        # MLA: keep head_dim's relation to the rope/nope parts of the default config
+        kw.pop("head_dim", None)
+        try:
+            hd, rope = getattr(default, "head_dim", None), getattr(default, "qk_rope_head_dim", None)
+            nope = getattr(default, "qk_nope_head_dim", None)
+        except Exception:
+            hd = rope = nope = None
+        if hd is not None and hd == rope:
+            kw["head_dim"] = SMALL["qk_rope_head_dim"]
+        elif hd is not None and rope is not None and nope is not None and hd == rope + nope:
+            kw["head_dim"] = SMALL["qk_rope_head_dim"] + SMALL["qk_nope_head_dim"]
+        if "num_key_value_heads" in kw:
+            kw["num_key_value_heads"] = kw["num_attention_heads"]  # MLA: one latent per head
+    for k, v in _TOKENS.items():
+        if k in known:
+            kw[k] = v
+    if getattr(default, "per_layer_config", None) is not None and "per_layer_config" in known:
+        kw["per_layer_config"] = None  # per-layer overrides keep full-size values: drop them
+    rp = getattr(default, "rope_parameters", None) if default is not None else None
+    if isinstance(rp, dict) and not any(isinstance(v, dict) for v in rp.values()) and _uses_mrope(cls, rp):
+        r = kw.get("qk_rope_head_dim") or kw.get("head_dim") or 16
+        prf = rp.get("partial_rotary_factor", 1.0) or 1.0
+        sections = list(rp.get("mrope_section") or [16, 24, 24])
+        kw["rope_parameters"] = dict(rp, mrope_section=_scaled_sections(sections, int(r * prf) // 2))
+    prf = getattr(default, "partial_rotary_factor", None) if default is not None else None
+    if isinstance(rp, dict):
+        for v in [rp] + [v for v in rp.values() if isinstance(v, dict)]:
+            f = v.get("partial_rotary_factor")
+            if isinstance(f, float) and int(16 * f) % 2:
+                prf = f
+    if isinstance(prf, float) and "head_dim" in kw and int(kw["head_dim"] * prf) % 2:
+        kw["head_dim"] = 32 if int(32 * prf) % 2 == 0 else 64  # an even rotary dim, as real checkpoints have
+    types = getattr(default, "layer_types", None) if default is not None else None
+    if isinstance(types, (list, tuple)) and "layer_types" in known:
+        distinct = list(dict.fromkeys(types))
+        n = max(2, len(distinct))
+        for k in ("num_hidden_layers", "num_layers", "n_layer"):
+            if k in kw:
+                kw[k] = n
+        kw["layer_types"] = (distinct * n)[:n]  # every layer type once: all rope parameters in use
+    if depth < 2:
+        for name, sub in _sub_classes(cls, default).items():
+            try:
+                kw[name] = _shrink_kwargs(sub, depth + 1)
+                kw[name] = sub(**kw[name]).to_dict()
+            except Exception:
+                kw.pop(name, None)
+    return kw
+
+
+def tiny_config(model_type: str) -> Any:
+    """A small config of ``model_type``: the config class with hidden 64, 4 heads of 16,
+    2 layers, vocab 128 (MLA: rope/nope parts of 8), whatever of those it has."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[model_type]
+    kw = _shrink_kwargs(cls)
+    try:
+        return cls(**kw)
+    except Exception:
+        kw.pop("layer_types", None)
+        for k in ("head_dim", "global_head_dim", "rotary_dim"):  # validators tie these to others
+            kw.pop(k, None)
+        return cls(**kw)
+
+
+def _text(cfg: Any) -> Any:
+    if getattr(cfg, "text_config", None) is not None and getattr(cfg, "num_attention_heads", None) is None:
+        return cfg.text_config
+    return cfg
+
+
+# --------------------------------------------------------------------------- config check
+def _flat(result: Any) -> Dict[Tuple[str, Optional[str]], Any]:
+    """from_hf result -> {(component, layer type): RopeConfig or None}."""
+    from ..config import RopeConfig
+
+    if isinstance(result, RopeConfig):
+        return {("attention", None): result}
+    out: Dict[Tuple[str, Optional[str]], Any] = {}
+    comps = set(result) <= {"attention", "indexer"}
+    for k, v in result.items():
+        if comps:
+            if isinstance(v, dict):
+                for lt, c in v.items():
+                    out[(k, lt)] = c
+            else:
+                out[(k, None)] = v
+        else:
+            out[("attention", k)] = v
+    return out
+
+
+def _static_check(cfg_text: Any, flat: Dict[Tuple[str, Optional[str]], Any]) -> Optional[str]:
+    """The model's function with its own tables vs ropekit's rotation; ``None`` if equal."""
+    from .. import _hf_code
+    from ..hf import transformers_cos_sin
+
+    mt = getattr(cfg_text, "model_type", "")
+    module = _hf_code.modeling_module_for(mt)
+    used = getattr(cfg_text, "layer_types", None)
+    for (name, lt), cfg in flat.items():
+        if cfg is None or (lt is not None and isinstance(used, (list, tuple)) and lt not in used):
+            continue  # a layer type no layer of this config has: its tables are never built
+        comps = _hf_code.derive(cfg_text, mt, layer_type=lt)
+        comp = next((c for c in comps or [] if c.name == name), None)
+        if comp is None:
+            return f"{name}: no call site found"
+        rot = None
+        for cls in _hf_code.rotary_classes(module):
+            try:
+                rot = cls(config=cfg_text)
+                break
+            except Exception:
+                continue
+        cos, sin = _hf_code.module_tables(rot, S, layer_type=lt, config=cfg_text)
+        fn = getattr(module, comp.site.fn)
+        kind = _hf_code.signature_kind(fn)
+        m, R = _hf_code.measure(fn, kind, cos, sin, comp.measured.width)
+        arg_start = 0
+        if m.width != cfg.head_dim and comp.site.head_slice == "last":
+            arg_start = cfg.head_dim - m.width
+        off = cfg.rotary_offset - arg_start
+        if off < 0 or off + cfg.rotary_dim > m.width:
+            return f"{name}/{lt}: ropekit rotates dims [{cfg.rotary_offset}, {cfg.rotary_offset + cfg.rotary_dim}), the model's q argument covers [{arg_start}, {arg_start + m.width})"
+        c, s = transformers_cos_sin(cfg, torch.arange(S))
+        E = _hf_code.expected_matrix(cfg.layout, cfg.direction, off, m.width, c, s)
+        if not torch.equal(E, R):
+            d = (E.double() - R.double()).abs()
+            lane = int(d.amax(dim=(0, 1)).argmax())
+            same = m.layout == cfg.layout and m.direction == cfg.direction and m.rotary_dim == cfg.rotary_dim
+            if same and m.offset == off and d.max().item() <= 2.0**-21:
+                return (
+                    f"ROUNDING {name}/{lt}: pairing, direction, width right; tables differ by "
+                    f"{d.max().item():.2g} (the model computes cos/sin another way, e.g. torch.polar)"
+                )
+            return (
+                f"{name}/{lt}: max |difference| {d.max().item():.3g} at lane {lane}; model: {m.layout}, "
+                f"direction {m.direction:+d}, r {m.rotary_dim} at {m.offset} of {m.width}; ropekit: {cfg.layout}, "
+                f"direction {cfg.direction:+d}, r {cfg.rotary_dim} at {off}"
+            )
+    return None
+
+
+def _path_equal(cfg: Any, result: Any) -> Tuple[bool, str]:
+    from ..hf import rope_config_from_hf
+
+    with tempfile.TemporaryDirectory() as d:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cfg.save_pretrained(d)
+        try:
+            back = rope_config_from_hf(d)
+        except Exception as e:
+            return False, f"from_hf(path) failed: {type(e).__name__}: {str(e)[:120]}"
+    if back == result:
+        return True, ""
+    fa, fb = _flat(result), _flat(back)
+    diff = [f"{k}: {fa.get(k)} vs {fb.get(k)}" for k in sorted(set(fa) | set(fb), key=str) if fa.get(k) != fb.get(k)]
+    return False, "path differs: " + (diff[0] if diff else "structure")[:200]
+
+
+# --------------------------------------------------------------------------- model checks
+_CALLER: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("ropekit_sweep_caller", default=None)
+
+
+@contextlib.contextmanager
+def _recording(model: torch.nn.Module, calls: list) -> Any:
+    """Record the RoPE calls the model makes: (caller class, function, bound arguments)."""
+    from . import transformers as rt
+
+    keys = set()
+    wrapped = []
+    for m in model.modules():
+        ks = rt._rope_calls(m)
+        if not ks:
+            continue
+        keys.update(ks)
+        inner = m.forward
+
+        def fwd(*a, _inner=inner, _name=type(m).__name__, **k):
+            tok = _CALLER.set(_name)
+            try:
+                return _inner(*a, **k)
+            finally:
+                _CALLER.reset(tok)
+
+        had = "forward" in m.__dict__
+        wrapped.append((m, had, m.__dict__.get("forward")))
+        m.forward = fwd
+    saved = []
+    for modname, fname in keys:
+        module = sys.modules[modname]
+        orig = getattr(module, fname)
+        sig = inspect.signature(orig)
+
+        def rec(*a, _orig=orig, _sig=sig, _f=fname, **k):
+            if len(calls) < 64:
+                try:
+                    b = _sig.bind(*a, **k)
+                    b.apply_defaults()
+                    calls.append((_CALLER.get(), _f, _orig, dict(b.arguments)))
+                except TypeError:
+                    pass
+            return _orig(*a, **k)
+
+        saved.append((module, fname, orig))
+        setattr(module, fname, rec)
+    try:
+        yield
+    finally:
+        for module, fname, orig in saved:
+            setattr(module, fname, orig)
+        for m, had, prev in wrapped:
+            if had:
+                m.__dict__["forward"] = prev
+            else:
+                del m.__dict__["forward"]
+
+
+def _head_offset(q: torch.Tensor) -> Tuple[int, Optional[int]]:
+    """``(offset of q's first lane inside its head, head width)`` when q is a lane slice
+    of a wider head (a view), else ``(0, None)``."""
+    if q._base is None or q.stride(-1) != 1:
+        return 0, None
+    strides = [st for st, n in zip(q.stride()[:-1], q.shape[:-1]) if n > 1]
+    hw = min(strides) if strides else None
+    if not hw or hw <= q.shape[-1]:
+        return 0, None
+    return int(q.storage_offset()) % hw, hw
+
+
+def _runtime_check(calls: list, flat: Dict[Tuple[str, Optional[str]], Any]) -> Optional[str]:
+    from .. import _hf_code
+
+    seen = set()
+    for caller, fname, fn, args in calls:
+        name = _hf_code.component_name(caller or "")
+        if (name, fname) in seen:
+            continue
+        seen.add((name, fname))
+        kind = _hf_code.signature_kind(fn)
+        if kind is None:
+            return f"{caller} calls {fname} with a signature ropekit does not know"
+        names = list(args)
+        q = args[names[0]]
+        if kind == "complex":
+            cos, sin = args[names[2]], None
+        else:
+            cos, sin = args["cos"], args["sin"]
+        cos = cos[:1] if cos.dim() == 3 else cos
+        sin = sin[:1] if sin is not None and sin.dim() == 3 else sin
+        if cos.dim() != 3:
+            continue  # multi-axis tables ([3, b, s, t]) or other layouts: covered by the code check
+        try:
+            m, _ = _hf_code.measure(fn, kind, cos, sin, q.shape[-1])
+        except _hf_code.NotRope as e:
+            return f"{caller}.{fname}: {e}"
+        except Exception:
+            continue
+        module = sys.modules.get(getattr(fn, "__module__", ""), None)
+        sites = _hf_code.call_sites(module) if module is not None else ()
+        split = any(st.cls == caller and st.fn == fname and st.head_slice != "all" for st in sites)
+        # the view trick reads the slice only where the code splits the head (MLA); a fused
+        # qkv projection makes any other q a view too
+        off_head, hw = _head_offset(q) if split else (0, None)
+        cands = [c for (n, _), c in flat.items() if n == name and c is not None]
+        if not cands:
+            return f"{caller} ({name}) calls {fname}, but from_hf has no {name} component"
+        head = hw or q.shape[-1]
+        ok = False
+        for c in cands:
+            r_ok = m.rotary_dim == c.rotary_dim or (
+                c.scaling is not None and type(c.scaling).__name__ == "Proportional" and m.rotary_dim <= c.rotary_dim
+            )
+            lay_ok = m.layout == c.layout or m.rotary_dim == 2
+            head_ok = (hw is None and head in (c.head_dim, c.rotary_dim) or head <= c.head_dim) or (
+                hw is not None and hw >= c.head_dim
+            )  # a fused projection may make the storage row wider than one head
+            off_ok = off_head + m.offset == c.rotary_offset or (hw is None and head != c.head_dim and m.offset == 0)
+            if r_ok and lay_ok and head_ok and off_ok and m.direction == c.direction:
+                ok = True
+                break
+        if not ok:
+            c = cands[0]
+            return (
+                f"{caller}.{fname} in the forward: {m.layout}, direction {m.direction:+d}, r {m.rotary_dim} at "
+                f"{off_head + m.offset} of a {head}-dim head; from_hf: {c.layout}, direction {c.direction:+d}, "
+                f"r {c.rotary_dim} at {c.rotary_offset} of {c.head_dim}"
+            )
+    return None
+
+
+def _model_class(model_type: str) -> Tuple[Optional[type], bool]:
+    import transformers
+    from transformers.models.auto import modeling_auto as ma
+
+    for mapping, causal in ((ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, True), (ma.MODEL_MAPPING_NAMES, False)):
+        name = mapping.get(model_type)
+        if name is None:
+            continue
+        name = name if isinstance(name, str) else name[0]
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls, causal
+    return None, False
+
+
+def _ids(vocab: int, b: int = 2, s: int = S, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, min(vocab, 100), (b, s), generator=g)
+
+
+def _logits(out: Any) -> torch.Tensor:
+    for k in ("logits", "last_hidden_state"):
+        v = getattr(out, k, None)
+        if isinstance(v, torch.Tensor):
+            return v
+    if isinstance(out, (tuple, list)) and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError("no logits in the output")
+
+
+def _build(model_type: str, cfg: Any) -> Tuple[Optional[torch.nn.Module], bool, str]:
+    cls, causal = _model_class(model_type)
+    if cls is None:
+        return None, False, "no model class"
+    try:
+        with torch.device("meta"):
+            meta = cls(cfg)
+        n = sum(p.numel() for p in meta.parameters())
+        del meta
+    except Exception as e:
+        return None, False, f"{type(e).__name__}: {str(e)[:100]}"
+    if n > MAX_PARAMS:
+        return None, False, f"{n / 1e6:.0f}M parameters at this size (limit {MAX_PARAMS / 1e6:.0f}M)"
+    try:
+        torch.manual_seed(0)
+        model = cls(cfg).eval()
+    except Exception as e:
+        return None, False, f"{type(e).__name__}: {str(e)[:100]}"
+    return model, causal, ""
+
+
+def _run(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return _logits(model(input_ids=ids))
+
+
+# --------------------------------------------------------------------------- one row
+def check(model_type: str, family: str = "", *, models: bool = True, generate: bool = True) -> Row:
+    """Sweep one ``model_type`` (see the module docstring); never raises."""
+    from ..hf import rope_config_from_hf
+    from . import transformers as rt
+
+    t0 = time.perf_counter()
+    row = Row(model_type, family or model_type)
+    default_size = ""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cfg = tiny_config(model_type)
+    except Exception as e:
+        try:  # the config class rejects the tiny sizes: check the config at its default size
+            from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cfg = CONFIG_MAPPING[model_type]()
+            default_size = "default-size config (tiny sizes rejected by the config class)"
+        except Exception:
+            row.config = "untested"
+            row.detail = f"no tiny config: {type(e).__name__}: {str(e)[:120]}"
+            row.seconds = time.perf_counter() - t0
+            return row
+    text = _text(cfg)
+    from .. import _hf_code
+    from .._errors import RopeError
+
+    try:
+        facts = _hf_code.derive(text, getattr(text, "model_type", model_type))
+    except _hf_code.NotRope:
+        facts = ["not rope"]  # from_hf must refuse it by name
+    except Exception:
+        facts = None
+    result = None
+    if not facts:
+        row.config = "n/a"
+        row.detail = "no 1-D RoPE call in the language model's code ropekit can read (vision-only, inline, or other)"
+    else:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result = rope_config_from_hf(cfg)
+        except Exception as e:
+            row.config = "refused" if isinstance(e, RopeError) else "wrong"
+            row.detail = f"{type(e).__name__}: {str(e)[:220]}"
+    if result is not None:
+        flat = _flat(result)
+        try:
+            diff = _static_check(text, flat)
+        except Exception as e:
+            diff = f"check failed: {type(e).__name__}: {str(e)[:150]}"
+        if diff and diff.startswith("ROUNDING "):
+            row.config, row.checked, row.detail = "exact", "code", diff[len("ROUNDING "):]
+            row.rounding = True
+        else:
+            row.config, row.checked = ("wrong", "code") if diff else ("exact", "code")
+            row.detail = diff or ""
+        try:
+            row.path_equal, why = _path_equal(cfg, result)
+        except Exception as e:
+            row.path_equal, why = False, f"{type(e).__name__}: {str(e)[:100]}"
+        if not row.path_equal and not row.detail:
+            row.detail = why
+    if default_size:
+        row.detail = "; ".join(t for t in (default_size, row.detail) if t)
+    if not models:
+        row.seconds = time.perf_counter() - t0
+        return row
+    model, causal, why = _build(model_type, cfg)
+    if model is None:
+        row.patch = "not built"
+        row.patch_detail = why
+        row.seconds = time.perf_counter() - t0
+        return row
+    vocab = int(getattr(text, "vocab_size", None) or getattr(cfg, "vocab_size", 128) or 128)
+    ids = _ids(vocab)
+    calls: list = []
+    try:
+        with _recording(model, calls):
+            ref = _run(model, ids)
+    except Exception as e:
+        row.patch = "not built"
+        row.patch_detail = f"forward failed: {type(e).__name__}: {str(e)[:120]}"
+        row.seconds = time.perf_counter() - t0
+        return row
+    if result is not None and row.config == "exact" and calls:
+        diff = _runtime_check(calls, _flat(result))
+        if diff:
+            row.config, row.detail = "wrong", diff
+        else:
+            row.checked = "code+run"
+    if not calls:
+        row.patch = "n/a"
+        row.patch_detail = "the forward calls no module-level RoPE function"
+        row.seconds = time.perf_counter() - t0
+        return row
+    try:
+        rt.patch(model, tables="transformers")
+    except Exception as e:
+        row.patch = "refused"
+        row.patch_detail = f"{type(e).__name__}: {str(e)[:220]}"
+        row.seconds = time.perf_counter() - t0
+        return row
+    try:
+        out = _run(model, ids)
+        row.logits = bool(torch.equal(out, ref))
+        if generate and causal and hasattr(model, "generate"):
+            kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+            with torch.no_grad():
+                got = model.generate(ids, **kw)
+                rt.unpatch(model)
+                want = model.generate(ids, **kw)
+            row.generate = bool(torch.equal(got, want))
+        else:
+            rt.unpatch(model)
+        back = _run(model, ids)
+        restored = bool(torch.equal(back, ref))
+        try:  # ropekit's exact tables: proven at patch time; logits move by float32 rounding
+            rt.patch(model, tables="exact")
+            try:
+                gap = (_run(model, ids) - ref).abs().max().item()
+            finally:
+                rt.unpatch(model)
+            row.exact = f"proven, logits within {gap:.1e}"
+        except Exception as e:
+            row.exact = "refused: " + str(e).split(", got ", 1)[-1].split(". Fix:")[0][:120]
+        ok = row.logits and restored and row.generate is not False
+        row.patch = "proven" if ok else "wrong"
+        if not ok:
+            row.patch_detail = (
+                f"patched logits differ by {(out - ref).abs().max().item():.3g}" if not row.logits
+                else "greedy tokens differ" if row.generate is False else "unpatch did not restore the logits"
+            )
+    except Exception as e:
+        if rt.is_patched(model):
+            rt.unpatch(model)
+        row.patch = "wrong"
+        row.patch_detail = f"patched run failed: {type(e).__name__}: {str(e)[:150]}"
+    row.seconds = time.perf_counter() - t0
+    return row
+
+
+def sweep(
+    model_types: Optional[Iterable[str]] = None,
+    *,
+    models: bool = True,
+    generate: bool = True,
+    progress: Optional[Callable[[Row], None]] = None,
+) -> List[Row]:
+    """Sweep ``model_types`` (default: all of :func:`families`); one :class:`Row` each."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    fams = dict(families())
+    todo = list(fams) if model_types is None else list(model_types)
+    rows = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest on a shared machine
+    try:
+        for mt in todo:
+            row = check(mt, fams.get(mt, mt), models=models, generate=generate)
+            rows.append(row)
+            if progress is not None:
+                progress(row)
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+# --------------------------------------------------------------------------- report
+def summary(rows: List[Row]) -> Dict[str, Any]:
+    """Counts per model type and per family (a family is exact when all its model types
+    that apply are; proven when at least one of its model types is)."""
+    def fam_count(pred) -> int:
+        return len({r.family for r in rows if pred(r)})
+
+    applicable = [r for r in rows if r.config not in ("n/a", "untested")]
+    fam_config: Dict[str, str] = {}
+    for r in applicable:
+        prev = fam_config.get(r.family)
+        order = {"wrong": 0, "refused": 1, "exact": 2}
+        if prev is None or order[r.config] < order[prev]:
+            fam_config[r.family] = r.config
+    return {
+        "model_types": len(rows),
+        "families": len({r.family for r in rows}),
+        "applicable_model_types": len(applicable),
+        "applicable_families": len(fam_config),
+        "untested_model_types": sum(r.config == "untested" for r in rows),
+        "config_exact_model_types": sum(r.config == "exact" for r in rows),
+        "config_exact_tables_rounding_model_types": sum(r.config == "exact" and r.rounding for r in rows),
+        "config_refused_model_types": sum(r.config == "refused" for r in rows),
+        "config_wrong_model_types": sum(r.config == "wrong" for r in rows),
+        "config_exact_families": sum(v == "exact" for v in fam_config.values()),
+        "config_refused_families": sum(v == "refused" for v in fam_config.values()),
+        "config_wrong_families": sum(v == "wrong" for v in fam_config.values()),
+        "path_differs_model_types": sum(r.path_equal is False for r in rows),
+        "patch_proven_model_types": sum(r.patch == "proven" for r in rows),
+        "patch_proven_families": fam_count(lambda r: r.patch == "proven"),
+        "patch_refused_model_types": sum(r.patch == "refused" for r in rows),
+        "exact_tables_proven_model_types": sum(r.exact.startswith("proven") for r in rows),
+        "exact_tables_proven_families": fam_count(lambda r: r.exact.startswith("proven")),
+        "exact_tables_refused_model_types": sum(r.exact.startswith("refused") for r in rows),
+        "patch_wrong_model_types": sum(r.patch == "wrong" for r in rows),
+        "not_built_model_types": sum(r.patch == "not built" for r in rows),
+    }
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "–"
+    if v is True:
+        return "yes"
+    if v is False:
+        return "**no**"
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def format_table(rows: List[Row]) -> str:
+    """Markdown: one line per model type (config result, path == object, patch result,
+    logits, generation, the difference or reason)."""
+    head = (
+        "| model_type | family | config | path = object | patch | logits | generate | "
+        'tables="exact" | difference / reason |'
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r.family, r.model_type)):
+        cfg = r.config + (f" ({r.checked})" if r.checked and r.config == "exact" else "") + (" ≈" if r.rounding else "")
+        lines.append(
+            "| " + " | ".join(
+                _cell(x) for x in (r.model_type, r.family, cfg, r.path_equal, r.patch, r.logits, r.generate,
+                                   r.exact or None, "; ".join(t for t in (r.detail[:160], r.patch_detail[:160]) if t))
+            ) + " |"
+        )  # fmt: skip
+    return "\n".join(lines)
+
+
+def write(rows: List[Row], path: str) -> None:
+    """Write the rows as JSON (``.json``) or the markdown table with the summary."""
+    if path.endswith(".json"):
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"summary": summary(rows), "rows": [r.as_dict() for r in rows]}, f, indent=1)
+        return
+    s = summary(rows)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("Summary: " + ", ".join(f"{k} {v}" for k, v in s.items()) + "\n\n")
+        f.write(format_table(rows) + "\n")

@@ -273,3 +273,47 @@ def test_fast_path_respects_a_subclass_that_makes_its_own_tables():
         q2, _ = rope(q, k, offsets=off)
         want = rope_bshd(q, 2 * off[:, None], 16, "half")
         torch.testing.assert_close(q2.double(), want, atol=5e-6, rtol=5e-6)
+
+
+# --- MLA heads (rotary_offset) and the direction of rotation ---------------------------------
+
+
+@pytest.mark.parametrize("backend", [b for b in ropekit.backends.available()])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_rotary_offset_rotates_only_the_rope_slice(backend, inplace):
+    """An MLA head [nope | rope] (rotary_offset = nope): the rope slice equals RoPE of that slice
+    alone, the nope dims pass through, gradients too; a head of the rope width alone is refused."""
+    nope, rope_d = 8, 16
+    cfg = RopeConfig(nope + rope_d, rotary_dim=rope_d, rotary_offset=nope, layout="interleaved")
+    part = RopeConfig(rope_d, layout="interleaved")
+    torch.manual_seed(4)
+    q, k = torch.randn(2, 5, 3, nope + rope_d), torch.randn(2, 5, 1, nope + rope_d)
+    off = torch.tensor([0, 9])
+    qa, ka = (q * 1).requires_grad_(), (k * 1).requires_grad_()
+    qi, ki = (qa * 1, ka * 1) if inplace else (qa, ka)
+    qo, ko = RotaryEmbedding(cfg, backend=backend)(qi, ki, offsets=off, inplace=inplace)
+    wq, wk = RotaryEmbedding(part, backend="reference")(q[..., nope:], k[..., nope:], offsets=off)
+    torch.testing.assert_close(qo[..., nope:].detach(), wq.float(), atol=2e-6, rtol=0)
+    torch.testing.assert_close(ko[..., nope:].detach(), wk.float(), atol=2e-6, rtol=0)
+    assert torch.equal(qo[..., :nope].detach(), q[..., :nope]) and torch.equal(ko[..., :nope].detach(), k[..., :nope])
+    g = torch.randn_like(qo)
+    (qo * g).sum().backward()
+    assert torch.equal(qa.grad[..., :nope], g[..., :nope])
+    # d/dq of R(θ) q is R(θ)ᵀ = R(-θ): the rope slice of g rotated by -θ (direction -1)
+    inv = RopeConfig(rope_d, layout="interleaved", direction=-1)
+    want_g, _ = RotaryEmbedding(inv, backend="reference")(g[..., nope:], k[..., nope:], offsets=off)
+    torch.testing.assert_close(qa.grad[..., nope:], want_g.float(), atol=2e-6, rtol=0)
+    with pytest.raises(ropekit.RopeError, match="head width"):
+        RotaryEmbedding(cfg, backend=backend)(q[..., nope:], k[..., nope:])
+
+
+@pytest.mark.parametrize("backend", [b for b in ropekit.backends.available()])
+def test_direction_minus_one_is_the_inverse_rotation(backend):
+    cfg = RopeConfig(16, direction=-1)
+    torch.manual_seed(5)
+    q, k = torch.randn(2, 6, 2, 16), torch.randn(2, 6, 1, 16)
+    for kw in ({}, {"offsets": 3}, {"offsets": torch.tensor([1, 4])}, {"positions": torch.arange(6)}):
+        qo, ko = RotaryEmbedding(cfg, backend=backend)(q, k, **kw)
+        back = RotaryEmbedding(RopeConfig(16), backend="reference")(qo, ko, **kw)  # +θ undoes -θ
+        torch.testing.assert_close(back[0].float(), q, atol=3e-6, rtol=0)
+        torch.testing.assert_close(back[1].float(), k, atol=3e-6, rtol=0)

@@ -120,7 +120,8 @@ def apply_rotary_qk(
     return be.apply_qk(q, k, cos, sin, layout, conjugate, inplace)
 
 
-def apply_gather(q, k, cos_table, sin_table, positions, *, format: str, layout: str, inplace: bool, backend: str):
+def apply_gather(q, k, cos_table, sin_table, positions, *, format: str, layout: str, inplace: bool, backend: str,
+                 conjugate: bool = False):
     """``(q_rot, k_rot)`` with the rows ``positions`` of ``[n, r/2]`` tables, picked inside the
     kernel where the backend can (used by :class:`ropekit.RotaryEmbedding`).
 
@@ -135,11 +136,11 @@ def apply_gather(q, k, cos_table, sin_table, positions, *, format: str, layout: 
     be = _resolve(backend, q, "q")
     if be.CHECKS:
         try:
-            return be.apply_gather(q, k, cos_table, sin_table, positions, format, layout, False, inplace)
+            return be.apply_gather(q, k, cos_table, sin_table, positions, format, layout, conjugate, inplace)
         except (ValueError, RuntimeError, TypeError) as e:
             raise explain(e, lambda: check_qk(q, k, cos_table[:1], sin_table[:1], layout, inplace)) from None
     if inplace:
         check_inplace(q, "q")
         check_inplace(k, "k")
         check_qk_disjoint(q, k)
-    return be.apply_gather(q, k, cos_table, sin_table, positions, format, layout, False, inplace)
+    return be.apply_gather(q, k, cos_table, sin_table, positions, format, layout, conjugate, inplace)

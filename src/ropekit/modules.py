@@ -255,6 +255,9 @@ class RotaryEmbedding(nn.Module):
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """The gathered ``(cos, sin)`` for ``q`` in ``format``, broadcastable to ``q.shape[:-1] + (r/2,)``."""
         check_head_width(self.cfg, q=q)
+        return self._cos_sin_for(q, positions, offsets, cu_seqlens, format, seq_len)
+
+    def _cos_sin_for(self, q, positions, offsets, cu_seqlens, format, seq_len):
         if self._sync_free(q):
             pos = self._positions(q, positions, offsets, cu_seqlens, format)
             cos, sin = self._direct_cos_sin(pos, q, seq_len)  # [*pos.shape, r/2]
@@ -295,29 +298,47 @@ class RotaryEmbedding(nn.Module):
 
         Returns:
             ``(q_rot, k_rot)`` in the input format and dtypes.
+
+        With ``cfg.rotary_offset = o`` (MLA heads ``[nope | rope]``) only dims
+        ``o .. o + r - 1`` of the ``cfg.head_dim``-wide heads rotate; with
+        ``cfg.direction = -1`` the rotation is by ``-m·θ``.
         """
+        o = self.cfg.rotary_offset
+        if not o:
+            return self._apply(q, k, positions, offsets, cu_seqlens, format, seq_len, inplace, self.cfg.head_dim)
+        _check_qk(q, k)
+        check_head_width(self.cfg, q=q, k=k)
+        qo, ko = (q, k) if inplace else (q.clone(), k.clone())  # the nope dims pass through
+        self._apply(qo[..., o:], ko[..., o:], positions, offsets, cu_seqlens, format, seq_len, True, self.cfg.head_dim - o)
+        return qo, ko
+
+    def _apply(self, q, k, positions, offsets, cu_seqlens, format, seq_len, inplace, width):
+        """forward on heads of ``width`` dims whose first ``rotary_dim`` rotate."""
+        conj = self.cfg.direction == -1
         if positions is None and cu_seqlens is None and seq_len is None and type(q) is torch.Tensor and not self._sync_free(q):
-            fast = self._cached_gather(q, k, offsets, format, inplace)
+            fast = self._cached_gather(q, k, offsets, format, inplace, width)
             if fast is not None:
                 return fast
         _check_qk(q, k)
-        check_head_width(self.cfg, q=q, k=k)
+        if width == self.cfg.head_dim:
+            check_head_width(self.cfg, q=q, k=k)
         if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0):
             raise fail("seq_len an int >= 0 or None", repr(seq_len), "pass the total sequence length (e.g. prompt + generated)")
         split_qk_format(q, k, format)
         if self._sync_free(q):
             # graph path: no cache, no lock, no sync; cos/sin from positions inside the graph
-            cos, sin = self.cos_sin_for(q, positions=positions, offsets=offsets, cu_seqlens=cu_seqlens, format=format, seq_len=seq_len)
-            return apply_rotary_qk(q, k, cos, sin, layout=self.cfg.layout, inplace=inplace, backend=self.backend)
+            cos, sin = self._cos_sin_for(q, positions, offsets, cu_seqlens, format, seq_len)
+            return apply_rotary_qk(q, k, cos, sin, layout=self.cfg.layout, inplace=inplace, backend=self.backend, conjugate=conj)
         pos, table, seq_len = self._positions_and_tables(q, positions, offsets, cu_seqlens, format, seq_len)
         if table is not None:
             # the table covers every position (checked above): rows picked inside the kernel
-            return apply_gather(q, k, table[0], table[1], pos, format=format, layout=self.cfg.layout, inplace=inplace, backend=self.backend)
+            return apply_gather(q, k, table[0], table[1], pos, format=format, layout=self.cfg.layout, inplace=inplace,
+                                backend=self.backend, conjugate=conj)
         cos, sin = self._direct_cos_sin(pos, q, seq_len)
         cos, sin = table_view(cos, format, pos.dim()), table_view(sin, format, pos.dim())
-        return apply_rotary_qk(q, k, cos, sin, layout=self.cfg.layout, inplace=inplace, backend=self.backend)
+        return apply_rotary_qk(q, k, cos, sin, layout=self.cfg.layout, inplace=inplace, backend=self.backend, conjugate=conj)
 
-    def _cached_gather(self, q, k, offsets, format, inplace):
+    def _cached_gather(self, q, k, offsets, format, inplace, width):
         """The common call (positions from ``offsets``, length-independent scaling, a backend
         that checks its own inputs): positions built without a host sync and the cached tables
         passed as they are; the fused op checks every position against the table before
@@ -333,8 +354,7 @@ class RotaryEmbedding(nn.Module):
         sdim = _SEQ_DIM.get(format)
         if not plain or sdim is None or type(k) is not torch.Tensor or q.dim() != 4:
             return None
-        hd = self.cfg.head_dim
-        if q.shape[-1] != hd or k.dim() != 4 or k.shape[-1] != hd:
+        if q.shape[-1] != width or k.dim() != 4 or k.shape[-1] != width:
             return None  # the general path names both widths
         be = _backends.resolve(self.backend, q)
         if not be.CHECKS:
@@ -360,7 +380,7 @@ class RotaryEmbedding(nn.Module):
         else:
             return None
         try:
-            return be.apply_gather(q, k, cos_t, sin_t, pos, format, self.cfg.layout, False, inplace)
+            return be.apply_gather(q, k, cos_t, sin_t, pos, format, self.cfg.layout, self.cfg.direction == -1, inplace)
         except (ValueError, RuntimeError, TypeError):
             return None  # refused before writing: the general path re-checks everything and grows or explains
 

@@ -108,9 +108,10 @@ def test_transformers_5x_names_and_per_layer():
 
 
 def test_yarn_factor_and_original_defaults_follow_transformers():
-    # DeepSeek style: factor missing -> max_position / original
+    # "factor": null -> max_position / original (transformers 5.24 warns and does the same);
+    # an absent factor is refused, as transformers refuses it (tests/test_contracts_pending.py)
     y = rope_config_from_hf({"hidden_size": 128, "num_attention_heads": 2, "max_position_embeddings": 16384,
-                             "rope_scaling": {"type": "yarn", "original_max_position_embeddings": 4096}})  # fmt: skip
+                             "rope_scaling": {"type": "yarn", "factor": None, "original_max_position_embeddings": 4096}})  # fmt: skip
     assert y.scaling.factor == 4.0
     # original missing -> max_position_embeddings; top-level original wins (Phi-3 rule)
     l3 = rope_config_from_hf({"hidden_size": 128, "num_attention_heads": 2, "max_position_embeddings": 1000,

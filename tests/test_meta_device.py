@@ -178,12 +178,6 @@ def test_meta_weights_convert_on_meta():
     assert out.device.type == "meta" and out.shape == w.shape
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hf.py: transformers_inv_freq/transformers_cos_sin create their aranges and tensors without a "
-    "device (lines with torch.arange(0, dim, 2, ...), torch.tensor(...)): inside torch.device('meta') they "
-    "are meta tensors ('Cannot copy out of meta tensor')",
-)
 @pytest.mark.parametrize("name", ["plain", "yarn", "longrope", "llama3", "dynamic"])
 def test_transformers_angles_inside_meta_context(name):
     cfg = _cfg(name)

@@ -64,7 +64,7 @@ BAD = [
     ("module_cu_2d", lambda: _rope()(XT, XT, cu_seqlens=torch.tensor([[0, 8]]), format="thd"), r"1-D integer"),
     ("module_cu_with_bshd", lambda: _rope()(X, X, cu_seqlens=torch.tensor([0, 4])), r"cu_seqlens only with format='thd'"),
     ("module_seq_len_str", lambda: _rope()(X, X, seq_len="4"), r"seq_len an int >= 0"),
-    ("module_max_position_neg", lambda: RotaryEmbedding(CFG, max_position=-1), r"max_position an int >= 0"),
+    ("module_max_position_neg", lambda: RotaryEmbedding(CFG, max_position=-1), r"max_position an int in \[0, "),
     ("module_table_dtype_int", lambda: RotaryEmbedding(CFG, table_dtype=torch.int32)(X, X), r"dtype one of"),
     ("module_head_dim_too_small", lambda: _rope()(torch.randn(2, 4, 3, 8), torch.randn(2, 4, 3, 8)), r"4"),
 ]
@@ -185,10 +185,12 @@ def test_to_dtype_keeps_angles_and_deepcopy_independent():
     for dt in (torch.float16, torch.bfloat16, torch.float64):
         rope.to(dt)
         got = rope(q.to(dt), q.to(dt))[0]
-        # tables stay float32 whatever .to() asked: the result equals the float32-table
-        # rotation rounded once to dt (not a rotation by rounded angles)
-        assert rope.cos_cached.dtype == torch.float32
-        ref = apply_rotary(q.to(dt), *(t[:16, None] for t in cos_sin(cfg, torch.arange(16))), backend="eager")
+        # tables stay float32 for half-precision q/k whatever .to() asked (the result equals the
+        # float32-table rotation rounded once to dt, not a rotation by rounded angles); float64
+        # q/k get float64 tables (float64 stays float64)
+        tdt = torch.float64 if dt == torch.float64 else torch.float32
+        assert rope.cos_cached.dtype == tdt
+        ref = apply_rotary(q.to(dt), *(t[:16, None] for t in cos_sin(cfg, torch.arange(16), dtype=tdt)), backend="eager")
         torch.testing.assert_close(got, ref, atol=0, rtol=0) if dt == torch.float64 else torch.testing.assert_close(got, ref)
     rope.to(torch.float32)
     twin = copy.deepcopy(rope)

@@ -82,6 +82,10 @@ def check_head_width(cfg: Any, **tensors: Any) -> None:
             )
 
 
+#: The Hugging Face config reader (set by ropekit.hf on import; see RopeConfig.from_hf).
+_HF_READER: list = []
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
     """Frozen, validated settings of a rotary position embedding.
@@ -275,8 +279,8 @@ class RopeConfig:
         """Build from a Hugging Face config (``PretrainedConfig``, dict or path to ``config.json``).
 
         See :func:`ropekit.hf.rope_config_from_hf` for the accepted attribute names, the
-        per-layer-type and per-component results, and ``component=``.
+        per-layer-type and per-component results, and ``component=``. (The reader lives in
+        the layer above, :mod:`ropekit.hf`, which registers it here when it loads — it is
+        imported with ``ropekit`` — so this layer imports nothing above it.)
         """
-        from .hf import rope_config_from_hf
-
-        return rope_config_from_hf(obj, **overrides)
+        return _HF_READER[0](obj, **overrides)

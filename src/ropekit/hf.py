@@ -21,8 +21,11 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
+from ._checks import flag, integer, real
 from ._errors import RopeError, fail
+from . import config as _config
 from .config import RopeConfig
+from .tables import transformers_cos_sin, transformers_inv_freq  # noqa: F401  (public here too)
 from .scaling import NTK, DynamicNTK, Linear, Llama3, LongRoPE, Proportional, Scaling, YaRN
 
 __all__ = [
@@ -166,14 +169,15 @@ def _num(p: Mapping, key: str, default: Any = None) -> Any:
 
 
 def _require(p: Mapping, key: str, kind: str) -> Any:
-    v = p.get(key)
-    if v is None:
+    """``p[key]``; a RopeError when the key is absent (a null value goes on to the scheme's own
+    check, which names it as null)."""
+    if key not in p:
         raise fail(
             f"key {key!r} in the {kind} rope parameters",
             f"keys {sorted(p)}",
             f"add {key!r} to rope_scaling/rope_parameters (see the model's published config.json)",
         )
-    return v
+    return p[key]
 
 
 def _scheme(
@@ -217,8 +221,8 @@ def _scheme(
         return DynamicNTK(factor=_require(p, "factor", kind), max_position=max_pos), rotary_dim
     if kind == "yarn":
         orig = original()
-        factor = p.get("factor")
-        if factor is None:  # DeepSeek style: the ratio of the two context lengths
+        factor = _require(p, "factor", kind)  # absent: transformers refuses too
+        if factor is None:  # "factor": null: transformers uses the ratio of the two context lengths
             if max_pos is None:
                 raise fail("yarn factor or max_position_embeddings", "neither", "add factor to rope_scaling")
             factor = max_pos / orig
@@ -231,7 +235,7 @@ def _scheme(
                 mscale=_num(p, "mscale", 1.0),
                 mscale_all_dim=_num(p, "mscale_all_dim", 0.0),
                 attention_factor=p.get("attention_factor"),
-                truncate=bool(_num(p, "truncate", True)),
+                truncate=flag("truncate", _num(p, "truncate", True)),
             ),
             rotary_dim,
         )
@@ -309,8 +313,8 @@ def _head_dim(src: _Src, model_type: str) -> int:
                 "none of them",
                 "pass head_dim=... as an override",
             )
-        v = int(hidden) // int(heads)
-    return int(v)
+        v = integer("hidden_size", hidden) // integer("num_attention_heads", heads)
+    return integer("head_dim", v)
 
 
 def _one(
@@ -329,15 +333,16 @@ def _one(
     proportional = str(p.get("rope_type", p.get("type"))) == "proportional"
     measured = rotary_dim
     if src.get("qk_rope_head_dim") is not None and not proportional:
-        rotary_dim = int(src.get("qk_rope_head_dim"))
+        rotary_dim = integer("qk_rope_head_dim", src.get("qk_rope_head_dim"))
     elif model_type in ("gptj", "codegen"):
-        rotary_dim = int(src.get("rotary_dim", head_dim))
+        rotary_dim = integer("rotary_dim", src.get("rotary_dim", head_dim))
     elif model_type == "chatglm":
         rotary_dim = head_dim // 2  # ChatGLM rotates half of each head (RotaryEmbedding(kv_channels // 2))
     else:
         prf = p.get("partial_rotary_factor", src.get("partial_rotary_factor", src.get("rotary_pct")))
         if prf is None:
             prf = 0.25 if model_type == "gpt_neox" else 1.0  # transformers' GPTNeoXConfig default
+        prf = real("partial_rotary_factor", prf)
         rotary_dim = head_dim if proportional else int(head_dim * prf)
         if rotary_dim % 2 and not proportional:
             raise fail(
@@ -350,9 +355,9 @@ def _one(
         rotary_dim = measured  # the model's own rotary module decides
     base = p.get("rope_theta", src.get("rope_theta", src.get("rotary_emb_base")))
     if base is None:
-        base = 10000.0 * float(src.get("rope_ratio", 1.0)) if model_type == "chatglm" else 10000.0
+        base = 10000.0 * real("rope_ratio", src.get("rope_ratio", 1.0)) if model_type == "chatglm" else 10000.0
     scaling, rotary_dim = _scheme(p, src, head_dim, rotary_dim, max_pos)
-    return RopeConfig(head_dim=head_dim, base=float(base), rotary_dim=rotary_dim, layout=layout, scaling=scaling)
+    return RopeConfig(head_dim=head_dim, base=real("rope_theta", base), rotary_dim=rotary_dim, layout=layout, scaling=scaling)
 
 
 def _is_nested(p: Any) -> bool:
@@ -577,7 +582,7 @@ def rope_config_from_hf(
         layout = layout_for_model_type(model_type, src.get("rope_interleave"))
     head_dim = _head_dim(src, model_type)
     max_pos = src.get("max_position_embeddings", src.get("n_positions", src.get("seq_length")))
-    max_pos = None if max_pos is None else int(max_pos)
+    max_pos = None if max_pos is None else integer("max_position_embeddings", max_pos)
 
     params = src.get("rope_parameters")
     if params is None:
@@ -640,140 +645,4 @@ def rope_config_from_hf(
     return results["attention"] if len(results) == 1 else results
 
 
-# ---------------------------------------------------------------------------------------
-# transformers-compatible float32 tables
-# ---------------------------------------------------------------------------------------
-
-
-def _f32_default(base: Any, dim: int) -> torch.Tensor:
-    # transformers: 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)),
-    # every step in float32 (``base`` may be a Python float or a float32 0-d tensor).
-    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim))
-
-
-def transformers_inv_freq(cfg: RopeConfig, seq_len: Optional[int] = None) -> torch.Tensor:
-    """Frequencies exactly as transformers computes them: float32 ``[r/2]``, same op order.
-
-    Mirrors ``transformers.modeling_rope_utils`` (the model classes' default init for
-    unscaled RoPE, ``_compute_*_parameters`` for the rest) so the float32 roundings are the
-    same. For ``DynamicNTK`` above ``max_position`` it mirrors the module's update path,
-    where the sequence length is an int64 tensor and the new base is a float32 scalar.
-    ``DynamicNTK(static=True)`` and ``NTK`` (HunYuan ``ntk_alpha``) use the same float32 style.
-    Use :meth:`RopeConfig.inv_freq` for the exact float64 values.
-    """
-    s = cfg.scaling
-    dim = cfg.rotary_dim
-    base = cfg.base
-    if s is None:
-        return _f32_default(base, dim)
-    if isinstance(s, Linear):
-        inv = _f32_default(base, dim)
-        inv /= s.factor
-        return inv
-    if isinstance(s, NTK):
-        return _f32_default(base * s.factor ** (dim / (dim - 2)), dim)
-    if isinstance(s, DynamicNTK):
-        mp, f = s.max_position, s.factor
-        if s.static:
-            length: Any = f * mp
-        elif seq_len is None or seq_len <= mp:
-            length = mp  # the module's init path: Python numbers
-        else:
-            # the module's update path: seq_len = max(position_ids) + 1 is an int64 tensor
-            length = torch.maximum(torch.tensor(int(seq_len)), torch.tensor(mp, dtype=torch.int64))
-        new_base = base * ((f * length / mp) - (f - 1)) ** (dim / (dim - 2))
-        return _f32_default(new_base, dim)
-    if isinstance(s, YaRN):
-        pos_freqs = base ** (torch.arange(0, dim, 2).to(dtype=torch.float) / dim)
-        extrapolation = 1.0 / pos_freqs
-        interpolation = 1.0 / (s.factor * pos_freqs)
-        low, high = s.correction_range(cfg)
-        if low == high:
-            high += 0.001
-        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
-        extra_w = 1 - ramp
-        return interpolation * (1 - extra_w) + extrapolation * extra_w
-    if isinstance(s, LongRoPE):
-        ext = torch.tensor(s.long_factor if s.is_long(seq_len) else s.short_factor, dtype=torch.float32)
-        shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
-        return 1.0 / (ext * base**shape)
-    if isinstance(s, Llama3):
-        inv = _f32_default(base, dim)
-        old = s.original_max_position
-        low_wl, high_wl = old / s.low_freq_factor, old / s.high_freq_factor
-        wavelen = 2 * math.pi / inv
-        out = torch.where(wavelen > low_wl, inv / s.factor, inv)
-        span = s.high_freq_factor - s.low_freq_factor
-        smooth = (old / wavelen - s.low_freq_factor) / span if span else torch.full_like(inv, float("nan"))
-        smoothed = (1 - smooth) * out / s.factor + smooth * out
-        medium = ~(wavelen < high_wl) * ~(wavelen > low_wl)
-        return torch.where(medium, smoothed, out)
-    if isinstance(s, Proportional):
-        d = cfg.head_dim
-        k = s.n_rotating(cfg)
-        rot = 1.0 / (base ** (torch.arange(0, 2 * k, 2, dtype=torch.int64).to(dtype=torch.float) / d))
-        inv = torch.cat((rot, torch.zeros(d // 2 - k, dtype=torch.float32))) if d // 2 > k else rot
-        inv /= s.factor
-        return inv
-    raise fail(
-        "a scheme from ropekit.scaling with a transformers counterpart",
-        type(s).__name__,
-        "use ropekit.cos_sin (exact float64 angles) for custom schemes",
-    )
-
-
-def transformers_cos_sin(
-    cfg: RopeConfig,
-    positions: Union[torch.Tensor, int, list, range],
-    *,
-    seq_len: Optional[int] = None,
-    dtype: torch.dtype = torch.float32,
-    device: Optional[Union[str, torch.device]] = None,
-    attention_scaling: bool = True,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Half-width cos/sin computed the way transformers' rotary modules do, bit for bit.
-
-    transformers computes ``freqs = position_ids.float() * inv_freq`` in float32 (positions
-    rounded to float32, one float32 product), then ``cos(freqs) * attention_scaling`` in
-    float32, then casts to the activation dtype. This function does the same with
-    :func:`transformers_inv_freq`, so ``to_full_width(cos)`` equals the module's output
-    exactly (tested against transformers' Llama, Qwen2, Phi-3, GPT-NeoX, DeepSeek-V3 and
-    Gemma 3 modules). Use it when outputs must match an HF model exactly.
-
-    Precision: the float32 angle carries an absolute error up to about ``|m·θ|·2^-23``
-    (growing with position ``m``; ~0.1 rad at ``m = 2^20`` for ``θ = 1``), unlike
-    :func:`ropekit.cos_sin`, whose error stays at float32 rounding of cos/sin (see
-    ``docs/numerics.md``).
-
-    Args:
-        cfg: the rotary configuration.
-        positions: integer positions ``[...]`` (e.g. ``[b, s]``).
-        seq_len: total length for length-dependent schemes; default ``max(positions) + 1``
-            (what transformers uses).
-        dtype: output dtype (transformers casts to the activation dtype ``x.dtype``).
-        device: where to compute (default ``positions.device``).
-        attention_scaling: multiply by the attention factor, as transformers does.
-
-    Returns:
-        ``(cos, sin)``, each ``[*positions.shape, r/2]`` of ``dtype``.
-
-    Example:
-        >>> cfg = RopeConfig(head_dim=8)
-        >>> cos, sin = transformers_cos_sin(cfg, torch.arange(3)[None])
-        >>> cos.shape, cos.dtype
-        (torch.Size([1, 3, 4]), torch.float32)
-    """
-    from .tables import _as_positions, check_positions
-
-    positions = check_positions(_as_positions(positions))
-    if device is not None:
-        positions = positions.to(device)
-    if seq_len is None and cfg.scaling is not None and cfg.scaling.length_dependent and positions.numel():
-        seq_len = int(positions.max()) + 1
-    inv = transformers_inv_freq(cfg, seq_len).to(positions.device)  # float32 [r/2]
-    freqs = positions[..., None].float() * inv  # float32 [..., r/2]
-    cos, sin = freqs.cos(), freqs.sin()
-    if attention_scaling:
-        f = cfg.attention_factor
-        cos, sin = cos * f, sin * f
-    return cos.to(dtype), sin.to(dtype)
+_config._HF_READER[:] = [rope_config_from_hf]  # RopeConfig.from_hf delegates here

@@ -115,6 +115,7 @@ class RotaryEmbedding(nn.Module):
         self.angles = angles
         self._lock = threading.Lock()
         self._key: object = None
+        self._built: Optional[torch.dtype] = None  # the dtype the cached tables were built in
         self.register_buffer("cos_cached", None, persistent=False)
         self.register_buffer("sin_cached", None, persistent=False)
 
@@ -130,6 +131,7 @@ class RotaryEmbedding(nn.Module):
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self.__dict__.setdefault("_built", None)
         self._lock = threading.Lock()
 
     def rope_init(self, device: Union[str, torch.device, None] = None) -> None:
@@ -173,6 +175,7 @@ class RotaryEmbedding(nn.Module):
                 or cos.device != device
                 or cos.dtype != dtype
                 or sin.dtype != dtype
+                or self._built != dtype  # module.to(dtype) cast the buffers: rebuild from the angles
                 or cos.shape[0] < n
                 or key != self._key
             )
@@ -183,7 +186,7 @@ class RotaryEmbedding(nn.Module):
                     self.cfg, size, dtype=dtype, device=device, seq_len=seq_len,
                     attention_scaling=self.attention_scaling, angles=self.angles,
                 )
-                self.cos_cached, self.sin_cached, self._key = cos, sin, key
+                self.cos_cached, self.sin_cached, self._key, self._built = cos, sin, key, dtype
         return cos, sin
 
     def _positions(self, q, positions, offsets, cu_seqlens, format, check_values=True):
@@ -305,14 +308,14 @@ class RotaryEmbedding(nn.Module):
         """
         o = self.cfg.rotary_offset
         if not o:
-            return self._apply(q, k, positions, offsets, cu_seqlens, format, seq_len, inplace, self.cfg.head_dim)
+            return self._rotate_heads(q, k, positions, offsets, cu_seqlens, format, seq_len, inplace, self.cfg.head_dim)
         _check_qk(q, k)
         check_head_width(self.cfg, q=q, k=k)
         qo, ko = (q, k) if inplace else (q.clone(), k.clone())  # the nope dims pass through
-        self._apply(qo[..., o:], ko[..., o:], positions, offsets, cu_seqlens, format, seq_len, True, self.cfg.head_dim - o)
+        self._rotate_heads(qo[..., o:], ko[..., o:], positions, offsets, cu_seqlens, format, seq_len, True, self.cfg.head_dim - o)
         return qo, ko
 
-    def _apply(self, q, k, positions, offsets, cu_seqlens, format, seq_len, inplace, width):
+    def _rotate_heads(self, q, k, positions, offsets, cu_seqlens, format, seq_len, inplace, width):
         """forward on heads of ``width`` dims whose first ``rotary_dim`` rotate."""
         conj = self.cfg.direction == -1
         if positions is None and cu_seqlens is None and seq_len is None and type(q) is torch.Tensor and not self._sync_free(q):
@@ -365,7 +368,7 @@ class RotaryEmbedding(nn.Module):
         dtype = self._dtype_for(q)
         stale = (
             cos_t is None or sin_t is None or cos_t.device != q.device or cos_t.dtype != dtype
-            or sin_t.dtype != dtype or self._key != self.cfg.table_key(None)
+            or sin_t.dtype != dtype or self._built != dtype or self._key != self.cfg.table_key(None)
         )
         if offsets is None or type(offsets) is int:
             off = offsets or 0

@@ -7,14 +7,16 @@ layouts. :func:`to_full_width` / :func:`from_full_width` convert to and from the
 
 from __future__ import annotations
 
+import math
 import threading
-from typing import Dict, Hashable, Optional, Tuple, Union
+from typing import Any, Dict, Hashable, Optional, Tuple, Union
 
 import torch
 
 from ._checks import describe, flag, integer
 from ._checks import device as check_device
 from ._errors import fail
+from .scaling import NTK, DynamicNTK, Linear, Llama3, LongRoPE, Proportional, YaRN
 from .config import CPU, MAX_EXACT_POSITION, RopeConfig, check_layout, check_seq_len
 
 __all__ = ["cos_sin", "angles", "to_full_width", "from_full_width", "check_positions", "TableCache", "build_table"]
@@ -172,7 +174,6 @@ def cos_sin(
     if angles != "exact":
         if angles != "transformers":
             raise fail('angles "exact" or "transformers"', repr(angles), 'use "exact" unless you need bit parity with transformers')
-        from .hf import transformers_cos_sin
 
         return transformers_cos_sin(
             cfg, positions, seq_len=seq_len, dtype=dtype, device=device, attention_scaling=attention_scaling
@@ -324,3 +325,140 @@ class TableCache:
             new[key] = table
             self._tables = new  # one atomic swap: readers never see a half-built dict
             return table
+
+
+# ---------------------------------------------------------------------------------------
+# transformers-compatible float32 tables
+# ---------------------------------------------------------------------------------------
+
+
+def _f32_default(base: Any, dim: int) -> torch.Tensor:
+    # transformers: 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)),
+    # every step in float32 (``base`` may be a Python float or a float32 0-d tensor).
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=CPU).to(dtype=torch.float) / dim))
+
+
+def transformers_inv_freq(cfg: RopeConfig, seq_len: Optional[int] = None) -> torch.Tensor:
+    """Frequencies exactly as transformers computes them: float32 ``[r/2]``, same op order.
+
+    Mirrors ``transformers.modeling_rope_utils`` (the model classes' default init for
+    unscaled RoPE, ``_compute_*_parameters`` for the rest) so the float32 roundings are the
+    same. For ``DynamicNTK`` above ``max_position`` it mirrors the module's update path,
+    where the sequence length is an int64 tensor and the new base is a float32 scalar.
+    ``DynamicNTK(static=True)`` and ``NTK`` (HunYuan ``ntk_alpha``) use the same float32 style.
+    Use :meth:`RopeConfig.inv_freq` for the exact float64 values.
+    """
+    s = cfg.scaling
+    dim = cfg.rotary_dim
+    base = cfg.base
+    if s is None:
+        return _f32_default(base, dim)
+    if isinstance(s, Linear):
+        inv = _f32_default(base, dim)
+        inv /= s.factor
+        return inv
+    if isinstance(s, NTK):
+        return _f32_default(base * s.factor ** (dim / (dim - 2)), dim)
+    if isinstance(s, DynamicNTK):
+        mp, f = s.max_position, s.factor
+        if s.static:
+            length: Any = f * mp
+        elif seq_len is None or seq_len <= mp:
+            length = mp  # the module's init path: Python numbers
+        else:
+            # the module's update path: seq_len = max(position_ids) + 1 is an int64 tensor
+            length = torch.maximum(torch.tensor(int(seq_len), device=CPU), torch.tensor(mp, dtype=torch.int64, device=CPU))
+        new_base = base * ((f * length / mp) - (f - 1)) ** (dim / (dim - 2))
+        return _f32_default(new_base, dim)
+    if isinstance(s, YaRN):
+        pos_freqs = base ** (torch.arange(0, dim, 2, device=CPU).to(dtype=torch.float) / dim)
+        extrapolation = 1.0 / pos_freqs
+        interpolation = 1.0 / (s.factor * pos_freqs)
+        low, high = s.correction_range(cfg)
+        if low == high:
+            high += 0.001
+        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device=CPU) - low) / (high - low), 0, 1)
+        extra_w = 1 - ramp
+        return interpolation * (1 - extra_w) + extrapolation * extra_w
+    if isinstance(s, LongRoPE):
+        ext = torch.tensor(s.long_factor if s.is_long(seq_len) else s.short_factor, dtype=torch.float32, device=CPU)
+        shape = torch.arange(0, dim, 2, dtype=torch.int64, device=CPU).float() / dim
+        return 1.0 / (ext * base**shape)
+    if isinstance(s, Llama3):
+        inv = _f32_default(base, dim)
+        old = s.original_max_position
+        low_wl, high_wl = old / s.low_freq_factor, old / s.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        out = torch.where(wavelen > low_wl, inv / s.factor, inv)
+        span = s.high_freq_factor - s.low_freq_factor
+        smooth = (old / wavelen - s.low_freq_factor) / span if span else torch.full_like(inv, float("nan"))
+        smoothed = (1 - smooth) * out / s.factor + smooth * out
+        medium = ~(wavelen < high_wl) * ~(wavelen > low_wl)
+        return torch.where(medium, smoothed, out)
+    if isinstance(s, Proportional):
+        d = cfg.head_dim
+        k = s.n_rotating(cfg)
+        rot = 1.0 / (base ** (torch.arange(0, 2 * k, 2, dtype=torch.int64, device=CPU).to(dtype=torch.float) / d))
+        inv = torch.cat((rot, torch.zeros(d // 2 - k, dtype=torch.float32, device=CPU))) if d // 2 > k else rot
+        inv /= s.factor
+        return inv
+    raise fail(
+        "a scheme from ropekit.scaling with a transformers counterpart",
+        type(s).__name__,
+        "use ropekit.cos_sin (exact float64 angles) for custom schemes",
+    )
+
+
+def transformers_cos_sin(
+    cfg: RopeConfig,
+    positions: Union[torch.Tensor, int, list, range],
+    *,
+    seq_len: Optional[int] = None,
+    dtype: torch.dtype = torch.float32,
+    device: Optional[Union[str, torch.device]] = None,
+    attention_scaling: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Half-width cos/sin computed the way transformers' rotary modules do, bit for bit.
+
+    transformers computes ``freqs = position_ids.float() * inv_freq`` in float32 (positions
+    rounded to float32, one float32 product), then ``cos(freqs) * attention_scaling`` in
+    float32, then casts to the activation dtype. This function does the same with
+    :func:`transformers_inv_freq`, so ``to_full_width(cos)`` equals the module's output
+    exactly (tested against transformers' Llama, Qwen2, Phi-3, GPT-NeoX, DeepSeek-V3 and
+    Gemma 3 modules). Use it when outputs must match an HF model exactly.
+
+    Precision: the float32 angle carries an absolute error up to about ``|m·θ|·2^-23``
+    (growing with position ``m``; ~0.1 rad at ``m = 2^20`` for ``θ = 1``), unlike
+    :func:`ropekit.cos_sin`, whose error stays at float32 rounding of cos/sin (see
+    ``docs/numerics.md``).
+
+    Args:
+        cfg: the rotary configuration.
+        positions: integer positions ``[...]`` (e.g. ``[b, s]``).
+        seq_len: total length for length-dependent schemes; default ``max(positions) + 1``
+            (what transformers uses).
+        dtype: output dtype (transformers casts to the activation dtype ``x.dtype``).
+        device: where to compute (default ``positions.device``).
+        attention_scaling: multiply by the attention factor, as transformers does.
+
+    Returns:
+        ``(cos, sin)``, each ``[*positions.shape, r/2]`` of ``dtype``.
+
+    Example:
+        >>> cfg = RopeConfig(head_dim=8)
+        >>> cos, sin = transformers_cos_sin(cfg, torch.arange(3)[None])
+        >>> cos.shape, cos.dtype
+        (torch.Size([1, 3, 4]), torch.float32)
+    """
+    positions = check_positions(_as_positions(positions))
+    if device is not None:
+        positions = positions.to(device)
+    if seq_len is None and cfg.scaling is not None and cfg.scaling.length_dependent and positions.numel():
+        seq_len = int(positions.max()) + 1
+    inv = transformers_inv_freq(cfg, seq_len).to(positions.device)  # float32 [r/2]
+    freqs = positions[..., None].float() * inv  # float32 [..., r/2]
+    cos, sin = freqs.cos(), freqs.sin()
+    if attention_scaling:
+        f = cfg.attention_factor
+        cos, sin = cos * f, sin * f
+    return cos.to(dtype), sin.to(dtype)

@@ -244,7 +244,7 @@ class RotaryEmbedding(nn.Module):
         """Graphs (torch.compile/export, torch.jit.trace) and meta tensors: cos/sin from the
         positions inside the graph, no cache (a trace must not record a table build that only
         its first call makes)."""
-        return tracing() or torch.jit.is_tracing() or q.device.type == "meta"
+        return q.is_meta or tracing() or torch.jit.is_tracing()
 
     def cos_sin_for(
         self,

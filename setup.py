@@ -57,7 +57,11 @@ if BuildExtension is not None:
             "ropekit._C",
             [os.path.join("csrc", "ops.cpp")],
             include_dirs=["csrc"],
-            extra_compile_args=["-O2", "-ffp-contract=off"],
+            # -fopenmp: at::parallel_for is inline in ATen's headers and, in torch's OpenMP build,
+            # runs its pragma only when this file is compiled with OpenMP (else it runs serially).
+            # The libgomp.so.1 this links resolves to the one torch has already loaded.
+            extra_compile_args=["-O2", "-ffp-contract=off", "-fopenmp"],
+            extra_link_args=["-fopenmp"],
             optional=True,
         )
     ]

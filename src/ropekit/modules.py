@@ -243,7 +243,8 @@ class RotaryEmbedding(nn.Module):
             positions: ``[s]`` or ``[b, s]`` (``[t]`` for ``thd``) integer positions.
             offsets: int or ``[b]`` tensor added to ``0 .. s-1`` (KV-cache length per sample,
                 e.g. decode with ``s = 1, b > 1``).
-            cu_seqlens: ``[n+1]`` packed boundaries for ``thd``; positions restart per sequence.
+            cu_seqlens: ``[n+1]`` packed boundaries for ``thd``; positions restart per sequence
+                (at ``offsets[i]`` when ``offsets``, an int or ``[n]``, is given too).
             format: ``"bshd"``, ``"bhsd"``, ``"sbhd"`` or ``"thd"``.
             seq_len: total length for length-dependent scaling (dynamic NTK, LongRoPE);
                 default ``max(position) + 1``. Pass the final length of a generation to keep

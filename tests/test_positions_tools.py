@@ -78,6 +78,17 @@ def test_packed_offsets_positions():
         resolve_positions("thd", None, 5, cu_seqlens=cu, offsets=1, positions=torch.arange(5))
 
 
+def test_packed_offsets_sync_free_branch(monkeypatch):
+    """The branch taken under torch.compile/export (searchsorted, no data-dependent shape)
+    gives the same positions as the eager one."""
+    cu = torch.tensor([0, 3, 3, 5, 9])
+    off = torch.tensor([10, 4, 0, 100])
+    eager = resolve_positions("thd", None, 9, cu_seqlens=cu, offsets=off)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    traced = resolve_positions("thd", None, 9, cu_seqlens=cu, offsets=off)
+    assert traced.tolist() == eager.tolist() == [10, 11, 12, 0, 1, 100, 101, 102, 103]
+
+
 # ----------------------------------------------------------------------------- apply_rotary_gather
 def _case(fmt, b, s, seed):
     """Positions for q in ``fmt``: kwargs for the call and the ``[b, s]`` oracle positions."""

@@ -18,9 +18,9 @@ from . import attention, backends, hf, multi_axis, presets, scaling, variants
 from ._errors import RopeError
 from .config import LAYOUTS, RopeConfig
 from .convert import convert_layout
-from .functional import apply_rotary, apply_rotary_qk
+from .functional import apply_rotary, apply_rotary_gather, apply_rotary_qk, rerotate
 from .modules import RotaryEmbedding
-from .multi_axis import MultiAxisRotaryEmbedding, multi_axis_cos_sin
+from .multi_axis import MultiAxisRotaryEmbedding, apply_rotary_mrope, mrope_tables, multi_axis_cos_sin
 from .positions import FORMATS, positions_from_cu_seqlens
 from .tables import angles, cos_sin, from_full_width, to_full_width
 
@@ -37,10 +37,14 @@ __all__ = [
     "from_full_width",
     "apply_rotary",
     "apply_rotary_qk",
+    "apply_rotary_gather",
+    "rerotate",
     "RotaryEmbedding",
     "convert_layout",
     "positions_from_cu_seqlens",
     "multi_axis_cos_sin",
+    "mrope_tables",
+    "apply_rotary_mrope",
     "MultiAxisRotaryEmbedding",
     "backends",
     "scaling",

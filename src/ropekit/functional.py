@@ -18,8 +18,11 @@ import torch
 from . import backends as _backends
 from ._tensor_checks import check_inplace, check_qk_disjoint, check_apply, check_qk, check_tables, explain, tracing
 from ._errors import fail
+from .config import RopeConfig, check_layout
+from .positions import resolve_positions, split_format, split_qk_format, table_view
+from .tables import check_positions
 
-__all__ = ["apply_rotary", "apply_rotary_qk", "check_tables", "tracing"]
+__all__ = ["apply_rotary", "apply_rotary_qk", "apply_rotary_gather", "rerotate", "check_tables", "tracing"]
 
 
 def _resolve(backend: str, x, name: str = "x") -> "object":
@@ -143,4 +146,222 @@ def apply_gather(q, k, cos_table, sin_table, positions, *, format: str, layout: 
         check_inplace(q, "q")
         check_inplace(k, "k")
         check_qk_disjoint(q, k)
+    if q.numel() == 0 or k.numel() == 0:
+        # one side empty (e.g. k with 0 heads for a single-tensor call): the rows gathered
+        # here and each tensor rotated on its own, so the non-empty one is never skipped
+        cos, sin = table_view(cos_table[positions], format, positions.dim()), table_view(sin_table[positions], format, positions.dim())
+        return be.apply_qk(q, k, cos, sin, layout, conjugate, inplace)
     return be.apply_gather(q, k, cos_table, sin_table, positions, format, layout, conjugate, inplace)
+
+
+def _check_gather_tables(q, cos_table, sin_table) -> None:
+    for nm, t in (("cos_table", cos_table), ("sin_table", sin_table)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise fail(
+                f"{nm} a [n, r/2] tensor (one half-width row per position 0 .. n-1)",
+                got,
+                "build it with ropekit.cos_sin(cfg, torch.arange(n)) or take rows [n, r/2] of your cos_sin_cache",
+            )
+    if cos_table.shape != sin_table.shape:
+        raise fail("cos_table and sin_table of the same shape", f"{tuple(cos_table.shape)} and {tuple(sin_table.shape)}",
+                   "build both with ropekit.cos_sin")
+    if cos_table.shape[0] < 1:
+        raise fail("tables with at least one row", f"shape {tuple(cos_table.shape)}", "build tables covering every position")
+    check_tables(q, cos_table[:1], sin_table[:1], "q")
+
+
+def _check_range(pos: torch.Tensor, n: int) -> None:
+    """Positions in ``[0, n)``, one host sync (skipped while tracing and on meta tensors)."""
+    if pos.numel() == 0 or pos.device.type == "meta" or tracing():
+        return
+    lo, hi = (int(v) for v in torch.aminmax(pos))
+    if lo < 0 or hi >= n:
+        raise fail(
+            f"positions in [0, {n}) (the table length)",
+            f"positions from {lo} to {hi}",
+            "grow the tables (build them for max_position + 1 rows) or fix the positions",
+        )
+
+
+def apply_rotary_gather(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
+    *,
+    positions: Optional[torch.Tensor] = None,
+    offsets=None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    format: str = "bshd",
+    layout: str = "half",
+    inplace: bool = False,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rotate ``q`` and ``k`` with the rows of user tables picked by position inside the kernel.
+
+    The call of flash-attention's ``seqlen_offsets`` and vLLM's ``cos_sin_cache`` + positions:
+    row ``p`` of the ``[n, r/2]`` tables holds cos/sin of position ``p``; each token takes
+    the row of its position (the ``cpu`` and ``triton`` backends gather inside the kernel,
+    the others gather in torch first). Dims past ``r`` pass through.
+
+    Args:
+        q: ``[b, s, hq, d]`` / ``[b, hq, s, d]`` / ``[s, b, hq, d]`` / ``[t, hq, d]`` by ``format``.
+        k: the same format and sizes with ``hk`` heads (``hk`` may differ, and may be 0).
+        cos_table, sin_table: ``[n, r/2]`` half-width tables for positions ``0 .. n-1``
+            (e.g. ``ropekit.cos_sin(cfg, torch.arange(n))``; any float dtype).
+        positions: integer ``[s]`` (shared by the batch), ``[b, s]``, or ``[t]`` (``thd``).
+        offsets: int or ``[b]`` added to ``0 .. s-1``; for ``thd`` with ``cu_seqlens``,
+            an int or ``[len(cu_seqlens) - 1]``: sequence ``i`` counts from ``offsets[i]``.
+        cu_seqlens: ``[n_seqs + 1]`` packed boundaries (``thd``); positions restart per sequence.
+            With none of positions/offsets/cu_seqlens, positions are ``0 .. s-1``.
+        format: ``"bshd"``, ``"bhsd"``, ``"sbhd"`` or ``"thd"``.
+        layout: ``"half"`` or ``"interleaved"``.
+        inplace: write into ``q`` and ``k`` and return them.
+        backend: as in :func:`apply_rotary`.
+
+    Returns:
+        ``(q_rot, k_rot)``, shapes and dtypes of ``q`` and ``k``. Differentiable in ``q``
+        and ``k`` (the backward is the same gather by ``-θ``).
+
+    Raises RopeError for a position outside ``[0, n)`` (before anything is written).
+
+    Example:
+        >>> from ropekit import RopeConfig, cos_sin
+        >>> cos_t, sin_t = cos_sin(RopeConfig(64), torch.arange(128))        # [n, r/2]
+        >>> q, k = torch.randn(6, 4, 64), torch.randn(6, 2, 64)               # [t, h, d]
+        >>> cu = torch.tensor([0, 2, 6])                                       # two sequences
+        >>> q2, k2 = apply_rotary_gather(q, k, cos_t, sin_t, cu_seqlens=cu, offsets=torch.tensor([10, 0]), format="thd")
+        >>> q2.shape, k2.shape
+        (torch.Size([6, 4, 64]), torch.Size([6, 2, 64]))
+    """
+    for nm, t in (("q", q), ("k", k)):
+        if not isinstance(t, torch.Tensor):
+            raise fail(f"{nm} a torch.Tensor", type(t).__name__, f"convert {nm} with torch.as_tensor")
+    check_layout(layout)
+    b, s = split_qk_format(q, k, format)
+    _check_gather_tables(q, cos_table, sin_table)
+    pos = resolve_positions(format, b, s, positions=positions, offsets=offsets, cu_seqlens=cu_seqlens, device=q.device,
+                            check_values=False)
+    if pos.dim() == 2 and pos.shape[0] == 1:
+        pos = pos[0]
+    be = _resolve(backend, q, "q")
+    if not be.CHECKS:
+        _check_range(pos, cos_table.shape[0])
+    return apply_gather(q, k, cos_table, sin_table, pos, format=format, layout=layout, inplace=inplace, backend=backend)
+
+
+def _not_additive(cfg) -> Optional[str]:
+    """Why positions of ``cfg`` do not combine additively (``None`` when they do)."""
+    sc = cfg.scaling
+    if sc is not None and getattr(sc, "length_dependent", False):
+        name = type(sc).__name__
+        return (
+            f"{name} scaling, whose frequencies depend on the sequence length (dynamic NTK rescales the base as "
+            "the sequence grows; LongRoPE switches factor sets past its original context), so θ(n) - θ(m) is not "
+            "(n - m)·θ: keys rotated at m used other frequencies than a rotation to n would"
+        )
+    return None
+
+
+def rerotate(
+    x: torch.Tensor,
+    cfg: RopeConfig,
+    old_positions,
+    new_positions,
+    *,
+    layout: Optional[str] = None,
+    format: str = "bshd",
+    inplace: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Move keys rotated at position ``m`` to position ``n``: rotate by exactly ``θ(n) - θ(m)``.
+
+    For KV-cache eviction with attention sinks (StreamingLLM), key re-rotation after
+    compression, llama.cpp's K-shift. The angle difference is formed in float64 from the
+    integer positions, ``(n - m) · inv_freq``, and rounded once to the table dtype; the
+    rotation is pure (no attention factor: a YaRN/LongRoPE ``mscale`` already folded into
+    the keys is not applied again, and norms are preserved up to rounding), then applied
+    through :func:`apply_rotary` (every backend, autograd, in place). Only the first
+    ``cfg.rotary_dim`` dims rotate (partial rotary); the rest pass through.
+
+    Args:
+        x: keys ``[b, s, h, d]`` / ``[b, h, s, d]`` / ``[s, b, h, d]`` / ``[t, h, d]`` by ``format``.
+        cfg: the :class:`~ropekit.RopeConfig` the keys were rotated with.
+        old_positions, new_positions: integer positions, each ``[s]`` (shared by the batch),
+            ``[b, s]`` or ``[t]`` (``thd``) per token, or ``[b]`` per sequence (broadcast over
+            ``s``; not for ``thd``). A 1-D tensor of length ``s`` is per token (also when
+            ``b == s``). The two may take different forms (e.g. per-token old, per-sequence new).
+        layout: pair layout; default ``cfg.layout``.
+        format: ``"bshd"``, ``"bhsd"``, ``"sbhd"`` or ``"thd"``.
+        inplace: rotate ``x`` in place.
+        backend: as in :func:`apply_rotary`.
+
+    Returns:
+        The keys rotated to ``new_positions``, ``x``'s shape and dtype.
+
+    Refused (RopeError): length-dependent scaling (dynamic NTK, LongRoPE), whose
+    frequencies change with the sequence length, so angles do not add. (xPos is not a
+    ``RopeConfig``: its key scale ``ζ^(-n/B)`` is not a rotation; re-build its keys.)
+
+    Precision: the angle ``(n - m)·θ_i`` is one float64 product of an exact integer; the
+    rotation runs in float32 (float64 for float64 ``x``) and rounds once to ``x.dtype``.
+    Repeated small shifts of a bfloat16 cache still round once per shift (the cache is
+    stored in bfloat16 in between); rerotating once from the original positions does not.
+
+    Example:
+        >>> from ropekit import RopeConfig, RotaryEmbedding
+        >>> cfg = RopeConfig(head_dim=64)
+        >>> q, k = RotaryEmbedding(cfg)(torch.randn(1, 8, 4, 64), torch.randn(1, 8, 2, 64))  # k at 0..7
+        >>> k_moved = rerotate(k, cfg, torch.arange(8), torch.arange(8) + 100)               # now at 100..107
+        >>> k_back = rerotate(k_moved, cfg, torch.arange(8) + 100, torch.arange(8))
+        >>> bool(torch.allclose(k_back, k, atol=1e-5))
+        True
+    """
+    if not isinstance(x, torch.Tensor):
+        raise fail("x a torch.Tensor", type(x).__name__, "convert x with torch.as_tensor")
+    if not isinstance(cfg, RopeConfig):
+        if all(hasattr(cfg, a) for a in ("cos_q", "sin_q", "cos_k", "sin_k")):
+            raise fail(
+                "cfg a ropekit.RopeConfig whose positions combine additively",
+                "xPos tables",
+                "xPos scales keys by ζ^(-(n-c)/B) besides rotating them, which is not a rotation by θ(n) - θ(m): "
+                "recompute the keys from the unrotated projections with the new positions",
+            )
+        raise fail("cfg a ropekit.RopeConfig", type(cfg).__name__, "pass the config the keys were rotated with")
+    why = _not_additive(cfg)
+    if why is not None:
+        raise fail(
+            "a config whose positions combine additively (θ(n) - θ(m) = (n - m)·θ)",
+            why,
+            "recompute the keys from the unrotated projections at the new positions (or use a fixed-frequency "
+            "scaling: Linear, NTK, YaRN, Llama3)",
+        )
+    layout = cfg.layout if layout is None else layout
+    check_layout(layout)
+    b, s = split_format(x, format, "x")
+    deltas = []
+    for nm, p in (("old_positions", old_positions), ("new_positions", new_positions)):
+        check_positions(p, nm)
+        ok = [(s,)] if format == "thd" else [(s,), (b, s), (b,)]
+        if tuple(p.shape) not in ok:
+            raise fail(
+                f"{nm} of shape {' or '.join(str(list(o)) for o in ok)} for x in format {format!r}"
+                + ("" if format == "thd" else " (per token, or [b] per sequence)"),
+                f"shape {list(p.shape)}",
+                "one position per token (or per sequence), as the keys were rotated",
+            )
+        p = p.to(device=x.device, dtype=torch.int64)
+        if format != "thd" and p.dim() == 1 and p.shape[0] != s:
+            p = p[:, None]  # per sequence [b] -> [b, 1] (a 1-D tensor of length s, even when b == s, is per token)
+        deltas.append(p)
+    old, new = deltas
+    if old.dim() != new.dim():  # [s] against [b, 1]/[b, s]: all as [b|1, s|1]
+        old, new = (t[None] if t.dim() == 1 else t for t in (old, new))
+    d = new - old  # exact int64 shift (positions <= 2**53)
+    inv = cfg.inv_freq().to(x.device)  # [r/2] float64 (length-independent, checked above)
+    ang = d.to(torch.float64).unsqueeze(-1) * inv  # [..., r/2] float64: (n - m)·θ, one rounding
+    tdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cos, sin = torch.cos(ang).to(tdt), torch.sin(ang).to(tdt)
+    cos, sin = table_view(cos, format, d.dim()), table_view(sin, format, d.dim())  # broadcastable to x
+    return apply_rotary(x, cos, sin, layout=layout, inplace=inplace, backend=backend)

@@ -292,7 +292,8 @@ class RotaryEmbedding(nn.Module):
             positions: ``[s]`` or ``[b, s]`` (``[t]`` for ``thd``) integer positions.
             offsets: int or ``[b]`` tensor added to ``0 .. s-1`` (KV-cache length per sample,
                 e.g. decode with ``s = 1, b > 1``).
-            cu_seqlens: ``[n+1]`` packed boundaries for ``thd``; positions restart per sequence.
+            cu_seqlens: ``[n+1]`` packed boundaries for ``thd``; positions restart per sequence
+                (at ``offsets[i]`` when ``offsets``, an int or ``[n]``, is given too).
             format: ``"bshd"``, ``"bhsd"``, ``"sbhd"`` or ``"thd"``.
             seq_len: total length for length-dependent scaling (dynamic NTK, LongRoPE);
                 default ``max(position) + 1``. Pass the final length of a generation to keep
@@ -340,6 +341,49 @@ class RotaryEmbedding(nn.Module):
         cos, sin = self._direct_cos_sin(pos, q, seq_len)
         cos, sin = table_view(cos, format, pos.dim()), table_view(sin, format, pos.dim())
         return apply_rotary_qk(q, k, cos, sin, layout=self.cfg.layout, inplace=inplace, backend=self.backend, conjugate=conj)
+
+    def rotate(
+        self,
+        x: torch.Tensor,
+        *,
+        positions: Optional[torch.Tensor] = None,
+        offsets: Union[int, torch.Tensor, None] = None,
+        cu_seqlens: Optional[torch.Tensor] = None,
+        format: str = "bshd",
+        seq_len: Optional[int] = None,
+        inplace: bool = False,
+    ) -> torch.Tensor:
+        """Rotate one tensor (q or k alone), for models that rotate q and k at different places.
+
+        Same positions, tables and backends as :meth:`forward` (the fused op runs with a
+        0-head partner), so ``rope.rotate(q, ...)`` equals ``rope(q, k, ...)[0]`` bit for bit.
+
+        Args:
+            x: ``[b, s, h, d]`` (or ``bhsd``/``sbhd`` by ``format``; ``[t, h, d]`` for ``thd``).
+            positions, offsets, cu_seqlens, format, seq_len, inplace: as in :meth:`forward`
+                (``thd`` takes ``offsets`` of length ``len(cu_seqlens) - 1`` with ``cu_seqlens``).
+
+        Returns:
+            ``x`` rotated, its shape and dtype.
+
+        Example:
+            >>> rope = RotaryEmbedding(RopeConfig(head_dim=64))
+            >>> q = torch.randn(5, 8, 64)                                  # [t, h, d]
+            >>> cu, off = torch.tensor([0, 2, 5]), torch.tensor([7, 0])    # 2 packed sequences
+            >>> rope.rotate(q, cu_seqlens=cu, offsets=off, format="thd").shape
+            torch.Size([5, 8, 64])
+        """
+        if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+            got = str(x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise fail("x a real floating tensor", got, "convert x to float")
+        split_format(x, format, "x")
+        shape = list(x.shape)
+        shape[1 if format in ("bhsd", "thd") else 2] = 0  # the heads dim
+        y, _ = self.forward(
+            x, x.new_empty(shape), positions=positions, offsets=offsets, cu_seqlens=cu_seqlens, format=format,
+            seq_len=seq_len, inplace=inplace,
+        )
+        return y
 
     def _cached_gather(self, q, k, offsets, format, inplace, width):
         """The common call (positions from ``offsets``, length-independent scaling, a backend

@@ -46,6 +46,8 @@ __all__ = [
     "pair_axes",
     "multi_axis_angles",
     "multi_axis_cos_sin",
+    "mrope_tables",
+    "apply_rotary_mrope",
     "MultiAxisRotaryEmbedding",
     "AxialRope",
     "grid_positions",
@@ -208,6 +210,115 @@ def multi_axis_cos_sin(
     if attention_scaling and cfg.attention_factor != 1.0:
         cos, sin = cos * cfg.attention_factor, sin * cfg.attention_factor
     return cos.to(dtype), sin.to(dtype)
+
+
+def mrope_tables(cos: torch.Tensor, sin: torch.Tensor, sections: Sequence[int], *, interleaved: bool = False) -> Tables:
+    """Combine precomputed per-axis tables into M-RoPE tables, as Qwen2-VL does.
+
+    ``out[..., j] = tables[a(j), ..., j]`` with ``a = pair_axes(sections, interleaved)``:
+    pair ``j`` takes its cos/sin from the table of its axis. This is Qwen2-VL's
+    ``apply_multimodal_rotary_pos_emb`` (``mrope_section`` chunks taken from axis
+    ``i % 3``), written on half-width tables; Qwen3-VL with ``interleaved=True``.
+
+    Args:
+        cos, sin: ``[n_axes, ..., r/2]`` per-axis half-width tables (e.g. ``[3, b, s, r/2]``:
+            cos/sin of the temporal, height and width positions); full-width ``[3, ..., r]``
+            tables convert with ``ropekit.from_full_width``.
+        sections: rotary pairs per axis (``mrope_section``), summing to ``r/2``.
+        interleaved: Qwen3-VL's pair-to-axis rule (see :func:`pair_axes`).
+
+    Returns:
+        ``(cos, sin)``, each ``[..., r/2]`` (the leading axis dim removed), differentiable
+        in the tables.
+
+    Example:
+        >>> import ropekit
+        >>> cfg = ropekit.RopeConfig(head_dim=16)
+        >>> pos = torch.tensor([[0, 1, 2], [0, 0, 1], [0, 1, 0]])      # [3, s] (t, h, w)
+        >>> c3, s3 = ropekit.cos_sin(cfg, pos)                          # [3, s, r/2]
+        >>> cos, sin = mrope_tables(c3, s3, [2, 3, 3])                  # [s, r/2]
+        >>> ref, _ = multi_axis_cos_sin(cfg, pos.T, [2, 3, 3])
+        >>> bool(torch.equal(cos, ref))
+        True
+    """
+    secs = _check_sections(sections, None)
+    n = len(secs)
+    for nm, t in (("cos", cos), ("sin", sin)):
+        if not isinstance(t, torch.Tensor) or t.dim() < 2 or t.shape[0] != n or not t.dtype.is_floating_point:
+            got = f"shape {tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise fail(
+                f"{nm} a float tensor [n_axes = len(sections) = {n}, ..., r/2] (one table per axis)",
+                got,
+                "stack the per-axis tables first (transformers' M-RoPE cos has shape [3, b, s, r])",
+            )
+    if cos.shape != sin.shape or cos.device != sin.device:
+        raise fail("cos and sin of one shape and device", f"{tuple(cos.shape)} on {cos.device} and {tuple(sin.shape)} on {sin.device}",
+                   "build both from the same positions")
+    if cos.shape[-1] != sum(secs):
+        hint = ("these look like full-width tables: convert with ropekit.from_full_width(cos, layout)"
+                if cos.shape[-1] == 2 * sum(secs) else "sections count rotary pairs and must sum to the table width r/2")
+        raise fail(f"tables of width sum(sections) = {sum(secs)} (half width r/2)", f"width {cos.shape[-1]}", hint)
+    axes = pair_axes(secs, interleaved=interleaved).to(cos.device)  # [r/2]
+    idx = axes.view((1,) * (cos.dim() - 1) + (-1,)).expand((1,) + tuple(cos.shape[1:]))  # [1, ..., r/2]
+    return torch.gather(cos, 0, idx)[0], torch.gather(sin, 0, idx)[0]
+
+
+def apply_rotary_mrope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mrope_section: Sequence[int],
+    *,
+    interleaved: bool = False,
+    format: str = "bshd",
+    layout: str = "half",
+    inplace: bool = False,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """M-RoPE of q and k from precomputed per-axis tables (the call Liger's M-RoPE takes).
+
+    The tables are combined by :func:`mrope_tables` and applied by
+    :func:`ropekit.apply_rotary_qk` (every backend, autograd, in place).
+
+    Args:
+        q: ``[b, s, hq, d]`` (or ``bhsd``/``sbhd`` by ``format``; ``[t, hq, d]`` for ``thd``).
+        k: the same format with ``hk`` heads.
+        cos, sin: ``[3, b, s, r/2]`` or ``[3, s, r/2]`` (``[3, t, r/2]`` for ``thd``) half-width
+            per-axis tables; the leading dim is ``len(mrope_section)``.
+        mrope_section: rotary pairs per axis, summing to ``r/2`` (e.g. ``[16, 24, 24]``).
+        interleaved, format, layout, inplace, backend: as in :func:`mrope_tables` and
+            :func:`ropekit.apply_rotary_qk`.
+
+    Returns:
+        ``(q_rot, k_rot)``.
+
+    Example:
+        >>> import ropekit
+        >>> cfg = ropekit.RopeConfig(head_dim=16)
+        >>> pos = torch.randint(0, 9, (3, 2, 5))                        # [3, b, s]
+        >>> c3, s3 = ropekit.cos_sin(cfg, pos)                          # [3, b, s, r/2]
+        >>> q, k = torch.randn(2, 5, 4, 16), torch.randn(2, 5, 1, 16)   # [b, s, h, d]
+        >>> q2, k2 = apply_rotary_mrope(q, k, c3, s3, [2, 3, 3])
+        >>> q2.shape, k2.shape
+        (torch.Size([2, 5, 4, 16]), torch.Size([2, 5, 1, 16]))
+    """
+    from .functional import apply_rotary_qk
+    from .positions import split_qk_format
+    from .positions import table_view as _table_view
+
+    b, s = split_qk_format(q, k, format)
+    c, sn = mrope_tables(cos, sin, mrope_section, interleaved=interleaved)  # [..., r/2]
+    ok = [(s,)] if format == "thd" else [(s,), (b, s)]
+    if tuple(c.shape[:-1]) not in ok:
+        raise fail(
+            f"per-axis tables of shape {' or '.join(str([len(tuple(mrope_section)), *o, 'r/2']) for o in ok)} for q in format {format!r}",
+            f"shape {list(cos.shape)}",
+            "one table row per token and axis (transformers' [3, b, s, r] cos: from_full_width, then pass as is)",
+        )
+    pdims = c.dim() - 1
+    c, sn = _table_view(c, format, pdims), _table_view(sn, format, pdims)
+    return apply_rotary_qk(q, k, c, sn, layout=layout, inplace=inplace, backend=backend)
 
 
 # --------------------------------------------------------------------------- axial N-D RoPE

@@ -136,18 +136,25 @@ def resolve_positions(
 ) -> torch.Tensor:
     """Integer positions ``[s]`` (shared by the batch) or ``[b, s]`` (``[t]`` for ``thd``).
 
-    Exactly one of ``positions``, ``offsets`` and ``cu_seqlens`` may be given; with none,
-    positions are ``0 .. s-1``. They go to ``device`` (default: the given tensor's device,
-    else CPU; never the device of an active ``torch.device(...)`` context).
-    ``check_values=False`` skips the (device-syncing) check that tensor positions/offsets
-    are ``>= 0``: for callers that check the result's range.
+    At most one of ``positions``, ``offsets`` and ``cu_seqlens`` may be given, except
+    ``offsets`` with ``cu_seqlens`` for ``thd`` (packed sequences that continue a cache:
+    ``offsets`` an int or ``[len(cu_seqlens) - 1]``, sequence ``i`` counting from
+    ``offsets[i]``); with none, positions are ``0 .. s-1``. They go to ``device`` (default:
+    the given tensor's device, else CPU; never the device of an active ``torch.device(...)``
+    context). ``check_values=False`` skips the (device-syncing) check
+    that tensor positions/offsets are ``>= 0``: for callers that check the result's range.
     """
     given = [n for n, v in (("positions", positions), ("offsets", offsets), ("cu_seqlens", cu_seqlens)) if v is not None]
-    if len(given) > 1:
-        raise fail("at most one of positions=, offsets=, cu_seqlens=", " and ".join(given), "add offsets into positions yourself")
+    packed_offsets = fmt == "thd" and given == ["offsets", "cu_seqlens"]  # per-sequence starts of packed sequences
+    if len(given) > 1 and not packed_offsets:
+        raise fail(
+            "at most one of positions=, offsets=, cu_seqlens= (or offsets= with cu_seqlens= for format 'thd')",
+            " and ".join(given),
+            "add offsets into positions yourself",
+        )
     if fmt == "thd":
-        if offsets is not None:
-            raise fail("cu_seqlens= or positions= for format 'thd'", "offsets=", "pack with cu_seqlens")
+        if offsets is not None and cu_seqlens is None:
+            raise fail("cu_seqlens= with offsets= for format 'thd'", "offsets= alone", "pass the packed boundaries cu_seqlens too")
         if positions is None and cu_seqlens is None:
             raise fail("cu_seqlens= (or positions=) for format 'thd'", "neither", "pass the packed boundaries cu_seqlens")
     elif cu_seqlens is not None:
@@ -161,7 +168,10 @@ def resolve_positions(
         dev = next((v.device for v in (positions, offsets, cu_seqlens) if isinstance(v, torch.Tensor)), CPU)
     device = dev
     if cu_seqlens is not None:
-        return positions_from_cu_seqlens(cu_seqlens.to(device), total=s)
+        pos = positions_from_cu_seqlens(cu_seqlens.to(device), total=s)  # [t]
+        if offsets is None:
+            return pos
+        return pos + _packed_offsets(offsets, cu_seqlens.to(device).long(), s, check_values)
     if positions is not None:
         check_positions(positions, check_values=check_values)
         ok = ((s,),) if fmt == "thd" else ((s,), (b, s), (1, s))
@@ -196,6 +206,33 @@ def resolve_positions(
     if tuple(offsets.shape) != (b,):
         raise fail(f"offsets an int or a tensor of shape [b] = [{b}]", f"shape {list(offsets.shape)}", "one offset per sample")
     return offsets.to(device=device, dtype=torch.int64)[:, None] + base  # [b, s]
+
+
+def _packed_offsets(offsets, cu: torch.Tensor, t: int, check_values: bool):
+    """Per-token offsets ``[t]`` (or an int) of packed sequences: sequence ``i`` (tokens
+    ``cu[i] .. cu[i+1]-1``) starts at position ``offsets[i]`` (chunked prefill)."""
+    n = cu.numel() - 1
+    if isinstance(offsets, bool):
+        raise fail(f"offsets an int or an integer tensor [n_seqs] = [{n}]", "a bool", "pass each sequence's cached length")
+    if isinstance(offsets, int):
+        if offsets < 0:
+            raise fail("offsets >= 0", str(offsets), "pass the number of tokens already in each sequence's KV cache")
+        return offsets
+    check_positions(offsets, "offsets", check_values=check_values)
+    if offsets.dim() == 0:
+        return offsets.to(device=cu.device, dtype=torch.int64)
+    if tuple(offsets.shape) != (n,):
+        raise fail(
+            f"offsets an int or a tensor of shape [len(cu_seqlens) - 1] = [{n}] (one start per packed sequence)",
+            f"shape {list(offsets.shape)}",
+            "one offset per sequence of cu_seqlens",
+        )
+    off = offsets.to(device=cu.device, dtype=torch.int64)
+    if cu.device.type == "meta" or torch.compiler.is_compiling():
+        tok = torch.arange(t, device=cu.device)
+        seq = (torch.searchsorted(cu, tok, right=True) - 1).clamp(0, max(n - 1, 0))  # [t]
+        return off[seq] if n else torch.zeros(t, dtype=torch.int64, device=cu.device)
+    return torch.repeat_interleave(off, cu[1:] - cu[:-1], output_size=t)  # [t]
 
 
 def table_view(t: torch.Tensor, fmt: str, pos_dims: int) -> torch.Tensor:

@@ -127,6 +127,7 @@ class RotaryEmbedding(nn.Module):
     def __getstate__(self):
         state = self.__dict__.copy()
         state.pop("_lock", None)
+        state.pop("_be", None)  # a resolved backend module (not picklable): resolved again on use
         return state
 
     def __setstate__(self, state):
@@ -307,6 +308,10 @@ class RotaryEmbedding(nn.Module):
         ``o .. o + r - 1`` of the ``cfg.head_dim``-wide heads rotate; with
         ``cfg.direction = -1`` the rotation is by ``-m·θ``.
         """
+        if positions is None and cu_seqlens is None and seq_len is None and type(q) is torch.Tensor:
+            fast = self._cached_gather(q, k, offsets, format, inplace)
+            if fast is not None:
+                return fast
         o = self.cfg.rotary_offset
         if not o:
             return self._rotate_heads(q, k, positions, offsets, cu_seqlens, format, seq_len, inplace, self.cfg.head_dim)
@@ -319,10 +324,6 @@ class RotaryEmbedding(nn.Module):
     def _rotate_heads(self, q, k, positions, offsets, cu_seqlens, format, seq_len, inplace, width):
         """forward on heads of ``width`` dims whose first ``rotary_dim`` rotate."""
         conj = self.cfg.direction == -1
-        if positions is None and cu_seqlens is None and seq_len is None and type(q) is torch.Tensor and not self._sync_free(q):
-            fast = self._cached_gather(q, k, offsets, format, inplace, width)
-            if fast is not None:
-                return fast
         _check_qk(q, k)
         if width == self.cfg.head_dim:
             check_head_width(self.cfg, q=q, k=k)
@@ -385,25 +386,33 @@ class RotaryEmbedding(nn.Module):
         )
         return y
 
-    def _cached_gather(self, q, k, offsets, format, inplace, width):
+    def _cached_gather(self, q, k, offsets, format, inplace):
         """The common call (positions from ``offsets``, length-independent scaling, a backend
-        that checks its own inputs): positions built without a host sync and the cached tables
-        passed as they are; the fused op checks every position against the table before
-        writing. ``None`` when this shortcut does not apply or the op refused the call (e.g. a
-        position past the table): the general path then grows the tables or explains."""
+        that checks its own inputs, no rotary offset, no graph): positions built without a
+        host sync and the cached tables passed as they are; the fused op checks every
+        position against the table before writing. ``None`` when this shortcut does not
+        apply or the op refused the call (e.g. a position past the table): the general path
+        then grows the tables or explains."""
         plain = self.__dict__.get("_plain")
-        if plain is None:  # the scheme and the class never change: decided once
-            sc, cls = self.cfg.scaling, type(self)
-            plain = self.__dict__["_plain"] = (sc is None or not sc.length_dependent) and (
-                cls.tables is RotaryEmbedding.tables
+        if plain is None:  # the config and the class never change: decided once
+            sc, cls, cfg = self.cfg.scaling, type(self), self.cfg
+            plain = self.__dict__["_plain"] = (
+                (sc is None or not sc.length_dependent)
+                and cfg.rotary_offset == 0
+                and cls.tables is RotaryEmbedding.tables
                 and cls._positions_and_tables is RotaryEmbedding._positions_and_tables
             )  # a subclass making its own tables or positions takes the general path
         sdim = _SEQ_DIM.get(format)
-        if not plain or sdim is None or type(k) is not torch.Tensor or q.dim() != 4:
+        if not plain or sdim is None or type(k) is not torch.Tensor or q.dim() != 4 or k.dim() != 4:
             return None
-        if q.shape[-1] != width or k.dim() != 4 or k.shape[-1] != width:
-            return None  # the general path names both widths
-        be = _backends.resolve(self.backend, q)
+        width = self.cfg.head_dim
+        if q.shape[-1] != width or k.shape[-1] != width or q.is_meta or tracing() or torch.jit.is_tracing():
+            return None  # the general path names both widths / computes cos/sin inside the graph
+        bk = (self.backend, q.dtype, q.is_cpu, q.is_cuda)
+        be = self.__dict__.get("_be")
+        if be is None or be[0] != bk:  # the backend for this kind of tensor, resolved once
+            be = self.__dict__["_be"] = (bk, _backends.resolve(self.backend, q))
+        be = be[1]
         if not be.CHECKS:
             return None  # a backend that needs the positions checked before the call
         s = int(q.shape[sdim])

@@ -108,7 +108,7 @@ def apply_gather(q, k, cos_table, sin_table, positions, fmt, layout, conjugate, 
     """``(rot(q), rot(k))`` with table rows picked by position inside the kernel:
     ``ropekit::rotary_gather`` (``rotary_gather_`` in place). Positions outside
     ``[0, n)`` are refused before anything is written."""
-    if _learnable(cos_table, sin_table):
+    if torch.is_grad_enabled() and (cos_table.requires_grad or sin_table.requires_grad):
         return _generic.apply_gather(_eager, q, k, cos_table, sin_table, positions, fmt, layout, conjugate, inplace)
     if inplace:
         if tracing():

@@ -36,11 +36,9 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as _dt
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple

@@ -49,7 +49,6 @@ import contextlib
 import csv
 import datetime as _dt
 import itertools
-import math
 import os
 import statistics
 import subprocess

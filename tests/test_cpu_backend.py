@@ -9,7 +9,6 @@ kernel must be bit-identical to "compute in float32, round once to nearest even"
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch

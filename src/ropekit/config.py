@@ -10,7 +10,6 @@ dim, ``r`` rotary dim (``r <= d``, even), ``t`` packed tokens.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import TYPE_CHECKING, Any, Hashable, Mapping, Optional
 
 import torch

@@ -15,11 +15,9 @@ transformers itself is never imported here: configs are read as plain attributes
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
-import torch
 
 from ._checks import flag, integer, real
 from ._errors import RopeError, fail

@@ -406,7 +406,7 @@ class RotaryEmbedding(nn.Module):
         if not plain or sdim is None or type(k) is not torch.Tensor or q.dim() != 4 or k.dim() != 4:
             return None
         width = self.cfg.head_dim
-        if q.shape[-1] != width or k.shape[-1] != width or q.is_meta or tracing() or torch.jit.is_tracing():
+        if q.shape[-1] != width or k.shape[-1] != width or self._sync_free(q):
             return None  # the general path names both widths / computes cos/sin inside the graph
         bk = (self.backend, q.dtype, q.is_cpu, q.is_cuda)
         be = self.__dict__.get("_be")

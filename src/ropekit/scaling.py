@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Dict, Hashable, Mapping, Option
 
 import torch
 
-from ._checks import describe, integer, real
+from ._checks import integer, real
 from ._errors import fail
 
 if TYPE_CHECKING:  # pragma: no cover

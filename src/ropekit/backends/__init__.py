@@ -13,8 +13,9 @@ A backend is a module declaring what it can do and exposing the same entry point
     apply_gather(q, k, cos_table, sin_table, positions, fmt, layout, conjugate, inplace) -> (Tensor, Tensor)
 
 The entry points handle autograd, graphs (torch.compile/export) and in place themselves:
-the compiled ``cpu`` operators in C++ (``torch.ops.ropekit.*``), the others through
-:mod:`ropekit.backends._generic` around a primitive they declare with::
+the compiled ``cpu`` operators in C++ (``torch.ops.ropekit.*``). A backend that declares
+only a primitive (``eager``, ``complex``, ``reference``, a registered plugin) gets them from
+:mod:`ropekit.backends._generic` when the registry loads it, with these declarations::
 
     DIFFERENTIABLE: bool  # torch differentiates its ops (the reference's float64 matrix)
     TRACEABLE: bool       # graphs can trace its ops (else it is one opaque custom op there)

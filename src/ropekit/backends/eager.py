@@ -7,11 +7,8 @@ written, so ``out`` may be ``x``. Runs on every device.
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
-from . import _generic
 from ._generic import compute_dtype, pair_views
 
 NAME = "eager"
@@ -49,16 +46,3 @@ def rotate(x, cos, sin, layout, conjugate, out):
     if out is not x and x.shape[-1] > r:
         out[..., r:].copy_(x[..., r:])
     return out
-
-
-def apply(x, cos, sin, layout, conjugate, inplace, out):
-    """Entry point (see :mod:`ropekit.backends`): :func:`rotate` with autograd."""
-    return _generic.apply(sys.modules[__name__], x, cos, sin, layout, conjugate, inplace, out)
-
-
-def apply_qk(q, k, cos, sin, layout, conjugate, inplace):
-    return _generic.apply_qk(sys.modules[__name__], q, k, cos, sin, layout, conjugate, inplace)
-
-
-def apply_gather(q, k, cos_table, sin_table, positions, fmt, layout, conjugate, inplace):
-    return _generic.apply_gather(sys.modules[__name__], q, k, cos_table, sin_table, positions, fmt, layout, conjugate, inplace)

@@ -18,7 +18,7 @@ from . import attention, backends, hf, multi_axis, presets, scaling, variants
 from ._errors import RopeError
 from .config import LAYOUTS, RopeConfig
 from .convert import convert_layout
-from .functional import apply_rotary, apply_rotary_gather, apply_rotary_qk, rerotate
+from .functional import apply_qk_norm_rotary, apply_rotary, apply_rotary_gather, apply_rotary_qk, rerotate
 from .modules import RotaryEmbedding
 from .multi_axis import MultiAxisRotaryEmbedding, apply_rotary_mrope, mrope_tables, multi_axis_cos_sin
 from .positions import FORMATS, positions_from_cu_seqlens
@@ -38,6 +38,7 @@ __all__ = [
     "apply_rotary",
     "apply_rotary_qk",
     "apply_rotary_gather",
+    "apply_qk_norm_rotary",
     "rerotate",
     "RotaryEmbedding",
     "convert_layout",

@@ -11,7 +11,7 @@ import torch
 from ._errors import RopeError, fail
 from .config import check_layout
 
-__all__ = ["check_tables", "check_apply", "check_qk", "explain", "disjoint"]
+__all__ = ["check_tables", "check_apply", "check_qk", "check_qk_norm", "explain", "disjoint"]
 
 _X_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -255,3 +255,27 @@ def check_gather_fake(q, k, cos_table, sin_table, positions, fmt, layout) -> Non
                        "pass the tables of RotaryEmbedding.tables(n)")
     if positions.dtype.is_floating_point or positions.dtype == torch.bool:
         raise fail("positions an integer tensor", str(positions.dtype), "pass int64 positions")
+
+
+def check_qk_norm(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, inplace) -> None:
+    """Every check of :func:`ropekit.apply_qk_norm_rotary` (raises a RopeError)."""
+    from ._checks import real
+
+    check_qk(q, k, cos, sin, layout, inplace)
+    for nm, w, x in (("q_weight", q_weight, q), ("k_weight", k_weight, k)):
+        xn = nm[0]
+        if not isinstance(w, torch.Tensor):
+            raise fail(f"{nm} a torch.Tensor of shape [{x.shape[-1]}]", type(w).__name__,
+                       f"pass the norm's weight (e.g. attn.{xn}_norm.weight)")
+        if w.dtype not in _X_DTYPES:
+            raise fail(f"{nm} of a real floating dtype {_X_DTYPES}", f"{nm}.dtype={w.dtype}", f"convert it: {nm}.float()")
+        if w.device != x.device:
+            raise fail(f"{nm} on {xn}'s device {x.device}", f"{nm} on {w.device}", f"move it: {nm}.to({xn}.device)")
+        if tuple(w.shape) != (x.shape[-1],):
+            raise fail(
+                f"{nm} of shape [{x.shape[-1]}] ({xn}'s head dim: one weight per dim, shared by every head)",
+                f"shape {list(w.shape)}",
+                "pass the per-head norm's weight [head_dim] (a norm over all heads, [h * d], is not a per-head norm)",
+            )
+    real("eps", eps, minimum=0.0, fix="pass the norm's epsilon, e.g. eps=1e-6")
+    real("weight_offset", weight_offset, fix="pass 0.0 (y = x̂·w) or 1.0 (Gemma: y = x̂·(1 + w))")

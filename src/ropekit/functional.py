@@ -16,13 +16,15 @@ from typing import Optional, Tuple
 import torch
 
 from . import backends as _backends
-from ._tensor_checks import check_inplace, check_qk_disjoint, check_apply, check_qk, check_tables, explain, tracing
+from ._tensor_checks import (check_inplace, check_qk_disjoint, check_apply, check_qk, check_qk_norm, check_tables, explain,
+                             tracing)
 from ._errors import fail
 from .config import RopeConfig, check_layout
 from .positions import resolve_positions, split_format, split_qk_format, table_view
 from .tables import check_positions
 
-__all__ = ["apply_rotary", "apply_rotary_qk", "apply_rotary_gather", "rerotate", "check_tables", "tracing"]
+__all__ = ["apply_rotary", "apply_rotary_qk", "apply_qk_norm_rotary", "apply_rotary_gather", "rerotate", "check_tables",
+           "tracing"]
 
 
 def _resolve(backend: str, x, name: str = "x") -> "object":
@@ -121,6 +123,78 @@ def apply_rotary_qk(
             raise explain(e, lambda: check_qk(q, k, cos, sin, layout, inplace)) from None
     check_qk(q, k, cos, sin, layout, inplace)
     return be.apply_qk(q, k, cos, sin, layout, conjugate, inplace)
+
+
+def apply_qk_norm_rotary(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    eps: float = 1e-6,
+    weight_offset: float = 0.0,
+    layout: str = "half",
+    inplace: bool = False,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-head RMSNorm of ``q`` and ``k``, then RoPE: the attention prologue of Qwen3,
+    Qwen3-MoE, Gemma 3, OLMo-style QK-norm models, in one pass over memory.
+
+    Per head (each row of ``d`` elements)::
+
+        y = x / sqrt(mean(x²) + eps) * (weight_offset + weight)     # over all d dims
+        out = rot(y)                                                 # the first r dims; the rest pass
+
+    Gemma's ``(1 + w)`` weight is ``weight_offset=1.0``.
+
+    Args:
+        q: ``[..., hq, d]`` (e.g. ``[b, s, hq, d]``), any strides, as :func:`apply_rotary_qk`.
+        k: ``[..., hk, d]``; ``hk`` may differ from ``hq`` (GQA/MQA).
+        q_weight, k_weight: ``[d]`` norm weights (shared by every head), any float dtype.
+        cos, sin: half-width tables ``[..., r/2]`` broadcastable to both ``q.shape[:-1] +
+            (r/2,)`` and ``k.shape[:-1] + (r/2,)`` (``r <= d``: partial rotary).
+        eps: added to the mean square (``>= 0``).
+        weight_offset: added to the weights (``0.0``; ``1.0`` for Gemma).
+        layout: ``"half"`` or ``"interleaved"``.
+        inplace: write the results into ``q`` and ``k`` and return them.
+        backend: ``"auto"`` (the fused ``cpu`` operator on CPU, the fused ``triton`` kernel on
+            CUDA), or any backend of :func:`apply_rotary` (those without a fused kernel run
+            the float32 norm in torch, then their rotation).
+
+    Returns:
+        ``(q_out, k_out)``, shapes and dtypes of ``q`` and ``k``.
+
+    Precision: the mean square is accumulated in float32 (float64 for float64 inputs), the
+    norm, weight and rotation are computed in float32 and rounded once to the output dtype.
+    (transformers' Qwen3 norm rounds the normalised value to the input dtype before the
+    weight and again before RoPE; in bfloat16 the fused result is the more exact one.)
+
+    Autograd: differentiable in ``q``, ``k``, ``q_weight`` and ``k_weight``. The fused
+    backends save ``q`` and ``k`` (a copy when ``inplace=True``: their values are
+    overwritten), the weights, the tables and the inverse RMS of every head in float32
+    (``q.numel() / d`` + ``k.numel() / d`` values: 4 bytes per head and token).
+
+    Example:
+        >>> from ropekit import RopeConfig, cos_sin
+        >>> q, k = torch.randn(1, 5, 8, 64), torch.randn(1, 5, 2, 64)        # [b, s, h, d]
+        >>> wq, wk = torch.ones(64), torch.ones(64)
+        >>> cos, sin = cos_sin(RopeConfig(64), torch.arange(5))               # [s, r/2]
+        >>> qo, ko = apply_qk_norm_rotary(q, k, wq, wk, cos[:, None], sin[:, None])
+        >>> qo.shape, ko.shape
+        (torch.Size([1, 5, 8, 64]), torch.Size([1, 5, 2, 64]))
+    """
+    be = _resolve(backend, q, "q")
+    if be.QK_NORM and be.CHECKS:
+        try:
+            return be.apply_qk_norm(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, inplace)
+        except (ValueError, RuntimeError, TypeError) as e:
+            raise explain(
+                e, lambda: check_qk_norm(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, inplace)
+            ) from None
+    check_qk_norm(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, inplace)
+    return be.apply_qk_norm(q, k, q_weight, k_weight, cos, sin, float(eps), float(weight_offset), layout, inplace)
 
 
 def apply_gather(q, k, cos_table, sin_table, positions, *, format: str, layout: str, inplace: bool, backend: str,

@@ -11,6 +11,7 @@ A backend is a module declaring what it can do and exposing the same entry point
     apply(x, cos, sin, layout, conjugate, inplace, out) -> Tensor
     apply_qk(q, k, cos, sin, layout, conjugate, inplace) -> (Tensor, Tensor)
     apply_gather(q, k, cos_table, sin_table, positions, fmt, layout, conjugate, inplace) -> (Tensor, Tensor)
+    apply_qk_norm(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, inplace) -> (Tensor, Tensor)
 
 The entry points handle autograd, graphs (torch.compile/export) and in place themselves:
 the compiled ``cpu`` operators in C++ (``torch.ops.ropekit.*``). A backend that declares
@@ -21,6 +22,8 @@ only a primitive (``eager``, ``complex``, ``reference``, a registered plugin) ge
     TRACEABLE: bool       # graphs can trace its ops (else it is one opaque custom op there)
     FUSED_QK: bool        # has rotate_qk(q, k, cos, sin, layout, inplace)
     GATHER: bool          # has gather(xs, cos_table, sin_table, pos, fmt, layout, conjugate, inplace)
+    QK_NORM: bool         # its apply_qk_norm is a fused kernel (else: the float32 norm in torch,
+                          # then its apply_qk; see _generic.apply_qk_norm)
     rotate(x, cos, sin, layout, conjugate, out) -> Tensor
 
 ``rotate`` writes ``rot(x)`` (or ``rot(-θ)(x)`` when ``conjugate``) into ``out`` and
@@ -86,7 +89,8 @@ def get(name: str) -> ModuleType:
     return mod
 
 
-_DEFAULTS = {"CHECKS": False, "DIFFERENTIABLE": False, "TRACEABLE": False, "FUSED_QK": False, "GATHER": False}
+_DEFAULTS = {"CHECKS": False, "DIFFERENTIABLE": False, "TRACEABLE": False, "FUSED_QK": False, "GATHER": False,
+             "QK_NORM": False}
 
 
 def _complete(mod: ModuleType) -> None:
@@ -103,6 +107,8 @@ def _complete(mod: ModuleType) -> None:
         mod.apply = lambda *a: _generic.apply(mod, *a)
         mod.apply_qk = lambda *a: _generic.apply_qk(mod, *a)
         mod.apply_gather = lambda *a: _generic.apply_gather(mod, *a)
+    if not hasattr(mod, "apply_qk_norm"):
+        mod.apply_qk_norm = lambda *a: _generic.apply_qk_norm(mod, *a)
 
 
 # torch-only and light: loaded with the registry, so a first call inside a graph needs no import

@@ -283,3 +283,27 @@ def apply_gather(be: ModuleType, q, k, cos_table, sin_table, pos, fmt: str, layo
         return qo, ko
     cos, sin = gather_views(cos_table, sin_table, pos, fmt)
     return apply_qk(be, q, k, cos, sin, layout, conjugate, inplace)
+
+
+def rms_norm_functional(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float) -> torch.Tensor:
+    """Per-head RMSNorm over the last dim in the compute dtype (float32; float64 for float64 x):
+    ``x / sqrt(mean(x²) + eps) * (weight_offset + weight)``, *not* rounded to ``x.dtype``."""
+    cdt = compute_dtype(x)
+    xf = x.to(cdt)
+    rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)  # [..., 1]: float32 mean of squares
+    return xf * rstd * (weight.to(cdt) + weight_offset)
+
+
+def apply_qk_norm(be: ModuleType, q, k, q_weight, k_weight, cos, sin, eps: float, weight_offset: float, layout: str,
+                  inplace: bool):
+    """Per-head RMSNorm then RoPE, composed: the norm in float32 (torch ops, differentiated
+    by torch), the rotation through ``be.apply_qk`` on the float32 result, one rounding to
+    ``q``/``k``'s dtype. For backends without a fused kernel (inputs already validated)."""
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, q_weight, k_weight))
+    src_q, src_k = (q.clone(), k.clone()) if inplace and grad else (q, k)  # the norm's backward needs the input
+    nq = rms_norm_functional(src_q, q_weight, eps, weight_offset)
+    nk = rms_norm_functional(src_k, k_weight, eps, weight_offset)
+    rq, rk = be.apply_qk(nq, nk, cos, sin, layout, False, False)
+    if inplace:
+        return q.copy_(rq), k.copy_(rk)
+    return rq.to(q.dtype), rk.to(k.dtype)

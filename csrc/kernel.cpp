@@ -12,8 +12,11 @@
 //
 // In place (out == x) is safe: every block of pairs is fully loaded into local arrays
 // before any of it is stored, and both lanes of a pair are in the same block.
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#include <vector>
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #define RK_HAS_NT 1
@@ -522,6 +525,224 @@ static void run_range(const Job* jobs, i64 njobs, i64 g0, i64 g1) {
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// Fused per-head RMSNorm + rotation (kernel.h: RkNormJob).
+//
+// Per row of d elements, in the compute type C (float32; float64 for float64):
+//   forward   rstd = 1 / sqrt(sum(x²) / d + eps); y = (x·rstd)·w; out = rot(y) on the first r
+//             dims (w = weight_offset + weight, formed by the caller); one rounding at the store
+//   backward  u = rot(-θ)(g); x̂ = x·rstd; dw += u·x̂; v = u·w; out = rstd·(v - x̂·(Σ v·x̂) / d)
+// Each row is widened once into a zero-padded buffer (one read of x and g, one write of out:
+// the extra passes are over L1). Sums use 16 partial sums, lane k taking the elements
+// i ≡ k (mod 16), then a fixed tree: the same bits at every level, whatever its vector width.
+// The weight gradient is summed per RK_NORM_BLOCK rows into the caller's partial buffer (a
+// block is always run by one thread, rows in order): the same bits for any thread count.
+
+template <typename C> struct CompT;
+template <> struct CompT<float> { typedef F32 T; };
+template <> struct CompT<double> { typedef F64 T; };
+
+typedef RkNormJob NJob;
+
+// sum(a[i]·b[i]) for i < n (a multiple of 16; zero padded)
+template <typename C>
+static inline C dot16(const C* a, const C* b, i64 n) {
+    typedef C v16 __attribute__((vector_size(16 * sizeof(C))));
+    v16 acc;
+    memset(&acc, 0, sizeof acc);
+    for (i64 i = 0; i < n; i += 16) {
+        v16 va, vb;
+        memcpy(&va, a + i, sizeof va);
+        memcpy(&vb, b + i, sizeof vb);
+        acc += va * vb;
+    }
+    C p[16];
+    memcpy(p, &acc, sizeof p);
+    for (int w = 8; w >= 1; w /= 2)
+        for (int k = 0; k < w; ++k) p[k] = p[k] + p[k + w];
+    return p[0];
+}
+
+// p[0, d) widened into buf[0, n), zero past d (n: d rounded up to 16)
+template <typename T>
+static inline void load_row(const typename T::S* p, typename T::C* buf, i64 d, i64 n) {
+    typedef typename T::V V;
+    const int N = T::N;
+    i64 i = 0;
+    for (; i + N <= d; i += N) {
+        const V v = T::vld(p + i);
+        memcpy(buf + i, &v, sizeof v);
+    }
+    if (i < d) {
+        typename T::S t[N];
+        memset(t, 0, sizeof t);
+        memcpy(t, p + i, (size_t)(d - i) * sizeof(typename T::S));
+        const V v = T::vld(t);
+        memcpy(buf + i, &v, sizeof v);
+        i += N;
+    }
+    for (; i < n; ++i) buf[i] = 0;
+}
+
+// buf[0, d) rounded into p[0, d)
+template <typename T>
+static inline void store_row(typename T::S* p, const typename T::C* buf, i64 d) {
+    const int N = T::N;
+    i64 i = 0;
+    for (; i + N <= d; i += N) T::vst(p + i, vload(buf + i));
+    if (i < d) {
+        typename T::S t[N];
+        T::vst(t, vload(buf + i));
+        memcpy(p + i, t, (size_t)(d - i) * sizeof(typename T::S));
+    }
+}
+
+// The strided walk over a job's rows: offsets of x, out, cos, sin, g for row r0, then next().
+struct NWalk {
+    const NJob& j;
+    i64 idx[MAXD];
+    i64 x = 0, o = 0, c = 0, s = 0, g = 0;
+    NWalk(const NJob& job, i64 r0) : j(job) {
+        i64 rem = r0;
+        for (int k = (int)j.nd - 1; k >= 0; --k) {
+            idx[k] = rem % j.size[k];
+            rem /= j.size[k];
+        }
+        for (int k = 0; k < (int)j.nd; ++k) {
+            x += idx[k] * j.xs[k];
+            o += idx[k] * j.os[k];
+            c += idx[k] * j.cs[k];
+            s += idx[k] * j.ss[k];
+            g += idx[k] * j.gs[k];
+        }
+    }
+    void next() {
+        for (int k = (int)j.nd - 1; k >= 0; --k) {
+            ++idx[k];
+            x += j.xs[k];
+            o += j.os[k];
+            c += j.cs[k];
+            s += j.ss[k];
+            g += j.gs[k];
+            if (idx[k] < j.size[k] || k == 0) break;
+            x -= j.xs[k] * j.size[k];
+            o -= j.os[k] * j.size[k];
+            c -= j.cs[k] * j.size[k];
+            s -= j.ss[k] * j.size[k];
+            g -= j.gs[k] * j.size[k];
+            idx[k] = 0;
+        }
+    }
+};
+
+static inline i64 pad16(i64 d) { return (d + 15) / 16 * 16; }
+
+template <typename T, int LAYOUT>
+static void norm_fwd_rows(const NJob& j, i64 r0, i64 r1) {
+    typedef typename T::S S;
+    typedef typename T::C C;
+    typedef typename CompT<C>::T Fc;
+    const S* X = (const S*)(intptr_t)j.x;
+    S* O = (S*)(intptr_t)j.o;
+    const C* CT = (const C*)(intptr_t)j.c;
+    const C* ST = (const C*)(intptr_t)j.s;
+    const C* W = (const C*)(intptr_t)j.w;
+    C* R = (C*)(intptr_t)j.rstd;
+    const i64 d = j.d, h = j.half, n = pad16(d);
+    const C eps = (C)j.eps, dd = (C)d;
+    std::vector<C> buf((size_t)n);
+    C* b = buf.data();
+    NWalk w(j, r0);
+    for (i64 r = r0; r < r1; ++r, w.next()) {
+        load_row<T>(X + w.x, b, d, n);
+        const C rstd = C(1) / sqrt(dot16(b, b, n) / dd + eps);
+        for (i64 i = 0; i < d; ++i) b[i] = (b[i] * rstd) * W[i];
+        row<Fc, LAYOUT, 0>(b, b, CT + w.c, ST + w.s, h, C(1));
+        store_row<T>(O + w.o, b, d);
+        R[r] = rstd;
+    }
+}
+
+template <typename T, int LAYOUT>
+static void norm_bwd_blocks(const NJob& j, i64 k0, i64 k1) {
+    typedef typename T::S S;
+    typedef typename T::C C;
+    typedef typename CompT<C>::T Fc;
+    const S* X = (const S*)(intptr_t)j.x;
+    const S* G = (const S*)(intptr_t)j.g;
+    S* O = (S*)(intptr_t)j.o;
+    const C* CT = (const C*)(intptr_t)j.c;
+    const C* ST = (const C*)(intptr_t)j.s;
+    const C* W = (const C*)(intptr_t)j.w;
+    const C* R = (const C*)(intptr_t)j.rstd;
+    C* DW = (C*)(intptr_t)j.dwp;
+    const i64 d = j.d, h = j.half, n = pad16(d);
+    const C dd = (C)d;
+    std::vector<C> buf((size_t)(2 * n));
+    C *gb = buf.data(), *xb = buf.data() + n;
+    const i64 r0 = k0 * RK_NORM_BLOCK, r1 = k1 * RK_NORM_BLOCK < j.nrows ? k1 * RK_NORM_BLOCK : j.nrows;
+    NWalk w(j, r0);
+    C* acc = nullptr;
+    for (i64 r = r0; r < r1; ++r, w.next()) {
+        if (DW != nullptr && r % RK_NORM_BLOCK == 0) {
+            acc = DW + (r / RK_NORM_BLOCK) * d;
+            for (i64 i = 0; i < d; ++i) acc[i] = 0;
+        }
+        load_row<T>(G + w.g, gb, d, n);
+        load_row<T>(X + w.x, xb, d, n);
+        row<Fc, LAYOUT, 0>(gb, gb, CT + w.c, ST + w.s, h, C(-1));  // u = rot(-θ) g
+        const C rstd = R[r];
+        for (i64 i = 0; i < d; ++i) xb[i] = xb[i] * rstd;  // x̂
+        if (acc != nullptr)
+            for (i64 i = 0; i < d; ++i) acc[i] = acc[i] + gb[i] * xb[i];
+        for (i64 i = 0; i < d; ++i) gb[i] = gb[i] * W[i];  // v
+        const C cc = dot16(gb, xb, n) / dd;
+        for (i64 i = 0; i < d; ++i) gb[i] = rstd * (gb[i] - xb[i] * cc);
+        store_row<T>(O + w.o, gb, d);
+    }
+}
+
+template <int FWD, typename T>
+static inline void norm_layout(const NJob& j, i64 a, i64 b) {
+    if (FWD) {
+        if (j.layout == 0)
+            norm_fwd_rows<T, 0>(j, a, b);
+        else
+            norm_fwd_rows<T, 1>(j, a, b);
+    } else {
+        if (j.layout == 0)
+            norm_bwd_blocks<T, 0>(j, a, b);
+        else
+            norm_bwd_blocks<T, 1>(j, a, b);
+    }
+}
+
+template <int FWD>
+static void norm_job(const NJob& j, i64 a, i64 b) {
+    switch (j.dtype) {
+        case 0: norm_layout<FWD, F32>(j, a, b); break;
+        case 1: norm_layout<FWD, BF16>(j, a, b); break;
+#if ROPEKIT_HAS_F16
+        case 2: norm_layout<FWD, F16>(j, a, b); break;
+#endif
+        case 3: norm_layout<FWD, F64>(j, a, b); break;
+        default: break;
+    }
+}
+
+// units [g0, g1) over the concatenated jobs: rows (forward) or RK_NORM_BLOCK-row blocks (backward)
+template <int FWD>
+static void norm_range(const NJob* jobs, i64 njobs, i64 g0, i64 g1) {
+    i64 base = 0;
+    for (i64 n = 0; n < njobs && base < g1; ++n) {
+        const i64 units = FWD ? jobs[n].nrows : (jobs[n].nrows + RK_NORM_BLOCK - 1) / RK_NORM_BLOCK;
+        const i64 lo = g0 > base ? g0 : base;
+        const i64 hi = g1 < base + units ? g1 : base + units;
+        if (lo < hi) norm_job<FWD>(jobs[n], lo - base, hi - base);
+        base += units;
+    }
+}
+
 }  // namespace
 
 using namespace RK_CAT(rk_, RK_LEVEL);
@@ -545,5 +766,9 @@ void RK_CAT(rk_finish_, RK_LEVEL)(RkJob* jobs, i64 njobs, i64 bytes, i64 nt_byte
 }
 
 void RK_CAT(rk_rows_, RK_LEVEL)(const RkJob* jobs, i64 njobs, i64 g0, i64 g1) { run_range(jobs, njobs, g0, g1); }
+
+void RK_CAT(rk_norm_fwd_, RK_LEVEL)(const RkNormJob* jobs, i64 njobs, i64 g0, i64 g1) { norm_range<1>(jobs, njobs, g0, g1); }
+
+void RK_CAT(rk_norm_bwd_, RK_LEVEL)(const RkNormJob* jobs, i64 njobs, i64 b0, i64 b1) { norm_range<0>(jobs, njobs, b0, b1); }
 
 }  // extern "C"

@@ -29,6 +29,25 @@ typedef struct RkJob {
     int64_t xs[RK_MAXD], os[RK_MAXD], cs[RK_MAXD], ss[RK_MAXD], ps[RK_MAXD];  // element strides
 } RkJob;
 
+// One tensor of a fused per-head RMSNorm + rotation (forward) or of its backward.
+// Forward: out = rot(x * rstd * w), rstd = 1 / sqrt(mean(x^2) + eps) over the d elements of
+// each row, written to rstd[row] (row = the flat index over x.shape[:-1]).
+// Backward: x, g (the gradient of out), rstd from the forward; out = dx; when dwp != 0 the
+// weight-gradient partial sums of rows [k * RK_NORM_BLOCK, (k + 1) * RK_NORM_BLOCK) go to
+// dwp[k * d .. k * d + d) (compute type), summed by the caller in a fixed order.
+#define RK_NORM_BLOCK 64
+typedef struct RkNormJob {
+    int64_t dtype;   // 0 float32, 1 bfloat16, 2 float16, 3 float64 (x, out, g)
+    int64_t layout;  // 0 half, 1 interleaved
+    int64_t half;    // r/2
+    int64_t d;       // head dim (the norm's width)
+    double eps;
+    int64_t x, o, c, s, w, rstd, g, dwp;  // addresses; w, rstd, dwp, c, s in the compute type
+    int64_t nd, nrows;
+    int64_t size[RK_MAXD];
+    int64_t xs[RK_MAXD], os[RK_MAXD], cs[RK_MAXD], ss[RK_MAXD], gs[RK_MAXD];  // element strides
+} RkNormJob;
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -41,7 +60,11 @@ extern "C" {
     /* choose streaming stores per job (out != x, large, aligned); bytes = all jobs' bytes */ \
     void rk_finish_##L(RkJob* jobs, int64_t njobs, int64_t bytes, int64_t nt_bytes);         \
     /* rows [g0, g1) of the jobs' concatenated rows */                                       \
-    void rk_rows_##L(const RkJob* jobs, int64_t njobs, int64_t g0, int64_t g1);
+    void rk_rows_##L(const RkJob* jobs, int64_t njobs, int64_t g0, int64_t g1);                \
+    /* norm + rotation forward: rows [g0, g1) of the jobs' concatenated rows */               \
+    void rk_norm_fwd_##L(const RkNormJob* jobs, int64_t njobs, int64_t g0, int64_t g1);       \
+    /* backward: blocks [b0, b1) of the jobs' concatenated RK_NORM_BLOCK-row blocks */        \
+    void rk_norm_bwd_##L(const RkNormJob* jobs, int64_t njobs, int64_t b0, int64_t b1);
 
 RK_DECLARE_LEVEL(default)
 #if defined(__x86_64__) || defined(_M_X64)

@@ -33,6 +33,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cctype>
 #include <cstdlib>
 #include <cstring>
@@ -71,13 +72,15 @@ struct Level {
     int (*features)(void);
     void (*finish)(RkJob*, int64_t, int64_t, int64_t);
     void (*rows)(const RkJob*, int64_t, int64_t, int64_t);
+    void (*norm_fwd)(const RkNormJob*, int64_t, int64_t, int64_t);
+    void (*norm_bwd)(const RkNormJob*, int64_t, int64_t, int64_t);
 };
 
 const Level kLevels[] = {
-    {"default", rk_features_default, rk_finish_default, rk_rows_default},
+    {"default", rk_features_default, rk_finish_default, rk_rows_default, rk_norm_fwd_default, rk_norm_bwd_default},
 #if defined(__x86_64__) || defined(_M_X64)
-    {"avx2", rk_features_avx2, rk_finish_avx2, rk_rows_avx2},
-    {"avx512", rk_features_avx512, rk_finish_avx512, rk_rows_avx512},
+    {"avx2", rk_features_avx2, rk_finish_avx2, rk_rows_avx2, rk_norm_fwd_avx2, rk_norm_bwd_avx2},
+    {"avx512", rk_features_avx512, rk_finish_avx512, rk_rows_avx512, rk_norm_fwd_avx512, rk_norm_bwd_avx512},
 #endif
 };
 constexpr int kNumLevels = sizeof(kLevels) / sizeof(kLevels[0]);
@@ -653,6 +656,292 @@ void rotary_gather__cpu(Tensor& q, Tensor& k, const Tensor& ct, const Tensor& st
     gather_into(q, k, ct, st, pos, f, lay, conjugate, q, k);
 }
 
+// --- fused per-head RMSNorm + rotation -----------------------------------------------------
+
+void check_norm_weight(const Tensor& x, const Tensor& w, const char* xn, const char* wn) {
+    RK_CHECK(w.defined(), wn, " a tensor of shape [", x.size(-1), "], got None. Fix: pass the norm's weight");
+    RK_CHECK(dtype_code(w.scalar_type()) >= 0, wn, " of a real floating dtype, got ", wn, ".dtype=", w.scalar_type(),
+             ". Fix: convert it: ", wn, ".float()");
+    check_same_device(x, w, xn, wn);
+    RK_CHECK(w.dim() == 1 && w.size(0) == x.size(-1), wn, " of shape [", x.size(-1), "] (", xn,
+             "'s head dim: one weight per dim, shared by every head), got shape ", shape_str(w),
+             ". Fix: pass the per-head norm's weight [head_dim] (a norm over all heads, [h * d], is not a per-head norm)");
+}
+
+void check_qk_norm(const Tensor& q, const Tensor& k, const Tensor& qw, const Tensor& kw, const Tensor& cos,
+                   const Tensor& sin, double eps, double offset) {
+    check_qk(q, k, cos, sin);
+    check_norm_weight(q, qw, "q", "q_weight");
+    check_norm_weight(k, kw, "k", "k_weight");
+    RK_CHECK(std::isfinite(eps) && eps >= 0, "eps a finite number >= 0, got ", eps,
+             ". Fix: pass the norm's epsilon, e.g. eps=1e-6");
+    RK_CHECK(std::isfinite(offset), "weight_offset a finite number, got ", offset,
+             ". Fix: pass 0.0 (y = x̂·w) or 1.0 (Gemma: y = x̂·(1 + w))");
+}
+
+at::ScalarType compute_type(int64_t dt) { return dt == 3 ? at::kDouble : at::kFloat; }
+
+// weight_offset + weight in the compute type (one rounding), contiguous [d]
+Tensor weight_prime(const Tensor& w, int64_t dt, double offset) {
+    return at::add(w.to(compute_type(dt)), offset).contiguous();
+}
+
+// Merge x's leading dims for a norm job (as fill_dims: broadcast tables, size-1 dims dropped,
+// dims contiguous for every operand merged). st[0..4]: the strides of x, out, cos, sin, g
+// aligned with x's leading dims. false: more than RK_MAXD dims remain.
+bool norm_dims(RkNormJob& j, const Tensor& x, const int64_t* const st[5]) {
+    const int64_t L = x.dim() - 1;
+    int64_t* dst[5] = {j.xs, j.os, j.cs, j.ss, j.gs};
+    int64_t nd = 0, nrows = 1;
+    for (int64_t i = 0; i < L; ++i) {
+        const int64_t sz = x.size(i);
+        nrows *= sz;
+        if (sz == 1) continue;
+        if (nd > 0) {
+            bool merge = true;
+            for (int o = 0; o < 5; ++o) merge = merge && dst[o][nd - 1] == st[o][i] * sz;
+            if (merge) {
+                j.size[nd - 1] *= sz;
+                for (int o = 0; o < 5; ++o) dst[o][nd - 1] = st[o][i];
+                continue;
+            }
+        }
+        if (nd == RK_MAXD) return false;
+        j.size[nd] = sz;
+        for (int o = 0; o < 5; ++o) dst[o][nd] = st[o][i];
+        ++nd;
+    }
+    if (nd == 0) {
+        j.size[0] = 1;
+        for (int o = 0; o < 5; ++o) dst[o][0] = 0;
+        nd = 1;
+    }
+    j.nd = nd;
+    j.nrows = nrows;
+    return true;
+}
+
+// One norm job: out = rot(norm(x)) (g undefined) or out = dx of that (g defined). c/s: compute
+// type, unit last stride, broadcast to x.shape[:-1] + (r/2,); w: weight_prime; rstd: [rows].
+bool norm_job(RkNormJob& j, const Tensor& x, const Tensor& out, const Tensor& c, const Tensor& s, const Tensor& w,
+              const Tensor& rstd, const Tensor& g, double eps, int64_t layout, int64_t dwp) {
+    if (!unit_last(x) || !unit_last(out) || (g.defined() && !unit_last(g))) return false;
+    constexpr int64_t kMaxLead = 64;
+    const int64_t L = x.dim() - 1, off = L - (c.dim() - 1);
+    if (L > kMaxLead) return false;
+    int64_t xs[kMaxLead], os[kMaxLead], cs[kMaxLead], ss[kMaxLead], gs[kMaxLead];
+    for (int64_t i = 0; i < L; ++i) {
+        const int64_t ci = i - off;
+        const bool b = ci < 0 || c.size(ci) == 1;
+        xs[i] = x.stride(i);
+        os[i] = out.stride(i);
+        cs[i] = b ? 0 : c.stride(ci);
+        ss[i] = b ? 0 : s.stride(ci);
+        gs[i] = g.defined() ? g.stride(i) : 0;
+    }
+    std::memset(&j, 0, sizeof j);
+    j.dtype = dtype_code(x.scalar_type());
+    j.layout = layout;
+    j.half = c.size(-1);
+    j.d = x.size(-1);
+    j.eps = eps;
+    j.x = reinterpret_cast<intptr_t>(x.data_ptr());
+    j.o = reinterpret_cast<intptr_t>(out.data_ptr());
+    j.c = reinterpret_cast<intptr_t>(c.data_ptr());
+    j.s = reinterpret_cast<intptr_t>(s.data_ptr());
+    j.w = reinterpret_cast<intptr_t>(w.data_ptr());
+    j.rstd = reinterpret_cast<intptr_t>(rstd.data_ptr());
+    j.g = g.defined() ? reinterpret_cast<intptr_t>(g.data_ptr()) : 0;
+    j.dwp = dwp;
+    const int64_t* st[5] = {xs, os, cs, ss, gs};
+    return norm_dims(j, x, st);
+}
+
+int64_t norm_blocks(int64_t rows) { return (rows + RK_NORM_BLOCK - 1) / RK_NORM_BLOCK; }
+
+// Forward (bwd = false: units are rows) or backward (units are RK_NORM_BLOCK-row blocks) of
+// the jobs, split over torch's thread pool above kParallelBytes.
+void run_norm_jobs(const RkNormJob* jobs, int64_t njobs, bool bwd) {
+    int64_t units = 0, bytes = 0;
+    for (int64_t n = 0; n < njobs; ++n) {
+        units += bwd ? norm_blocks(jobs[n].nrows) : jobs[n].nrows;
+        bytes += (bwd ? 3 : 2) * jobs[n].nrows * jobs[n].d * element_bytes(jobs[n].dtype);
+    }
+    if (units == 0) return;
+    const Level& lv = level();
+    auto fn = bwd ? lv.norm_bwd : lv.norm_fwd;
+    if (bytes < kParallelBytes || units == 1) {
+        fn(jobs, njobs, 0, units);
+        return;
+    }
+    const int64_t grain = std::max<int64_t>(1, units * kGrainBytes / bytes);
+    at::parallel_for(0, units, grain, [&](int64_t b, int64_t e) { fn(jobs, njobs, b, e); });
+}
+
+// The tables as a contiguous row per row of x (the layouts norm_job does not take).
+std::pair<Tensor, Tensor> expanded_tables(const Tensor& x, const Tensor& c, const Tensor& s) {
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = c.size(-1);
+    return {c.expand(shape).contiguous().view({-1, c.size(-1)}), s.expand(shape).contiguous().view({-1, c.size(-1)})};
+}
+
+Tensor new_rstd(const Tensor& x, int64_t dt) {
+    return at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(compute_type(dt)));
+}
+
+// outs[i] = rot(norm(xs[i])) for the non-empty tensors, one kernel call; returns the rstds.
+std::vector<Tensor> norm_fwd_into(const std::vector<Tensor>& xs, const std::vector<Tensor>& ws, const Tensor& cos,
+                                  const Tensor& sin, double eps, double offset, int64_t layout,
+                                  const std::vector<Tensor>& outs) {
+    const size_t n = xs.size();
+    std::vector<Tensor> rstd(n), keep;  // keep: temporaries the jobs point into
+    std::vector<RkNormJob> jobs;
+    std::vector<std::pair<Tensor, Tensor>> copies;  // (contiguous result, destination)
+    jobs.reserve(n);
+    for (size_t i = 0; i < n; ++i) {
+        const Tensor& x = xs[i];
+        const int64_t dt = dtype_code(x.scalar_type());
+        rstd[i] = new_rstd(x, dt);
+        if (x.numel() == 0) continue;
+        if (!supported_dtype(x)) {  // no float16 kernel in this build: the same bits through float32
+            const Tensor xf = x.to(at::kFloat), of = at::empty_like(xf);
+            rstd[i] = norm_fwd_into({xf}, {ws[i]}, cos, sin, eps, offset, layout, {of})[0];
+            outs[i].copy_(of);
+            continue;
+        }
+        const Tensor c = compute_tables(cos, dt), s = compute_tables(sin, dt), w = weight_prime(ws[i], dt, offset);
+        keep.insert(keep.end(), {c, s, w});
+        RkNormJob j;
+        if (!norm_job(j, x, outs[i], c, s, w, rstd[i], Tensor(), eps, layout, 0)) {
+            const Tensor xc = x.contiguous().view({-1, x.size(-1)}), oc = at::empty_like(xc);
+            auto [ce, se] = expanded_tables(x, c, s);
+            keep.insert(keep.end(), {xc, oc, ce, se});
+            TORCH_INTERNAL_ASSERT(norm_job(j, xc, oc, ce, se, w, rstd[i], Tensor(), eps, layout, 0));
+            copies.emplace_back(oc, outs[i]);
+        }
+        jobs.push_back(j);
+    }
+    run_norm_jobs(jobs.data(), (int64_t)jobs.size(), false);
+    for (auto& [src, dst] : copies) dst.copy_(src.view(dst.sizes()));
+    return rstd;
+}
+
+// Sum the weight-gradient partials [blocks, d] in block order (double accumulation for float32).
+Tensor reduce_partials(const Tensor& part, const Tensor& w) {
+    const int64_t nb = part.size(0), d = part.size(1);
+    std::vector<double> acc((size_t)d, 0.0);
+    if (part.scalar_type() == at::kDouble) {
+        const double* p = part.const_data_ptr<double>();
+        for (int64_t b = 0; b < nb; ++b)
+            for (int64_t i = 0; i < d; ++i) acc[i] += p[b * d + i];
+    } else {
+        const float* p = part.const_data_ptr<float>();
+        for (int64_t b = 0; b < nb; ++b)
+            for (int64_t i = 0; i < d; ++i) acc[i] += (double)p[b * d + i];
+    }
+    Tensor out = at::empty({d}, w.options().dtype(at::kDouble));
+    std::memcpy(out.data_ptr<double>(), acc.data(), (size_t)d * sizeof(double));
+    return out.to(w.scalar_type());
+}
+
+// dx (and dw) for each (g, x, w, rstd); one kernel call over all of them.
+std::vector<Tensor> norm_bwd(const std::vector<Tensor>& gs, const std::vector<Tensor>& xs, const std::vector<Tensor>& ws,
+                             const std::vector<Tensor>& rstds, const Tensor& cos, const Tensor& sin, double offset,
+                             int64_t layout) {
+    const size_t n = xs.size();
+    std::vector<Tensor> dx(n), dw(n), parts(n), keep;
+    std::vector<RkNormJob> jobs;
+    std::vector<std::pair<Tensor, Tensor>> copies;
+    for (size_t i = 0; i < n; ++i) {
+        const Tensor& x = xs[i];
+        const Tensor g = gs[i].scalar_type() == x.scalar_type() ? gs[i] : gs[i].to(x.scalar_type());
+        dx[i] = new_out(g);
+        const int64_t dt = dtype_code(x.scalar_type()), d = x.size(-1);
+        if (x.numel() == 0) {
+            dw[i] = at::zeros({d}, ws[i].options());
+            continue;
+        }
+        if (!supported_dtype(x)) {
+            auto r = norm_bwd({g.to(at::kFloat)}, {x.to(at::kFloat)}, {ws[i]}, {rstds[i]}, cos, sin, offset, layout);
+            dx[i].copy_(r[0]);
+            dw[i] = r[1];
+            continue;
+        }
+        const Tensor c = compute_tables(cos, dt), s = compute_tables(sin, dt), w = weight_prime(ws[i], dt, offset);
+        const Tensor r = rstds[i].contiguous();
+        parts[i] = at::empty({norm_blocks(x.numel() / d), d}, x.options().dtype(compute_type(dt)));
+        const int64_t dwp = reinterpret_cast<intptr_t>(parts[i].data_ptr());
+        keep.insert(keep.end(), {g, c, s, w, r});
+        RkNormJob j;
+        if (!norm_job(j, x, dx[i], c, s, w, r, g, 0.0, layout, dwp)) {
+            const Tensor xc = x.contiguous().view({-1, d}), gc = g.contiguous().view({-1, d}), oc = at::empty_like(xc);
+            auto [ce, se] = expanded_tables(x, c, s);
+            keep.insert(keep.end(), {xc, gc, oc, ce, se});
+            TORCH_INTERNAL_ASSERT(norm_job(j, xc, oc, ce, se, w, r, gc, 0.0, layout, dwp));
+            copies.emplace_back(oc, dx[i]);
+        }
+        jobs.push_back(j);
+    }
+    run_norm_jobs(jobs.data(), (int64_t)jobs.size(), true);
+    for (auto& [src, dst] : copies) dst.copy_(src.view(dst.sizes()));
+    std::vector<Tensor> out(dx);
+    for (size_t i = 0; i < n; ++i) out.push_back(parts[i].defined() ? reduce_partials(parts[i], ws[i]) : dw[i]);
+    return out;  // dx..., dw...
+}
+
+using Tensor4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+
+Tensor4 qk_norm_rotary_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& qw, const Tensor& kw, const Tensor& cos,
+                               const Tensor& sin, double eps, double offset, c10::string_view layout) {
+    check_qk_norm(q, k, qw, kw, cos, sin, eps, offset);
+    const int64_t lay = parse_layout(layout);
+    Tensor qo = new_cpu_out(q), ko = new_cpu_out(k);
+    auto r = norm_fwd_into({q, k}, {qw, kw}, cos, sin, eps, offset, lay, {qo, ko});
+    return {qo, ko, r[0], r[1]};
+}
+
+std::tuple<Tensor, Tensor> qk_norm_rotary_fwd__cpu(Tensor& q, Tensor& k, const Tensor& qw, const Tensor& kw,
+                                                   const Tensor& cos, const Tensor& sin, double eps, double offset,
+                                                   c10::string_view layout) {
+    check_qk_norm(q, k, qw, kw, cos, sin, eps, offset);
+    const int64_t lay = parse_layout(layout);
+    check_writable(q, "q");
+    check_writable(k, "k");
+    check_qk_disjoint(q, k);
+    auto r = norm_fwd_into({q, k}, {qw, kw}, cos, sin, eps, offset, lay, {q, k});
+    return {r[0], r[1]};
+}
+
+std::tuple<Tensor, Tensor> qk_norm_rotary_cpu(const Tensor& q, const Tensor& k, const Tensor& qw, const Tensor& kw,
+                                              const Tensor& cos, const Tensor& sin, double eps, double offset,
+                                              c10::string_view layout) {
+    auto r = qk_norm_rotary_fwd_cpu(q, k, qw, kw, cos, sin, eps, offset, layout);
+    return {std::get<0>(r), std::get<1>(r)};
+}
+
+void qk_norm_rotary__cpu(Tensor& q, Tensor& k, const Tensor& qw, const Tensor& kw, const Tensor& cos, const Tensor& sin,
+                         double eps, double offset, c10::string_view layout) {
+    qk_norm_rotary_fwd__cpu(q, k, qw, kw, cos, sin, eps, offset, layout);
+}
+
+Tensor4 qk_norm_rotary_bwd_cpu(const Tensor& gq, const Tensor& gk, const Tensor& q, const Tensor& k, const Tensor& qw,
+                               const Tensor& kw, const Tensor& rq, const Tensor& rk, const Tensor& cos, const Tensor& sin,
+                               double offset, c10::string_view layout) {
+    // an empty side is the other tensor of a single-tensor backward (in place): no table checks
+    check_x(q, "q");
+    check_x(k, "k");
+    if (q.numel()) check_tables(q, cos, sin, "q");
+    if (k.numel()) check_tables(k, cos, sin, "k");
+    RK_CHECK(gq.sizes() == q.sizes() && gk.sizes() == k.sizes() && rq.numel() * q.size(-1) == q.numel() &&
+                 rk.numel() * k.size(-1) == k.numel(),
+             "gradients of q's and k's shapes and one rstd per row, got gq ", shape_str(gq), " for q ", shape_str(q),
+             ", gk ", shape_str(gk), " for k ", shape_str(k), ". Fix: pass the saved forward values");
+    check_norm_weight(q, qw, "q", "q_weight");
+    check_norm_weight(k, kw, "k", "k_weight");
+    auto r = norm_bwd({gq, gk}, {q, k}, {qw, kw}, {rq, rk}, cos, sin, offset, parse_layout(layout));
+    return {r[0], r[1], r[2], r[3]};
+}
+
 std::string cpu_capability() { return level().name; }
 
 // ---------------------------------------------------------------------------------------
@@ -686,6 +975,29 @@ std::tuple<Tensor, Tensor> call_gather(const Tensor& q, const Tensor& k, const T
     return op.call(q, k, ct, st, p, f, l, conj);
 }
 
+using NormSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                           const Tensor&, double, double, c10::string_view);
+using NormInSig = void(Tensor&, Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, double,
+                       c10::string_view);
+using NormFwdSig = Tensor4(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
+                           double, c10::string_view);
+using NormFwdInSig = std::tuple<Tensor, Tensor>(Tensor&, Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                const Tensor&, double, double, c10::string_view);
+using NormBwdSig = Tensor4(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                           const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, c10::string_view);
+
+Tensor4 call_norm_fwd(const Tensor& q, const Tensor& k, const Tensor& qw, const Tensor& kw, const Tensor& c,
+                      const Tensor& s, double eps, double off, c10::string_view l) {
+    static auto op = RK_OP("qk_norm_rotary_fwd", NormFwdSig);
+    return op.call(q, k, qw, kw, c, s, eps, off, l);
+}
+Tensor4 call_norm_bwd(const Tensor& gq, const Tensor& gk, const Tensor& q, const Tensor& k, const Tensor& qw,
+                      const Tensor& kw, const Tensor& rq, const Tensor& rk, const Tensor& c, const Tensor& s, double off,
+                      c10::string_view l) {
+    static auto op = RK_OP("qk_norm_rotary_bwd", NormBwdSig);
+    return op.call(gq, gk, q, k, qw, kw, rq, rk, c, s, off, l);
+}
+
 // ---------------------------------------------------------------------------------------
 // ADInplaceOrView: bump the version counters of what an in-place op wrote (autograd then
 // refuses a backward that saved the old values)
@@ -717,6 +1029,24 @@ void rotary_gather__adinplace(c10::DispatchKeySet ks, Tensor& q, Tensor& k, cons
     op.redispatch(ks & c10::after_ADInplaceOrView_keyset, q, k, ct, st, p, f, l, j);
     torch::autograd::increment_version(q);
     torch::autograd::increment_version(k);
+}
+
+void qk_norm_rotary__adinplace(c10::DispatchKeySet ks, Tensor& q, Tensor& k, const Tensor& qw, const Tensor& kw,
+                               const Tensor& c, const Tensor& s, double eps, double off, c10::string_view l) {
+    static auto op = RK_OP("qk_norm_rotary_", NormInSig);
+    op.redispatch(ks & c10::after_ADInplaceOrView_keyset, q, k, qw, kw, c, s, eps, off, l);
+    torch::autograd::increment_version(q);
+    torch::autograd::increment_version(k);
+}
+
+std::tuple<Tensor, Tensor> qk_norm_rotary_fwd__adinplace(c10::DispatchKeySet ks, Tensor& q, Tensor& k, const Tensor& qw,
+                                                         const Tensor& kw, const Tensor& c, const Tensor& s, double eps,
+                                                         double off, c10::string_view l) {
+    static auto op = RK_OP("qk_norm_rotary_fwd_", NormFwdInSig);
+    auto r = op.redispatch(ks & c10::after_ADInplaceOrView_keyset, q, k, qw, kw, c, s, eps, off, l);
+    torch::autograd::increment_version(q);
+    torch::autograd::increment_version(k);
+    return r;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -956,6 +1286,87 @@ void rotary_gather__autograd(c10::DispatchKeySet ks, Tensor& q, Tensor& k, const
     }
 }
 
+// --- autograd of the fused norm + rotation ---------------------------------------------------
+// Saved: q and k (a copy of each when rotated in place: their values are overwritten), the
+// weights, the tables and the inverse RMS of every row (compute type: 4 bytes per head and
+// token in float32). Backward: qk_norm_rotary_bwd, one pass over g, x and dx per tensor; the
+// weight gradient is reduced in a fixed order (the same bits for any thread count).
+
+class QKNormFn : public torch::autograd::Function<QKNormFn> {
+   public:
+    static variable_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& qw,
+                                 const Tensor& kw, const Tensor& c, const Tensor& s, double eps, double off,
+                                 std::string layout) {
+        at::AutoDispatchBelowADInplaceOrView guard;
+        auto [qo, ko, rq, rk] = call_norm_fwd(q, k, qw, kw, c, s, eps, off, layout);
+        ctx->save_for_backward({q, k, qw, kw, rq, rk, c, s});
+        ctx->saved_data["offset"] = off;
+        ctx->saved_data["layout"] = layout;
+        return {qo, ko};
+    }
+    static variable_list backward(AutogradContext* ctx, variable_list g) {
+        const auto v = ctx->get_saved_variables();
+        auto [dq, dk, dqw, dkw] = call_norm_bwd(g[0], g[1], v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7],
+                                                ctx->saved_data["offset"].toDouble(), layout_of(ctx));
+        return {dq, dk, dqw, dkw, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    }
+};
+
+// One tensor (q or k) of an in-place norm + rotation already applied: marks it modified and
+// records its backward (the norm of q depends on q and q_weight only).
+class NormRotatedFn : public torch::autograd::Function<NormRotatedFn> {
+   public:
+    static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& w, const Tensor& x0,
+                                 const Tensor& rstd, const Tensor& c, const Tensor& s, double off, std::string layout) {
+        ctx->mark_dirty({x});
+        ctx->save_for_backward({x0, w, rstd, c, s});
+        ctx->saved_data["offset"] = off;
+        ctx->saved_data["layout"] = layout;
+        return {x};
+    }
+    static variable_list backward(AutogradContext* ctx, variable_list g) {
+        const auto v = ctx->get_saved_variables();
+        const Tensor& x0 = v[0];
+        const Tensor none = at::empty({0, x0.size(-1)}, x0.options()), r0 = at::empty({0}, v[2].options());
+        auto [dx, dn, dw, dwn] = call_norm_bwd(g[0], none, x0, none, v[1], v[1], v[2], r0, v[3], v[4],
+                                               ctx->saved_data["offset"].toDouble(), layout_of(ctx));
+        return {dx, dw, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    }
+};
+
+std::tuple<Tensor, Tensor> qk_norm_rotary_autograd(const Tensor& q, const Tensor& k, const Tensor& qw, const Tensor& kw,
+                                                   const Tensor& c, const Tensor& s, double eps, double off,
+                                                   c10::string_view layout) {
+    if (!grad_on({&q, &k, &qw, &kw, &c, &s})) {
+        at::AutoDispatchBelowADInplaceOrView guard;
+        auto r = call_norm_fwd(q, k, qw, kw, c, s, eps, off, layout);
+        return {std::get<0>(r), std::get<1>(r)};
+    }
+    check_tables_no_grad(c, s);
+    auto r = QKNormFn::apply(q, k, qw, kw, c, s, eps, off, std::string(layout));
+    return {r[0], r[1]};
+}
+
+void qk_norm_rotary__autograd(c10::DispatchKeySet ks, Tensor& q, Tensor& k, const Tensor& qw, const Tensor& kw,
+                              const Tensor& c, const Tensor& s, double eps, double off, c10::string_view layout) {
+    if (!grad_on({&q, &k, &qw, &kw, &c, &s})) {
+        static auto op = RK_OP("qk_norm_rotary_", NormInSig);
+        op.redispatch(ks & c10::after_autograd_keyset, q, k, qw, kw, c, s, eps, off, layout);
+        return;
+    }
+    check_tables_no_grad(c, s);
+    check_not_leaf(q, "q");
+    check_not_leaf(k, "k");
+    // the inputs, before they are overwritten (checks first: nothing is copied for a refused call)
+    check_qk_norm(q, k, qw, kw, c, s, eps, off);
+    const Tensor q0 = q.detach().clone(), k0 = k.detach().clone();
+    static auto op = RK_OP("qk_norm_rotary_fwd_", NormFwdInSig);
+    auto [rq, rk] = op.redispatch(ks & c10::after_autograd_keyset, q, k, qw, kw, c, s, eps, off, layout);
+    const std::string l(layout);
+    if (q.requires_grad() || qw.requires_grad()) NormRotatedFn::apply(q, qw, q0, rq, c, s, off, l);
+    if (k.requires_grad() || kw.requires_grad()) NormRotatedFn::apply(k, kw, k0, rk, c, s, off, l);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(ropekit, m) {
@@ -968,6 +1379,17 @@ TORCH_LIBRARY(ropekit, m) {
           "str layout=\"half\", bool conjugate=False) -> (Tensor, Tensor)");
     m.def("rotary_gather_(Tensor(a!) q, Tensor(b!) k, Tensor cos_table, Tensor sin_table, Tensor positions, "
           "str format=\"bshd\", str layout=\"half\", bool conjugate=False) -> ()");
+    m.def("qk_norm_rotary(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, Tensor cos, Tensor sin, float eps=1e-06, "
+          "float weight_offset=0.0, str layout=\"half\") -> (Tensor, Tensor)");
+    m.def("qk_norm_rotary_(Tensor(a!) q, Tensor(b!) k, Tensor q_weight, Tensor k_weight, Tensor cos, Tensor sin, "
+          "float eps=1e-06, float weight_offset=0.0, str layout=\"half\") -> ()");
+    m.def("qk_norm_rotary_fwd(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, Tensor cos, Tensor sin, float eps, "
+          "float weight_offset, str layout) -> (Tensor, Tensor, Tensor, Tensor)");
+    m.def("qk_norm_rotary_fwd_(Tensor(a!) q, Tensor(b!) k, Tensor q_weight, Tensor k_weight, Tensor cos, Tensor sin, "
+          "float eps, float weight_offset, str layout) -> (Tensor, Tensor)");
+    m.def("qk_norm_rotary_bwd(Tensor grad_q, Tensor grad_k, Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, "
+          "Tensor q_rstd, Tensor k_rstd, Tensor cos, Tensor sin, float weight_offset, str layout) "
+          "-> (Tensor, Tensor, Tensor, Tensor)");
     m.def("cpu_capability() -> str", &cpu_capability);
 }
 
@@ -979,6 +1401,11 @@ TORCH_LIBRARY_IMPL(ropekit, CPU, m) {
     m.impl("rotary_qk_", &rotary_qk__cpu);
     m.impl("rotary_gather", &rotary_gather_cpu);
     m.impl("rotary_gather_", &rotary_gather__cpu);
+    m.impl("qk_norm_rotary", &qk_norm_rotary_cpu);
+    m.impl("qk_norm_rotary_", &qk_norm_rotary__cpu);
+    m.impl("qk_norm_rotary_fwd", &qk_norm_rotary_fwd_cpu);
+    m.impl("qk_norm_rotary_fwd_", &qk_norm_rotary_fwd__cpu);
+    m.impl("qk_norm_rotary_bwd", &qk_norm_rotary_bwd_cpu);
 }
 
 TORCH_LIBRARY_IMPL(ropekit, ADInplaceOrView, m) {
@@ -986,6 +1413,9 @@ TORCH_LIBRARY_IMPL(ropekit, ADInplaceOrView, m) {
     m.impl("rotary_out", torch::dispatch(c10::DispatchKey::ADInplaceOrView, TORCH_FN(rotary_out_adinplace)));
     m.impl("rotary_qk_", torch::dispatch(c10::DispatchKey::ADInplaceOrView, TORCH_FN(rotary_qk__adinplace)));
     m.impl("rotary_gather_", torch::dispatch(c10::DispatchKey::ADInplaceOrView, TORCH_FN(rotary_gather__adinplace)));
+    m.impl("qk_norm_rotary_", torch::dispatch(c10::DispatchKey::ADInplaceOrView, TORCH_FN(qk_norm_rotary__adinplace)));
+    m.impl("qk_norm_rotary_fwd_",
+           torch::dispatch(c10::DispatchKey::ADInplaceOrView, TORCH_FN(qk_norm_rotary_fwd__adinplace)));
 }
 
 TORCH_LIBRARY_IMPL(ropekit, Autograd, m) {
@@ -996,6 +1426,8 @@ TORCH_LIBRARY_IMPL(ropekit, Autograd, m) {
     m.impl("rotary_qk_", torch::dispatch(c10::DispatchKey::Autograd, TORCH_FN(rotary_qk__autograd)));
     m.impl("rotary_gather", &rotary_gather_autograd);
     m.impl("rotary_gather_", torch::dispatch(c10::DispatchKey::Autograd, TORCH_FN(rotary_gather__autograd)));
+    m.impl("qk_norm_rotary", &qk_norm_rotary_autograd);
+    m.impl("qk_norm_rotary_", torch::dispatch(c10::DispatchKey::Autograd, TORCH_FN(qk_norm_rotary__autograd)));
 }
 
 // `import ropekit._C` loads this library, whose static initialisers above register the ops.

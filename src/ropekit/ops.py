@@ -17,6 +17,13 @@ The ops (schemas in ``csrc/ops.cpp``), for CPU and Meta tensors, differentiable 
     rotary_gather(q, k, cos_table, sin_table, positions, format, layout, conjugate) -> (Tensor, Tensor)
         # positions [s], [b, s] ([1, s]), [t] for thd, or [b] when s == 1 (one token per sample)
     rotary_gather_(q!, k!, cos_table, sin_table, positions, format, layout, conjugate) -> ()
+    qk_norm_rotary(q, k, q_weight, k_weight, cos, sin, eps=1e-6, weight_offset=0.0, layout="half")
+        -> (Tensor, Tensor)       # per-head RMSNorm then rotation, differentiable in q, k and both weights
+    qk_norm_rotary_(q!, k!, q_weight, k_weight, cos, sin, eps, weight_offset, layout) -> ()
+    qk_norm_rotary_fwd(...) -> (q', k', q_rstd, k_rstd)          # the forward with its saved inverse RMS
+    qk_norm_rotary_fwd_(q!, k!, ...) -> (q_rstd, k_rstd)
+    qk_norm_rotary_bwd(grad_q, grad_k, q, k, q_weight, k_weight, q_rstd, k_rstd, cos, sin, weight_offset, layout)
+        -> (dq, dk, dq_weight, dk_weight)
     cpu_capability() -> str                                     # "default", "avx2" or "avx512"
 
 The kernel is compiled for several instruction-set levels and the best one the CPU runs is
@@ -63,7 +70,7 @@ def _register_fakes() -> None:
     symbolic; they serve meta tensors too."""
     import torch
 
-    from ._tensor_checks import check_apply, check_gather_fake, check_qk
+    from ._tensor_checks import check_apply, check_gather_fake, check_qk, check_qk_norm
 
     def rotary(x, cos, sin, layout="half", conjugate=False):
         check_apply(x, cos, sin, layout, False, None)
@@ -89,7 +96,29 @@ def _register_fakes() -> None:
     def rotary_gather_(q, k, cos_table, sin_table, positions, format="bshd", layout="half", conjugate=False):
         check_gather_fake(q, k, cos_table, sin_table, positions, format, layout)
 
-    for fn in (rotary, rotary_, rotary_out, rotary_qk, rotary_qk_, rotary_gather, rotary_gather_):
+    def _rstd(x):  # one inverse RMS per row, in the compute dtype
+        return x.new_empty(x.shape[:-1], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+
+    def qk_norm_rotary(q, k, q_weight, k_weight, cos, sin, eps=1e-6, weight_offset=0.0, layout="half"):
+        check_qk_norm(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, False)
+        return _new_out(q), _new_out(k)
+
+    def qk_norm_rotary_(q, k, q_weight, k_weight, cos, sin, eps=1e-6, weight_offset=0.0, layout="half"):
+        check_qk_norm(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, False)
+
+    def qk_norm_rotary_fwd(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout):
+        check_qk_norm(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, False)
+        return _new_out(q), _new_out(k), _rstd(q), _rstd(k)
+
+    def qk_norm_rotary_fwd_(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout):
+        check_qk_norm(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, False)
+        return _rstd(q), _rstd(k)
+
+    def qk_norm_rotary_bwd(grad_q, grad_k, q, k, q_weight, k_weight, q_rstd, k_rstd, cos, sin, weight_offset, layout):
+        return _new_out(grad_q), _new_out(grad_k), q_weight.new_empty(q_weight.shape), k_weight.new_empty(k_weight.shape)
+
+    for fn in (rotary, rotary_, rotary_out, rotary_qk, rotary_qk_, rotary_gather, rotary_gather_, qk_norm_rotary,
+               qk_norm_rotary_, qk_norm_rotary_fwd, qk_norm_rotary_fwd_, qk_norm_rotary_bwd):
         torch.library.register_fake(f"ropekit::{fn.__name__}", fn)
 
 

@@ -40,14 +40,15 @@ from __future__ import annotations
 import torch
 
 from .. import ops as _ops
-from .._tensor_checks import check_apply, check_qk, tracing
+from .._tensor_checks import check_apply, check_qk, check_qk_norm, tracing
 from . import _generic
 from . import eager as _eager
 
 NAME = "cpu"
 CHECKS = True  # the operators check their inputs in C++
+QK_NORM = True  # ropekit::qk_norm_rotary: per-head RMSNorm + rotation in one pass
 
-__all__ = ["NAME", "CHECKS", "available", "supports", "apply", "apply_qk", "apply_gather"]
+__all__ = ["NAME", "CHECKS", "QK_NORM", "available", "supports", "apply", "apply_qk", "apply_gather", "apply_qk_norm"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _OPS = torch.ops.ropekit if _ops.LOADED else None
@@ -117,3 +118,19 @@ def apply_gather(q, k, cos_table, sin_table, positions, fmt, layout, conjugate, 
         _OPS.rotary_gather_(q, k, cos_table, sin_table, positions, fmt, layout, conjugate)
         return q, k
     return _OPS.rotary_gather(q, k, cos_table, sin_table, positions, fmt, layout, conjugate)
+
+
+def apply_qk_norm(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, inplace):
+    """Per-head RMSNorm then rotation of q and k in one pass: ``ropekit::qk_norm_rotary``
+    (``qk_norm_rotary_`` in place). Learnable tables take the float32 composition with the
+    eager formula (which differentiates them)."""
+    if isinstance(cos, torch.Tensor) and isinstance(sin, torch.Tensor) and _learnable(cos, sin):
+        check_qk_norm(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, inplace)
+        return _generic.apply_qk_norm(_eager, q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, inplace)
+    if inplace:
+        if tracing():
+            qo, ko = _OPS.qk_norm_rotary(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout)
+            return q.copy_(qo), k.copy_(ko)
+        _OPS.qk_norm_rotary_(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout)
+        return q, k
+    return _OPS.qk_norm_rotary(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout)

@@ -57,6 +57,8 @@ if BuildExtension is not None:
             "ropekit._C",
             [os.path.join("csrc", "ops.cpp")],
             include_dirs=["csrc"],
+            # the per-level kernel objects are linked in: a change to them must relink _C
+            depends=[os.path.join("csrc", "kernel.cpp"), os.path.join("csrc", "kernel.h")],
             # -fopenmp: at::parallel_for is inline in ATen's headers and, in torch's OpenMP build,
             # runs its pragma only when this file is compiled with OpenMP (else it runs serially).
             # The libgomp.so.1 this links resolves to the one torch has already loaded.

@@ -544,6 +544,35 @@ template <> struct CompT<double> { typedef F64 T; };
 
 typedef RkNormJob NJob;
 
+// The fixed tree over 16 partial sums p[0..15]: p[k] += p[k + w] for w = 8, 4, 2, 1; returns p[0].
+// In registers: each level adds the vector to itself shifted down by w lanes.
+#ifdef RK_SHUF
+#define RK_H8 8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15
+#define RK_H4 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7
+#define RK_H2 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3
+#define RK_H1 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1
+template <typename C>
+static inline C tree16(const C* p) {
+    typedef C v16 __attribute__((vector_size(16 * sizeof(C))));
+    v16 a;
+    memcpy(&a, p, sizeof a);
+    a = a + RK_SHUF(a, a, RK_H8);
+    a = a + RK_SHUF(a, a, RK_H4);
+    a = a + RK_SHUF(a, a, RK_H2);
+    a = a + RK_SHUF(a, a, RK_H1);
+    return a[0];
+}
+#else
+template <typename C>
+static inline C tree16(const C* p0) {
+    C p[16];
+    memcpy(p, p0, sizeof p);
+    for (int w = 8; w >= 1; w /= 2)
+        for (int k = 0; k < w; ++k) p[k] = p[k] + p[k + w];
+    return p[0];
+}
+#endif
+
 // sum(a[i]·b[i]) for i < n (a multiple of 16; zero padded)
 template <typename C>
 static inline C dot16(const C* a, const C* b, i64 n) {
@@ -558,9 +587,7 @@ static inline C dot16(const C* a, const C* b, i64 n) {
     }
     C p[16];
     memcpy(p, &acc, sizeof p);
-    for (int w = 8; w >= 1; w /= 2)
-        for (int k = 0; k < w; ++k) p[k] = p[k] + p[k + w];
-    return p[0];
+    return tree16(p);
 }
 
 // p[0, d) widened into buf[0, n), zero past d (n: d rounded up to 16)
@@ -637,6 +664,87 @@ struct NWalk {
 
 static inline i64 pad16(i64 d) { return (d + 15) / 16 * 16; }
 
+// sum(x²) over a row of d elements (a multiple of 16) straight from memory, in the order
+// and 16-lane structure of dot16 (the same bits as dot16 on the widened row)
+template <typename T>
+static inline typename T::C sumsq16(const typename T::S* px, i64 d) {
+    typedef typename T::C C;
+    typedef typename T::V V;
+    enum { N = T::N, U = 16 / T::N };
+    V acc[U];
+    memset(acc, 0, sizeof acc);
+    for (i64 i = 0; i < d; i += 16)
+        for (int u = 0; u < U; ++u) {
+            const V v = T::vld(px + i + u * N);
+            acc[u] += v * v;
+        }
+    C p[16];
+    memcpy(p, acc, sizeof p);
+    return tree16(p);
+}
+
+// One row without buffers, for d a multiple of 16 and r/2 a multiple of the vector width
+// (head dims 64, 128, 256, ... with rotary dims 2·N·k): the same operations in the same order
+// as the buffered path below, so the same bits.
+template <typename T, int LAYOUT>
+static inline void norm_fwd_row_fast(const typename T::S* px, typename T::S* po, const typename T::C* pc,
+                                     const typename T::C* ps, const typename T::C* W, i64 h, i64 d,
+                                     typename T::C rstd) {
+    typedef typename T::V V;
+    const int N = T::N;
+    for (i64 i = 0; i < h; i += N) {  // pairs: both lanes loaded before either is stored
+        V a, b;
+        if (LAYOUT == 0) {
+            a = (T::vld(px + i) * rstd) * vload(W + i);
+            b = (T::vld(px + h + i) * rstd) * vload(W + h + i);
+        } else {
+            const V n0 = (T::vld(px + 2 * i) * rstd) * vload(W + 2 * i);
+            const V n1 = (T::vld(px + 2 * i + N) * rstd) * vload(W + 2 * i + N);
+            deint(n0, n1, a, b);
+        }
+        const V c = vload(pc + i), s = vload(ps + i);
+        const V y1 = a * c - b * s, y2 = b * c + a * s;
+        if (LAYOUT == 0) {
+            T::vst(po + i, y1);
+            T::vst(po + h + i, y2);
+        } else {
+            V o0, o1;
+            inter(y1, y2, o0, o1);
+            T::vst(po + 2 * i, o0);
+            T::vst(po + 2 * i + N, o1);
+        }
+    }
+    for (i64 i = 2 * h; i < d; i += N) T::vst(po + i, (T::vld(px + i) * rstd) * vload(W + i));
+}
+
+// Rows [r0, r1) on the fast path, RK_NORM_GROUP rows at a time: their sums, then their inverse
+// RMS, then their outputs, so that the long-latency sqrt/div of one row overlaps the others.
+#define RK_NORM_GROUP 4
+template <typename T, int LAYOUT>
+static void norm_fwd_fast_rows(const NJob& j, NWalk& w, i64 r0, i64 r1) {
+    typedef typename T::S S;
+    typedef typename T::C C;
+    const S* X = (const S*)(intptr_t)j.x;
+    S* O = (S*)(intptr_t)j.o;
+    const C* CT = (const C*)(intptr_t)j.c;
+    const C* ST = (const C*)(intptr_t)j.s;
+    const C* W = (const C*)(intptr_t)j.w;
+    C* R = (C*)(intptr_t)j.rstd;
+    const i64 d = j.d, h = j.half;
+    const C eps = (C)j.eps, dd = (C)d;
+    for (i64 r = r0; r < r1; r += RK_NORM_GROUP) {
+        const int m = r1 - r < RK_NORM_GROUP ? (int)(r1 - r) : RK_NORM_GROUP;
+        i64 xo[RK_NORM_GROUP], oo[RK_NORM_GROUP], co[RK_NORM_GROUP], so[RK_NORM_GROUP];
+        C rs[RK_NORM_GROUP];
+        for (int u = 0; u < m; ++u, w.next()) xo[u] = w.x, oo[u] = w.o, co[u] = w.c, so[u] = w.s;
+        for (int u = 0; u < m; ++u) rs[u] = sumsq16<T>(X + xo[u], d);
+        for (int u = 0; u < m; ++u) rs[u] = C(1) / sqrt(rs[u] / dd + eps);
+        for (int u = 0; u < m; ++u) norm_fwd_row_fast<T, LAYOUT>(X + xo[u], O + oo[u], CT + co[u], ST + so[u], W, h, d, rs[u]);
+        if (R != nullptr)
+            for (int u = 0; u < m; ++u) R[r + u] = rs[u];
+    }
+}
+
 template <typename T, int LAYOUT>
 static void norm_fwd_rows(const NJob& j, i64 r0, i64 r1) {
     typedef typename T::S S;
@@ -650,16 +758,20 @@ static void norm_fwd_rows(const NJob& j, i64 r0, i64 r1) {
     C* R = (C*)(intptr_t)j.rstd;
     const i64 d = j.d, h = j.half, n = pad16(d);
     const C eps = (C)j.eps, dd = (C)d;
+    NWalk w(j, r0);
+    if (d % 16 == 0 && h % T::N == 0) {
+        norm_fwd_fast_rows<T, LAYOUT>(j, w, r0, r1);
+        return;
+    }
     std::vector<C> buf((size_t)n);
     C* b = buf.data();
-    NWalk w(j, r0);
     for (i64 r = r0; r < r1; ++r, w.next()) {
         load_row<T>(X + w.x, b, d, n);
         const C rstd = C(1) / sqrt(dot16(b, b, n) / dd + eps);
         for (i64 i = 0; i < d; ++i) b[i] = (b[i] * rstd) * W[i];
         row<Fc, LAYOUT, 0>(b, b, CT + w.c, ST + w.s, h, C(1));
         store_row<T>(O + w.o, b, d);
-        R[r] = rstd;
+        if (R != nullptr) R[r] = rstd;
     }
 }
 

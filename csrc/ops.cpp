@@ -681,9 +681,25 @@ void check_qk_norm(const Tensor& q, const Tensor& k, const Tensor& qw, const Ten
 
 at::ScalarType compute_type(int64_t dt) { return dt == 3 ? at::kDouble : at::kFloat; }
 
-// weight_offset + weight in the compute type (one rounding), contiguous [d]
+// weight_offset + weight in the compute type, contiguous [d]: what w.to(float32) + offset
+// gives in torch (the weight rounded to the compute type, then one rounded addition).
+template <typename C>
+void fill_weight(const Tensor& w, double offset, C* out) {
+    const int64_t d = w.size(0), st = w.stride(0);
+    const C off = (C)offset;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "ropekit_weight", [&] {
+        const scalar_t* p = w.const_data_ptr<scalar_t>();
+        for (int64_t i = 0; i < d; ++i) out[i] = (C)(p[i * st]) + off;
+    });
+}
+
 Tensor weight_prime(const Tensor& w, int64_t dt, double offset) {
-    return at::add(w.to(compute_type(dt)), offset).contiguous();
+    Tensor out = at::empty({w.size(0)}, w.options().dtype(compute_type(dt)));
+    if (dt == 3)
+        fill_weight<double>(w, offset, out.data_ptr<double>());
+    else
+        fill_weight<float>(w, offset, out.data_ptr<float>());
+    return out;
 }
 
 // Merge x's leading dims for a norm job (as fill_dims: broadcast tables, size-1 dims dropped,
@@ -750,7 +766,7 @@ bool norm_job(RkNormJob& j, const Tensor& x, const Tensor& out, const Tensor& c,
     j.c = reinterpret_cast<intptr_t>(c.data_ptr());
     j.s = reinterpret_cast<intptr_t>(s.data_ptr());
     j.w = reinterpret_cast<intptr_t>(w.data_ptr());
-    j.rstd = reinterpret_cast<intptr_t>(rstd.data_ptr());
+    j.rstd = rstd.defined() ? reinterpret_cast<intptr_t>(rstd.data_ptr()) : 0;
     j.g = g.defined() ? reinterpret_cast<intptr_t>(g.data_ptr()) : 0;
     j.dwp = dwp;
     const int64_t* st[5] = {xs, os, cs, ss, gs};
@@ -792,7 +808,7 @@ Tensor new_rstd(const Tensor& x, int64_t dt) {
 // outs[i] = rot(norm(xs[i])) for the non-empty tensors, one kernel call; returns the rstds.
 std::vector<Tensor> norm_fwd_into(const std::vector<Tensor>& xs, const std::vector<Tensor>& ws, const Tensor& cos,
                                   const Tensor& sin, double eps, double offset, int64_t layout,
-                                  const std::vector<Tensor>& outs) {
+                                  const std::vector<Tensor>& outs, bool want_rstd = true) {
     const size_t n = xs.size();
     std::vector<Tensor> rstd(n), keep;  // keep: temporaries the jobs point into
     std::vector<RkNormJob> jobs;
@@ -801,11 +817,11 @@ std::vector<Tensor> norm_fwd_into(const std::vector<Tensor>& xs, const std::vect
     for (size_t i = 0; i < n; ++i) {
         const Tensor& x = xs[i];
         const int64_t dt = dtype_code(x.scalar_type());
-        rstd[i] = new_rstd(x, dt);
+        if (want_rstd) rstd[i] = new_rstd(x, dt);
         if (x.numel() == 0) continue;
         if (!supported_dtype(x)) {  // no float16 kernel in this build: the same bits through float32
             const Tensor xf = x.to(at::kFloat), of = at::empty_like(xf);
-            rstd[i] = norm_fwd_into({xf}, {ws[i]}, cos, sin, eps, offset, layout, {of})[0];
+            rstd[i] = norm_fwd_into({xf}, {ws[i]}, cos, sin, eps, offset, layout, {of}, want_rstd)[0];
             outs[i].copy_(of);
             continue;
         }
@@ -912,16 +928,25 @@ std::tuple<Tensor, Tensor> qk_norm_rotary_fwd__cpu(Tensor& q, Tensor& k, const T
     return {r[0], r[1]};
 }
 
+// the public ops: no inverse RMS kept (the autograd kernel calls the _fwd ops when it needs them)
 std::tuple<Tensor, Tensor> qk_norm_rotary_cpu(const Tensor& q, const Tensor& k, const Tensor& qw, const Tensor& kw,
                                               const Tensor& cos, const Tensor& sin, double eps, double offset,
                                               c10::string_view layout) {
-    auto r = qk_norm_rotary_fwd_cpu(q, k, qw, kw, cos, sin, eps, offset, layout);
-    return {std::get<0>(r), std::get<1>(r)};
+    check_qk_norm(q, k, qw, kw, cos, sin, eps, offset);
+    const int64_t lay = parse_layout(layout);
+    Tensor qo = new_cpu_out(q), ko = new_cpu_out(k);
+    norm_fwd_into({q, k}, {qw, kw}, cos, sin, eps, offset, lay, {qo, ko}, false);
+    return {qo, ko};
 }
 
 void qk_norm_rotary__cpu(Tensor& q, Tensor& k, const Tensor& qw, const Tensor& kw, const Tensor& cos, const Tensor& sin,
                          double eps, double offset, c10::string_view layout) {
-    qk_norm_rotary_fwd__cpu(q, k, qw, kw, cos, sin, eps, offset, layout);
+    check_qk_norm(q, k, qw, kw, cos, sin, eps, offset);
+    const int64_t lay = parse_layout(layout);
+    check_writable(q, "q");
+    check_writable(k, "k");
+    check_qk_disjoint(q, k);
+    norm_fwd_into({q, k}, {qw, kw}, cos, sin, eps, offset, lay, {q, k}, false);
 }
 
 Tensor4 qk_norm_rotary_bwd_cpu(const Tensor& gq, const Tensor& gk, const Tensor& q, const Tensor& k, const Tensor& qw,

@@ -56,7 +56,26 @@ _PROBE = textwrap.dedent(
                 out.append(qq.grad)
         big = torch.randn(4, 256, 8, 128, generator=g)  # > 1 MB: split over threads
         c, s = cos_sin(RopeConfig(128), torch.arange(256))
+        c128, s128 = c, s
         out.append(apply_rotary(big, c[:, None], s[:, None]))
+        # fused per-head RMSNorm + rotation: the fast path (d % 16 == 0) and the buffered one,
+        # forward and backward (weight gradients reduced across threads in the big case)
+        for d, r, dt in ((128, 128, torch.float32), (128, 64, torch.bfloat16), (72, 56, torch.float16),
+                         (80, 40, torch.float64), (128, 128, torch.bfloat16)):
+            for layout in ("half", "interleaved"):
+                n = 64 if d == 128 and r == 128 else 9
+                c, s = cos_sin(RopeConfig(d, rotary_dim=r), torch.arange(n), dtype=torch.float64 if dt is torch.float64 else torch.float32)
+                q = torch.randn(2, n, 8, d, generator=g).to(dt).requires_grad_()
+                k = torch.randn(2, n, 2, d, generator=g).to(dt).requires_grad_()
+                wq = torch.randn(d, generator=g).requires_grad_()
+                wk = torch.randn(d, generator=g).to(dt).requires_grad_()
+                qo, ko = ropekit.apply_qk_norm_rotary(q, k, wq, wk, c[:, None], s[:, None], layout=layout, weight_offset=1.0)
+                gq, gk = torch.randn(qo.shape, generator=g).to(dt), torch.randn(ko.shape, generator=g).to(dt)
+                out += [qo, ko, *torch.autograd.grad((qo, ko), (q, k, wq, wk), (gq, gk))]
+        big = torch.randn(8, 256, 8, 128, generator=g).requires_grad_()  # 8 MB: forward and backward threaded
+        wb = torch.randn(128, generator=g).requires_grad_()
+        qo, ko = ropekit.apply_qk_norm_rotary(big, big[:, :, :2], wb, wb, c128[:, None], s128[:, None])
+        out += [qo, ko, *torch.autograd.grad((qo * 2).sum() + (ko * ko).sum(), (big, wb))]
         return out
 
     with warnings.catch_warnings(record=True) as w:

@@ -538,56 +538,37 @@ static void run_range(const Job* jobs, i64 njobs, i64 g0, i64 g1) {
 // The weight gradient is summed per RK_NORM_BLOCK rows into the caller's partial buffer (a
 // block is always run by one thread, rows in order): the same bits for any thread count.
 
+typedef RkNormJob NJob;
+
+// The fixed tree over 16 partial sums p[0..15]: p[k] += p[k + w] for w = 8, 4, 2, 1; returns
+// p[0]. The sums are held as 16 / N native vectors (acc[u] lane l = p[u·N + l]): the levels
+// with w >= N are vector adds, the rest scalar.
+template <typename V, typename C, int N>
+static inline C tree16(V* acc) {
+    for (int w = 8; w >= N; w /= 2)
+        for (int u = 0; u < w / N; ++u) acc[u] = acc[u] + acc[u + w / N];
+    C p[N];
+    memcpy(p, &acc[0], sizeof(V));
+    for (int w = (N > 8 ? 8 : N / 2); w >= 1; w /= 2)
+        for (int k = 0; k < w; ++k) p[k] = p[k] + p[k + w];
+    return p[0];
+}
+
 template <typename C> struct CompT;
 template <> struct CompT<float> { typedef F32 T; };
 template <> struct CompT<double> { typedef F64 T; };
 
-typedef RkNormJob NJob;
-
-// The fixed tree over 16 partial sums p[0..15]: p[k] += p[k + w] for w = 8, 4, 2, 1; returns p[0].
-// In registers: each level adds the vector to itself shifted down by w lanes.
-#ifdef RK_SHUF
-#define RK_H8 8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15
-#define RK_H4 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7
-#define RK_H2 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3
-#define RK_H1 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1
-template <typename C>
-static inline C tree16(const C* p) {
-    typedef C v16 __attribute__((vector_size(16 * sizeof(C))));
-    v16 a;
-    memcpy(&a, p, sizeof a);
-    a = a + RK_SHUF(a, a, RK_H8);
-    a = a + RK_SHUF(a, a, RK_H4);
-    a = a + RK_SHUF(a, a, RK_H2);
-    a = a + RK_SHUF(a, a, RK_H1);
-    return a[0];
-}
-#else
-template <typename C>
-static inline C tree16(const C* p0) {
-    C p[16];
-    memcpy(p, p0, sizeof p);
-    for (int w = 8; w >= 1; w /= 2)
-        for (int k = 0; k < w; ++k) p[k] = p[k] + p[k + w];
-    return p[0];
-}
-#endif
-
-// sum(a[i]·b[i]) for i < n (a multiple of 16; zero padded)
+// sum(a[i]·b[i]) for i < n (a multiple of 16; zero padded): lane i mod 16, then tree16
 template <typename C>
 static inline C dot16(const C* a, const C* b, i64 n) {
-    typedef C v16 __attribute__((vector_size(16 * sizeof(C))));
-    v16 acc;
-    memset(&acc, 0, sizeof acc);
-    for (i64 i = 0; i < n; i += 16) {
-        v16 va, vb;
-        memcpy(&va, a + i, sizeof va);
-        memcpy(&vb, b + i, sizeof vb);
-        acc += va * vb;
-    }
-    C p[16];
-    memcpy(p, &acc, sizeof p);
-    return tree16(p);
+    typedef typename CompT<C>::T F;
+    typedef typename F::V V;
+    enum { N = F::N, U = 16 / F::N };
+    V acc[U];
+    memset(acc, 0, sizeof acc);
+    for (i64 i = 0; i < n; i += 16)
+        for (int u = 0; u < U; ++u) acc[u] += vload(a + i + u * N) * vload(b + i + u * N);
+    return tree16<V, C, N>(acc);
 }
 
 // p[0, d) widened into buf[0, n), zero past d (n: d rounded up to 16)
@@ -678,9 +659,7 @@ static inline typename T::C sumsq16(const typename T::S* px, i64 d) {
             const V v = T::vld(px + i + u * N);
             acc[u] += v * v;
         }
-    C p[16];
-    memcpy(p, acc, sizeof p);
-    return tree16(p);
+    return tree16<V, C, N>(acc);
 }
 
 // One row without buffers, for d a multiple of 16 and r/2 a multiple of the vector width
@@ -775,6 +754,52 @@ static void norm_fwd_rows(const NJob& j, i64 r0, i64 r1) {
     }
 }
 
+// The backward of one row on the fast path (d % 16 == 0, r/2 a multiple of N): one pass over
+// g and x forms u = rot(-θ)g, x̂, dw += u·x̂ and v = u·w into the buffers vb/xb (element
+// order), then dot16(v, x̂) and a pass writing dx: the operations of the buffered path in
+// the same order (the same bits), without its separate widening, rotation and scaling passes.
+template <typename T, int LAYOUT>
+static inline void norm_bwd_row_fast(const typename T::S* pg, const typename T::S* px, typename T::S* po,
+                                     const typename T::C* pc, const typename T::C* ps, const typename T::C* W,
+                                     typename T::C* acc, typename T::C rstd, i64 h, i64 d, typename T::C* vb,
+                                     typename T::C* xb) {
+    typedef typename T::C C;
+    typedef typename T::V V;
+    const int N = T::N;
+    auto put = [&](i64 i, V u, V x) {  // elements [i, i + N): x̂, dw, v
+        const V xh = x * rstd;
+        if (acc != nullptr) {
+            const V a = vload(acc + i) + u * xh;
+            memcpy(acc + i, &a, sizeof a);
+        }
+        const V v = u * vload(W + i);
+        memcpy(vb + i, &v, sizeof v);
+        memcpy(xb + i, &xh, sizeof xh);
+    };
+    for (i64 i = 0; i < h; i += N) {
+        V ga, gb, xa, xbb;
+        if (LAYOUT == 0) {
+            ga = T::vld(pg + i), gb = T::vld(pg + h + i);
+        } else {
+            deint(T::vld(pg + 2 * i), T::vld(pg + 2 * i + N), ga, gb);
+        }
+        const V c = vload(pc + i), s = vload(ps + i) * C(-1);
+        const V u1 = ga * c - gb * s, u2 = gb * c + ga * s;  // rot(-θ)
+        if (LAYOUT == 0) {
+            put(i, u1, T::vld(px + i));
+            put(h + i, u2, T::vld(px + h + i));
+        } else {
+            V u0, u1i;
+            inter(u1, u2, u0, u1i);
+            put(2 * i, u0, T::vld(px + 2 * i));
+            put(2 * i + N, u1i, T::vld(px + 2 * i + N));
+        }
+    }
+    for (i64 i = 2 * h; i < d; i += N) put(i, T::vld(pg + i), T::vld(px + i));
+    const C cc = dot16(vb, xb, d) / (C)d;
+    for (i64 i = 0; i < d; i += N) T::vst(po + i, (vload(vb + i) - vload(xb + i) * cc) * rstd);
+}
+
 template <typename T, int LAYOUT>
 static void norm_bwd_blocks(const NJob& j, i64 k0, i64 k1) {
     typedef typename T::S S;
@@ -795,10 +820,15 @@ static void norm_bwd_blocks(const NJob& j, i64 k0, i64 k1) {
     const i64 r0 = k0 * RK_NORM_BLOCK, r1 = k1 * RK_NORM_BLOCK < j.nrows ? k1 * RK_NORM_BLOCK : j.nrows;
     NWalk w(j, r0);
     C* acc = nullptr;
+    const bool fast = d % 16 == 0 && h % T::N == 0;
     for (i64 r = r0; r < r1; ++r, w.next()) {
         if (DW != nullptr && r % RK_NORM_BLOCK == 0) {
             acc = DW + (r / RK_NORM_BLOCK) * d;
             for (i64 i = 0; i < d; ++i) acc[i] = 0;
+        }
+        if (fast) {
+            norm_bwd_row_fast<T, LAYOUT>(G + w.g, X + w.x, O + w.o, CT + w.c, ST + w.s, W, acc, R[r], h, d, gb, xb);
+            continue;
         }
         load_row<T>(G + w.g, gb, d, n);
         load_row<T>(X + w.x, xb, d, n);

@@ -570,6 +570,10 @@ def check_transformers_version(version: Optional[str] = None) -> str:
 _ACTIVE: contextvars.ContextVar[Optional[Dict[Tuple[str, str], Callable]]] = contextvars.ContextVar(
     "ropekit_hf_active", default=None
 )
+# While a fused attention runs (patch(..., fuse_qk_norm=True)), _DEFERRED holds that call's
+# _qk_norm.Deferred: the tensors its q_norm/k_norm returned un-normalised for RoPE to fuse.
+# None inside any other RoPE caller of a fused model.
+_DEFERRED: contextvars.ContextVar[Any] = contextvars.ContextVar("ropekit_hf_deferred", default=None)
 _LOCK = threading.RLock()
 
 
@@ -772,6 +776,12 @@ class PatchReport:
         backend: the backend ``"auto"`` picks for the model's parameters (device, dtype).
         plans: one line per function: what was measured and proven (pairing, direction,
             which lanes rotate).
+        fuse_qk_norm: whether ``patch`` was asked to fuse the q/k norms.
+        fused: qualified names of the attention modules whose q/k norm now runs inside
+            :func:`ropekit.apply_qk_norm_rotary` (``fuse_qk_norm=True``).
+        norms: one line per attention class and norm: the norm read (class, eps and the
+            attribute it came from, weight offset), the RoPE function it is fused into, and
+            the max difference of its proofs.
     """
 
     model_type: str
@@ -781,6 +791,9 @@ class PatchReport:
     functions: Tuple[str, ...]
     backend: str
     plans: Tuple[str, ...] = ()
+    fuse_qk_norm: bool = False
+    fused: Tuple[str, ...] = ()
+    norms: Tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -801,16 +814,42 @@ def _set_forward(mod: torch.nn.Module, fn: Callable, forwards: list) -> None:
     mod.forward = fn  # instance attribute: shadows the class's forward for this instance only
 
 
-def _wrap_attention(mod: torch.nn.Module, plans: Dict[Tuple[str, str], Callable]) -> Callable:
+def _wrap_attention(
+    mod: torch.nn.Module, plans: Dict[Tuple[str, str], Callable], fused: Optional[bool] = None
+) -> Callable:
+    """Instance ``forward`` activating ``plans`` while ``mod`` runs. ``fused`` (models patched
+    with ``fuse_qk_norm``): True gives each call a fresh deferred-norm state and checks that
+    RoPE consumed it; False clears the state for this module's calls."""
     inner = mod.forward  # bound method (or an earlier instance-level wrapper, e.g. accelerate's)
+    if fused is None:
 
-    @functools.wraps(inner)
-    def forward(*args, **kwargs):
-        token = _ACTIVE.set(plans)
-        try:
-            return inner(*args, **kwargs)
-        finally:
-            _ACTIVE.reset(token)
+        @functools.wraps(inner)
+        def forward(*args, **kwargs):
+            token = _ACTIVE.set(plans)
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                _ACTIVE.reset(token)
+
+    else:
+        from ._qk_norm import Deferred, unfinished
+
+        @functools.wraps(inner)
+        def forward(*args, **kwargs):
+            st = Deferred(mod) if fused else None
+            token, dtoken = _ACTIVE.set(plans), _DEFERRED.set(st)
+            try:
+                out = inner(*args, **kwargs)
+            finally:
+                _DEFERRED.reset(dtoken)
+                _ACTIVE.reset(token)
+            if st is not None and st.records:
+                raise fail(
+                    f"the outputs of {unfinished(st)} (deferred by fuse_qk_norm) to reach RoPE in the same forward",
+                    f"a {type(mod).__name__} forward that did not pass them to RoPE (the result would lack the norm)",
+                    "unpatch(model) and patch(model) without fuse_qk_norm; please report the model",
+                )
+            return out
 
     forward._ropekit_wrapper = True  # type: ignore[attr-defined]
     return forward
@@ -852,7 +891,7 @@ def _head_widths(attn: List[Tuple[str, torch.nn.Module]]) -> List[int]:
     return sorted(set(ws))
 
 
-def patch(model: torch.nn.Module, *, tables: str = "exact") -> PatchReport:
+def patch(model: torch.nn.Module, *, tables: str = "exact", fuse_qk_norm: bool = False) -> PatchReport:
     """Route this model instance's RoPE through ropekit, after proving the replacement.
 
     Args:
@@ -862,6 +901,12 @@ def patch(model: torch.nn.Module, *, tables: str = "exact") -> PatchReport:
             angles, one rounding; for long contexts and new work); ``"transformers"`` —
             keep the model's own float32 tables bit for bit (for regression tests that
             compare against an unpatched model).
+        fuse_qk_norm: also fold the attention's per-head q/k RMSNorm (Qwen3, Qwen3-MoE,
+            Gemma 3, ...: ``q_norm``/``k_norm`` right before RoPE) into the RoPE call: one
+            :func:`ropekit.apply_qk_norm_rotary` per attention instead of two norms and a
+            rotation. Read from the code and proven like the rest (see below and
+            ``ropekit.integrations._qk_norm``); a model whose attention has no such norm, or
+            whose norm is over all heads (OLMo 2) or computes something else, is a RopeError.
 
     Returns:
         A :class:`PatchReport` naming every module and function it changed.
@@ -882,6 +927,17 @@ def patch(model: torch.nn.Module, *, tables: str = "exact") -> PatchReport:
     ``forward`` that activates ropekit's path while they run; the modeling module's
     function becomes a dispatcher that takes that path only then (installed once per
     function, removed when the last patched model is unpatched or garbage-collected).
+
+    With ``fuse_qk_norm=True`` the attention code stays transformers': while a fused
+    attention runs, its ``q_norm``/``k_norm`` return their input unchanged and record it,
+    and the RoPE replacement normalises and rotates those tensors in one call (weights and
+    eps read from the norm modules at every call). Deferring is enabled only where the code
+    shows the norm's output goes to RoPE and nowhere else, the norm module is a per-head
+    RMSNorm (one ``[head_dim]`` weight, eps its one float attribute, weight offset measured:
+    0 for ``x̂·w``, 1 for Gemma's ``x̂·(1 + w)``), and, on float32 probe tensors, the
+    model's own norms + its RoPE function and the fused call agree within
+    ``2^-16·(1 + |y|)`` (float32 rounding: the two differ only in the order of roundings).
+    ``PatchReport.fused`` and ``.norms`` say which attentions and what was read.
 
     Example:
         >>> import torch, transformers
@@ -907,6 +963,8 @@ def patch(model: torch.nn.Module, *, tables: str = "exact") -> PatchReport:
             repr(tables),
             '"exact" for ropekit\'s float64-angle tables, "transformers" for the model\'s own tables',
         )
+    if not isinstance(fuse_qk_norm, bool):
+        raise fail("fuse_qk_norm a bool", repr(fuse_qk_norm), "pass fuse_qk_norm=True or False")
     check_transformers_version()
     mt = _family(model)
     with _LOCK:
@@ -994,6 +1052,7 @@ def patch(model: torch.nn.Module, *, tables: str = "exact") -> PatchReport:
                     used[n] = (rot, None)  # type: ignore[assignment]
             replacements[key] = _replacement(plan, original)
         exact_forwards = []
+        exact_new: Dict[Tuple[str, Any], Any] = {}
         if tables == "exact":
             for n, rot, cos, sin, order, lt in probes:
                 if n not in used:
@@ -1037,17 +1096,35 @@ def patch(model: torch.nn.Module, *, tables: str = "exact") -> PatchReport:
                 with torch.no_grad():
                     new = fwd(torch.zeros(1), pos, **({"layer_type": lt} if lt is not None else {}))
                 new = (new, None) if order == "complex" else ((new[1], new[0]) if order == "sin_cos" else new)
+                exact_new[(n, lt)] = new
                 for key, plan, original, w in proofs.get((n, lt), []):
                     _prove(mt, plan, original, cos, sin, [w], tables=new, tol=2.0**-18)
                 if all(r is not m for m, _ in exact_forwards):
                     exact_forwards.append((r, fwd))
+        fusion = None
+        if fuse_qk_norm:
+            from . import _qk_norm
+
+            fuse_tables: Dict[Tuple[str, str], List[Tuple[Any, Any, Any, Any]]] = {}
+            for key in plans:  # every table of the model: each attention is proven on its layer type's
+                for n, rot, cos, sin, order, lt in probes:
+                    if order != "complex":
+                        fuse_tables.setdefault(key, []).append((lt, cos, sin, exact_new.get((n, lt))))
+            originals = {key: _original(sys.modules[key[0]], key[1]) for key in plans}
+            fusion = _qk_norm.plan_fusion(mt, attn, plans, originals, replacements, fuse_tables)
+            for key in fusion.keys:
+                replacements[key] = _qk_norm.fused_replacement(plans[key], originals[key], replacements[key])
+        fused_ids = {id(m) for _, m in fusion.attention} if fusion is not None else set()
         state = _State(report=None, installs=[], forwards=[])  # type: ignore[arg-type]
         try:
             for key in plans:
                 state.installs.append(_acquire(sys.modules[key[0]], key[1]))
             for _, m in attn:
-                _set_forward(m, _wrap_attention(m, replacements), state.forwards)
+                fused = None if fusion is None else id(m) in fused_ids
+                _set_forward(m, _wrap_attention(m, replacements, fused), state.forwards)
             for m, fn in exact_forwards:
+                _set_forward(m, fn, state.forwards)
+            for m, fn in fusion.norms if fusion is not None else ():
                 _set_forward(m, fn, state.forwards)
         except BaseException:
             _restore(state)
@@ -1065,6 +1142,9 @@ def patch(model: torch.nn.Module, *, tables: str = "exact") -> PatchReport:
             functions=tuple(f"{i.module.__name__}.{i.name}" for i in state.installs),
             backend=_backends.resolve("auto", probe.detach()).NAME,
             plans=tuple(p.describe() for p in plans.values()),
+            fuse_qk_norm=fuse_qk_norm,
+            fused=tuple(n for n, _ in fusion.attention) if fusion is not None else (),
+            norms=tuple(fusion.lines) if fusion is not None else (),
         )
         state.report = report
         # a patched model that is garbage-collected without unpatch releases its dispatchers
@@ -1121,10 +1201,10 @@ def is_patched(model: torch.nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def patched(model: torch.nn.Module, *, tables: str = "exact") -> Iterator[PatchReport]:
+def patched(model: torch.nn.Module, *, tables: str = "exact", fuse_qk_norm: bool = False) -> Iterator[PatchReport]:
     """Context manager form: ``with patched(model) as report: ...``; unpatches on exit,
-    also when the body raises."""
-    report = patch(model, tables=tables)
+    also when the body raises. Arguments as for :func:`patch`."""
+    report = patch(model, tables=tables, fuse_qk_norm=fuse_qk_norm)
     try:
         yield report
     finally:

@@ -53,12 +53,18 @@ import inspect
 import math
 import textwrap
 import types
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+import contextvars
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from .._errors import fail
 from ..functional import apply_qk_norm_rotary
+
+# While a fused attention runs (patch(..., fuse_qk_norm=True)), _DEFERRED holds that call's
+# Deferred: the tensors its q_norm/k_norm returned un-normalised for RoPE to fuse. None
+# inside any other RoPE caller of a fused model.
+_DEFERRED: contextvars.ContextVar[Any] = contextvars.ContextVar("ropekit_hf_deferred", default=None)
 
 __all__ = ["TOL", "NotFusable", "NormSite", "NormSpec", "class_sites", "read_norm", "prove_norm"]
 
@@ -626,11 +632,20 @@ def unfinished(st: Deferred) -> Optional[str]:
     return ", ".join(sorted({u.name for _, u in st.records}))
 
 
-def fused_replacement(plan: Any, original: Callable, plain: Callable) -> Callable:
+class Rotation(NamedTuple):
+    """The plain-RoPE helpers of :mod:`ropekit.integrations.transformers`, passed in (this
+    module does not import that one: the layers point one way)."""
+
+    half_from_table: Callable  # (plan, full-width table) -> half-width table
+    rotate: Callable  # (plan, x, cos, sin) -> rotated x
+    unsq: Callable  # (tensor, dim) -> tensor unsqueezed at dim
+
+
+def fused_replacement(plan: Any, original: Callable, plain: Callable, rotation: Rotation) -> Callable:
     """A function with ``original``'s signature: inside a fused attention, the arguments that
     are deferred norm outputs go through :func:`norm_rotate` (the rest through ``plan``'s
     rotation); with nothing deferred it is ``plain``, the replacement :func:`patch` proved."""
-    from .transformers import _DEFERRED, _half_from_table, _rotate, _unsq
+    _half_from_table, _rotate, _unsq = rotation
 
     sig = inspect.signature(original)
     names = list(sig.parameters)
@@ -719,6 +734,8 @@ def plan_fusion(
     originals: Dict[Tuple[str, str], Callable],
     replacements: Dict[Tuple[str, str], Callable],
     tables: Dict[Tuple[str, str], List[Tuple[Any, Any, Any, Optional[Tuple[Any, Any]]]]],
+    rope_calls: Callable[[torch.nn.Module], Tuple[Tuple[str, str], ...]],
+    rotation: "Rotation",
 ) -> Fusion:
     """Read, check and prove the q/k-norm fusion of a model (nothing is changed here).
 
@@ -729,6 +746,8 @@ def plan_fusion(
             function and ropekit's plain replacement.
         tables: per RoPE function, ``(layer type, cos, sin, exact)`` probe tables of the
             model's rotary modules (``exact``: ropekit's tables for the same positions, or None).
+        rope_calls: the RoPE functions a module calls (``transformers._rope_calls``).
+        rotation: the plain-RoPE helpers for :func:`fused_replacement`.
 
     Raises:
         RopeError: naming the family and the reason, when an attention's norm feeds RoPE but
@@ -736,7 +755,6 @@ def plan_fusion(
         when no attention of the model has a per-head q/k norm right before RoPE.
     """
     from .._hf_code import run_fn
-    from .transformers import _DEFERRED, _rope_calls
 
     fix = "patch(model) without fuse_qk_norm (RoPE is still routed to ropekit; the norms stay transformers')"
     fused: List[Tuple[str, torch.nn.Module]] = []
@@ -748,7 +766,7 @@ def plan_fusion(
     others: List[Tuple[torch.nn.Module, str, str]] = []
     specs: Dict[int, NormSpec] = {}
     for aname, m in attn:
-        calls = [k for k in _rope_calls(m) if k in plans]
+        calls = [k for k in rope_calls(m) if k in plans]
         cs = class_sites(type(m), tuple((k[1], plans[k].kind) for k in calls if plans[k].kind in ("qk", "x")))
         notes.extend(cs.notes)
         others.extend((m, o, aname) for o in cs.others)
@@ -801,7 +819,7 @@ def plan_fusion(
             for i in range(max(len(v) for v in by_arg.values())):
                 mine = {arg: v[min(i, len(v) - 1)] for arg, v in by_arg.items()}
                 worst = _prove_prologue(family, m, plans[key], originals[key], replacements[key],
-                                        tables.get(key, []), mine, run_fn, _DEFERRED)  # fmt: skip
+                                        tables.get(key, []), mine, run_fn, _DEFERRED, rotation)  # fmt: skip
                 for norm, spec, use in mine.values():
                     line = f"{type(m).__name__}.{use.name.rsplit('.', 1)[1]}: {spec.describe()} -> {key[1]}"
                     lines[line] = max(lines[line], worst)
@@ -840,12 +858,12 @@ def plan_fusion(
     return Fusion(fused, installs, list(keys), out)
 
 
-def _prove_prologue(family, m, plan, original, plain, tables, uses, run_fn, state) -> float:
+def _prove_prologue(family, m, plan, original, plain, tables, uses, run_fn, state, rotation) -> float:
     """The model's own norms then its own RoPE function, against :func:`fused_replacement`,
     on probe rows with the model's tables (and ropekit's exact tables): within :data:`TOL`
     (exact tables: plus the 2^-18 the plain proof allows them). Returns the max difference
     with the model's tables."""
-    rep = fused_replacement(plan, original, plain)
+    rep = fused_replacement(plan, original, plain, rotation)
     worst, ran = 0.0, 0
     d = next(iter(uses.values()))[1].width
     dev = next(iter(uses.values()))[0].weight.device

@@ -570,10 +570,6 @@ def check_transformers_version(version: Optional[str] = None) -> str:
 _ACTIVE: contextvars.ContextVar[Optional[Dict[Tuple[str, str], Callable]]] = contextvars.ContextVar(
     "ropekit_hf_active", default=None
 )
-# While a fused attention runs (patch(..., fuse_qk_norm=True)), _DEFERRED holds that call's
-# _qk_norm.Deferred: the tensors its q_norm/k_norm returned un-normalised for RoPE to fuse.
-# None inside any other RoPE caller of a fused model.
-_DEFERRED: contextvars.ContextVar[Any] = contextvars.ContextVar("ropekit_hf_deferred", default=None)
 _LOCK = threading.RLock()
 
 
@@ -832,7 +828,7 @@ def _wrap_attention(
                 _ACTIVE.reset(token)
 
     else:
-        from ._qk_norm import Deferred, unfinished
+        from ._qk_norm import _DEFERRED, Deferred, unfinished
 
         @functools.wraps(inner)
         def forward(*args, **kwargs):
@@ -1111,9 +1107,10 @@ def patch(model: torch.nn.Module, *, tables: str = "exact", fuse_qk_norm: bool =
                     if order != "complex":
                         fuse_tables.setdefault(key, []).append((lt, cos, sin, exact_new.get((n, lt))))
             originals = {key: _original(sys.modules[key[0]], key[1]) for key in plans}
-            fusion = _qk_norm.plan_fusion(mt, attn, plans, originals, replacements, fuse_tables)
+            rotation = _qk_norm.Rotation(_half_from_table, _rotate, _unsq)
+            fusion = _qk_norm.plan_fusion(mt, attn, plans, originals, replacements, fuse_tables, _rope_calls, rotation)
             for key in fusion.keys:
-                replacements[key] = _qk_norm.fused_replacement(plans[key], originals[key], replacements[key])
+                replacements[key] = _qk_norm.fused_replacement(plans[key], originals[key], replacements[key], rotation)
         fused_ids = {id(m) for _, m in fusion.attention} if fusion is not None else set()
         state = _State(report=None, installs=[], forwards=[])  # type: ignore[arg-type]
         try:

@@ -271,12 +271,13 @@ def _div(a, b, F64: tl.constexpr):
 
 
 @triton.jit
-def _rstd(ssq, eps, D: tl.constexpr, F64: tl.constexpr):
-    """``1 / sqrt(ssq / D + eps)`` with IEEE sqrt and divisions (``ssq`` [BT, BH])."""
+def _rstd(ssq, eps, rows, D: tl.constexpr, F64: tl.constexpr):
+    """``1 / sqrt(ssq / D + eps)`` with IEEE sqrt and divisions (``ssq`` [BT, BH]); 1 for the
+    rows that do not exist (``rows`` false: no 1/0 in padding when eps = 0)."""
     if F64:
-        out = 1.0 / tl.sqrt(ssq / D + eps)
+        out = 1.0 / tl.sqrt(tl.where(rows, ssq / D + eps, 1.0))
     else:
-        out = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(ssq, D * 1.0) + eps))
+        out = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.where(rows, tl.math.div_rn(ssq, D * 1.0) + eps, 1.0)))
     return out
 
 
@@ -389,7 +390,7 @@ def _norm_rope_fwd_tile(x_ptr, o_ptr, r_ptr, w_ptr, sx0, sx1, sxh, so0, so1, soh
     orow = m0[:, None] * so0 + m1[:, None] * so1 + h[None, :] * soh
     x1, x2, xt = _load_row(x_ptr, xrow, rows, BT, BH, R2, D, R2P, TP, INTERLEAVED, F64)
     ssq = tl.sum(x1 * x1, 2) + tl.sum(x2 * x2, 2) + tl.sum(xt * xt, 2)  # [BT, BH] over all d dims
-    rstd = _rstd(ssq, eps, D, F64)
+    rstd = _rstd(ssq, eps, rows, D, F64)
     w1, w2, wt = _load_w(w_ptr, sw, woff, R2, D, R2P, TP, INTERLEAVED, F64)
     r3 = rstd[:, :, None]
     y1 = x1 * r3 * w1[None, None, :]

@@ -431,6 +431,12 @@ def _qk_norm_bwd_impl(
     programs: int,
     num_warps: int,
 ) -> None:
+    _qk_norm_bwd_launch(ga, xa, ra, wa, dxa, pa, gb, xb, rb, wb, dxb, pb, cos, sin, weight_offset, interleaved,
+                        cos_per_head, bt, bh, programs, num_warps)
+
+
+def _qk_norm_bwd_launch(ga, xa, ra, wa, dxa, pa, gb, xb, rb, wb, dxb, pb, cos, sin, weight_offset, interleaved,
+                        cos_per_head, bt, bh, programs, num_warps) -> None:
     """Backward launch on canonical views (see :func:`_qk_norm_backward`): ``dx*`` (or None) get
     the input gradients, ``p* [programs * cdiv(h, bh), d]`` (or None) the partial weight gradients."""
     from ._triton_kernels import qk_norm_bwd_kernel

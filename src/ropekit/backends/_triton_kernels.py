@@ -1,7 +1,9 @@
-"""The fused RoPE Triton kernel (imported only by :mod:`ropekit.backends.triton`).
+"""The fused RoPE Triton kernels (imported only by :mod:`ropekit.backends.triton`).
 
-One kernel covers every entry point (``rotate``, ``rotate_qk``, ``rotate_qk_gather`` and
-their backward). The launcher hands it canonical 4-D views
+``rope_kernel`` covers every rotation entry point (``rotate``, ``rotate_qk``,
+``rotate_qk_gather`` and their backward); ``qk_norm_fwd_kernel`` / ``qk_norm_bwd_kernel``
+(per-head RMSNorm + RoPE, at the end of this file) use the same views and grid. The
+launcher hands ``rope_kernel`` canonical 4-D views
 
     x  [m0, m1, h, d]   any strides, last-dim stride 1
     cos/sin: either broadcast views [m0, m1, h|1, r/2] (GATHER=False)

@@ -11,9 +11,16 @@ Entry points (see :mod:`ropekit.backends` for the contract):
 - :func:`rotate_qk` — q and k in ONE launch (head blocks of q, then of k; ``hq != hk`` ok).
 - :func:`rotate_qk_gather` — q and k in one launch, table rows gathered by position inside
   the kernel (``[s]``, ``[b, s]`` or packed ``[t]`` positions); differentiable.
+- :func:`qk_norm_rotate` (``apply_qk_norm``, ``QK_NORM = True``) — per-head RMSNorm then RoPE
+  of q and k in one launch, forward and backward (``qk_norm_fwd_kernel`` /
+  ``qk_norm_bwd_kernel``); differentiable in q, k and both norm weights. Saved for the
+  backward: q and k (copies when in place), the weights, the tables and the inverse RMS
+  of every head row (4 bytes per head and token; 8 for float64). The weight gradients
+  are deterministic (fixed per-program partial sums, then ``torch.sum``; no atomics).
 
 Precision: cos/sin and x are converted to float32 inside the kernel (float64 when x is
-float64) and the result is cast once to x's dtype. Under ``TRITON_INTERPRET=1`` (CPU) the
+float64) and the result is cast once to x's dtype (the qk-norm kernel: norm, weight and
+rotation in float32 with IEEE sqrt and divisions, one rounding). Under ``TRITON_INTERPRET=1`` (CPU) the
 float32 -> bfloat16 store truncates instead of rounding: at most one bf16 ulp off.
 
 Strides: any strides are read directly (e.g. a ``bshd`` view of ``bhsd`` memory) as long as
@@ -29,7 +36,8 @@ for positions outside ``[0, n)``). Under ``torch.compile`` that check becomes a
 ``torch._assert_async`` (no sync, no graph break; it raises a RuntimeError instead).
 
 torch.compile: the launch is a custom op ``torch.ops.ropekit.triton_rotary_`` (in place)
-/ ``triton_rotary_out``, defined with ``torch.library.triton_op`` + ``wrap_triton`` when the
+/ ``triton_rotary_out`` (qk-norm: ``triton_qk_norm_`` / ``triton_qk_norm_out`` /
+``triton_qk_norm_bwd``, called from autograd Functions dynamo traces), defined with ``torch.library.triton_op`` + ``wrap_triton`` when the
 kernel is JIT-compiled (inductor sees the kernel itself). Under the interpreter ``wrap_triton``
 cannot trace an interpreted kernel, so the same ops are plain ``torch.library.custom_op``
 with a fake impl (opaque to inductor, still no graph break).

@@ -1,6 +1,7 @@
 """GPU check and benchmark of the Triton backend: timings against peers, CUDA graphs, int64 offsets, block sizes.
 
-One run (``make gpu-check`` runs it after ``tests/test_triton.py`` on CUDA) answers:
+One run (``make gpu-check`` runs it after ``tests/test_triton.py`` and ``tests/test_triton_qk_norm.py``
+on CUDA) answers:
 
 * **Timings** on LLM shapes (q ``[b, s, 32, 128]`` and k ``[b, s, 8, 128]``, bshd): prefill
   b = 1, 2, 4, 8 at s = 4096 and decode b = 64, 256 at s = 1 (each sample at its own
@@ -20,6 +21,13 @@ One run (``make gpu-check`` runs it after ``tests/test_triton.py`` on CUDA) answ
   same inputs, and a replay is timed.
 * **int64 offsets**: one tensor with more than 2^31 elements rotated out of place, in place
   and through ``RotaryEmbedding``, checked chunk by chunk against the eager backend.
+* **QK-norm + RoPE** (``apply_qk_norm_rotary``: per-head RMSNorm of q and k, then RoPE):
+  the fused Triton kernel (out of place and in place) against ropekit's unfused path
+  (torch float32 norm, then the triton RoPE kernel), transformers' eager Qwen3 code
+  (``Qwen3RMSNorm`` + ``apply_rotary_pos_emb``) and ``torch.compile`` of it; prefill b = 1
+  s = 2048 and decode b = 8 s = 1, bfloat16 and float32, forward and forward+backward
+  (gradients of q, k and both norm weights). Rows: ``mode`` "qk-norm forward" / "qk-norm
+  fwd+bwd", each checked first against ropekit's eager composition.
 * **Block sizes**: a sweep over the kernel's launch parameters (``triton.LAUNCH``: tile,
   heads per program, warps) per shape class, each configuration checked bit-exact against
   the default, the best printed.
@@ -563,6 +571,189 @@ def bench_case(case: Case, meta: dict, peers: Sequence[str] = tuple(PEERS), mode
 
 
 # ------------------------------------------------------------------------------------------
+# per-head RMSNorm + RoPE (apply_qk_norm_rotary): the fused kernel against the unfused paths
+
+
+QK_NORM_CASES = [(1, 2048), (8, 1)]  # prefill b=1 s=2048; decode b=8 s=1 (each sample at its own position)
+QK_NORM_DTYPES = ("bfloat16", "float32")
+QK_NORM_MODES = ("forward", "fwd+bwd")
+QK_NORM = "qk-norm "  # prefix of the rows' mode: "qk-norm forward", "qk-norm fwd+bwd"
+QK_NORM_FUSED = "ropekit-triton qk-norm"
+QK_NORM_EPS = 1e-6
+
+
+class QKNormInputs:
+    """One case's :class:`Inputs` plus the ``[d]`` norm weights of q and k (model dtype, as a
+    Qwen3 checkpoint holds them) and the references (ropekit's eager composition: float32
+    norm and rotation, one rounding; its torch gradients w.r.t. q, k and both weights)."""
+
+    def __init__(self, case: Case, seed: int = 0):
+        self.rope = Inputs(case, seed)
+        g = torch.Generator(device="cpu").manual_seed(seed + 1)
+        dt = DTYPES[case.dtype]
+        self.wq = (1 + 0.1 * torch.randn(case.d, generator=g)).to(device=case.device, dtype=dt)  # [d]
+        self.wk = (1 + 0.1 * torch.randn(case.d, generator=g)).to(device=case.device, dtype=dt)  # [d]
+        self._ref = self._ref_grad = None
+
+    def ref(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self._ref is None:
+            from ropekit import apply_qk_norm_rotary
+
+            r = self.rope
+            self._ref = apply_qk_norm_rotary(r.q, r.k, self.wq, self.wk, r.c4, r.s4, eps=QK_NORM_EPS, backend="eager")
+        return self._ref
+
+    def ref_grad(self) -> Tuple[torch.Tensor, ...]:
+        """``(dq, dk, dq_weight, dk_weight)`` of ``sum(q_out * gq) + sum(k_out * gk)``."""
+        if self._ref_grad is None:
+            from ropekit import apply_qk_norm_rotary
+
+            r = self.rope
+            leaves = [t.clone().requires_grad_() for t in (r.q, r.k, self.wq, self.wk)]
+            outs = apply_qk_norm_rotary(*leaves, r.c4, r.s4, eps=QK_NORM_EPS, backend="eager")
+            self._ref_grad = torch.autograd.grad(outs, leaves, (r.gq, r.gk))
+        return self._ref_grad
+
+
+def _hf_qk_norm(q, k, q_weight, k_weight, cos, sin, eps: float = QK_NORM_EPS):
+    """transformers' Qwen3 attention prologue, written out: ``Qwen3RMSNorm`` on q and k (float32
+    statistics, the normalised value rounded to the model dtype, then times the weight), then
+    ``apply_rotary_pos_emb`` (rotate_half with cat, full-width tables in the model dtype)."""
+
+    def norm(x, w):
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        return w * h.to(x.dtype)
+
+    return _hf_formula(norm(q, q_weight), norm(k, k_weight), cos, sin)
+
+
+def qk_norm_variants(inp: QKNormInputs, compile_backend: str = "inductor") -> Tuple[List[Variant], Dict[str, str]]:
+    """The fused kernel (out of place and in place), ropekit's unfused path (torch float32 norm,
+    then the triton RoPE kernel: what a backend without the fused kernel runs), transformers'
+    eager code and torch.compile of it. ``grad`` takes ``(q, k, q_weight, k_weight)``."""
+    from ropekit import apply_qk_norm_rotary
+    from ropekit.backends import _generic, triton as tb
+
+    r, wq, wk = inp.rope, inp.wq, inp.wk
+    c4, s4 = r.c4, r.s4
+    cf4, sf4 = r.cf[:, :, None], r.sf[:, :, None]  # [b|1, s, 1, d] full width, model dtype
+
+    def fused(a, b, wa=wq, wb=wk):
+        return apply_qk_norm_rotary(a, b, wa, wb, c4, s4, eps=QK_NORM_EPS, backend="triton")
+
+    def fused_inplace(a, b):
+        return apply_qk_norm_rotary(a, b, wq, wk, c4, s4, eps=QK_NORM_EPS, backend="triton", inplace=True)
+
+    def unfused(a, b, wa=wq, wb=wk):
+        return _generic.apply_qk_norm(tb, a, b, wa, wb, c4, s4, QK_NORM_EPS, 0.0, "half", False)
+
+    def hf(a, b, wa=wq, wb=wk):
+        return _hf_qk_norm(a, b, wa, wb, cf4, sf4)
+
+    out = [
+        Variant(QK_NORM_FUSED, fused, False, grad=fused, note="one launch for q and k, forward and backward"),
+        Variant(QK_NORM_FUSED + " in-place", fused_inplace, True, note="one launch; forward only"),
+        Variant("ropekit unfused (torch norm + triton rope)", unfused, False, grad=unfused,
+                note="float32 norm in torch, then apply_qk with the triton RoPE kernel, one rounding"),
+        Variant("transformers eager (qk-norm)", hf, False, grad=hf,
+                note="Qwen3RMSNorm + apply_rotary_pos_emb: rounds to the model dtype after the norm and in the rotation"),
+    ]
+    skipped: Dict[str, str] = {}
+    key = "qk-norm " + compile_backend
+    try:
+        fn = _COMPILED.get(key)
+        if fn is None:
+            fn = _COMPILED[key] = torch.compile(_hf_qk_norm, backend=compile_backend)
+
+        def comp(a, b, wa=wq, wb=wk):
+            return fn(a, b, wa, wb, cf4, sf4)
+
+        out.append(Variant("torch.compile(transformers qk-norm)", comp, False, grad=comp,
+                           note=f"torch.compile(backend={compile_backend!r}) of the eager code"))
+    except Exception as e:  # noqa: BLE001 - reported, not fatal
+        skipped["torch.compile(transformers qk-norm)"] = f"setup failed: {type(e).__name__}: {e}"
+    return out, skipped
+
+
+def bench_qk_norm_case(case: Case, meta: dict, modes: Sequence[str] = QK_NORM_MODES, rounds: int = 20,
+                       compile_backend: str = "inductor", warmup: int = 2, log=print) -> List[dict]:
+    """Rows ``mode = "qk-norm forward" | "qk-norm fwd+bwd"`` for ``case``: every variant of
+    :func:`qk_norm_variants` timed round-robin (as :func:`bench_case`), each checked once first
+    against the references (forward: q and k; fwd+bwd also dq, dk and both weight gradients;
+    ``MISMATCH`` past 8 ulps of the dtype at each tensor's own largest magnitude).
+
+    ``gbps`` counts the least traffic: q and k read and written once forward (the case's
+    bytes), 2.5 times that forward+backward (the backward reads the gradient and the input
+    and writes ``dx``); ``ratio_to_copy`` compares with the same-run ``copy_`` of q and k.
+    """
+    inp = QKNormInputs(case)
+    variants, skipped = qk_norm_variants(inp, compile_backend)
+    rows = [_row(meta, case, name, QK_NORM + "skipped", note=why) for name, why in skipped.items()]
+    for name, why in skipped.items():
+        log(f"  (skipped {name}: {why})")
+    nbytes = case.nbytes
+    inner = 20 if case.decode else 1
+    timer = Timer(case.device, flush=not case.decode)
+    r = inp.rope
+    q, k, wq, wk, gq, gk = r.q, r.k, inp.wq, inp.wk, r.gq, r.gk
+    qd, kd = torch.empty_like(q), torch.empty_like(k)
+
+    def check(got, want) -> Tuple[float, bool]:
+        err = max_err(got, want)
+        return err, all(max_err([g], [w]) <= err_tol(case.dtype, [w]) for g, w in zip(got, want))
+
+    for mode in modes:
+        fns: Dict[str, Callable] = {COPY: lambda: (qd.copy_(q), kd.copy_(k))}
+        meta_of: Dict[str, Tuple[Variant, float, bool]] = {}
+        for v in variants:
+            try:
+                if mode == "forward":
+                    err, ok = check(v.apply(q.clone(), k.clone()), inp.ref())
+                    if v.inplace:
+                        qi, ki = q.clone(), k.clone()  # normalised and rotated again and again: magnitudes stay
+                        fn = (lambda v=v, qi=qi, ki=ki: v.apply(qi, ki))
+                    else:
+                        fn = (lambda v=v: v.apply(q, k))
+                else:
+                    if v.grad is None:
+                        continue
+                    leaves = [t.clone().requires_grad_() for t in (q, k, wq, wk)]
+                    outs = v.grad(*leaves)
+                    got = [o.detach() for o in outs] + list(torch.autograd.grad(outs, leaves, (gq, gk)))
+                    err, ok = check(got, list(inp.ref()) + list(inp.ref_grad()))
+                    fn = (lambda v=v, leaves=leaves: torch.autograd.grad(v.grad(*leaves), leaves, (gq, gk)))
+                for _ in range(warmup):
+                    fn()
+                timer.sync()
+                fns[v.name] = fn
+                meta_of[v.name] = (v, err, ok)
+            except Exception as e:  # noqa: BLE001 - one broken variant must not end the run
+                rows.append(_row(meta, case, v.name, QK_NORM + mode, "yes" if v.inplace else "no",
+                                 note=f"error: {type(e).__name__}: {e}"[:400]))
+                log(f"  {QK_NORM + mode:16s} {case.dtype:9s} {case.shape:30s} {v.name:40s} ERROR {type(e).__name__}: {e}")
+                if os.environ.get("ROPEKIT_BENCH_TRACEBACK"):
+                    traceback.print_exc()
+        if len(fns) == 1:
+            continue
+        times = timer.run(fns, rounds, inner)
+        copy_gbps = nbytes / statistics.median(times[COPY]) / 1e9
+        for name, ts in times.items():
+            med, p20, p80 = stats(ts)
+            moved = nbytes * (2.5 if mode == "fwd+bwd" and name != COPY else 1)
+            v, err, ok = meta_of.get(name, (None, None, True))
+            note = "" if v is None else v.note
+            if not ok:
+                note = "MISMATCH (8 ulps of the dtype per tensor); " + note
+            inpl = "" if v is None else ("yes" if v.inplace and mode == "forward" else "no")
+            rows.append(_row(meta, case, name, QK_NORM + mode, inpl, med, p20, p80, moved, copy_gbps, err, note))
+            row = rows[-1]
+            log(f"  {QK_NORM + mode:16s} {case.dtype:9s} {case.shape:30s} {name:40s} {med * 1e6:10.1f} µs {row['gbps']:>8s} GB/s"
+                f"  copy_ x{row['ratio_to_copy'] or '-':>6s}  err {row['max_err'] or '-'}" + ("  MISMATCH" if not ok else ""))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------
 # CUDA graphs: the decode step
 
 
@@ -867,7 +1058,7 @@ def summarize(rows: List[dict], tests: str = "", peak_source: str = "") -> str:
            f"transformers {r0['transformers']} · liger-kernel {r0['liger']} · rev {r0['git_rev']} · run {r0['run']} · "
            f"peak memory bandwidth {r0['peak_gbps'] or '?'} GB/s" + (f" ({peak_source})" if peak_source else ""), ""]
     if tests:
-        out += ["## tests/test_triton.py on this device", "", tests, ""]
+        out += ["## tests/test_triton.py and tests/test_triton_qk_norm.py on this device", "", tests, ""]
 
     def get(variant, mode, dtype, b, s):
         return next((r for r in rows if r["variant"] == variant and r["mode"] == mode and r["dtype"] == dtype
@@ -938,7 +1129,10 @@ def summarize(rows: List[dict], tests: str = "", peak_source: str = "") -> str:
             ratio = f"{float(d['median_us']) / float(bestr['median_us']):.2f}" if d else "–"
             out.append(f"| {cls} | {bestr['variant']} | {bestr['median_us']} | {d['median_us'] if d else '–'} | {ratio} |")
         out.append("")
-    bad = [r for r in rows if r["mode"] in ("skipped", "error") or r["note"].startswith(("error", "skipped", "FAILED", "capture failed"))
+    qk = [r for r in rows if r["mode"].startswith(QK_NORM) and r["median_us"]]
+    if qk:
+        out += qk_norm_tables(qk)
+    bad = [r for r in rows if r["mode"] in ("skipped", "error", QK_NORM + "skipped") or r["note"].startswith(("error", "skipped", "FAILED", "capture failed"))
            or "error:" in r["note"] or "MISMATCH" in r["note"]]
     if bad:
         out += ["## Skipped, failed, mismatched", ""]
@@ -951,6 +1145,32 @@ def summarize(rows: List[dict], tests: str = "", peak_source: str = "") -> str:
                 out.append(line)
         out.append("")
     return "\n".join(out)
+
+
+def qk_norm_tables(rows: List[dict]) -> List[str]:
+    """Markdown lines: per qk-norm mode and dtype, median µs of every variant per case, and how
+    many times the fused kernel's time it is."""
+    out = []
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        for dtype in dict.fromkeys(r["dtype"] for r in rows if r["mode"] == mode):
+            sub = [r for r in rows if r["mode"] == mode and r["dtype"] == dtype]
+            cases = sorted({(int(r["b"]), int(r["s"])) for r in sub}, key=lambda c: (c[1] == 1, c[0]))
+            names = list(dict.fromkeys(r["variant"] for r in sub))
+            out += [f"## {mode} (per-head RMSNorm + RoPE of q and k), {dtype}: median µs (x of {QK_NORM_FUSED})", "",
+                    "| variant | " + " | ".join(f"b={b} s={s}" for b, s in cases) + " |", "|---|" + "---|" * len(cases)]
+            for n in names:
+                cells = []
+                for b, s in cases:
+                    r = next((x for x in sub if x["variant"] == n and int(x["b"]) == b and int(x["s"]) == s), None)
+                    f = next((x for x in sub if x["variant"] == QK_NORM_FUSED and int(x["b"]) == b and int(x["s"]) == s), None)
+                    if r is None:
+                        cells.append("–")
+                        continue
+                    ratio = f" (x{float(r['median_us']) / float(f['median_us']):.2f})" if f else ""
+                    cells.append(f"{float(r['median_us']):.1f}{ratio}" + (" MISMATCH" if "MISMATCH" in r["note"] else ""))
+                out.append(f"| {n} | " + " | ".join(cells) + " |")
+            out.append("")
+    return out
 
 
 def _yes(x: Optional[float], bound: float, below: bool = False) -> str:
@@ -991,6 +1211,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--no-int64", action="store_true")
+    ap.add_argument("--no-qk-norm", action="store_true", help="skip the per-head RMSNorm + RoPE section")
+    ap.add_argument("--qk-norm-cases", default=None,
+                    help="b x s list for the qk-norm section (default on CUDA: '1x2048,8x1'; on CPU: --cases)")
+    ap.add_argument("--qk-norm-dtypes", default=",".join(QK_NORM_DTYPES))
     ap.add_argument("--int64-numel", type=int, default=(1 << 31) + (1 << 22))
     ap.add_argument("--sweep-grid", default=None, help="e.g. 'tile=4096,8192;bh_max=8,16;num_warps=4,8'")
     ap.add_argument("--peak-gbps", type=float, default=None)
@@ -1071,14 +1295,32 @@ def main(argv: Optional[List[str]] = None) -> int:
         classes = sweep_classes(cases, dtypes[0], hq, hk, d, device)
         emit(sweep(meta, classes, grid, rounds=max(3, args.rounds // 2), deadline=deadline, log=log)[0])
 
-    # what the targets need first: the first dtype's first two modes, the sweep, its other
-    # modes, then the other dtypes' first mode, then the rest
+    def run_qk_norm():
+        if args.no_qk_norm:
+            return
+        if args.qk_norm_cases:
+            qk_cases = [tuple(int(v) for v in c.split("x")) for c in args.qk_norm_cases.split(",")]
+        else:
+            qk_cases = QK_NORM_CASES if device.type == "cuda" else cases
+        qk_modes = [m for m in QK_NORM_MODES if m in modes] or list(QK_NORM_MODES)
+        for dt in args.qk_norm_dtypes.split(","):
+            for b, s in qk_cases:
+                if not budget_left(f"qk-norm {dt} b={b} s={s}"):
+                    continue
+                emit(bench_qk_norm_case(Case(b, s, hq, hk, d, dt, device), meta, qk_modes, args.rounds,
+                                        args.compile_backend, log=log))
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    # what the targets need first: the first dtype's first two modes, the sweep, the qk-norm
+    # section, the first dtype's other modes, then the other dtypes' first mode, then the rest
     first = [(dtypes[0], m) for m in modes[:2]]
     order = first + [(dtypes[0], m) for m in modes[2:]] + [(dt, modes[0]) for dt in dtypes[1:]]
     order += [(dt, m) for dt in dtypes[1:] for m in modes[1:]]
     for i, (dt, mode) in enumerate(order):
         if i == len(first):
             run_sweep()
+            run_qk_norm()
         for b, s in cases:
             if not budget_left(f"{mode} {dt} b={b} s={s}"):
                 continue
@@ -1087,6 +1329,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 torch.cuda.empty_cache()
     if len(order) <= len(first):
         run_sweep()
+        run_qk_norm()
     md_path.write_text(summarize(all_rows, tests, meta["_peak_source"]))
     print(f"wrote {len(all_rows)} rows to {csv_path} and the summary to {md_path} in {time.monotonic() - t_start:.0f} s")
     return 0

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make gpu-check`: tests/test_triton.py on CUDA, then benchmarks/bench_gpu.py; CSV, summary and
+# `make gpu-check`: tests/test_triton.py and tests/test_triton_qk_norm.py on CUDA, then benchmarks/bench_gpu.py; CSV, summary and
 # logs go to $OUT (default gpu-results/). Without CUDA it says so and exits 0 within seconds,
 # installing nothing.
 #
@@ -71,7 +71,7 @@ if [ -n "$CPU_RUN" ]; then
     export TRITON_INTERPRET=1
     test_dev=cpu
     bench_args=(--device cpu --cases 2x8,3x1 --heads 4,2,16 --dtypes float32 --rounds 2 --compile-backend eager
-                --int64-numel 3000 --sweep-grid "tile=256,1024;bh_max=2,16;num_warps=4")
+                --int64-numel 3000 --sweep-grid "tile=256,1024;bh_max=2,16;num_warps=4" --qk-norm-dtypes float32)
 fi
 command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 
@@ -109,9 +109,9 @@ done
 
 workers=()  # Triton compiles each kernel specialization the tests need: spread them over processes
 if [ -z "$CPU_RUN" ] && "$PY" -c "import xdist" 2>/dev/null; then workers=(-n "${GPU_TEST_WORKERS:-8}"); fi
-echo "gpu-check: tests/test_triton.py on $test_dev (at most ${TEST_TIMEOUT} s) ${workers[*]}"
+echo "gpu-check: tests/test_triton.py tests/test_triton_qk_norm.py on $test_dev (at most ${TEST_TIMEOUT} s) ${workers[*]}"
 # shellcheck disable=SC2086
-ROPEKIT_TEST_DEVICE=$test_dev timeout "$TEST_TIMEOUT" "$PY" -m pytest tests/test_triton.py src/ropekit/backends/triton.py \
+ROPEKIT_TEST_DEVICE=$test_dev timeout "$TEST_TIMEOUT" "$PY" -m pytest tests/test_triton.py tests/test_triton_qk_norm.py src/ropekit/backends/triton.py \
     "${workers[@]}" -rfE -p no:cacheprovider ${GPU_TEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log"
 test_rc=${PIPESTATUS[0]}
 

@@ -135,6 +135,60 @@ def test_a_wrong_peer_is_flagged_and_a_broken_one_recorded(meta, monkeypatch):
     assert "MISMATCH" not in _by(rows, variant="ropekit-triton")[0]["note"]
 
 
+QK_NORM = [bg.QK_NORM_FUSED, bg.QK_NORM_FUSED + " in-place", "ropekit unfused (torch norm + triton rope)",
+           "transformers eager (qk-norm)", "torch.compile(transformers qk-norm)"]
+
+
+@pytest.mark.parametrize("case", [(1, 3, "float32", ("forward", "fwd+bwd")), (1, 2, "bfloat16", ("forward",))], ids=str)
+def test_qk_norm_case_every_variant(meta, case, monkeypatch):
+    """Per-head RMSNorm + RoPE rows: every variant timed forward and (out of place) forward+backward,
+    each checked against ropekit's eager composition (outputs, dq, dk and both weight gradients).
+    Prefill shapes only: a decode sample is 20 calls, slow under the interpreter."""
+    b, s, dtype, modes = case
+    c = bg.Case(b, s, 2, 1, 16, dtype, DEV)
+    moved = {}
+    real_row = bg._row
+
+    def row(meta, case, variant, mode, inplace="", med=None, p20=None, p80=None, moved_=None, *a, **kw):
+        moved[(variant, mode)] = moved_
+        return real_row(meta, case, variant, mode, inplace, med, p20, p80, moved_, *a, **kw)
+
+    monkeypatch.setattr(bg, "_row", row)
+    rows = bg.bench_qk_norm_case(c, meta, modes=modes, rounds=1, warmup=1, compile_backend="eager", log=lambda m: None)
+    _assert_clean(rows)
+    assert {r["variant"] for r in _by(rows, mode="qk-norm forward")} == set(QK_NORM + [bg.COPY])
+    if "fwd+bwd" in modes:
+        assert {r["variant"] for r in _by(rows, mode="qk-norm fwd+bwd")} == set(QK_NORM + [bg.COPY]) - {QK_NORM[1]}
+        assert moved[(bg.QK_NORM_FUSED, "qk-norm fwd+bwd")] == 2.5 * c.nbytes  # read x, g, x; write out, dx
+    assert moved[(bg.QK_NORM_FUSED, "qk-norm forward")] == c.nbytes == moved[(bg.COPY, "qk-norm forward")]
+    for r in rows:
+        assert float(r["median_us"]) > 0 and r["dtype"] == dtype and r["shape"] == c.shape
+    md = "\n".join(bg.qk_norm_tables(rows))
+    assert f"| {bg.QK_NORM_FUSED} | " in md and "(x1.00)" in md
+
+
+def test_qk_norm_wrong_result_is_flagged(meta, monkeypatch):
+    """The qk-norm check can fail: a variant that skips the weight is a MISMATCH."""
+    real = bg.qk_norm_variants
+
+    def with_wrong(inp, compile_backend="inductor"):
+        out, skipped = real(inp, compile_backend)
+        from ropekit import apply_qk_norm_rotary
+
+        def wrong(a, b, wa=None, wb=None):  # q's and k's norm weights swapped
+            wa, wb = (inp.wq, inp.wk) if wa is None else (wa, wb)
+            return apply_qk_norm_rotary(a, b, wb, wa, inp.rope.c4, inp.rope.s4, backend="eager")
+
+        return out[:1] + [bg.Variant("wrong", wrong, False, grad=wrong)], skipped
+
+    monkeypatch.setattr(bg, "qk_norm_variants", with_wrong)
+    rows = bg.bench_qk_norm_case(bg.Case(1, 2, 2, 1, 8, "float32", DEV), meta, rounds=1, warmup=1, compile_backend="eager",
+                                 log=lambda m: None)
+    for mode in ("qk-norm forward", "qk-norm fwd+bwd"):
+        assert "MISMATCH" in _by(rows, variant="wrong", mode=mode)[0]["note"]
+        assert "MISMATCH" not in _by(rows, variant=bg.QK_NORM_FUSED, mode=mode)[0]["note"]
+
+
 def test_graph_decode(meta):
     """CPU: the static-buffer protocol (copy in, run, compare with eager); CUDA: real capture and replay."""
     rows = bg.graph_decode(meta, DEV, b=2, dtype="bfloat16", hq=2, hk=1, d=8, steps=2, replays=5,
@@ -232,13 +286,16 @@ def test_main_writes_csv_and_summary(tmp_path):
     """The whole script on tiny shapes: every section reaches the CSV and the summary; --summarize rewrites it."""
     args = ["--device", DEV.type, "--out", str(tmp_path), "--cases", "1x2,2x1", "--heads", "2,1,8", "--dtypes", "float32",
             "--modes", "forward", "--rounds", "1", "--compile-backend", "eager", "--int64-numel", "200",
-            "--sweep-grid", "tile=256;bh_max=2;num_warps=4", "--peers", "transformers", "--note", "tiny run"]
+            "--sweep-grid", "tile=256;bh_max=2;num_warps=4", "--peers", "transformers", "--note", "tiny run",
+            "--qk-norm-dtypes", "float32", "--qk-norm-cases", "1x2"]
     assert bg.main(args) == 0
     rows = bg.read_rows(tmp_path / "gpu.csv")
-    assert {"int64_offsets", "cuda_graph_decode", "sweep", "forward"} <= {r["mode"] for r in rows}
+    assert {"int64_offsets", "cuda_graph_decode", "sweep", "forward", "qk-norm forward"} <= {r["mode"] for r in rows}
+    assert "qk-norm fwd+bwd" not in {r["mode"] for r in rows}  # --modes forward applies to the section too
     assert list(rows[0]) == bg.FIELDS and all(r["git_rev"] and r["torch"] == torch.__version__ for r in rows)
     md = (tmp_path / "summary.md").read_text()
-    for section in ("## Targets", "## forward, float32", "## CUDA graph: decode step", "## More than 2^31", "## Block-size sweep"):
+    for section in ("## Targets", "## forward, float32", "## CUDA graph: decode step", "## More than 2^31", "## Block-size sweep",
+                    "## qk-norm forward (per-head RMSNorm + RoPE of q and k), float32"):
         assert section in md
     assert md.count("tiny run") == 1
     (tmp_path / "summary.md").unlink()

@@ -11,9 +11,16 @@ Entry points (see :mod:`ropekit.backends` for the contract):
 - :func:`rotate_qk` — q and k in ONE launch (head blocks of q, then of k; ``hq != hk`` ok).
 - :func:`rotate_qk_gather` — q and k in one launch, table rows gathered by position inside
   the kernel (``[s]``, ``[b, s]`` or packed ``[t]`` positions); differentiable.
+- :func:`qk_norm_rotate` (``apply_qk_norm``, ``QK_NORM = True``) — per-head RMSNorm then RoPE
+  of q and k in one launch, forward and backward (``qk_norm_fwd_kernel`` /
+  ``qk_norm_bwd_kernel``); differentiable in q, k and both norm weights. Saved for the
+  backward: q and k (copies when in place), the weights, the tables and the inverse RMS
+  of every head row (4 bytes per head and token; 8 for float64). The weight gradients
+  are deterministic (fixed per-program partial sums, then ``torch.sum``; no atomics).
 
 Precision: cos/sin and x are converted to float32 inside the kernel (float64 when x is
-float64) and the result is cast once to x's dtype. Under ``TRITON_INTERPRET=1`` (CPU) the
+float64) and the result is cast once to x's dtype (the qk-norm kernel: norm, weight and
+rotation in float32 with IEEE sqrt and divisions, one rounding). Under ``TRITON_INTERPRET=1`` (CPU) the
 float32 -> bfloat16 store truncates instead of rounding: at most one bf16 ulp off.
 
 Strides: any strides are read directly (e.g. a ``bshd`` view of ``bhsd`` memory) as long as
@@ -29,7 +36,8 @@ for positions outside ``[0, n)``). Under ``torch.compile`` that check becomes a
 ``torch._assert_async`` (no sync, no graph break; it raises a RuntimeError instead).
 
 torch.compile: the launch is a custom op ``torch.ops.ropekit.triton_rotary_`` (in place)
-/ ``triton_rotary_out``, defined with ``torch.library.triton_op`` + ``wrap_triton`` when the
+/ ``triton_rotary_out`` (qk-norm: ``triton_qk_norm_`` / ``triton_qk_norm_out`` /
+``triton_qk_norm_bwd``, called from autograd Functions dynamo traces), defined with ``torch.library.triton_op`` + ``wrap_triton`` when the
 kernel is JIT-compiled (inductor sees the kernel itself). Under the interpreter ``wrap_triton``
 cannot trace an interpreted kernel, so the same ops are plain ``torch.library.custom_op``
 with a fake impl (opaque to inductor, still no graph break).
@@ -46,7 +54,9 @@ Example:
 """
 
 import contextlib
+import math
 import os
+import struct
 import sys
 from typing import List, Optional, Sequence, Tuple
 
@@ -62,10 +72,11 @@ DIFFERENTIABLE = False
 TRACEABLE = False  # one opaque custom op in graphs (see _generic)
 FUSED_QK = True
 GATHER = True
+QK_NORM = True  # apply_qk_norm: the fused norm + rotation kernel
 
 __all__ = [
     "NAME", "available", "supports", "rotate", "rotate_qk", "rotate_qk_gather", "apply", "apply_qk", "apply_gather",
-    "LAUNCH", "launch_config",
+    "apply_qk_norm", "qk_norm_rotate", "LAUNCH", "launch_config",
 ]
 
 try:
@@ -286,6 +297,187 @@ def _rotary_out_impl(
     _launch(xa, oa, xb, ob, cos, sin, pos, interleaved, conjugate, cos_per_head, True)
 
 
+# --------------------------------------------------------------------------------------
+# per-head RMSNorm + RoPE launch (apply_qk_norm_rotary)
+# --------------------------------------------------------------------------------------
+
+_DW_PROGRAMS = 1024  # backward: token-tile programs per head block (each sums its tiles' weight gradient)
+
+
+def _split_f32(v: float) -> Tuple[float, float]:
+    """``v`` as float32 ``hi`` + ``lo`` (Triton passes host floats as float32; float64 math adds them)."""
+    hi = _f32(v)
+    return hi, (_f32(v - hi) if math.isfinite(hi) else 0.0)
+
+
+def _f32(v: float) -> float:
+    """``v`` rounded to float32 (to nearest; +-inf past its range)."""
+    try:
+        return struct.unpack("f", struct.pack("f", v))[0]
+    except OverflowError:
+        return math.copysign(math.inf, v)
+
+
+def _norm_widths(d: int, r2: int) -> Tuple[int, int]:
+    """``(R2P, TP)``: padded half width and padded pass-through tail ``[r, d)`` (1 when empty)."""
+    return _pow2(r2), _pow2(d - 2 * r2) if d > 2 * r2 else 1
+
+
+def _norm_launch_params(M: int, ha: int, hb: int, d: int, r2: int, interpreted: bool) -> Tuple[int, int, int]:
+    """``(BT, BH, num_warps)`` by the rule of :func:`_launch_params` (and its ``LAUNCH`` knobs)
+    for rows of ``2 * R2P + TP`` padded elements instead of ``2 * R2P``."""
+    r2p, tp = _norm_widths(d, r2)
+    width = 2 * r2p + (tp if d > 2 * r2 else 0)
+    return _launch_params(M, ha, hb, _pow2(width) // 2, interpreted)
+
+
+def _interpreted() -> bool:
+    from ._triton_kernels import qk_norm_fwd_kernel
+
+    return qk_norm_fwd_kernel.__class__.__name__ == "InterpretedFunction"
+
+
+def _s3(t: Optional[torch.Tensor], like: Optional[torch.Tensor] = None) -> Tuple[int, int, int]:
+    """The first three strides of a canonical view (of ``like`` when ``t`` is None; zeros if both are)."""
+    t = t if t is not None else like
+    return tuple(t.stride()[:3]) if t is not None else (0, 0, 0)
+
+
+def _qk_norm_launch(xa, oa, ra, wa, xb, ob, rb, wb, cos, sin, eps, weight_offset, interleaved, cos_per_head) -> None:
+    """Forward launch on canonical views ``x*/o* [m0, m1, h, d]``, ``r* [m0, m1, h]`` (inverse RMS
+    out, or None), weights ``w* [d]``, ``cos/sin [m0, m1, h|1, r/2]``. ``oa is None``: in place."""
+    from ._triton_kernels import qk_norm_fwd_kernel
+
+    m0, m1, ha, d = xa.shape
+    hb = 0 if xb is None else xb.shape[2]
+    M, r2 = m0 * m1, cos.shape[-1]
+    if M == 0 or ha + hb == 0:
+        return
+    inplace = oa is None
+    r2p, tp = _norm_widths(d, r2)
+    bt, bh, num_warps = _norm_launch_params(M, ha, hb, d, r2, _interpreted())
+    nba = triton.cdiv(ha, bh)
+    grid = (triton.cdiv(M, bt), nba + triton.cdiv(hb, bh))
+    eps_hi, eps_lo = _split_f32(eps)
+    wo_hi, wo_lo = _split_f32(weight_offset)
+    kernel = qk_norm_fwd_kernel
+    wrap = getattr(torch.library, "wrap_triton", None)
+    if wrap is not None:
+        kernel = wrap(qk_norm_fwd_kernel)
+    guard = torch.cuda.device(xa.device) if xa.is_cuda else contextlib.nullcontext()
+    with guard:
+        kernel[grid](
+            xa, oa, ra, wa, xb, ob, rb, wb, cos, sin,
+            M, m1, ha, hb, nba,
+            *_s3(xa), *_s3(oa, xa), *_s3(ra), wa.stride(0),
+            *_s3(xb), *_s3(ob, xb), *_s3(rb), wb.stride(0) if wb is not None else 0,
+            *cos.stride(), *sin.stride(),
+            eps_hi, eps_lo, wo_hi, wo_lo,
+            R2=r2, D=d, R2P=r2p, TP=tp, BT=bt, BH=bh,
+            INTERLEAVED=interleaved, COS_PER_HEAD=cos_per_head, F64=xa.dtype == torch.float64,
+            INPLACE=inplace, HAS_B=hb > 0, SAVE_RSTD=ra is not None,
+            num_warps=num_warps,
+        )  # fmt: skip
+
+
+def _qk_norm_inplace_impl(
+    xa: torch.Tensor,
+    xb: Optional[torch.Tensor],
+    wa: torch.Tensor,
+    wb: Optional[torch.Tensor],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    ra: Optional[torch.Tensor],
+    rb: Optional[torch.Tensor],
+    eps: float,
+    weight_offset: float,
+    interleaved: bool,
+    cos_per_head: bool,
+) -> None:
+    _qk_norm_launch(xa, None, ra, wa, xb, None, rb, wb, cos, sin, eps, weight_offset, interleaved, cos_per_head)
+
+
+def _qk_norm_out_impl(
+    xa: torch.Tensor,
+    oa: torch.Tensor,
+    xb: Optional[torch.Tensor],
+    ob: Optional[torch.Tensor],
+    wa: torch.Tensor,
+    wb: Optional[torch.Tensor],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    ra: Optional[torch.Tensor],
+    rb: Optional[torch.Tensor],
+    eps: float,
+    weight_offset: float,
+    interleaved: bool,
+    cos_per_head: bool,
+) -> None:
+    _qk_norm_launch(xa, oa, ra, wa, xb, ob, rb, wb, cos, sin, eps, weight_offset, interleaved, cos_per_head)
+
+
+def _qk_norm_bwd_impl(
+    ga: torch.Tensor,
+    xa: torch.Tensor,
+    ra: torch.Tensor,
+    wa: torch.Tensor,
+    dxa: Optional[torch.Tensor],
+    pa: Optional[torch.Tensor],
+    gb: Optional[torch.Tensor],
+    xb: Optional[torch.Tensor],
+    rb: Optional[torch.Tensor],
+    wb: Optional[torch.Tensor],
+    dxb: Optional[torch.Tensor],
+    pb: Optional[torch.Tensor],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    weight_offset: float,
+    interleaved: bool,
+    cos_per_head: bool,
+    bt: int,
+    bh: int,
+    programs: int,
+    num_warps: int,
+) -> None:
+    _qk_norm_bwd_launch(ga, xa, ra, wa, dxa, pa, gb, xb, rb, wb, dxb, pb, cos, sin, weight_offset, interleaved,
+                        cos_per_head, bt, bh, programs, num_warps)
+
+
+def _qk_norm_bwd_launch(ga, xa, ra, wa, dxa, pa, gb, xb, rb, wb, dxb, pb, cos, sin, weight_offset, interleaved,
+                        cos_per_head, bt, bh, programs, num_warps) -> None:
+    """Backward launch on canonical views (see :func:`_qk_norm_backward`): ``dx*`` (or None) get
+    the input gradients, ``p* [programs * cdiv(h, bh), d]`` (or None) the partial weight gradients."""
+    from ._triton_kernels import qk_norm_bwd_kernel
+
+    m0, m1, ha, d = xa.shape
+    hb = 0 if xb is None else xb.shape[2]
+    M, r2 = m0 * m1, cos.shape[-1]
+    if M == 0 or ha + hb == 0:
+        return
+    r2p, tp = _norm_widths(d, r2)
+    nba = triton.cdiv(ha, bh)
+    grid = (programs, nba + triton.cdiv(hb, bh))
+    wo_hi, wo_lo = _split_f32(weight_offset)
+    kernel = qk_norm_bwd_kernel
+    wrap = getattr(torch.library, "wrap_triton", None)
+    if wrap is not None:
+        kernel = wrap(qk_norm_bwd_kernel)
+    guard = torch.cuda.device(xa.device) if xa.is_cuda else contextlib.nullcontext()
+    with guard:
+        kernel[grid](
+            ga, xa, dxa, ra, wa, pa, gb, xb, dxb, rb, wb, pb, cos, sin,
+            M, m1, ha, hb, nba, triton.cdiv(M, bt), programs,
+            *_s3(ga), *_s3(xa), *_s3(dxa, xa), *_s3(ra), wa.stride(0),
+            *_s3(gb), *_s3(xb), *_s3(dxb, xb), *_s3(rb), wb.stride(0) if wb is not None else 0,
+            *cos.stride(), *sin.stride(),
+            wo_hi, wo_lo,
+            R2=r2, D=d, R2P=r2p, TP=tp, BT=bt, BH=bh,
+            INTERLEAVED=interleaved, COS_PER_HEAD=cos_per_head, F64=xa.dtype == torch.float64, HAS_B=hb > 0,
+            DX_A=dxa is not None, DW_A=pa is not None, DX_B=dxb is not None, DW_B=pb is not None,
+            num_warps=num_warps,
+        )  # fmt: skip
+
+
 _REGISTERED = False
 
 
@@ -298,6 +490,9 @@ def _register_ops() -> None:
     specs = (
         ("triton_rotary_", _rotary_inplace_impl, ("xa", "xb")),
         ("triton_rotary_out", _rotary_out_impl, ("oa", "ob")),
+        ("triton_qk_norm_", _qk_norm_inplace_impl, ("xa", "xb", "ra", "rb")),
+        ("triton_qk_norm_out", _qk_norm_out_impl, ("oa", "ob", "ra", "rb")),
+        ("triton_qk_norm_bwd", _qk_norm_bwd_impl, ("dxa", "dxb", "pa", "pb")),
     )
     for name, fn, muts in specs:
         try:
@@ -659,6 +854,305 @@ def apply_gather(q, k, cos_table, sin_table, positions, fmt, layout, conjugate, 
         _check_range(positions, cos_table.shape[0])
         return _generic.apply_gather(sys.modules[__name__], q, k, cos_table, sin_table, positions, fmt, layout, True, inplace)
     return rotate_qk_gather(q, k, cos_table, sin_table, positions, fmt, layout, inplace)
+
+
+# --------------------------------------------------------------------------------------
+# per-head RMSNorm + RoPE (apply_qk_norm_rotary): views, autograd, entry point
+# --------------------------------------------------------------------------------------
+
+
+def _lead_mergeable(v: torch.Tensor, n: int) -> bool:
+    """Whether the first ``n`` dims of ``v`` merge into one by ``view`` (size-1 dims ignored)."""
+    dims = [(sz, st) for sz, st in zip(v.shape[:n], v.stride()[:n]) if sz != 1]
+    return all(dims[i][1] == dims[i + 1][1] * dims[i + 1][0] for i in range(len(dims) - 1))
+
+
+def _canon4(t: torch.Tensor, hd: int, need_view: bool) -> Optional[torch.Tensor]:
+    """``t [..., h (at hd), ..., last]`` as ``[m0, m1, h, last]``: ``hd`` moved to -2, leading dims
+    padded or merged. A view when the strides allow it; otherwise a copy (``need_view``: None)."""
+    v = t.movedim(hd, -2)
+    while v.dim() < 4:
+        v = v.unsqueeze(0)
+    if v.dim() > 4:
+        if _lead_mergeable(v, v.dim() - 3):
+            v = v.view(-1, *v.shape[-3:])
+        elif need_view:
+            return None
+        else:
+            v = v.reshape(-1, *v.shape[-3:])  # a copy (inputs only)
+    return v
+
+
+def _canon_in(t: torch.Tensor, hd: int) -> torch.Tensor:
+    """Read-only canonical view of ``t`` with unit last stride (a copy when needed)."""
+    return _unit_last(_canon4(t, hd, False))
+
+
+def _uncanon(v: torch.Tensor, like: torch.Tensor, hd: int) -> torch.Tensor:
+    """The canonical ``v [m0, m1, h, d]`` viewed back to ``like``'s shape (inverse of :func:`_canon4`)."""
+    moved = like.movedim(hd, -2).shape
+    return v.reshape(moved).movedim(-2, hd)
+
+
+def _canon_dst(like: torch.Tensor, hd: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A fresh output of ``like``'s shape and dtype and its writable canonical view ``(out, view)``:
+    ``empty_like`` (``like``'s layout) when its canonical form is a view with unit last stride,
+    else canonical-contiguous memory seen through ``like``'s shape."""
+    out = torch.empty_like(like)
+    v = _canon4(out, hd, True)
+    if v is None or v.stride(-1) != 1:
+        v = torch.empty(_canon4(like, hd, False).shape, dtype=like.dtype, device=like.device)
+        out = _uncanon(v, like, hd)
+    return out, v
+
+
+class _NormPlan:
+    """How q and k are launched: ``joint`` (one launch, q heads then k heads) or one each;
+    per tensor the dim of its heads (``hd``: moved to -2 in the canonical view) and whether
+    cos/sin differ per head (``per_head``). A function of shapes and table strides only, so
+    the backward rebuilds the same canonical views from the saved tensors."""
+
+    __slots__ = ("joint", "hd", "per_head")
+
+    def __init__(self, q, k, cos, sin):
+        r2 = cos.shape[-1]
+        diff = [i for i in range(q.dim() - 1) if q.dim() == k.dim() and q.shape[i] != k.shape[i]]
+        self.joint = (
+            q.dtype == k.dtype and q.dim() == k.dim() and q.shape[-1] == k.shape[-1] and len(diff) <= 1
+        )
+        hd, per = [], []
+        for x in (q, k):
+            lead = tuple(x.shape[:-1])
+            ce, se = cos.expand(*lead, r2), sin.expand(*lead, r2)
+            if self.joint and diff:
+                h, p = diff[0], False  # cos/sin broadcast over it (they broadcast to both q and k)
+            else:
+                h, p = _pick_head_dim(lead, ce, se)
+            hd.append(h)
+            per.append(p)
+        self.hd, self.per_head = tuple(hd), tuple(per)
+
+    def tables(self, i: int, x: torch.Tensor, cos, sin):
+        lead, r2 = tuple(x.shape[:-1]), cos.shape[-1]
+        return _canon_in(cos.expand(*lead, r2), self.hd[i]), _canon_in(sin.expand(*lead, r2), self.hd[i])
+
+
+def _rstd_buf(xv: torch.Tensor) -> torch.Tensor:
+    """The inverse RMS of every head row of the canonical ``xv``: ``[m0, m1, h]`` in the compute dtype."""
+    return torch.empty(xv.shape[:3], dtype=_generic.compute_dtype(xv), device=xv.device)
+
+
+def _qk_norm_forward(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, interleaved, inplace, save, plan):
+    """Launch the forward (one launch for q and k when ``plan.joint``, else one each).
+
+    Returns ``(q_out, k_out, (rstd_q, rstd_k))``: the outputs (``q``/``k`` themselves when
+    ``inplace``) and, when ``save``, the canonical inverse RMS buffers ``[m0, m1, h]``.
+    """
+    groups = []  # per tensor: (x view, out view or None, rstd, weight, cos view, sin view, out, copy back)
+    for i, (x, w) in enumerate(((q, q_weight), (k, k_weight))):
+        hd = plan.hd[i]
+        cv, sv = plan.tables(i, x, cos, sin)
+        if inplace:
+            xv = _canon4(x, hd, True)
+            back = xv is None or xv.stride(-1) != 1
+            if back:  # not writable through a canonical view: a canonical copy, written back after
+                xv = _canon4(x, hd, False).contiguous()
+            out, ov = x, None
+        else:
+            xv, back = _canon_in(x, hd), False
+            out, ov = _canon_dst(x, hd)
+        groups.append((xv, ov, _rstd_buf(xv) if save else None, w, cv, sv, out, back))
+    (qa, qo, qr, qw, qc, qs, q_out, q_back), (ka, ko, kr, kw, _, _, k_out, k_back) = groups
+    if plan.joint:
+        _run_qk_norm(qa, qo, qr, qw, ka, ko, kr, kw, qc, qs, eps, weight_offset, interleaved, plan.per_head[0], inplace)
+    else:
+        for (xa, oa, ra, wa, ca, sa, _, _), per in zip(groups, plan.per_head):
+            _run_qk_norm(xa, oa, ra, wa, None, None, None, None, ca, sa, eps, weight_offset, interleaved, per, inplace)
+    for (xv, _, _, _, _, _, x, back), hd in zip(groups, plan.hd):
+        if back:
+            x.copy_(_uncanon(xv, x, hd))
+    return q_out, k_out, (qr, kr)
+
+
+def _run_qk_norm(xa, oa, ra, wa, xb, ob, rb, wb, cos, sin, eps, weight_offset, interleaved, cos_per_head, inplace):
+    if not _REGISTERED:
+        _register_ops()
+    if inplace:
+        torch.ops.ropekit.triton_qk_norm_(xa, xb, wa, wb, cos, sin, ra, rb, eps, weight_offset, interleaved, cos_per_head)
+    else:
+        torch.ops.ropekit.triton_qk_norm_out(xa, oa, xb, ob, wa, wb, cos, sin, ra, rb, eps, weight_offset, interleaved,
+                                             cos_per_head)
+
+
+def _qk_norm_backward(grads, xs, weights, rstds, cos, sin, weight_offset, interleaved, plan, need_dx, need_dw):
+    """Gradients of the forward: ``grads``/``xs``/``weights``/``rstds`` per tensor (q, k) — a
+    gradient may be None (output unused) — and which ``dx``/``dw`` are needed.
+
+    One launch for both tensors when ``plan.joint`` and both take part, else one each.
+    Returns ``([dq, dk], [dq_weight, dk_weight])`` (None where not needed). The weight
+    gradients are summed in float32 (float64 for float64 inputs) in a fixed order:
+    per-program partial rows, then ``torch.sum`` over them; bit-identical run to run.
+    """
+    dxs, dws = [None, None], [None, None]
+    parts = []
+    for i in (0, 1):
+        g = grads[i]
+        if g is None or not (need_dx[i] or need_dw[i]):
+            continue
+        x, hd = xs[i], plan.hd[i]
+        gv, xv = _canon_in(g, hd), _canon_in(x, hd)
+        if need_dx[i]:
+            dxs[i], dv = _canon_dst(x, hd)
+        else:
+            dv = None
+        cv, sv = plan.tables(i, x, cos, sin)
+        parts.append((i, gv, xv, rstds[i], weights[i], dv, cv, sv))
+    if not parts:
+        return dxs, dws
+    launches = [parts] if plan.joint and len(parts) == 2 else [[p] for p in parts]
+    for group in launches:
+        m0, m1, ha, d = group[0][2].shape
+        hb = group[1][2].shape[2] if len(group) == 2 else 0
+        r2 = cos.shape[-1]
+        bt, bh, num_warps = _norm_launch_params(m0 * m1, ha, hb, d, r2, _interpreted())
+        programs = max(1, min(triton.cdiv(m0 * m1, bt), _DW_PROGRAMS))
+        args = []
+        for i, gv, xv, rv, w, dv, _, _ in group:
+            pv = None
+            if need_dw[i]:
+                pv = torch.empty(programs * triton.cdiv(xv.shape[2], bh), d, dtype=_generic.compute_dtype(xv), device=xv.device)
+            args.append((gv, xv, rv, w, dv, pv))
+        if len(args) == 1:
+            args.append((None,) * 6)
+        (ga, xa, ra, wa, dxa, pa), (gb, xb, rb, wb, dxb, pb) = args
+        cv, sv = group[0][6], group[0][7]
+        if not _REGISTERED:
+            _register_ops()
+        torch.ops.ropekit.triton_qk_norm_bwd(ga, xa, ra, wa, dxa, pa, gb, xb, rb, wb, dxb, pb, cv, sv, weight_offset,
+                                             interleaved, plan.per_head[group[0][0]], bt, bh, programs, num_warps)
+        for (i, *_), (_, _, _, w, _, pv) in zip(group, args):
+            if pv is not None:
+                dws[i] = pv.sum(0).to(w.dtype)  # [d]: a fixed-order reduction of the partial rows
+    return dxs, dws
+
+
+class _QKNormRotary(torch.autograd.Function):
+    """Autograd of the fused forward (out of place): one launch forward, one backward.
+
+    Saves q, k, both weights, the tables and the inverse RMS of every head row
+    (``q.numel() / d + k.numel() / d`` values in float32; float64 for float64 inputs).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, q_weight, k_weight, cos, sin, eps, weight_offset, interleaved):  # type: ignore[override]
+        plan = _NormPlan(q, k, cos, sin)
+        qo, ko, (rq, rk) = _qk_norm_forward(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, interleaved,
+                                            False, True, plan)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no work for it
+        ctx.save_for_backward(q, k, q_weight, k_weight, cos, sin, rq, rk)
+        ctx.plan, ctx.weight_offset, ctx.interleaved = plan, weight_offset, interleaved
+        return qo, ko
+
+    @staticmethod
+    def backward(ctx, gq, gk):  # type: ignore[override]
+        q, k, qw, kw, cos, sin, rq, rk = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        (dq, dk), (dqw, dkw) = _qk_norm_backward(
+            (gq, gk), (q, k), (qw, kw), (rq, rk), cos, sin, ctx.weight_offset, ctx.interleaved, ctx.plan,
+            (n[0], n[1]), (n[2], n[3]),
+        )
+        return dq, dk, dqw, dkw, None, None, None, None, None
+
+
+class _QKNormedInPlace(torch.autograd.Function):
+    """The backward of the fused forward already applied in place to ``x`` (q or k, under
+    no_grad): marks ``x`` modified; one single-output node per tensor, as
+    :class:`ropekit.backends._generic._Rotated` (q and k may be views of one projection
+    output). Saves ``x0`` (the input, copied before it was overwritten), the weight, the
+    tables and the inverse RMS."""
+
+    @staticmethod
+    def forward(ctx, x, weight, x0, rstd, cos, sin, plan, i, weight_offset, interleaved):  # type: ignore[override]
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(x0, weight, rstd, cos, sin)
+        ctx.plan, ctx.i, ctx.weight_offset, ctx.interleaved = plan, i, weight_offset, interleaved
+        return x
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        x0, w, rstd, cos, sin = ctx.saved_tensors
+        i, n = ctx.i, ctx.needs_input_grad
+        pair = [None, None]
+        grads, xs, ws, rs = list(pair), list(pair), list(pair), list(pair)
+        grads[i], xs[i], ws[i], rs[i] = g, x0, w, rstd
+        need_dx, need_dw = [False, False], [False, False]
+        need_dx[i], need_dw[i] = n[0], n[1]
+        dxs, dws = _qk_norm_backward(grads, xs, ws, rs, cos, sin, ctx.weight_offset, ctx.interleaved, ctx.plan,
+                                     need_dx, need_dw)
+        return dxs[i], dws[i], None, None, None, None, None, None, None, None
+
+
+def qk_norm_rotate(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float,
+    weight_offset: float,
+    layout: str,
+    inplace: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-head RMSNorm then RoPE of q and k in one launch (the fused kernel), with autograd.
+
+    Args:
+        q: ``[..., hq, d]``, k: ``[..., hk, d]`` (``hq != hk`` ok), float16/bfloat16/float32/
+            float64, any strides (one contiguous copy for a last-dim stride other than 1).
+        q_weight, k_weight: ``[d]`` norm weights, any float dtype and stride.
+        cos, sin: half width ``[..., r/2]`` broadcastable to both ``q.shape[:-1] + (r/2,)``
+            and ``k.shape[:-1] + (r/2,)`` (``r <= d``; dims ``[r, d)`` are normalised, not rotated).
+        eps, weight_offset: as :func:`ropekit.apply_qk_norm_rotary`.
+        layout: ``"half"`` or ``"interleaved"``.
+        inplace: write into q and k (they must not be leaves that require grad).
+
+    Returns:
+        ``(q_out, k_out)``, dtypes of q and k.
+
+    One launch when q and k share dtype and head dim and differ in at most one dim (their
+    heads), else one each. Backward: one launch (q and k), or one per tensor in place;
+    saved: q and k (copies in place), weights, tables and the inverse RMS per head row
+    (4 bytes per head and token; 8 for float64). Inputs are not validated here (the API
+    does it: :func:`ropekit._tensor_checks.check_qk_norm`).
+    """
+    interleaved = layout == "interleaved"
+    if inplace:
+        _check_writable(q, "q")
+        _check_writable(k, "k")
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, q_weight, k_weight))
+    if grad and not inplace:
+        return _QKNormRotary.apply(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, interleaved)
+    plan = _NormPlan(q, k, cos, sin)
+    sides = ((q, q_weight), (k, k_weight))
+    need = [grad and (x.requires_grad or w.requires_grad) for x, w in sides]
+    x0 = [x.detach().clone() if n else None for (x, _), n in zip(sides, need)]  # the backward needs the input
+    with torch.no_grad():
+        qo, ko, rstds = _qk_norm_forward(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, interleaved,
+                                         inplace, any(need), plan)
+    for i, (x, w) in enumerate(sides):
+        if need[i]:  # in place: one node per tensor
+            _QKNormedInPlace.apply(x, w, x0[i], rstds[i], cos, sin, plan, i, weight_offset, interleaved)
+    return qo, ko
+
+
+def apply_qk_norm(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, inplace):
+    """Entry point (see :mod:`ropekit.backends`): :func:`qk_norm_rotate`; the composition of
+    :func:`ropekit.backends._generic.apply_qk_norm` for what the kernel does not take (empty
+    or 1-D q/k, tables that require grad)."""
+    if q.numel() == 0 or k.numel() == 0 or q.dim() < 2 or k.dim() < 2 or cos.requires_grad or sin.requires_grad:
+        return _generic.apply_qk_norm(sys.modules[__name__], q, k, q_weight, k_weight, cos, sin, eps, weight_offset,
+                                      layout, inplace)
+    return qk_norm_rotate(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, inplace)
 
 
 _generic._OPAQUE[NAME] = sys.modules[__name__]  # graphs call the launch through one opaque custom op

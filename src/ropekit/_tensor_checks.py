@@ -135,10 +135,13 @@ def disjoint(a: torch.Tensor, b: torch.Tensor) -> bool:
     """
     if a.numel() == 0 or b.numel() == 0 or tracing():
         return True
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+    sa, sb = a.untyped_storage(), b.untyped_storage()
+    if sa.data_ptr() != sb.data_ptr():
+        return True
+    if sa.data_ptr() == 0 and sa._cdata != sb._cdata:  # meta tensors (no data): one storage object each
         return True
     es = a.element_size()
-    pa, pb = a.data_ptr(), b.data_ptr()
+    pa, pb = a.storage_offset() * es, b.storage_offset() * b.element_size()  # bytes into the one storage
 
     def span(t):
         return (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()

@@ -18,6 +18,7 @@ import torch
 from . import backends as _backends
 from ._tensor_checks import (check_inplace, check_qk_disjoint, check_apply, check_qk, check_qk_norm, check_tables, explain,
                              tracing)
+from ._checks import flag as _flag, real as _real
 from ._errors import fail
 from .config import RopeConfig, check_layout
 from .positions import resolve_positions, split_format, split_qk_format, table_view
@@ -185,6 +186,9 @@ def apply_qk_norm_rotary(
         >>> qo.shape, ko.shape
         (torch.Size([1, 5, 8, 64]), torch.Size([1, 5, 2, 64]))
     """
+    eps = _real("eps", eps, minimum=0.0, fix="pass the norm's epsilon, e.g. eps=1e-6")
+    weight_offset = _real("weight_offset", weight_offset, fix="pass 0.0 (y = x̂·w) or 1.0 (Gemma: y = x̂·(1 + w))")
+    inplace = _flag("inplace", inplace)
     be = _resolve(backend, q, "q")
     if be.QK_NORM and be.CHECKS:
         try:
@@ -194,7 +198,7 @@ def apply_qk_norm_rotary(
                 e, lambda: check_qk_norm(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, inplace)
             ) from None
     check_qk_norm(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, inplace)
-    return be.apply_qk_norm(q, k, q_weight, k_weight, cos, sin, float(eps), float(weight_offset), layout, inplace)
+    return be.apply_qk_norm(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, inplace)
 
 
 def apply_gather(q, k, cos_table, sin_table, positions, *, format: str, layout: str, inplace: bool, backend: str,

@@ -128,8 +128,10 @@ def apply_qk_norm(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout
         check_qk_norm(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, inplace)
         return _generic.apply_qk_norm(_eager, q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, inplace)
     if inplace:
-        if tracing():
-            qo, ko = _OPS.qk_norm_rotary(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout)
+        if tracing():  # graphs: out of place, then copied back; the op saves its inputs, so a copy of them
+            grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, q_weight, k_weight))
+            src_q, src_k = (q.clone(), k.clone()) if grad else (q, k)
+            qo, ko = _OPS.qk_norm_rotary(src_q, src_k, q_weight, k_weight, cos, sin, eps, weight_offset, layout)
             return q.copy_(qo), k.copy_(ko)
         _OPS.qk_norm_rotary_(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout)
         return q, k

@@ -871,7 +871,7 @@ std::vector<Tensor> norm_bwd(const std::vector<Tensor>& gs, const std::vector<Te
     for (size_t i = 0; i < n; ++i) {
         const Tensor& x = xs[i];
         const Tensor g = gs[i].scalar_type() == x.scalar_type() ? gs[i] : gs[i].to(x.scalar_type());
-        dx[i] = new_out(g);
+        dx[i] = new_cpu_out(g);
         const int64_t dt = dtype_code(x.scalar_type()), d = x.size(-1);
         if (x.numel() == 0) {
             dw[i] = at::zeros({d}, ws[i].options());
@@ -1384,7 +1384,9 @@ void qk_norm_rotary__autograd(c10::DispatchKeySet ks, Tensor& q, Tensor& k, cons
     check_not_leaf(k, "k");
     // the inputs, before they are overwritten (checks first: nothing is copied for a refused call)
     check_qk_norm(q, k, qw, kw, c, s, eps, off);
-    const Tensor q0 = q.detach().clone(), k0 = k.detach().clone();
+    Tensor q0 = new_cpu_out(q), k0 = new_cpu_out(k);  // fresh and large: advised onto huge pages
+    q0.copy_(q.detach());
+    k0.copy_(k.detach());
     static auto op = RK_OP("qk_norm_rotary_fwd_", NormFwdInSig);
     auto [rq, rk] = op.redispatch(ks & c10::after_autograd_keyset, q, k, qw, kw, c, s, eps, off, layout);
     const std::string l(layout);

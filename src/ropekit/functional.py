@@ -11,6 +11,7 @@ Python checks give every other backend.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -186,9 +187,12 @@ def apply_qk_norm_rotary(
         >>> qo.shape, ko.shape
         (torch.Size([1, 5, 8, 64]), torch.Size([1, 5, 2, 64]))
     """
-    eps = _real("eps", eps, minimum=0.0, fix="pass the norm's epsilon, e.g. eps=1e-6")
-    weight_offset = _real("weight_offset", weight_offset, fix="pass 0.0 (y = x̂·w) or 1.0 (Gemma: y = x̂·(1 + w))")
-    inplace = _flag("inplace", inplace)
+    if not (type(eps) is float and 0.0 <= eps < math.inf):  # the common case without a call
+        eps = _real("eps", eps, minimum=0.0, fix="pass the norm's epsilon, e.g. eps=1e-6")
+    if not (type(weight_offset) is float and -math.inf < weight_offset < math.inf):
+        weight_offset = _real("weight_offset", weight_offset, fix="pass 0.0 (y = x̂·w) or 1.0 (Gemma: y = x̂·(1 + w))")
+    if inplace is not False and inplace is not True:
+        inplace = _flag("inplace", inplace)
     be = _resolve(backend, q, "q")
     if be.QK_NORM and be.CHECKS:
         try:

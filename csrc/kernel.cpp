@@ -724,6 +724,96 @@ static void norm_fwd_fast_rows(const NJob& j, NWalk& w, i64 r0, i64 r1) {
     }
 }
 
+#if RK_BF16_AVX2
+// bfloat16 on AVX2 (see row_bf16_avx2_half): rows split into even and odd elements with one
+// shift and one AND, rounded and re-joined with one blend, the weights split once per call
+// and each table row once per token (bf16_prep_tables: NaN made canonical, so the rounding
+// needs no NaN test). The sums of squares keep dot16's lanes: even lane l of a 16-block is
+// element 2l, odd lane l element 2l + 1, interleaved back into 16 partial sums for tree16.
+// The same operations in the same order as the generic path: the same bits (NaN -> NaN).
+static inline float bf16_sumsq16(const uint16_t* px, i64 d) {
+    __m256 ae = _mm256_setzero_ps(), ao = _mm256_setzero_ps();
+    for (i64 i = 0; i < d; i += 16) {
+        __m256 e, o;
+        bf16_split(_mm256_loadu_si256((const __m256i*)(px + i)), e, o);
+        ae = _mm256_add_ps(ae, _mm256_mul_ps(e, e));
+        ao = _mm256_add_ps(ao, _mm256_mul_ps(o, o));
+    }
+    const __m256 lo = _mm256_unpacklo_ps(ae, ao), hi = _mm256_unpackhi_ps(ae, ao);  // (e0 o0 e1 o1 | e4 o4 e5 o5), ...
+    vf acc[2] = {(vf)_mm256_permute2f128_ps(lo, hi, 0x20), (vf)_mm256_permute2f128_ps(lo, hi, 0x31)};  // p0..7, p8..15
+    return tree16<vf, float, 8>(acc);
+}
+
+template <int LAYOUT>
+static void norm_fwd_bf16_rows(const NJob& j, NWalk& w, i64 r0, i64 r1) {
+    const uint16_t* X = (const uint16_t*)(intptr_t)j.x;
+    uint16_t* O = (uint16_t*)(intptr_t)j.o;
+    const float* CT = (const float*)(intptr_t)j.c;
+    const float* ST = (const float*)(intptr_t)j.s;
+    float* R = (float*)(intptr_t)j.rstd;
+    const i64 d = j.d, h = j.half;
+    const float eps = (float)j.eps, dd = (float)d;
+    alignas(32) float wb[BF16_TAB_MAX], wb2[BF16_TAB_MAX];  // the weights split even/odd per 16-block
+    alignas(32) float cb[BF16_TAB_MAX], sb[BF16_TAB_MAX];
+    bf16_prep_tables<0>((const float*)(intptr_t)j.w, (const float*)(intptr_t)j.w, 1.0f, d, wb, wb2);
+    const float *lc = nullptr, *ls = nullptr;
+    for (i64 r = r0; r < r1; r += RK_NORM_GROUP) {
+        const int m = r1 - r < RK_NORM_GROUP ? (int)(r1 - r) : RK_NORM_GROUP;
+        i64 xo[RK_NORM_GROUP], oo[RK_NORM_GROUP], co[RK_NORM_GROUP], so[RK_NORM_GROUP];
+        float rs[RK_NORM_GROUP];
+        for (int u = 0; u < m; ++u, w.next()) xo[u] = w.x, oo[u] = w.o, co[u] = w.c, so[u] = w.s;
+        for (int u = 0; u < m; ++u) rs[u] = bf16_sumsq16(X + xo[u], d);
+        for (int u = 0; u < m; ++u) rs[u] = 1.0f / sqrtf(rs[u] / dd + eps);
+        for (int u = 0; u < m; ++u) {
+            const float *pc = CT + co[u], *ps = ST + so[u];
+            if (pc != lc || ps != ls) {
+                bf16_prep_tables<LAYOUT>(pc, ps, 1.0f, h, cb, sb);
+                lc = pc, ls = ps;
+            }
+            const uint16_t* px = X + xo[u];
+            uint16_t* po = O + oo[u];
+            const __m256 rv = _mm256_set1_ps(rs[u]);
+            auto norm = [&](i64 i, __m256& e, __m256& o) {  // elements [i, i + 16), i a multiple of 16
+                bf16_split(_mm256_loadu_si256((const __m256i*)(px + i)), e, o);
+                e = _mm256_mul_ps(_mm256_mul_ps(e, rv), _mm256_load_ps(wb + i));
+                o = _mm256_mul_ps(_mm256_mul_ps(o, rv), _mm256_load_ps(wb + i + 8));
+            };
+            if (LAYOUT == 0) {
+                for (i64 i = 0; i < h; i += 16) {
+                    __m256 ae, ao, be, bo;
+                    norm(i, ae, ao);
+                    norm(h + i, be, bo);
+                    const __m256 ce = _mm256_load_ps(cb + i), cq = _mm256_load_ps(cb + i + 8);
+                    const __m256 se = _mm256_load_ps(sb + i), sq = _mm256_load_ps(sb + i + 8);
+                    const __m256 y1e = _mm256_sub_ps(_mm256_mul_ps(ae, ce), _mm256_mul_ps(be, se));
+                    const __m256 y1o = _mm256_sub_ps(_mm256_mul_ps(ao, cq), _mm256_mul_ps(bo, sq));
+                    const __m256 y2e = _mm256_add_ps(_mm256_mul_ps(be, ce), _mm256_mul_ps(ae, se));
+                    const __m256 y2o = _mm256_add_ps(_mm256_mul_ps(bo, cq), _mm256_mul_ps(ao, sq));
+                    bf16_store<0>(po + i, bf16_join(y1e, y1o));
+                    bf16_store<0>(po + h + i, bf16_join(y2e, y2o));
+                }
+            } else {
+                for (i64 i = 0; i < h; i += 8) {  // elements [2i, 2i + 16): pairs i .. i + 7
+                    __m256 a, b;
+                    norm(2 * i, a, b);
+                    const __m256 c = _mm256_load_ps(cb + i), sn = _mm256_load_ps(sb + i);
+                    const __m256 y1 = _mm256_sub_ps(_mm256_mul_ps(a, c), _mm256_mul_ps(b, sn));
+                    const __m256 y2 = _mm256_add_ps(_mm256_mul_ps(b, c), _mm256_mul_ps(a, sn));
+                    bf16_store<0>(po + 2 * i, bf16_join(y1, y2));
+                }
+            }
+            for (i64 i = 2 * h; i < d; i += 16) {
+                __m256 e, o;
+                norm(i, e, o);
+                bf16_store<0>(po + i, bf16_join(e, o));
+            }
+        }
+        if (R != nullptr)
+            for (int u = 0; u < m; ++u) R[r + u] = rs[u];
+    }
+}
+#endif
+
 template <typename T, int LAYOUT>
 static void norm_fwd_rows(const NJob& j, i64 r0, i64 r1) {
     typedef typename T::S S;
@@ -738,6 +828,14 @@ static void norm_fwd_rows(const NJob& j, i64 r0, i64 r1) {
     const i64 d = j.d, h = j.half, n = pad16(d);
     const C eps = (C)j.eps, dd = (C)d;
     NWalk w(j, r0);
+#if RK_BF16_AVX2
+    if constexpr (IsBF16<T>::value) {
+        if (d % 16 == 0 && h % (LAYOUT == 0 ? 16 : 8) == 0 && d <= BF16_TAB_MAX) {
+            norm_fwd_bf16_rows<LAYOUT>(j, w, r0, r1);
+            return;
+        }
+    }
+#endif
     if (d % 16 == 0 && h % T::N == 0) {
         norm_fwd_fast_rows<T, LAYOUT>(j, w, r0, r1);
         return;

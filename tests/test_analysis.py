@@ -222,7 +222,7 @@ def test_property_checks_pass_and_name_numbers():
 def test_backend_checks_detect_a_wrong_layout(monkeypatch):
     cfg = RopeConfig(head_dim=32, layout="half")
     ok = backend_checks(cfg, ["eager"], context=64)
-    assert len(ok) == 3 and all(c.passed for c in ok)
+    assert len(ok) == 5 and all(c.passed for c in ok)
     from ropekit.backends import eager
 
     real = eager.rotate
@@ -233,6 +233,8 @@ def test_backend_checks_detect_a_wrong_layout(monkeypatch):
     monkeypatch.setattr(eager, "rotate", wrong)
     bad = backend_checks(cfg, ["eager"], context=64)
     assert not bad[0].passed and bad[0].value > 0.1
+    qk = [c for c in bad if "qk-norm" in c.name]  # the fused norm + RoPE through the same rotation
+    assert len(qk) == 2 and not any(c.passed for c in qk)
 
 
 def test_bf16_ulp_is_the_spacing_of_bfloat16():

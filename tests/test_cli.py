@@ -177,9 +177,9 @@ def test_verify_prints_numbered_checks(capsys):
                        "--backend", "eager", "--backend", "complex")
     assert code == 0
     lines = [l for l in out.splitlines() if l.strip().startswith("[")]
-    assert len(lines) == 6 + 2 * 3
+    assert len(lines) == 6 + 2 * 5
     assert all(" PASS " in l for l in lines) and lines[0].strip().startswith("[ 1]")
-    assert "12 checks: 12 passed, 0 failed" in out
+    assert "16 checks: 16 passed, 0 failed" in out
 
 
 BROKEN = textwrap.dedent(
@@ -203,7 +203,7 @@ def test_verify_exit_1_when_a_backend_is_wrong(capsys, tmp_path, monkeypatch):
     monkeypatch.setitem(backends._PATHS, "broken", "broken_backend_for_test")
     code, out, _ = run(capsys, "verify", "head_dim=32,context=256", "--backend", "broken")
     assert code == 1
-    assert "FAIL  backend broken" in out and "3 failed" in out
+    assert "FAIL  backend broken" in out and "5 failed" in out
 
 
 def test_verify_json(capsys, tmp_path, monkeypatch):
@@ -213,7 +213,7 @@ def test_verify_json(capsys, tmp_path, monkeypatch):
                        "--backend", "eager", "--json")
     data = json.loads(out)  # stdout is only the JSON document
     assert code == 0 and data["passed"] and data["n_failed"] == 0
-    assert data["n_checks"] == len(data["checks"]) == 6 + 3
+    assert data["n_checks"] == len(data["checks"]) == 6 + 5  # properties + (fwd, bwd, qk-norm fwd/bwd, bf16)
     assert all(c["passed"] and c["value"] <= c["bound"] for c in data["checks"] if not c["skipped"])
     # a failing backend: exit 1 and the failing checks say so
     from ropekit import backends
@@ -223,7 +223,7 @@ def test_verify_json(capsys, tmp_path, monkeypatch):
     monkeypatch.setitem(backends._PATHS, "broken", "broken_backend_for_test")
     code, out, _ = run(capsys, "verify", "head_dim=32,context=256", "--backend", "broken", "--json")
     data = json.loads(out)
-    assert code == 1 and not data["passed"] and data["n_failed"] == 3
+    assert code == 1 and not data["passed"] and data["n_failed"] == 5
     assert all("broken" in c["name"] for c in data["checks"] if not c["passed"])
 
 

@@ -126,13 +126,16 @@ def backend_checks(
     - forward float32: ``max |y - y_ref| <= 1e-5 · max(1, attention factor)`` (float32
       products of values ~N(0,1); a wrong pairing gives errors of order 1);
     - backward float32: the same bound on ``dL/dx`` for ``L = Σ y·g``;
+    - fused per-head RMSNorm + RoPE (:func:`ropekit.apply_qk_norm_rotary`), forward and the
+      gradients of q, k and both weights, against the float64 composition: the same bound
+      relative to each tensor's largest value;
     - forward bfloat16: rounded once, ``|y - y_ref| <= ½ ulp_bf16(y_ref) + 2e-6`` per element
       (one ulp for Triton under its CPU interpreter, whose float32 -> bf16 cast truncates).
 
     ``on_check`` is called with each check as soon as it is measured.
     """
     from .. import backends as _backends
-    from ..functional import apply_rotary
+    from ..functional import apply_qk_norm_rotary, apply_rotary
     from ..tables import cos_sin
 
     ctx = int(context or 4096)
@@ -169,6 +172,20 @@ def backend_checks(
         yg = apply_rotary(xg, c, sn, layout=cfg.layout, backend=name)
         (yg * gy).sum().backward()
         add(Check(f"{tag} backward float32: max abs err of dx", float((xg.grad.double() - ref_grad).abs().max()), 1e-5 * af))
+
+        # fused per-head RMSNorm + RoPE (q = x, k = its first head): forward and all four gradients
+        # against the float64 composition (values ~|w| ~ 1, float32 arithmetic: the same bound)
+        wq, wk = 1 + 0.5 * torch.randn(cfg.head_dim, generator=g), torch.randn(cfg.head_dim, generator=g)
+        leaves = [t.clone().requires_grad_(True) for t in (x, x[:, :, :1], wq, wk)]
+        leaves64 = [t.detach().double().requires_grad_(True) for t in leaves]
+        res = []
+        for ls, bk in ((leaves, name), (leaves64, "reference")):
+            qo, ko = apply_qk_norm_rotary(*ls, c, sn, eps=1e-6, weight_offset=0.5, layout=cfg.layout, backend=bk)
+            res.append([qo, ko, *torch.autograd.grad((qo * gy).sum() + ko.sum(), ls)])
+        errs = [float((a.double() - b).abs().max() / max(1.0, float(b.abs().max()))) for a, b in zip(*res)]
+        add(Check(f"{tag} qk-norm float32: max err of q, k vs oracle (relative to max |·|)", max(errs[:2]), 1e-5 * af))
+        add(Check(f"{tag} qk-norm backward float32: max err of dq, dk, dw_q, dw_k (relative to max |·|)", max(errs[2:]),
+                  1e-5 * af))
 
         xb = x.to(torch.bfloat16)
         # one rounding of the float32 result: |y - ref| <= ½ ulp_bf16(ref) + float32 slack

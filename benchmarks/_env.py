@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import platform
 import subprocess
 from pathlib import Path
+from typing import List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parent  # benchmarks/
 
@@ -40,3 +42,24 @@ def git_rev(script: str) -> str:
         return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except OSError:
         return "-"
+
+
+def append_rows(rows: List[dict], path: Path, fields: Sequence[str]) -> None:
+    """Append ``rows`` (dicts keyed by ``fields``) to the CSV at ``path``, with a header when it is new."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(fields))
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+
+
+def latest_rows(path: Path, run: Optional[str] = None) -> List[dict]:
+    """Rows of one run (``run`` = its timestamp; default the last run in the file)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return []
+    last = run or rows[-1]["run"]
+    return [r for r in rows if r["run"] == last]

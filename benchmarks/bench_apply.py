@@ -34,7 +34,6 @@ Run: ``python benchmarks/bench_apply.py`` (all, ~10-20 min on 2 cores), ``--quic
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as _dt
 import statistics
 import subprocess
@@ -50,7 +49,7 @@ import ropekit.ops  # noqa: F401  (registers torch.ops.ropekit)
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))  # run as a script or loaded by `ropekit bench`
-from _env import cpu_model, git_rev, version  # noqa: E402
+from _env import append_rows, cpu_model, git_rev, latest_rows, version  # noqa: E402
 RESULTS = ROOT / "results"
 CSV_PATH = RESULTS / "apply.csv"
 PNG_PATH = RESULTS / "apply.png"
@@ -316,24 +315,8 @@ def train_rows(meta, b, s, hq, hk, d, dtype_name, rounds) -> List[dict]:
     return rows
 
 
-def append_rows(rows: List[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
 
 
-def latest_rows(path: Path, run: Optional[str] = None) -> List[dict]:
-    """Rows of one run (``run`` = its timestamp; default the last run in the file)."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        return []
-    last = run or rows[-1]["run"]
-    return [r for r in rows if r["run"] == last]
 
 
 # ------------------------------------------------------------------------------------------
@@ -455,7 +438,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             rows += bench_case(b, s, hq, hk, d, dtn, rounds, with_compile, meta, only, args.modes.split(","))
             if "train" in args.modes.split(","):
                 rows += train_rows(meta, b, s, hq, hk, d, dtn, rounds)
-    append_rows(rows, args.csv)
+    append_rows(rows, args.csv, FIELDS)
     print(f"appended {len(rows)} rows to {args.csv}")
     plot(args.csv, args.csv.with_suffix(".png"))
     print(table(args.csv))

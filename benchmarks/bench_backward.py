@@ -22,7 +22,6 @@ appended to ``benchmarks/results/backward.csv``.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import cpu_model, git_rev, version  # noqa: E402
+from _env import append_rows, cpu_model, git_rev, version  # noqa: E402
 from bench_apply import _round_robin, _stats  # noqa: E402
 
 from ropekit import RopeConfig, RotaryEmbedding, apply_rotary_qk, cos_sin  # noqa: E402
@@ -94,13 +93,7 @@ def main(argv=None):
                 rows.append(dict(meta, **shape, dtype=dt, variant=n, median_us=f"{m * 1e6:.2f}",
                                  p20_us=f"{p20 * 1e6:.2f}", p80_us=f"{p80 * 1e6:.2f}", ratio_to_forward=f"{ratio:.3f}"))
                 print(f"  {dt:8s} b={b} s={s:<5d} {n:16s} {med[n] * 1e6:10.1f} µs  x{ratio:.2f} of forward", flush=True)
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    new = not args.csv.exists()
-    with open(args.csv, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    append_rows(rows, args.csv, FIELDS)
     print(f"appended {len(rows)} rows to {args.csv}")
 
 

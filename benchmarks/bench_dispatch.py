@@ -23,7 +23,6 @@ Run: ``python benchmarks/bench_dispatch.py [--threads N] [--rounds R]``.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as _dt
 import statistics
 import sys
@@ -37,7 +36,7 @@ from ropekit import RopeConfig, RotaryEmbedding, apply_rotary_qk, cos_sin
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-from _env import cpu_model, git_rev, version  # noqa: E402
+from _env import append_rows, cpu_model, git_rev, version  # noqa: E402
 
 CSV_PATH = ROOT / "results" / "dispatch.csv"
 FIELDS = ["run", "device", "cpu", "threads", "torch", "git_rev", "variant", "shape", "dtype", "median_us", "p20_us",
@@ -107,13 +106,7 @@ def main(argv=None) -> None:
         rows.append(dict(meta, variant=r["variant"], shape=r["shape"], dtype=args.dtype, median_us=r["median_us"],
                          p20_us=r["p20_us"], p80_us=r["p80_us"],
                          ratio_to_mul_pair=f"{float(r['median_us']) / 1e6 / base:.2f}"))
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    new = not args.csv.exists()
-    with open(args.csv, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    append_rows(rows, args.csv, FIELDS)
     print(f"appended {len(rows)} rows to {args.csv}")
 
 

@@ -41,7 +41,6 @@ quick look, ``--summary`` to print the summary of the CSV's latest run.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as _dt
 import statistics
 import sys
@@ -54,7 +53,7 @@ from ropekit import RopeConfig, apply_qk_norm_rotary, apply_rotary_qk, cos_sin
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))  # run as a script or imported by a test
-from _env import cpu_model, git_rev, version  # noqa: E402
+from _env import append_rows, cpu_model, git_rev, latest_rows, version  # noqa: E402
 from bench_apply import _round_robin, _stats  # noqa: E402
 
 CSV_PATH = ROOT / "results" / "qk_norm.csv"
@@ -271,23 +270,8 @@ def bench_case(b, s, hq, hk, d, dtype_name, rounds, with_compile, meta, backend,
 # CSV, summary
 
 
-def append_rows(rows: List[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
 
 
-def latest_rows(path: Path, run: Optional[str] = None) -> List[dict]:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        return []
-    last = run or rows[-1]["run"]
-    return [r for r in rows if r["run"] == last]
 
 
 def summary(rows: List[dict]) -> str:
@@ -344,7 +328,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         for b, s in cases:
             rows += bench_case(b, s, hq, hk, d, dtn, args.rounds, not args.no_compile, meta, args.backend, modes,
                                args.inner)
-    append_rows(rows, args.csv)
+    append_rows(rows, args.csv, FIELDS)
     print(f"appended {len(rows)} rows to {args.csv}")
     print(summary(rows))
 

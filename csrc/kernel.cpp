@@ -400,6 +400,48 @@ static inline void row(const typename T::S* px, typename T::S* po, const typenam
     }
 }
 
+// The strided walk over a job's rows: the element offsets of x, out, cos, sin and a fifth
+// operand (positions of a gather job, the gradient of a norm backward) for row r0, then of
+// each next row (the last dim fastest, carrying into the ones before).
+struct Walk {
+    const i64 nd;
+    const i64 *size, *xs, *os, *cs, *ss, *es;
+    i64 idx[MAXD];
+    i64 x = 0, o = 0, c = 0, s = 0, e = 0;
+    Walk(i64 nd_, const i64* size_, const i64* xs_, const i64* os_, const i64* cs_, const i64* ss_, const i64* es_, i64 r0)
+        : nd(nd_), size(size_), xs(xs_), os(os_), cs(cs_), ss(ss_), es(es_) {
+        i64 rem = r0;
+        for (int k = (int)nd - 1; k >= 0; --k) {
+            idx[k] = rem % size[k];
+            rem /= size[k];
+        }
+        for (int k = 0; k < (int)nd; ++k) {
+            x += idx[k] * xs[k];
+            o += idx[k] * os[k];
+            c += idx[k] * cs[k];
+            s += idx[k] * ss[k];
+            e += idx[k] * es[k];
+        }
+    }
+    void next() {
+        for (int k = (int)nd - 1; k >= 0; --k) {
+            ++idx[k];
+            x += xs[k];
+            o += os[k];
+            c += cs[k];
+            s += ss[k];
+            e += es[k];
+            if (idx[k] < size[k] || k == 0) break;
+            x -= xs[k] * size[k];
+            o -= os[k] * size[k];
+            c -= cs[k] * size[k];
+            s -= ss[k] * size[k];
+            e -= es[k] * size[k];
+            idx[k] = 0;
+        }
+    }
+};
+
 // Rows [r0, r1) of one job.
 template <typename T, int LAYOUT, int NT>
 static void run_rows(const Job& j, i64 r0, i64 r1) {
@@ -414,36 +456,22 @@ static void run_rows(const Job& j, i64 r0, i64 r1) {
     const i64 h = j.half, tail = j.d - 2 * j.half;
     const bool copy_tail = tail > 0 && (const void*)X != (const void*)O;
 
-    const int nd = (int)j.nd;
-    i64 idx[MAXD];
-    i64 rem = r0;
-    for (int k = nd - 1; k >= 0; --k) {
-        idx[k] = rem % j.size[k];
-        rem /= j.size[k];
-    }
-    i64 xo = 0, oo = 0, co = 0, so = 0, po = 0;
-    for (int k = 0; k < nd; ++k) {
-        xo += idx[k] * j.xs[k];
-        oo += idx[k] * j.os[k];
-        co += idx[k] * j.cs[k];
-        so += idx[k] * j.ss[k];
-        po += idx[k] * j.ps[k];
-    }
+    Walk w(j.nd, j.size, j.xs, j.os, j.cs, j.ss, j.ps, r0);
 #if RK_BF16_AVX2
     alignas(32) float cb[IsBF16<T>::value ? BF16_TAB_MAX : 1];
     alignas(32) float sb[IsBF16<T>::value ? BF16_TAB_MAX : 1];
     const C *lc = nullptr, *ls = nullptr;  // the table row now in cb/sb
     const i64 hv = h <= BF16_TAB_MAX ? h - h % (LAYOUT == 0 ? 16 : 8) : 0;  // pairs for the fast loop
 #endif
-    for (i64 r = r0; r < r1; ++r) {
+    for (i64 r = r0; r < r1; ++r, w.next()) {
         const C *pc, *ps;
         if (j.gather) {
-            const i64 p = P[po];
+            const i64 p = P[w.e];
             pc = CT + p * h;
             ps = ST + p * h;
         } else {
-            pc = CT + co;
-            ps = ST + so;
+            pc = CT + w.c;
+            ps = ST + w.s;
         }
 #if RK_BF16_AVX2
         if constexpr (IsBF16<T>::value) {
@@ -454,30 +482,15 @@ static void run_rows(const Job& j, i64 r0, i64 r1) {
                     ls = ps;
                 }
                 if (LAYOUT == 0)
-                    row_bf16_avx2_half<NT>(X + xo, O + oo, cb, sb, h, hv);
+                    row_bf16_avx2_half<NT>(X + w.x, O + w.o, cb, sb, h, hv);
                 else
-                    row_bf16_avx2_il<NT>(X + xo, O + oo, cb, sb, hv);
+                    row_bf16_avx2_il<NT>(X + w.x, O + w.o, cb, sb, hv);
             }
-            if (hv < h) row<T, LAYOUT, NT>(X + xo, O + oo, pc, ps, h, sign, hv);
+            if (hv < h) row<T, LAYOUT, NT>(X + w.x, O + w.o, pc, ps, h, sign, hv);
         } else
 #endif
-            row<T, LAYOUT, NT>(X + xo, O + oo, pc, ps, h, sign);
-        if (copy_tail) memcpy(O + oo + 2 * h, X + xo + 2 * h, (size_t)tail * sizeof(S));
-        for (int k = nd - 1; k >= 0; --k) {  // next row index, carrying
-            ++idx[k];
-            xo += j.xs[k];
-            oo += j.os[k];
-            co += j.cs[k];
-            so += j.ss[k];
-            po += j.ps[k];
-            if (idx[k] < j.size[k] || k == 0) break;
-            xo -= j.xs[k] * j.size[k];
-            oo -= j.os[k] * j.size[k];
-            co -= j.cs[k] * j.size[k];
-            so -= j.ss[k] * j.size[k];
-            po -= j.ps[k] * j.size[k];
-            idx[k] = 0;
-        }
+            row<T, LAYOUT, NT>(X + w.x, O + w.o, pc, ps, h, sign);
+        if (copy_tail) memcpy(O + w.o + 2 * h, X + w.x + 2 * h, (size_t)tail * sizeof(S));
     }
 }
 
@@ -605,44 +618,6 @@ static inline void store_row(typename T::S* p, const typename T::C* buf, i64 d) 
     }
 }
 
-// The strided walk over a job's rows: offsets of x, out, cos, sin, g for row r0, then next().
-struct NWalk {
-    const NJob& j;
-    i64 idx[MAXD];
-    i64 x = 0, o = 0, c = 0, s = 0, g = 0;
-    NWalk(const NJob& job, i64 r0) : j(job) {
-        i64 rem = r0;
-        for (int k = (int)j.nd - 1; k >= 0; --k) {
-            idx[k] = rem % j.size[k];
-            rem /= j.size[k];
-        }
-        for (int k = 0; k < (int)j.nd; ++k) {
-            x += idx[k] * j.xs[k];
-            o += idx[k] * j.os[k];
-            c += idx[k] * j.cs[k];
-            s += idx[k] * j.ss[k];
-            g += idx[k] * j.gs[k];
-        }
-    }
-    void next() {
-        for (int k = (int)j.nd - 1; k >= 0; --k) {
-            ++idx[k];
-            x += j.xs[k];
-            o += j.os[k];
-            c += j.cs[k];
-            s += j.ss[k];
-            g += j.gs[k];
-            if (idx[k] < j.size[k] || k == 0) break;
-            x -= j.xs[k] * j.size[k];
-            o -= j.os[k] * j.size[k];
-            c -= j.cs[k] * j.size[k];
-            s -= j.ss[k] * j.size[k];
-            g -= j.gs[k] * j.size[k];
-            idx[k] = 0;
-        }
-    }
-};
-
 static inline i64 pad16(i64 d) { return (d + 15) / 16 * 16; }
 
 // sum(x²) over a row of d elements (a multiple of 16) straight from memory, in the order
@@ -700,7 +675,7 @@ static inline void norm_fwd_row_fast(const typename T::S* px, typename T::S* po,
 // RMS, then their outputs, so that the long-latency sqrt/div of one row overlaps the others.
 #define RK_NORM_GROUP 4
 template <typename T, int LAYOUT>
-static void norm_fwd_fast_rows(const NJob& j, NWalk& w, i64 r0, i64 r1) {
+static void norm_fwd_fast_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
     typedef typename T::S S;
     typedef typename T::C C;
     const S* X = (const S*)(intptr_t)j.x;
@@ -745,7 +720,7 @@ static inline float bf16_sumsq16(const uint16_t* px, i64 d) {
 }
 
 template <int LAYOUT>
-static void norm_fwd_bf16_rows(const NJob& j, NWalk& w, i64 r0, i64 r1) {
+static void norm_fwd_bf16_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
     const uint16_t* X = (const uint16_t*)(intptr_t)j.x;
     uint16_t* O = (uint16_t*)(intptr_t)j.o;
     const float* CT = (const float*)(intptr_t)j.c;
@@ -827,7 +802,7 @@ static void norm_fwd_rows(const NJob& j, i64 r0, i64 r1) {
     C* R = (C*)(intptr_t)j.rstd;
     const i64 d = j.d, h = j.half, n = pad16(d);
     const C eps = (C)j.eps, dd = (C)d;
-    NWalk w(j, r0);
+    Walk w(j.nd, j.size, j.xs, j.os, j.cs, j.ss, j.gs, r0);
 #if RK_BF16_AVX2
     if constexpr (IsBF16<T>::value) {
         if (d % 16 == 0 && h % (LAYOUT == 0 ? 16 : 8) == 0 && d <= BF16_TAB_MAX) {
@@ -875,7 +850,7 @@ static inline void norm_bwd_row_fast(const typename T::S* pg, const typename T::
         memcpy(xb + i, &xh, sizeof xh);
     };
     for (i64 i = 0; i < h; i += N) {
-        V ga, gb, xa, xbb;
+        V ga, gb;
         if (LAYOUT == 0) {
             ga = T::vld(pg + i), gb = T::vld(pg + h + i);
         } else {
@@ -916,7 +891,7 @@ static void norm_bwd_blocks(const NJob& j, i64 k0, i64 k1) {
     std::vector<C> buf((size_t)(2 * n));
     C *gb = buf.data(), *xb = buf.data() + n;
     const i64 r0 = k0 * RK_NORM_BLOCK, r1 = k1 * RK_NORM_BLOCK < j.nrows ? k1 * RK_NORM_BLOCK : j.nrows;
-    NWalk w(j, r0);
+    Walk w(j.nd, j.size, j.xs, j.os, j.cs, j.ss, j.gs, r0);
     C* acc = nullptr;
     const bool fast = d % 16 == 0 && h % T::N == 0;
     for (i64 r = r0; r < r1; ++r, w.next()) {
@@ -925,10 +900,10 @@ static void norm_bwd_blocks(const NJob& j, i64 k0, i64 k1) {
             for (i64 i = 0; i < d; ++i) acc[i] = 0;
         }
         if (fast) {
-            norm_bwd_row_fast<T, LAYOUT>(G + w.g, X + w.x, O + w.o, CT + w.c, ST + w.s, W, acc, R[r], h, d, gb, xb);
+            norm_bwd_row_fast<T, LAYOUT>(G + w.e, X + w.x, O + w.o, CT + w.c, ST + w.s, W, acc, R[r], h, d, gb, xb);
             continue;
         }
-        load_row<T>(G + w.g, gb, d, n);
+        load_row<T>(G + w.e, gb, d, n);
         load_row<T>(X + w.x, xb, d, n);
         row<Fc, LAYOUT, 0>(gb, gb, CT + w.c, ST + w.s, h, C(-1));  // u = rot(-θ) g
         const C rstd = R[r];

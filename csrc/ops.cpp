@@ -300,37 +300,62 @@ Tensor compute_tables(const Tensor& t, int64_t dt) {
 
 int64_t element_bytes(int64_t dt) { return dt == 0 ? 4 : dt == 3 ? 8 : 2; }
 
-// Fill j's leading dims from x's (innermost last): broadcast tables, drop size-1 dims, merge
-// dims that are contiguous for every operand. false: more than RK_MAXD dims remain.
-// cst/sst: the table strides aligned with x's leading dims (0 = broadcast); pst: positions.
-bool fill_dims(RkJob& j, const Tensor& x, const Tensor& out, const int64_t* cst, const int64_t* sst, const int64_t* pst) {
+// Merge x's leading dims (innermost last) for the 5 operands whose element strides along
+// them are in[k][0 .. x.dim() - 1): size-1 dims are dropped and dims contiguous for every
+// operand merged; writes size[0 .. nd) and out[k][0 .. nd). false: more than RK_MAXD remain.
+bool merge_dims(const Tensor& x, const int64_t* const in[5], int64_t* size, int64_t* const out[5], int64_t& nd_out,
+                int64_t& nrows_out) {
     const int64_t L = x.dim() - 1;
     int64_t nd = 0, nrows = 1;
     for (int64_t i = 0; i < L; ++i) {
         const int64_t sz = x.size(i);
         nrows *= sz;
         if (sz == 1) continue;
-        const int64_t xs = x.stride(i), os = out.stride(i), c = cst[i], s = sst[i], p = pst[i];
         if (nd > 0) {  // merge into the previous dim when every operand is contiguous across both
-            const int64_t q = nd - 1;
-            if (j.xs[q] == xs * sz && j.os[q] == os * sz && j.cs[q] == c * sz && j.ss[q] == s * sz && j.ps[q] == p * sz) {
-                j.size[q] *= sz;
-                j.xs[q] = xs, j.os[q] = os, j.cs[q] = c, j.ss[q] = s, j.ps[q] = p;
+            bool merge = true;
+            for (int k = 0; k < 5; ++k) merge = merge && out[k][nd - 1] == in[k][i] * sz;
+            if (merge) {
+                size[nd - 1] *= sz;
+                for (int k = 0; k < 5; ++k) out[k][nd - 1] = in[k][i];
                 continue;
             }
         }
         if (nd == RK_MAXD) return false;
-        j.size[nd] = sz;
-        j.xs[nd] = xs, j.os[nd] = os, j.cs[nd] = c, j.ss[nd] = s, j.ps[nd] = p;
+        size[nd] = sz;
+        for (int k = 0; k < 5; ++k) out[k][nd] = in[k][i];
         ++nd;
     }
     if (nd == 0) {  // a single row
-        j.size[0] = 1;
-        j.xs[0] = j.os[0] = j.cs[0] = j.ss[0] = j.ps[0] = 0;
+        size[0] = 1;
+        for (int k = 0; k < 5; ++k) out[k][0] = 0;
         nd = 1;
     }
-    j.nd = nd;
-    j.nrows = nrows;
+    nd_out = nd;
+    nrows_out = nrows;
+    return true;
+}
+
+// Fill j's leading dims from x's; cst/sst: the table strides aligned with x's leading dims
+// (0 = broadcast); pst: positions.
+bool fill_dims(RkJob& j, const Tensor& x, const Tensor& out, const int64_t* cst, const int64_t* sst, const int64_t* pst) {
+    const int64_t* in[5] = {x.strides().data(), out.strides().data(), cst, sst, pst};
+    int64_t* dst[5] = {j.xs, j.os, j.cs, j.ss, j.ps};
+    return merge_dims(x, in, j.size, dst, j.nd, j.nrows);
+}
+
+constexpr int64_t kMaxLead = 64;  // leading dims a strided job takes (more: contiguous copies)
+
+// cos/sin (half width, broadcastable to x.shape[:-1] + (r/2,)) strides aligned with x's
+// leading dims, 0 where they broadcast. false: more than kMaxLead leading dims.
+bool table_strides(const Tensor& x, const Tensor& cos, const Tensor& sin, int64_t* cst, int64_t* sst) {
+    const int64_t L = x.dim() - 1, off = L - (cos.dim() - 1);  // table dim i - off aligns with x's dim i
+    if (L > kMaxLead) return false;
+    for (int64_t i = 0; i < L; ++i) {
+        const int64_t ci = i - off;
+        const bool b = ci < 0 || cos.size(ci) == 1;
+        cst[i] = b ? 0 : cos.stride(ci);
+        sst[i] = b ? 0 : sin.stride(ci);
+    }
     return true;
 }
 
@@ -350,18 +375,8 @@ bool unit_last(const Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1; }
 // out = rot(x) with cos/sin (compute dtype, unit last stride) broadcast through strides.
 bool strided_job(RkJob& j, const Tensor& x, const Tensor& out, const Tensor& cos, const Tensor& sin, int64_t layout,
                  bool conj) {
-    if (!unit_last(x) || !unit_last(out)) return false;
-    const int64_t L = x.dim() - 1, off = L - (cos.dim() - 1);  // table dim i - off aligns with x's dim i
-    constexpr int64_t kMaxLead = 64;
-    int64_t cst[kMaxLead], sst[kMaxLead], pst[kMaxLead];
-    if (L > kMaxLead) return false;
-    for (int64_t i = 0; i < L; ++i) {
-        const int64_t ci = i - off;
-        const bool b = ci < 0 || cos.size(ci) == 1;
-        cst[i] = b ? 0 : cos.stride(ci);
-        sst[i] = b ? 0 : sin.stride(ci);
-        pst[i] = 0;
-    }
+    int64_t cst[kMaxLead], sst[kMaxLead], pst[kMaxLead] = {};
+    if (!unit_last(x) || !unit_last(out) || !table_strides(x, cos, sin, cst, sst)) return false;
     job_head(j, x, out, cos.size(-1), layout, conj);
     j.c = reinterpret_cast<intptr_t>(cos.data_ptr());
     j.s = reinterpret_cast<intptr_t>(sin.data_ptr());
@@ -390,6 +405,13 @@ bool supported_dtype(const Tensor& x) {
     return dt >= 0 && (dt != 2 || (level().features() & 1));
 }
 
+// The tables as one contiguous row per row of x (for the layouts the strided jobs do not take).
+std::pair<Tensor, Tensor> expanded_tables(const Tensor& x, const Tensor& c, const Tensor& s) {
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = c.size(-1);
+    return {c.expand(shape).contiguous().view({-1, c.size(-1)}), s.expand(shape).contiguous().view({-1, c.size(-1)})};
+}
+
 // out = rot(x) (out may be x: in place). Falls back to contiguous copies for layouts the
 // kernel does not take (non-unit last strides, more than RK_MAXD unmergeable dims).
 void rotate_into(const Tensor& x, const Tensor& cos, const Tensor& sin, int64_t layout, bool conj, const Tensor& out) {
@@ -409,12 +431,8 @@ void rotate_into(const Tensor& x, const Tensor& cos, const Tensor& sin, int64_t 
     }
     // layouts the kernel does not take (a non-unit last stride, more than RK_MAXD dims that
     // cannot be merged): rows of contiguous copies, tables expanded to one row per row
-    const int64_t d = x.size(-1), half = c.size(-1);
-    std::vector<int64_t> tshape(x.sizes().begin(), x.sizes().end());
-    tshape.back() = half;
-    const Tensor xc = x.contiguous().view({-1, d});
-    const Tensor cc = c.expand(tshape).contiguous().view({-1, half}), sc = s.expand(tshape).contiguous().view({-1, half});
-    const Tensor oc = at::empty_like(xc);
+    const Tensor xc = x.contiguous().view({-1, x.size(-1)}), oc = at::empty_like(xc);
+    auto [cc, sc] = expanded_tables(x, c, s);
     TORCH_INTERNAL_ASSERT(strided_job(j, xc, oc, cc, sc, layout, conj));
     run_jobs(&j, 1);
     out.copy_(oc.view(x.sizes()));
@@ -702,59 +720,13 @@ Tensor weight_prime(const Tensor& w, int64_t dt, double offset) {
     return out;
 }
 
-// Merge x's leading dims for a norm job (as fill_dims: broadcast tables, size-1 dims dropped,
-// dims contiguous for every operand merged). st[0..4]: the strides of x, out, cos, sin, g
-// aligned with x's leading dims. false: more than RK_MAXD dims remain.
-bool norm_dims(RkNormJob& j, const Tensor& x, const int64_t* const st[5]) {
-    const int64_t L = x.dim() - 1;
-    int64_t* dst[5] = {j.xs, j.os, j.cs, j.ss, j.gs};
-    int64_t nd = 0, nrows = 1;
-    for (int64_t i = 0; i < L; ++i) {
-        const int64_t sz = x.size(i);
-        nrows *= sz;
-        if (sz == 1) continue;
-        if (nd > 0) {
-            bool merge = true;
-            for (int o = 0; o < 5; ++o) merge = merge && dst[o][nd - 1] == st[o][i] * sz;
-            if (merge) {
-                j.size[nd - 1] *= sz;
-                for (int o = 0; o < 5; ++o) dst[o][nd - 1] = st[o][i];
-                continue;
-            }
-        }
-        if (nd == RK_MAXD) return false;
-        j.size[nd] = sz;
-        for (int o = 0; o < 5; ++o) dst[o][nd] = st[o][i];
-        ++nd;
-    }
-    if (nd == 0) {
-        j.size[0] = 1;
-        for (int o = 0; o < 5; ++o) dst[o][0] = 0;
-        nd = 1;
-    }
-    j.nd = nd;
-    j.nrows = nrows;
-    return true;
-}
-
 // One norm job: out = rot(norm(x)) (g undefined) or out = dx of that (g defined). c/s: compute
 // type, unit last stride, broadcast to x.shape[:-1] + (r/2,); w: weight_prime; rstd: [rows].
 bool norm_job(RkNormJob& j, const Tensor& x, const Tensor& out, const Tensor& c, const Tensor& s, const Tensor& w,
               const Tensor& rstd, const Tensor& g, double eps, int64_t layout, int64_t dwp) {
-    if (!unit_last(x) || !unit_last(out) || (g.defined() && !unit_last(g))) return false;
-    constexpr int64_t kMaxLead = 64;
-    const int64_t L = x.dim() - 1, off = L - (c.dim() - 1);
-    if (L > kMaxLead) return false;
-    int64_t xs[kMaxLead], os[kMaxLead], cs[kMaxLead], ss[kMaxLead], gs[kMaxLead];
-    for (int64_t i = 0; i < L; ++i) {
-        const int64_t ci = i - off;
-        const bool b = ci < 0 || c.size(ci) == 1;
-        xs[i] = x.stride(i);
-        os[i] = out.stride(i);
-        cs[i] = b ? 0 : c.stride(ci);
-        ss[i] = b ? 0 : s.stride(ci);
-        gs[i] = g.defined() ? g.stride(i) : 0;
-    }
+    int64_t cs[kMaxLead], ss[kMaxLead], none[kMaxLead] = {};
+    if (!unit_last(x) || !unit_last(out) || (g.defined() && !unit_last(g)) || !table_strides(x, c, s, cs, ss))
+        return false;
     std::memset(&j, 0, sizeof j);
     j.dtype = dtype_code(x.scalar_type());
     j.layout = layout;
@@ -769,8 +741,9 @@ bool norm_job(RkNormJob& j, const Tensor& x, const Tensor& out, const Tensor& c,
     j.rstd = rstd.defined() ? reinterpret_cast<intptr_t>(rstd.data_ptr()) : 0;
     j.g = g.defined() ? reinterpret_cast<intptr_t>(g.data_ptr()) : 0;
     j.dwp = dwp;
-    const int64_t* st[5] = {xs, os, cs, ss, gs};
-    return norm_dims(j, x, st);
+    const int64_t* in[5] = {x.strides().data(), out.strides().data(), cs, ss, g.defined() ? g.strides().data() : none};
+    int64_t* dst[5] = {j.xs, j.os, j.cs, j.ss, j.gs};
+    return merge_dims(x, in, j.size, dst, j.nd, j.nrows);
 }
 
 int64_t norm_blocks(int64_t rows) { return (rows + RK_NORM_BLOCK - 1) / RK_NORM_BLOCK; }
@@ -792,13 +765,6 @@ void run_norm_jobs(const RkNormJob* jobs, int64_t njobs, bool bwd) {
     }
     const int64_t grain = std::max<int64_t>(1, units * kGrainBytes / bytes);
     at::parallel_for(0, units, grain, [&](int64_t b, int64_t e) { fn(jobs, njobs, b, e); });
-}
-
-// The tables as a contiguous row per row of x (the layouts norm_job does not take).
-std::pair<Tensor, Tensor> expanded_tables(const Tensor& x, const Tensor& c, const Tensor& s) {
-    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-    shape.back() = c.size(-1);
-    return {c.expand(shape).contiguous().view({-1, c.size(-1)}), s.expand(shape).contiguous().view({-1, c.size(-1)})};
 }
 
 Tensor new_rstd(const Tensor& x, int64_t dt) {

@@ -117,6 +117,34 @@ def _rope_tile(
 
 
 @triton.jit
+def _to_cdt(v, F64: tl.constexpr):
+    """``v`` in the compute dtype (float64 when F64, else float32)."""
+    if F64:
+        out = v.to(tl.float64)
+    else:
+        out = v.to(tl.float32)
+    return out
+
+
+@triton.jit
+def _tables(cos_ptr, sin_ptr, coff, soff, tmask, h0, H, sch, scr, ssh, ssr,
+            R2: tl.constexpr, R2P: tl.constexpr, BH: tl.constexpr, COS_PER_HEAD: tl.constexpr, F64: tl.constexpr):
+    """c, s ``[BT, 1|BH, R2P]`` (compute dtype) of ``BT`` tokens whose table rows start at
+    ``coff``/``soff`` [BT] (int64), heads ``h0 .. h0 + BH`` (``COS_PER_HEAD``: one row per head)."""
+    col = tl.arange(0, R2P)
+    cmask = tmask[:, None] & (col < R2)[None, :]  # [BT, R2P]
+    if COS_PER_HEAD:
+        hh = h0 + tl.arange(0, BH).to(tl.int64)
+        cm3 = cmask[:, None, :] & (hh < H)[None, :, None]
+        c = tl.load(cos_ptr + (coff[:, None] + hh[None, :] * sch)[:, :, None] + col[None, None, :] * scr, mask=cm3, other=0.0)
+        s = tl.load(sin_ptr + (soff[:, None] + hh[None, :] * ssh)[:, :, None] + col[None, None, :] * ssr, mask=cm3, other=0.0)
+    else:
+        c = tl.load(cos_ptr + coff[:, None] + col[None, :] * scr, mask=cmask, other=0.0)[:, None, :]  # [BT, 1, R2P]
+        s = tl.load(sin_ptr + soff[:, None] + col[None, :] * ssr, mask=cmask, other=0.0)[:, None, :]
+    return _to_cdt(c, F64), _to_cdt(s, F64)
+
+
+@triton.jit
 def rope_kernel(
     xa_ptr,
     oa_ptr,
@@ -185,8 +213,7 @@ def rope_kernel(
     h0 = tl.where(is_b, pid_h - NBA, pid_h).to(tl.int64) * BH
 
     # cos/sin: r/2 columns per token, loaded once and reused by the BH heads of the tile
-    col = tl.arange(0, R2P)
-    cmask = tmask[:, None] & (col < R2)[None, :]  # [BT, R2P]
+    # (per-head tables: single group only)
     if GATHER:
         p = tl.load(pos_ptr + m0 * sp0 + m1 * sp1, mask=tmask, other=0).to(tl.int64)  # [BT]
         coff = p * sc0
@@ -194,21 +221,7 @@ def rope_kernel(
     else:
         coff = m0 * sc0 + m1 * sc1
         soff = m0 * ss0 + m1 * ss1
-    if COS_PER_HEAD:
-        # tables differ per head (single group only): [BT, BH, R2P]
-        hh = h0 + tl.arange(0, BH).to(tl.int64)
-        cm3 = cmask[:, None, :] & (hh < HA)[None, :, None]
-        c = tl.load(cos_ptr + (coff[:, None] + hh[None, :] * sch)[:, :, None] + col[None, None, :] * scr, mask=cm3, other=0.0)
-        s = tl.load(sin_ptr + (soff[:, None] + hh[None, :] * ssh)[:, :, None] + col[None, None, :] * ssr, mask=cm3, other=0.0)
-    else:
-        c = tl.load(cos_ptr + coff[:, None] + col[None, :] * scr, mask=cmask, other=0.0)[:, None, :]  # [BT, 1, R2P]
-        s = tl.load(sin_ptr + soff[:, None] + col[None, :] * ssr, mask=cmask, other=0.0)[:, None, :]
-    if F64:
-        c = c.to(tl.float64)
-        s = s.to(tl.float64)
-    else:
-        c = c.to(tl.float32)
-        s = s.to(tl.float32)
+    c, s = _tables(cos_ptr, sin_ptr, coff, soff, tmask, h0, HA, sch, scr, ssh, ssr, R2, R2P, BH, COS_PER_HEAD, F64)
     if CONJ:
         s = -s  # R(-θ): the backward / inverse rotation
 
@@ -253,16 +266,6 @@ def rope_kernel(
 
 
 @triton.jit
-def _to_cdt(v, F64: tl.constexpr):
-    """``v`` in the compute dtype (float64 when F64, else float32)."""
-    if F64:
-        out = v.to(tl.float64)
-    else:
-        out = v.to(tl.float32)
-    return out
-
-
-@triton.jit
 def _div(a, b, F64: tl.constexpr):
     """IEEE ``a / b`` (float32: div_rn, not the approximate division)."""
     if F64:
@@ -281,25 +284,6 @@ def _rstd(ssq, eps, rows, D: tl.constexpr, F64: tl.constexpr):
     else:
         out = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.where(rows, tl.math.div_rn(ssq, D * 1.0) + eps, 1.0)))
     return out
-
-
-@triton.jit
-def _tables(cos_ptr, sin_ptr, m0, m1, tmask, h0, H, sc0, sc1, sch, scr, ss0, ss1, ssh, ssr,
-            R2: tl.constexpr, R2P: tl.constexpr, BH: tl.constexpr, COS_PER_HEAD: tl.constexpr, F64: tl.constexpr):
-    """c, s ``[BT, 1|BH, R2P]`` (compute dtype) of the tokens ``(m0, m1)`` [BT], heads ``h0 ..``."""
-    col = tl.arange(0, R2P)
-    cmask = tmask[:, None] & (col < R2)[None, :]  # [BT, R2P]
-    coff = m0 * sc0 + m1 * sc1
-    soff = m0 * ss0 + m1 * ss1
-    if COS_PER_HEAD:
-        hh = h0 + tl.arange(0, BH).to(tl.int64)
-        cm3 = cmask[:, None, :] & (hh < H)[None, :, None]
-        c = tl.load(cos_ptr + (coff[:, None] + hh[None, :] * sch)[:, :, None] + col[None, None, :] * scr, mask=cm3, other=0.0)
-        s = tl.load(sin_ptr + (soff[:, None] + hh[None, :] * ssh)[:, :, None] + col[None, None, :] * ssr, mask=cm3, other=0.0)
-    else:
-        c = tl.load(cos_ptr + coff[:, None] + col[None, :] * scr, mask=cmask, other=0.0)[:, None, :]  # [BT, 1, R2P]
-        s = tl.load(sin_ptr + soff[:, None] + col[None, :] * ssr, mask=cmask, other=0.0)[:, None, :]
-    return _to_cdt(c, F64), _to_cdt(s, F64)
 
 
 @triton.jit
@@ -434,7 +418,7 @@ def qk_norm_fwd_kernel(
     eps = _scalar(eps_hi, eps_lo, F64)
     woff = _scalar(woff_hi, woff_lo, F64)
     # cos/sin: loaded once per tile, shared by its BH heads
-    c, s = _tables(cos_ptr, sin_ptr, m0, m1, tmask, h0, H, sc0, sc1, sch, scr, ss0, ss1, ssh, ssr,
+    c, s = _tables(cos_ptr, sin_ptr, m0 * sc0 + m1 * sc1, m0 * ss0 + m1 * ss1, tmask, h0, H, sch, scr, ssh, ssr,
                    R2, R2P, BH, COS_PER_HEAD, F64)
     if HAS_B:
         if is_b:
@@ -474,7 +458,7 @@ def _norm_rope_bwd_group(g_ptr, x_ptr, dx_ptr, r_ptr, w_ptr, p_ptr,
         tmask = t < M
         m0 = t // M1
         m1 = t % M1
-        c, s = _tables(cos_ptr, sin_ptr, m0, m1, tmask, h0, H, sc0, sc1, sch, scr, ss0, ss1, ssh, ssr,
+        c, s = _tables(cos_ptr, sin_ptr, m0 * sc0 + m1 * sc1, m0 * ss0 + m1 * ss1, tmask, h0, H, sch, scr, ssh, ssr,
                        R2, R2P, BH, COS_PER_HEAD, F64)
         rows = tmask[:, None] & (h < H)[None, :]  # [BT, BH]
         grow = m0[:, None] * sg0 + m1[:, None] * sg1 + h[None, :] * sgh

@@ -6,12 +6,14 @@ itself, and to explain a refusal of one that does (the compiled operators check 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._errors import RopeError, fail
 from .config import check_layout
 
-__all__ = ["check_tables", "check_apply", "check_qk", "check_qk_norm", "explain", "disjoint"]
+__all__ = ["check_tables", "check_apply", "check_qk", "check_qk_norm", "check_norm_scalars", "explain", "disjoint"]
 
 _X_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -262,8 +264,6 @@ def check_gather_fake(q, k, cos_table, sin_table, positions, fmt, layout) -> Non
 
 def check_qk_norm(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, inplace) -> None:
     """Every check of :func:`ropekit.apply_qk_norm_rotary` (raises a RopeError)."""
-    from ._checks import real
-
     check_qk(q, k, cos, sin, layout, inplace)
     for nm, w, x in (("q_weight", q_weight, q), ("k_weight", k_weight, k)):
         xn = nm[0]
@@ -280,5 +280,16 @@ def check_qk_norm(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout
                 f"shape {list(w.shape)}",
                 "pass the per-head norm's weight [head_dim] (a norm over all heads, [h * d], is not a per-head norm)",
             )
-    real("eps", eps, minimum=0.0, fix="pass the norm's epsilon, e.g. eps=1e-6")
-    real("weight_offset", weight_offset, fix="pass 0.0 (y = x̂·w) or 1.0 (Gemma: y = x̂·(1 + w))")
+    check_norm_scalars(eps, weight_offset)
+
+
+def check_norm_scalars(eps, weight_offset):
+    """``(eps, weight_offset)`` as floats: eps finite and >= 0, the offset finite (RopeError
+    otherwise: a bool or a string is not a number). Plain floats pass without a call."""
+    from ._checks import real
+
+    if not (type(eps) is float and 0.0 <= eps < math.inf):
+        eps = real("eps", eps, minimum=0.0, fix="pass the norm's epsilon, e.g. eps=1e-6")
+    if not (type(weight_offset) is float and -math.inf < weight_offset < math.inf):
+        weight_offset = real("weight_offset", weight_offset, fix="pass 0.0 (y = x̂·w) or 1.0 (Gemma: y = x̂·(1 + w))")
+    return eps, weight_offset

@@ -11,15 +11,14 @@ Python checks give every other backend.
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
 
 from . import backends as _backends
-from ._tensor_checks import (check_inplace, check_qk_disjoint, check_apply, check_qk, check_qk_norm, check_tables, explain,
-                             tracing)
-from ._checks import flag as _flag, real as _real
+from ._tensor_checks import (check_apply, check_inplace, check_norm_scalars, check_qk, check_qk_disjoint, check_qk_norm,
+                             check_tables, explain, tracing)
+from ._checks import flag as _flag
 from ._errors import fail
 from .config import RopeConfig, check_layout
 from .positions import resolve_positions, split_format, split_qk_format, table_view
@@ -187,10 +186,7 @@ def apply_qk_norm_rotary(
         >>> qo.shape, ko.shape
         (torch.Size([1, 5, 8, 64]), torch.Size([1, 5, 2, 64]))
     """
-    if not (type(eps) is float and 0.0 <= eps < math.inf):  # the common case without a call
-        eps = _real("eps", eps, minimum=0.0, fix="pass the norm's epsilon, e.g. eps=1e-6")
-    if not (type(weight_offset) is float and -math.inf < weight_offset < math.inf):
-        weight_offset = _real("weight_offset", weight_offset, fix="pass 0.0 (y = x̂·w) or 1.0 (Gemma: y = x̂·(1 + w))")
+    eps, weight_offset = check_norm_scalars(eps, weight_offset)  # also for backends that check in C++
     if inplace is not False and inplace is not True:
         inplace = _flag("inplace", inplace)
     be = _resolve(backend, q, "q")

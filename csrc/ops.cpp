@@ -26,7 +26,7 @@
 // layer turns it into a RopeError. Numerics: see kernel.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <Python.h>
+#include <torch/extension.h>
 #include <c10/util/irange.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/VariableTypeUtils.h>
@@ -143,7 +143,13 @@ int64_t parse_layout(c10::string_view layout) {
     return 0;
 }
 
-std::string shape_str(const Tensor& t) { return c10::str(t.sizes()); }
+// Sizes as torch prints them (symbolic sizes under torch.compile(dynamic=True) included).
+std::string shape_str(const Tensor& t) { return c10::str(t.sym_sizes()); }
+std::string stride_str(const Tensor& t) { return c10::str(t.sym_strides()); }
+
+// Shapes that only exist as symbols (fake tensors of a dynamic-shape trace): memory layout
+// checks need concrete strides, so they are left to the kernel that runs the real tensors.
+bool symbolic(const Tensor& t) { return t.unsafeGetTensorImpl()->has_symbolic_sizes_strides(); }
 
 void check_x(const Tensor& x, const char* name) {
     RK_CHECK(x.defined(), name, " a tensor, got None. Fix: pass a tensor");
@@ -158,8 +164,7 @@ void check_same_device(const Tensor& ref, const Tensor& t, const char* ref_name,
 }
 
 // cos/sin: half width [..., r/2], broadcastable to x.shape[:-1] + (r/2,) without enlarging x.
-// Returns r/2.
-int64_t check_tables(const Tensor& x, const Tensor& cos, const Tensor& sin, const char* name) {
+void check_tables(const Tensor& x, const Tensor& cos, const Tensor& sin, const char* name) {
     for (const Tensor* t : {&cos, &sin}) {
         const char* nm = t == &cos ? "cos" : "sin";
         RK_CHECK(t->defined(), nm, " a tensor, got None. Fix: build tables with ropekit.cos_sin");
@@ -167,30 +172,29 @@ int64_t check_tables(const Tensor& x, const Tensor& cos, const Tensor& sin, cons
                  ". Fix: build tables with ropekit.cos_sin");
         check_same_device(x, *t, name, nm);
     }
-    RK_CHECK(cos.sizes() == sin.sizes(), "cos and sin of the same shape, got ", shape_str(cos), " and ", shape_str(sin),
-             ". Fix: build both with ropekit.cos_sin");
-    RK_CHECK(cos.dim() >= 1 && cos.size(-1) >= 1, name, " [..., d] and cos/sin [..., r/2] with r/2 >= 1, got ", name, " ",
-             shape_str(x), ", cos ", shape_str(cos), ". Fix: pass half-width tables from ropekit.cos_sin");
-    const int64_t half = cos.size(-1), d = x.size(-1);
-    RK_CHECK(2 * half <= d, "cos/sin of width r/2 <= d/2 = ", d / 2, " (half width: one value per frequency), got width ",
+    RK_CHECK(cos.sym_sizes() == sin.sym_sizes(), "cos and sin of the same shape, got ", shape_str(cos), " and ",
+             shape_str(sin), ". Fix: build both with ropekit.cos_sin");
+    RK_CHECK(cos.dim() >= 1 && cos.sym_size(-1) >= 1, name, " [..., d] and cos/sin [..., r/2] with r/2 >= 1, got ", name,
+             " ", shape_str(x), ", cos ", shape_str(cos), ". Fix: pass half-width tables from ropekit.cos_sin");
+    const c10::SymInt half = cos.sym_size(-1), d = x.sym_size(-1);
+    RK_CHECK(half * 2 <= d, "cos/sin of width r/2 <= d/2 = ", d / 2, " (half width: one value per frequency), got width ",
              half, " for ", name, " of head dim ", d, ". Fix: ",
              half == d ? "these look like full-width tables (transformers' form): convert with "
                          "ropekit.from_full_width(cos, layout)"
                        : "use tables built for this head dim (rotary_dim <= head_dim)");
     bool ok = cos.dim() <= x.dim();
     for (int64_t i = 2; ok && i <= cos.dim(); ++i) {
-        const int64_t c = cos.size(-i);
-        ok = c == 1 || c == x.size(-i);
+        const c10::SymInt c = cos.sym_size(-i);
+        ok = c == 1 || c == x.sym_size(-i);
     }
     if (!ok) {
-        std::vector<int64_t> target(x.sizes().begin(), x.sizes().end());
+        std::vector<c10::SymInt> target(x.sym_sizes().begin(), x.sym_sizes().end());
         target.back() = half;
-        RK_CHECK(false, "cos/sin broadcastable to ", name, ".shape[:-1] + (r/2,) = ", c10::IntArrayRef(target),
+        RK_CHECK(false, "cos/sin broadcastable to ", name, ".shape[:-1] + (r/2,) = ", c10::SymIntArrayRef(target),
                  ", got cos/sin of shape ", shape_str(cos),
                  ". Fix: index the tables with positions of the same batch/sequence layout as ", name,
                  " and unsqueeze the heads dim (e.g. cos[:, :, None, :] for bshd)");
     }
-    return half;
 }
 
 // A sufficient test that no two indices of t share memory, from sizes and strides only:
@@ -210,6 +214,7 @@ bool non_overlapping(c10::IntArrayRef sizes, c10::IntArrayRef strides) {
 }
 
 void check_writable(const Tensor& t, const char* name) {
+    if (symbolic(t)) return;
     RK_CHECK(t.numel() <= 1 || non_overlapping(t.sizes(), t.strides()), name,
              " whose elements do not alias (it is written in place), got ", name, " with overlapping memory (shape ",
              shape_str(t), ", stride ", t.strides(), ", e.g. from expand or unfold). Fix: pass ", name,
@@ -219,16 +224,20 @@ void check_writable(const Tensor& t, const char* name) {
 // Whether a and b provably share no element. Different storages, or disjoint byte ranges,
 // or (the views of one fused qkv buffer) tensors of equal strides and sizes except along one
 // dim j, offset by a multiple of that dim's stride so that both are disjoint index ranges
-// [0, n_a) and [c, c + n_b) of one non-overlapping strided tensor.
+// [0, n_a) and [c, c + n_b) of one non-overlapping strided tensor. Offsets come from the
+// storage (not data pointers), so meta and fake tensors are told apart the same way.
 bool disjoint(const Tensor& a, const Tensor& b) {
+    if (symbolic(a) || symbolic(b) || !a.has_storage() || !b.has_storage()) return true;  // the real kernel checks
     if (a.numel() == 0 || b.numel() == 0 || !a.is_alias_of(b)) return true;
-    const int64_t es = a.element_size();
     auto span = [](const Tensor& t) {
         int64_t n = 1;
-        for (const auto i : c10::irange(t.dim())) n += (t.size(i) - 1) * t.stride(i);
+        for (const auto i : c10::irange(t.dim())) n += (t.size(i) - 1) * std::abs(t.stride(i));
         return n * t.element_size();
     };
-    const auto pa = reinterpret_cast<intptr_t>(a.data_ptr()), pb = reinterpret_cast<intptr_t>(b.data_ptr());
+    auto low = [](const Tensor& t) {  // the lowest element's byte offset (negative strides cannot occur in torch)
+        return t.storage_offset() * t.element_size();
+    };
+    const int64_t es = a.element_size(), pa = low(a), pb = low(b);
     if (pa + span(a) <= pb || pb + span(b) <= pa) return true;
     if (a.dim() != b.dim() || a.strides() != b.strides() || b.element_size() != es || (pb - pa) % es != 0) return false;
     const int64_t delta = (pb - pa) / es;
@@ -251,12 +260,234 @@ bool disjoint(const Tensor& a, const Tensor& b) {
     return false;
 }
 
+// Exactly the same elements in the same order (an out= that is x: in place).
+bool same_view(const Tensor& a, const Tensor& b) {
+    if (symbolic(a) || symbolic(b) || !a.has_storage() || !b.has_storage()) return false;
+    return a.is_alias_of(b) && a.storage_offset() * a.element_size() == b.storage_offset() * b.element_size() &&
+           a.sizes() == b.sizes() && a.strides() == b.strides() && a.scalar_type() == b.scalar_type();
+}
+
 void check_qk_disjoint(const Tensor& q, const Tensor& k) {
     RK_CHECK(disjoint(q, k),
-             "q and k that share no memory when rotated in place, got q ", shape_str(q), " stride ", q.strides(), " and k ",
-             shape_str(k), " stride ", k.strides(),
+             "q and k that share no memory when rotated in place, got q ", shape_str(q), " stride ", stride_str(q), " and k ",
+             shape_str(k), " stride ", stride_str(k),
              " overlapping in one storage (each shared element would be rotated twice). Fix: rotate q and k in separate "
              "calls, or use inplace=False");
+}
+
+// A written tensor w against an input the same call reads: any shared element would be read
+// after (or while) it is overwritten.
+void check_no_overlap(const Tensor& w, const char* wn, const Tensor& in, const char* inn) {
+    if (!in.defined()) return;
+    RK_CHECK(disjoint(w, in), wn, " sharing no memory with ", inn, " (", wn, " is written while ", inn,
+             " is read), got ", wn, " ", shape_str(w), " stride ", stride_str(w), " and ", inn, " ", shape_str(in),
+             " stride ", stride_str(in), " overlapping in one storage. Fix: pass a copy (", inn,
+             ".clone()), or write into a fresh tensor (inplace=False)");
+}
+
+void check_out(const Tensor& x, const Tensor& out) {
+    RK_CHECK(out.defined() && out.sym_sizes() == x.sym_sizes() && out.scalar_type() == x.scalar_type() &&
+                 out.device() == x.device(),
+             "out of x's shape/dtype/device ", shape_str(x), " ", x.scalar_type(), " on ", x.device(), ", got ",
+             out.defined() ? c10::str(shape_str(out), " ", out.scalar_type(), " on ", out.device()) : std::string("None"),
+             ". Fix: allocate it with torch.empty_like(x)");
+    check_writable(out, "out");
+    RK_CHECK(same_view(x, out) || disjoint(x, out), "out not overlapping x (or exactly x), got out ", shape_str(out),
+             " stride ", stride_str(out), " sharing memory with x ", shape_str(x), " stride ", stride_str(x),
+             ". Fix: use inplace=True or a fresh buffer");
+}
+
+// --- one validator per op: the CPU kernels, the fake kernels (ropekit/ops.py, through the
+// module's check_* functions) and every other device's kernels call these and nothing else.
+
+// rotary / rotary_ (inplace) / rotary_out (out); returns the layout code.
+int64_t validate_rotary(const Tensor& x, const Tensor& cos, const Tensor& sin, c10::string_view layout, bool inplace,
+                        const Tensor* out) {
+    check_x(x, "x");
+    check_tables(x, cos, sin, "x");
+    const int64_t lay = parse_layout(layout);
+    if (inplace) {
+        check_writable(x, "x");
+        check_no_overlap(x, "x", cos, "cos");
+        check_no_overlap(x, "x", sin, "sin");
+    }
+    if (out != nullptr) {
+        check_out(x, *out);
+        check_no_overlap(*out, "out", cos, "cos");
+        check_no_overlap(*out, "out", sin, "sin");
+    }
+    return lay;
+}
+
+void check_written_pair(const Tensor& q, const Tensor& k, std::initializer_list<std::pair<const Tensor*, const char*>> ins) {
+    check_writable(q, "q");
+    check_writable(k, "k");
+    check_qk_disjoint(q, k);
+    for (const auto& [t, nm] : ins) {
+        check_no_overlap(q, "q", *t, nm);
+        check_no_overlap(k, "k", *t, nm);
+    }
+}
+
+// rotary_qk / rotary_qk_; returns the layout code.
+int64_t validate_qk(const Tensor& q, const Tensor& k, const Tensor& cos, const Tensor& sin, c10::string_view layout,
+                    bool inplace) {
+    check_x(q, "q");
+    check_x(k, "k");
+    check_same_device(q, k, "q", "k");
+    check_tables(q, cos, sin, "q");
+    check_tables(k, cos, sin, "k");
+    const int64_t lay = parse_layout(layout);
+    if (inplace) check_written_pair(q, k, {{&cos, "cos"}, {&sin, "sin"}});
+    return lay;
+}
+
+// --- gather: table rows picked by position ------------------------------------------------
+
+struct Format {
+    int64_t ndim;  // of q/k
+    int64_t b, s;  // dims of batch and sequence in q/k (b = -1: none, thd)
+    int64_t h;     // heads dim
+};
+
+Format parse_format(c10::string_view f) {
+    if (f == "bshd") return {4, 0, 1, 2};
+    if (f == "bhsd") return {4, 0, 2, 1};
+    if (f == "sbhd") return {4, 1, 0, 2};
+    if (f == "thd") return {3, -1, 0, 1};
+    RK_CHECK(false, "format in ('bshd', 'bhsd', 'sbhd', 'thd'), got '", std::string(f),
+             "'. Fix: name the layout of q and k ([b, s, h, d] is 'bshd')");
+    return {};
+}
+
+struct GatherCall {
+    Format f;
+    int64_t layout;
+    bool per_sample;  // positions [b] for s == 1: one token per sample (decode), read as [b, 1]
+};
+
+// rotary_gather / rotary_gather_ (the values of positions are checked by the kernels: they
+// need the data).
+GatherCall validate_gather(const Tensor& q, const Tensor& k, const Tensor& ct, const Tensor& st, const Tensor& pos,
+                           c10::string_view fmt, c10::string_view layout, bool inplace) {
+    const Format f = parse_format(fmt);
+    check_x(q, "q");
+    check_x(k, "k");
+    check_same_device(q, k, "q", "k");
+    const std::string fs(fmt);
+    for (const Tensor* t : {&q, &k}) {
+        const char* nm = t == &q ? "q" : "k";
+        RK_CHECK(t->dim() == f.ndim, nm, " of ", f.ndim, " dims for format '", fs, "', got ", nm, " of shape ",
+                 shape_str(*t), ". Fix: ",
+                 f.ndim == 3 ? "pack tokens as [t, h, d] for 'thd'"
+                             : "pass [b, s, h, d]-like tensors or use format='thd' for packed [t, h, d]");
+    }
+    const c10::SymInt b = f.b < 0 ? c10::SymInt(1) : q.sym_size(f.b), s = q.sym_size(f.s);
+    RK_CHECK((f.b < 0 || k.sym_size(f.b) == b) && k.sym_size(f.s) == s,
+             "q and k with the same batch and sequence sizes in format '", fs, "', got q ", shape_str(q), " and k ",
+             shape_str(k), ". Fix: rotate them in separate calls");
+    RK_CHECK(q.sym_size(-1) == k.sym_size(-1), "q and k of the same head dim, got ", q.sym_size(-1), " and ",
+             k.sym_size(-1), ". Fix: use one RopeConfig per head dim");
+    for (const Tensor* t : {&ct, &st}) {
+        const char* nm = t == &ct ? "cos_table" : "sin_table";
+        RK_CHECK(t->defined() && t->dim() == 2 && dtype_code(t->scalar_type()) >= 0, nm, " a float [n, r/2] table, got ",
+                 t->defined() ? c10::str("shape ", shape_str(*t), " ", t->scalar_type()) : std::string("None"),
+                 ". Fix: pass the tables of RotaryEmbedding.tables(n)");
+        check_same_device(q, *t, "q", nm);
+    }
+    RK_CHECK(ct.sym_sizes() == st.sym_sizes() && ct.sym_size(1) >= 1 && ct.sym_size(1) * 2 <= q.sym_size(-1),
+             "cos_table and sin_table of one shape [n, r/2] with 1 <= r/2 <= d/2 = ", q.sym_size(-1) / 2, ", got ",
+             shape_str(ct), " and ", shape_str(st), ". Fix: build them with ropekit.cos_sin(cfg, torch.arange(n))");
+    RK_CHECK(pos.defined() && at::isIntegralType(pos.scalar_type(), /*includeBool=*/false),
+             "positions an integer tensor, got ", pos.defined() ? c10::str(pos.scalar_type()) : std::string("None"),
+             ". Fix: pass int64 positions");
+    check_same_device(q, pos, "q", "positions");
+    const bool per_sample = f.b >= 0 && s == 1 && pos.dim() == 1 && pos.sym_size(0) == b && b != 1;
+    const bool ok = f.b < 0 ? (pos.dim() == 1 && pos.sym_size(0) == s)
+                            : ((pos.dim() == 1 && pos.sym_size(0) == s) || per_sample ||
+                               (pos.dim() == 2 && (pos.sym_size(0) == b || pos.sym_size(0) == 1) && pos.sym_size(1) == s));
+    RK_CHECK(ok, "positions of shape ",
+             f.b < 0 ? c10::str("[", s, "]") : c10::str("[", s, "] or [", b, ", ", s, "]"), " for q ", shape_str(q),
+             " in format '", fs, "', got shape ", shape_str(pos),
+             ". Fix: one position per token ([s] shared by the batch, [b, s] per sample, [t] packed)");
+    const int64_t lay = parse_layout(layout);
+    if (inplace) check_written_pair(q, k, {{&ct, "cos_table"}, {&st, "sin_table"}, {&pos, "positions"}});
+    return {f, lay, per_sample};
+}
+
+// --- fused per-head RMSNorm + rotation -----------------------------------------------------
+
+void check_norm_weight(const Tensor& x, const Tensor& w, const char* xn, const char* wn) {
+    RK_CHECK(w.defined(), wn, " a tensor of shape [", x.sym_size(-1), "], got None. Fix: pass the norm's weight");
+    RK_CHECK(dtype_code(w.scalar_type()) >= 0, wn, " of a real floating dtype, got ", wn, ".dtype=", w.scalar_type(),
+             ". Fix: convert it: ", wn, ".float()");
+    check_same_device(x, w, xn, wn);
+    RK_CHECK(w.dim() == 1 && w.sym_size(0) == x.sym_size(-1), wn, " of shape [", x.sym_size(-1), "] (", xn,
+             "'s head dim: one weight per dim, shared by every head), got shape ", shape_str(w),
+             ". Fix: pass the per-head norm's weight [head_dim] (a norm over all heads, [h * d], is not a per-head norm)");
+}
+
+void check_offset(double offset) {
+    RK_CHECK(std::isfinite(offset), "weight_offset a finite number, got ", offset,
+             ". Fix: pass 0.0 (y = x̂·w) or 1.0 (Gemma: y = x̂·(1 + w))");
+}
+
+// qk_norm_rotary, qk_norm_rotary_, qk_norm_rotary_fwd, qk_norm_rotary_fwd_; returns the layout code.
+int64_t validate_qk_norm(const Tensor& q, const Tensor& k, const Tensor& qw, const Tensor& kw, const Tensor& cos,
+                         const Tensor& sin, double eps, double offset, c10::string_view layout, bool inplace) {
+    const int64_t lay = validate_qk(q, k, cos, sin, layout, false);
+    check_norm_weight(q, qw, "q", "q_weight");
+    check_norm_weight(k, kw, "k", "k_weight");
+    RK_CHECK(std::isfinite(eps) && eps >= 0, "eps a finite number >= 0, got ", eps,
+             ". Fix: pass the norm's epsilon, e.g. eps=1e-6");
+    check_offset(offset);
+    if (inplace)
+        check_written_pair(q, k, {{&cos, "cos"}, {&sin, "sin"}, {&qw, "q_weight"}, {&kw, "k_weight"}});
+    return lay;
+}
+
+at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// qk_norm_rotary_bwd. An empty q (or k) is the absent side of a single-tensor backward: its
+// tables are not checked against it.
+int64_t validate_qk_norm_bwd(const Tensor& gq, const Tensor& gk, const Tensor& q, const Tensor& k, const Tensor& qw,
+                             const Tensor& kw, const Tensor& rq, const Tensor& rk, const Tensor& cos, const Tensor& sin,
+                             double offset, c10::string_view layout) {
+    check_x(q, "q");
+    check_x(k, "k");
+    check_same_device(q, k, "q", "k");
+    for (const Tensor* t : {&cos, &sin}) {
+        const char* nm = t == &cos ? "cos" : "sin";
+        RK_CHECK(t->defined() && dtype_code(t->scalar_type()) >= 0, nm, " a float table, got ",
+                 t->defined() ? c10::str(t->scalar_type()) : std::string("None"), ". Fix: pass the forward's tables");
+        check_same_device(q, *t, "q", nm);
+    }
+    if (q.sym_numel() != 0) check_tables(q, cos, sin, "q");
+    if (k.sym_numel() != 0) check_tables(k, cos, sin, "k");
+    const Tensor* xs[2] = {&q, &k};
+    const Tensor* gs[2] = {&gq, &gk};
+    const Tensor* rs[2] = {&rq, &rk};
+    const char* gn[2] = {"grad_q", "grad_k"};
+    const char* rn[2] = {"q_rstd", "k_rstd"};
+    for (int i = 0; i < 2; ++i) {
+        const Tensor &x = *xs[i], &g = *gs[i], &r = *rs[i];
+        check_x(g, gn[i]);
+        check_same_device(q, g, "q", gn[i]);
+        RK_CHECK(g.sym_sizes() == x.sym_sizes(), gn[i], " of ", i ? "k" : "q", "'s shape ", shape_str(x), ", got ",
+                 shape_str(g), ". Fix: pass the gradient of the forward's output");
+        RK_CHECK(r.defined() && r.scalar_type() == compute_type(x.scalar_type()), rn[i], " of dtype ",
+                 compute_type(x.scalar_type()), " (the forward's saved inverse RMS), got ",
+                 r.defined() ? c10::str(r.scalar_type()) : std::string("None"),
+                 ". Fix: pass the q_rstd/k_rstd that qk_norm_rotary_fwd returned");
+        check_same_device(q, r, "q", rn[i]);
+        RK_CHECK(r.sym_sizes() == x.sym_sizes().slice(0, x.dim() - 1), rn[i], " of shape ",
+                 c10::SymIntArrayRef(x.sym_sizes().slice(0, x.dim() - 1)), " (one inverse RMS per head row), got ",
+                 shape_str(r), ". Fix: pass the q_rstd/k_rstd that qk_norm_rotary_fwd returned");
+    }
+    check_norm_weight(q, qw, "q", "q_weight");
+    check_norm_weight(k, kw, "k", "k_weight");
+    check_offset(offset);
+    return parse_layout(layout);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -442,49 +673,21 @@ void rotate_into(const Tensor& x, const Tensor& cos, const Tensor& sin, int64_t 
 // CPU kernels
 
 Tensor rotary_cpu(const Tensor& x, const Tensor& cos, const Tensor& sin, c10::string_view layout, bool conjugate) {
-    check_x(x, "x");
-    check_tables(x, cos, sin, "x");
-    const int64_t lay = parse_layout(layout);
+    const int64_t lay = validate_rotary(x, cos, sin, layout, false, nullptr);
     Tensor out = new_cpu_out(x);
     rotate_into(x, cos, sin, lay, conjugate, out);
     return out;
 }
 
 void rotary__cpu(Tensor& x, const Tensor& cos, const Tensor& sin, c10::string_view layout, bool conjugate) {
-    check_x(x, "x");
-    check_tables(x, cos, sin, "x");
-    const int64_t lay = parse_layout(layout);
-    check_writable(x, "x");
+    const int64_t lay = validate_rotary(x, cos, sin, layout, true, nullptr);
     rotate_into(x, cos, sin, lay, conjugate, x);
-}
-
-void check_out(const Tensor& x, const Tensor& out) {
-    RK_CHECK(out.defined() && out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type() &&
-                 out.device() == x.device(),
-             "out of x's shape/dtype/device ", shape_str(x), " ", x.scalar_type(), " on ", x.device(), ", got ",
-             out.defined() ? c10::str(shape_str(out), " ", out.scalar_type(), " on ", out.device()) : std::string("None"),
-             ". Fix: allocate it with torch.empty_like(x)");
-    check_writable(out, "out");
-    const bool same = out.data_ptr() == x.data_ptr() && out.strides() == x.strides();
-    RK_CHECK(same || disjoint(x, out), "out not overlapping x (or exactly x), got out sharing memory with x",
-             ". Fix: use inplace=True or a fresh buffer");
 }
 
 void rotary_out_cpu(const Tensor& x, const Tensor& cos, const Tensor& sin, c10::string_view layout, bool conjugate,
                     Tensor& out) {
-    check_x(x, "x");
-    check_tables(x, cos, sin, "x");
-    const int64_t lay = parse_layout(layout);
-    check_out(x, out);
+    const int64_t lay = validate_rotary(x, cos, sin, layout, false, &out);
     rotate_into(x, cos, sin, lay, conjugate, out);
-}
-
-void check_qk(const Tensor& q, const Tensor& k, const Tensor& cos, const Tensor& sin) {
-    check_x(q, "q");
-    check_x(k, "k");
-    check_same_device(q, k, "q", "k");
-    check_tables(q, cos, sin, "q");
-    check_tables(k, cos, sin, "k");
 }
 
 // q and k through one kernel call (one pass over the rows of both); falls back to two
@@ -506,80 +709,23 @@ void rotate_qk_into(const Tensor& q, const Tensor& k, const Tensor& cos, const T
 
 std::tuple<Tensor, Tensor> rotary_qk_cpu(const Tensor& q, const Tensor& k, const Tensor& cos, const Tensor& sin,
                                          c10::string_view layout, bool conjugate) {
-    check_qk(q, k, cos, sin);
-    const int64_t lay = parse_layout(layout);
+    const int64_t lay = validate_qk(q, k, cos, sin, layout, false);
     Tensor qo = new_cpu_out(q), ko = new_cpu_out(k);
     rotate_qk_into(q, k, cos, sin, lay, conjugate, qo, ko);
     return {qo, ko};
 }
 
 void rotary_qk__cpu(Tensor& q, Tensor& k, const Tensor& cos, const Tensor& sin, c10::string_view layout, bool conjugate) {
-    check_qk(q, k, cos, sin);
-    const int64_t lay = parse_layout(layout);
-    check_writable(q, "q");
-    check_writable(k, "k");
-    check_qk_disjoint(q, k);
+    const int64_t lay = validate_qk(q, k, cos, sin, layout, true);
     rotate_qk_into(q, k, cos, sin, lay, conjugate, q, k);
 }
 
 // --- gather: table rows picked by position ------------------------------------------------
 
-struct Format {
-    int64_t ndim;  // of q/k
-    int64_t b, s;  // dims of batch and sequence in q/k (b = -1: none, thd)
-    int64_t h;     // heads dim
-};
-
-Format parse_format(c10::string_view f) {
-    if (f == "bshd") return {4, 0, 1, 2};
-    if (f == "bhsd") return {4, 0, 2, 1};
-    if (f == "sbhd") return {4, 1, 0, 2};
-    if (f == "thd") return {3, -1, 0, 1};
-    RK_CHECK(false, "format in ('bshd', 'bhsd', 'sbhd', 'thd'), got '", std::string(f),
-             "'. Fix: name the layout of q and k ([b, s, h, d] is 'bshd')");
-    return {};
-}
-
-// Checks q, k, tables and positions; returns the positions as contiguous int64.
-Tensor check_gather(const Tensor& q, const Tensor& k, const Tensor& ct, const Tensor& st, const Tensor& pos,
-                    const Format& f, c10::string_view fmt) {
-    check_x(q, "q");
-    check_x(k, "k");
-    check_same_device(q, k, "q", "k");
-    const std::string fs(fmt);
-    for (const Tensor* t : {&q, &k}) {
-        const char* nm = t == &q ? "q" : "k";
-        RK_CHECK(t->dim() == f.ndim, nm, " of ", f.ndim, " dims for format '", fs, "', got ", nm, " of shape ",
-                 shape_str(*t), ". Fix: ", f.ndim == 3 ? "pack tokens as [t, h, d] for 'thd'" : "pass [b, s, h, d]-like tensors or use format='thd' for packed [t, h, d]");
-    }
-    const int64_t b = f.b < 0 ? 1 : q.size(f.b), s = q.size(f.s);
-    RK_CHECK((f.b < 0 || k.size(f.b) == b) && k.size(f.s) == s, "q and k with the same batch and sequence sizes in format '",
-             fs, "', got q ", shape_str(q), " and k ", shape_str(k), ". Fix: rotate them in separate calls");
-    RK_CHECK(q.size(-1) == k.size(-1), "q and k of the same head dim, got ", q.size(-1), " and ", k.size(-1),
-             ". Fix: use one RopeConfig per head dim");
-    for (const Tensor* t : {&ct, &st}) {
-        const char* nm = t == &ct ? "cos_table" : "sin_table";
-        RK_CHECK(t->defined() && t->dim() == 2 && dtype_code(t->scalar_type()) >= 0, nm, " a float [n, r/2] table, got ",
-                 t->defined() ? c10::str("shape ", shape_str(*t), " ", t->scalar_type()) : std::string("None"),
-                 ". Fix: pass the tables of RotaryEmbedding.tables(n)");
-        check_same_device(q, *t, "q", nm);
-    }
-    RK_CHECK(ct.sizes() == st.sizes() && ct.size(1) >= 1 && 2 * ct.size(1) <= q.size(-1),
-             "cos_table and sin_table of one shape [n, r/2] with 1 <= r/2 <= d/2 = ", q.size(-1) / 2, ", got ",
-             shape_str(ct), " and ", shape_str(st), ". Fix: build them with ropekit.cos_sin(cfg, torch.arange(n))");
-    RK_CHECK(pos.defined() && at::isIntegralType(pos.scalar_type(), /*includeBool=*/false), "positions an integer tensor, got ",
-             pos.defined() ? c10::str(pos.scalar_type()) : std::string("None"), ". Fix: pass int64 positions");
-    check_same_device(q, pos, "q", "positions");
-    // [b] with s == 1: one token per sample (decode), read as [b, 1]
-    const bool per_sample = f.b >= 0 && s == 1 && pos.dim() == 1 && pos.size(0) == b && b != 1;
-    const bool ok = f.b < 0 ? (pos.dim() == 1 && pos.size(0) == s)
-                            : ((pos.dim() == 1 && pos.size(0) == s) || per_sample ||
-                               (pos.dim() == 2 && (pos.size(0) == b || pos.size(0) == 1) && pos.size(1) == s));
-    RK_CHECK(ok, "positions of shape ", f.b < 0 ? c10::str("[", s, "]") : c10::str("[", s, "] or [", b, ", ", s, "]"),
-             " for q ", shape_str(q), " in format '", fs, "', got shape ", shape_str(pos),
-             ". Fix: one position per token ([s] shared by the batch, [b, s] per sample, [t] packed)");
+// The positions as contiguous int64 ([b] per sample read as [b, 1]).
+Tensor long_positions(const Tensor& pos, const GatherCall& g) {
     const Tensor p = pos.scalar_type() == at::kLong ? pos.contiguous() : pos.to(at::kLong).contiguous();
-    return per_sample ? p.view({b, 1}) : p;
+    return g.per_sample ? p.view({p.size(0), 1}) : p;
 }
 
 void check_positions_range(const Tensor& pos, int64_t n) {
@@ -655,47 +801,19 @@ void gather_into(const Tensor& q, const Tensor& k, const Tensor& ct, const Tenso
 std::tuple<Tensor, Tensor> rotary_gather_cpu(const Tensor& q, const Tensor& k, const Tensor& ct, const Tensor& st,
                                              const Tensor& positions, c10::string_view format, c10::string_view layout,
                                              bool conjugate) {
-    const Format f = parse_format(format);
-    const Tensor pos = check_gather(q, k, ct, st, positions, f, format);
-    const int64_t lay = parse_layout(layout);
+    const GatherCall g = validate_gather(q, k, ct, st, positions, format, layout, false);
     Tensor qo = new_cpu_out(q), ko = new_cpu_out(k);
-    gather_into(q, k, ct, st, pos, f, lay, conjugate, qo, ko);
+    gather_into(q, k, ct, st, long_positions(positions, g), g.f, g.layout, conjugate, qo, ko);
     return {qo, ko};
 }
 
 void rotary_gather__cpu(Tensor& q, Tensor& k, const Tensor& ct, const Tensor& st, const Tensor& positions,
                         c10::string_view format, c10::string_view layout, bool conjugate) {
-    const Format f = parse_format(format);
-    const Tensor pos = check_gather(q, k, ct, st, positions, f, format);
-    const int64_t lay = parse_layout(layout);
-    check_writable(q, "q");
-    check_writable(k, "k");
-    check_qk_disjoint(q, k);
-    gather_into(q, k, ct, st, pos, f, lay, conjugate, q, k);
+    const GatherCall g = validate_gather(q, k, ct, st, positions, format, layout, true);
+    gather_into(q, k, ct, st, long_positions(positions, g), g.f, g.layout, conjugate, q, k);
 }
 
 // --- fused per-head RMSNorm + rotation -----------------------------------------------------
-
-void check_norm_weight(const Tensor& x, const Tensor& w, const char* xn, const char* wn) {
-    RK_CHECK(w.defined(), wn, " a tensor of shape [", x.size(-1), "], got None. Fix: pass the norm's weight");
-    RK_CHECK(dtype_code(w.scalar_type()) >= 0, wn, " of a real floating dtype, got ", wn, ".dtype=", w.scalar_type(),
-             ". Fix: convert it: ", wn, ".float()");
-    check_same_device(x, w, xn, wn);
-    RK_CHECK(w.dim() == 1 && w.size(0) == x.size(-1), wn, " of shape [", x.size(-1), "] (", xn,
-             "'s head dim: one weight per dim, shared by every head), got shape ", shape_str(w),
-             ". Fix: pass the per-head norm's weight [head_dim] (a norm over all heads, [h * d], is not a per-head norm)");
-}
-
-void check_qk_norm(const Tensor& q, const Tensor& k, const Tensor& qw, const Tensor& kw, const Tensor& cos,
-                   const Tensor& sin, double eps, double offset) {
-    check_qk(q, k, cos, sin);
-    check_norm_weight(q, qw, "q", "q_weight");
-    check_norm_weight(k, kw, "k", "k_weight");
-    RK_CHECK(std::isfinite(eps) && eps >= 0, "eps a finite number >= 0, got ", eps,
-             ". Fix: pass the norm's epsilon, e.g. eps=1e-6");
-    RK_CHECK(std::isfinite(offset), "weight_offset a finite number, got ", offset,
-             ". Fix: pass 0.0 (y = x̂·w) or 1.0 (Gemma: y = x̂·(1 + w))");
-}
 
 at::ScalarType compute_type(int64_t dt) { return dt == 3 ? at::kDouble : at::kFloat; }
 
@@ -875,8 +993,7 @@ using Tensor4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 
 Tensor4 qk_norm_rotary_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& qw, const Tensor& kw, const Tensor& cos,
                                const Tensor& sin, double eps, double offset, c10::string_view layout) {
-    check_qk_norm(q, k, qw, kw, cos, sin, eps, offset);
-    const int64_t lay = parse_layout(layout);
+    const int64_t lay = validate_qk_norm(q, k, qw, kw, cos, sin, eps, offset, layout, false);
     Tensor qo = new_cpu_out(q), ko = new_cpu_out(k);
     auto r = norm_fwd_into({q, k}, {qw, kw}, cos, sin, eps, offset, lay, {qo, ko});
     return {qo, ko, r[0], r[1]};
@@ -885,11 +1002,7 @@ Tensor4 qk_norm_rotary_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& q
 std::tuple<Tensor, Tensor> qk_norm_rotary_fwd__cpu(Tensor& q, Tensor& k, const Tensor& qw, const Tensor& kw,
                                                    const Tensor& cos, const Tensor& sin, double eps, double offset,
                                                    c10::string_view layout) {
-    check_qk_norm(q, k, qw, kw, cos, sin, eps, offset);
-    const int64_t lay = parse_layout(layout);
-    check_writable(q, "q");
-    check_writable(k, "k");
-    check_qk_disjoint(q, k);
+    const int64_t lay = validate_qk_norm(q, k, qw, kw, cos, sin, eps, offset, layout, true);
     auto r = norm_fwd_into({q, k}, {qw, kw}, cos, sin, eps, offset, lay, {q, k});
     return {r[0], r[1]};
 }
@@ -898,8 +1011,7 @@ std::tuple<Tensor, Tensor> qk_norm_rotary_fwd__cpu(Tensor& q, Tensor& k, const T
 std::tuple<Tensor, Tensor> qk_norm_rotary_cpu(const Tensor& q, const Tensor& k, const Tensor& qw, const Tensor& kw,
                                               const Tensor& cos, const Tensor& sin, double eps, double offset,
                                               c10::string_view layout) {
-    check_qk_norm(q, k, qw, kw, cos, sin, eps, offset);
-    const int64_t lay = parse_layout(layout);
+    const int64_t lay = validate_qk_norm(q, k, qw, kw, cos, sin, eps, offset, layout, false);
     Tensor qo = new_cpu_out(q), ko = new_cpu_out(k);
     norm_fwd_into({q, k}, {qw, kw}, cos, sin, eps, offset, lay, {qo, ko}, false);
     return {qo, ko};
@@ -907,29 +1019,15 @@ std::tuple<Tensor, Tensor> qk_norm_rotary_cpu(const Tensor& q, const Tensor& k, 
 
 void qk_norm_rotary__cpu(Tensor& q, Tensor& k, const Tensor& qw, const Tensor& kw, const Tensor& cos, const Tensor& sin,
                          double eps, double offset, c10::string_view layout) {
-    check_qk_norm(q, k, qw, kw, cos, sin, eps, offset);
-    const int64_t lay = parse_layout(layout);
-    check_writable(q, "q");
-    check_writable(k, "k");
-    check_qk_disjoint(q, k);
+    const int64_t lay = validate_qk_norm(q, k, qw, kw, cos, sin, eps, offset, layout, true);
     norm_fwd_into({q, k}, {qw, kw}, cos, sin, eps, offset, lay, {q, k}, false);
 }
 
 Tensor4 qk_norm_rotary_bwd_cpu(const Tensor& gq, const Tensor& gk, const Tensor& q, const Tensor& k, const Tensor& qw,
                                const Tensor& kw, const Tensor& rq, const Tensor& rk, const Tensor& cos, const Tensor& sin,
                                double offset, c10::string_view layout) {
-    // an empty side is the other tensor of a single-tensor backward (in place): no table checks
-    check_x(q, "q");
-    check_x(k, "k");
-    if (q.numel()) check_tables(q, cos, sin, "q");
-    if (k.numel()) check_tables(k, cos, sin, "k");
-    RK_CHECK(gq.sizes() == q.sizes() && gk.sizes() == k.sizes() && rq.numel() * q.size(-1) == q.numel() &&
-                 rk.numel() * k.size(-1) == k.numel(),
-             "gradients of q's and k's shapes and one rstd per row, got gq ", shape_str(gq), " for q ", shape_str(q),
-             ", gk ", shape_str(gk), " for k ", shape_str(k), ". Fix: pass the saved forward values");
-    check_norm_weight(q, qw, "q", "q_weight");
-    check_norm_weight(k, kw, "k", "k_weight");
-    auto r = norm_bwd({gq, gk}, {q, k}, {qw, kw}, {rq, rk}, cos, sin, offset, parse_layout(layout));
+    const int64_t lay = validate_qk_norm_bwd(gq, gk, q, k, qw, kw, rq, rk, cos, sin, offset, layout);
+    auto r = norm_bwd({gq, gk}, {q, k}, {qw, kw}, {rq, rk}, cos, sin, offset, lay);
     return {r[0], r[1], r[2], r[3]};
 }
 
@@ -1283,6 +1381,28 @@ void rotary_gather__autograd(c10::DispatchKeySet ks, Tensor& q, Tensor& k, const
 // token in float32). Backward: qk_norm_rotary_bwd, one pass over g, x and dx per tensor; the
 // weight gradient is reduced in a fixed order (the same bits for any thread count).
 
+// The backward of one tensor's norm + rotation written with differentiable ops (aten and the
+// rotary op), for backward passes that build a graph (create_graph=True: second derivatives,
+// gradgradcheck). Per row: x̂ = x·rstd, u = R(-θ)g, v = u·w', dx = rstd·(v - x̂·mean(v·x̂)),
+// dw = Σ_rows u·x̂ — the formula of the fused kernel, in the compute dtype.
+std::pair<Tensor, Tensor> norm_backward_graph(const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& c,
+                                              const Tensor& s, double eps, double off, const std::string& layout) {
+    const auto cdt = compute_type(x.scalar_type());
+    const Tensor xf = x.to(cdt), wp = w.to(cdt) + off;
+    const Tensor rstd = at::rsqrt(xf.pow(2).mean(-1, true) + eps);
+    const Tensor xhat = xf * rstd;
+    const Tensor u = call_rotary(g.to(cdt), c, s, layout, true);
+    const Tensor v = u * wp;
+    const Tensor dx = rstd * (v - xhat * (v * xhat).mean(-1, true));
+    Tensor dw = u * xhat;
+    if (x.dim() > 1) {
+        std::vector<int64_t> lead(x.dim() - 1);
+        for (int64_t i = 0; i < x.dim() - 1; ++i) lead[i] = i;
+        dw = dw.sum(lead);
+    }
+    return {dx.to(x.scalar_type()), dw.to(w.scalar_type())};
+}
+
 class QKNormFn : public torch::autograd::Function<QKNormFn> {
    public:
     static variable_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& qw,
@@ -1292,11 +1412,18 @@ class QKNormFn : public torch::autograd::Function<QKNormFn> {
         auto [qo, ko, rq, rk] = call_norm_fwd(q, k, qw, kw, c, s, eps, off, layout);
         ctx->save_for_backward({q, k, qw, kw, rq, rk, c, s});
         ctx->saved_data["offset"] = off;
+        ctx->saved_data["eps"] = eps;
         ctx->saved_data["layout"] = layout;
         return {qo, ko};
     }
     static variable_list backward(AutogradContext* ctx, variable_list g) {
         const auto v = ctx->get_saved_variables();
+        if (at::GradMode::is_enabled()) {  // create_graph: a differentiable backward
+            const double eps = ctx->saved_data["eps"].toDouble(), off = ctx->saved_data["offset"].toDouble();
+            auto [dq, dqw] = norm_backward_graph(g[0], v[0], v[2], v[6], v[7], eps, off, layout_of(ctx));
+            auto [dk, dkw] = norm_backward_graph(g[1], v[1], v[3], v[6], v[7], eps, off, layout_of(ctx));
+            return {dq, dk, dqw, dkw, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+        }
         auto [dq, dk, dqw, dkw] = call_norm_bwd(g[0], g[1], v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7],
                                                 ctx->saved_data["offset"].toDouble(), layout_of(ctx));
         return {dq, dk, dqw, dkw, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
@@ -1308,20 +1435,27 @@ class QKNormFn : public torch::autograd::Function<QKNormFn> {
 class NormRotatedFn : public torch::autograd::Function<NormRotatedFn> {
    public:
     static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& w, const Tensor& x0,
-                                 const Tensor& rstd, const Tensor& c, const Tensor& s, double off, std::string layout) {
+                                 const Tensor& rstd, const Tensor& c, const Tensor& s, double eps, double off,
+                                 std::string layout) {
         ctx->mark_dirty({x});
         ctx->save_for_backward({x0, w, rstd, c, s});
         ctx->saved_data["offset"] = off;
+        ctx->saved_data["eps"] = eps;
         ctx->saved_data["layout"] = layout;
         return {x};
     }
     static variable_list backward(AutogradContext* ctx, variable_list g) {
         const auto v = ctx->get_saved_variables();
         const Tensor& x0 = v[0];
+        if (at::GradMode::is_enabled()) {  // create_graph: a differentiable backward
+            auto [dx, dw] = norm_backward_graph(g[0], x0, v[1], v[3], v[4], ctx->saved_data["eps"].toDouble(),
+                                                ctx->saved_data["offset"].toDouble(), layout_of(ctx));
+            return {dx, dw, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+        }
         const Tensor none = at::empty({0, x0.size(-1)}, x0.options()), r0 = at::empty({0}, v[2].options());
         auto [dx, dn, dw, dwn] = call_norm_bwd(g[0], none, x0, none, v[1], v[1], v[2], r0, v[3], v[4],
                                                ctx->saved_data["offset"].toDouble(), layout_of(ctx));
-        return {dx, dw, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+        return {dx, dw, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
     }
 };
 
@@ -1349,15 +1483,58 @@ void qk_norm_rotary__autograd(c10::DispatchKeySet ks, Tensor& q, Tensor& k, cons
     check_not_leaf(q, "q");
     check_not_leaf(k, "k");
     // the inputs, before they are overwritten (checks first: nothing is copied for a refused call)
-    check_qk_norm(q, k, qw, kw, c, s, eps, off);
+    validate_qk_norm(q, k, qw, kw, c, s, eps, off, layout, true);
     Tensor q0 = new_cpu_out(q), k0 = new_cpu_out(k);  // fresh and large: advised onto huge pages
     q0.copy_(q.detach());
     k0.copy_(k.detach());
     static auto op = RK_OP("qk_norm_rotary_fwd_", NormFwdInSig);
     auto [rq, rk] = op.redispatch(ks & c10::after_autograd_keyset, q, k, qw, kw, c, s, eps, off, layout);
     const std::string l(layout);
-    if (q.requires_grad() || qw.requires_grad()) NormRotatedFn::apply(q, qw, q0, rq, c, s, off, l);
-    if (k.requires_grad() || kw.requires_grad()) NormRotatedFn::apply(k, kw, k0, rk, c, s, off, l);
+    if (q.requires_grad() || qw.requires_grad()) NormRotatedFn::apply(q, qw, q0, rq, c, s, eps, off, l);
+    if (k.requires_grad() || kw.requires_grad()) NormRotatedFn::apply(k, kw, k0, rk, c, s, eps, off, l);
+}
+
+// The forward-with-rstd and backward steps of qk_norm_rotary are not differentiable
+// themselves (qk_norm_rotary's autograd is, twice): a call that would need their gradient is
+// refused rather than silently given none.
+void refuse_grad(const char* op, std::initializer_list<const Tensor*> ts) {
+    RK_CHECK(!grad_on(ts), "inputs of ropekit::", op, " that do not require grad (a step of qk_norm_rotary's autograd, ",
+             "not differentiable itself), got inputs that require grad. Fix: call torch.ops.ropekit.qk_norm_rotary ",
+             "(differentiable, also twice), or detach the inputs");
+}
+
+Tensor4 qk_norm_rotary_fwd_autograd(const Tensor& q, const Tensor& k, const Tensor& qw, const Tensor& kw, const Tensor& c,
+                                    const Tensor& s, double eps, double off, c10::string_view layout) {
+    refuse_grad("qk_norm_rotary_fwd", {&q, &k, &qw, &kw, &c, &s});
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_norm_fwd(q, k, qw, kw, c, s, eps, off, layout);
+}
+
+std::tuple<Tensor, Tensor> qk_norm_rotary_fwd__autograd(c10::DispatchKeySet ks, Tensor& q, Tensor& k, const Tensor& qw,
+                                                        const Tensor& kw, const Tensor& c, const Tensor& s, double eps,
+                                                        double off, c10::string_view layout) {
+    refuse_grad("qk_norm_rotary_fwd_", {&q, &k, &qw, &kw, &c, &s});
+    static auto op = RK_OP("qk_norm_rotary_fwd_", NormFwdInSig);
+    return op.redispatch(ks & c10::after_autograd_keyset, q, k, qw, kw, c, s, eps, off, layout);
+}
+
+Tensor4 qk_norm_rotary_bwd_autograd(const Tensor& gq, const Tensor& gk, const Tensor& q, const Tensor& k,
+                                    const Tensor& qw, const Tensor& kw, const Tensor& rq, const Tensor& rk,
+                                    const Tensor& c, const Tensor& s, double off, c10::string_view layout) {
+    refuse_grad("qk_norm_rotary_bwd", {&gq, &gk, &q, &k, &qw, &kw, &rq, &rk, &c, &s});
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_norm_bwd(gq, gk, q, k, qw, kw, rq, rk, c, s, off, layout);
+}
+
+// The validators for Python (the fake kernels in ropekit/ops.py and the kernels of other
+// devices): a refusal is a ValueError with the same message as the CPU kernel's.
+template <typename F>
+void as_value_error(F&& f) {
+    try {
+        f();
+    } catch (const c10::ValueError& e) {
+        throw pybind11::value_error(e.what_without_backtrace());
+    }
 }
 
 }  // namespace
@@ -1421,11 +1598,32 @@ TORCH_LIBRARY_IMPL(ropekit, Autograd, m) {
     m.impl("rotary_gather_", torch::dispatch(c10::DispatchKey::Autograd, TORCH_FN(rotary_gather__autograd)));
     m.impl("qk_norm_rotary", &qk_norm_rotary_autograd);
     m.impl("qk_norm_rotary_", torch::dispatch(c10::DispatchKey::Autograd, TORCH_FN(qk_norm_rotary__autograd)));
+    m.impl("qk_norm_rotary_fwd", &qk_norm_rotary_fwd_autograd);
+    m.impl("qk_norm_rotary_fwd_", torch::dispatch(c10::DispatchKey::Autograd, TORCH_FN(qk_norm_rotary_fwd__autograd)));
+    m.impl("qk_norm_rotary_bwd", &qk_norm_rotary_bwd_autograd);
 }
 
-// `import ropekit._C` loads this library, whose static initialisers above register the ops.
-PyMODINIT_FUNC PyInit__C(void) {
-    static PyModuleDef def = {PyModuleDef_HEAD_INIT, "ropekit._C", "ropekit's dispatcher operators (torch.ops.ropekit)",
-                              -1, nullptr};
-    return PyModule_Create(&def);
+// `import ropekit._C` loads this library (its static initialisers above register the ops)
+// and gives Python the validators, one per op (check_* below; ropekit.ops.check calls them).
+PYBIND11_MODULE(_C, m) {
+    using OptT = c10::optional<Tensor>;
+    m.def("check_rotary", [](const Tensor& x, const Tensor& c, const Tensor& s, std::string layout, bool inplace,
+                             const OptT& out) {
+        as_value_error([&] { validate_rotary(x, c, s, layout, inplace, out.has_value() ? &*out : nullptr); });
+    });
+    m.def("check_qk", [](const Tensor& q, const Tensor& k, const Tensor& c, const Tensor& s, std::string layout,
+                         bool inplace) { as_value_error([&] { validate_qk(q, k, c, s, layout, inplace); }); });
+    m.def("check_gather", [](const Tensor& q, const Tensor& k, const Tensor& ct, const Tensor& st, const Tensor& pos,
+                             std::string format, std::string layout, bool inplace) {
+        as_value_error([&] { validate_gather(q, k, ct, st, pos, format, layout, inplace); });
+    });
+    m.def("check_qk_norm", [](const Tensor& q, const Tensor& k, const Tensor& qw, const Tensor& kw, const Tensor& c,
+                              const Tensor& s, double eps, double off, std::string layout, bool inplace) {
+        as_value_error([&] { validate_qk_norm(q, k, qw, kw, c, s, eps, off, layout, inplace); });
+    });
+    m.def("check_qk_norm_bwd", [](const Tensor& gq, const Tensor& gk, const Tensor& q, const Tensor& k, const Tensor& qw,
+                                  const Tensor& kw, const Tensor& rq, const Tensor& rk, const Tensor& c, const Tensor& s,
+                                  double off, std::string layout) {
+        as_value_error([&] { validate_qk_norm_bwd(gq, gk, q, k, qw, kw, rq, rk, c, s, off, layout); });
+    });
 }

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-__all__ = ["LOADED", "REASON", "capability"]
+__all__ = ["LOADED", "REASON", "capability", "check"]
 
 try:
     from . import _C  # noqa: F401  (its static initialisers register torch.ops.ropekit.*)
@@ -52,8 +52,85 @@ try:
     LOADED = True
     REASON: Optional[str] = None
 except ImportError as e:  # installed without the extension (no compiler, or no torch at build time)
+    _C = None
     LOADED = False
     REASON = f"ropekit._C was not built ({e})"
+
+
+def _args(op: str, args: tuple, kwargs: dict) -> tuple:
+    """The op's schema arguments in order, defaults filled (``out`` last for ``rotary_out``)."""
+    if not kwargs and op not in _DEFAULTS:
+        return args
+    names, defaults = _DEFAULTS.get(op, ((), ()))
+    full = list(args) + [None] * (len(names) - len(args))
+    for i, nm in enumerate(names):
+        if nm in kwargs:
+            full[i] = kwargs[nm]
+        elif i >= len(args):
+            full[i] = defaults[i]
+    return tuple(full)
+
+
+_ROT = (("x", "cos", "sin", "layout", "conjugate"), (None, None, None, "half", False))
+_QK = (("q", "k", "cos", "sin", "layout", "conjugate"), (None, None, None, None, "half", False))
+_GATHER = (("q", "k", "cos_table", "sin_table", "positions", "format", "layout", "conjugate"),
+           (None, None, None, None, None, "bshd", "half", False))
+_NORM = (("q", "k", "q_weight", "k_weight", "cos", "sin", "eps", "weight_offset", "layout"),
+         (None, None, None, None, None, None, 1e-6, 0.0, "half"))
+_DEFAULTS = {
+    "rotary": _ROT, "rotary_": _ROT,
+    "rotary_out": (_ROT[0] + ("out",), _ROT[1] + (None,)),
+    "rotary_qk": _QK, "rotary_qk_": _QK, "rotary_gather": _GATHER, "rotary_gather_": _GATHER,
+    "qk_norm_rotary": _NORM, "qk_norm_rotary_": _NORM, "qk_norm_rotary_fwd": _NORM, "qk_norm_rotary_fwd_": _NORM,
+}
+
+
+def check(op: str, *args, **kwargs) -> None:
+    """Run the one validator of ``torch.ops.ropekit.<op>`` on its arguments (in schema order,
+    as the op takes them); raises a :class:`~ropekit.RopeError` for anything the op's kernels
+    refuse (dtypes, devices, shapes, aliasing of written tensors with inputs). The validators
+    are the C++ ones the CPU kernels run (``csrc/ops.cpp``): the fake kernels and the kernels
+    of other devices call them through here, so every path applies the same rules. Values
+    (positions in range) are checked by the kernels, which have the data. Without the
+    compiled extension nothing is checked here (:data:`LOADED` is ``False``)."""
+    if _C is None:
+        return
+    a = _args(op, args, kwargs)
+    try:
+        if op in ("rotary", "rotary_", "rotary_out"):
+            _C.check_rotary(a[0], a[1], a[2], a[3], op == "rotary_", a[5] if op == "rotary_out" else None)
+        elif op in ("rotary_qk", "rotary_qk_"):
+            _C.check_qk(a[0], a[1], a[2], a[3], a[4], op == "rotary_qk_")
+        elif op in ("rotary_gather", "rotary_gather_"):
+            _C.check_gather(a[0], a[1], a[2], a[3], a[4], a[5], a[6], op == "rotary_gather_")
+        elif op in ("qk_norm_rotary", "qk_norm_rotary_", "qk_norm_rotary_fwd", "qk_norm_rotary_fwd_"):
+            _C.check_qk_norm(*a[:9], op.endswith("_"))
+        elif op == "qk_norm_rotary_bwd":
+            _C.check_qk_norm_bwd(*a)
+        else:
+            raise KeyError(op)
+    except ValueError as e:
+        raise rope_error(e) from None
+    except TypeError as e:  # pybind's refusal of an argument of the wrong type (a list for a tensor, ...)
+        raise _fail(f"the argument types of ropekit::{op}", str(e).split("\n")[0],
+                    "pass tensors, strings and bools as the op's schema names them") from None
+
+
+def rope_error(err: Exception):
+    """The :class:`~ropekit.RopeError` of an operator's refusal (its message is already in the
+    house format: ``"ropekit: expected ..., got .... Fix: ..."``)."""
+    from ._errors import RopeError
+
+    if isinstance(err, RopeError):
+        return err
+    msg = str(err).split("\nException raised from")[0].strip()
+    return RopeError(msg[len("ropekit: "):] if msg.startswith("ropekit: ") else msg)
+
+
+def _fail(expected, got, fix):
+    from ._errors import fail
+
+    return fail(expected, got, fix)
 
 
 def _new_out(x):
@@ -65,56 +142,58 @@ def _new_out(x):
 
 
 def _register_fakes() -> None:
-    """Fake (Meta) kernels: the Python checks of the call, then empty outputs by the kernel's
-    rule. In Python so that symbolic shapes (torch.compile with dynamic shapes, export) stay
-    symbolic; they serve meta tensors too."""
+    """Fake (Meta) kernels: the op's validator (:func:`check`, the same C++ rules as the CPU
+    kernel), then empty outputs by the kernel's rule. In Python so that symbolic shapes
+    (torch.compile with dynamic shapes, export) stay symbolic; they serve meta tensors too —
+    and a call mixing a meta tensor with tensors of another device is refused by the
+    validator's device check."""
     import torch
 
-    from ._tensor_checks import check_apply, check_gather_fake, check_qk, check_qk_norm
-
     def rotary(x, cos, sin, layout="half", conjugate=False):
-        check_apply(x, cos, sin, layout, False, None)
+        check("rotary", x, cos, sin, layout, conjugate)
         return _new_out(x)
 
     def rotary_(x, cos, sin, layout="half", conjugate=False):
-        check_apply(x, cos, sin, layout, False, None)
+        check("rotary_", x, cos, sin, layout, conjugate)
 
     def rotary_out(x, cos, sin, layout="half", conjugate=False, *, out):
-        check_apply(x, cos, sin, layout, False, out)
+        check("rotary_out", x, cos, sin, layout, conjugate, out)
 
     def rotary_qk(q, k, cos, sin, layout="half", conjugate=False):
-        check_qk(q, k, cos, sin, layout, False)
+        check("rotary_qk", q, k, cos, sin, layout, conjugate)
         return _new_out(q), _new_out(k)
 
     def rotary_qk_(q, k, cos, sin, layout="half", conjugate=False):
-        check_qk(q, k, cos, sin, layout, False)
+        check("rotary_qk_", q, k, cos, sin, layout, conjugate)
 
     def rotary_gather(q, k, cos_table, sin_table, positions, format="bshd", layout="half", conjugate=False):
-        check_gather_fake(q, k, cos_table, sin_table, positions, format, layout)
+        check("rotary_gather", q, k, cos_table, sin_table, positions, format, layout, conjugate)
         return _new_out(q), _new_out(k)
 
     def rotary_gather_(q, k, cos_table, sin_table, positions, format="bshd", layout="half", conjugate=False):
-        check_gather_fake(q, k, cos_table, sin_table, positions, format, layout)
+        check("rotary_gather_", q, k, cos_table, sin_table, positions, format, layout, conjugate)
 
     def _rstd(x):  # one inverse RMS per row, in the compute dtype
         return x.new_empty(x.shape[:-1], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
 
     def qk_norm_rotary(q, k, q_weight, k_weight, cos, sin, eps=1e-6, weight_offset=0.0, layout="half"):
-        check_qk_norm(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, False)
+        check("qk_norm_rotary", q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout)
         return _new_out(q), _new_out(k)
 
     def qk_norm_rotary_(q, k, q_weight, k_weight, cos, sin, eps=1e-6, weight_offset=0.0, layout="half"):
-        check_qk_norm(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, False)
+        check("qk_norm_rotary_", q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout)
 
     def qk_norm_rotary_fwd(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout):
-        check_qk_norm(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, False)
+        check("qk_norm_rotary_fwd", q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout)
         return _new_out(q), _new_out(k), _rstd(q), _rstd(k)
 
     def qk_norm_rotary_fwd_(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout):
-        check_qk_norm(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, False)
+        check("qk_norm_rotary_fwd_", q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout)
         return _rstd(q), _rstd(k)
 
     def qk_norm_rotary_bwd(grad_q, grad_k, q, k, q_weight, k_weight, q_rstd, k_rstd, cos, sin, weight_offset, layout):
+        check("qk_norm_rotary_bwd", grad_q, grad_k, q, k, q_weight, k_weight, q_rstd, k_rstd, cos, sin, weight_offset,
+              layout)
         return _new_out(grad_q), _new_out(grad_k), q_weight.new_empty(q_weight.shape), k_weight.new_empty(k_weight.shape)
 
     for fn in (rotary, rotary_, rotary_out, rotary_qk, rotary_qk_, rotary_gather, rotary_gather_, qk_norm_rotary,

@@ -134,6 +134,25 @@ int64_t dtype_code(at::ScalarType t) {
     }
 }
 
+// A dtype as Python names it (torch.float32), for messages.
+std::string dt_str(at::ScalarType t) {
+    switch (t) {
+        case at::kFloat: return "torch.float32";
+        case at::kDouble: return "torch.float64";
+        case at::kHalf: return "torch.float16";
+        case at::kBFloat16: return "torch.bfloat16";
+        case at::kLong: return "torch.int64";
+        case at::kInt: return "torch.int32";
+        case at::kShort: return "torch.int16";
+        case at::kChar: return "torch.int8";
+        case at::kByte: return "torch.uint8";
+        case at::kBool: return "torch.bool";
+        case at::kComplexFloat: return "torch.complex64";
+        case at::kComplexDouble: return "torch.complex128";
+        default: return c10::str("torch.", c10::toString(t));
+    }
+}
+
 int64_t parse_layout(c10::string_view layout) {
     if (layout == "half") return 0;
     if (layout == "interleaved") return 1;
@@ -154,7 +173,10 @@ bool symbolic(const Tensor& t) { return t.unsafeGetTensorImpl()->has_symbolic_si
 void check_x(const Tensor& x, const char* name) {
     RK_CHECK(x.defined(), name, " a tensor, got None. Fix: pass a tensor");
     RK_CHECK(dtype_code(x.scalar_type()) >= 0, name, " of a real floating dtype (float16, bfloat16, float32, float64), got ",
-             name, ".dtype=", x.scalar_type(), ". Fix: convert ", name, " to float (e.g. ", name, ".float())");
+             name, ".dtype=", dt_str(x.scalar_type()), ". Fix: ",
+             at::isComplexType(x.scalar_type())
+                 ? c10::str("rotate the real q/k tensors (view complex tensors with torch.view_as_real first)")
+                 : c10::str("convert ", name, " to float (e.g. ", name, ".float())"));
     RK_CHECK(x.dim() >= 1, name, " [..., d], got a 0-d tensor. Fix: pass q/k with a head-dim axis");
 }
 
@@ -168,7 +190,7 @@ void check_tables(const Tensor& x, const Tensor& cos, const Tensor& sin, const c
     for (const Tensor* t : {&cos, &sin}) {
         const char* nm = t == &cos ? "cos" : "sin";
         RK_CHECK(t->defined(), nm, " a tensor, got None. Fix: build tables with ropekit.cos_sin");
-        RK_CHECK(dtype_code(t->scalar_type()) >= 0, nm, " of a real floating dtype, got ", nm, ".dtype=", t->scalar_type(),
+        RK_CHECK(dtype_code(t->scalar_type()) >= 0, nm, " of a real floating dtype, got ", nm, ".dtype=", dt_str(t->scalar_type()),
                  ". Fix: build tables with ropekit.cos_sin");
         check_same_device(x, *t, name, nm);
     }
@@ -288,8 +310,8 @@ void check_no_overlap(const Tensor& w, const char* wn, const Tensor& in, const c
 void check_out(const Tensor& x, const Tensor& out) {
     RK_CHECK(out.defined() && out.sym_sizes() == x.sym_sizes() && out.scalar_type() == x.scalar_type() &&
                  out.device() == x.device(),
-             "out of x's shape/dtype/device ", shape_str(x), " ", x.scalar_type(), " on ", x.device(), ", got ",
-             out.defined() ? c10::str(shape_str(out), " ", out.scalar_type(), " on ", out.device()) : std::string("None"),
+             "out of x's shape/dtype/device ", shape_str(x), " ", dt_str(x.scalar_type()), " on ", x.device(), ", got ",
+             out.defined() ? c10::str(shape_str(out), " ", dt_str(out.scalar_type()), " on ", out.device()) : std::string("None"),
              ". Fix: allocate it with torch.empty_like(x)");
     check_writable(out, "out");
     RK_CHECK(same_view(x, out) || disjoint(x, out), "out not overlapping x (or exactly x), got out ", shape_str(out),
@@ -391,7 +413,7 @@ GatherCall validate_gather(const Tensor& q, const Tensor& k, const Tensor& ct, c
     for (const Tensor* t : {&ct, &st}) {
         const char* nm = t == &ct ? "cos_table" : "sin_table";
         RK_CHECK(t->defined() && t->dim() == 2 && dtype_code(t->scalar_type()) >= 0, nm, " a float [n, r/2] table, got ",
-                 t->defined() ? c10::str("shape ", shape_str(*t), " ", t->scalar_type()) : std::string("None"),
+                 t->defined() ? c10::str("shape ", shape_str(*t), " ", dt_str(t->scalar_type())) : std::string("None"),
                  ". Fix: pass the tables of RotaryEmbedding.tables(n)");
         check_same_device(q, *t, "q", nm);
     }
@@ -399,7 +421,7 @@ GatherCall validate_gather(const Tensor& q, const Tensor& k, const Tensor& ct, c
              "cos_table and sin_table of one shape [n, r/2] with 1 <= r/2 <= d/2 = ", q.sym_size(-1) / 2, ", got ",
              shape_str(ct), " and ", shape_str(st), ". Fix: build them with ropekit.cos_sin(cfg, torch.arange(n))");
     RK_CHECK(pos.defined() && at::isIntegralType(pos.scalar_type(), /*includeBool=*/false),
-             "positions an integer tensor, got ", pos.defined() ? c10::str(pos.scalar_type()) : std::string("None"),
+             "positions an integer tensor, got ", pos.defined() ? dt_str(pos.scalar_type()) : std::string("None"),
              ". Fix: pass int64 positions");
     check_same_device(q, pos, "q", "positions");
     const bool per_sample = f.b >= 0 && s == 1 && pos.dim() == 1 && pos.sym_size(0) == b && b != 1;
@@ -419,7 +441,7 @@ GatherCall validate_gather(const Tensor& q, const Tensor& k, const Tensor& ct, c
 
 void check_norm_weight(const Tensor& x, const Tensor& w, const char* xn, const char* wn) {
     RK_CHECK(w.defined(), wn, " a tensor of shape [", x.sym_size(-1), "], got None. Fix: pass the norm's weight");
-    RK_CHECK(dtype_code(w.scalar_type()) >= 0, wn, " of a real floating dtype, got ", wn, ".dtype=", w.scalar_type(),
+    RK_CHECK(dtype_code(w.scalar_type()) >= 0, wn, " of a real floating dtype, got ", wn, ".dtype=", dt_str(w.scalar_type()),
              ". Fix: convert it: ", wn, ".float()");
     check_same_device(x, w, xn, wn);
     RK_CHECK(w.dim() == 1 && w.sym_size(0) == x.sym_size(-1), wn, " of shape [", x.sym_size(-1), "] (", xn,
@@ -459,7 +481,7 @@ int64_t validate_qk_norm_bwd(const Tensor& gq, const Tensor& gk, const Tensor& q
     for (const Tensor* t : {&cos, &sin}) {
         const char* nm = t == &cos ? "cos" : "sin";
         RK_CHECK(t->defined() && dtype_code(t->scalar_type()) >= 0, nm, " a float table, got ",
-                 t->defined() ? c10::str(t->scalar_type()) : std::string("None"), ". Fix: pass the forward's tables");
+                 t->defined() ? dt_str(t->scalar_type()) : std::string("None"), ". Fix: pass the forward's tables");
         check_same_device(q, *t, "q", nm);
     }
     if (q.sym_numel() != 0) check_tables(q, cos, sin, "q");
@@ -476,8 +498,8 @@ int64_t validate_qk_norm_bwd(const Tensor& gq, const Tensor& gk, const Tensor& q
         RK_CHECK(g.sym_sizes() == x.sym_sizes(), gn[i], " of ", i ? "k" : "q", "'s shape ", shape_str(x), ", got ",
                  shape_str(g), ". Fix: pass the gradient of the forward's output");
         RK_CHECK(r.defined() && r.scalar_type() == compute_type(x.scalar_type()), rn[i], " of dtype ",
-                 compute_type(x.scalar_type()), " (the forward's saved inverse RMS), got ",
-                 r.defined() ? c10::str(r.scalar_type()) : std::string("None"),
+                 dt_str(compute_type(x.scalar_type())), " (the forward's saved inverse RMS), got ",
+                 r.defined() ? dt_str(r.scalar_type()) : std::string("None"),
                  ". Fix: pass the q_rstd/k_rstd that qk_norm_rotary_fwd returned");
         check_same_device(q, r, "q", rn[i]);
         RK_CHECK(r.sym_sizes() == x.sym_sizes().slice(0, x.dim() - 1), rn[i], " of shape ",

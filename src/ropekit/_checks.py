@@ -106,9 +106,16 @@ def device(name: str, value: Any):
     """``torch.device(value)`` (``None`` stays ``None``), a RopeError for a name torch does not know."""
     import torch
 
-    if value is None or isinstance(value, torch.device):
+    if value is None:
         return value
-    try:
-        return torch.device(value)
-    except (RuntimeError, TypeError, ValueError):
-        raise fail(f"{name} a torch.device, e.g. 'cpu' or 'cuda:0'", describe(value), f"pass {name}='cpu' or a torch.device") from None
+    if not isinstance(value, torch.device):
+        try:
+            value = torch.device(value)
+        except (RuntimeError, TypeError, ValueError):
+            raise fail(f"{name} a torch.device, e.g. 'cpu' or 'cuda:0'", describe(value),
+                       f"pass {name}='cpu' or a torch.device") from None
+    if value.type == "cuda" and not torch.cuda.is_available():
+        raise fail(f"{name} a device this machine has", f"{name}={str(value)!r}, but torch has no CUDA device here "
+                   f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None})",
+                   f"pass {name}='cpu', or install a CUDA build of torch on a machine with a GPU")
+    return value

@@ -1,12 +1,10 @@
 """The one public apply: :func:`apply_rotary` and :func:`apply_rotary_qk`, with autograd.
 
-This layer validates and resolves: it picks the backend (:func:`ropekit.backends.resolve`)
-and calls its entry point; autograd, graphs and in-place handling belong to the backend
-(the compiled operators do them in C++, the others share :mod:`ropekit.backends._generic`).
-A backend that validates its inputs itself (``CHECKS = True``: the compiled ``cpu``
-operators, whose checks run in C++) is called straight away, and a refusal is explained
-here, after the fact, as a :class:`~ropekit.RopeError` with the same information as the
-Python checks give every other backend.
+This layer checks what only the Python API has (argument types, bool flags, ``inplace``
+with ``out``), resolves the backend (:func:`ropekit.backends.resolve`) and calls its entry
+point. The tensor rules belong to each op's one validator (``csrc/ops.cpp``), which every
+backend applies (the compiled kernels themselves, the torch-only backends through
+:func:`ropekit.ops.check`); a refusal reaches the caller as a :class:`~ropekit.RopeError`.
 """
 
 from __future__ import annotations
@@ -16,9 +14,8 @@ from typing import Optional, Tuple
 import torch
 
 from . import backends as _backends
-from ._tensor_checks import (check_apply, check_inplace, check_norm_scalars, check_qk, check_qk_disjoint, check_qk_norm,
-                             check_tables, explain, tracing)
-from ._checks import flag as _flag
+from . import ops as _ops
+from ._tensor_checks import check_norm_scalars, flags, tensors, to_rope_error, tracing
 from ._errors import fail
 from .config import RopeConfig, check_layout
 from .positions import resolve_positions, split_format, split_qk_format, table_view
@@ -26,6 +23,17 @@ from .tables import check_positions
 
 __all__ = ["apply_rotary", "apply_rotary_qk", "apply_qk_norm_rotary", "apply_rotary_gather", "rerotate", "check_tables",
            "tracing"]
+
+
+def check_tables(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, name: str = "x") -> int:
+    """Validate ``x`` against half-width ``cos``/``sin`` (the ``rotary`` op's rules); return
+    the rotary dim ``r``."""
+    tensors(**{name: x, "cos": cos, "sin": sin})
+    try:
+        _ops.check("rotary", x, cos, sin)
+    except ValueError as e:
+        raise to_rope_error(e) from None
+    return 2 * cos.shape[-1]
 
 
 def _resolve(backend: str, x, name: str = "x") -> "object":
@@ -82,16 +90,21 @@ def apply_rotary(
         >>> apply_rotary(q, cos[:, None], sin[:, None]).shape  # tables [s, 1, r/2]
         torch.Size([2, 5, 4, 64])
     """
+    if not (isinstance(x, torch.Tensor) and isinstance(cos, torch.Tensor) and isinstance(sin, torch.Tensor)):
+        tensors(x=x, cos=cos, sin=sin)
+    if not ((inplace is False or inplace is True) and (conjugate is False or conjugate is True)):
+        flags(inplace=inplace, conjugate=conjugate)
+    if out is not None:
+        tensors(out=out)
+        if inplace:
+            raise fail("either inplace=True or out=", "both", "drop one of them")
+        if out is x:
+            inplace, out = True, None
     be = _resolve(backend, x)
-    if be.CHECKS:
-        try:
-            return be.apply(x, cos, sin, layout, conjugate, inplace, out)
-        except (ValueError, RuntimeError, TypeError) as e:
-            raise explain(e, lambda: check_apply(x, cos, sin, layout, inplace, out)) from None
-    check_apply(x, cos, sin, layout, inplace, out)
-    if out is not None and ((out is x) if tracing() else out.data_ptr() == x.data_ptr()):
-        inplace, out = True, None
-    return be.apply(x, cos, sin, layout, conjugate, inplace, out)
+    try:
+        return be.apply(x, cos, sin, layout, conjugate, inplace, out)
+    except (ValueError, RuntimeError) as e:
+        raise to_rope_error(e) from None
 
 
 def apply_rotary_qk(
@@ -116,14 +129,16 @@ def apply_rotary_qk(
     Returns:
         ``(q_rot, k_rot)``.
     """
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(cos, torch.Tensor)
+            and isinstance(sin, torch.Tensor)):
+        tensors(q=q, k=k, cos=cos, sin=sin)
+    if not ((inplace is False or inplace is True) and (conjugate is False or conjugate is True)):
+        flags(inplace=inplace, conjugate=conjugate)
     be = _resolve(backend, q, "q")
-    if be.CHECKS:
-        try:
-            return be.apply_qk(q, k, cos, sin, layout, conjugate, inplace)
-        except (ValueError, RuntimeError, TypeError) as e:
-            raise explain(e, lambda: check_qk(q, k, cos, sin, layout, inplace)) from None
-    check_qk(q, k, cos, sin, layout, inplace)
-    return be.apply_qk(q, k, cos, sin, layout, conjugate, inplace)
+    try:
+        return be.apply_qk(q, k, cos, sin, layout, conjugate, inplace)
+    except (ValueError, RuntimeError) as e:
+        raise to_rope_error(e) from None
 
 
 def apply_qk_norm_rotary(
@@ -186,19 +201,15 @@ def apply_qk_norm_rotary(
         >>> qo.shape, ko.shape
         (torch.Size([1, 5, 8, 64]), torch.Size([1, 5, 2, 64]))
     """
-    eps, weight_offset = check_norm_scalars(eps, weight_offset)  # also for backends that check in C++
+    eps, weight_offset = check_norm_scalars(eps, weight_offset)
     if inplace is not False and inplace is not True:
-        inplace = _flag("inplace", inplace)
+        flags(inplace=inplace)
+    tensors(q=q, k=k, q_weight=q_weight, k_weight=k_weight, cos=cos, sin=sin)
     be = _resolve(backend, q, "q")
-    if be.QK_NORM and be.CHECKS:
-        try:
-            return be.apply_qk_norm(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, inplace)
-        except (ValueError, RuntimeError, TypeError) as e:
-            raise explain(
-                e, lambda: check_qk_norm(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, inplace)
-            ) from None
-    check_qk_norm(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, inplace)
-    return be.apply_qk_norm(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, inplace)
+    try:
+        return be.apply_qk_norm(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, inplace)
+    except (ValueError, RuntimeError) as e:
+        raise to_rope_error(e) from None
 
 
 def apply_gather(q, k, cos_table, sin_table, positions, *, format: str, layout: str, inplace: bool, backend: str,
@@ -214,52 +225,13 @@ def apply_gather(q, k, cos_table, sin_table, positions, *, format: str, layout: 
             every value in ``[0, n)`` (a RopeError otherwise; the ``cpu`` operator checks
             them itself, the caller checks them for other backends).
     """
+    if not ((inplace is False or inplace is True) and (conjugate is False or conjugate is True)):
+        flags(inplace=inplace, conjugate=conjugate)
     be = _resolve(backend, q, "q")
-    if be.CHECKS:
-        try:
-            return be.apply_gather(q, k, cos_table, sin_table, positions, format, layout, conjugate, inplace)
-        except (ValueError, RuntimeError, TypeError) as e:
-            raise explain(e, lambda: check_qk(q, k, cos_table[:1], sin_table[:1], layout, inplace)) from None
-    if inplace:
-        check_inplace(q, "q")
-        check_inplace(k, "k")
-        check_qk_disjoint(q, k)
-    if q.numel() == 0 or k.numel() == 0:
-        # one side empty (e.g. k with 0 heads for a single-tensor call): the rows gathered
-        # here and each tensor rotated on its own, so the non-empty one is never skipped
-        cos, sin = table_view(cos_table[positions], format, positions.dim()), table_view(sin_table[positions], format, positions.dim())
-        return be.apply_qk(q, k, cos, sin, layout, conjugate, inplace)
-    return be.apply_gather(q, k, cos_table, sin_table, positions, format, layout, conjugate, inplace)
-
-
-def _check_gather_tables(q, cos_table, sin_table) -> None:
-    for nm, t in (("cos_table", cos_table), ("sin_table", sin_table)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 2:
-            got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-            raise fail(
-                f"{nm} a [n, r/2] tensor (one half-width row per position 0 .. n-1)",
-                got,
-                "build it with ropekit.cos_sin(cfg, torch.arange(n)) or take rows [n, r/2] of your cos_sin_cache",
-            )
-    if cos_table.shape != sin_table.shape:
-        raise fail("cos_table and sin_table of the same shape", f"{tuple(cos_table.shape)} and {tuple(sin_table.shape)}",
-                   "build both with ropekit.cos_sin")
-    if cos_table.shape[0] < 1:
-        raise fail("tables with at least one row", f"shape {tuple(cos_table.shape)}", "build tables covering every position")
-    check_tables(q, cos_table[:1], sin_table[:1], "q")
-
-
-def _check_range(pos: torch.Tensor, n: int) -> None:
-    """Positions in ``[0, n)``, one host sync (skipped while tracing and on meta tensors)."""
-    if pos.numel() == 0 or pos.device.type == "meta" or tracing():
-        return
-    lo, hi = (int(v) for v in torch.aminmax(pos))
-    if lo < 0 or hi >= n:
-        raise fail(
-            f"positions in [0, {n}) (the table length)",
-            f"positions from {lo} to {hi}",
-            "grow the tables (build them for max_position + 1 rows) or fix the positions",
-        )
+    try:
+        return be.apply_gather(q, k, cos_table, sin_table, positions, format, layout, conjugate, inplace)
+    except (ValueError, RuntimeError) as e:
+        raise to_rope_error(e) from None
 
 
 def apply_rotary_gather(
@@ -313,19 +285,14 @@ def apply_rotary_gather(
         >>> q2.shape, k2.shape
         (torch.Size([6, 4, 64]), torch.Size([6, 2, 64]))
     """
-    for nm, t in (("q", q), ("k", k)):
-        if not isinstance(t, torch.Tensor):
-            raise fail(f"{nm} a torch.Tensor", type(t).__name__, f"convert {nm} with torch.as_tensor")
+    tensors(q=q, k=k, cos_table=cos_table, sin_table=sin_table)
+    flags(inplace=inplace)
     check_layout(layout)
     b, s = split_qk_format(q, k, format)
-    _check_gather_tables(q, cos_table, sin_table)
     pos = resolve_positions(format, b, s, positions=positions, offsets=offsets, cu_seqlens=cu_seqlens, device=q.device,
                             check_values=False)
     if pos.dim() == 2 and pos.shape[0] == 1:
         pos = pos[0]
-    be = _resolve(backend, q, "q")
-    if not be.CHECKS:
-        _check_range(pos, cos_table.shape[0])
     return apply_gather(q, k, cos_table, sin_table, pos, format=format, layout=layout, inplace=inplace, backend=backend)
 
 
@@ -398,6 +365,7 @@ def rerotate(
     """
     if not isinstance(x, torch.Tensor):
         raise fail("x a torch.Tensor", type(x).__name__, "convert x with torch.as_tensor")
+    flags(inplace=inplace)
     if not isinstance(cfg, RopeConfig):
         if all(hasattr(cfg, a) for a in ("cos_q", "sin_q", "cos_k", "sin_k")):
             raise fail(

@@ -308,6 +308,8 @@ class RotaryEmbedding(nn.Module):
         ``o .. o + r - 1`` of the ``cfg.head_dim``-wide heads rotate; with
         ``cfg.direction = -1`` the rotation is by ``-m·θ``.
         """
+        if inplace is not False and inplace is not True:
+            flag("inplace", inplace)
         if positions is None and cu_seqlens is None and seq_len is None and type(q) is torch.Tensor:
             fast = self._cached_gather(q, k, offsets, format, inplace)
             if fast is not None:

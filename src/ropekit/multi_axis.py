@@ -303,6 +303,7 @@ def apply_rotary_mrope(
         >>> q2.shape, k2.shape
         (torch.Size([2, 5, 4, 16]), torch.Size([2, 5, 1, 16]))
     """
+    flag("inplace", inplace)
     from .functional import apply_rotary_qk
     from .positions import split_qk_format
     from .positions import table_view as _table_view

@@ -93,7 +93,7 @@ def check(op: str, *args, **kwargs) -> None:
     of other devices call them through here, so every path applies the same rules. Values
     (positions in range) are checked by the kernels, which have the data. Without the
     compiled extension nothing is checked here (:data:`LOADED` is ``False``)."""
-    if _C is None:
+    if _C is None or _compiling():
         return
     a = _args(op, args, kwargs)
     try:
@@ -114,6 +114,14 @@ def check(op: str, *args, **kwargs) -> None:
     except TypeError as e:  # pybind's refusal of an argument of the wrong type (a list for a tensor, ...)
         raise _fail(f"the argument types of ropekit::{op}", str(e).split("\n")[0],
                     "pass tensors, strings and bools as the op's schema names them") from None
+
+
+def _compiling() -> bool:
+    # while torch.compile traces plain torch code (the torch-only backends) the validator is
+    # not called: dynamo cannot trace into it; the compiled ops' fake kernels still run it
+    import torch
+
+    return torch.compiler.is_compiling()
 
 
 def rope_error(err: Exception):

@@ -1,12 +1,17 @@
-"""Entry points for backends written as a rotate-into-``out`` primitive (``eager``, ``complex``,
-``reference``, ``triton``): autograd, graphs and in-place handling around it, shared by all.
+"""Entry points for backends without a ropekit kernel (``eager``, ``complex``, ``reference``,
+registered plugins): plain torch code that torch itself differentiates (any order), traces
+and compiles. They are the oracles of the kernels and the fallback for devices ropekit has
+no kernel for.
 
-A backend whose ops handle all of this themselves (the compiled ``cpu`` operators) does not
-use this module.
+Inputs are validated by the op's one validator (:func:`ropekit.ops.check`, the rules of the
+compiled operators) before anything runs. Without autograd (no input requires grad), a
+backend's ``rotate`` primitive writes straight into the destination (in place or ``out=``);
+with autograd or while tracing, its ``functional`` form (a new tensor, differentiable) is
+used and copied into the destination, so torch records the in-place write itself.
 
-Backward of a rotation is the rotation by ``-θ`` (RoPE is orthogonal per pair), so no
-activations are saved: only ``cos``/``sin`` (and ``x`` only when the tables themselves
-require grad, e.g. learnable frequencies).
+A plugin backend that has only the ``rotate`` primitive runs as one opaque custom op
+(``ropekit::generic_rotate``) whose backward is the same op conjugated: the one autograd
+this module defines, for code torch cannot see into.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from types import ModuleType
 
 import torch
 
+from .. import ops as _ops
 from .._tensor_checks import tracing
 
 __all__ = ["apply", "apply_qk", "apply_gather", "rotate_functional"]
@@ -67,6 +73,7 @@ def _rotate_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: st
 
 @_rotate_op.register_fake
 def _(x, cos, sin, layout, conjugate, backend):
+    _ops.check("rotary", x, cos, sin, layout, conjugate)
     return torch.empty_like(x)
 
 
@@ -78,186 +85,66 @@ def _rotate_op_setup(ctx, inputs, output):
 
 def _rotate_op_backward(ctx, g):
     cos, sin = ctx.saved_tensors
-    # d/dx R(θ)x = R(-θ): the same op, conjugated (tables that need grad never take this path)
     return _rotate_op(g, cos, sin, ctx.layout, not ctx.conjugate, ctx.backend), None, None, None, None, None
 
 
 _rotate_op.register_autograd(_rotate_op_backward, setup_context=_rotate_op_setup)
 
 
-def _rotate_traced(be: ModuleType, x, cos, sin, layout: str, conjugate: bool) -> torch.Tensor:
-    """Rotation for graphs: ``reference`` traces its float64 matrix, ``eager``/``complex`` the eager
-    formula written functionally (inductor fuses it); a backend that is not ``TRACEABLE`` is the
-    opaque custom op above (tables that require grad take the traced formula instead)."""
+def rotated(be: ModuleType, x, cos, sin, layout: str, conjugate: bool) -> torch.Tensor:
+    """``rot(x)`` as a new tensor, differentiable: the reference's float64 matrix, a backend's
+    ``functional`` form (plain torch), or the opaque op of a plugin's primitive."""
     if be.DIFFERENTIABLE:
         return be.apply_matrix(x, cos, sin, layout, conjugate).to(x.dtype)
-    if not be.TRACEABLE and not (cos.requires_grad or sin.requires_grad):
-        return _rotate_op(x, cos, sin, layout, conjugate, be.NAME)
-    return rotate_functional(x, cos, sin, layout, conjugate)
+    fn = getattr(be, "functional", None)
+    if fn is not None:
+        return fn(x, cos, sin, layout, conjugate)
+    if cos.requires_grad or sin.requires_grad:  # learnable tables: the eager formula differentiates them
+        return rotate_functional(x, cos, sin, layout, conjugate)
+    return _rotate_op(x, cos, sin, layout, conjugate, be.NAME)
 
 
-class _Rotary(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cos, sin, layout, backend, inplace):  # type: ignore[override]
-        dst = x if inplace else torch.empty_like(x)
-        backend.rotate(x, cos, sin, layout, False, dst)
-        need_tables_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        if need_tables_grad:
-            # x itself is needed only for d/dcos, d/dsin (learnable frequencies)
-            ctx.save_for_backward(cos, sin, x.clone() if inplace else x)
-        else:
-            ctx.save_for_backward(cos, sin)
-        ctx.layout, ctx.backend, ctx.cos_shape = layout, backend, cos.shape
-        if inplace:
-            ctx.mark_dirty(x)
-        return dst
+def _into(be: ModuleType, x, cos, sin, layout, conjugate, dst) -> torch.Tensor:
+    """``dst = rot(x)``; ``dst`` may be ``x``."""
+    if torch.is_grad_enabled() and dst.is_leaf and dst.requires_grad:
+        from .._errors import fail
 
-    @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
-        saved = ctx.saved_tensors
-        cos, sin = saved[0], saved[1]
-        dx = dcos = dsin = None
-        if ctx.needs_input_grad[0]:
-            # d/dx of R(θ)x is R(θ)ᵀ = R(-θ): the forward with sin -> -sin
-            dx = ctx.backend.rotate(g, cos, sin, ctx.layout, True, torch.empty_like(g))
-        if len(saved) == 3:
-            x = saved[2]
-            r = 2 * cos.shape[-1]
-            cdt = compute_dtype(x)
-            x1, x2 = (t.to(cdt) for t in pair_views(x, r, ctx.layout))
-            g1, g2 = (t.to(cdt) for t in pair_views(g, r, ctx.layout))
-            # y1 = x1 c - x2 s, y2 = x2 c + x1 s
-            if ctx.needs_input_grad[1]:
-                dcos = (g1 * x1 + g2 * x2).sum_to_size(ctx.cos_shape).to(cos.dtype)
-            if ctx.needs_input_grad[2]:
-                dsin = (g2 * x1 - g1 * x2).sum_to_size(ctx.cos_shape).to(sin.dtype)
-        return dx, dcos, dsin, None, None, None
+        raise fail("inplace=True on a tensor autograd may modify", "a leaf tensor that requires grad",
+                   "use inplace=False, or apply to a non-leaf (e.g. the output of the projection)")
+    if torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad or dst.requires_grad) \
+            or tracing() or be.DIFFERENTIABLE:
+        # in place: the formula reads a copy, so no node saves a tensor the write changes
+        src = x.clone() if dst is x and x.requires_grad and torch.is_grad_enabled() else x
+        return dst.copy_(rotated(be, src, cos, sin, layout, conjugate))
+    with torch.no_grad():
+        return be.rotate(x, cos, sin, layout, conjugate, dst)
 
 
 def apply(be: ModuleType, x, cos, sin, layout: str, conjugate: bool, inplace: bool, out) -> torch.Tensor:
-    """``rot(x)`` through ``be.rotate`` with autograd (inputs already validated by the caller)."""
-    grad = torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad)
+    """``rot(x)`` (in place, into ``out`` or a new tensor), validated by the ``rotary`` op's rules."""
+    if inplace:
+        _ops.check("rotary_", x, cos, sin, layout, conjugate)
+        return _into(be, x, cos, sin, layout, conjugate, x) if x.numel() else x
+    if out is not None:
+        _ops.check("rotary_out", x, cos, sin, layout, conjugate, out)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, cos, sin, out)):
+            from .._errors import fail
+
+            raise fail("out= without autograd", "inputs that require grad", "drop out= (or run under torch.no_grad())")
+        return _into(be, x, cos, sin, layout, conjugate, out) if x.numel() else out
+    _ops.check("rotary", x, cos, sin, layout, conjugate)
     if x.numel() == 0:
-        return x if inplace else (out if out is not None else x.clone())
-    if tracing():
-        y = _rotate_traced(be, x, cos, sin, layout, conjugate)
-        if inplace:
-            return x.copy_(y)
-        return out.copy_(y) if out is not None else y
-    if be.DIFFERENTIABLE:
-        y = be.apply_matrix(x, cos, sin, layout, conjugate).to(x.dtype)
-        if inplace:
-            return x.copy_(y)
-        return out.copy_(y) if out is not None else y
-    if out is not None or not grad:
-        with torch.no_grad():
-            dst = x if inplace else (out if out is not None else torch.empty_like(x))
-            return be.rotate(x, cos, sin, layout, conjugate, dst)
-    if conjugate:
-        sin = -sin
-    return _Rotary.apply(x, cos, sin, layout, be, inplace)
-
-
-class _RotaryQK(torch.autograd.Function):
-    """q and k through a backend's fused ``rotate_qk`` (one pass forward, one pass backward).
-
-    Backward: ``(dq, dk) = R(-θ)(gq, gk)``, again one fused call; only the tables are saved.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, cos, sin, layout, backend, inplace):  # type: ignore[override]
-        qo, ko = backend.rotate_qk(q, k, cos, sin, layout, inplace)
-        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no launch for it
-        ctx.save_for_backward(cos, sin)
-        ctx.layout, ctx.backend = layout, backend
-        if inplace:
-            ctx.mark_dirty(q, k)
-        return qo, ko
-
-    @staticmethod
-    def backward(ctx, gq, gk):  # type: ignore[override]
-        cos, sin = ctx.saved_tensors
-        be, layout = ctx.backend, ctx.layout
-        neg = -sin  # R(θ)ᵀ = R(-θ)
-        if gq is not None and gk is not None:
-            dq, dk = be.rotate_qk(gq, gk, cos, neg, layout, False)
-        else:
-            dq = None if gq is None else be.rotate(gq, cos, neg, layout, False, torch.empty_like(gq))
-            dk = None if gk is None else be.rotate(gk, cos, neg, layout, False, torch.empty_like(gk))
-        return dq, dk, None, None, None, None, None
-
-
-class _Rotated(torch.autograd.Function):
-    """The backward of an in-place rotation already applied to ``x`` (under no_grad): marks
-    ``x`` modified and records ``backward_fn``. One single-output node per tensor, because
-    autograd's view + in-place handling refuses a node that modifies views and returns more
-    than one tensor (q and k as views of one projection output)."""
-
-    @staticmethod
-    def forward(ctx, x, backward_fn):  # type: ignore[override]
-        ctx.mark_dirty(x)
-        ctx.backward_fn = backward_fn
-        return x
-
-    @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
-        return ctx.backward_fn(g), None
-
-
-def _mark_rotated(ts, backward_fn) -> None:
-    for t in ts:
-        if t.requires_grad:
-            _Rotated.apply(t, backward_fn)
+        return x.clone()
+    if torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad) or tracing():
+        return rotated(be, x, cos, sin, layout, conjugate)
+    with torch.no_grad():
+        return be.rotate(x, cos, sin, layout, conjugate, torch.empty_like(x))
 
 
 def apply_qk(be: ModuleType, q, k, cos, sin, layout: str, conjugate: bool, inplace: bool):
-    """``(rot(q), rot(k))``: one fused call when ``be.FUSED_QK`` (and nothing is traced or
-    learnable), else :func:`apply` per tensor."""
-    if be.FUSED_QK and not tracing() and not (cos.requires_grad or sin.requires_grad) and q.numel() and k.numel():
-        if conjugate:
-            sin = -sin  # r/2 values per position: small next to q and k
-        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
-        if grad and not inplace:
-            return _RotaryQK.apply(q, k, cos, sin, layout, be, inplace)
-        with torch.no_grad():
-            qo, ko = be.rotate_qk(q, k, cos, sin, layout, inplace)
-        if grad:  # in place: the backward R(-θ) per tensor
-            _mark_rotated((q, k), lambda g: be.rotate(g, cos, sin, layout, True, torch.empty_like(g)))
-        return qo, ko
+    """``(rot(q), rot(k))``, validated by the ``rotary_qk`` op's rules, each through :func:`apply`."""
+    _ops.check("rotary_qk_" if inplace else "rotary_qk", q, k, cos, sin, layout, conjugate)
     return apply(be, q, cos, sin, layout, conjugate, inplace, None), apply(be, k, cos, sin, layout, conjugate, inplace, None)
-
-
-class _GatherQK(torch.autograd.Function):
-    """Autograd of a backend's fused gather (``be.gather``: table rows picked by position).
-
-    ``be.gather(xs, cos_table, sin_table, pos, fmt, layout, conjugate, inplace) -> list``
-    rotates each tensor of ``xs`` (1 or 2, in format ``fmt``) by the rows ``pos`` of the
-    ``[n, r/2]`` tables (by ``-θ`` when ``conjugate``); with ``conjugate=True, inplace=False``
-    it takes gradients of any strides. Backward: the same hook conjugated on the gradients
-    that exist; only the tables and positions are saved.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, cos_table, sin_table, pos, fmt, layout, backend, inplace):  # type: ignore[override]
-        qo, ko = backend.gather([q, k], cos_table, sin_table, pos, fmt, layout, False, inplace)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(cos_table, sin_table, pos)
-        ctx.fmt, ctx.layout, ctx.backend = fmt, layout, backend
-        if inplace:
-            ctx.mark_dirty(q, k)
-        return qo, ko
-
-    @staticmethod
-    def backward(ctx, gq, gk):  # type: ignore[override]
-        cos_table, sin_table, pos = ctx.saved_tensors
-        grads = [gq, gk]
-        idx = [i for i in (0, 1) if grads[i] is not None and ctx.needs_input_grad[i]]
-        out = [None, None]
-        if idx:
-            res = ctx.backend.gather([grads[i] for i in idx], cos_table, sin_table, pos, ctx.fmt, ctx.layout, True, False)
-            for i, r in zip(idx, res):
-                out[i] = r
-        return out[0], out[1], None, None, None, None, None, None, None
 
 
 def gather_views(cos_table, sin_table, pos, fmt):
@@ -267,22 +154,28 @@ def gather_views(cos_table, sin_table, pos, fmt):
     return table_view(cos_table[pos], fmt, pos.dim()), table_view(sin_table[pos], fmt, pos.dim())
 
 
+def check_range(pos: torch.Tensor, n: int) -> None:
+    """Positions in ``[0, n)`` (the table length): one host read, skipped while tracing and on
+    meta tensors (the compiled operators check this inside their kernel)."""
+    if pos.numel() == 0 or pos.device.type == "meta" or tracing():
+        return
+    lo, hi = (int(v) for v in torch.aminmax(pos))
+    if lo < 0 or hi >= n:
+        from .._errors import fail
+
+        raise fail(f"positions in [0, {n}) (the table length)", f"positions from {lo} to {hi}",
+                   "grow the tables (build them for max_position + 1 rows) or fix the positions")
+
+
 def apply_gather(be: ModuleType, q, k, cos_table, sin_table, pos, fmt: str, layout: str, conjugate: bool, inplace: bool):
-    """``(rot(q), rot(k))`` with the table rows ``pos``: the backend's fused gather when it has
-    one (``be.GATHER``), else the gathered rows through :func:`apply_qk`. Positions are
-    range-checked by the caller."""
-    learn = cos_table.requires_grad or sin_table.requires_grad
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
-    if be.GATHER and not learn and not tracing() and not (grad and conjugate):
-        if grad and not inplace:
-            return _GatherQK.apply(q, k, cos_table, sin_table, pos, fmt, layout, be, inplace)
-        with torch.no_grad():
-            qo, ko = be.gather([q, k], cos_table, sin_table, pos, fmt, layout, conjugate, inplace)
-        if grad:  # in place: the backward R(-θ) per tensor
-            _mark_rotated((q, k), lambda g: be.gather([g], cos_table, sin_table, pos, fmt, layout, True, False)[0])
-        return qo, ko
+    """``(rot(q), rot(k))`` with the table rows ``pos``, validated by the ``rotary_gather`` op's
+    rules: the rows gathered in torch, then :func:`apply` per tensor."""
+    _ops.check("rotary_gather_" if inplace else "rotary_gather", q, k, cos_table, sin_table, pos, fmt, layout, conjugate)
+    check_range(pos, cos_table.shape[0])
+    if pos.dim() == 1 and fmt != "thd" and pos.shape[0] != q.shape[{"bshd": 1, "bhsd": 2, "sbhd": 0}[fmt]]:
+        pos = pos[:, None]  # [b] per sample (s == 1)
     cos, sin = gather_views(cos_table, sin_table, pos, fmt)
-    return apply_qk(be, q, k, cos, sin, layout, conjugate, inplace)
+    return apply(be, q, cos, sin, layout, conjugate, inplace, None), apply(be, k, cos, sin, layout, conjugate, inplace, None)
 
 
 def rms_norm_functional(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float) -> torch.Tensor:
@@ -296,14 +189,24 @@ def rms_norm_functional(x: torch.Tensor, weight: torch.Tensor, eps: float, weigh
 
 def apply_qk_norm(be: ModuleType, q, k, q_weight, k_weight, cos, sin, eps: float, weight_offset: float, layout: str,
                   inplace: bool):
-    """Per-head RMSNorm then RoPE, composed: the norm in float32 (torch ops, differentiated
-    by torch), the rotation through ``be.apply_qk`` on the float32 result, one rounding to
-    ``q``/``k``'s dtype. For backends without a fused kernel (inputs already validated)."""
+    """Per-head RMSNorm then RoPE, composed: the norm in float32 (torch ops), the rotation of
+    the float32 result by ``be``, one rounding to ``q``/``k``'s dtype. Validated by the
+    ``qk_norm_rotary`` op's rules."""
+    _ops.check("qk_norm_rotary_" if inplace else "qk_norm_rotary", q, k, q_weight, k_weight, cos, sin, eps,
+               weight_offset, layout)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, q_weight, k_weight))
-    src_q, src_k = (q.clone(), k.clone()) if inplace and grad else (q, k)  # the norm's backward needs the input
+    if inplace and grad:
+        for nm, t in (("q", q), ("k", k)):
+            if t.is_leaf and t.requires_grad:
+                from .._errors import fail
+
+                raise fail("inplace=True on a tensor autograd may modify", f"{nm}: a leaf tensor that requires grad",
+                           "use inplace=False, or apply to a non-leaf (e.g. the output of the projection)")
+    src_q, src_k = (q.clone(), k.clone()) if inplace and grad else (q, k)  # the norm's backward reads its input
     nq = rms_norm_functional(src_q, q_weight, eps, weight_offset)
     nk = rms_norm_functional(src_k, k_weight, eps, weight_offset)
-    rq, rk = be.apply_qk(nq, nk, cos, sin, layout, False, False)
+    rq = apply(be, nq, cos, sin, layout, False, False, None)
+    rk = apply(be, nk, cos, sin, layout, False, False, None)
     if inplace:
         return q.copy_(rq), k.copy_(rk)
     return rq.to(q.dtype), rk.to(k.dtype)

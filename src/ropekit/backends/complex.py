@@ -46,3 +46,19 @@ def rotate(x, cos, sin, layout, conjugate, out):
     if out is not x and x.shape[-1] > r:
         out[..., r:].copy_(x[..., r:])
     return out
+
+
+def functional(x, cos, sin, layout, conjugate):
+    """``rot(x)`` as a new tensor in plain torch complex ops (torch differentiates it, any order)."""
+    r = 2 * cos.shape[-1]
+    cdt = compute_dtype(x)
+    s = sin.to(cdt)
+    rot = torch.complex(cos.to(cdt), -s if conjugate else s)  # [..., r/2] e^{±iθ}
+    x1, x2 = (t.to(cdt) for t in pair_views(x, r, layout))
+    y = torch.complex(x1, x2) * rot  # [..., r/2]
+    if layout == "half":
+        yr = torch.cat((y.real, y.imag), dim=-1)
+    else:
+        yr = torch.view_as_real(y).flatten(-2)  # (real, imag) neighbours
+    yr = yr.to(x.dtype)
+    return torch.cat((yr, x[..., r:]), dim=-1) if x.shape[-1] > r else yr

@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops as _ops
-from .._tensor_checks import check_apply, check_qk, check_qk_norm, tracing
+from .._tensor_checks import tracing
 from . import _generic
 from . import eager as _eager
 
@@ -65,17 +65,18 @@ def supports(x: torch.Tensor) -> bool:
 
 
 def _learnable(*tables) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tables)
+    """Tables that require grad, or a functorch transform (torch.func.grad/vjp/jacrev: C++
+    autograd Functions cannot run under them): the eager formula, which torch differentiates."""
+    return (torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tables)) \
+        or torch._C._are_functorch_transforms_active()
 
 
 def apply(x, cos, sin, layout, conjugate, inplace, out):
-    """``rot(x)``: ``ropekit::rotary`` (``rotary_`` in place, ``rotary_out`` into ``out``)."""
-    if isinstance(cos, torch.Tensor) and isinstance(sin, torch.Tensor) and _learnable(cos, sin):
-        check_apply(x, cos, sin, layout, inplace, out)
+    """``rot(x)``: ``ropekit::rotary`` (``rotary_`` in place, ``rotary_out`` into ``out``).
+    Learnable tables (requiring grad) take the eager formula, which torch differentiates."""
+    if _learnable(cos, sin):
         return _generic.apply(_eager, x, cos, sin, layout, conjugate, inplace, out)
     if inplace:
-        if out is not None:
-            check_apply(x, cos, sin, layout, inplace, out)  # raises: both given
         if tracing():
             return x.copy_(_OPS.rotary(x, cos, sin, layout, conjugate))
         _OPS.rotary_(x, cos, sin, layout, conjugate)
@@ -83,9 +84,6 @@ def apply(x, cos, sin, layout, conjugate, inplace, out):
     if out is not None:
         if tracing():
             return out.copy_(_OPS.rotary(x, cos, sin, layout, conjugate))
-        if out.data_ptr() == x.data_ptr() and out.stride() == x.stride() and out.shape == x.shape:
-            _OPS.rotary_(x, cos, sin, layout, conjugate)
-            return x
         _OPS.rotary_out(x, cos, sin, layout, conjugate, out=out)
         return out
     return _OPS.rotary(x, cos, sin, layout, conjugate)
@@ -93,8 +91,7 @@ def apply(x, cos, sin, layout, conjugate, inplace, out):
 
 def apply_qk(q, k, cos, sin, layout, conjugate, inplace):
     """``(rot(q), rot(k))`` in one pass: ``ropekit::rotary_qk`` (``rotary_qk_`` in place)."""
-    if isinstance(cos, torch.Tensor) and isinstance(sin, torch.Tensor) and _learnable(cos, sin):
-        check_qk(q, k, cos, sin, layout, inplace)
+    if _learnable(cos, sin):
         return _generic.apply_qk(_eager, q, k, cos, sin, layout, conjugate, inplace)
     if inplace:
         if tracing():
@@ -109,7 +106,7 @@ def apply_gather(q, k, cos_table, sin_table, positions, fmt, layout, conjugate, 
     """``(rot(q), rot(k))`` with table rows picked by position inside the kernel:
     ``ropekit::rotary_gather`` (``rotary_gather_`` in place). Positions outside
     ``[0, n)`` are refused before anything is written."""
-    if torch.is_grad_enabled() and (cos_table.requires_grad or sin_table.requires_grad):
+    if _learnable(cos_table, sin_table):
         return _generic.apply_gather(_eager, q, k, cos_table, sin_table, positions, fmt, layout, conjugate, inplace)
     if inplace:
         if tracing():
@@ -124,8 +121,7 @@ def apply_qk_norm(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout
     """Per-head RMSNorm then rotation of q and k in one pass: ``ropekit::qk_norm_rotary``
     (``qk_norm_rotary_`` in place). Learnable tables take the float32 composition with the
     eager formula (which differentiates them)."""
-    if isinstance(cos, torch.Tensor) and isinstance(sin, torch.Tensor) and _learnable(cos, sin):
-        check_qk_norm(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, inplace)
+    if _learnable(cos, sin):
         return _generic.apply_qk_norm(_eager, q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, inplace)
     if inplace:
         if tracing():  # graphs: out of place, then copied back; the op saves its inputs, so a copy of them

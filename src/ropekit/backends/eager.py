@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._generic import compute_dtype, pair_views
+from ._generic import compute_dtype, pair_views, rotate_functional
 
 NAME = "eager"
 CHECKS = False
@@ -46,3 +46,8 @@ def rotate(x, cos, sin, layout, conjugate, out):
     if out is not x and x.shape[-1] > r:
         out[..., r:].copy_(x[..., r:])
     return out
+
+
+def functional(x, cos, sin, layout, conjugate):
+    """``rot(x)`` as a new tensor in plain torch ops (torch differentiates it, any order)."""
+    return rotate_functional(x, cos, sin, layout, conjugate)

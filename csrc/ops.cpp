@@ -536,7 +536,7 @@ Tensor new_cpu_out(const Tensor& x) {
     Tensor out = new_out(x);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     const int64_t n = out.numel() * out.element_size();
-    if (g_huge_pages && n >= kHugeBytes) {
+    if (g_huge_pages && n >= kHugeBytes && out.is_cpu()) {
         const intptr_t huge = intptr_t(2) << 20, addr = reinterpret_cast<intptr_t>(out.data_ptr());
         const intptr_t lo = (addr + huge - 1) & ~(huge - 1), hi = (addr + n) & ~(huge - 1);
         if (hi > lo) madvise(reinterpret_cast<void*>(lo), static_cast<size_t>(hi - lo), MADV_HUGEPAGE);
@@ -1507,8 +1507,8 @@ void qk_norm_rotary__autograd(c10::DispatchKeySet ks, Tensor& q, Tensor& k, cons
     // the inputs, before they are overwritten (checks first: nothing is copied for a refused call)
     validate_qk_norm(q, k, qw, kw, c, s, eps, off, layout, true);
     Tensor q0 = new_cpu_out(q), k0 = new_cpu_out(k);  // fresh and large: advised onto huge pages
-    q0.copy_(q.detach());
-    k0.copy_(k.detach());
+    q0.copy_(q);  // recorded by autograd: a backward that builds a graph (create_graph) reaches q through q0
+    k0.copy_(k);
     static auto op = RK_OP("qk_norm_rotary_fwd_", NormFwdInSig);
     auto [rq, rk] = op.redispatch(ks & c10::after_autograd_keyset, q, k, qw, kw, c, s, eps, off, layout);
     const std::string l(layout);

@@ -37,6 +37,21 @@ from _oracle import backward_for_mode  # noqa: E402
 tb = pytest.importorskip("ropekit.backends.triton")
 pytestmark = pytest.mark.skipif(not tb.available(), reason="triton needs CUDA or TRITON_INTERPRET=1")
 
+
+
+@pytest.fixture(autouse=True)
+def _triton_on_cpu():
+    """On CPU the ops' own kernel is C++: for the whole test (backward included) the ops on CPU
+    tensors run the Triton impls instead, under the interpreter (the CUDA dispatch key's
+    functions, ropekit.backends._triton_ops). On CUDA they are the registered kernels."""
+    if DEV != "cpu":
+        yield
+        return
+    from ropekit.backends import _triton_ops
+
+    with _triton_ops._OnTriton():
+        yield
+
 LAYOUTS = ropekit.LAYOUTS
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 SHAPES = [  # (b, s, h, d, r)

@@ -264,7 +264,7 @@ def _launch(
     tail_b = min(_pow2(d - 2 * r2), 64) if tail else 1
     # gathered positions are range-checked in the kernel (a device-side assert, compiled in
     # with debug=True; integer-overflow sanitising stays off): no host sync on CUDA
-    check = pos is not None and xa.is_cuda
+    check = pos is not None and _device_side_checks(xa)
     dbg = {"debug": True, "sanitize_overflow": False} if check else {}
     _launch_kernel(
         "rope_kernel", grid, xa.device,
@@ -601,10 +601,17 @@ def _gather_rotate(xs, cos_table, sin_table, pos, fmt, layout, conjugate, inplac
     return outs
 
 
+def _device_side_checks(t: torch.Tensor) -> bool:
+    """Whether positions are range-checked in the kernel (CUDA) instead of on the host.
+    tests/test_triton_aot.py and tests/test_triton_nosync.py switch it on for CPU tensors to
+    run the CUDA branch of the host code."""
+    return t.is_cuda
+
+
 def check_range_host(pos: torch.Tensor, n: int) -> None:
     """Positions in ``[0, n)`` read on the host (RopeError): CPU tensors only (the interpreter
     path). On CUDA the kernel checks them itself (a device-side assert, no host sync)."""
-    if pos.numel() == 0 or pos.is_cuda:
+    if pos.numel() == 0 or _device_side_checks(pos):
         return
     lo, hi = (int(v) for v in torch.aminmax(pos))
     if lo < 0 or hi >= n:

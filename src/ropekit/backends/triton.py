@@ -58,8 +58,10 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from .. import _tensor_checks
+from .. import ops as _ops
 from .._errors import fail
-from . import _generic
+from . import _generic, _triton_ops
+from . import cpu as _cpu_entry  # the ops' entry points (device-generic: CUDA tensors reach the Triton impls)
 
 NAME = "triton"
 CHECKS = True  # the ops (torch.ops.ropekit.*) validate their inputs
@@ -92,9 +94,7 @@ def _interpret() -> bool:
 def available() -> bool:
     """Triton importable, the ops loaded (:data:`ropekit.ops.LOADED`: their schemas and
     autograd), and either a CUDA device or ``TRITON_INTERPRET=1`` (CPU interpreter)."""
-    from .. import ops
-
-    return _HAS_TRITON and ops.LOADED and (torch.cuda.is_available() or _interpret())
+    return _HAS_TRITON and _ops.LOADED and (torch.cuda.is_available() or _interpret())
 
 
 def supports(x: torch.Tensor) -> bool:
@@ -632,6 +632,9 @@ def gather_positions(q: torch.Tensor, positions: torch.Tensor, fmt: str) -> torc
         pos = pos[0]
     if fmt != "thd" and pos.dim() == 1 and s == 1 and pos.shape[0] == b and b != 1:
         pos = pos.view(b, 1)
+    if tuple(pos.shape) not in ((s,), (b, s)):
+        raise fail(f"positions of shape [{s}] or [{b}, {s}] for q {tuple(q.shape)} in format {fmt!r}",
+                   f"shape {list(positions.shape)}", "one position per token ([s] shared by the batch, [b, s] per sample)")
     return pos
 
 
@@ -663,14 +666,10 @@ def rotate_qk_gather(q, k, cos_table, sin_table, positions, fmt, layout, inplace
 
 
 def _ops_backend():
-    from . import cpu
-
-    return cpu
+    return _cpu_entry
 
 
 def _mode(*ts):
-    from . import _triton_ops
-
     return _triton_ops.on_triton(*ts)
 
 

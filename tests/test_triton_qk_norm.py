@@ -56,6 +56,21 @@ from ropekit import RopeConfig, RopeError, apply_qk_norm_rotary, apply_rotary_qk
 tb = pytest.importorskip("ropekit.backends.triton")
 pytestmark = pytest.mark.skipif(not tb.available(), reason="triton needs CUDA or TRITON_INTERPRET=1")
 
+
+@pytest.fixture(autouse=True)
+def _triton_on_cpu(request):
+    """On CPU the ops' own kernel is C++: for the whole test (backward included) the ops on CPU
+    tensors run the Triton impls instead, under the interpreter (the CUDA dispatch key's
+    functions, ropekit.backends._triton_ops). On CUDA they are the registered kernels."""
+    if DEV != "cpu" or "torch_compile" in request.node.name:  # graphs on CPU run the op's CPU kernel
+        yield
+        return
+    from ropekit.backends import _triton_ops
+
+    with _triton_ops._OnTriton():
+        yield
+
+
 LAYOUTS = ropekit.LAYOUTS
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [  # (b, s, hq, hk, d, r): d and r/2 not powers of two, partial and full rotary, GQA/MQA

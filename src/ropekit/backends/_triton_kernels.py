@@ -27,7 +27,10 @@ Properties a reviewer can check by reading the kernel:
  6. arithmetic in float32 (float64 when ``F64``), one cast at the store;
  7. column masks use the real ``R2``/``D`` (padded lanes are never stored);
  10. the pass-through tail ``[r, d)`` is copied by the same program when out of place;
- 14. no autotuning (the kernel may mutate its input).
+ 14. no autotuning (the kernel may mutate its input);
+ 16. launched with ``enable_fp_fusion=False``: ``x1*c - x2*s`` rounds both products, as the
+     CPU operator does (no ``fma.rn``), so float32/bf16/fp16 results are bit-identical to it
+     (tests/test_triton_aot.py reads the PTX).
 """
 
 from __future__ import annotations
@@ -180,6 +183,7 @@ def rope_kernel(
     ssr,
     sp0,
     sp1,
+    NROWS,
     R2: tl.constexpr,
     D: tl.constexpr,
     R2P: tl.constexpr,
@@ -194,6 +198,7 @@ def rope_kernel(
     F64: tl.constexpr,
     INPLACE: tl.constexpr,
     HAS_B: tl.constexpr,
+    CHECK_POS: tl.constexpr,
 ):
     """Rotate ``BT`` tokens x ``BH`` heads of group a (q) or b (k); see the module docstring.
 
@@ -201,7 +206,10 @@ def rope_kernel(
     INPLACE: ``oa_ptr``/``ob_ptr`` are None and results go to ``xa_ptr``/``xb_ptr``;
     not HAS_B: ``xb_ptr``/``ob_ptr`` are None and the grid has no group-b blocks.
     GATHER: ``sc0``/``ss0`` are the table row strides, ``scr``/``ssr`` the column strides,
-    ``sp0``/``sp1`` the strides of ``pos [m0, m1]`` (0 when shared by the batch).
+    ``sp0``/``sp1`` the strides of ``pos [m0, m1]`` (0 when shared by the batch), ``NROWS``
+    the table length. CHECK_POS: a position outside ``[0, NROWS)`` fails a device-side assert
+    (compiled in with ``debug=True``; no host sync, CUDA-graph safe). Either way such a row
+    is never read: the position is replaced by 0 for the loads.
     """
     # int64 before any multiply: b*s*h*d can exceed 2^31 (property 1 above)
     t = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT).to(tl.int64)  # [BT]
@@ -216,6 +224,10 @@ def rope_kernel(
     # (per-head tables: single group only)
     if GATHER:
         p = tl.load(pos_ptr + m0 * sp0 + m1 * sp1, mask=tmask, other=0).to(tl.int64)  # [BT]
+        inside = (p >= 0) & (p < NROWS)
+        if CHECK_POS:
+            tl.device_assert(inside, "ropekit: a position outside the cos/sin table", mask=tmask)
+        p = tl.where(inside, p, 0)  # never read outside the table
         coff = p * sc0
         soff = p * ss0
     else:

@@ -1,46 +1,41 @@
-"""Triton backend (``backend="triton"``): one fused kernel for q and k, forward and backward.
+"""Triton backend (``backend="triton"``): the CUDA kernels of ropekit's operators.
 
-The kernel (:mod:`ropekit.backends._triton_kernels`) rotates ``x [..., d]`` read through
-its strides and writes the result in place or into ``out``; everything here is the host
-side: picking canonical ``[m0, m1, h, d]`` views, block sizes, the launch, and autograd
-for the fused table gather.
+The kernels (:mod:`ropekit.backends._triton_kernels`) rotate ``x [..., d]`` read through
+its strides and write the result in place or into ``out``; everything here is the host
+side: canonical ``[m0, m1, h, d]`` views, block sizes and the launch. They are registered
+as the CUDA implementations of the same ``torch.ops.ropekit.*`` ops the CPU runs
+(:func:`ropekit.backends._triton_ops.register_cuda_kernels`): one schema, one validator and
+one autograd (C++, backward = the same op conjugated) per op, a kernel per device. The
+entry points ``apply*`` below call those ops; ``backend="triton"`` means these kernels.
 
-Entry points (see :mod:`ropekit.backends` for the contract):
+Primitives (no checks, no autograd; the op impls call them):
 
 - :func:`rotate` — one tensor, half-width ``cos``/``sin`` broadcastable to ``x``.
 - :func:`rotate_qk` — q and k in ONE launch (head blocks of q, then of k; ``hq != hk`` ok).
 - :func:`rotate_qk_gather` — q and k in one launch, table rows gathered by position inside
-  the kernel (``[s]``, ``[b, s]`` or packed ``[t]`` positions); differentiable.
-- :func:`qk_norm_rotate` (``apply_qk_norm``, ``QK_NORM = True``) — per-head RMSNorm then RoPE
-  of q and k in one launch, forward and backward (``qk_norm_fwd_kernel`` /
-  ``qk_norm_bwd_kernel``); differentiable in q, k and both norm weights. Saved for the
-  backward: q and k (copies when in place), the weights, the tables and the inverse RMS
-  of every head row (4 bytes per head and token; 8 for float64). The weight gradients
-  are deterministic (fixed per-program partial sums, then ``torch.sum``; no atomics).
+  the kernel (``[s]``, ``[b, s]``, packed ``[t]`` or per-sample ``[b]`` decode positions).
+- :func:`qk_norm_rotate` / :func:`qk_norm_backward` — per-head RMSNorm then RoPE of q and k
+  in one launch, and its backward (weight gradients: fixed per-program partial sums, then
+  ``torch.sum``; no atomics, the same bits run to run).
 
-Precision: cos/sin and x are converted to float32 inside the kernel (float64 when x is
-float64) and the result is cast once to x's dtype (the qk-norm kernel: norm, weight and
-rotation in float32 with IEEE sqrt and divisions, one rounding). Under ``TRITON_INTERPRET=1`` (CPU) the
-float32 -> bfloat16 store truncates instead of rounding: at most one bf16 ulp off.
+Same bits as the CPU operator: every launch passes ``enable_fp_fusion=False`` (no FMA
+contraction: ``x1*c - x2*s`` rounds both products, as the C++ kernel built with
+``-ffp-contract=off``); float32 math (float64 for float64 x), one rounding at the store. The
+rotation is bit-identical to the CPU op in float32, bfloat16 and float16; the fused
+norm sums its squares in another order than the CPU kernel (within a few ulps, not bits).
+Under ``TRITON_INTERPRET=1`` (CPU) the float32 -> bfloat16/float16 store truncates instead of
+rounding: at most one ulp off there.
 
 Strides: any strides are read directly (e.g. a ``bshd`` view of ``bhsd`` memory) as long as
-the last dim has stride 1. A tensor whose last-dim stride is not 1 (e.g. an expanded
-gradient from ``.sum()``) costs one ``.contiguous()`` copy (and a copy back when in place).
+the last dim has stride 1; otherwise one ``.contiguous()`` copy (and a copy back in place).
 
 Block sizes: ``LAUNCH`` / :func:`launch_config` (or ``ROPEKIT_TRITON_LAUNCH``) override the
 built-in choice of tile, heads per program and warps; the defaults are unchanged by them.
 
-Host syncs: none in the launch path, except the position range check of
-:func:`rotate_qk_gather` (one ``aminmax`` read back to raise a :class:`~ropekit.RopeError`
-for positions outside ``[0, n)``). Under ``torch.compile`` that check becomes a
-``torch._assert_async`` (no sync, no graph break; it raises a RuntimeError instead).
-
-torch.compile: the launch is a custom op ``torch.ops.ropekit.triton_rotary_`` (in place)
-/ ``triton_rotary_out`` (qk-norm: ``triton_qk_norm_`` / ``triton_qk_norm_out`` /
-``triton_qk_norm_bwd``, called from autograd Functions dynamo traces), defined with ``torch.library.triton_op`` + ``wrap_triton`` when the
-kernel is JIT-compiled (inductor sees the kernel itself). Under the interpreter ``wrap_triton``
-cannot trace an interpreted kernel, so the same ops are plain ``torch.library.custom_op``
-with a fake impl (opaque to inductor, still no graph break).
+Host syncs: none on CUDA. Gathered positions are range-checked in the kernel (a
+device-side assert: the launch is compiled with ``debug=True`` for that one check), so the
+decode path can be captured in a CUDA graph. CPU tensors (interpreter) are checked on the
+host with a RopeError, like the CPU op.
 
 Example:
     >>> import ropekit
@@ -63,20 +58,22 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from .. import _tensor_checks
+from .. import ops as _ops
 from .._errors import fail
-from . import _generic
+from . import _generic, _triton_ops
+from . import cpu as _cpu_entry  # the ops' entry points (device-generic: CUDA tensors reach the Triton impls)
 
 NAME = "triton"
-CHECKS = False  # inputs are checked in Python (ropekit.functional) before the launch
+CHECKS = True  # the ops (torch.ops.ropekit.*) validate their inputs
 DIFFERENTIABLE = False
-TRACEABLE = False  # one opaque custom op in graphs (see _generic)
+TRACEABLE = True  # graphs see the ops themselves (their fakes: ropekit.ops)
 FUSED_QK = True
 GATHER = True
 QK_NORM = True  # apply_qk_norm: the fused norm + rotation kernel
 
 __all__ = [
     "NAME", "available", "supports", "rotate", "rotate_qk", "rotate_qk_gather", "apply", "apply_qk", "apply_gather",
-    "apply_qk_norm", "qk_norm_rotate", "LAUNCH", "launch_config",
+    "apply_qk_norm", "qk_norm_rotate", "qk_norm_backward", "LAUNCH", "launch_config",
 ]
 
 try:
@@ -95,8 +92,9 @@ def _interpret() -> bool:
 
 
 def available() -> bool:
-    """Triton importable and either a CUDA device or ``TRITON_INTERPRET=1`` (CPU interpreter)."""
-    return _HAS_TRITON and (torch.cuda.is_available() or _interpret())
+    """Triton importable, the ops loaded (:data:`ropekit.ops.LOADED`: their schemas and
+    autograd), and either a CUDA device or ``TRITON_INTERPRET=1`` (CPU interpreter)."""
+    return _HAS_TRITON and _ops.LOADED and (torch.cuda.is_available() or _interpret())
 
 
 def supports(x: torch.Tensor) -> bool:
@@ -193,6 +191,22 @@ if os.environ.get("ROPEKIT_TRITON_LAUNCH"):
     LAUNCH.update(_parse_launch_env(os.environ["ROPEKIT_TRITON_LAUNCH"]))
 
 
+def _launch_kernel(name: str, grid, device: torch.device, *args, **kwargs) -> None:
+    """Launch ``_triton_kernels.<name>[grid](*args, **kwargs)`` with FMA contraction off.
+
+    ``enable_fp_fusion=False``: every product is rounded before the add, as in the CPU
+    operator (built with ``-ffp-contract=off``), so both devices give the same bits. The CUDA
+    device guard only for CUDA tensors (``TRITON_INTERPRET=1`` runs CPU tensors).
+    tests/test_triton_aot.py replaces this function to record what the launcher asks for.
+    """
+    from . import _triton_kernels
+
+    kernel = getattr(_triton_kernels, name)
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        kernel[grid](*args, enable_fp_fusion=False, **kwargs)
+
+
 def _launch_params(M: int, ha: int, hb: int, r2p: int, interpreted: bool) -> Tuple[int, int, int]:
     """``(BT, BH, num_warps)`` for ``M`` tokens, ``ha``/``hb`` heads, padded half width ``r2p``."""
     bh = min(_pow2(max(ha, hb)), LAUNCH["bh_max"])  # >= 8 heads share a cos/sin load when there are that many
@@ -221,8 +235,6 @@ def _launch(
     ``pos is None``: ``cos``/``sin`` are ``[m0, m1, ha|1, r/2]`` broadcast views.
     Otherwise they are tables ``[n, r/2]`` and ``pos [m0, m1]`` int64 selects the rows.
     """
-    from ._triton_kernels import rope_kernel
-
     m0, m1, ha, d = xa.shape
     hb = 0 if xb is None else xb.shape[2]
     inplace = not out_of_place
@@ -239,62 +251,33 @@ def _launch(
     if M == 0 or ha + hb == 0:
         return
     r2p = _pow2(r2)
-    bt, bh, num_warps = _launch_params(M, ha, hb, r2p, rope_kernel.__class__.__name__ == "InterpretedFunction")
+    bt, bh, num_warps = _launch_params(M, ha, hb, r2p, _interpreted())
     nba = triton.cdiv(ha, bh)
     grid = (triton.cdiv(M, bt), nba + triton.cdiv(hb, bh))
     if pos is None:
-        sc, ss, sp = cos.stride(), sin.stride(), (0, 0)
+        sc, ss, sp, nrows = cos.stride(), sin.stride(), (0, 0), 0
     else:
         sc = (cos.stride(0), 0, 0, cos.stride(1))
         ss = (sin.stride(0), 0, 0, sin.stride(1))
-        sp = pos.stride()
+        sp, nrows = pos.stride(), cos.shape[0]
     tail = out_of_place and d > 2 * r2
     tail_b = min(_pow2(d - 2 * r2), 64) if tail else 1
-    kernel = rope_kernel
-    wrap = getattr(torch.library, "wrap_triton", None)
-    if wrap is not None:
-        kernel = wrap(rope_kernel)  # returns the kernel itself when interpreted / not tracing
-    guard = torch.cuda.device(xa.device) if xa.is_cuda else contextlib.nullcontext()
-    with guard:
-        kernel[grid](
-            xa, oa_arg, xb_arg, ob_arg, cos, sin, pos,
-            M, m1, ha, hb, nba,
-            *xa.stride()[:3], *soa, *sxb, *sob,
-            *sc, *ss, *sp,
-            R2=r2, D=d, R2P=r2p, BT=bt, BH=bh,
-            INTERLEAVED=interleaved, CONJ=conjugate, GATHER=pos is not None,
-            COS_PER_HEAD=cos_per_head, COPY_TAIL=tail, TAIL_B=tail_b,
-            F64=xa.dtype == torch.float64, INPLACE=inplace, HAS_B=hb > 0,
-            num_warps=num_warps,
-        )  # fmt: skip
-
-
-def _rotary_inplace_impl(
-    xa: torch.Tensor,
-    xb: Optional[torch.Tensor],
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    pos: Optional[torch.Tensor],
-    interleaved: bool,
-    conjugate: bool,
-    cos_per_head: bool,
-) -> None:
-    _launch(xa, None, xb, None, cos, sin, pos, interleaved, conjugate, cos_per_head, False)
-
-
-def _rotary_out_impl(
-    xa: torch.Tensor,
-    oa: torch.Tensor,
-    xb: Optional[torch.Tensor],
-    ob: Optional[torch.Tensor],
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    pos: Optional[torch.Tensor],
-    interleaved: bool,
-    conjugate: bool,
-    cos_per_head: bool,
-) -> None:
-    _launch(xa, oa, xb, ob, cos, sin, pos, interleaved, conjugate, cos_per_head, True)
+    # gathered positions are range-checked in the kernel (a device-side assert, compiled in
+    # with debug=True; integer-overflow sanitising stays off): no host sync on CUDA
+    check = pos is not None and _device_side_checks(xa)
+    dbg = {"debug": True, "sanitize_overflow": False} if check else {}
+    _launch_kernel(
+        "rope_kernel", grid, xa.device,
+        xa, oa_arg, xb_arg, ob_arg, cos, sin, pos,
+        M, m1, ha, hb, nba,
+        *xa.stride()[:3], *soa, *sxb, *sob,
+        *sc, *ss, *sp, nrows,
+        R2=r2, D=d, R2P=r2p, BT=bt, BH=bh,
+        INTERLEAVED=interleaved, CONJ=conjugate, GATHER=pos is not None,
+        COS_PER_HEAD=cos_per_head, COPY_TAIL=tail, TAIL_B=tail_b,
+        F64=xa.dtype == torch.float64, INPLACE=inplace, HAS_B=hb > 0, CHECK_POS=check,
+        num_warps=num_warps, **dbg,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------
@@ -332,9 +315,10 @@ def _norm_launch_params(M: int, ha: int, hb: int, d: int, r2: int, interpreted: 
 
 
 def _interpreted() -> bool:
-    from ._triton_kernels import qk_norm_fwd_kernel
+    """Whether the kernels run under Triton's CPU interpreter (bigger tiles pay off there)."""
+    from ._triton_kernels import rope_kernel
 
-    return qk_norm_fwd_kernel.__class__.__name__ == "InterpretedFunction"
+    return rope_kernel.__class__.__name__ == "InterpretedFunction"
 
 
 def _s3(t: Optional[torch.Tensor], like: Optional[torch.Tensor] = None) -> Tuple[int, int, int]:
@@ -346,8 +330,6 @@ def _s3(t: Optional[torch.Tensor], like: Optional[torch.Tensor] = None) -> Tuple
 def _qk_norm_launch(xa, oa, ra, wa, xb, ob, rb, wb, cos, sin, eps, weight_offset, interleaved, cos_per_head) -> None:
     """Forward launch on canonical views ``x*/o* [m0, m1, h, d]``, ``r* [m0, m1, h]`` (inverse RMS
     out, or None), weights ``w* [d]``, ``cos/sin [m0, m1, h|1, r/2]``. ``oa is None``: in place."""
-    from ._triton_kernels import qk_norm_fwd_kernel
-
     m0, m1, ha, d = xa.shape
     hb = 0 if xb is None else xb.shape[2]
     M, r2 = m0 * m1, cos.shape[-1]
@@ -360,95 +342,25 @@ def _qk_norm_launch(xa, oa, ra, wa, xb, ob, rb, wb, cos, sin, eps, weight_offset
     grid = (triton.cdiv(M, bt), nba + triton.cdiv(hb, bh))
     eps_hi, eps_lo = _split_f32(eps)
     wo_hi, wo_lo = _split_f32(weight_offset)
-    kernel = qk_norm_fwd_kernel
-    wrap = getattr(torch.library, "wrap_triton", None)
-    if wrap is not None:
-        kernel = wrap(qk_norm_fwd_kernel)
-    guard = torch.cuda.device(xa.device) if xa.is_cuda else contextlib.nullcontext()
-    with guard:
-        kernel[grid](
-            xa, oa, ra, wa, xb, ob, rb, wb, cos, sin,
-            M, m1, ha, hb, nba,
-            *_s3(xa), *_s3(oa, xa), *_s3(ra), wa.stride(0),
-            *_s3(xb), *_s3(ob, xb), *_s3(rb), wb.stride(0) if wb is not None else 0,
-            *cos.stride(), *sin.stride(),
-            eps_hi, eps_lo, wo_hi, wo_lo,
-            R2=r2, D=d, R2P=r2p, TP=tp, BT=bt, BH=bh,
-            INTERLEAVED=interleaved, COS_PER_HEAD=cos_per_head, F64=xa.dtype == torch.float64,
-            INPLACE=inplace, HAS_B=hb > 0, SAVE_RSTD=ra is not None,
-            num_warps=num_warps,
-        )  # fmt: skip
-
-
-def _qk_norm_inplace_impl(
-    xa: torch.Tensor,
-    xb: Optional[torch.Tensor],
-    wa: torch.Tensor,
-    wb: Optional[torch.Tensor],
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    ra: Optional[torch.Tensor],
-    rb: Optional[torch.Tensor],
-    eps: float,
-    weight_offset: float,
-    interleaved: bool,
-    cos_per_head: bool,
-) -> None:
-    _qk_norm_launch(xa, None, ra, wa, xb, None, rb, wb, cos, sin, eps, weight_offset, interleaved, cos_per_head)
-
-
-def _qk_norm_out_impl(
-    xa: torch.Tensor,
-    oa: torch.Tensor,
-    xb: Optional[torch.Tensor],
-    ob: Optional[torch.Tensor],
-    wa: torch.Tensor,
-    wb: Optional[torch.Tensor],
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    ra: Optional[torch.Tensor],
-    rb: Optional[torch.Tensor],
-    eps: float,
-    weight_offset: float,
-    interleaved: bool,
-    cos_per_head: bool,
-) -> None:
-    _qk_norm_launch(xa, oa, ra, wa, xb, ob, rb, wb, cos, sin, eps, weight_offset, interleaved, cos_per_head)
-
-
-def _qk_norm_bwd_impl(
-    ga: torch.Tensor,
-    xa: torch.Tensor,
-    ra: torch.Tensor,
-    wa: torch.Tensor,
-    dxa: Optional[torch.Tensor],
-    pa: Optional[torch.Tensor],
-    gb: Optional[torch.Tensor],
-    xb: Optional[torch.Tensor],
-    rb: Optional[torch.Tensor],
-    wb: Optional[torch.Tensor],
-    dxb: Optional[torch.Tensor],
-    pb: Optional[torch.Tensor],
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    weight_offset: float,
-    interleaved: bool,
-    cos_per_head: bool,
-    bt: int,
-    bh: int,
-    programs: int,
-    num_warps: int,
-) -> None:
-    _qk_norm_bwd_launch(ga, xa, ra, wa, dxa, pa, gb, xb, rb, wb, dxb, pb, cos, sin, weight_offset, interleaved,
-                        cos_per_head, bt, bh, programs, num_warps)
+    _launch_kernel(
+        "qk_norm_fwd_kernel", grid, xa.device,
+        xa, oa, ra, wa, xb, ob, rb, wb, cos, sin,
+        M, m1, ha, hb, nba,
+        *_s3(xa), *_s3(oa, xa), *_s3(ra), wa.stride(0),
+        *_s3(xb), *_s3(ob, xb), *_s3(rb), wb.stride(0) if wb is not None else 0,
+        *cos.stride(), *sin.stride(),
+        eps_hi, eps_lo, wo_hi, wo_lo,
+        R2=r2, D=d, R2P=r2p, TP=tp, BT=bt, BH=bh,
+        INTERLEAVED=interleaved, COS_PER_HEAD=cos_per_head, F64=xa.dtype == torch.float64,
+        INPLACE=inplace, HAS_B=hb > 0, SAVE_RSTD=ra is not None,
+        num_warps=num_warps,
+    )  # fmt: skip
 
 
 def _qk_norm_bwd_launch(ga, xa, ra, wa, dxa, pa, gb, xb, rb, wb, dxb, pb, cos, sin, weight_offset, interleaved,
                         cos_per_head, bt, bh, programs, num_warps) -> None:
     """Backward launch on canonical views (see :func:`_qk_norm_backward`): ``dx*`` (or None) get
     the input gradients, ``p* [programs * cdiv(h, bh), d]`` (or None) the partial weight gradients."""
-    from ._triton_kernels import qk_norm_bwd_kernel
-
     m0, m1, ha, d = xa.shape
     hb = 0 if xb is None else xb.shape[2]
     M, r2 = m0 * m1, cos.shape[-1]
@@ -458,74 +370,23 @@ def _qk_norm_bwd_launch(ga, xa, ra, wa, dxa, pa, gb, xb, rb, wb, dxb, pb, cos, s
     nba = triton.cdiv(ha, bh)
     grid = (programs, nba + triton.cdiv(hb, bh))
     wo_hi, wo_lo = _split_f32(weight_offset)
-    kernel = qk_norm_bwd_kernel
-    wrap = getattr(torch.library, "wrap_triton", None)
-    if wrap is not None:
-        kernel = wrap(qk_norm_bwd_kernel)
-    guard = torch.cuda.device(xa.device) if xa.is_cuda else contextlib.nullcontext()
-    with guard:
-        kernel[grid](
-            ga, xa, dxa, ra, wa, pa, gb, xb, dxb, rb, wb, pb, cos, sin,
-            M, m1, ha, hb, nba, triton.cdiv(M, bt), programs,
-            *_s3(ga), *_s3(xa), *_s3(dxa, xa), *_s3(ra), wa.stride(0),
-            *_s3(gb), *_s3(xb), *_s3(dxb, xb), *_s3(rb), wb.stride(0) if wb is not None else 0,
-            *cos.stride(), *sin.stride(),
-            wo_hi, wo_lo,
-            R2=r2, D=d, R2P=r2p, TP=tp, BT=bt, BH=bh,
-            INTERLEAVED=interleaved, COS_PER_HEAD=cos_per_head, F64=xa.dtype == torch.float64, HAS_B=hb > 0,
-            DX_A=dxa is not None, DW_A=pa is not None, DX_B=dxb is not None, DW_B=pb is not None,
-            num_warps=num_warps,
-        )  # fmt: skip
-
-
-_REGISTERED = False
-
-
-def _register_ops() -> None:
-    """Define ``ropekit::triton_rotary_`` / ``ropekit::triton_rotary_out`` once per process."""
-    global _REGISTERED
-    from ._triton_kernels import rope_kernel
-
-    interpreted = rope_kernel.__class__.__name__ == "InterpretedFunction"
-    specs = (
-        ("triton_rotary_", _rotary_inplace_impl, ("xa", "xb")),
-        ("triton_rotary_out", _rotary_out_impl, ("oa", "ob")),
-        ("triton_qk_norm_", _qk_norm_inplace_impl, ("xa", "xb", "ra", "rb")),
-        ("triton_qk_norm_out", _qk_norm_out_impl, ("oa", "ob", "ra", "rb")),
-        ("triton_qk_norm_bwd", _qk_norm_bwd_impl, ("dxa", "dxb", "pa", "pb")),
-    )
-    for name, fn, muts in specs:
-        try:
-            getattr(torch.ops.ropekit, name)
-            continue  # already defined (this module imported twice, e.g. by doctest collection)
-        except (AttributeError, RuntimeError):
-            pass
-        qual = f"ropekit::{name}"
-        if not interpreted and hasattr(torch.library, "triton_op"):
-            # inductor sees the kernel through wrap_triton and can schedule it directly
-            torch.library.triton_op(qual, mutates_args=muts)(fn)
-        else:
-            op = torch.library.custom_op(qual, mutates_args=muts)(fn)
-            op.register_fake(_fake_mutation)
-    _REGISTERED = True
-
-
-def _fake_mutation(*args, **kwargs) -> None:
-    """Fake impl of the ops: they only mutate their outputs, nothing to allocate."""
-    return None
-
-
-if available():
-    _register_ops()
+    _launch_kernel(
+        "qk_norm_bwd_kernel", grid, xa.device,
+        ga, xa, dxa, ra, wa, pa, gb, xb, dxb, rb, wb, pb, cos, sin,
+        M, m1, ha, hb, nba, triton.cdiv(M, bt), programs,
+        *_s3(ga), *_s3(xa), *_s3(dxa, xa), *_s3(ra), wa.stride(0),
+        *_s3(gb), *_s3(xb), *_s3(dxb, xb), *_s3(rb), wb.stride(0) if wb is not None else 0,
+        *cos.stride(), *sin.stride(),
+        wo_hi, wo_lo,
+        R2=r2, D=d, R2P=r2p, TP=tp, BT=bt, BH=bh,
+        INTERLEAVED=interleaved, COS_PER_HEAD=cos_per_head, F64=xa.dtype == torch.float64, HAS_B=hb > 0,
+        DX_A=dxa is not None, DW_A=pa is not None, DX_B=dxb is not None, DW_B=pb is not None,
+        num_warps=num_warps,
+    )  # fmt: skip
 
 
 def _run(xa, oa, xb, ob, cos, sin, pos, interleaved, conjugate, cos_per_head, inplace):
-    if not _REGISTERED:  # e.g. TRITON_INTERPRET=1 set after this module was imported
-        _register_ops()
-    if inplace:
-        torch.ops.ropekit.triton_rotary_(xa, xb, cos, sin, pos, interleaved, conjugate, cos_per_head)
-    else:
-        torch.ops.ropekit.triton_rotary_out(xa, oa, xb, ob, cos, sin, pos, interleaved, conjugate, cos_per_head)
+    _launch(xa, oa, xb, ob, cos, sin, pos, interleaved, conjugate, cos_per_head, not inplace)
 
 
 # --------------------------------------------------------------------------------------
@@ -641,10 +502,11 @@ def rotate_qk(
     sin: torch.Tensor,
     layout: str,
     inplace: bool,
+    conjugate: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Rotate q ``[..., hq, d]`` and k ``[..., hk, d]`` (shapes equal except the heads dim)
-    with the same tables in ONE launch (no autograd; ``apply_rotary_qk`` calls this only
-    when no gradient is needed).
+    with the same tables in ONE launch (the kernel of ``ropekit::rotary_qk`` on CUDA; no
+    autograd here: the op's autograd calls it again conjugated).
 
     Falls back to one launch per tensor when q and k differ in dtype, head dim or in more
     than one dim, when cos/sin differ per head, or when a last-dim stride is not 1.
@@ -677,11 +539,11 @@ def rotate_qk(
         if not per_head:
             v = _views([q, qo, k, ko, ce, se], hd)
     if v is None:
-        rotate(q, cos, sin, layout, False, qo)
-        rotate(k, cos, sin, layout, False, ko)
+        rotate(q, cos, sin, layout, conjugate, qo)
+        rotate(k, cos, sin, layout, conjugate, ko)
         return qo, ko
     qv, qov, kv, kov, cv, sv = v
-    _run(qv, qov, kv, kov, cv, sv, None, layout == "interleaved", False, False, inplace)
+    _run(qv, qov, kv, kov, cv, sv, None, layout == "interleaved", conjugate, False, inplace)
     return qo, ko
 
 
@@ -739,121 +601,101 @@ def _gather_rotate(xs, cos_table, sin_table, pos, fmt, layout, conjugate, inplac
     return outs
 
 
-def _check_range(pos: torch.Tensor, n: int) -> None:
-    """Positions must index the table: RopeError (one host sync) or, compiled, an async assert."""
-    if pos.numel() == 0:
+def _device_side_checks(t: torch.Tensor) -> bool:
+    """Whether positions are range-checked in the kernel (CUDA) instead of on the host.
+    tests/test_triton_aot.py and tests/test_triton_nosync.py switch it on for CPU tensors to
+    run the CUDA branch of the host code."""
+    return t.is_cuda
+
+
+def check_range_host(pos: torch.Tensor, n: int) -> None:
+    """Positions in ``[0, n)`` read on the host (RopeError): CPU tensors only (the interpreter
+    path). On CUDA the kernel checks them itself (a device-side assert, no host sync)."""
+    if pos.numel() == 0 or _device_side_checks(pos):
         return
-    if torch.compiler.is_compiling():
-        torch._assert_async(((pos >= 0) & (pos < n)).all(), "ropekit: positions outside the cos/sin table")
-        return
-    lo, hi = torch.stack(torch.aminmax(pos)).tolist()  # the one host sync of the launch path
+    lo, hi = (int(v) for v in torch.aminmax(pos))
     if lo < 0 or hi >= n:
         raise fail(
-            f"positions in [0, {n}) (the cos/sin table has {n} rows)",
+            f"positions in [0, {n}) (the table length)",
             f"positions from {lo} to {hi}",
-            "build tables covering max(position) + 1 (RotaryEmbedding grows them itself) and use non-negative positions",
+            "grow the tables (RotaryEmbedding.tables(max_position + 1)) or fix the positions",
         )
 
 
-def rotate_qk_gather(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    cos_table: torch.Tensor,
-    sin_table: torch.Tensor,
-    positions: torch.Tensor,
-    fmt: str,
-    layout: str,
-    inplace: bool,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q and k in one launch, gathering table rows by position inside the kernel.
+def gather_positions(q: torch.Tensor, positions: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Positions as the kernel reads them: int64 ``[s]`` / ``[t]`` (shared by the batch) or
+    ``[b, s]``; ``[1, s]`` -> ``[s]``; ``[b]`` with ``s == 1`` (one token per sample) -> ``[b, 1]``.
+    Shape only (no values read)."""
+    pos = positions if positions.dtype == torch.int64 else positions.to(torch.int64)
+    b, s = _fmt_view(q, fmt).shape[:2]
+    if pos.dim() == 2 and pos.shape[0] == 1:
+        pos = pos[0]
+    if fmt != "thd" and pos.dim() == 1 and s == 1 and pos.shape[0] == b and b != 1:
+        pos = pos.view(b, 1)
+    if tuple(pos.shape) not in ((s,), (b, s)):
+        raise fail(f"positions of shape [{s}] or [{b}, {s}] for q {tuple(q.shape)} in format {fmt!r}",
+                   f"shape {list(positions.shape)}", "one position per token ([s] shared by the batch, [b, s] per sample)")
+    return pos
+
+
+def rotate_qk_gather(q, k, cos_table, sin_table, positions, fmt, layout, inplace, conjugate=False):
+    """Rotate q and k in one launch, table rows gathered by position inside the kernel (the
+    kernel of ``ropekit::rotary_gather`` on CUDA; no checks, no autograd here).
 
     Args:
         q: ``[b, s, hq, d]`` (bshd), ``[b, hq, s, d]`` (bhsd), ``[s, b, hq, d]`` (sbhd) or
-            ``[t, hq, d]`` (thd); any strides.
-        k: same format with ``hk`` heads.
+            ``[t, hq, d]`` (thd); any strides. k: the same format with ``hk`` heads.
         cos_table, sin_table: ``[n, r/2]`` rows for positions ``0 .. n-1``.
-        positions: int ``[s]`` (shared by the batch), ``[b, s]``, or ``[t]`` for thd.
-        fmt: ``"bshd"``, ``"bhsd"``, ``"sbhd"`` or ``"thd"``.
-        layout: ``"half"`` or ``"interleaved"``.
-        inplace: write into q and k (they must not be leaves that require grad).
+        positions: integers ``[s]``, ``[b, s]``, ``[1, s]``, ``[t]`` (thd), or ``[b]`` when ``s == 1``.
 
-    Returns:
-        ``(q_rot, k_rot)``; differentiable w.r.t. q and k through
-        :class:`ropekit.backends._generic._GatherQK` (the tables get no gradient).
-
-    Raises RopeError for positions outside ``[0, n)`` (one host sync; see the module doc).
+    Returns ``(q_rot, k_rot)`` (q and k themselves when ``inplace``).
     """
-    if fmt not in _FORMATS:
-        raise fail(f"format in {_FORMATS}", repr(fmt), 'use "bshd" for [batch, seq, heads, head_dim]')
-    nd = 3 if fmt == "thd" else 4
-    for name, t in (("q", q), ("k", k)):
-        if not isinstance(t, torch.Tensor) or t.dim() != nd or t.dtype not in _DTYPES:
-            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
-            raise fail(f"{name} a float tensor with {nd} dims ({fmt})", got, f"pass {name} in format {fmt!r}")
-    if q.device != k.device or q.shape[-1] != k.shape[-1]:
-        raise fail("q and k on one device with one head dim", f"q {tuple(q.shape)} on {q.device}, k {tuple(k.shape)} on {k.device}", "pass matching q and k")
-    tabs = (cos_table, sin_table)
-    if any(not isinstance(t, torch.Tensor) or t.dim() != 2 or t.dtype not in _DTYPES for t in tabs) or cos_table.shape != sin_table.shape:
-        got = ", ".join(f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__ for t in tabs)
-        raise fail("cos/sin tables [n, r/2] of one float shape", got, "pass RotaryEmbedding.tables(n)")
-    n, r2 = cos_table.shape
-    if 2 * r2 > q.shape[-1] or r2 < 1:
-        raise fail(f"table width r/2 in [1, d/2 = {q.shape[-1] // 2}]", f"width {r2}", "use tables built for this head dim")
-    if any(t.device != q.device for t in tabs):
-        raise fail(f"tables on q's device {q.device}", f"{cos_table.device}, {sin_table.device}", "move them with .to(q.device)")
-    if not isinstance(positions, torch.Tensor) or positions.dtype.is_floating_point or positions.dtype == torch.bool:
-        raise fail("integer positions", repr(getattr(positions, "dtype", type(positions))), "pass int64 positions")
-    pos = positions.to(device=q.device, dtype=torch.int64)
-    m0, m1 = _fmt_view(q, fmt).shape[:2]
-    ok = ((m1,),) if fmt == "thd" else ((m1,), (m0, m1))
-    if tuple(pos.shape) not in ok or tuple(_fmt_view(k, fmt).shape[:2]) != (m0, m1):
-        raise fail(
-            f"positions of shape {' or '.join(str(list(o)) for o in ok)} and k with q's batch/sequence sizes",
-            f"positions {list(pos.shape)}, q {tuple(q.shape)}, k {tuple(k.shape)}",
-            "one position per token (per sample if they differ)",
-        )
-    _check_range(pos, n)
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
-    if inplace:
-        for name, t in (("q", q), ("k", k)):
-            _check_writable(t, name)
-            if grad and t.is_leaf and t.requires_grad:
-                raise fail(
-                    "inplace=True on a tensor autograd may modify",
-                    f"{name}, a leaf tensor that requires grad",
-                    "use inplace=False, or rotate a non-leaf (e.g. the output of the projection)",
-                )
-    if q.numel() == 0 or k.numel() == 0:
+    pos = gather_positions(q, positions, fmt)
+    if q.numel() == 0 and k.numel() == 0:
         return (q, k) if inplace else (q.clone(), k.clone())
-    if grad:
-        if inplace:
-            return _generic.apply_gather(sys.modules[__name__], q, k, cos_table, sin_table, pos, fmt, layout, False, True)
-        return _generic._GatherQK.apply(q, k, cos_table, sin_table, pos, fmt, layout, sys.modules[__name__], inplace)
-    with torch.no_grad():
-        qo, ko = _gather_rotate([q, k], cos_table, sin_table, pos, fmt, layout, False, inplace)
-    return qo, ko
+    out = _gather_rotate([q, k], cos_table, sin_table, pos, fmt, layout, conjugate, inplace)
+    return out[0], out[1]
 
 
-gather = _gather_rotate  # the fused-gather hook of ropekit.backends._generic._GatherQK
+# --------------------------------------------------------------------------------------
+# entry points of the backend registry: the dispatcher ops (torch.ops.ropekit.*), whose
+# CUDA kernels are the launches above (ropekit.backends._triton_ops); one validator and one
+# autograd per op (C++). CPU tensors under TRITON_INTERPRET=1 reach the same Python kernels
+# through _triton_ops.on_triton() (the op's CPU kernel otherwise).
+# --------------------------------------------------------------------------------------
+
+
+def _ops_backend():
+    return _cpu_entry
+
+
+def _mode(*ts):
+    return _triton_ops.on_triton(*ts)
 
 
 def apply(x, cos, sin, layout, conjugate, inplace, out):
-    """Entry point (see :mod:`ropekit.backends`): :func:`rotate` with autograd."""
-    return _generic.apply(sys.modules[__name__], x, cos, sin, layout, conjugate, inplace, out)
+    """Entry point (see :mod:`ropekit.backends`): ``ropekit::rotary`` / ``rotary_`` / ``rotary_out``."""
+    with _mode(x):
+        return _ops_backend().apply(x, cos, sin, layout, conjugate, inplace, out)
 
 
 def apply_qk(q, k, cos, sin, layout, conjugate, inplace):
-    """Entry point: :func:`rotate_qk` (one launch) with autograd."""
-    return _generic.apply_qk(sys.modules[__name__], q, k, cos, sin, layout, conjugate, inplace)
+    """Entry point: ``ropekit::rotary_qk`` / ``rotary_qk_`` (q and k in one launch)."""
+    with _mode(q, k):
+        return _ops_backend().apply_qk(q, k, cos, sin, layout, conjugate, inplace)
 
 
 def apply_gather(q, k, cos_table, sin_table, positions, fmt, layout, conjugate, inplace):
-    """Entry point: :func:`rotate_qk_gather` (checks, range check, autograd); conjugated
-    rotations gather the rows first."""
-    if conjugate:
-        _check_range(positions, cos_table.shape[0])
-        return _generic.apply_gather(sys.modules[__name__], q, k, cos_table, sin_table, positions, fmt, layout, True, inplace)
-    return rotate_qk_gather(q, k, cos_table, sin_table, positions, fmt, layout, inplace)
+    """Entry point: ``ropekit::rotary_gather`` / ``rotary_gather_`` (rows gathered in the kernel;
+    on CUDA the positions are range-checked there, without a host sync)."""
+    with _mode(q, k):
+        return _ops_backend().apply_gather(q, k, cos_table, sin_table, positions, fmt, layout, conjugate, inplace)
+
+
+def apply_qk_norm(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, inplace):
+    """Entry point: ``ropekit::qk_norm_rotary`` / ``qk_norm_rotary_`` (norm + rotation, one launch)."""
+    with _mode(q, k):
+        return _ops_backend().apply_qk_norm(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, inplace)
 
 
 # --------------------------------------------------------------------------------------
@@ -975,13 +817,8 @@ def _qk_norm_forward(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, int
 
 
 def _run_qk_norm(xa, oa, ra, wa, xb, ob, rb, wb, cos, sin, eps, weight_offset, interleaved, cos_per_head, inplace):
-    if not _REGISTERED:
-        _register_ops()
-    if inplace:
-        torch.ops.ropekit.triton_qk_norm_(xa, xb, wa, wb, cos, sin, ra, rb, eps, weight_offset, interleaved, cos_per_head)
-    else:
-        torch.ops.ropekit.triton_qk_norm_out(xa, oa, xb, ob, wa, wb, cos, sin, ra, rb, eps, weight_offset, interleaved,
-                                             cos_per_head)
+    _qk_norm_launch(xa, None if inplace else oa, ra, wa, xb, None if inplace else ob, rb, wb, cos, sin, eps,
+                    weight_offset, interleaved, cos_per_head)
 
 
 def _qk_norm_backward(grads, xs, weights, rstds, cos, sin, weight_offset, interleaved, plan, need_dx, need_dw):
@@ -1026,133 +863,62 @@ def _qk_norm_backward(grads, xs, weights, rstds, cos, sin, weight_offset, interl
             args.append((None,) * 6)
         (ga, xa, ra, wa, dxa, pa), (gb, xb, rb, wb, dxb, pb) = args
         cv, sv = group[0][6], group[0][7]
-        if not _REGISTERED:
-            _register_ops()
-        torch.ops.ropekit.triton_qk_norm_bwd(ga, xa, ra, wa, dxa, pa, gb, xb, rb, wb, dxb, pb, cv, sv, weight_offset,
-                                             interleaved, plan.per_head[group[0][0]], bt, bh, programs, num_warps)
+        _qk_norm_bwd_launch(ga, xa, ra, wa, dxa, pa, gb, xb, rb, wb, dxb, pb, cv, sv, weight_offset, interleaved,
+                            plan.per_head[group[0][0]], bt, bh, programs, num_warps)
         for (i, *_), (_, _, _, w, _, pv) in zip(group, args):
             if pv is not None:
                 dws[i] = pv.sum(0).to(w.dtype)  # [d]: a fixed-order reduction of the partial rows
     return dxs, dws
 
 
-class _QKNormRotary(torch.autograd.Function):
-    """Autograd of the fused forward (out of place): one launch forward, one backward.
+def qk_norm_rotate(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, inplace, save=False):
+    """Per-head RMSNorm then RoPE of q ``[..., hq, d]`` and k ``[..., hk, d]`` in one launch
+    (the kernel of ``ropekit::qk_norm_rotary*`` on CUDA; no checks, no autograd here).
 
-    Saves q, k, both weights, the tables and the inverse RMS of every head row
-    (``q.numel() / d + k.numel() / d`` values in float32; float64 for float64 inputs).
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, q_weight, k_weight, cos, sin, eps, weight_offset, interleaved):  # type: ignore[override]
-        plan = _NormPlan(q, k, cos, sin)
-        qo, ko, (rq, rk) = _qk_norm_forward(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, interleaved,
-                                            False, True, plan)
-        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no work for it
-        ctx.save_for_backward(q, k, q_weight, k_weight, cos, sin, rq, rk)
-        ctx.plan, ctx.weight_offset, ctx.interleaved = plan, weight_offset, interleaved
-        return qo, ko
-
-    @staticmethod
-    def backward(ctx, gq, gk):  # type: ignore[override]
-        q, k, qw, kw, cos, sin, rq, rk = ctx.saved_tensors
-        n = ctx.needs_input_grad
-        (dq, dk), (dqw, dkw) = _qk_norm_backward(
-            (gq, gk), (q, k), (qw, kw), (rq, rk), cos, sin, ctx.weight_offset, ctx.interleaved, ctx.plan,
-            (n[0], n[1]), (n[2], n[3]),
-        )
-        return dq, dk, dqw, dkw, None, None, None, None, None
-
-
-class _QKNormedInPlace(torch.autograd.Function):
-    """The backward of the fused forward already applied in place to ``x`` (q or k, under
-    no_grad): marks ``x`` modified; one single-output node per tensor, as
-    :class:`ropekit.backends._generic._Rotated` (q and k may be views of one projection
-    output). Saves ``x0`` (the input, copied before it was overwritten), the weight, the
-    tables and the inverse RMS."""
-
-    @staticmethod
-    def forward(ctx, x, weight, x0, rstd, cos, sin, plan, i, weight_offset, interleaved):  # type: ignore[override]
-        ctx.mark_dirty(x)
-        ctx.save_for_backward(x0, weight, rstd, cos, sin)
-        ctx.plan, ctx.i, ctx.weight_offset, ctx.interleaved = plan, i, weight_offset, interleaved
-        return x
-
-    @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
-        x0, w, rstd, cos, sin = ctx.saved_tensors
-        i, n = ctx.i, ctx.needs_input_grad
-        pair = [None, None]
-        grads, xs, ws, rs = list(pair), list(pair), list(pair), list(pair)
-        grads[i], xs[i], ws[i], rs[i] = g, x0, w, rstd
-        need_dx, need_dw = [False, False], [False, False]
-        need_dx[i], need_dw[i] = n[0], n[1]
-        dxs, dws = _qk_norm_backward(grads, xs, ws, rs, cos, sin, ctx.weight_offset, ctx.interleaved, ctx.plan,
-                                     need_dx, need_dw)
-        return dxs[i], dws[i], None, None, None, None, None, None, None, None
-
-
-def qk_norm_rotate(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    q_weight: torch.Tensor,
-    k_weight: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    eps: float,
-    weight_offset: float,
-    layout: str,
-    inplace: bool,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-head RMSNorm then RoPE of q and k in one launch (the fused kernel), with autograd.
-
-    Args:
-        q: ``[..., hq, d]``, k: ``[..., hk, d]`` (``hq != hk`` ok), float16/bfloat16/float32/
-            float64, any strides (one contiguous copy for a last-dim stride other than 1).
-        q_weight, k_weight: ``[d]`` norm weights, any float dtype and stride.
-        cos, sin: half width ``[..., r/2]`` broadcastable to both ``q.shape[:-1] + (r/2,)``
-            and ``k.shape[:-1] + (r/2,)`` (``r <= d``; dims ``[r, d)`` are normalised, not rotated).
-        eps, weight_offset: as :func:`ropekit.apply_qk_norm_rotary`.
-        layout: ``"half"`` or ``"interleaved"``.
-        inplace: write into q and k (they must not be leaves that require grad).
-
-    Returns:
-        ``(q_out, k_out)``, dtypes of q and k.
-
-    One launch when q and k share dtype and head dim and differ in at most one dim (their
-    heads), else one each. Backward: one launch (q and k), or one per tensor in place;
-    saved: q and k (copies in place), weights, tables and the inverse RMS per head row
-    (4 bytes per head and token; 8 for float64). Inputs are not validated here (the API
-    does it: :func:`ropekit._tensor_checks.check_qk_norm`).
+    Returns ``(q_out, k_out, (rstd_q, rstd_k))``: q and k themselves when ``inplace``; the
+    inverse RMS of every head row in the shape ``x.shape[:-1]`` (compute dtype) when ``save``.
     """
     interleaved = layout == "interleaved"
-    if inplace:
-        _check_writable(q, "q")
-        _check_writable(k, "k")
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, q_weight, k_weight))
-    if grad and not inplace:
-        return _QKNormRotary.apply(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, interleaved)
     plan = _NormPlan(q, k, cos, sin)
-    sides = ((q, q_weight), (k, k_weight))
-    need = [grad and (x.requires_grad or w.requires_grad) for x, w in sides]
-    x0 = [x.detach().clone() if n else None for (x, _), n in zip(sides, need)]  # the backward needs the input
-    with torch.no_grad():
-        qo, ko, rstds = _qk_norm_forward(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, interleaved,
-                                         inplace, any(need), plan)
-    for i, (x, w) in enumerate(sides):
-        if need[i]:  # in place: one node per tensor
-            _QKNormedInPlace.apply(x, w, x0[i], rstds[i], cos, sin, plan, i, weight_offset, interleaved)
-    return qo, ko
+    qo, ko, rv = _qk_norm_forward(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, interleaved, inplace, save,
+                                  plan)
+    rstds = (None, None)
+    if save:
+        rstds = tuple(_rstd_natural(r, x, hd) for r, x, hd in zip(rv, (q, k), plan.hd))
+    return qo, ko, rstds
 
 
-def apply_qk_norm(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, inplace):
-    """Entry point (see :mod:`ropekit.backends`): :func:`qk_norm_rotate`; the composition of
-    :func:`ropekit.backends._generic.apply_qk_norm` for what the kernel does not take (empty
-    or 1-D q/k, tables that require grad)."""
-    if q.numel() == 0 or k.numel() == 0 or q.dim() < 2 or k.dim() < 2 or cos.requires_grad or sin.requires_grad:
-        return _generic.apply_qk_norm(sys.modules[__name__], q, k, q_weight, k_weight, cos, sin, eps, weight_offset,
-                                      layout, inplace)
-    return qk_norm_rotate(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, inplace)
+def _rstd_natural(r: torch.Tensor, x: torch.Tensor, hd: int) -> torch.Tensor:
+    """The canonical ``r [m0, m1, h]`` as a contiguous ``x.shape[:-1]`` tensor (the op's rstd)."""
+    out = torch.empty(x.shape[:-1], dtype=r.dtype, device=r.device)
+    if out.numel():
+        out.copy_(_uncanon(r.unsqueeze(-1), x[..., :1], hd).squeeze(-1))
+    return out
 
 
-_generic._OPAQUE[NAME] = sys.modules[__name__]  # graphs call the launch through one opaque custom op
+def qk_norm_backward(grads, xs, weights, rstds, cos, sin, weight_offset, layout):
+    """``(dq, dk, dq_weight, dk_weight)`` of :func:`qk_norm_rotate` (``ropekit::qk_norm_rotary_bwd``).
+
+    ``rstds`` in the op's form (one value per row of x, ``x.shape[:-1]`` numel). A side with an
+    empty ``x`` (the other tensor of a single-tensor backward) gets an empty ``dx`` and a zero
+    weight gradient.
+    """
+    live = [x.numel() > 0 for x in xs]
+    pq, pk = (xs[0] if live[0] else xs[1]), (xs[1] if live[1] else xs[0])
+    plan = _NormPlan(pq, pk, cos, sin) if any(live) else None
+    gs, rs = [None, None], [None, None]
+    for i in (0, 1):
+        if live[i]:
+            g = grads[i] if grads[i].dtype == xs[i].dtype else grads[i].to(xs[i].dtype)
+            gs[i] = g
+            r = rstds[i].reshape(xs[i].shape[:-1]).unsqueeze(-1)
+            rs[i] = _canon_in(r, plan.hd[i])[..., 0]  # [m0, m1, h]
+    dxs, dws = ([None, None], [None, None])
+    if plan is not None:
+        dxs, dws = _qk_norm_backward(gs, list(xs), list(weights), rs, cos, sin, weight_offset, layout == "interleaved",
+                                     plan, live, live)
+    for i in (0, 1):
+        if not live[i]:
+            dxs[i] = torch.empty_like(grads[i])
+            dws[i] = torch.zeros_like(weights[i])
+    return dxs[0], dxs[1], dws[0], dws[1]

@@ -116,6 +116,13 @@ for _n in ("eager", "cpu"):
     _LOADED[_n] = importlib.import_module(_PATHS[_n])
     _complete(_LOADED[_n])
 
+from .. import ops as _ops  # noqa: E402
+
+if _ops.LOADED:  # the Triton kernels as the CUDA kernels of torch.ops.ropekit.* (triton itself imported lazily)
+    from . import _triton_ops  # noqa: E402
+
+    _triton_ops.register_cuda_kernels()
+
 
 def available() -> List[str]:
     """Names of the backends that can run on this machine."""

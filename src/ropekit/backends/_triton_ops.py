@@ -6,8 +6,7 @@ One Python function per op, with the op's schema (``csrc/ops.cpp``, ``TORCH_LIBR
 (C++, registered at the device-generic Autograd key: backward = the same op conjugated,
 the fused norm's backward = ``qk_norm_rotary_bwd``), so nothing here knows about gradients.
 
-Each impl first runs the op's validator, ``ropekit.ops.check("<op>", *schema args)`` (until
-that exists: the Python checks the fake kernels use), then launches the kernels of
+Each impl first runs the op's validator, ``ropekit.ops.check("<op>", *schema args)``, then launches the kernels of
 :mod:`ropekit.backends.triton` (imported lazily: ``import ropekit`` needs torch only).
 
 CPU tensors under ``TRITON_INTERPRET=1``: :func:`on_triton` routes the ops on CPU tensors to
@@ -46,25 +45,10 @@ def _tb():
 
 
 def _check(name: str, *args) -> None:
-    """The op's validator (``ropekit.ops.check``); before it exists, the fakes' Python checks."""
+    """The op's one validator (``ropekit.ops.check``: the C++ rules the CPU kernel runs)."""
     from .. import ops
 
-    check = getattr(ops, "check", None)
-    if check is not None:
-        check(name, *args)
-        return
-    from .. import _tensor_checks as c
-
-    if name in ("rotary", "rotary_"):
-        c.check_apply(*args[:4], False, None)
-    elif name == "rotary_out":
-        c.check_apply(*args[:4], False, args[5])
-    elif name in ("rotary_qk", "rotary_qk_"):
-        c.check_qk(*args[:5], False)
-    elif name in ("rotary_gather", "rotary_gather_"):
-        c.check_gather_fake(*args[:7])
-    elif name.startswith("qk_norm_rotary") and name != "qk_norm_rotary_bwd":
-        c.check_qk_norm(*args[:9], False)
+    ops.check(name, *args)
 
 
 def _new_out(x: torch.Tensor) -> torch.Tensor:

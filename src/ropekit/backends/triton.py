@@ -57,7 +57,6 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .. import _tensor_checks
 from .. import ops as _ops
 from .._errors import fail
 from . import _generic, _triton_ops
@@ -429,10 +428,6 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _check_writable(t: torch.Tensor, name: str) -> None:
-    _tensor_checks._check_writable(t, name)
-
-
 def _rotate_canon(x, cos, sin, interleaved, conjugate, out, inplace) -> None:
     """``x``/``out`` with unit last stride, ``dim >= 2``; cos/sin broadcast to ``x``."""
     lead = tuple(x.shape[:-1])
@@ -511,9 +506,6 @@ def rotate_qk(
     Falls back to one launch per tensor when q and k differ in dtype, head dim or in more
     than one dim, when cos/sin differ per head, or when a last-dim stride is not 1.
     """
-    if inplace:
-        _check_writable(q, "q")
-        _check_writable(k, "k")
     qo = q if inplace else torch.empty_like(q)
     ko = k if inplace else torch.empty_like(k)
     if q.numel() == 0 or k.numel() == 0:

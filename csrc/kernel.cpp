@@ -57,6 +57,7 @@ typedef int32_t vi __attribute__((vector_size(RK_VB)));
 typedef uint64_t vu64 __attribute__((vector_size(RK_VB)));
 typedef uint16_t vh __attribute__((vector_size(RK_VB / 2)));
 enum { NF = RK_VB / 4, ND = RK_VB / 8 };
+#define RK_INLINE inline __attribute__((always_inline))
 
 static inline vf vload(const float* p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline vd vload(const double* p) { vd v; memcpy(&v, p, sizeof v); return v; }
@@ -69,11 +70,11 @@ static inline vu vloadu(const uint16_t* p) { vu v; memcpy(&v, p, sizeof v); retu
 // NaN is negative) and on the operand order the compiler picked at each level, so payloads
 // cannot be kept the same everywhere: one blend per stored vector makes them so. Elements the
 // kernel only copies (the tail past the rotary dims) keep their bits.
-static inline vf canon(vf y) {
+static RK_INLINE vf canon(vf y) {
     const vf q = (vf)((vu){} + 0x7FC00000u);
     return y != y ? q : y;
 }
-static inline vd canon(vd y) {
+static RK_INLINE vd canon(vd y) {
     const vd q = (vd)((vu64){} + 0x7FF8000000000000ull);
     return y != y ? q : y;
 }
@@ -177,53 +178,89 @@ struct F64 {
 // half of a float32 (exact). Round to nearest even: u + 0x7FFF + (bit 16 of u), then the top
 // half; no NaN test, as the value is canon()'s first (0x7FC00000 -> 0x7FC0), and the
 // increment cannot reach the exponent of anything else but an overflow to infinity.
-static inline vu bf16_round_hi(vf y) {  // the bf16 in the top 16 bits of each lane
+static RK_INLINE vu bf16_round_hi(vf y) {  // the bf16 in the top 16 bits of each lane
     const vu u = (vu)canon(y);
     return u + 0x7FFFu + ((u >> 16) & 1u);
 }
 // float16 <-> float32 in 32-bit integer lanes, for the levels without conversion instructions
-// (F16C): exact widening, round-to-nearest-even narrowing, the bits of F16C's instructions.
-static inline vf f16_widen(vu h) {  // h: a float16 in the low 16 bits of each lane
-    const vu em = h & 0x7FFFu, sign = (h & 0x8000u) << 16;
-    vu norm = (em << 13) + 0x38000000u;                               // rebias 15 -> 127
-    norm = (vu)((vi)em >= 0x7C00) ? norm + 0x38000000u : norm;        // inf/NaN: exponent 255
-    const vf sub = __builtin_convertvector((vi)em, vf) * 0x1p-24f;    // subnormal: em·2^-24, exact
-    return (vf)(((vu)((vi)em < 0x400) ? (vu)sub : norm) | sign);
+// (F16C, or AArch64's, through _Float16 below): exact widening, round-to-nearest-even
+// narrowing, the bits of those instructions (NaN: the canonical 0x7E00).
+static RK_INLINE vf f16_widen(vu h) {  // h: a float16 in the low 16 bits of each lane
+    const vu em = h & 0x7FFFu, sign = (h << 16) & 0x80000000u;
+    const vu norm = (em << 13) + 0x38000000u + (((vi)em >= 0x7C00) & 0x38000000);  // rebias 15 -> 127; inf/NaN -> 255
+    const vf sub = __builtin_convertvector((vi)em, vf) * 0x1p-24f;                   // subnormal: em·2^-24, exact
+    return (vf)((((vi)em < 0x400) ? (vu)sub : norm) | sign);
 }
-static inline vu f16_narrow(vf f) {  // the float16 in the low 16 bits of each lane
-    const vu u = (vu)canon(f);
-    const vu sign = (u >> 16) & 0x8000u, a = u & 0x7FFFFFFFu;
-    // normal: rebias 127 -> 15 and round the 13 dropped bits to nearest even (an overflow
-    // rounds into 0x7C00, infinity)
-    const vu nrm = (a - 0x38000000u + 0xFFFu + ((a >> 13) & 1u)) >> 13;
+static RK_INLINE vu f16_narrow(vf f) {  // the float16 in the low 16 bits of each lane
+    const vu u = (vu)f, sign = (u >> 16) & 0x8000u;
+    vf m = (vf)(u & 0x7FFFFFFFu);
+    m = m < 65520.0f ? m : (vf){} + 65520.0f;  // 65520 and up (and NaN, fixed below) round to infinity
+    const vu a = (vu)m;
+    // normal: rebias 127 -> 15 and round the 13 dropped bits to nearest even (65520 carries
+    // into 0x7C00, infinity)
+    const vu nrm = (a + (0xFFFu - 0x38000000u) + ((a >> 13) & 1u)) >> 13;
     // subnormal: |f| + 0.5 puts the rounded float16 mantissa into the low float32 bits
     // (the add rounds to nearest even; its result is normal, so flush-to-zero cannot act)
-    const vu sub = (vu)((vf)a + 0.5f) - 0x3F000000u;
-    // inf / NaN (quiet, the top 10 payload bits: 0x7E00 for canon's NaN)
-    const vu big = (vu)((vi)a > 0x7F800000) ? 0x7E00u | ((a >> 13) & 0x3FFu) : (vu){} + 0x7C00u;
-    vu r = (vu)((vi)a < 0x38800000) ? sub : nrm;
-    r = (vu)((vi)a >= 0x47800000) ? big : r;
-    return r | sign;
+    const vu sub = (vu)(m + 0.5f) - 0x3F000000u;
+    const vu r = (((vi)a < 0x38800000) ? sub : nrm) | sign;
+    return f != f ? (vu){} + 0x7E00u : r;
 }
+#if defined(__aarch64__) && defined(__FLT16_MAX__)
+#define RK_F16_NATIVE 1  // AArch64: fcvtl / fcvtn (round to nearest even, NaN -> quiet with payload)
+typedef _Float16 vhf __attribute__((vector_size(RK_VB / 2)));
+#else
+#define RK_F16_NATIVE 0
+#endif
 
 // Memory views of 2·NF half-width values as NF 32-bit lanes, split into the even elements
 // (lanes e) and odd elements (lanes o): no widening shuffles, one shift or AND each way.
+// FAST: split_fast / join_fast are cheaper formulas valid for normal values only; they add the
+// lanes they cannot handle to `bad`, and a block with any such lane is redone exactly.
 struct BF16Pair {
-    static inline void split(const uint16_t* p, vf& e, vf& o) {
+    enum { FAST = 0 };
+    static RK_INLINE void split(const uint16_t* p, vf& e, vf& o) {
         const vu v = vloadu(p);
         e = (vf)(v << 16);
         o = (vf)(v & 0xFFFF0000u);
     }
-    static inline vu join(vf ye, vf yo) { return (bf16_round_hi(ye) >> 16) | (bf16_round_hi(yo) & 0xFFFF0000u); }
+    static RK_INLINE vu join(vf ye, vf yo) { return (bf16_round_hi(ye) >> 16) | (bf16_round_hi(yo) & 0xFFFF0000u); }
+    static RK_INLINE void split_fast(const uint16_t* p, vf& e, vf& o, vu&) { split(p, e, o); }
+    static RK_INLINE vu join_fast(vf ye, vf yo, vu&) { return join(ye, yo); }
 };
 struct F16Pair {
-    static inline void split(const uint16_t* p, vf& e, vf& o) {
+    enum { FAST = 1 };
+    static RK_INLINE void split(const uint16_t* p, vf& e, vf& o) {
         const vu v = vloadu(p);
         e = f16_widen(v & 0xFFFFu);
         o = f16_widen(v >> 16);
     }
-    static inline vu join(vf ye, vf yo) { return f16_narrow(ye) | (f16_narrow(yo) << 16); }
+    static RK_INLINE vu join(vf ye, vf yo) { return f16_narrow(ye) | (f16_narrow(yo) << 16); }
+    // normal float16 (exponent field 1..30): rebias only
+    static RK_INLINE void split_fast(const uint16_t* p, vf& e, vf& o, vu& bad) {
+        const vu v = vloadu(p);
+        // an arithmetic shift right by 3 moves exponent and mantissa into place and copies the
+        // sign into bits 28..31; the mask keeps bit 31 only
+        e = (vf)((((vi)(v << 16) >> 3) & (int32_t)0x8FFFE000) + 0x38000000);
+        o = (vf)((((vi)v >> 3) & (int32_t)0x8FFFE000) + 0x38000000);
+        typedef int16_t vw __attribute__((vector_size(RK_VB)));  // the 2·NF halves
+        // exponent field 0 or 31: (x + 0x400) is 0x400 or 0x8000 (negative), else 0x800..0x7C00
+        bad |= (vu)((((vw)v & (int16_t)0x7C00) + (int16_t)0x400) < (int16_t)0x800);
+    }
+    // results of normal float16 magnitude, [2^-14, 65520): rebias and round
+    static RK_INLINE vu narrow_fast(vf f, vu& bad) {
+        const vu u = (vu)f, a = u & 0x7FFFFFFFu;
+        bad |= (vu)((vi)(a + (0x80000000u - 0x38800000u)) >= (int32_t)(0x80000000u + 0x477FF000u - 0x38800000u));
+        return ((a + (0xFFFu - 0x38000000u) + ((a >> 13) & 1u)) >> 13) | ((u >> 16) & 0x8000u);
+    }
+    static RK_INLINE vu join_fast(vf ye, vf yo, vu& bad) { return narrow_fast(ye, bad) | (narrow_fast(yo, bad) << 16); }
 };
+static RK_INLINE bool any(vu m) {
+    uint64_t w[sizeof(vu) / 8];
+    memcpy(w, &m, sizeof w);
+    uint64_t r = 0;
+    for (unsigned k = 0; k < sizeof(vu) / 8; ++k) r |= w[k];
+    return r != 0;
+}
 template <int NT>
 static inline void pair_store(uint16_t* p, vu v) {
 #if RK_VB == 64
@@ -310,15 +347,27 @@ struct F16 {
     typedef vf V;
     typedef F16Pair P;
     enum { N = NF };
-    static inline V vld(const S* p) {
+#if RK_F16_NATIVE
+    static RK_INLINE V vld(const S* p) {
+        vhf h;
+        memcpy(&h, p, sizeof h);
+        return __builtin_convertvector(h, vf);
+    }
+    static RK_INLINE void vst(S* p, V f) {
+        const vhf h = __builtin_convertvector(canon(f), vhf);
+        memcpy(p, &h, sizeof h);
+    }
+#else
+    static RK_INLINE V vld(const S* p) {
         vh h;
         memcpy(&h, p, sizeof h);
         return f16_widen(__builtin_convertvector(h, vu));
     }
-    static inline void vst(S* p, V f) {
+    static RK_INLINE void vst(S* p, V f) {
         const vh h = __builtin_convertvector(f16_narrow(f), vh);
         memcpy(p, &h, sizeof h);
     }
+#endif
 };
 #define RK_F16_PAIR 1
 #endif
@@ -328,7 +377,7 @@ struct F16 {
 // it is converted in integer lanes.
 template <typename T> struct Paired { enum { value = 0 }; };
 template <> struct Paired<BF16> { enum { value = 1 }; };
-#if RK_F16_PAIR
+#if RK_F16_PAIR && !RK_F16_NATIVE
 template <> struct Paired<F16> { enum { value = 1 }; };
 #endif
 
@@ -368,11 +417,20 @@ template <typename P, int NT>
 static inline void row_pair_half(const uint16_t* px, uint16_t* po, const float* cb, const float* sb, i64 h, i64 n) {
     for (i64 i = 0; i < n; i += 2 * NF) {
         vf ae, ao, be, bo;
-        P::split(px + i, ae, ao);
-        P::split(px + h + i, be, bo);
         const vf ce = vload(cb + i), co = vload(cb + i + NF), se = vload(sb + i), so = vload(sb + i + NF);
-        pair_store<NT>(po + i, P::join(ae * ce - be * se, ao * co - bo * so));
-        pair_store<NT>(po + h + i, P::join(be * ce + ae * se, bo * co + ao * so));
+        vu bad = {}, r1, r2;
+        P::split_fast(px + i, ae, ao, bad);
+        P::split_fast(px + h + i, be, bo, bad);
+        r1 = P::join_fast(ae * ce - be * se, ao * co - bo * so, bad);
+        r2 = P::join_fast(be * ce + ae * se, bo * co + ao * so, bad);
+        if (P::FAST && any(bad)) {
+            P::split(px + i, ae, ao);
+            P::split(px + h + i, be, bo);
+            r1 = P::join(ae * ce - be * se, ao * co - bo * so);
+            r2 = P::join(be * ce + ae * se, bo * co + ao * so);
+        }
+        pair_store<NT>(po + i, r1);
+        pair_store<NT>(po + h + i, r2);
     }
 }
 // Interleaved layout, pairs (2(i + k), 2(i + k) + 1) for i < n (a multiple of NF).
@@ -380,9 +438,15 @@ template <typename P, int NT>
 static inline void row_pair_il(const uint16_t* px, uint16_t* po, const float* cb, const float* sb, i64 n) {
     for (i64 i = 0; i < n; i += NF) {
         vf a, b;
-        P::split(px + 2 * i, a, b);
         const vf c = vload(cb + i), s = vload(sb + i);
-        pair_store<NT>(po + 2 * i, P::join(a * c - b * s, b * c + a * s));
+        vu bad = {};
+        P::split_fast(px + 2 * i, a, b, bad);
+        vu r = P::join_fast(a * c - b * s, b * c + a * s, bad);
+        if (P::FAST && any(bad)) {
+            P::split(px + 2 * i, a, b);
+            r = P::join(a * c - b * s, b * c + a * s);
+        }
+        pair_store<NT>(po + 2 * i, r);
     }
 }
 

@@ -205,9 +205,9 @@ static RK_INLINE vu f16_narrow(vf f) {  // the float16 in the low 16 bits of eac
     const vu r = (((vi)a < 0x38800000) ? sub : nrm) | sign;
     return f != f ? (vu){} + 0x7E00u : r;
 }
-#if defined(__aarch64__) && defined(__FLT16_MAX__)
+#if defined(__aarch64__) && RK_VB == 16
 #define RK_F16_NATIVE 1  // AArch64: fcvtl / fcvtn (round to nearest even, NaN -> quiet with payload)
-typedef _Float16 vhf __attribute__((vector_size(RK_VB / 2)));
+#include <arm_neon.h>
 #else
 #define RK_F16_NATIVE 0
 #endif
@@ -348,15 +348,8 @@ struct F16 {
     typedef F16Pair P;
     enum { N = NF };
 #if RK_F16_NATIVE
-    static RK_INLINE V vld(const S* p) {
-        vhf h;
-        memcpy(&h, p, sizeof h);
-        return __builtin_convertvector(h, vf);
-    }
-    static RK_INLINE void vst(S* p, V f) {
-        const vhf h = __builtin_convertvector(canon(f), vhf);
-        memcpy(p, &h, sizeof h);
-    }
+    static RK_INLINE V vld(const S* p) { return (V)vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
+    static RK_INLINE void vst(S* p, V f) { vst1_u16(p, vreinterpret_u16_f16(vcvt_f16_f32((float32x4_t)canon(f)))); }
 #else
     static RK_INLINE V vld(const S* p) {
         vh h;

@@ -39,22 +39,55 @@ namespace RK_CAT(rk_, RK_LEVEL) {
 typedef RkJob Job;
 enum { MAXD = RK_MAXD };
 
-// SIMD through GCC/clang vector extensions, so one source compiles for whatever
-// -march=native offers: 64-byte vectors with AVX-512 (16 float lanes), else 32-byte (AVX2
-// ymm, NEON/SSE register pairs). Intrinsics only for the dtype conversions.
+// SIMD through GCC/clang vector extensions, so one source compiles for every level: 64-byte
+// vectors with AVX-512 (16 float lanes), 32-byte with AVX2, else 16-byte, the width of SSE2
+// and NEON (wider vectors there would be split by the compiler, and their shuffles turn
+// into scalar code). Intrinsics only for hardware conversions and streaming stores.
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define RK_VB 64
-#else
+#elif defined(__AVX2__)
 #define RK_VB 32
+#else
+#define RK_VB 16
 #endif
 typedef float vf __attribute__((vector_size(RK_VB)));
 typedef double vd __attribute__((vector_size(RK_VB)));
 typedef uint32_t vu __attribute__((vector_size(RK_VB)));
+typedef int32_t vi __attribute__((vector_size(RK_VB)));
+typedef uint64_t vu64 __attribute__((vector_size(RK_VB)));
 typedef uint16_t vh __attribute__((vector_size(RK_VB / 2)));
 enum { NF = RK_VB / 4, ND = RK_VB / 8 };
+#define RK_INLINE inline __attribute__((always_inline))
 
 static inline vf vload(const float* p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline vd vload(const double* p) { vd v; memcpy(&v, p, sizeof v); return v; }
+static inline vu vloadu(const uint16_t* p) { vu v; memcpy(&v, p, sizeof v); return v; }  // 2·NF halves
+
+// NaN rule (docs/numerics.md): every value the kernel computes and stores is, when it is a
+// NaN, the one canonical quiet NaN (+, payload 0: float32 0x7FC00000, float64
+// 0x7FF8000000000000, bfloat16 0x7FC0, float16 0x7E00). Which NaN an arithmetic instruction
+// returns depends on the hardware (x86 keeps an operand's sign and payload, and the default
+// NaN is negative) and on the operand order the compiler picked at each level, so payloads
+// cannot be kept the same everywhere: one blend per stored vector makes them so. Elements the
+// kernel only copies (the tail past the rotary dims) keep their bits.
+static RK_INLINE vf canon(vf y) {
+    const vf q = (vf)((vu){} + 0x7FC00000u);
+    return y != y ? q : y;
+}
+static RK_INLINE vd canon(vd y) {
+    const vd q = (vd)((vu64){} + 0x7FF8000000000000ull);
+    return y != y ? q : y;
+}
+static inline float canon1(float y) {
+    const uint32_t q = 0x7FC00000u;
+    if (y != y) memcpy(&y, &q, sizeof y);
+    return y;
+}
+static inline double canon1(double y) {
+    const uint64_t q = 0x7FF8000000000000ull;
+    if (y != y) memcpy(&y, &q, sizeof y);
+    return y;
+}
 
 // (x0 y0 x1 y1 ...) pairs <-> lanes a = (x0 x1 ...), b = (y0 y1 ...)
 #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
@@ -72,7 +105,7 @@ typedef int64_t vi64 __attribute__((vector_size(RK_VB)));
 #define RK_D_ODD 1, 3, 5, 7, 9, 11, 13, 15
 #define RK_D_LO 0, 8, 1, 9, 2, 10, 3, 11
 #define RK_D_HI 4, 12, 5, 13, 6, 14, 7, 15
-#else
+#elif RK_VB == 32
 #define RK_F_EVEN 0, 2, 4, 6, 8, 10, 12, 14
 #define RK_F_ODD 1, 3, 5, 7, 9, 11, 13, 15
 #define RK_F_LO 0, 8, 1, 9, 2, 10, 3, 11
@@ -81,6 +114,15 @@ typedef int64_t vi64 __attribute__((vector_size(RK_VB)));
 #define RK_D_ODD 1, 3, 5, 7
 #define RK_D_LO 0, 4, 1, 5
 #define RK_D_HI 2, 6, 3, 7
+#else
+#define RK_F_EVEN 0, 2, 4, 6
+#define RK_F_ODD 1, 3, 5, 7
+#define RK_F_LO 0, 4, 1, 5
+#define RK_F_HI 2, 6, 3, 7
+#define RK_D_EVEN 0, 2
+#define RK_D_ODD 1, 3
+#define RK_D_LO 0, 2
+#define RK_D_HI 1, 3
 #endif
 #ifdef RK_SHUF
 static inline void deint(vf v0, vf v1, vf& a, vf& b) { a = RK_SHUF(v0, v1, RK_F_EVEN); b = RK_SHUF(v0, v1, RK_F_ODD); }
@@ -106,18 +148,19 @@ static inline void inter(vd a, vd b, vd& v0, vd& v1) {
 }
 #endif
 
-// Storage type S, compute type C, vector V of N compute lanes; vld widens, vst rounds.
+// Storage type S, compute type C, vector V of N compute lanes; vld widens, vst rounds (and
+// makes NaN canonical: canon above).
 struct F32 {
     typedef float S;
     typedef float C;
     typedef vf V;
     enum { N = NF };
     static inline V vld(const S* p) { return vload(p); }
-    static inline void vst(S* p, V v) { memcpy(p, &v, sizeof v); }
+    static inline void vst(S* p, V v) { v = canon(v); memcpy(p, &v, sizeof v); }
 #if RK_VB == 64
-    static inline void vst_nt(S* p, V v) { _mm512_stream_ps(p, (__m512)v); }
-#elif defined(__AVX__)
-    static inline void vst_nt(S* p, V v) { _mm256_stream_ps(p, (__m256)v); }
+    static inline void vst_nt(S* p, V v) { _mm512_stream_ps(p, (__m512)canon(v)); }
+#elif RK_VB == 32
+    static inline void vst_nt(S* p, V v) { _mm256_stream_ps(p, (__m256)canon(v)); }
 #else
     static inline void vst_nt(S* p, V v) { vst(p, v); }
 #endif
@@ -128,47 +171,133 @@ struct F64 {
     typedef vd V;
     enum { N = ND };
     static inline V vld(const S* p) { return vload(p); }
-    static inline void vst(S* p, V v) { memcpy(p, &v, sizeof v); }
+    static inline void vst(S* p, V v) { v = canon(v); memcpy(p, &v, sizeof v); }
 };
 
-// bfloat16 <-> float32. Load: bf16 is the top half of a float32 (exact). Store: round to
-// nearest even, u + 0x7FFF + (bit 16 of u), then the top half; NaN stays a quiet NaN
-// (what torch's .to(torch.bfloat16) does).
+// bfloat16 <-> float32 in 32-bit integer lanes (no x86 assumption). Widen: a bf16 is the top
+// half of a float32 (exact). Round to nearest even: u + 0x7FFF + (bit 16 of u), then the top
+// half; no NaN test, as the value is canon()'s first (0x7FC00000 -> 0x7FC0), and the
+// increment cannot reach the exponent of anything else but an overflow to infinity.
+static RK_INLINE vu bf16_round_hi(vf y) {  // the bf16 in the top 16 bits of each lane
+    const vu u = (vu)canon(y);
+    return u + 0x7FFFu + ((u >> 16) & 1u);
+}
+// float16 <-> float32 in 32-bit integer lanes, for the levels without conversion instructions
+// (F16C, or AArch64's, through _Float16 below): exact widening, round-to-nearest-even
+// narrowing, the bits of those instructions (NaN: the canonical 0x7E00).
+static RK_INLINE vf f16_widen(vu h) {  // h: a float16 in the low 16 bits of each lane
+    const vu em = h & 0x7FFFu, sign = (h << 16) & 0x80000000u;
+    const vu norm = (em << 13) + 0x38000000u + (((vi)em >= 0x7C00) & 0x38000000);  // rebias 15 -> 127; inf/NaN -> 255
+    const vf sub = __builtin_convertvector((vi)em, vf) * 0x1p-24f;                   // subnormal: em·2^-24, exact
+    return (vf)((((vi)em < 0x400) ? (vu)sub : norm) | sign);
+}
+static RK_INLINE vu f16_narrow(vf f) {  // the float16 in the low 16 bits of each lane
+    const vu u = (vu)f, sign = (u >> 16) & 0x8000u;
+    vf m = (vf)(u & 0x7FFFFFFFu);
+    m = m < 65520.0f ? m : (vf){} + 65520.0f;  // 65520 and up (and NaN, fixed below) round to infinity
+    const vu a = (vu)m;
+    // normal: rebias 127 -> 15 and round the 13 dropped bits to nearest even (65520 carries
+    // into 0x7C00, infinity)
+    const vu nrm = (a + (0xFFFu - 0x38000000u) + ((a >> 13) & 1u)) >> 13;
+    // subnormal: |f| + 0.5 puts the rounded float16 mantissa into the low float32 bits
+    // (the add rounds to nearest even; its result is normal, so flush-to-zero cannot act)
+    const vu sub = (vu)(m + 0.5f) - 0x3F000000u;
+    const vu r = (((vi)a < 0x38800000) ? sub : nrm) | sign;
+    return f != f ? (vu){} + 0x7E00u : r;
+}
+#if defined(__aarch64__) && RK_VB == 16
+#define RK_F16_NATIVE 1  // AArch64: fcvtl / fcvtn (round to nearest even, NaN -> quiet with payload)
+#include <arm_neon.h>
+#else
+#define RK_F16_NATIVE 0
+#endif
+
+// Memory views of 2·NF half-width values as NF 32-bit lanes, split into the even elements
+// (lanes e) and odd elements (lanes o): no widening shuffles, one shift or AND each way.
+// FAST: split_fast / join_fast are cheaper formulas valid for normal values only; they add the
+// lanes they cannot handle to `bad`, and a block with any such lane is redone exactly.
+struct BF16Pair {
+    enum { FAST = 0 };
+    static RK_INLINE void split(const uint16_t* p, vf& e, vf& o) {
+        const vu v = vloadu(p);
+        e = (vf)(v << 16);
+        o = (vf)(v & 0xFFFF0000u);
+    }
+    static RK_INLINE vu join(vf ye, vf yo) { return (bf16_round_hi(ye) >> 16) | (bf16_round_hi(yo) & 0xFFFF0000u); }
+    static RK_INLINE void split_fast(const uint16_t* p, vf& e, vf& o, vu&) { split(p, e, o); }
+    static RK_INLINE vu join_fast(vf ye, vf yo, vu&) { return join(ye, yo); }
+};
+struct F16Pair {
+    enum { FAST = 1 };
+    static RK_INLINE void split(const uint16_t* p, vf& e, vf& o) {
+        const vu v = vloadu(p);
+        e = f16_widen(v & 0xFFFFu);
+        o = f16_widen(v >> 16);
+    }
+    static RK_INLINE vu join(vf ye, vf yo) { return f16_narrow(ye) | (f16_narrow(yo) << 16); }
+    // normal float16 (exponent field 1..30): rebias only
+    static RK_INLINE void split_fast(const uint16_t* p, vf& e, vf& o, vu& bad) {
+        const vu v = vloadu(p);
+        // an arithmetic shift right by 3 moves exponent and mantissa into place and copies the
+        // sign into bits 28..31; the mask keeps bit 31 only
+        e = (vf)((((vi)(v << 16) >> 3) & (int32_t)0x8FFFE000) + 0x38000000);
+        o = (vf)((((vi)v >> 3) & (int32_t)0x8FFFE000) + 0x38000000);
+        typedef int16_t vw __attribute__((vector_size(RK_VB)));  // the 2·NF halves
+        // exponent field 0 or 31: (x + 0x400) is 0x400 or 0x8000 (negative), else 0x800..0x7C00
+        bad |= (vu)((((vw)v & (int16_t)0x7C00) + (int16_t)0x400) < (int16_t)0x800);
+    }
+    // results of normal float16 magnitude, [2^-14, 65520): rebias and round
+    static RK_INLINE vu narrow_fast(vf f, vu& bad) {
+        const vu u = (vu)f, a = u & 0x7FFFFFFFu;
+        bad |= (vu)((vi)(a + (0x80000000u - 0x38800000u)) >= (int32_t)(0x80000000u + 0x477FF000u - 0x38800000u));
+        return ((a + (0xFFFu - 0x38000000u) + ((a >> 13) & 1u)) >> 13) | ((u >> 16) & 0x8000u);
+    }
+    static RK_INLINE vu join_fast(vf ye, vf yo, vu& bad) { return narrow_fast(ye, bad) | (narrow_fast(yo, bad) << 16); }
+};
+static RK_INLINE bool any(vu m) {
+    uint64_t w[sizeof(vu) / 8];
+    memcpy(w, &m, sizeof w);
+    uint64_t r = 0;
+    for (unsigned k = 0; k < sizeof(vu) / 8; ++k) r |= w[k];
+    return r != 0;
+}
+template <int NT>
+static inline void pair_store(uint16_t* p, vu v) {
+#if RK_VB == 64
+    if constexpr (NT != 0) {  // two 32-byte streaming stores: 32-byte alignment is enough
+        _mm256_stream_si256((__m256i*)p, _mm512_castsi512_si256((__m512i)v));
+        _mm256_stream_si256((__m256i*)(p + 16), _mm512_extracti64x4_epi64((__m512i)v, 1));
+        return;
+    }
+#elif RK_VB == 32
+    if constexpr (NT != 0) {  // two 16-byte streaming stores: 16-byte alignment is enough
+        _mm_stream_si128((__m128i*)p, _mm256_castsi256_si128((__m256i)v));
+        _mm_stream_si128((__m128i*)(p + 8), _mm256_extracti128_si256((__m256i)v, 1));
+        return;
+    }
+#endif
+    memcpy(p, &v, sizeof v);
+}
+
 struct BF16 {
     typedef uint16_t S;
     typedef float C;
     typedef vf V;
+    typedef BF16Pair P;
     enum { N = NF };
 #if RK_VB == 64
     static inline V vld(const S* p) {
         return (V)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
     }
-#if defined(__AVX512BF16__)
-    static inline __m256i pack(V f) { return (__m256i)_mm512_cvtneps_pbh((__m512)f); }  // hardware RNE, NaN -> qNaN
-#else
-    static inline __m256i pack(V f) {  // the rounding above on 16 lanes
-        const __m512i u = _mm512_castps_si512((__m512)f);
-        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-        const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-        const __m512i n = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-        const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)), _mm512_set1_epi32(0x7F800000));
-        return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, r, n));
-    }
-#endif
+    static inline __m256i pack(V f) { return _mm512_cvtepi32_epi16((__m512i)(bf16_round_hi(f) >> 16)); }
     static inline void vst(S* p, V f) { _mm256_storeu_si256((__m256i*)p, pack(f)); }
     static inline void vst_nt(S* p, V f) { _mm256_stream_si256((__m256i*)p, pack(f)); }
-#elif defined(__AVX2__)
+#elif RK_VB == 32
     static inline V vld(const S* p) {
         return (V)_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
     }
-    static inline __m128i pack(V f) {  // the rounding above on 8 lanes
-        const __m256i u = _mm256_castps_si256((__m256)f);
-        const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-        __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
-        const __m256i n = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
-        const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)), _mm256_set1_epi32(0x7F800000));
-        r = _mm256_blendv_epi8(r, n, nan);
-        // 8 x u32 (< 2^16) -> 8 x u16: pack within 128-bit lanes, then join the two halves
+    static inline __m128i pack(V f) {  // 8 x u32 (< 2^16) -> 8 x u16: pack within 128-bit lanes, then join the halves
+        const __m256i r = (__m256i)(bf16_round_hi(f) >> 16);
         return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
     }
     static inline void vst(S* p, V f) { _mm_storeu_si128((__m128i*)p, pack(f)); }
@@ -177,19 +306,10 @@ struct BF16 {
     static inline V vld(const S* p) {
         vh h;
         memcpy(&h, p, sizeof h);
-        vu u = __builtin_convertvector(h, vu) << 16;
-        V f;
-        memcpy(&f, &u, sizeof f);
-        return f;
+        return (V)(__builtin_convertvector(h, vu) << 16);
     }
     static inline void vst(S* p, V f) {
-        vu u;
-        memcpy(&u, &f, sizeof u);
-        vu r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-        vu n = (u >> 16) | 0x40u;
-        vu nan = (vu)((u & 0x7FFFFFFFu) > 0x7F800000u);  // all ones where NaN
-        vu out = (nan & n) | (~nan & r);
-        vh h = __builtin_convertvector(out, vh);
+        const vh h = __builtin_convertvector(bf16_round_hi(f) >> 16, vh);
         memcpy(p, &h, sizeof h);
     }
     static inline void vst_nt(S* p, V f) { vst(p, f); }
@@ -199,8 +319,8 @@ struct BF16 {
 template <typename T> struct IsBF16 { enum { value = 0 }; };
 template <> struct IsBF16<BF16> { enum { value = 1 }; };
 
-// float16: F16C conversions (one instruction each way, round to nearest even) where the
-// CPU has them, else the compiler's _Float16; without either, float16 goes to eager.
+// float16: F16C conversions (one instruction each way, round to nearest even) where the CPU
+// has them, else f16_widen / f16_narrow above (the same bits).
 #if defined(__F16C__) && defined(__AVX2__)
 struct F16 {
     typedef uint16_t S;
@@ -210,40 +330,50 @@ struct F16 {
 #if RK_VB == 64
     static inline V vld(const S* p) { return (V)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
     static inline void vst(S* p, V f) {
-        _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph((__m512)f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph((__m512)canon(f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     }
 #else
     static inline V vld(const S* p) { return (V)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
     static inline void vst(S* p, V f) {
-        _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph((__m256)f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph((__m256)canon(f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     }
 #endif
 };
-#define ROPEKIT_HAS_F16 1
-#elif defined(__FLT16_MAX__)
-typedef _Float16 vhf __attribute__((vector_size(RK_VB / 2)));
+#define RK_F16_PAIR 0
+#else
 struct F16 {
-    typedef uint16_t S;  // the bits of a _Float16
+    typedef uint16_t S;
     typedef float C;
     typedef vf V;
+    typedef F16Pair P;
     enum { N = NF };
-    static inline V vld(const S* p) {
-        vhf h;
+#if RK_F16_NATIVE
+    static RK_INLINE V vld(const S* p) { return (V)vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
+    static RK_INLINE void vst(S* p, V f) { vst1_u16(p, vreinterpret_u16_f16(vcvt_f16_f32((float32x4_t)canon(f)))); }
+#else
+    static RK_INLINE V vld(const S* p) {
+        vh h;
         memcpy(&h, p, sizeof h);
-        return __builtin_convertvector(h, vf);
+        return f16_widen(__builtin_convertvector(h, vu));
     }
-    static inline void vst(S* p, V f) {
-        vhf h = __builtin_convertvector(f, vhf);
+    static RK_INLINE void vst(S* p, V f) {
+        const vh h = __builtin_convertvector(f16_narrow(f), vh);
         memcpy(p, &h, sizeof h);
     }
+#endif
 };
+#define RK_F16_PAIR 1
+#endif
 #define ROPEKIT_HAS_F16 1
-#else
-#define ROPEKIT_HAS_F16 0
+
+// Which types take the paired (split even/odd) paths: bfloat16 at every level, float16 where
+// it is converted in integer lanes.
+template <typename T> struct Paired { enum { value = 0 }; };
+template <> struct Paired<BF16> { enum { value = 1 }; };
+#if RK_F16_PAIR && !RK_F16_NATIVE
+template <> struct Paired<F16> { enum { value = 1 }; };
 #endif
 
-// One row: r/2 pairs, N pairs per step. Each step loads both lanes of its pairs before
-// storing them, so out == x is safe; steps touch disjoint pairs.
 template <typename T, int LAYOUT, int NT>
 static inline void st(typename T::S* p, typename T::V v) {
     if constexpr (NT != 0)
@@ -252,99 +382,66 @@ static inline void st(typename T::S* p, typename T::V v) {
         T::vst(p, v);
 }
 
-#if RK_VB == 32 && defined(__AVX2__)
-// bfloat16 without AVX-512 (AVX2 only): the generic path widens and rounds 8 lanes at a
-// time with a shift/shuffle-heavy sequence that made bf16 ~2.3x slower than float16 on
-// the same rows. Here 16 bf16 (32 bytes) are split into their even and odd elements with
-// one shift and one AND (a bf16 is the top half of a float32), computed, rounded and
-// re-interleaved with one 16-bit blend: no widening shuffles and no pack/permute. For the
-// half layout cos/sin are split even/odd to match (two shuffles each); the interleaved
-// layout's pairs are already even/odd. Rounding: round-to-nearest-even on the float32
-// bits, u + 0x7FFF + (bit 16 of u), with no NaN test in the loop: every NaN reaching it has
-// zero low 16 bits, so the increment cannot carry and the top half stays that NaN. (x86
-// arithmetic returns either the default NaN 0xFFC00000 or an operand's NaN, quieted; the
-// x operands are widened bf16, low bits zero, and the cos/sin rows are copied per table
-// row with every NaN replaced by 0x7FC00000 — the one place a payload with low bits set
-// could come from.) The same bits as the generic path for every value, NaN -> NaN.
-static inline __m256i bf16_round_hi(__m256 y) {  // the bf16 in the top 16 bits of each lane
-    const __m256i u = _mm256_castps_si256(y);
-    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    return _mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF)));
-}
-// even lanes' bf16 in the low half of each 32-bit lane, odd lanes' in the high half
-static inline __m256i bf16_join(__m256 ye, __m256 yo) {
-    return _mm256_blend_epi16(_mm256_srli_epi32(bf16_round_hi(ye), 16), bf16_round_hi(yo), 0xAA);
-}
-static inline void bf16_split(__m256i v, __m256& e, __m256& o) {
-    e = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-    o = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xFFFF0000u)));
-}
-template <int NT>
-static inline void bf16_store(uint16_t* p, __m256i v) {
-    if constexpr (NT != 0) {  // two 16-byte streaming stores: 16-byte alignment is enough
-        _mm_stream_si128((__m128i*)p, _mm256_castsi256_si128(v));
-        _mm_stream_si128((__m128i*)(p + 8), _mm256_extracti128_si256(v, 1));
-    } else {
-        _mm256_storeu_si256((__m256i*)p, v);
-    }
-}
-// One table row copied for the rows (heads) that share it: the conjugation sign folded into
-// sin, NaN replaced by the canonical 0x7FC00000 (see above), and for the half layout each
-// block of 16 split even/odd to match bf16_split. n: a multiple of 16 (half) or 8.
-enum { BF16_TAB_MAX = 1024 };  // pairs; longer rows take the generic path
-static inline __m256 bf16_tab_clean(__m256 v) {
-    return _mm256_blendv_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-}
+// The paired rows (bfloat16; float16 without F16C): 2·NF half-width values loaded as NF
+// 32-bit lanes and split into even and odd elements (P::split), computed, and re-joined
+// (P::join): the same operations on the same values as the generic row below, so the same
+// bits. For the half layout the cos/sin rows are split even/odd to match once per table row
+// (pair_tables); the interleaved layout's pairs are already even/odd (a = even, b = odd).
+enum { PAIR_TAB_MAX = 1024 };  // pairs; longer rows take the generic path
 template <int LAYOUT>
-static inline void bf16_prep_tables(const float* pc, const float* ps, float sign, i64 n, float* cb, float* sb) {
-    const __m256 sg = _mm256_set1_ps(sign);
-    if (LAYOUT == 1) {
-        for (i64 i = 0; i < n; i += 8) {
-            _mm256_store_ps(cb + i, bf16_tab_clean(_mm256_loadu_ps(pc + i)));
-            _mm256_store_ps(sb + i, bf16_tab_clean(_mm256_loadu_ps(ps + i) * sg));
+static inline void pair_tables(const float* pc, const float* ps, float sign, i64 n, float* cb, float* sb) {
+    for (i64 i = 0; i < n; i += 2 * NF) {
+        vf c0 = vload(pc + i), c1 = vload(pc + i + NF), s0 = vload(ps + i) * sign, s1 = vload(ps + i + NF) * sign;
+        if (LAYOUT == 0) {
+            vf e, o;
+            deint(c0, c1, e, o);
+            c0 = e, c1 = o;
+            deint(s0, s1, e, o);
+            s0 = e, s1 = o;
         }
-        return;
-    }
-    for (i64 i = 0; i < n; i += 16) {
-        const __m256 c0 = bf16_tab_clean(_mm256_loadu_ps(pc + i)), c1 = bf16_tab_clean(_mm256_loadu_ps(pc + i + 8));
-        const __m256 s0 = bf16_tab_clean(_mm256_loadu_ps(ps + i) * sg);
-        const __m256 s1 = bf16_tab_clean(_mm256_loadu_ps(ps + i + 8) * sg);
-        // even (0 2 .. 14) and odd (1 3 .. 15) elements in order: in-lane shuffle, then qwords 0 2 1 3
-        _mm256_store_ps(cb + i, (__m256)_mm256_permute4x64_pd((__m256d)_mm256_shuffle_ps(c0, c1, 0x88), 0xD8));
-        _mm256_store_ps(cb + i + 8, (__m256)_mm256_permute4x64_pd((__m256d)_mm256_shuffle_ps(c0, c1, 0xDD), 0xD8));
-        _mm256_store_ps(sb + i, (__m256)_mm256_permute4x64_pd((__m256d)_mm256_shuffle_ps(s0, s1, 0x88), 0xD8));
-        _mm256_store_ps(sb + i + 8, (__m256)_mm256_permute4x64_pd((__m256d)_mm256_shuffle_ps(s0, s1, 0xDD), 0xD8));
+        memcpy(cb + i, &c0, sizeof c0);
+        memcpy(cb + i + NF, &c1, sizeof c1);
+        memcpy(sb + i, &s0, sizeof s0);
+        memcpy(sb + i + NF, &s1, sizeof s1);
     }
 }
-// Half layout, pairs (i + k, h + i + k) for i < n (a multiple of 16). Tables from bf16_prep_tables.
-template <int NT>
-static inline void row_bf16_avx2_half(const uint16_t* px, uint16_t* po, const float* cb, const float* sb, i64 h,
-                                      i64 n) {
-    for (i64 i = 0; i < n; i += 16) {
-        __m256 ae, ao, be, bo;
-        bf16_split(_mm256_loadu_si256((const __m256i*)(px + i)), ae, ao);
-        bf16_split(_mm256_loadu_si256((const __m256i*)(px + h + i)), be, bo);
-        const __m256 ce = _mm256_load_ps(cb + i), co = _mm256_load_ps(cb + i + 8);
-        const __m256 se = _mm256_load_ps(sb + i), so = _mm256_load_ps(sb + i + 8);
-        bf16_store<NT>(po + i, bf16_join(ae * ce - be * se, ao * co - bo * so));
-        bf16_store<NT>(po + h + i, bf16_join(be * ce + ae * se, bo * co + ao * so));
+// Half layout, pairs (i + k, h + i + k) for i < n (a multiple of 2·NF).
+template <typename P, int NT>
+static inline void row_pair_half(const uint16_t* px, uint16_t* po, const float* cb, const float* sb, i64 h, i64 n) {
+    for (i64 i = 0; i < n; i += 2 * NF) {
+        vf ae, ao, be, bo;
+        const vf ce = vload(cb + i), co = vload(cb + i + NF), se = vload(sb + i), so = vload(sb + i + NF);
+        vu bad = {}, r1, r2;
+        P::split_fast(px + i, ae, ao, bad);
+        P::split_fast(px + h + i, be, bo, bad);
+        r1 = P::join_fast(ae * ce - be * se, ao * co - bo * so, bad);
+        r2 = P::join_fast(be * ce + ae * se, bo * co + ao * so, bad);
+        if (P::FAST && any(bad)) {
+            P::split(px + i, ae, ao);
+            P::split(px + h + i, be, bo);
+            r1 = P::join(ae * ce - be * se, ao * co - bo * so);
+            r2 = P::join(be * ce + ae * se, bo * co + ao * so);
+        }
+        pair_store<NT>(po + i, r1);
+        pair_store<NT>(po + h + i, r2);
     }
 }
-// Interleaved layout, pairs (2(i + k), 2(i + k) + 1) for i < n (a multiple of 8): the
-// pairs are already even/odd (a = even, b = odd). Tables from bf16_prep_tables.
-template <int NT>
-static inline void row_bf16_avx2_il(const uint16_t* px, uint16_t* po, const float* cb, const float* sb, i64 n) {
-    for (i64 i = 0; i < n; i += 8) {
-        __m256 a, b;
-        bf16_split(_mm256_loadu_si256((const __m256i*)(px + 2 * i)), a, b);
-        const __m256 c = _mm256_load_ps(cb + i), s = _mm256_load_ps(sb + i);
-        bf16_store<NT>(po + 2 * i, bf16_join(a * c - b * s, b * c + a * s));
+// Interleaved layout, pairs (2(i + k), 2(i + k) + 1) for i < n (a multiple of NF).
+template <typename P, int NT>
+static inline void row_pair_il(const uint16_t* px, uint16_t* po, const float* cb, const float* sb, i64 n) {
+    for (i64 i = 0; i < n; i += NF) {
+        vf a, b;
+        const vf c = vload(cb + i), s = vload(sb + i);
+        vu bad = {};
+        P::split_fast(px + 2 * i, a, b, bad);
+        vu r = P::join_fast(a * c - b * s, b * c + a * s, bad);
+        if (P::FAST && any(bad)) {
+            P::split(px + 2 * i, a, b);
+            r = P::join(a * c - b * s, b * c + a * s);
+        }
+        pair_store<NT>(po + 2 * i, r);
     }
 }
-#define RK_BF16_AVX2 1
-#else
-#define RK_BF16_AVX2 0
-#endif
 
 template <typename T, int LAYOUT, int NT>
 static inline void row(const typename T::S* px, typename T::S* po, const typename T::C* pc,
@@ -457,12 +554,10 @@ static void run_rows(const Job& j, i64 r0, i64 r1) {
     const bool copy_tail = tail > 0 && (const void*)X != (const void*)O;
 
     Walk w(j.nd, j.size, j.xs, j.os, j.cs, j.ss, j.ps, r0);
-#if RK_BF16_AVX2
-    alignas(32) float cb[IsBF16<T>::value ? BF16_TAB_MAX : 1];
-    alignas(32) float sb[IsBF16<T>::value ? BF16_TAB_MAX : 1];
+    alignas(64) float cb[Paired<T>::value ? PAIR_TAB_MAX : 1];
+    alignas(64) float sb[Paired<T>::value ? PAIR_TAB_MAX : 1];
     const C *lc = nullptr, *ls = nullptr;  // the table row now in cb/sb
-    const i64 hv = h <= BF16_TAB_MAX ? h - h % (LAYOUT == 0 ? 16 : 8) : 0;  // pairs for the fast loop
-#endif
+    const i64 hv = h <= PAIR_TAB_MAX ? h - h % (LAYOUT == 0 ? 2 * NF : NF) : 0;  // pairs for the paired loop
     for (i64 r = r0; r < r1; ++r, w.next()) {
         const C *pc, *ps;
         if (j.gather) {
@@ -473,22 +568,21 @@ static void run_rows(const Job& j, i64 r0, i64 r1) {
             pc = CT + w.c;
             ps = ST + w.s;
         }
-#if RK_BF16_AVX2
-        if constexpr (IsBF16<T>::value) {
+        if constexpr (Paired<T>::value) {
+            typedef typename T::P PP;
             if (hv > 0) {
                 if (pc != lc || ps != ls) {  // a new table row: rows of one token's heads share it
-                    bf16_prep_tables<LAYOUT>(pc, ps, sign, hv, cb, sb);
+                    pair_tables<LAYOUT>(pc, ps, sign, hv, cb, sb);
                     lc = pc;
                     ls = ps;
                 }
                 if (LAYOUT == 0)
-                    row_bf16_avx2_half<NT>(X + w.x, O + w.o, cb, sb, h, hv);
+                    row_pair_half<PP, NT>(X + w.x, O + w.o, cb, sb, h, hv);
                 else
-                    row_bf16_avx2_il<NT>(X + w.x, O + w.o, cb, sb, hv);
+                    row_pair_il<PP, NT>(X + w.x, O + w.o, cb, sb, hv);
             }
             if (hv < h) row<T, LAYOUT, NT>(X + w.x, O + w.o, pc, ps, h, sign, hv);
         } else
-#endif
             row<T, LAYOUT, NT>(X + w.x, O + w.o, pc, ps, h, sign);
         if (copy_tail) memcpy(O + w.o + 2 * h, X + w.x + 2 * h, (size_t)tail * sizeof(S));
     }
@@ -695,99 +789,107 @@ static void norm_fwd_fast_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
         for (int u = 0; u < m; ++u) rs[u] = C(1) / sqrt(rs[u] / dd + eps);
         for (int u = 0; u < m; ++u) norm_fwd_row_fast<T, LAYOUT>(X + xo[u], O + oo[u], CT + co[u], ST + so[u], W, h, d, rs[u]);
         if (R != nullptr)
-            for (int u = 0; u < m; ++u) R[r + u] = rs[u];
+            for (int u = 0; u < m; ++u) R[r + u] = canon1(rs[u]);
     }
 }
 
-#if RK_BF16_AVX2
-// bfloat16 on AVX2 (see row_bf16_avx2_half): rows split into even and odd elements with one
-// shift and one AND, rounded and re-joined with one blend, the weights split once per call
-// and each table row once per token (bf16_prep_tables: NaN made canonical, so the rounding
-// needs no NaN test). The sums of squares keep dot16's lanes: even lane l of a 16-block is
-// element 2l, odd lane l element 2l + 1, interleaved back into 16 partial sums for tree16.
-// The same operations in the same order as the generic path: the same bits (NaN -> NaN).
-static inline float bf16_sumsq16(const uint16_t* px, i64 d) {
-    __m256 ae = _mm256_setzero_ps(), ao = _mm256_setzero_ps();
-    for (i64 i = 0; i < d; i += 16) {
-        __m256 e, o;
-        bf16_split(_mm256_loadu_si256((const __m256i*)(px + i)), e, o);
-        ae = _mm256_add_ps(ae, _mm256_mul_ps(e, e));
-        ao = _mm256_add_ps(ao, _mm256_mul_ps(o, o));
+// The paired types (pair_tables above) on the fast path: rows split into even and odd
+// elements, the weights split once per call and each table row once per token. The sums of
+// squares keep dot16's lanes: even lane l of a 2·NF-block is element 2l, odd lane l element
+// 2l + 1, interleaved back into the 16 partial sums for tree16 (with 16 lanes, NF = 16, a
+// split spans two 16-blocks: sumsq16 instead). The same operations in the same order as the
+// generic path: the same bits.
+template <typename T>
+static inline float pair_sumsq16(const uint16_t* px, i64 d) {
+    if constexpr (NF > 8) {
+        return sumsq16<T>(px, d);
+    } else {
+        typedef typename T::P P;
+        enum { U = 8 / NF };
+        vf ae[U], ao[U];
+        memset(ae, 0, sizeof ae);
+        memset(ao, 0, sizeof ao);
+        for (i64 i = 0; i < d; i += 16)
+            for (int u = 0; u < U; ++u) {
+                vf e, o;
+                P::split(px + i + u * 2 * NF, e, o);
+                ae[u] += e * e;
+                ao[u] += o * o;
+            }
+        vf acc[2 * U];
+        for (int u = 0; u < U; ++u) inter(ae[u], ao[u], acc[2 * u], acc[2 * u + 1]);
+        return tree16<vf, float, NF>(acc);
     }
-    const __m256 lo = _mm256_unpacklo_ps(ae, ao), hi = _mm256_unpackhi_ps(ae, ao);  // (e0 o0 e1 o1 | e4 o4 e5 o5), ...
-    vf acc[2] = {(vf)_mm256_permute2f128_ps(lo, hi, 0x20), (vf)_mm256_permute2f128_ps(lo, hi, 0x31)};  // p0..7, p8..15
-    return tree16<vf, float, 8>(acc);
 }
 
-template <int LAYOUT>
-static void norm_fwd_bf16_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
+template <typename T, int LAYOUT>
+static void norm_fwd_pair_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
+    typedef typename T::P P;
     const uint16_t* X = (const uint16_t*)(intptr_t)j.x;
     uint16_t* O = (uint16_t*)(intptr_t)j.o;
     const float* CT = (const float*)(intptr_t)j.c;
     const float* ST = (const float*)(intptr_t)j.s;
+    const float* W = (const float*)(intptr_t)j.w;
     float* R = (float*)(intptr_t)j.rstd;
     const i64 d = j.d, h = j.half;
     const float eps = (float)j.eps, dd = (float)d;
-    alignas(32) float wb[BF16_TAB_MAX], wb2[BF16_TAB_MAX];  // the weights split even/odd per 16-block
-    alignas(32) float cb[BF16_TAB_MAX], sb[BF16_TAB_MAX];
-    bf16_prep_tables<0>((const float*)(intptr_t)j.w, (const float*)(intptr_t)j.w, 1.0f, d, wb, wb2);
+    alignas(64) float wb[PAIR_TAB_MAX];  // the weights split even/odd per 2·NF-block
+    alignas(64) float cb[PAIR_TAB_MAX], sb[PAIR_TAB_MAX];
+    for (i64 i = 0; i < d; i += 2 * NF) {
+        vf e, o;
+        deint(vload(W + i), vload(W + i + NF), e, o);
+        memcpy(wb + i, &e, sizeof e);
+        memcpy(wb + i + NF, &o, sizeof o);
+    }
     const float *lc = nullptr, *ls = nullptr;
     for (i64 r = r0; r < r1; r += RK_NORM_GROUP) {
         const int m = r1 - r < RK_NORM_GROUP ? (int)(r1 - r) : RK_NORM_GROUP;
         i64 xo[RK_NORM_GROUP], oo[RK_NORM_GROUP], co[RK_NORM_GROUP], so[RK_NORM_GROUP];
         float rs[RK_NORM_GROUP];
         for (int u = 0; u < m; ++u, w.next()) xo[u] = w.x, oo[u] = w.o, co[u] = w.c, so[u] = w.s;
-        for (int u = 0; u < m; ++u) rs[u] = bf16_sumsq16(X + xo[u], d);
+        for (int u = 0; u < m; ++u) rs[u] = pair_sumsq16<T>(X + xo[u], d);
         for (int u = 0; u < m; ++u) rs[u] = 1.0f / sqrtf(rs[u] / dd + eps);
         for (int u = 0; u < m; ++u) {
             const float *pc = CT + co[u], *ps = ST + so[u];
             if (pc != lc || ps != ls) {
-                bf16_prep_tables<LAYOUT>(pc, ps, 1.0f, h, cb, sb);
+                pair_tables<LAYOUT>(pc, ps, 1.0f, h, cb, sb);
                 lc = pc, ls = ps;
             }
             const uint16_t* px = X + xo[u];
             uint16_t* po = O + oo[u];
-            const __m256 rv = _mm256_set1_ps(rs[u]);
-            auto norm = [&](i64 i, __m256& e, __m256& o) {  // elements [i, i + 16), i a multiple of 16
-                bf16_split(_mm256_loadu_si256((const __m256i*)(px + i)), e, o);
-                e = _mm256_mul_ps(_mm256_mul_ps(e, rv), _mm256_load_ps(wb + i));
-                o = _mm256_mul_ps(_mm256_mul_ps(o, rv), _mm256_load_ps(wb + i + 8));
+            const float rv = rs[u];
+            auto norm = [&](i64 i, vf& e, vf& o) {  // elements [i, i + 2·NF)
+                P::split(px + i, e, o);
+                e = (e * rv) * vload(wb + i);
+                o = (o * rv) * vload(wb + i + NF);
             };
             if (LAYOUT == 0) {
-                for (i64 i = 0; i < h; i += 16) {
-                    __m256 ae, ao, be, bo;
+                for (i64 i = 0; i < h; i += 2 * NF) {
+                    vf ae, ao, be, bo;
                     norm(i, ae, ao);
                     norm(h + i, be, bo);
-                    const __m256 ce = _mm256_load_ps(cb + i), cq = _mm256_load_ps(cb + i + 8);
-                    const __m256 se = _mm256_load_ps(sb + i), sq = _mm256_load_ps(sb + i + 8);
-                    const __m256 y1e = _mm256_sub_ps(_mm256_mul_ps(ae, ce), _mm256_mul_ps(be, se));
-                    const __m256 y1o = _mm256_sub_ps(_mm256_mul_ps(ao, cq), _mm256_mul_ps(bo, sq));
-                    const __m256 y2e = _mm256_add_ps(_mm256_mul_ps(be, ce), _mm256_mul_ps(ae, se));
-                    const __m256 y2o = _mm256_add_ps(_mm256_mul_ps(bo, cq), _mm256_mul_ps(ao, sq));
-                    bf16_store<0>(po + i, bf16_join(y1e, y1o));
-                    bf16_store<0>(po + h + i, bf16_join(y2e, y2o));
+                    const vf ce = vload(cb + i), cq = vload(cb + i + NF), se = vload(sb + i), sq = vload(sb + i + NF);
+                    pair_store<0>(po + i, P::join(ae * ce - be * se, ao * cq - bo * sq));
+                    pair_store<0>(po + h + i, P::join(be * ce + ae * se, bo * cq + ao * sq));
                 }
             } else {
-                for (i64 i = 0; i < h; i += 8) {  // elements [2i, 2i + 16): pairs i .. i + 7
-                    __m256 a, b;
+                for (i64 i = 0; i < h; i += NF) {  // elements [2i, 2i + 2·NF): pairs i .. i + NF - 1
+                    vf a, b;
                     norm(2 * i, a, b);
-                    const __m256 c = _mm256_load_ps(cb + i), sn = _mm256_load_ps(sb + i);
-                    const __m256 y1 = _mm256_sub_ps(_mm256_mul_ps(a, c), _mm256_mul_ps(b, sn));
-                    const __m256 y2 = _mm256_add_ps(_mm256_mul_ps(b, c), _mm256_mul_ps(a, sn));
-                    bf16_store<0>(po + 2 * i, bf16_join(y1, y2));
+                    const vf c = vload(cb + i), s = vload(sb + i);
+                    pair_store<0>(po + 2 * i, P::join(a * c - b * s, b * c + a * s));
                 }
             }
-            for (i64 i = 2 * h; i < d; i += 16) {
-                __m256 e, o;
+            for (i64 i = 2 * h; i < d; i += 2 * NF) {
+                vf e, o;
                 norm(i, e, o);
-                bf16_store<0>(po + i, bf16_join(e, o));
+                pair_store<0>(po + i, P::join(e, o));
             }
         }
         if (R != nullptr)
-            for (int u = 0; u < m; ++u) R[r + u] = rs[u];
+            for (int u = 0; u < m; ++u) R[r + u] = canon1(rs[u]);
     }
 }
-#endif
 
 template <typename T, int LAYOUT>
 static void norm_fwd_rows(const NJob& j, i64 r0, i64 r1) {
@@ -803,14 +905,12 @@ static void norm_fwd_rows(const NJob& j, i64 r0, i64 r1) {
     const i64 d = j.d, h = j.half, n = pad16(d);
     const C eps = (C)j.eps, dd = (C)d;
     Walk w(j.nd, j.size, j.xs, j.os, j.cs, j.ss, j.gs, r0);
-#if RK_BF16_AVX2
-    if constexpr (IsBF16<T>::value) {
-        if (d % 16 == 0 && h % (LAYOUT == 0 ? 16 : 8) == 0 && d <= BF16_TAB_MAX) {
-            norm_fwd_bf16_rows<LAYOUT>(j, w, r0, r1);
+    if constexpr (Paired<T>::value) {
+        if (d % 16 == 0 && d % (2 * NF) == 0 && h % (LAYOUT == 0 ? 2 * NF : NF) == 0 && d <= PAIR_TAB_MAX) {
+            norm_fwd_pair_rows<T, LAYOUT>(j, w, r0, r1);
             return;
         }
     }
-#endif
     if (d % 16 == 0 && h % T::N == 0) {
         norm_fwd_fast_rows<T, LAYOUT>(j, w, r0, r1);
         return;
@@ -823,7 +923,7 @@ static void norm_fwd_rows(const NJob& j, i64 r0, i64 r1) {
         for (i64 i = 0; i < d; ++i) b[i] = (b[i] * rstd) * W[i];
         row<Fc, LAYOUT, 0>(b, b, CT + w.c, ST + w.s, h, C(1));
         store_row<T>(O + w.o, b, d);
-        if (R != nullptr) R[r] = rstd;
+        if (R != nullptr) R[r] = canon1(rstd);
     }
 }
 
@@ -899,8 +999,12 @@ static void norm_bwd_blocks(const NJob& j, i64 k0, i64 k1) {
             acc = DW + (r / RK_NORM_BLOCK) * d;
             for (i64 i = 0; i < d; ++i) acc[i] = 0;
         }
+        // a block's weight-gradient sums are final after its last row: NaN made canonical there
+        const bool last = acc != nullptr && ((r + 1) % RK_NORM_BLOCK == 0 || r + 1 == r1);
         if (fast) {
             norm_bwd_row_fast<T, LAYOUT>(G + w.e, X + w.x, O + w.o, CT + w.c, ST + w.s, W, acc, R[r], h, d, gb, xb);
+            if (last)
+                for (i64 i = 0; i < d; ++i) acc[i] = canon1(acc[i]);
             continue;
         }
         load_row<T>(G + w.e, gb, d, n);
@@ -914,6 +1018,8 @@ static void norm_bwd_blocks(const NJob& j, i64 k0, i64 k1) {
         const C cc = dot16(gb, xb, n) / dd;
         for (i64 i = 0; i < d; ++i) gb[i] = rstd * (gb[i] - xb[i] * cc);
         store_row<T>(O + w.o, gb, d);
+        if (last)
+            for (i64 i = 0; i < d; ++i) acc[i] = canon1(acc[i]);
     }
 }
 

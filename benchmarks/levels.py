@@ -1,0 +1,128 @@
+"""Every instruction-set level of the compiled CPU operators, one table.
+
+Runs this script's measurement in a fresh process per level this CPU supports
+(``ROPEKIT_CPU_CAPABILITY`` forces it: default, avx2, avx512), and prints one markdown table:
+level x dtype x op, µs (median of ``torch.utils.benchmark.Timer.blocked_autorange``) and the ratio
+to ``copy_`` of the same bytes measured in the same process. Rows are appended to
+``benchmarks/results/levels.csv`` (run, level, device, CPU, threads, versions, git revision, shape,
+dtype, op, median_us, ratio_to_copy).
+
+Ops: rotary in place (q only), ``out=``, fresh output; the position gather (``rotary_gather_``,
+q and k in place); fused qk-norm + RoPE in place (forward) and its backward; ``copy_`` of q (and of
+q and k for the q+k ops) is the reference. Shapes: ``cache`` = q [512, 32, 128] (k [512, 8, 128]),
+``prefill`` = b=4, s=2048, q 32 heads, k 8, d=128.
+
+Run: ``python benchmarks/levels.py`` (all levels, both shapes, float32/bfloat16/float16);
+``--shapes cache`` for the cache-resident shape only; ``--levels avx2,avx512``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+from _env import append_rows, cpu_model, git_rev, version  # noqa: E402
+
+CSV_PATH = ROOT / "results" / "levels.csv"
+FIELDS = ["run", "level", "device", "cpu", "threads", "torch", "git_rev", "shape", "dtype", "op", "median_us",
+          "ratio_to_copy"]
+ORDER = ["default", "avx2", "avx512"]
+
+
+def timeit_us(fn, min_run_time: float = 0.3) -> float:
+    """Median µs per call of ``fn`` (``torch.utils.benchmark.Timer.blocked_autorange``)."""
+    from torch.utils import benchmark
+
+    fn()
+    m = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    return m.median * 1e6
+
+
+def measure(shapes):
+    """Rows of one process (the level it runs at), as dicts."""
+    import torch
+
+    import ropekit.ops  # noqa: F401  (registers torch.ops.ropekit)
+    from ropekit import RopeConfig, cos_sin
+
+    R = torch.ops.ropekit
+    rows = []
+    dims = {"cache": (1, 512), "prefill": (4, 2048)}
+    for shape in shapes:
+        b, s = dims[shape]
+        c, sn = cos_sin(RopeConfig(128), torch.arange(s))  # [s, 64] float32
+        c4, s4 = c[:, None], sn[:, None]  # [s, 1, 64]
+        pos = torch.arange(s).expand(b, s).contiguous()
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            g = torch.Generator().manual_seed(0)
+            q = torch.randn(b, s, 32, 128, generator=g).to(dt).squeeze(0)
+            k = torch.randn(b, s, 8, 128, generator=g).to(dt).squeeze(0)
+            qo, ko = torch.empty_like(q), torch.empty_like(k)
+            w = torch.ones(128)
+            gq, gk = torch.randn(q.shape, generator=g).to(dt), torch.randn(k.shape, generator=g).to(dt)
+            fwd = R.qk_norm_rotary_fwd(q, k, w, w, c4, s4, 1e-6, 0.0, "half")
+            rq, rk = fwd[2], fwd[3]
+            qb, kb = (q, k) if q.dim() == 4 else (q[None], k[None])
+            t = {
+                "copy_ q": timeit_us(lambda: qo.copy_(q)),
+                "copy_ q+k": timeit_us(lambda: (qo.copy_(q), ko.copy_(k))),
+                "rotary in place": timeit_us(lambda: R.rotary_(q, c4, s4, "half", False)),
+                "rotary out=": timeit_us(lambda: R.rotary_out(q, c4, s4, "half", False, out=qo)),
+                "rotary fresh": timeit_us(lambda: R.rotary(q, c4, s4, "half", False)),
+                "gather q+k in place": timeit_us(lambda: R.rotary_gather_(qb, kb, c, sn, pos, "bshd", "half", False)),
+                "qk-norm fwd in place": timeit_us(lambda: R.qk_norm_rotary_(q, k, w, w, c4, s4, 1e-6, 0.0, "half")),
+                "qk-norm bwd": timeit_us(lambda: R.qk_norm_rotary_bwd(gq, gk, q, k, w, w, rq, rk, c4, s4, 0.0, "half")),
+            }
+            for op, us in t.items():
+                ref = t["copy_ q+k"] if ("q+k" in op or "qk-norm" in op) else t["copy_ q"]
+                rows.append({"shape": shape, "dtype": str(dt).replace("torch.", ""), "op": op, "median_us": round(us, 1),
+                             "ratio_to_copy": round(us / ref, 2)})
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default="cache,prefill")
+    ap.add_argument("--levels", default=None, help="comma-separated; default: every level this CPU supports")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    shapes = a.shapes.split(",")
+    if a.child:
+        print(json.dumps(measure(shapes)))
+        return
+    import torch
+
+    from ropekit import ops
+
+    best = ops.capability()
+    levels = a.levels.split(",") if a.levels else ORDER[: ORDER.index(best) + 1] if best in ORDER else [best]
+    run = _dt.datetime.now().isoformat(timespec="seconds")
+    env_cols = {"run": run, "device": "cpu", "cpu": cpu_model(), "threads": torch.get_num_threads(),
+                "torch": version("torch"), "git_rev": git_rev("levels.py")}
+    table = {}
+    for lv in levels:
+        env = dict(os.environ, ROPEKIT_CPU_CAPABILITY=lv)
+        out = subprocess.run([sys.executable, __file__, "--child", "--shapes", a.shapes], env=env, capture_output=True,
+                             text=True, check=True)
+        rows = json.loads(out.stdout.strip().splitlines()[-1])
+        append_rows([dict(env_cols, level=lv, **r) for r in rows], CSV_PATH, FIELDS)
+        for r in rows:
+            table.setdefault((r["shape"], r["dtype"], r["op"]), {})[lv] = (r["median_us"], r["ratio_to_copy"])
+    print(f"{env_cols['cpu']}, {env_cols['threads']} threads, torch {env_cols['torch']}, {env_cols['git_rev']}; "
+          "µs (ratio to copy_ of the same bytes, same process)\n")
+    print("| shape | dtype | op | " + " | ".join(levels) + " |")
+    print("|---|---|---|" + "---|" * len(levels))
+    for (shape, dtype, op), v in table.items():
+        cells = [f"{v[lv][0]:.0f} ({v[lv][1]:.2f})" if lv in v else "-" for lv in levels]
+        print(f"| {shape} | {dtype} | {op} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

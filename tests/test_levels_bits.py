@@ -1,0 +1,154 @@
+"""Every instruction-set level gives the same bits, NaN included (docs/numerics.md, "NaN").
+
+One probe script runs in a fresh process per level this CPU supports (``ROPEKIT_CPU_CAPABILITY``
+forces it) and hashes every output of the compiled operators, case by case: rotary (fresh, in
+place, ``out=``), rotary_qk, rotary_gather and qk_norm_rotary, forward and backward, over
+float32/bfloat16/float16/float64, both layouts, full and partial rotary, odd shapes, with NaN
+(both signs, with payloads), ±inf and -0 planted in x, in the cos/sin tables and in the norm
+weights. The digests of every level must equal those of the default (portable) level. In
+process, every NaN an operator computed must be the canonical quiet NaN.
+
+Not timed: the probe only compares bits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from ropekit import ops
+
+pytestmark = pytest.mark.skipif(not ops.LOADED, reason=f"operators not built: {ops.REASON}")
+
+_PROBE = textwrap.dedent(
+    r"""
+    import hashlib, json, struct
+    import torch
+    from ropekit import ops as _ops  # registers torch.ops.ropekit
+    R = torch.ops.ropekit
+
+    BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+    # NaNs of both signs with payloads (quiet and signalling), per dtype, as raw bits
+    NANS = {
+        torch.float32: [0x7FC00000, 0xFFC00000, 0x7FA00001, 0xFF800123, 0x7FC0ABCD],
+        torch.float64: [0x7FF8000000000000, 0xFFF8000000000000, 0x7FF4000000000001, 0xFFF0000000000123],
+        torch.bfloat16: [0x7FC0, 0xFFC0, 0x7FA1, 0xFF81, 0x7FC5],
+        torch.float16: [0x7E00, 0xFE00, 0x7D01, 0xFC05, 0x7E33],
+    }
+
+    def plant(t, g):
+        # NaNs with payloads, +-inf, -0, and for the half types values that round to subnormals
+        t = t.clone()
+        flat = t.view(-1)
+        n = flat.numel()
+        bits = flat.view(BITS[t.dtype])
+        for i, b in enumerate(NANS[t.dtype]):
+            idx = torch.randint(0, n, (max(1, n // 97),), generator=g)
+            v = b - (1 << (8 * t.element_size())) if b >= 1 << (8 * t.element_size() - 1) else b
+            bits[idx] = v
+        for val in (float("inf"), float("-inf"), -0.0, 0.0, 1e-30, -3e-8):
+            idx = torch.randint(0, n, (max(1, n // 211),), generator=g)
+            flat[idx] = val
+        return t
+
+    def digest(ts):
+        h = hashlib.sha256()
+        for t in ts:
+            h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def nan_ok(ts):
+        # every NaN in a computed output is the canonical quiet NaN
+        canon = {torch.float32: 0x7FC00000, torch.float64: 0x7FF8000000000000, torch.bfloat16: 0x7FC0, torch.float16: 0x7E00}
+        for t in ts:
+            t = t.detach()
+            m = torch.isnan(t)
+            if m.any():
+                b = t.contiguous().view(BITS[t.dtype])[m.contiguous()]
+                c = canon[t.dtype]
+                c = c - (1 << (8 * t.element_size())) if c >= 1 << (8 * t.element_size() - 1) else c
+                if not bool((b == c).all()):
+                    return False
+        return True
+
+    res, bad = {}, []
+    g = torch.Generator().manual_seed(0)
+    for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        ct = torch.float64 if dt is torch.float64 else torch.float32
+        for layout in ("half", "interleaved"):
+            for (b, s, hq, hk, d, r) in ((2, 5, 4, 2, 128, 128), (1, 3, 3, 1, 72, 56), (2, 1, 2, 3, 80, 40), (1, 4, 5, 2, 64, 24)):
+                key = f"{str(dt)[6:]}/{layout}/b{b}s{s}h{hq}-{hk}d{d}r{r}"
+                q = plant(torch.randn(b, s, hq, d, generator=g).to(dt), g)
+                k = plant(torch.randn(b, s, hk, d, generator=g).to(dt), g)
+                c = plant(torch.randn(s, 1, r // 2, generator=g).to(ct), g)
+                sn = plant(torch.randn(s, 1, r // 2, generator=g).to(ct), g)
+                outs = {}
+                outs["rotary"] = [R.rotary(q, c, sn, layout, False), R.rotary(q, c, sn, layout, True)]
+                x = q.clone(); R.rotary_(x, c, sn, layout, False); outs["rotary_"] = [x]
+                o = torch.empty_like(q); R.rotary_out(q, c, sn, layout, False, out=o); outs["rotary_out"] = [o]
+                outs["rotary_qk"] = list(R.rotary_qk(q, k, c, sn, layout, False))
+                qq, kk = q.clone(), k.clone(); R.rotary_qk_(qq, kk, c, sn, layout, True); outs["rotary_qk_"] = [qq, kk]
+                tc = plant(torch.randn(11, r // 2, generator=g).to(ct), g)
+                ts = plant(torch.randn(11, r // 2, generator=g).to(ct), g)
+                pos = torch.randint(0, 11, (b, s), generator=g)
+                outs["rotary_gather"] = list(R.rotary_gather(q, k, tc, ts, pos, "bshd", layout, False))
+                qq, kk = q.clone(), k.clone(); R.rotary_gather_(qq, kk, tc, ts, pos, "bshd", layout, True); outs["rotary_gather_"] = [qq, kk]
+                if r == d or dt is not torch.float64:
+                    wq = plant(torch.randn(d, generator=g).to(ct), g)
+                    wk = plant(torch.randn(d, generator=g).to(ct), g)
+                    cf, sf = torch.randn(s, 1, r // 2, generator=g).to(ct), torch.randn(s, 1, r // 2, generator=g).to(ct)
+                    for name, (cc, ss) in (("tables", (c, sn)), ("clean_tables", (cf, sf))):
+                        qo, ko, rq, rk = R.qk_norm_rotary_fwd(q, k, wq, wk, cc, ss, 1e-6, 1.0, layout)
+                        gq, gk = plant(torch.randn(qo.shape, generator=g).to(dt), g), plant(torch.randn(ko.shape, generator=g).to(dt), g)
+                        grads = list(R.qk_norm_rotary_bwd(gq, gk, q, k, wq, wk, rq, rk, cc, ss, 1.0, layout))
+                        qi, ki = q.clone(), k.clone(); R.qk_norm_rotary_(qi, ki, wq, wk, cc, ss, 1e-6, 0.0, layout)
+                        outs["qk_norm_fwd/" + name] = [qo, ko, rq, rk, qi, ki]
+                        outs["qk_norm_bwd/" + name] = grads
+                for op, ts_ in outs.items():
+                    res[key + "/" + op] = digest(ts_)
+                    # partial rotary out of place copies the tail: those bits are kept, not computed
+                    computed = [t[..., :r] if t.dim() == 4 and t.shape[-1] == d and not op.startswith("qk_norm") else t for t in ts_]
+                    if not nan_ok(computed):
+                        bad.append(key + "/" + op)
+    print(json.dumps({"capability": R.cpu_capability(), "digests": res, "noncanonical": bad}))
+    """
+)
+
+
+def _levels():
+    order = ["default", "avx2", "avx512"]
+    best = ops.capability()
+    return order[: order.index(best) + 1] if best in order else [best]
+
+
+def _run(level):
+    env = dict(os.environ, ROPEKIT_CPU_CAPABILITY=level)
+    r = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def portable():
+    return _run("default")
+
+
+def test_the_portable_level_stores_only_canonical_nans(portable):
+    assert portable["capability"] == "default"
+    assert portable["noncanonical"] == []
+    assert len(portable["digests"]) > 300
+
+
+@pytest.mark.parametrize("level", [lv for lv in _levels() if lv != "default"])
+def test_every_level_gives_the_bits_of_the_portable_level(level, portable):
+    res = _run(level)
+    assert res["capability"] == level
+    assert res["noncanonical"] == []
+    differ = sorted(k for k, v in res["digests"].items() if portable["digests"].get(k) != v)
+    assert differ == [], f"{level} differs from default in {len(differ)} cases, e.g. {differ[:8]}"

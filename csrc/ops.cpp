@@ -419,7 +419,10 @@ GatherCall validate_gather(const Tensor& q, const Tensor& k, const Tensor& ct, c
     }
     RK_CHECK(ct.sym_sizes() == st.sym_sizes() && ct.sym_size(1) >= 1 && ct.sym_size(1) * 2 <= q.sym_size(-1),
              "cos_table and sin_table of one shape [n, r/2] with 1 <= r/2 <= d/2 = ", q.sym_size(-1) / 2, ", got ",
-             shape_str(ct), " and ", shape_str(st), ". Fix: build them with ropekit.cos_sin(cfg, torch.arange(n))");
+             shape_str(ct), " and ", shape_str(st), ". Fix: ",
+             ct.sym_size(1) == q.sym_size(-1) ? "these look like full-width tables (transformers' form): convert with "
+                                                "ropekit.from_full_width(cos, layout)"
+                                              : "build them with ropekit.cos_sin(cfg, torch.arange(n))");
     RK_CHECK(pos.defined() && at::isIntegralType(pos.scalar_type(), /*includeBool=*/false),
              "positions an integer tensor, got ", pos.defined() ? dt_str(pos.scalar_type()) : std::string("None"),
              ". Fix: pass int64 positions");

@@ -11,6 +11,10 @@ import ropekit
 SRC = Path(ropekit.__file__).parent
 
 
+# compiled extension modules of the package (ropekit._C: C++, no Python imports of its own)
+_EXTENSIONS = {"ropekit." + p.name.split(".")[0] for p in SRC.glob("*.so")} | {"ropekit._C"}
+
+
 def _module_name(path: Path) -> str:
     rel = path.relative_to(SRC.parent).with_suffix("")
     parts = list(rel.parts)
@@ -43,6 +47,8 @@ def _imports(path: Path, name: str, modules) -> set:
             if not mod.startswith("ropekit"):
                 continue
             for a in node.names:  # "from . import backends": the submodule, not the package
+                if f"{mod}.{a.name}" in _EXTENSIONS:
+                    continue  # a compiled extension (ropekit._C): imports nothing of ropekit
                 out.add(f"{mod}.{a.name}" if f"{mod}.{a.name}" in modules else mod)
     return out
 

@@ -4,10 +4,11 @@ and compiles. They are the oracles of the kernels and the fallback for devices r
 no kernel for.
 
 Inputs are validated by the op's one validator (:func:`ropekit.ops.check`, the rules of the
-compiled operators) before anything runs. Without autograd (no input requires grad), a
-backend's ``rotate`` primitive writes straight into the destination (in place or ``out=``);
-with autograd or while tracing, its ``functional`` form (a new tensor, differentiable) is
-used and copied into the destination, so torch records the in-place write itself.
+compiled operators) before anything runs. A backend's ``functional`` form (a new tensor,
+differentiable) computes every result, with or without autograd (so both give the same
+bits), and is copied into the destination for ``inplace=True`` / ``out=``: torch records
+the in-place write itself. A plugin with only a ``rotate`` primitive writes into the
+destination directly when nothing needs a gradient.
 
 A plugin backend that has only the ``rotate`` primitive runs as one opaque custom op
 (``ropekit::generic_rotate``) whose backward is the same op conjugated: the one autograd
@@ -112,7 +113,7 @@ def _into(be: ModuleType, x, cos, sin, layout, conjugate, dst) -> torch.Tensor:
         raise fail("inplace=True on a tensor autograd may modify", "a leaf tensor that requires grad",
                    "use inplace=False, or apply to a non-leaf (e.g. the output of the projection)")
     if torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad or dst.requires_grad) \
-            or tracing() or be.DIFFERENTIABLE:
+            or tracing() or be.DIFFERENTIABLE or hasattr(be, "functional"):
         # in place: the formula reads a copy, so no node saves a tensor the write changes
         src = x.clone() if dst is x and x.requires_grad and torch.is_grad_enabled() else x
         return dst.copy_(rotated(be, src, cos, sin, layout, conjugate))
@@ -135,7 +136,8 @@ def apply(be: ModuleType, x, cos, sin, layout: str, conjugate: bool, inplace: bo
     _ops.check("rotary", x, cos, sin, layout, conjugate)
     if x.numel() == 0:
         return x.clone()
-    if torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad) or tracing():
+    if torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad) or tracing() \
+            or be.DIFFERENTIABLE or hasattr(be, "functional"):
         return rotated(be, x, cos, sin, layout, conjugate)
     with torch.no_grad():
         return be.rotate(x, cos, sin, layout, conjugate, torch.empty_like(x))

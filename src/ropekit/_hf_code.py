@@ -432,14 +432,19 @@ def layer_types_of(config: Any) -> List[Optional[str]]:
 
 
 def module_tables(
-    rot: torch.nn.Module, S: int = 7, layer_type: Optional[str] = None, config: Any = None
+    rot: torch.nn.Module,
+    S: int = 7,
+    layer_type: Optional[str] = None,
+    config: Any = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Tuple[Any, Any]:
     """``(cos, sin)`` of a rotary module for positions ``0..S-1`` (batch 1), in the order
     the attention unpacks them (GPT-J returns ``(sin, cos)``: swapped back here), or
     ``(freqs_cis, None)`` for complex tables. Multi-axis modules (M-RoPE) get the same
-    position on every axis, as for text."""
+    position on every axis, as for text. ``dtype``: of the activations the module is called
+    with (transformers' modules return their tables in it)."""
     params = inspect.signature(rot.forward).parameters
-    x = torch.zeros(1, dtype=torch.float32)
+    x = torch.zeros(1, dtype=dtype)
     kw = {}
     if "layer_type" in params:
         if layer_type is None:

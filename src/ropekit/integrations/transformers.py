@@ -36,9 +36,9 @@ Precision:
   grows with the position (see ``docs/transformers.md`` for the measured errors at 2^17 and
   2^20 positions).
 
-transformers versions: the code was tested with :data:`TESTED_VERSIONS`. A transformers
-major version other than 5 is rejected with a :class:`~ropekit.RopeError` (4.x modeling
-code and configs differ); a 5.x version outside the tested range patches but warns once
+transformers versions: the code was tested with :data:`TESTED_VERSIONS`. A version outside
+:data:`SUPPORTED` (``>= 4.57, < 6``) is rejected with a :class:`~ropekit.RopeError` naming the
+range; a supported version outside the tested ones patches but warns once
 (:class:`UntestedVersionWarning`), because the patch depends on function and class names
 inside transformers' modeling files. ``patch`` measures and proves every function it
 replaces, so changed modeling code is an error, not a silent wrong answer.
@@ -80,6 +80,7 @@ __all__ = [
     "supported_model_types",
     "TABLE_MODES",
     "TESTED_VERSIONS",
+    "SUPPORTED",
     "UntestedVersionWarning",
     "check_transformers_version",
 ]
@@ -87,12 +88,14 @@ __all__ = [
 #: ``tables=`` values of :func:`patch`.
 TABLE_MODES = ("exact", "transformers")
 #: transformers versions the integration tests ran against (``major.minor``).
-TESTED_VERSIONS = ("5.23", "5.24")
-_SUPPORTED_MAJOR = 5
+TESTED_VERSIONS = ("4.57", "5.23", "5.24", "5.25")
+#: ``[lowest, first unsupported)`` transformers ``(major, minor)``: 4.57 is the last 4.x line
+#: (its modeling code already has the 5.x structure ropekit reads); 6 does not exist yet.
+SUPPORTED = ((4, 57), (6, 0))
 
 
 class UntestedVersionWarning(UserWarning):
-    """transformers is a 5.x release outside :data:`TESTED_VERSIONS`."""
+    """transformers is a supported release (:data:`SUPPORTED`) outside :data:`TESTED_VERSIONS`."""
 
 
 # --------------------------------------------------------------------------- drop-in apply
@@ -720,11 +723,20 @@ def _prove_exact_tables(
 _version_warned = False
 
 
-def check_transformers_version(version: Optional[str] = None) -> str:
-    """Check the installed (or given) transformers version; return it.
+def _version_tuple(version: str) -> Tuple[int, int]:
+    parts = str(version).split(".")
+    try:
+        return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or -1)
+    except (ValueError, IndexError):
+        return (-1, -1)
 
-    Major version other than 5: :class:`~ropekit.RopeError`. A 5.x outside
-    :data:`TESTED_VERSIONS`: one :class:`UntestedVersionWarning` per process.
+
+def check_transformers_version(version: Optional[str] = None) -> str:
+    """Check the installed (or given) transformers version against :data:`SUPPORTED`; return it.
+
+    Outside ``>= 4.57, < 6``: :class:`~ropekit.RopeError` naming the range. Inside it but not
+    one of :data:`TESTED_VERSIONS`: one :class:`UntestedVersionWarning` per process (every
+    replacement is still measured and proven, so changed code is refused, not patched wrongly).
 
     Example:
         >>> check_transformers_version("5.23.0")
@@ -732,31 +744,28 @@ def check_transformers_version(version: Optional[str] = None) -> str:
         >>> check_transformers_version("4.46.0")
         Traceback (most recent call last):
         ...
-        ropekit._errors.RopeError: expected transformers 5.x ...
+        ropekit._errors.RopeError: expected transformers >= 4.57, < 6 ...
     """
     global _version_warned
     if version is None:
         import transformers
 
         version = transformers.__version__
-    parts = str(version).split(".")
-    try:
-        major = int(parts[0])
-    except ValueError:
-        major = -1
-    if major != _SUPPORTED_MAJOR:
+    v = _version_tuple(version)
+    lo, hi = SUPPORTED
+    if not (lo <= v < hi):
         raise fail(
-            f"transformers {_SUPPORTED_MAJOR}.x (tested: {', '.join(TESTED_VERSIONS)})",
+            f"transformers >= {lo[0]}.{lo[1]}, < {hi[0]} (tested: {', '.join(TESTED_VERSIONS)})",
             f"transformers {version}",
-            f'install a tested release, e.g. pip install "transformers=={TESTED_VERSIONS[-1]}.*"',
+            f'install a supported release, e.g. pip install "transformers=={TESTED_VERSIONS[-1]}.*"',
         )
-    minor = ".".join(parts[:2])
+    minor = f"{v[0]}.{v[1]}"
     if minor not in TESTED_VERSIONS and not _version_warned:
         _version_warned = True
         warnings.warn(
             f"ropekit's transformers integration was tested with transformers {', '.join(TESTED_VERSIONS)}; "
             f"found {version}. patch() checks the functions it replaces, but run your own parity check "
-            "(logits patched vs unpatched) before trusting it.",
+            "(logits patched vs unpatched) or `ropekit hf-sweep` before trusting it.",
             UntestedVersionWarning,
             stacklevel=3,
         )

@@ -74,6 +74,8 @@ class Row:
         patch_detail: why the patch was refused / differs / was not run.
         exact: ``patch(model, tables="exact")``: ``"proven, logits within X"`` or
             ``"refused: why"``; empty when not run.
+        bf16: ``patch(model)`` with default arguments on the model cast to bfloat16:
+            ``"proven"`` (and ran) or ``"refused: why"``; empty when not run.
         seconds: time spent on this row.
         rounding: ``config`` is exact in pairing, direction, width and slice, but the
             model's own tables differ from :func:`ropekit.hf.transformers_cos_sin` by float32
@@ -93,6 +95,7 @@ class Row:
     rounding: bool = False
     patch_detail: str = ""
     exact: str = ""
+    bf16: str = ""
 
     def as_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -673,6 +676,7 @@ def check(model_type: str, family: str = "", *, models: bool = True, generate: b
             row.exact = f"proven, logits within {gap:.1e}"
         except Exception as e:
             row.exact = "refused: " + str(e).split(", got ", 1)[-1].split(". Fix:")[0][:120]
+        row.bf16 = _bf16_default(rt, model, ids)
         ok = row.logits and restored and row.generate is not False
         row.patch = "proven" if ok else "wrong"
         if not ok:
@@ -687,6 +691,24 @@ def check(model_type: str, family: str = "", *, models: bool = True, generate: b
         row.patch_detail = f"patched run failed: {type(e).__name__}: {str(e)[:150]}"
     row.seconds = time.perf_counter() - t0
     return row
+
+
+def _bf16_default(rt: Any, model: torch.nn.Module, ids: torch.Tensor) -> str:
+    """``patch(model)`` with default arguments on the model cast to bfloat16 (then cast back)."""
+    model.to(torch.bfloat16)
+    try:
+        rt.patch(model)
+    except Exception as e:
+        model.float()
+        return "refused: " + str(e).split(", got ", 1)[-1].split(". Fix:")[0][:120]
+    try:
+        out = _run(model, ids)
+        return "proven" if bool(torch.isfinite(out).all()) else "proven, non-finite logits"
+    except Exception as e:
+        return f"proven, run failed: {type(e).__name__}: {str(e)[:80]}"
+    finally:
+        rt.unpatch(model)
+        model.float()
 
 
 def sweep(
@@ -750,6 +772,9 @@ def summary(rows: List[Row]) -> Dict[str, Any]:
         "exact_tables_proven_model_types": sum(r.exact.startswith("proven") for r in rows),
         "exact_tables_proven_families": fam_count(lambda r: r.exact.startswith("proven")),
         "exact_tables_refused_model_types": sum(r.exact.startswith("refused") for r in rows),
+        "bf16_default_proven_model_types": sum(r.bf16 == "proven" for r in rows),
+        "bf16_default_proven_families": fam_count(lambda r: r.bf16 == "proven"),
+        "bf16_default_refused_model_types": sum(r.bf16.startswith("refused") for r in rows),
         "patch_wrong_model_types": sum(r.patch == "wrong" for r in rows),
         "not_built_model_types": sum(r.patch == "not built" for r in rows),
     }
@@ -770,15 +795,15 @@ def format_table(rows: List[Row]) -> str:
     logits, generation, the difference or reason)."""
     head = (
         "| model_type | family | config | path = object | patch | logits | generate | "
-        'tables="exact" | difference / reason |'
+        'tables="exact" | bf16 patch(model) | difference / reason |'
     )
-    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r.family, r.model_type)):
         cfg = r.config + (f" ({r.checked})" if r.checked and r.config == "exact" else "") + (" ≈" if r.rounding else "")
         lines.append(
             "| " + " | ".join(
                 _cell(x) for x in (r.model_type, r.family, cfg, r.path_equal, r.patch, r.logits, r.generate,
-                                   r.exact or None, "; ".join(t for t in (r.detail[:160], r.patch_detail[:160]) if t))
+                                   r.exact or None, r.bf16 or None, "; ".join(t for t in (r.detail[:160], r.patch_detail[:160]) if t))
             ) + " |"
         )  # fmt: skip
     return "\n".join(lines)

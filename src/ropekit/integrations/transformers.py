@@ -56,6 +56,7 @@ import inspect
 import math
 import sys
 import threading
+import types
 import warnings
 import weakref
 from types import ModuleType
@@ -779,6 +780,9 @@ _ACTIVE: contextvars.ContextVar[Optional[Dict[Tuple[str, str], Callable]]] = con
     "ropekit_hf_active", default=None
 )
 _LOCK = threading.RLock()
+# The same while torch.compile traces a patched attention (dynamo traces list appends, not
+# ContextVar.set); the compiled graph has the replacement inlined, so nothing reads it at run time.
+_TRACING: List[Dict[Tuple[str, str], Callable]] = []
 
 
 @dataclasses.dataclass
@@ -798,7 +802,10 @@ def _make_dispatcher(module: ModuleType, name: str, original: Callable) -> Calla
 
     @functools.wraps(original)
     def dispatch(*args, **kwargs):
-        plans = _ACTIVE.get()
+        if torch.compiler.is_compiling():
+            plans = _TRACING[-1] if _TRACING else None
+        else:
+            plans = _ACTIVE.get()
         if plans is not None:
             rep = plans.get(key)
             if rep is not None:
@@ -1021,10 +1028,47 @@ class _State:
 _STATES: "weakref.WeakKeyDictionary[torch.nn.Module, _State]" = weakref.WeakKeyDictionary()
 
 
+def _unpatched_forward(mod: torch.nn.Module, prev: Any) -> Any:
+    """What a copy of a patched module gets as ``forward``: the one it had before the patch."""
+    return prev if prev is not None else types.MethodType(type(mod).forward, mod)
+
+
+def _drop_copied_forwards(model: torch.nn.Module) -> None:
+    """Remove the instance ``forward`` a copy of a patched model carries (the class's own
+    forward bound to the module, see :class:`_Forward`): it only shadows the class."""
+    for m in model.modules():
+        f = m.__dict__.get("forward")
+        if isinstance(f, types.MethodType) and f.__self__ is m and f.__func__ is getattr(type(m), "forward", None):
+            del m.__dict__["forward"]
+
+
+class _Forward:
+    """A patched module's instance ``forward``: calls ``fn``.
+
+    Copies of the module (``copy.deepcopy``, ``pickle``, ``torch.save``) get the forward the
+    module had before :func:`patch` instead (``fn`` closes over this module's weights and
+    the model's plans, which a copy must not share): a copy of a patched model is an
+    unpatched model with its own weights; ``patch(copy)`` patches it again.
+    """
+
+    __slots__ = ("module", "fn", "prev", "__wrapped__")
+
+    def __init__(self, module: torch.nn.Module, fn: Callable, prev: Any) -> None:
+        self.module, self.fn, self.prev, self.__wrapped__ = module, fn, prev, fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return _unpatched_forward, (self.module, self.prev)
+
+
 def _set_forward(mod: torch.nn.Module, fn: Callable, forwards: list) -> None:
     had = "forward" in mod.__dict__
-    forwards.append((mod, "forward", had, mod.__dict__.get("forward"), fn))
-    mod.forward = fn  # instance attribute: shadows the class's forward for this instance only
+    prev = mod.__dict__.get("forward")
+    ours = _Forward(mod, fn, prev)
+    forwards.append((mod, "forward", had, prev, ours))
+    mod.forward = ours  # instance attribute: shadows the class's forward for this instance only
 
 
 def _wrap_attention(
@@ -1038,6 +1082,12 @@ def _wrap_attention(
 
         @functools.wraps(inner)
         def forward(*args, **kwargs):
+            if torch.compiler.is_compiling():  # dynamo cannot trace ContextVar.set: a plain stack
+                _TRACING.append(plans)
+                try:
+                    return inner(*args, **kwargs)
+                finally:
+                    _TRACING.pop()
             token = _ACTIVE.set(plans)
             try:
                 return inner(*args, **kwargs)
@@ -1186,6 +1236,7 @@ def patch(model: torch.nn.Module, *, tables: str = "exact", fuse_qk_norm: bool =
                 f"a model already patched (tables={_STATES[model].report.tables!r})",
                 "call unpatch(model) first",
             )
+        _drop_copied_forwards(model)
         named = list(model.named_modules())
         callers = [(n, m, _rope_calls(m)) for n, m in named]
         callers = [(n, m, c) for n, m, c in callers if c]

@@ -1051,13 +1051,13 @@ class _Forward:
     unpatched model with its own weights; ``patch(copy)`` patches it again.
     """
 
-    __slots__ = ("module", "fn", "prev", "__wrapped__")
-
     def __init__(self, module: torch.nn.Module, fn: Callable, prev: Any) -> None:
+        self.__dict__.update(getattr(fn, "__dict__", {}))  # the function's markers (_ropekit_deferred, ...)
         self.module, self.fn, self.prev, self.__wrapped__ = module, fn, prev, fn
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
+
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         return _unpatched_forward, (self.module, self.prev)

@@ -351,3 +351,35 @@ def test_dynamic_ntk_module_below_and_above(n):
     pos = torch.arange(n)[None]
     check_module(cfg, LlamaRotaryEmbedding(hf), pos)
     assert (cfg.table_key(n) is None) == (n <= 128)
+
+
+# ----------------------------------------------------------------------------- no silent mismatch
+def test_from_hf_never_mutates_its_input():
+    """transformers' config classes standardise rope_scaling in place; from_hf works on a copy,
+    so a later call with a changed rope_theta reads the new value."""
+    import copy
+
+    pytest.importorskip("transformers")
+    d = data("llama-3.1-8b-instruct.json")
+    before = copy.deepcopy(d)
+    first = rope_config_from_hf(d)
+    assert d == before
+    d["rope_theta"] = 1000.0
+    assert rope_config_from_hf(d).base == 1000.0 != first.base
+
+
+def test_model_type_running_another_familys_code():
+    """sarvam_mla has no modeling module of its own: transformers runs DeepSeek-V3's code, which
+    pairs (2i, 2i+1) when rope_interleave is set (its default). Read from that code."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if "sarvam_mla" not in CONFIG_MAPPING_NAMES:
+        pytest.skip("this transformers has no sarvam_mla")
+    from ropekit.integrations.hf_sweep import tiny_config
+
+    cfg = tiny_config("sarvam_mla")
+    assert cfg.rope_interleave is True
+    assert rope_config_from_hf(cfg).layout == "interleaved"
+    cfg.rope_interleave = False
+    assert rope_config_from_hf(cfg).layout == "half"

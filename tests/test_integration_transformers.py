@@ -472,10 +472,9 @@ def test_errors():
 
 
 def test_version_policy(monkeypatch):
-    with pytest.raises(RopeError, match="transformers 5.x"):
-        rt.check_transformers_version("4.46.3")
-    with pytest.raises(RopeError, match="transformers 5.x"):
-        rt.check_transformers_version("6.0.0")
+    for bad in ("4.46.3", "4.56.2", "6.0.0", "nightly"):
+        with pytest.raises(RopeError, match=r"transformers >= 4.57, < 6"):
+            rt.check_transformers_version(bad)
     monkeypatch.setattr(rt, "_version_warned", False)
     with pytest.warns(rt.UntestedVersionWarning, match="5.99.0"):
         rt.check_transformers_version("5.99.0")
@@ -486,8 +485,8 @@ def test_version_policy(monkeypatch):
     import sys
 
     # transformers swaps its lazy module in sys.modules once models load: patch the live one
-    monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.57.1")
-    with pytest.raises(RopeError, match="4.57.1"):
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.56.2")
+    with pytest.raises(RopeError, match="4.56.2"):
         rt.patch(_build("llama"))
 
 

@@ -68,12 +68,30 @@ def modeling_module_for(model_type: str) -> Optional[ModuleType]:
         names.append(f"transformers.models.{n}.modeling_{n}")
     except Exception:
         pass
+    names.append(_mapped_module_name(model_type))  # a type that runs another family's code
     for name in names:
         try:
             return importlib.import_module(name)
         except Exception:
             continue
     return None
+
+
+def _mapped_module_name(model_type: str) -> str:
+    """The module of the model class transformers' auto mapping gives ``model_type`` (e.g.
+    ``sarvam_mla`` -> DeepSeek-V3's modeling code); ``""`` if none."""
+    try:
+        import transformers
+        from transformers.models.auto import modeling_auto as ma
+
+        for mapping in (ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, ma.MODEL_MAPPING_NAMES):
+            name = mapping.get(model_type)
+            if name is not None:
+                name = name if isinstance(name, str) else name[0]
+                return getattr(transformers, name).__module__
+    except Exception:
+        pass
+    return ""
 
 
 def rope_functions(module: ModuleType) -> Dict[str, Callable]:
@@ -432,14 +450,19 @@ def layer_types_of(config: Any) -> List[Optional[str]]:
 
 
 def module_tables(
-    rot: torch.nn.Module, S: int = 7, layer_type: Optional[str] = None, config: Any = None
+    rot: torch.nn.Module,
+    S: int = 7,
+    layer_type: Optional[str] = None,
+    config: Any = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Tuple[Any, Any]:
     """``(cos, sin)`` of a rotary module for positions ``0..S-1`` (batch 1), in the order
     the attention unpacks them (GPT-J returns ``(sin, cos)``: swapped back here), or
     ``(freqs_cis, None)`` for complex tables. Multi-axis modules (M-RoPE) get the same
-    position on every axis, as for text."""
+    position on every axis, as for text. ``dtype``: of the activations the module is called
+    with (transformers' modules return their tables in it)."""
     params = inspect.signature(rot.forward).parameters
-    x = torch.zeros(1, dtype=torch.float32)
+    x = torch.zeros(1, dtype=dtype)
     kw = {}
     if "layer_type" in params:
         if layer_type is None:

@@ -14,6 +14,7 @@ transformers itself is never imported here: configs are read as plain attributes
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
@@ -408,7 +409,9 @@ def _with_class_defaults(d: Mapping) -> Any:
         from transformers import AutoConfig  # lazy: optional dependency
     except Exception:  # pragma: no cover - transformers not installed
         return None
-    rest = dict(d)
+    # a deep copy: config classes standardise rope_scaling/rope_parameters in place (adding
+    # rope_theta), which would change the caller's dict and answer later calls from it
+    rest = copy.deepcopy(dict(d))
     model_type = rest.pop("model_type", None)
     if model_type is None:
         return None

@@ -74,6 +74,8 @@ class Row:
         patch_detail: why the patch was refused / differs / was not run.
         exact: ``patch(model, tables="exact")``: ``"proven, logits within X"`` or
             ``"refused: why"``; empty when not run.
+        bf16: ``patch(model)`` with default arguments on the model cast to bfloat16:
+            ``"proven"`` (and ran) or ``"refused: why"``; empty when not run.
         seconds: time spent on this row.
         rounding: ``config`` is exact in pairing, direction, width and slice, but the
             model's own tables differ from :func:`ropekit.hf.transformers_cos_sin` by float32
@@ -93,6 +95,7 @@ class Row:
     rounding: bool = False
     patch_detail: str = ""
     exact: str = ""
+    bf16: str = ""
 
     def as_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -261,6 +264,20 @@ def _static_check(cfg_text: Any, flat: Dict[Tuple[str, Optional[str]], Any]) -> 
     mt = getattr(cfg_text, "model_type", "")
     module = _hf_code.modeling_module_for(mt)
     used = getattr(cfg_text, "layer_types", None)
+    rots = _hf_code.rotary_classes(module)
+    per_type = [lt for (_, lt), c in flat.items() if lt is not None and c is not None]
+    if per_type and rots and "layer_type" not in inspect.signature(rots[0].forward).parameters:
+        # transformers 4.x Gemma 3: one class, and the model builds a second instance for its
+        # sliding layers from an edited config copy. The class built from the config gives
+        # the global tables: one layer type must match it; each layer's own tables are
+        # checked against its type's config by the run (_runtime_check).
+        diffs = []
+        for key in [k for k in flat if k[1] is not None]:
+            d = _static_check(cfg_text, {(key[0], None): flat[key]})
+            if d is None or d.startswith("ROUNDING "):
+                return "LAYERS " + "per-layer tables checked by the run only (a 4.x rotary module without layer_type)"
+            diffs.append(d)
+        return diffs[0] if diffs else None
     for (name, lt), cfg in flat.items():
         if cfg is None or (lt is not None and isinstance(used, (list, tuple)) and lt not in used):
             continue  # a layer type no layer of this config has: its tables are never built
@@ -340,7 +357,7 @@ def _recording(model: torch.nn.Module, calls: list) -> Any:
         keys.update(ks)
         inner = m.forward
 
-        def fwd(*a, _inner=inner, _name=type(m).__name__, **k):
+        def fwd(*a, _inner=inner, _name=(type(m).__name__, getattr(m, "layer_idx", None)), **k):
             tok = _CALLER.set(_name)
             try:
                 return _inner(*a, **k)
@@ -361,7 +378,8 @@ def _recording(model: torch.nn.Module, calls: list) -> Any:
                 try:
                     b = _sig.bind(*a, **k)
                     b.apply_defaults()
-                    calls.append((_CALLER.get(), _f, _orig, dict(b.arguments)))
+                    caller, layer = _CALLER.get() or (None, None)
+                    calls.append((caller, _f, _orig, dict(b.arguments), layer))
                 except TypeError:
                     pass
             return _orig(*a, **k)
@@ -392,15 +410,25 @@ def _head_offset(q: torch.Tensor) -> Tuple[int, Optional[int]]:
     return int(q.storage_offset()) % hw, hw
 
 
-def _runtime_check(calls: list, flat: Dict[Tuple[str, Optional[str]], Any]) -> Optional[str]:
+def _runtime_check(
+    calls: list, flat: Dict[Tuple[str, Optional[str]], Any], layer_types: Any = None
+) -> Optional[str]:
+    """The RoPE calls recorded in a forward against ``from_hf``: pairing, direction, width and
+    slice of each call; and, where the caller knows its layer (``layer_idx``) and the config
+    its layer types, the call's own tables against that layer type's config (transformers 4.x
+    Gemma 3 builds a second rotary module for its sliding layers, which no per-class probe sees)."""
     from .. import _hf_code
+    from ..hf import transformers_cos_sin
 
     seen = set()
-    for caller, fname, fn, args in calls:
+    for caller, fname, fn, args, layer in calls:
         name = _hf_code.component_name(caller or "")
-        if (name, fname) in seen:
+        lt = None
+        if isinstance(layer, int) and isinstance(layer_types, (list, tuple)) and layer < len(layer_types):
+            lt = layer_types[layer]
+        if (name, fname, lt) in seen:
             continue
-        seen.add((name, fname))
+        seen.add((name, fname, lt))
         kind = _hf_code.signature_kind(fn)
         if kind is None:
             return f"{caller} calls {fname} with a signature ropekit does not know"
@@ -415,7 +443,7 @@ def _runtime_check(calls: list, flat: Dict[Tuple[str, Optional[str]], Any]) -> O
         if cos.dim() != 3:
             continue  # multi-axis tables ([3, b, s, t]) or other layouts: covered by the code check
         try:
-            m, _ = _hf_code.measure(fn, kind, cos, sin, q.shape[-1])
+            m, R = _hf_code.measure(fn, kind, cos, sin, q.shape[-1])
         except _hf_code.NotRope as e:
             return f"{caller}.{fname}: {e}"
         except Exception:
@@ -426,7 +454,7 @@ def _runtime_check(calls: list, flat: Dict[Tuple[str, Optional[str]], Any]) -> O
         # the view trick reads the slice only where the code splits the head (MLA); a fused
         # qkv projection makes any other q a view too
         off_head, hw = _head_offset(q) if split else (0, None)
-        cands = [c for (n, _), c in flat.items() if n == name and c is not None]
+        cands = [c for (n, t), c in flat.items() if n == name and c is not None and (lt is None or t in (lt, None))]
         if not cands:
             return f"{caller} ({name}) calls {fname}, but from_hf has no {name} component"
         head = hw or q.shape[-1]
@@ -442,6 +470,14 @@ def _runtime_check(calls: list, flat: Dict[Tuple[str, Optional[str]], Any]) -> O
             off_ok = off_head + m.offset == c.rotary_offset or (hw is None and head != c.head_dim and m.offset == 0)
             if r_ok and lay_ok and head_ok and off_ok and m.direction == c.direction:
                 ok = True
+                off = c.rotary_offset if m.width == c.head_dim else 0 if m.width == c.rotary_dim else None
+                prop = c.scaling is not None and type(c.scaling).__name__ == "Proportional"
+                if lt is not None and (name, lt) in flat and R.shape[0] == S and off is not None and not prop:
+                    # this layer's own tables: the call's map at positions 0..S-1 against the config's
+                    E = _hf_code.expected_matrix(c.layout, c.direction, off, m.width, *transformers_cos_sin(c, torch.arange(S)))
+                    d = (E.double() - R.double()).abs().max().item()
+                    if d > 2.0**-21:
+                        return f"{caller}.{fname} of a {lt} layer: its tables differ from from_hf's by {d:.3g}"
                 break
         if not ok:
             c = cands[0]
@@ -566,6 +602,8 @@ def check(model_type: str, family: str = "", *, models: bool = True, generate: b
         if diff and diff.startswith("ROUNDING "):
             row.config, row.checked, row.detail = "exact", "code", diff[len("ROUNDING "):]
             row.rounding = True
+        elif diff and diff.startswith("LAYERS "):  # exact on the code's module; the run checks the rest
+            row.config, row.checked, row.detail = "exact", "code (one layer type)", diff[len("LAYERS "):]
         else:
             row.config, row.checked = ("wrong", "code") if diff else ("exact", "code")
             row.detail = diff or ""
@@ -598,7 +636,7 @@ def check(model_type: str, family: str = "", *, models: bool = True, generate: b
         row.seconds = time.perf_counter() - t0
         return row
     if result is not None and row.config == "exact" and calls:
-        diff = _runtime_check(calls, _flat(result))
+        diff = _runtime_check(calls, _flat(result), getattr(text, "layer_types", None))
         if diff:
             row.config, row.detail = "wrong", diff
         else:
@@ -638,6 +676,7 @@ def check(model_type: str, family: str = "", *, models: bool = True, generate: b
             row.exact = f"proven, logits within {gap:.1e}"
         except Exception as e:
             row.exact = "refused: " + str(e).split(", got ", 1)[-1].split(". Fix:")[0][:120]
+        row.bf16 = _bf16_default(rt, model, ids)
         ok = row.logits and restored and row.generate is not False
         row.patch = "proven" if ok else "wrong"
         if not ok:
@@ -652,6 +691,24 @@ def check(model_type: str, family: str = "", *, models: bool = True, generate: b
         row.patch_detail = f"patched run failed: {type(e).__name__}: {str(e)[:150]}"
     row.seconds = time.perf_counter() - t0
     return row
+
+
+def _bf16_default(rt: Any, model: torch.nn.Module, ids: torch.Tensor) -> str:
+    """``patch(model)`` with default arguments on the model cast to bfloat16 (then cast back)."""
+    model.to(torch.bfloat16)
+    try:
+        rt.patch(model)
+    except Exception as e:
+        model.float()
+        return "refused: " + str(e).split(", got ", 1)[-1].split(". Fix:")[0][:120]
+    try:
+        out = _run(model, ids)
+        return "proven" if bool(torch.isfinite(out).all()) else "proven, non-finite logits"
+    except Exception as e:
+        return f"proven, run failed: {type(e).__name__}: {str(e)[:80]}"
+    finally:
+        rt.unpatch(model)
+        model.float()
 
 
 def sweep(
@@ -715,6 +772,9 @@ def summary(rows: List[Row]) -> Dict[str, Any]:
         "exact_tables_proven_model_types": sum(r.exact.startswith("proven") for r in rows),
         "exact_tables_proven_families": fam_count(lambda r: r.exact.startswith("proven")),
         "exact_tables_refused_model_types": sum(r.exact.startswith("refused") for r in rows),
+        "bf16_default_proven_model_types": sum(r.bf16 == "proven" for r in rows),
+        "bf16_default_proven_families": fam_count(lambda r: r.bf16 == "proven"),
+        "bf16_default_refused_model_types": sum(r.bf16.startswith("refused") for r in rows),
         "patch_wrong_model_types": sum(r.patch == "wrong" for r in rows),
         "not_built_model_types": sum(r.patch == "not built" for r in rows),
     }
@@ -735,15 +795,15 @@ def format_table(rows: List[Row]) -> str:
     logits, generation, the difference or reason)."""
     head = (
         "| model_type | family | config | path = object | patch | logits | generate | "
-        'tables="exact" | difference / reason |'
+        'tables="exact" | bf16 patch(model) | difference / reason |'
     )
-    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r.family, r.model_type)):
         cfg = r.config + (f" ({r.checked})" if r.checked and r.config == "exact" else "") + (" ≈" if r.rounding else "")
         lines.append(
             "| " + " | ".join(
                 _cell(x) for x in (r.model_type, r.family, cfg, r.path_equal, r.patch, r.logits, r.generate,
-                                   r.exact or None, "; ".join(t for t in (r.detail[:160], r.patch_detail[:160]) if t))
+                                   r.exact or None, r.bf16 or None, "; ".join(t for t in (r.detail[:160], r.patch_detail[:160]) if t))
             ) + " |"
         )  # fmt: skip
     return "\n".join(lines)

@@ -36,9 +36,9 @@ Precision:
   grows with the position (see ``docs/transformers.md`` for the measured errors at 2^17 and
   2^20 positions).
 
-transformers versions: the code was tested with :data:`TESTED_VERSIONS`. A transformers
-major version other than 5 is rejected with a :class:`~ropekit.RopeError` (4.x modeling
-code and configs differ); a 5.x version outside the tested range patches but warns once
+transformers versions: the code was tested with :data:`TESTED_VERSIONS`. A version outside
+:data:`SUPPORTED` (``>= 4.57, < 6``) is rejected with a :class:`~ropekit.RopeError` naming the
+range; a supported version outside the tested ones patches but warns once
 (:class:`UntestedVersionWarning`), because the patch depends on function and class names
 inside transformers' modeling files. ``patch`` measures and proves every function it
 replaces, so changed modeling code is an error, not a silent wrong answer.
@@ -56,6 +56,7 @@ import inspect
 import math
 import sys
 import threading
+import types
 import warnings
 import weakref
 from types import ModuleType
@@ -80,6 +81,7 @@ __all__ = [
     "supported_model_types",
     "TABLE_MODES",
     "TESTED_VERSIONS",
+    "SUPPORTED",
     "UntestedVersionWarning",
     "check_transformers_version",
 ]
@@ -87,12 +89,14 @@ __all__ = [
 #: ``tables=`` values of :func:`patch`.
 TABLE_MODES = ("exact", "transformers")
 #: transformers versions the integration tests ran against (``major.minor``).
-TESTED_VERSIONS = ("5.23", "5.24")
-_SUPPORTED_MAJOR = 5
+TESTED_VERSIONS = ("4.57", "5.23", "5.24", "5.25")
+#: ``[lowest, first unsupported)`` transformers ``(major, minor)``: 4.57 is the last 4.x line
+#: (its modeling code already has the 5.x structure ropekit reads); 6 does not exist yet.
+SUPPORTED = ((4, 57), (6, 0))
 
 
 class UntestedVersionWarning(UserWarning):
-    """transformers is a 5.x release outside :data:`TESTED_VERSIONS`."""
+    """transformers is a supported release (:data:`SUPPORTED`) outside :data:`TESTED_VERSIONS`."""
 
 
 # --------------------------------------------------------------------------- drop-in apply
@@ -517,15 +521,223 @@ def _prove(family: str, plan: Plan, original: Callable, cos: Any, sin: Any, widt
         if len(want) != len(got):
             raise fail(f"{plan.name} outputs", f"{family}: {len(got)} instead of {len(want)}", "report this model")
 
+# --------------------------------------------------------------------------- accuracy proof
+#: Slack of :func:`_prove_accuracy`, in units of ``A·max|x|`` (``A`` the largest |table|
+#: entry, ``x`` the probe head). ropekit rotates in float32 from float32 tables (16-bit and
+#: float32 activations): with unit roundoff ``u = 2^-24`` the unrounded result ``ŷ`` is
+#: within ``η = 4u·A·(|x_a| + |x_b|) <= 2^-21·A·max|x|`` of the exact rotation ``y`` (table
+#: rounding, two products, one sum). Rounding ``ŷ`` to the activation dtype picks the
+#: nearest representable value, so ``|ours - y| <= |m - y| + 2η`` for any representable ``m``,
+#: the model's own output included. The oracle ``o`` is the model's function in float64 on
+#: float64 tables; where that function casts to float32 inside (Llama 4's complex path) it is
+#: itself within ``η`` of ``y``. Hence ``|ours - o| <= |model - o| + 2η + 2η = 2^-19·A·max|x|``
+#: — far below one rounding of a float32 (2^-24 relative) times the head's dynamic range,
+#: and 2^-11 of a bfloat16 rounding: it cannot hide a wrong pairing, width or direction.
+ACCURACY_SLACK = 2.0**-19
+
+
+def _model_dtype(attn: List[Tuple[str, torch.nn.Module]]) -> torch.dtype:
+    """The activation dtype of the attention modules (their first floating parameter)."""
+    for _, m in attn:
+        for p in m.parameters():
+            if p.is_floating_point():
+                return p.dtype
+    return torch.float32
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.complex128) if t.is_complex() else t.double()
+
+
+def _instance_tables(rot: torch.nn.Module, lt: Any, order: str, dtype: torch.dtype) -> Tuple[Any, Any]:
+    """The module's own tables for probe positions, called with activations of ``dtype``
+    (as the model calls it), in the ``(cos, sin)`` / ``(freqs_cis, None)`` order."""
+    from .._hf_code import module_tables
+
+    cos, sin = module_tables(rot, _PROBE_S, layer_type=lt, config=getattr(rot, "config", None), dtype=dtype)
+    return (cos, None) if order == "complex" else (cos, sin)
+
+
+def _prove_accuracy(
+    family: str, plan: Plan, original: Callable, w: int, dtype: torch.dtype,
+    theirs: Tuple[Any, Any], ours: Tuple[Any, Any], oracle: Tuple[Any, Any], what: str,
+) -> float:  # fmt: skip
+    """Prove the replacement no less accurate than the model's own code, element-wise.
+
+    On random q/k of ``dtype`` (``w`` lanes): the model's function with its own tables
+    ``theirs``, the replacement with ``ours``, and the oracle — the model's function in
+    float64 on the float64 tables ``oracle``. RopeError unless every element satisfies
+    ``|ours - o| <= |model - o| + ACCURACY_SLACK·A·max|x|`` (see :data:`ACCURACY_SLACK`).
+    Returns the largest ``|ours - o|``.
+    """
+    from .._hf_code import run_fn
+
+    rep = _replacement(plan, original)
+    q, k = (t.to(dtype) for t in _probe_tensors(plan, _PROBE_S, w))
+    with torch.no_grad():
+        model_out = _outputs(run_fn(original, plan.kind, q, k, *theirs))
+        our_out = _outputs(run_fn(rep, plan.kind, q, k, *ours))
+        exact = _outputs(run_fn(original, plan.kind, q.double(), k.double(), *oracle))
+    a = max(float(t.abs().max()) for t in oracle if t is not None)
+    worst = 0.0
+    for x, o, m, y in zip((q, k), exact, model_out, our_out):
+        if y.shape != m.shape or y.dtype != m.dtype:
+            raise fail(
+                f"ropekit's replacement of {plan.module}.{plan.name} returning the model's shapes and dtypes",
+                f"{family}: {tuple(y.shape)} {y.dtype} instead of {tuple(m.shape)} {m.dtype}",
+                "nothing was changed; leave this model unpatched and report it",
+            )
+        o = o.double()
+        slack = ACCURACY_SLACK * a * x.double().abs().amax(-1, keepdim=True)  # [..., 1]
+        ours_err, model_err = (y.double() - o).abs(), (m.double() - o).abs()
+        excess = ours_err - model_err - slack
+        if not bool((excess <= 0).all()):
+            raise fail(
+                f"ropekit's replacement of {plan.module}.{plan.name} ({what}) to be no less accurate than the "
+                f"model's own code against a float64 oracle, element-wise in {dtype} (slack {ACCURACY_SLACK:g}·A·max|x|)",
+                f"{family}: max |ours - oracle| {ours_err.max().item():.3g}, the model's {model_err.max().item():.3g}, "
+                f"worst excess {excess.max().item():.3g} at q width {w}",
+                'nothing was changed; use tables="transformers" or leave this model unpatched',
+            )
+        worst = max(worst, ours_err.max().item())
+    return worst
+
+
+def _float32_reference(rot: torch.nn.Module, model: Any, lt: Any, order: str, probe: Tuple[Any, Any]) -> Tuple[Any, ...]:
+    """The tables of the model's rotary code at float32 precision, for probe positions.
+
+    A model cast to bfloat16/float16 holds ``inv_freq`` rounded to that dtype, so its own
+    tables are off by up to ``m·θ·2^-8``; the config is checked against a fresh float32
+    instance of the same class built from the module's config instead, and the instance
+    must agree with it within the rounding of its buffers (a module edited by hand, e.g. a
+    changed ``inv_freq``, is refused, not replaced)."""
+    from .._hf_code import module_tables
+
+    have = (probe[0],) if order == "complex" else probe
+    low = [b.dtype for b in rot.buffers() if b.is_floating_point() and b.dtype not in (torch.float32, torch.float64)]
+    if not low:
+        return have
+    cfg = _config_of(rot, model)
+    try:
+        with torch.device("cpu"):
+            fresh = type(rot)(config=cfg)
+        ref = module_tables(fresh, _PROBE_S, layer_type=lt, config=cfg)
+    except Exception as e:
+        raise fail(
+            f"a float32 {type(rot).__name__} built from the model's config (its {low[0]} buffers lost precision)",
+            f"{type(e).__name__}: {e}",
+            'use tables="transformers", or build the model in float32 and cast after patch()',
+        ) from None
+    ref = (ref[0],) if order == "complex" else ref
+    top = max(float(t.abs().max()) for t in ref)
+    theta = max(float(b.float().abs().max()) for b in rot.buffers() if b.is_floating_point())
+    tol = top * (_PROBE_S - 1) * theta * torch.finfo(low[0]).eps + 2.0**-20
+    for a, b in zip(have, ref):
+        d = (a.to(b.device).to(_upcast(b).dtype) - _upcast(b)).abs().max().item()
+        if d > tol:
+            raise fail(
+                f"{type(rot).__name__}'s tables within the rounding of its {low[0]} buffers ({tol:.3g}) of a fresh one",
+                f"max |difference| {d:.3g}",
+                "the module was changed after it was built; nothing was changed",
+            )
+    return ref
+
+
+def _prove_exact_tables(
+    mt: str, model: Any, probes: List[Any], used: Dict[str, Any], proofs: Dict[Any, List[Any]], dtype: torch.dtype
+) -> Tuple[List[Tuple[torch.nn.Module, Callable]], Dict[Tuple[str, Any], Any]]:
+    """``tables="exact"``: for each rotary module and layer type, check that ropekit's config
+    reproduces the model's float32 tables, then prove each replacement on ropekit's tables in
+    the model's dtype (:func:`_prove_accuracy`). Returns the ``forward`` replacements and
+    the exact float32 probe tables (for the q/k-norm fusion proofs)."""
+    from ..hf import transformers_cos_sin
+
+    exact_forwards: List[Tuple[torch.nn.Module, Callable]] = []
+    exact_new: Dict[Tuple[str, Any], Any] = {}
+    pos = torch.arange(_PROBE_S)[None]
+    for n, rot, cos, sin, order, lt in probes:
+        if n not in used:
+            continue
+        r, fmt = used[n]
+        if fmt is None:
+            raise fail(
+                "a rotary module whose table layout ropekit can rebuild (cat, repeat_interleave or half)",
+                f"{mt}: {type(rot).__name__}",
+                'nothing was changed; use tables="transformers"',
+            )
+        try:
+            conf = _rope_config(_config_of(rot, model))
+        except Exception as e:
+            raise fail(f"RopeConfig.from_hf to read the {mt} config", str(e), 'use tables="transformers"') from None
+        cfg = conf.get(lt) if isinstance(conf, dict) else conf
+        if not isinstance(cfg, RopeConfig):
+            raise fail(f"one rope config for layer type {lt!r}", f"{mt}: {cfg!r}", 'use tables="transformers"')
+        have = _float32_reference(rot, model, lt, order, (cos, sin))
+        if getattr(rot, "mrope_section", None) is None:
+            # the config must reproduce the module's own tables bit for bit, or within float32
+            # rounding where the module computes cos/sin another way (Llama 4's torch.polar)
+            want = fmt.build(*transformers_cos_sin(cfg, pos, dtype=torch.float32))
+            want = (want,) if isinstance(want, torch.Tensor) else (want[1], want[0]) if order == "sin_cos" else want
+            if not all(
+                a.shape == b.shape and (a.double() - b.double()).abs().max().item() <= 2.0**-21 if not a.is_complex()
+                else a.shape == b.shape and (a - b).abs().max().item() <= 2.0**-21
+                for a, b in zip(want, have)
+            ):
+                diff = "; ".join(_diff_text(b, a) if not a.is_complex() else f"max |difference| {(a - b).abs().max().item():.3g}" for a, b in zip(want, have))
+                raise fail(
+                    "RopeConfig.from_hf + transformers_cos_sin reproducing the model's tables "
+                    "(bit for bit, or within float32 rounding)",
+                    f"{mt} ({type(rot).__name__}, layer type {lt}): {diff}",
+                    'nothing was changed; use tables="transformers"',
+                )
+        fwd = _exact_forward(rot, fmt=fmt, config=_config_of(rot, model))
+        kw = {"layer_type": lt} if lt is not None else {}
+
+        def tabs(dt: torch.dtype) -> Tuple[Any, Any]:
+            with torch.no_grad():
+                out = fwd(torch.zeros(1, dtype=dt), pos, **kw)
+            return (out, None) if order == "complex" else ((out[1], out[0]) if order == "sin_cos" else out)
+
+        oracle = tabs(torch.float64)
+        # the oracle's tables (float64 angles) against the model's float32 ones: transformers'
+        # float32 angle m·θ is within 2^-23·|m·θ| and cos/sin within 2^-24 (times the attention factor)
+        top = max(float(t.abs().max()) for t in oracle if t is not None)
+        tol = top * 2.0**-22 * (1 + (_PROBE_S - 1) * float(cfg.inv_freq().max()))
+        for a, b in zip(have, oracle):
+            d = (_upcast(a) - b).abs().max().item()
+            if d > tol:
+                raise fail(
+                    f"ropekit's exact tables within float32 rounding ({tol:.3g}) of the model's",
+                    f"{mt} ({type(rot).__name__}, layer type {lt}): max |difference| {d:.3g}",
+                    'nothing was changed; use tables="transformers"',
+                )
+        exact_new[(n, lt)] = tabs(torch.float32)
+        theirs, ours = _instance_tables(rot, lt, order, dtype), tabs(dtype)
+        for key, plan, original, w in proofs.get((n, lt), []):
+            _prove_accuracy(mt, plan, original, w, dtype, theirs, ours, oracle, "exact tables")
+        if all(r is not m for m, _ in exact_forwards):
+            exact_forwards.append((r, fwd))
+    return exact_forwards, exact_new
+
+
 # --------------------------------------------------------------------------- version
 _version_warned = False
 
 
-def check_transformers_version(version: Optional[str] = None) -> str:
-    """Check the installed (or given) transformers version; return it.
+def _version_tuple(version: str) -> Tuple[int, int]:
+    parts = str(version).split(".")
+    try:
+        return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or -1)
+    except (ValueError, IndexError):
+        return (-1, -1)
 
-    Major version other than 5: :class:`~ropekit.RopeError`. A 5.x outside
-    :data:`TESTED_VERSIONS`: one :class:`UntestedVersionWarning` per process.
+
+def check_transformers_version(version: Optional[str] = None) -> str:
+    """Check the installed (or given) transformers version against :data:`SUPPORTED`; return it.
+
+    Outside ``>= 4.57, < 6``: :class:`~ropekit.RopeError` naming the range. Inside it but not
+    one of :data:`TESTED_VERSIONS`: one :class:`UntestedVersionWarning` per process (every
+    replacement is still measured and proven, so changed code is refused, not patched wrongly).
 
     Example:
         >>> check_transformers_version("5.23.0")
@@ -533,31 +745,28 @@ def check_transformers_version(version: Optional[str] = None) -> str:
         >>> check_transformers_version("4.46.0")
         Traceback (most recent call last):
         ...
-        ropekit._errors.RopeError: expected transformers 5.x ...
+        ropekit._errors.RopeError: expected transformers >= 4.57, < 6 ...
     """
     global _version_warned
     if version is None:
         import transformers
 
         version = transformers.__version__
-    parts = str(version).split(".")
-    try:
-        major = int(parts[0])
-    except ValueError:
-        major = -1
-    if major != _SUPPORTED_MAJOR:
+    v = _version_tuple(version)
+    lo, hi = SUPPORTED
+    if not (lo <= v < hi):
         raise fail(
-            f"transformers {_SUPPORTED_MAJOR}.x (tested: {', '.join(TESTED_VERSIONS)})",
+            f"transformers >= {lo[0]}.{lo[1]}, < {hi[0]} (tested: {', '.join(TESTED_VERSIONS)})",
             f"transformers {version}",
-            f'install a tested release, e.g. pip install "transformers=={TESTED_VERSIONS[-1]}.*"',
+            f'install a supported release, e.g. pip install "transformers=={TESTED_VERSIONS[-1]}.*"',
         )
-    minor = ".".join(parts[:2])
+    minor = f"{v[0]}.{v[1]}"
     if minor not in TESTED_VERSIONS and not _version_warned:
         _version_warned = True
         warnings.warn(
             f"ropekit's transformers integration was tested with transformers {', '.join(TESTED_VERSIONS)}; "
             f"found {version}. patch() checks the functions it replaces, but run your own parity check "
-            "(logits patched vs unpatched) before trusting it.",
+            "(logits patched vs unpatched) or `ropekit hf-sweep` before trusting it.",
             UntestedVersionWarning,
             stacklevel=3,
         )
@@ -571,6 +780,9 @@ _ACTIVE: contextvars.ContextVar[Optional[Dict[Tuple[str, str], Callable]]] = con
     "ropekit_hf_active", default=None
 )
 _LOCK = threading.RLock()
+# The same while torch.compile traces a patched attention (dynamo traces list appends, not
+# ContextVar.set); the compiled graph has the replacement inlined, so nothing reads it at run time.
+_TRACING: List[Dict[Tuple[str, str], Callable]] = []
 
 
 @dataclasses.dataclass
@@ -590,7 +802,10 @@ def _make_dispatcher(module: ModuleType, name: str, original: Callable) -> Calla
 
     @functools.wraps(original)
     def dispatch(*args, **kwargs):
-        plans = _ACTIVE.get()
+        if torch.compiler.is_compiling():
+            plans = _TRACING[-1] if _TRACING else None
+        else:
+            plans = _ACTIVE.get()
         if plans is not None:
             rep = plans.get(key)
             if rep is not None:
@@ -683,8 +898,8 @@ class _TableFormat:
             c, s = to_full_width(c), to_full_width(s)
         elif self.shape == "repeat":
             c, s = c.repeat_interleave(2, dim=-1), s.repeat_interleave(2, dim=-1)
-        if self.order == "complex":
-            return torch.complex(c.float(), s.float())
+        if self.order == "complex":  # complex64 (complex128 for the float64 oracle)
+            return torch.complex(c, s) if c.dtype == torch.float64 else torch.complex(c.float(), s.float())
         return (s, c) if self.order == "sin_cos" else (c, s)
 
 
@@ -709,6 +924,15 @@ def _config_of(rot: torch.nn.Module, model: Any = None) -> Any:
     return cfg
 
 
+def _table_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of ropekit's exact tables for activations of ``dtype``: float32 for 16-bit
+    activations. The replacement rotates in float32 anyway, so float32 tables make its one
+    rounding (to the activation dtype) the only one — whereas transformers rounds cos/sin
+    to the activation dtype first and then rounds each product and the sum. Float32 and
+    float64 activations get tables of their own dtype."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _exact_forward(
     rot: torch.nn.Module, kind: Any = "rope", fmt: Optional[_TableFormat] = None, config: Any = None
 ) -> Callable:
@@ -726,7 +950,7 @@ def _exact_forward(
         def forward(x, position_ids, layer_type=None, **kw):
             if layer_type not in tables:
                 raise fail(f"layer_type in {sorted(tables)}", repr(layer_type), "pass a layer type of the config")
-            out = fmt.build(*tables[layer_type].half(position_ids, x.dtype))
+            out = fmt.build(*tables[layer_type].half(position_ids, _table_dtype(x.dtype)))
             return out.to(x.device) if isinstance(out, torch.Tensor) else tuple(t.to(x.device) for t in out)
 
         return forward
@@ -742,7 +966,7 @@ def _exact_forward(
             if pos.dim() == 2:  # text-only [b, s]: same position on every axis
                 pos = pos[None].expand(len(sections), -1, -1)  # [3, b, s]
             pos = pos.movedim(0, -1)  # [b, s, 3]
-            c, s = multi_axis_cos_sin(conf, pos, sections, dtype=x.dtype)  # [b, s, r/2]
+            c, s = multi_axis_cos_sin(conf, pos, sections, dtype=_table_dtype(x.dtype))  # [b, s, r/2]
             out = fmt.build(c, s)
             return out.to(x.device) if isinstance(out, torch.Tensor) else tuple(t.to(x.device) for t in out)
 
@@ -751,7 +975,7 @@ def _exact_forward(
 
     @torch.no_grad()
     def forward(x, position_ids, **kw):
-        out = fmt.build(*tab.half(position_ids, x.dtype))
+        out = fmt.build(*tab.half(position_ids, _table_dtype(x.dtype)))
         return out.to(x.device) if isinstance(out, torch.Tensor) else tuple(t.to(x.device) for t in out)
 
     return forward
@@ -804,10 +1028,47 @@ class _State:
 _STATES: "weakref.WeakKeyDictionary[torch.nn.Module, _State]" = weakref.WeakKeyDictionary()
 
 
+def _unpatched_forward(mod: torch.nn.Module, prev: Any) -> Any:
+    """What a copy of a patched module gets as ``forward``: the one it had before the patch."""
+    return prev if prev is not None else types.MethodType(type(mod).forward, mod)
+
+
+def _drop_copied_forwards(model: torch.nn.Module) -> None:
+    """Remove the instance ``forward`` a copy of a patched model carries (the class's own
+    forward bound to the module, see :class:`_Forward`): it only shadows the class."""
+    for m in model.modules():
+        f = m.__dict__.get("forward")
+        if isinstance(f, types.MethodType) and f.__self__ is m and f.__func__ is getattr(type(m), "forward", None):
+            del m.__dict__["forward"]
+
+
+class _Forward:
+    """A patched module's instance ``forward``: calls ``fn``.
+
+    Copies of the module (``copy.deepcopy``, ``pickle``, ``torch.save``) get the forward the
+    module had before :func:`patch` instead (``fn`` closes over this module's weights and
+    the model's plans, which a copy must not share): a copy of a patched model is an
+    unpatched model with its own weights; ``patch(copy)`` patches it again.
+    """
+
+    def __init__(self, module: torch.nn.Module, fn: Callable, prev: Any) -> None:
+        self.__dict__.update(getattr(fn, "__dict__", {}))  # the function's markers (_ropekit_deferred, ...)
+        self.module, self.fn, self.prev, self.__wrapped__ = module, fn, prev, fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return _unpatched_forward, (self.module, self.prev)
+
+
 def _set_forward(mod: torch.nn.Module, fn: Callable, forwards: list) -> None:
     had = "forward" in mod.__dict__
-    forwards.append((mod, "forward", had, mod.__dict__.get("forward"), fn))
-    mod.forward = fn  # instance attribute: shadows the class's forward for this instance only
+    prev = mod.__dict__.get("forward")
+    ours = _Forward(mod, fn, prev)
+    forwards.append((mod, "forward", had, prev, ours))
+    mod.forward = ours  # instance attribute: shadows the class's forward for this instance only
 
 
 def _wrap_attention(
@@ -821,6 +1082,12 @@ def _wrap_attention(
 
         @functools.wraps(inner)
         def forward(*args, **kwargs):
+            if torch.compiler.is_compiling():  # dynamo cannot trace ContextVar.set: a plain stack
+                _TRACING.append(plans)
+                try:
+                    return inner(*args, **kwargs)
+                finally:
+                    _TRACING.pop()
             token = _ACTIVE.set(plans)
             try:
                 return inner(*args, **kwargs)
@@ -951,7 +1218,6 @@ def patch(model: torch.nn.Module, *, tables: str = "exact", fuse_qk_norm: bool =
         ('model.layers.0.self_attn',)
     """
     from .. import _hf_code
-    from ..hf import transformers_cos_sin
 
     if tables not in TABLE_MODES:
         raise fail(
@@ -970,6 +1236,7 @@ def patch(model: torch.nn.Module, *, tables: str = "exact", fuse_qk_norm: bool =
                 f"a model already patched (tables={_STATES[model].report.tables!r})",
                 "call unpatch(model) first",
             )
+        _drop_copied_forwards(model)
         named = list(model.named_modules())
         callers = [(n, m, _rope_calls(m)) for n, m in named]
         callers = [(n, m, c) for n, m, c in callers if c]
@@ -1047,56 +1314,16 @@ def patch(model: torch.nn.Module, *, tables: str = "exact", fuse_qk_norm: bool =
                 elif n not in used:
                     used[n] = (rot, None)  # type: ignore[assignment]
             replacements[key] = _replacement(plan, original)
-        exact_forwards = []
-        exact_new: Dict[Tuple[str, Any], Any] = {}
+        dtype = _model_dtype(attn)
+        exact_forwards, exact_new = [], {}
         if tables == "exact":
+            exact_forwards, exact_new = _prove_exact_tables(mt, model, probes, used, proofs, dtype)
+        else:
             for n, rot, cos, sin, order, lt in probes:
-                if n not in used:
-                    continue
-                r, fmt = used[n]
-                if fmt is None:
-                    raise fail(
-                        "a rotary module whose table layout ropekit can rebuild (cat, repeat_interleave or half)",
-                        f"{mt}: {type(rot).__name__}",
-                        'nothing was changed; use tables="transformers"',
-                    )
-                try:
-                    conf = _rope_config(_config_of(rot, model))
-                except Exception as e:
-                    raise fail(
-                        f"RopeConfig.from_hf to read the {mt} config", str(e), 'use tables="transformers"'
-                    ) from None
-                cfg = conf.get(lt) if isinstance(conf, dict) else conf
-                if not isinstance(cfg, RopeConfig):
-                    raise fail(f"one rope config for layer type {lt!r}", f"{mt}: {cfg!r}", 'use tables="transformers"')
-                have = (cos,) if order == "complex" else (cos, sin)
-                pos = torch.arange(_PROBE_S)[None]
-                if getattr(rot, "mrope_section", None) is None:
-                    # the config must reproduce the module's own tables bit for bit
-                    want = fmt.build(*transformers_cos_sin(cfg, pos, dtype=torch.float32))
-                    want = (want,) if isinstance(want, torch.Tensor) else (want[1], want[0]) if order == "sin_cos" else want
-                    # bit for bit, or within float32 rounding where the module computes cos/sin
-                    # another way (Llama 4's torch.polar)
-                    if not all(
-                        a.shape == b.shape and (a.double() - b.double()).abs().max().item() <= 2.0**-21
-                        for a, b in zip(want, have)
-                    ):
-                        diff = "; ".join(_diff_text(b, a) for a, b in zip(want, have))
-                        raise fail(
-                            "RopeConfig.from_hf + transformers_cos_sin reproducing the model's tables "
-                            "(bit for bit, or within float32 rounding)",
-                            f"{mt} ({type(rot).__name__}, layer type {lt}): {diff}",
-                            'nothing was changed; use tables="transformers"',
-                        )
-                fwd = _exact_forward(rot, fmt=fmt, config=_config_of(rot, model))
-                with torch.no_grad():
-                    new = fwd(torch.zeros(1), pos, **({"layer_type": lt} if lt is not None else {}))
-                new = (new, None) if order == "complex" else ((new[1], new[0]) if order == "sin_cos" else new)
-                exact_new[(n, lt)] = new
+                theirs = _instance_tables(rot, lt, order, dtype)
+                oracle = tuple(None if t is None else _upcast(t) for t in theirs)
                 for key, plan, original, w in proofs.get((n, lt), []):
-                    _prove(mt, plan, original, cos, sin, [w], tables=new, tol=2.0**-18)
-                if all(r is not m for m, _ in exact_forwards):
-                    exact_forwards.append((r, fwd))
+                    _prove_accuracy(mt, plan, original, w, dtype, theirs, theirs, oracle, "the model's tables")
         fusion = None
         if fuse_qk_norm:
             from . import _qk_norm

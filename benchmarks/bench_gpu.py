@@ -645,8 +645,12 @@ def qk_norm_variants(inp: QKNormInputs, compile_backend: str = "inductor") -> Tu
     def fused_inplace(a, b):
         return apply_qk_norm_rotary(a, b, wq, wk, c4, s4, eps=QK_NORM_EPS, backend="triton", inplace=True)
 
-    def unfused(a, b, wa=wq, wb=wk):
-        return _generic.apply_qk_norm(tb, a, b, wa, wb, c4, s4, QK_NORM_EPS, 0.0, "half", False)
+    def unfused(a, b, wa=wq, wb=wk):  # the float32 norm in torch, then the triton rotation, one rounding
+        from ropekit import apply_rotary_qk
+        na = _generic.rms_norm_functional(a, wa, QK_NORM_EPS, 0.0)
+        nb = _generic.rms_norm_functional(b, wb, QK_NORM_EPS, 0.0)
+        qa, qb = apply_rotary_qk(na, nb, c4, s4, backend="triton")
+        return qa.to(a.dtype), qb.to(b.dtype)
 
     def hf(a, b, wa=wq, wb=wk):
         return _hf_qk_norm(a, b, wa, wb, cf4, sf4)

@@ -1435,6 +1435,7 @@ class QKNormFn : public torch::autograd::Function<QKNormFn> {
                                  std::string layout) {
         at::AutoDispatchBelowADInplaceOrView guard;
         auto [qo, ko, rq, rk] = call_norm_fwd(q, k, qw, kw, c, s, eps, off, layout);
+        ctx->set_materialize_grads(false);  // an unused output: no gradient work (and none for its weight)
         ctx->save_for_backward({q, k, qw, kw, rq, rk, c, s});
         ctx->saved_data["offset"] = off;
         ctx->saved_data["eps"] = eps;
@@ -1443,14 +1444,25 @@ class QKNormFn : public torch::autograd::Function<QKNormFn> {
     }
     static variable_list backward(AutogradContext* ctx, variable_list g) {
         const auto v = ctx->get_saved_variables();
+        const double off = ctx->saved_data["offset"].toDouble();
+        const bool hq = g[0].defined(), hk = g[1].defined();
+        Tensor dq, dk, dqw, dkw;
         if (at::GradMode::is_enabled()) {  // create_graph: a differentiable backward
-            const double eps = ctx->saved_data["eps"].toDouble(), off = ctx->saved_data["offset"].toDouble();
-            auto [dq, dqw] = norm_backward_graph(g[0], v[0], v[2], v[6], v[7], eps, off, layout_of(ctx));
-            auto [dk, dkw] = norm_backward_graph(g[1], v[1], v[3], v[6], v[7], eps, off, layout_of(ctx));
-            return {dq, dk, dqw, dkw, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+            const double eps = ctx->saved_data["eps"].toDouble();
+            if (hq) std::tie(dq, dqw) = norm_backward_graph(g[0], v[0], v[2], v[6], v[7], eps, off, layout_of(ctx));
+            if (hk) std::tie(dk, dkw) = norm_backward_graph(g[1], v[1], v[3], v[6], v[7], eps, off, layout_of(ctx));
+        } else if (hq && hk) {
+            std::tie(dq, dk, dqw, dkw) = call_norm_bwd(g[0], g[1], v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], off,
+                                                       layout_of(ctx));
+        } else if (hq || hk) {  // one side: the other passed as an empty [0, d] tensor (no work, no table checks)
+            const int i = hq ? 0 : 1;
+            const Tensor& x = v[i];
+            const Tensor none = at::empty({0, x.size(-1)}, x.options()), r0 = at::empty({0}, v[4 + i].options());
+            auto r = call_norm_bwd(g[i], none, x, none, v[2 + i], v[2 + i], v[4 + i], r0, v[6], v[7], off,
+                                   layout_of(ctx));
+            (hq ? dq : dk) = std::get<0>(r);
+            (hq ? dqw : dkw) = std::get<2>(r);
         }
-        auto [dq, dk, dqw, dkw] = call_norm_bwd(g[0], g[1], v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7],
-                                                ctx->saved_data["offset"].toDouble(), layout_of(ctx));
         return {dq, dk, dqw, dkw, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
     }
 };

@@ -20,6 +20,8 @@ import os
 import pytest
 import torch
 
+import ropekit
+
 DEV = os.environ.get("ROPEKIT_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 if DEV not in ("cpu", "cuda"):
     raise RuntimeError(f"ROPEKIT_TEST_DEVICE must be cpu or cuda, not {DEV!r}")
@@ -437,8 +439,9 @@ def test_torch_compile_fullgraph():
 
     def f(q, k):
         a, b = apply_rotary_qk(q, k, cos_t[:3, None], sin_t[:3, None], backend="triton")
-        c, d = tb.rotate_qk_gather(q, k, cos_t, sin_t, pos, "bshd", "half", False)
-        e, _ = tb.rotate_qk_gather(q * 2, k * 2, cos_t, sin_t, pos, "bshd", "interleaved", True)  # in place
+        c, d = ropekit.apply_rotary_gather(q, k, cos_t, sin_t, positions=pos, backend="triton")
+        e, _ = ropekit.apply_rotary_gather(q * 2, k * 2, cos_t, sin_t, positions=pos, layout="interleaved", inplace=True,
+                                           backend="triton")
         return a + 1, b, c, d, e
 
     torch._dynamo.reset()

@@ -543,5 +543,8 @@ def test_torch_compile_fullgraph():
     want = f(ql, kl)
     dwant = torch.autograd.grad(sum(t.sum() for t in want), (ql, kl, wq))
     for a, b in zip(list(got) + list(dgot), list(want) + list(dwant)):
-        assert torch.equal(a, b)
+        if DEV == "cpu":  # the compiled graph holds the ops: on CPU tensors they run the C++ kernel (another
+            torch.testing.assert_close(a, b)  # summation order than the interpreted Triton kernel)
+        else:
+            assert torch.equal(a, b)
     _check(got[1], _oracle(k, wk, c, sn, EPS, 0.0, "half"), torch.float32)

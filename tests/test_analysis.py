@@ -225,12 +225,12 @@ def test_backend_checks_detect_a_wrong_layout(monkeypatch):
     assert len(ok) == 5 and all(c.passed for c in ok)
     from ropekit.backends import eager
 
-    real = eager.rotate
+    real = eager.functional  # the form every eager result comes from
 
-    def wrong(x, cos, sin, layout, conjugate, out):  # pairs the wrong lanes
-        return real(x, cos, sin, "interleaved" if layout == "half" else "half", conjugate, out)
+    def wrong(x, cos, sin, layout, conjugate):  # pairs the wrong lanes
+        return real(x, cos, sin, "interleaved" if layout == "half" else "half", conjugate)
 
-    monkeypatch.setattr(eager, "rotate", wrong)
+    monkeypatch.setattr(eager, "functional", wrong)
     bad = backend_checks(cfg, ["eager"], context=64)
     assert not bad[0].passed and bad[0].value > 0.1
     qk = [c for c in bad if "qk-norm" in c.name]  # the fused norm + RoPE through the same rotation

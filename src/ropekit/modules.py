@@ -24,6 +24,7 @@ __all__ = ["RotaryEmbedding"]
 TABLE_ROWS_LIMIT = 1 << 20
 
 _SEQ_DIM = {"bshd": 1, "bhsd": 2, "sbhd": 0}  # the sequence dim of q in each 4-D format
+_UNSET = object()
 
 
 def _check_qk(q: torch.Tensor, k: torch.Tensor) -> None:
@@ -167,7 +168,12 @@ class RotaryEmbedding(nn.Module):
         (``dtype``: default ``table_dtype``, else float32)."""
         device = torch.device(device)
         dtype = dtype or self.table_dtype or torch.float32
-        key = self.cfg.table_key(seq_len)
+        key = self.cfg.table_key(seq_len) if seq_len is not None else self._key_none()
+        buf = self._buffers  # not self.cos_cached: nn.Module.__getattr__ costs ~1 µs per buffer
+        cos, sin = buf["cos_cached"], buf["sin_cached"]
+        if (cos is not None and sin is not None and cos.device == device and cos.dtype == dtype and sin.dtype == dtype
+                and self._built == dtype and cos.shape[0] >= n and key == self._key):
+            return cos, sin  # current: no lock needed to read it (a rebuild swaps both under the lock)
         with self._lock:
             cos, sin = self.cos_cached, self.sin_cached
             stale = (
@@ -190,6 +196,13 @@ class RotaryEmbedding(nn.Module):
                 self.cos_cached, self.sin_cached, self._key, self._built = cos, sin, key, dtype
         return cos, sin
 
+    def _key_none(self):
+        """``cfg.table_key(None)`` (the config is frozen: computed once)."""
+        key = self.__dict__.get("_key_none_cache", _UNSET)
+        if key is _UNSET:
+            key = self.__dict__["_key_none_cache"] = self.cfg.table_key(None)
+        return key
+
     def _positions(self, q, positions, offsets, cu_seqlens, format, check_values=True):
         b, s = split_format(q, format)
         pos = resolve_positions(
@@ -206,6 +219,26 @@ class RotaryEmbedding(nn.Module):
         The table covers every position, or is ``None`` when the positions are too large
         and sparse for a table (then cos/sin are computed for the positions themselves).
         """
+        lengthdep = self.cfg.scaling is not None and self.cfg.scaling.length_dependent
+        if positions is None and cu_seqlens is None and format in _SEQ_DIM and q.dim() == 4:
+            s = q.shape[_SEQ_DIM[format]]
+            if offsets is None or type(offsets) is int:
+                # positions off .. off+s-1, known on the host: no read of any tensor
+                off = offsets or 0
+                if off < 0 or off + max(s - 1, 0) > MAX_EXACT_POSITION or off + s > max(self.max_position, TABLE_ROWS_LIMIT):
+                    pass  # the general path below words the refusal or computes cos/sin directly
+                else:
+                    if seq_len is None and lengthdep:
+                        seq_len = off + s
+                    cos_t, sin_t = self._tables_for(q, off + s, seq_len)
+                    return self._arange(cos_t.shape[0], q.device)[off: off + s], (cos_t, sin_t), seq_len
+            elif (type(offsets) is torch.Tensor and offsets.dtype == torch.int64 and offsets.dim() == 1
+                  and offsets.device == q.device and not (seq_len is None and lengthdep)):
+                b = q.shape[1 if format == "sbhd" else 0]
+                if offsets.shape[0] == b:
+                    # one offset per sample (decode): [b] positions for s == 1 (the op reads them as [b, 1])
+                    pos = offsets if s == 1 else offsets[:, None] + self._arange(s, q.device)[:s]
+                    return (pos,) + self._covering(q, pos, s, seq_len)
         pos = self._positions(q, positions, offsets, cu_seqlens, format, check_values=False)
         n = 0
         if pos.numel():
@@ -310,10 +343,6 @@ class RotaryEmbedding(nn.Module):
         """
         if inplace is not False and inplace is not True:
             flag("inplace", inplace)
-        if positions is None and cu_seqlens is None and seq_len is None and type(q) is torch.Tensor:
-            fast = self._cached_gather(q, k, offsets, format, inplace)
-            if fast is not None:
-                return fast
         o = self.cfg.rotary_offset
         if not o:
             return self._rotate_heads(q, k, positions, offsets, cu_seqlens, format, seq_len, inplace, self.cfg.head_dim)
@@ -388,59 +417,30 @@ class RotaryEmbedding(nn.Module):
         )
         return y
 
-    def _cached_gather(self, q, k, offsets, format, inplace):
-        """The common call (positions from ``offsets``, length-independent scaling, a backend
-        that checks its own inputs, no rotary offset, no graph): positions built without a
-        host sync and the cached tables passed as they are; the fused op checks every
-        position against the table before writing. ``None`` when this shortcut does not
-        apply or the op refused the call (e.g. a position past the table): the general path
-        then grows the tables or explains."""
-        plain = self.__dict__.get("_plain")
-        if plain is None:  # the config and the class never change: decided once
-            sc, cls, cfg = self.cfg.scaling, type(self), self.cfg
-            plain = self.__dict__["_plain"] = (
-                (sc is None or not sc.length_dependent)
-                and cfg.rotary_offset == 0
-                and cls.tables is RotaryEmbedding.tables
-                and cls._positions_and_tables is RotaryEmbedding._positions_and_tables
-            )  # a subclass making its own tables or positions takes the general path
-        sdim = _SEQ_DIM.get(format)
-        if not plain or sdim is None or type(k) is not torch.Tensor or q.dim() != 4 or k.dim() != 4:
-            return None
-        width = self.cfg.head_dim
-        if q.shape[-1] != width or k.shape[-1] != width or self._sync_free(q):
-            return None  # the general path names both widths / computes cos/sin inside the graph
-        bk = (self.backend, q.dtype, q.is_cpu, q.is_cuda)
-        be = self.__dict__.get("_be")
-        if be is None or be[0] != bk:  # the backend for this kind of tensor, resolved once
-            be = self.__dict__["_be"] = (bk, _backends.resolve(self.backend, q))
-        be = be[1]
-        if not be.CHECKS:
-            return None  # a backend that needs the positions checked before the call
-        s = int(q.shape[sdim])
-        buf = self._buffers  # not self.cos_cached: nn.Module.__getattr__ costs ~1 µs per buffer
-        cos_t, sin_t = buf["cos_cached"], buf["sin_cached"]
-        dtype = self._dtype_for(q)
-        stale = (
-            cos_t is None or sin_t is None or cos_t.device != q.device or cos_t.dtype != dtype
-            or sin_t.dtype != dtype or self._built != dtype or self._key != self.cfg.table_key(None)
-        )
-        if offsets is None or type(offsets) is int:
-            off = offsets or 0
-            if not 0 <= off <= max(self.max_position, TABLE_ROWS_LIMIT) - s:
-                return None  # negative, or past what a table should hold: the general path decides
-            if stale or off + s > cos_t.shape[0]:
-                cos_t, sin_t = self._tables_for(q, off + s, None)  # first call: the same path as later ones
-            pos = self._arange(cos_t.shape[0], q.device)[off : off + s]  # [s]
-        elif type(offsets) is torch.Tensor and offsets.dtype == torch.int64 and offsets.dim() == 1 and not stale:
-            # [b] positions for one token per sample (the op reads them as [b, 1]), else [b, s]
-            pos = offsets if s == 1 else offsets[:, None] + self._arange(cos_t.shape[0], q.device)[:s]
-        else:
-            return None
-        try:
-            return be.apply_gather(q, k, cos_t, sin_t, pos, format, self.cfg.layout, self.cfg.direction == -1, inplace)
-        except (ValueError, RuntimeError, TypeError):
-            return None  # refused before writing: the general path re-checks everything and grows or explains
+    def _covering(self, q, pos, s, seq_len):
+        """The table for positions given as a tensor whose largest value the host does not
+        know: on CPU one read of the ``[b]`` offsets (cheap, no device), on other devices the
+        table as it is (at least ``max_position`` rows) with the range checked inside the
+        kernel (no host synchronisation: CUDA graphs can capture the call)."""
+        if q.device.type == "cpu":
+            lo, hi = (int(v) for v in torch.aminmax(pos[:, 0] if pos.dim() == 2 else pos))
+            hi += s - 1 if pos.dim() == 2 else 0
+            if lo < 0 or hi > min(MAX_EXACT_POSITION, max(self.max_position, TABLE_ROWS_LIMIT) - 1):
+                return self._refuse_range(lo, hi), seq_len
+            return self._tables_for(q, hi + 1, seq_len), seq_len
+        return self._tables_for(q, max(self.max_position, 1), seq_len), seq_len
+
+    def _refuse_range(self, lo, hi):
+        if lo < 0:
+            raise fail(
+                "positions >= 0 (offsets + 0..s-1, or the positions given)",
+                f"a minimum position of {lo}",
+                "positions count from 0; for left padding clamp padded positions to 0 (they are masked anyway)",
+            )
+        if hi > MAX_EXACT_POSITION:
+            raise fail("positions <= 2**53 (exact in the float64 angle m·θ)", f"a maximum position of {hi}",
+                       "positions are token indices; check how they were computed")
+        return None  # past what a table should hold: cos/sin computed for the positions themselves
 
     def _arange(self, n: int, device: torch.device) -> torch.Tensor:
         ar = self.__dict__.get("_arange_cache")

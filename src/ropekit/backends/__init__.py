@@ -3,9 +3,9 @@
 A backend is a module declaring what it can do and exposing the same entry points::
 
     NAME: str
-    CHECKS: bool          # its entry points validate their inputs themselves (ValueError
-                          # "ropekit: expected ..."); the API then runs its Python checks
-                          # only to explain a refusal
+    CHECKS: bool          # its entry points are ropekit's ops, which validate their inputs
+                          # (and position values) themselves; the torch-only backends call
+                          # the same validator (ropekit.ops.check) before computing
     available() -> bool   # can it run on this machine at all
     supports(x) -> bool   # can it run on this tensor (device, dtype)
     apply(x, cos, sin, layout, conjugate, inplace, out) -> Tensor

@@ -576,7 +576,7 @@ def _gather_groups(xs, outs, cos_t, sin_t, pos, fmt, interleaved, conjugate, inp
 
 
 def _gather_rotate(xs, cos_table, sin_table, pos, fmt, layout, conjugate, inplace) -> list:
-    """The fused-gather hook of :class:`ropekit.backends._generic._GatherQK`: rotate 1 or 2 tensors.
+    """The fused gather (the CUDA kernel of ``ropekit::rotary_gather``): rotate 1 or 2 tensors.
 
     Unit last stride is enforced here (incoming gradients may be expanded: zero strides;
     in place, such a tensor is rotated in a copy and written back). Returns ``xs``

@@ -162,9 +162,15 @@ int64_t parse_layout(c10::string_view layout) {
     return 0;
 }
 
-// Sizes as torch prints them (symbolic sizes under torch.compile(dynamic=True) included).
-std::string shape_str(const Tensor& t) { return c10::str(t.sym_sizes()); }
-std::string stride_str(const Tensor& t) { return c10::str(t.sym_strides()); }
+// Sizes as Python prints a tuple ((2, 4, 3, 8); (5,)): what the caller's t.shape shows
+// (symbolic sizes under torch.compile(dynamic=True) included).
+std::string tuple_str(c10::SymIntArrayRef v) {
+    std::string out = "(";
+    for (size_t i = 0; i < v.size(); ++i) out += c10::str(i ? ", " : "", v[i]);
+    return out + (v.size() == 1 ? ",)" : ")");
+}
+std::string shape_str(const Tensor& t) { return tuple_str(t.sym_sizes()); }
+std::string stride_str(const Tensor& t) { return tuple_str(t.sym_strides()); }
 
 // Shapes that only exist as symbols (fake tensors of a dynamic-shape trace): memory layout
 // checks need concrete strides, so they are left to the kernel that runs the real tensors.
@@ -212,7 +218,7 @@ void check_tables(const Tensor& x, const Tensor& cos, const Tensor& sin, const c
     if (!ok) {
         std::vector<c10::SymInt> target(x.sym_sizes().begin(), x.sym_sizes().end());
         target.back() = half;
-        RK_CHECK(false, "cos/sin broadcastable to ", name, ".shape[:-1] + (r/2,) = ", c10::SymIntArrayRef(target),
+        RK_CHECK(false, "cos/sin broadcastable to ", name, ".shape[:-1] + (r/2,) = ", tuple_str(target),
                  ", got cos/sin of shape ", shape_str(cos),
                  ". Fix: index the tables with positions of the same batch/sequence layout as ", name,
                  " and unsqueeze the heads dim (e.g. cos[:, :, None, :] for bshd)");
@@ -239,7 +245,7 @@ void check_writable(const Tensor& t, const char* name) {
     if (symbolic(t)) return;
     RK_CHECK(t.numel() <= 1 || non_overlapping(t.sizes(), t.strides()), name,
              " whose elements do not alias (it is written in place), got ", name, " with overlapping memory (shape ",
-             shape_str(t), ", stride ", t.strides(), ", e.g. from expand or unfold). Fix: pass ", name,
+             shape_str(t), ", stride ", stride_str(t), ", e.g. from expand or unfold). Fix: pass ", name,
              ".contiguous() or use inplace=False");
 }
 
@@ -506,7 +512,7 @@ int64_t validate_qk_norm_bwd(const Tensor& gq, const Tensor& gk, const Tensor& q
                  ". Fix: pass the q_rstd/k_rstd that qk_norm_rotary_fwd returned");
         check_same_device(q, r, "q", rn[i]);
         RK_CHECK(r.sym_sizes() == x.sym_sizes().slice(0, x.dim() - 1), rn[i], " of shape ",
-                 c10::SymIntArrayRef(x.sym_sizes().slice(0, x.dim() - 1)), " (one inverse RMS per head row), got ",
+                 tuple_str(x.sym_sizes().slice(0, x.dim() - 1)), " (one inverse RMS per head row), got ",
                  shape_str(r), ". Fix: pass the q_rstd/k_rstd that qk_norm_rotary_fwd returned");
     }
     check_norm_weight(q, qw, "q", "q_weight");

@@ -57,11 +57,18 @@ def test_opcheck_rotary_variants(case, layout):
     ops_ = [(O.rotary.default, (x, c, s, layout, False), {}),
             (O.rotary_.default, (x.clone(), c, s, layout, True), {}),
             (O.rotary_out.default, (x, c, s, layout, False), {"out": torch.empty_like(x)})]
-    # test_schema and test_autograd_registration cannot run on empty tensors (a torch helper)
-    utils = ("test_faketensor", "test_aot_dispatch_dynamic") if x.numel() == 0 else None
-    kw_ = {} if utils is None else {"test_utils": utils}
+    if x.numel() == 0:  # opcheck's own storage comparison cannot take empty tensors: the fake and the kernel here
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        for op, args, kw in ops_:
+            op(*args, **kw)
+        assert O.rotary(x, c, s, layout).shape == x.shape
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            assert O.rotary(x, c, s, layout).shape == x.shape
+        return
+    kw_ = {}
     for op, args, kw in ops_:
-        torch.library.opcheck(op, args, kw, **kw_)
+        torch.library.opcheck(op, args, kw)
     if x.dim() >= 2:
         gqa = x.dim() == 4 and (c.dim() < 2 or c.shape[-2] == 1)  # per-head tables need k's heads == q's
         k = x[..., :1, :].clone() if gqa else x.clone()
@@ -395,10 +402,11 @@ def test_conjugate_string_does_not_invert_on_torch_backends():
 
 
 def _f64_inputs():
+    # small: gradgradcheck's numerical Jacobian costs one forward per input element
     torch.manual_seed(0)
-    c, s = tables(5, 6, dtype=torch.float64)  # partial rotary: r = 12 of d = 16
-    q = rnd(2, 5, 3, 16, dtype=torch.float64, requires_grad=True)
-    k = rnd(2, 5, 1, 16, dtype=torch.float64, requires_grad=True)
+    c, s = tables(2, 3, dtype=torch.float64)  # partial rotary: r = 6 of d = 8
+    q = rnd(2, 2, 2, 8, dtype=torch.float64, requires_grad=True)
+    k = rnd(2, 2, 1, 8, dtype=torch.float64, requires_grad=True)
     return q, k, c[:, None], s[:, None]
 
 
@@ -417,8 +425,8 @@ def test_gradgradcheck_rotary_and_qk(backend, layout):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradgradcheck_gather(backend):
     q, k, _, _ = _f64_inputs()
-    ct, st = tables(20, 6, dtype=torch.float64)
-    pos = torch.tensor([[3, 4, 5, 6, 7], [0, 2, 4, 6, 8]])
+    ct, st = tables(20, 3, dtype=torch.float64)
+    pos = torch.tensor([[3, 4], [0, 9]])
     assert torch.autograd.gradgradcheck(
         lambda a, b: ropekit.apply_rotary_gather(a, b, ct, st, positions=pos, backend=backend), (q, k))
     assert torch.autograd.gradgradcheck(
@@ -430,8 +438,8 @@ def test_gradgradcheck_gather(backend):
 @pytest.mark.parametrize("inplace", [False, True])
 def test_gradgradcheck_qk_norm(backend, inplace):
     q, k, c, s = _f64_inputs()
-    wq = (rnd(16, dtype=torch.float64) * 0.1).requires_grad_()
-    wk = (rnd(16, dtype=torch.float64) * 0.1).requires_grad_()
+    wq = (rnd(8, dtype=torch.float64) * 0.1).requires_grad_()
+    wk = (rnd(8, dtype=torch.float64) * 0.1).requires_grad_()
 
     def f(a, b, x, y):
         if inplace:
@@ -444,7 +452,7 @@ def test_gradgradcheck_qk_norm(backend, inplace):
 
 def test_internal_qk_norm_steps_refuse_grad_instead_of_zeros():
     q, k, c, s = _f64_inputs()
-    w = torch.ones(16, dtype=torch.float64)
+    w = torch.ones(8, dtype=torch.float64)
     with pytest.raises(ValueError, match="not differentiable itself"):
         O.qk_norm_rotary_fwd(q, k, w, w, c, s, 1e-6, 0.0, "half")
     qd, kd = q.detach(), k.detach()

@@ -100,6 +100,8 @@ def apply_rotary(
             raise fail("either inplace=True or out=", "both", "drop one of them")
         if out is x:
             inplace, out = True, None
+    if layout != "half" and layout != "interleaved":
+        check_layout(layout)
     be = _resolve(backend, x)
     try:
         return be.apply(x, cos, sin, layout, conjugate, inplace, out)
@@ -134,6 +136,8 @@ def apply_rotary_qk(
         tensors(q=q, k=k, cos=cos, sin=sin)
     if not ((inplace is False or inplace is True) and (conjugate is False or conjugate is True)):
         flags(inplace=inplace, conjugate=conjugate)
+    if layout != "half" and layout != "interleaved":
+        check_layout(layout)
     be = _resolve(backend, q, "q")
     try:
         return be.apply_qk(q, k, cos, sin, layout, conjugate, inplace)
@@ -205,6 +209,8 @@ def apply_qk_norm_rotary(
     if inplace is not False and inplace is not True:
         flags(inplace=inplace)
     tensors(q=q, k=k, q_weight=q_weight, k_weight=k_weight, cos=cos, sin=sin)
+    if layout != "half" and layout != "interleaved":
+        check_layout(layout)
     be = _resolve(backend, q, "q")
     try:
         return be.apply_qk_norm(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, inplace)
@@ -227,6 +233,8 @@ def apply_gather(q, k, cos_table, sin_table, positions, *, format: str, layout: 
     """
     if not ((inplace is False or inplace is True) and (conjugate is False or conjugate is True)):
         flags(inplace=inplace, conjugate=conjugate)
+    if layout != "half" and layout != "interleaved":
+        check_layout(layout)
     be = _resolve(backend, q, "q")
     try:
         return be.apply_gather(q, k, cos_table, sin_table, positions, format, layout, conjugate, inplace)

@@ -423,7 +423,12 @@ class RotaryEmbedding(nn.Module):
         table as it is (at least ``max_position`` rows) with the range checked inside the
         kernel (no host synchronisation: CUDA graphs can capture the call)."""
         if q.device.type == "cpu":
-            lo, hi = (int(v) for v in torch.aminmax(pos[:, 0] if pos.dim() == 2 else pos))
+            first = pos[:, 0] if pos.dim() == 2 else pos  # [b]
+            if first.numel() <= 256:  # a few values: a list read costs less than an aten reduction
+                vals = first.tolist()
+                lo, hi = (min(vals), max(vals)) if vals else (0, -1)
+            else:
+                lo, hi = (int(v) for v in torch.aminmax(first))
             hi += s - 1 if pos.dim() == 2 else 0
             if lo < 0 or hi > min(MAX_EXACT_POSITION, max(self.max_position, TABLE_ROWS_LIMIT) - 1):
                 return self._refuse_range(lo, hi), seq_len

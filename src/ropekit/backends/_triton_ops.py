@@ -22,15 +22,15 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Dict
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["IMPLS", "register_cuda_kernels", "on_triton"]
 
-IMPLS: Dict[str, Callable] = {}
+from . import triton as _tbmod  # the launchers (torch only: triton itself is imported when a kernel runs)
+
+IMPLS: Dict[str, Callable] = _tbmod.IMPLS  # one table: the CUDA registrations and the interpreter's mode read it
 
 
 def _impl(fn: Callable) -> Callable:
@@ -39,9 +39,7 @@ def _impl(fn: Callable) -> Callable:
 
 
 def _tb():
-    from . import triton as tb  # imports triton (lazily: only when a kernel runs)
-
-    return tb
+    return _tbmod
 
 
 def _check(name: str, *args) -> None:
@@ -184,26 +182,7 @@ def register_cuda_kernels() -> None:
     _REGISTERED = True
 
 
-class _OnTriton(TorchDispatchMode):
-    """``torch.ops.ropekit.*`` on CPU tensors run the Triton impls (TRITON_INTERPRET=1) instead
-    of the C++ CPU kernel. Below autograd: the ops' own autograd runs first, as on CUDA."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        ns, _, name = func.name().partition("::")
-        impl = IMPLS.get(name) if ns == "ropekit" else None
-        if impl is not None:
-            return impl(*args, **kwargs)
-        return func(*args, **kwargs)
-
-
-def on_triton(*tensors):
-    """A context in which ropekit's ops on these CPU tensors run the Triton kernels (under the
-    interpreter); a no-op for CUDA tensors (already theirs), in graphs and when already active."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
-
-    if torch.compiler.is_compiling() or not any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in tensors):
-        return contextlib.nullcontext()
-    if any(isinstance(m, _OnTriton) for m in _get_current_dispatch_mode_stack()):
-        return contextlib.nullcontext()
-    return _OnTriton()
+# the interpreter's dispatch mode lives beside the launchers (ropekit.backends.triton), which
+# imports nothing of this module: the impls below register themselves into its IMPLS table
+_OnTriton = _tbmod._OnTriton
+on_triton = _tbmod.on_triton

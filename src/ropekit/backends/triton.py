@@ -49,6 +49,7 @@ Example:
 """
 
 import contextlib
+import importlib.util
 import math
 import os
 import struct
@@ -56,10 +57,11 @@ import sys
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import ops as _ops
 from .._errors import fail
-from . import _generic, _triton_ops
+from . import _generic
 from . import cpu as _cpu_entry  # the ops' entry points (device-generic: CUDA tensors reach the Triton impls)
 
 NAME = "triton"
@@ -75,12 +77,14 @@ __all__ = [
     "apply_qk_norm", "qk_norm_rotate", "qk_norm_backward", "LAUNCH", "launch_config",
 ]
 
-try:
-    import triton  # noqa: F401
+# whether triton is installed, without importing it (import ropekit needs torch only; triton
+# loads when the first kernel runs)
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
-    _HAS_TRITON = True
-except ImportError:  # pragma: no cover - triton is in the dev extra
-    _HAS_TRITON = False
+
+def _cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` (triton.cdiv, without importing triton)."""
+    return -(-a // b)
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FORMATS = ("bshd", "bhsd", "sbhd", "thd")
@@ -251,8 +255,8 @@ def _launch(
         return
     r2p = _pow2(r2)
     bt, bh, num_warps = _launch_params(M, ha, hb, r2p, _interpreted())
-    nba = triton.cdiv(ha, bh)
-    grid = (triton.cdiv(M, bt), nba + triton.cdiv(hb, bh))
+    nba = _cdiv(ha, bh)
+    grid = (_cdiv(M, bt), nba + _cdiv(hb, bh))
     if pos is None:
         sc, ss, sp, nrows = cos.stride(), sin.stride(), (0, 0), 0
     else:
@@ -337,8 +341,8 @@ def _qk_norm_launch(xa, oa, ra, wa, xb, ob, rb, wb, cos, sin, eps, weight_offset
     inplace = oa is None
     r2p, tp = _norm_widths(d, r2)
     bt, bh, num_warps = _norm_launch_params(M, ha, hb, d, r2, _interpreted())
-    nba = triton.cdiv(ha, bh)
-    grid = (triton.cdiv(M, bt), nba + triton.cdiv(hb, bh))
+    nba = _cdiv(ha, bh)
+    grid = (_cdiv(M, bt), nba + _cdiv(hb, bh))
     eps_hi, eps_lo = _split_f32(eps)
     wo_hi, wo_lo = _split_f32(weight_offset)
     _launch_kernel(
@@ -366,13 +370,13 @@ def _qk_norm_bwd_launch(ga, xa, ra, wa, dxa, pa, gb, xb, rb, wb, dxb, pb, cos, s
     if M == 0 or ha + hb == 0:
         return
     r2p, tp = _norm_widths(d, r2)
-    nba = triton.cdiv(ha, bh)
-    grid = (programs, nba + triton.cdiv(hb, bh))
+    nba = _cdiv(ha, bh)
+    grid = (programs, nba + _cdiv(hb, bh))
     wo_hi, wo_lo = _split_f32(weight_offset)
     _launch_kernel(
         "qk_norm_bwd_kernel", grid, xa.device,
         ga, xa, dxa, ra, wa, pa, gb, xb, dxb, rb, wb, pb, cos, sin,
-        M, m1, ha, hb, nba, triton.cdiv(M, bt), programs,
+        M, m1, ha, hb, nba, _cdiv(M, bt), programs,
         *_s3(ga), *_s3(xa), *_s3(dxa, xa), *_s3(ra), wa.stride(0),
         *_s3(gb), *_s3(xb), *_s3(dxb, xb), *_s3(rb), wb.stride(0) if wb is not None else 0,
         *cos.stride(), *sin.stride(),
@@ -653,7 +657,7 @@ def rotate_qk_gather(q, k, cos_table, sin_table, positions, fmt, layout, inplace
 # entry points of the backend registry: the dispatcher ops (torch.ops.ropekit.*), whose
 # CUDA kernels are the launches above (ropekit.backends._triton_ops); one validator and one
 # autograd per op (C++). CPU tensors under TRITON_INTERPRET=1 reach the same Python kernels
-# through _triton_ops.on_triton() (the op's CPU kernel otherwise).
+# through on_triton() (the op's CPU kernel otherwise).
 # --------------------------------------------------------------------------------------
 
 
@@ -661,8 +665,36 @@ def _ops_backend():
     return _cpu_entry
 
 
+IMPLS: dict = {}  # op name -> its CUDA kernel (filled by ropekit.backends._triton_ops)
+
+
+class _OnTriton(TorchDispatchMode):
+    """``torch.ops.ropekit.*`` on CPU tensors run the Triton impls (TRITON_INTERPRET=1) instead
+    of the C++ CPU kernel. Below autograd: the ops' own autograd runs first, as on CUDA."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        ns, _, name = func.name().partition("::")
+        impl = IMPLS.get(name) if ns == "ropekit" else None
+        if impl is not None:
+            return impl(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def on_triton(*tensors):
+    """A context in which ropekit's ops on these CPU tensors run the Triton kernels (under the
+    interpreter); a no-op for CUDA tensors (already theirs), in graphs and when already active."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    if torch.compiler.is_compiling() or not any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in tensors):
+        return contextlib.nullcontext()
+    if any(isinstance(m, _OnTriton) for m in _get_current_dispatch_mode_stack()):
+        return contextlib.nullcontext()
+    return _OnTriton()
+
+
 def _mode(*ts):
-    return _triton_ops.on_triton(*ts)
+    return on_triton(*ts)
 
 
 def apply(x, cos, sin, layout, conjugate, inplace, out):
@@ -844,12 +876,12 @@ def _qk_norm_backward(grads, xs, weights, rstds, cos, sin, weight_offset, interl
         hb = group[1][2].shape[2] if len(group) == 2 else 0
         r2 = cos.shape[-1]
         bt, bh, num_warps = _norm_launch_params(m0 * m1, ha, hb, d, r2, _interpreted())
-        programs = max(1, min(triton.cdiv(m0 * m1, bt), _DW_PROGRAMS))
+        programs = max(1, min(_cdiv(m0 * m1, bt), _DW_PROGRAMS))
         args = []
         for i, gv, xv, rv, w, dv, _, _ in group:
             pv = None
             if need_dw[i]:
-                pv = torch.empty(programs * triton.cdiv(xv.shape[2], bh), d, dtype=_generic.compute_dtype(xv), device=xv.device)
+                pv = torch.empty(programs * _cdiv(xv.shape[2], bh), d, dtype=_generic.compute_dtype(xv), device=xv.device)
             args.append((gv, xv, rv, w, dv, pv))
         if len(args) == 1:
             args.append((None,) * 6)

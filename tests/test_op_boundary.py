@@ -470,3 +470,55 @@ def test_torch_func_grad_and_vmap(backend):
     torch.testing.assert_close(g, 2 * x)  # a rotation preserves the norm: d/dx |R x|² = 2x
     v = torch.vmap(lambda a: ropekit.apply_rotary(a, c[:, None], s[:, None], backend=backend))(x)
     torch.testing.assert_close(v, ropekit.apply_rotary(x, c[:, None], s[:, None], backend="reference"))
+
+
+# --------------------------------------------------------------------------------------
+# smaller boundary cases
+
+
+@pytest.mark.parametrize("kw", [
+    {"offsets": torch.tensor([2**63 - 1, 0])},
+    {"offsets": torch.tensor(2**63 - 2)},
+    {"offsets": 2**63 - 1},
+], ids=["b_offsets", "0d_offsets", "int_offsets"])
+def test_int64_overflowing_offsets_named_as_too_large(kw):
+    rope = ropekit.RotaryEmbedding(ropekit.RopeConfig(16))
+    q, k = rnd(2, 3, 2, 16), rnd(2, 3, 1, 16)
+    with pytest.raises(RopeError, match=r"2\*\*53") as e:
+        rope(q, k, **kw)
+    assert "-9223372036854775808" not in str(e.value)
+
+
+def test_packed_overflowing_offsets_named_as_too_large():
+    rope = ropekit.RotaryEmbedding(ropekit.RopeConfig(16))
+    with pytest.raises(RopeError, match=r"2\*\*53"):
+        rope(rnd(5, 2, 16), rnd(5, 1, 16), format="thd", cu_seqlens=torch.tensor([0, 2, 5]),
+             offsets=torch.tensor([2**63 - 1, 0]))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine has the device")
+def test_cuda_device_on_a_cpu_build_is_a_rope_error():
+    with pytest.raises(RopeError, match="CUDA"):
+        ropekit.cos_sin(ropekit.RopeConfig(16), torch.arange(4), device="cuda")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_allocation_failure_is_a_rope_error(backend):
+    c, s = tables(1, 8)
+    x = torch.empty(1, 16).expand(2**38, 16)  # an output of 2**38 rows cannot be allocated
+    with pytest.raises(RopeError, match="fits in memory"):
+        ropekit.apply_rotary(x, c, s, backend=backend)
+
+
+def test_non_tensor_arguments_are_rope_errors():
+    c, s = tables(4, 8)
+    x = rnd(4, 16)
+    with pytest.raises(RopeError, match="torch.Tensor"):
+        ropekit.apply_rotary(x.tolist(), c, s)
+    with pytest.raises(RopeError, match="torch.Tensor"):
+        ropekit.apply_rotary(x, c.tolist(), s)
+    with pytest.raises(RopeError, match="layout"):
+        ropekit.apply_rotary(x, c, s, layout=1)
+    rope = ropekit.RotaryEmbedding(ropekit.RopeConfig(16))
+    with pytest.raises(RopeError, match="torch.Tensor"):
+        rope(rnd(1, 4, 2, 16), rnd(1, 4, 1, 16), positions=[0, 1, 2, 3])

@@ -239,6 +239,12 @@ class RotaryEmbedding(nn.Module):
                     # one offset per sample (decode): [b] positions for s == 1 (the op reads them as [b, 1])
                     pos = offsets if s == 1 else offsets[:, None] + self._arange(s, q.device)[:s]
                     return (pos,) + self._covering(q, pos, s, seq_len)
+        if (isinstance(offsets, torch.Tensor) and offsets.numel() and offsets.dtype.is_signed
+                and not offsets.dtype.is_floating_point and offsets.device.type != "meta"):
+            top = int(offsets.max())  # before offsets + 0..s-1 is formed: an offset near 2**63 would wrap
+            if top > MAX_EXACT_POSITION:
+                raise fail("positions <= 2**53 (exact in the float64 angle m·θ)", f"an offset of {top}",
+                           "offsets are the number of tokens already in the KV cache; check how they were computed")
         pos = self._positions(q, positions, offsets, cu_seqlens, format, check_values=False)
         n = 0
         if pos.numel():

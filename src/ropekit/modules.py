@@ -284,7 +284,7 @@ class RotaryEmbedding(nn.Module):
         """Graphs (torch.compile/export, torch.jit.trace) and meta tensors: cos/sin from the
         positions inside the graph, no cache (a trace must not record a table build that only
         its first call makes)."""
-        return q.is_meta or tracing() or torch.jit.is_tracing()
+        return q.is_meta or torch._C._get_tracing_state() is not None or tracing()
 
     def cos_sin_for(
         self,
@@ -366,7 +366,11 @@ class RotaryEmbedding(nn.Module):
             check_head_width(self.cfg, q=q, k=k)
         if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0):
             raise fail("seq_len an int >= 0 or None", repr(seq_len), "pass the total sequence length (e.g. prompt + generated)")
-        split_qk_format(q, k, format)
+        sd = _SEQ_DIM.get(format)
+        qs, ks = q.shape, k.shape
+        bd = 1 if sd == 0 else 0  # the batch dim (sbhd: 1)
+        if not (sd is not None and len(qs) == 4 and len(ks) == 4 and qs[sd] == ks[sd] and qs[bd] == ks[bd]):
+            split_qk_format(q, k, format)  # the general check (and its message)
         if self._sync_free(q):
             # graph path: no cache, no lock, no sync; cos/sin from positions inside the graph
             cos, sin = self._cos_sin_for(q, positions, offsets, cu_seqlens, format, seq_len)

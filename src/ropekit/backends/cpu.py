@@ -67,8 +67,10 @@ def supports(x: torch.Tensor) -> bool:
 def _learnable(*tables) -> bool:
     """Tables that require grad, or a functorch transform (torch.func.grad/vjp/jacrev: C++
     autograd Functions cannot run under them): the eager formula, which torch differentiates."""
-    return (torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tables)) \
-        or torch._C._are_functorch_transforms_active()
+    for t in tables:
+        if isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled():
+            return True
+    return torch._C._are_functorch_transforms_active()
 
 
 def apply(x, cos, sin, layout, conjugate, inplace, out):

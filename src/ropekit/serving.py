@@ -63,6 +63,7 @@ __all__ = [
     "profile_tables",
     "longrope_profile",
     "apply_rotary_profiles",
+    "profile_positions",
 ]
 
 _CACHE_LAYOUTS = ("nhd", "bshd", "hnd")
@@ -87,6 +88,9 @@ def cache_rows(cache: torch.Tensor, slots: torch.Tensor, cache_layout: str = "nh
     _check_cache_layout(cache_layout)
     nb, bs = cache.shape[0], cache.shape[2 if cache_layout == "hnd" else 1]
     s = slots.reshape(-1).to(device=cache.device, dtype=torch.int64).clamp(min=0)
+    if cache_layout != "hnd" and cache.stride(0) == bs * cache.stride(1):  # blocks and offsets merge: one index_select
+        return cache.view(nb * bs, *cache.shape[2:]).index_select(0, s) if cache.is_contiguous() else \
+            cache.flatten(0, 1).index_select(0, s)
     blk, off = torch.div(s, bs, rounding_mode="floor"), s % bs
     return cache[blk, :, off] if cache_layout == "hnd" else cache[blk, off]  # [t, h, d]
 
@@ -303,8 +307,13 @@ def rerotate_cache(
     n_axes = 0 if mrope_section is None else len(mrope_section)
     old = _positions(old_positions, "old_positions", n_axes, n).to(cache.device)
     new = _positions(new_positions, "new_positions", n_axes, n).to(cache.device)
-    # δ = θ_new(p_new) − θ_old(p_old) in float64 (exact integer positions: one rounding per product)
-    delta = _angles(new_cfg, new, new_seq_len, axes) - _angles(cfg, old, old_seq_len, axes)  # [n, r/2] float64
+    if new_cfg.table_key(new_seq_len) == cfg.table_key(old_seq_len) and new_cfg.inv_freq(new_seq_len).equal(
+            cfg.inv_freq(old_seq_len)):
+        # the same frequencies: δ = (p_new − p_old)·θ, an exact integer shift times θ (one rounding)
+        delta = _angles(cfg, new - old, old_seq_len, axes)  # [n, r/2] float64
+    else:
+        # δ = θ_new(p_new) − θ_old(p_old) in float64 (exact integer positions: one rounding per product)
+        delta = _angles(new_cfg, new, new_seq_len, axes) - _angles(cfg, old, old_seq_len, axes)  # [n, r/2]
     scale = new_cfg.attention_factor / cfg.attention_factor
     tdt = torch.float64 if cache.dtype == torch.float64 else torch.float32
     cos, sin = torch.cos(delta), torch.sin(delta)
@@ -398,6 +407,7 @@ def apply_rotary_profiles(
     layout: str = "half",
     inplace: bool = False,
     backend: str = "auto",
+    check: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Rotate ``q``/``k`` with each sequence's own profile of stacked tables, in one gather call.
 
@@ -406,6 +416,8 @@ def apply_rotary_profiles(
         cos, sin: ``[P, n, r/2]`` stacked profiles (:func:`profile_tables`), contiguous.
         profile: integer ``[b]`` (one profile per sequence), or per token ``[b, s]`` / ``[t]``.
         positions: integer ``[b, s]`` (``[s]`` shared), or ``[t]`` for ``thd``; in ``[0, n)``.
+        check: read positions and profiles on the host to refuse out-of-range values
+            (:func:`profile_positions`).
 
     Returns ``(q_rot, k_rot)``: the same bits as rotating each sequence alone with its
     profile's ``[n, r/2]`` tables.
@@ -414,20 +426,37 @@ def apply_rotary_profiles(
     if cos.dim() != 3 or sin.shape != cos.shape:
         raise fail("cos and sin stacked profiles of one shape [P, n, r/2]", f"{tuple(cos.shape)} and {tuple(sin.shape)}",
                    "stack per-profile tables with profile_tables / stack_profiles")
+    flags(check=check)
     P, n, half = cos.shape
-    pos = positions.to(torch.int64)
+    _, s = split_qk_format(q, k, format)
+    flat = profile_positions(positions, profile, P, n, s=None if format == "thd" else s, check=check)
+    return apply_rotary_gather(q, k, cos.reshape(P * n, half), sin.reshape(P * n, half), positions=flat,
+                               format=format, layout=layout, inplace=inplace, backend=backend)
+
+
+def profile_positions(positions: torch.Tensor, profile: torch.Tensor, P: int, n: int, *, s: Optional[int] = None,
+                      check: bool = True) -> torch.Tensor:
+    """Rows of the flattened ``[P*n, r/2]`` stack: ``position + profile * n`` (one integer op).
+
+    ``profile`` ``[b]`` (per sequence) broadcasts over ``[b, s]`` positions (``s``: the
+    sequence length of a ``bshd`` batch, to read ``[s]`` shared and ``[b]`` decode positions);
+    per-token profiles take the positions' shape. An engine that builds its positions every
+    step folds the offset in there and calls the gather op directly, at the cost of a
+    single-profile call. ``check``: positions in ``[0, n)`` and profiles in ``[0, P)`` (a
+    position past ``n`` would silently read the next profile's row; the gather op itself only
+    bounds the flat row by ``P*n``); off under torch.compile (no host reads)."""
+    pos = positions if positions.dtype == torch.int64 else positions.to(torch.int64)
     prof = profile.to(device=pos.device, dtype=torch.int64)
-    if format != "thd" and prof.dim() == 1:  # one profile per sequence: [b] -> [b, 1]
-        _, s = split_qk_format(q, k, format)
+    if s is not None and prof.dim() == 1:  # one profile per sequence: [b] -> [b, 1]
         prof = prof[:, None]
         if pos.dim() == 1:  # [s] shared by the batch -> [1, s]; [b] one token per sequence (s == 1) -> [b, 1]
             pos = pos[None] if pos.shape[0] == s else pos[:, None]
-    if not torch.compiler.is_compiling() and prof.numel() and (int(prof.min()) < 0 or int(prof.max()) >= P):
-        raise fail(f"profile indices in [0, {P})", f"indices from {int(prof.min())} to {int(prof.max())}",
-                   "index the stacked tables' first dim")
-    if not torch.compiler.is_compiling() and pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= n):
-        raise fail(f"positions in [0, {n}) (the profile tables' length)",
-                   f"positions from {int(pos.min())} to {int(pos.max())}", "build longer profile tables")
-    flat = pos + prof * n  # row of (profile, position) in the flattened [P*n, r/2] tables
-    return apply_rotary_gather(q, k, cos.reshape(P * n, half), sin.reshape(P * n, half), positions=flat,
-                               format=format, layout=layout, inplace=inplace, backend=backend)
+    if check and not torch.compiler.is_compiling():
+        for nm, t, hi in (("profile indices", prof, P), ("positions", pos, n)):
+            if t.numel():
+                lo_v, hi_v = (int(x) for x in torch.aminmax(t))
+                if lo_v < 0 or hi_v >= hi:
+                    raise fail(f"{nm} in [0, {hi})" + (" (the profile tables' length)" if nm == "positions" else ""),
+                               f"{nm} from {lo_v} to {hi_v}",
+                               "index the stacked tables' first dim" if nm != "positions" else "build longer tables")
+    return torch.add(pos, prof, alpha=n)  # row of (profile, position) in the flattened stack

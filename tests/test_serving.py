@@ -406,3 +406,18 @@ def test_docs_decode_loop_matches_recomputing_every_key():
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
     assert blocks
     exec(compile("\n".join(blocks), "docs/serving.md", "exec"), {"__name__": "docs_serving"})
+
+
+def test_torch_composition_for_devices_without_a_kernel(monkeypatch):
+    """Where no ropekit kernel runs (another device, or no compiled ops) the same call is torch code."""
+    c = _case()
+    q1, q2 = c["q"].clone(), c["q"].clone()
+    kc1, vc1, kc2, vc2 = (torch.zeros(2, 1, 4, 16) for _ in range(4))
+    slots = torch.tensor([0, -1, 6])
+    q1, k1 = serving.apply_rotary_cache(q1, c["k"], c["cos_table"], c["sin_table"], c["positions"], kc1, slots=slots,
+                                        v=c["v"], v_cache=vc1, cache_layout="hnd", return_k=True)
+    monkeypatch.setattr(serving, "_op_device", lambda t: False)
+    q2, k2 = serving.apply_rotary_cache(q2, c["k"], c["cos_table"], c["sin_table"], c["positions"], kc2, slots=slots,
+                                        v=c["v"], v_cache=vc2, cache_layout="hnd", return_k=True)
+    for a, b in ((q1, q2), (k1, k2), (kc1, kc2), (vc1, vc2)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)

@@ -170,10 +170,10 @@ def apply_rotary_cache(
     positions outside the table, caches overlapping any input or each other, wrong
     dtypes/devices/shapes, and inputs that require grad (a cache write is not differentiable).
     """
+    # the tensor rules, layouts included, are the op's validator (C++); here only what Python has
     tensors(q=q, k=k, cos_table=cos_table, sin_table=sin_table, positions=positions, k_cache=k_cache, slots=slots)
-    flags(inplace=inplace, return_k=return_k)
-    check_layout(layout)
-    _check_cache_layout(cache_layout)
+    if not ((inplace is True or inplace is False) and (return_k is True or return_k is False)):
+        flags(inplace=inplace, return_k=return_k)
     if not inplace:
         q = q.clone()
     k_out = torch.empty_like(k) if return_k else None
@@ -182,6 +182,8 @@ def apply_rotary_cache(
             torch.ops.ropekit.rotary_cache_(q, k, cos_table, sin_table, positions, k_cache, slots, v, v_cache, k_out,
                                             cache_layout, layout)
         else:
+            check_layout(layout)
+            _check_cache_layout(cache_layout)
             _cache_eager(q, k, cos_table, sin_table, positions, k_cache, slots, v, v_cache, k_out, cache_layout, layout)
     except (ValueError, RuntimeError) as e:
         raise to_rope_error(e) from None

@@ -421,3 +421,25 @@ def test_torch_composition_for_devices_without_a_kernel(monkeypatch):
                                         v=c["v"], v_cache=vc2, cache_layout="hnd", return_k=True)
     for a, b in ((q1, q2), (k1, k2), (kc1, kc2), (vc1, vc2)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_triton_kernel_without_q_mixed_dtypes_and_strided_q():
+    pytest.importorskip("triton")
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the Triton kernel on CPU tensors under TRITON_INTERPRET=1")
+    from ropekit.backends import _triton_cache as TC
+
+    g = torch.Generator().manual_seed(10)
+    ct, st = cos_sin(RopeConfig(32), torch.arange(20))
+    k, pos, slots = torch.randn(4, 2, 32, generator=g), torch.arange(4), torch.tensor([3, 0, -1, 7])
+    qs = [torch.empty(4, 0, 32), torch.randn(4, 3, 32, generator=g, dtype=torch.float64),
+          torch.randn(4, 32, 3, generator=g).transpose(1, 2)]  # no q (re-rotation), q in float64, q strided
+    for q in qs:
+        outs = []
+        for fn in (OP, TC.rotary_cache_):
+            qq, kc = q.clone(memory_format=torch.preserve_format), torch.zeros(2, 4, 2, 32)
+            fn(qq, k, ct, st, pos, kc, slots)
+            outs.append((qq, kc))
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])

@@ -51,7 +51,7 @@ from . import ops as _ops
 from ._errors import fail
 from ._tensor_checks import flags, tensors, to_rope_error
 from .config import RopeConfig, check_layout
-from .functional import apply_rotary_gather
+from .functional import apply_gather, apply_rotary_gather
 from .positions import split_qk_format
 from .tables import cos_sin
 
@@ -424,7 +424,7 @@ def apply_rotary_profiles(
     Returns ``(q_rot, k_rot)``: the same bits as rotating each sequence alone with its
     profile's ``[n, r/2]`` tables.
     """
-    tensors(cos=cos, sin=sin, profile=profile, positions=positions)
+    tensors(q=q, k=k, cos=cos, sin=sin, profile=profile, positions=positions)
     if cos.dim() != 3 or sin.shape != cos.shape:
         raise fail("cos and sin stacked profiles of one shape [P, n, r/2]", f"{tuple(cos.shape)} and {tuple(sin.shape)}",
                    "stack per-profile tables with profile_tables / stack_profiles")
@@ -432,8 +432,9 @@ def apply_rotary_profiles(
     P, n, half = cos.shape
     _, s = split_qk_format(q, k, format)
     flat = profile_positions(positions, profile, P, n, s=None if format == "thd" else s, check=check)
-    return apply_rotary_gather(q, k, cos.reshape(P * n, half), sin.reshape(P * n, half), positions=flat,
-                               format=format, layout=layout, inplace=inplace, backend=backend)
+    # the op's own position forms ([s], [b, s], [t]): straight to the gather entry point
+    return apply_gather(q, k, cos.reshape(P * n, half), sin.reshape(P * n, half), flat, format=format, layout=layout,
+                        inplace=inplace, backend=backend)
 
 
 def profile_positions(positions: torch.Tensor, profile: torch.Tensor, P: int, n: int, *, s: Optional[int] = None,

@@ -1569,6 +1569,315 @@ Tensor4 qk_norm_rotary_bwd_autograd(const Tensor& gq, const Tensor& gk, const Te
     return call_norm_bwd(gq, gk, q, k, qw, kw, rq, rk, c, s, off, layout);
 }
 
+// ---------------------------------------------------------------------------------------
+// serving: the rotation fused with the KV-cache write (rotary_cache_)
+//
+//   rotary_cache_(q!, k, cos_table, sin_table, positions, k_cache!, slots, v?, v_cache!?,
+//                 k_out!?, cache_layout, layout) -> ()
+//
+// Tokens are the leading dims of q [..., hq, d] and k [..., hk, d]; positions and slots have
+// exactly those dims. Per token t: q[t] is rotated in place by the table row positions[t];
+// k[t] is rotated by the same row and written to the cache slot slots[t] (flat: block *
+// block_size + offset; negative: not written); v[t] is copied to that slot of v_cache;
+// k_out[t] (when given) receives the rotated k too. k is read once per token (its rows stay
+// in L1 for the k_out copy). Caches: "nhd" [num_blocks, block_size, hk, d] — a dense
+// [b, s_max, hk, d] cache is the same with block_size = s_max ("bshd") — and "hnd"
+// [num_blocks, hk, block_size, d]; any strides with a unit last stride (the K and V halves of
+// a packed cache are strided views of one buffer). Each token's rows are one job of the
+// rotary kernel (kernel.cpp): the same bits as ropekit.apply_rotary of that row.
+
+struct CacheCall {
+    int64_t layout;  // pair layout code
+    bool hnd;        // cache [num_blocks, h, block_size, d]
+    int64_t lead;    // token dims of q/k
+};
+
+bool parse_cache_layout(c10::string_view s) {
+    if (s == "nhd" || s == "bshd") return false;
+    if (s == "hnd") return true;
+    RK_CHECK(false, "cache_layout in ('nhd', 'bshd', 'hnd'), got '", std::string(s),
+             "'. Fix: 'nhd' for [num_blocks, block_size, h, d] (and 'bshd' for a dense [b, s_max, h, d] cache: the "
+             "same with block_size = s_max), 'hnd' for [num_blocks, h, block_size, d]");
+    return false;
+}
+
+const Tensor* opt_ptr(const c10::optional<Tensor>& t) { return t.has_value() && t->defined() ? &*t : nullptr; }
+
+// One cache against the tokens: 4-D, x's dtype/device, heads and head dim of x, unit last stride.
+void check_cache(const Tensor& c, const Tensor& x, bool hnd, const char* cn, const char* xn) {
+    const int64_t L = x.dim() - 2;
+    RK_CHECK(c.defined() && c.dim() == 4, cn, hnd ? " [num_blocks, h, block_size, d] (cache_layout='hnd')"
+                                                  : " [num_blocks, block_size, h, d] (cache_layout='nhd'/'bshd')",
+             ", got ", c.defined() ? c10::str("shape ", shape_str(c)) : std::string("None"),
+             ". Fix: pass the cache tensor itself (a dense [b, s_max, h, d] cache is 'bshd')");
+    RK_CHECK(c.scalar_type() == x.scalar_type(), cn, " of ", xn, "'s dtype ", dt_str(x.scalar_type()),
+             " (the rotated rows are rounded once, to the cache's dtype = ", xn, "'s), got ", cn, ".dtype=",
+             dt_str(c.scalar_type()), ". Fix: convert ", xn, " to the cache dtype first (", xn, ".to(", cn, ".dtype))");
+    check_same_device(x, c, xn, cn);
+    const c10::SymInt ch = c.sym_size(hnd ? 1 : 2);
+    RK_CHECK(ch == x.sym_size(L) && c.sym_size(3) == x.sym_size(L + 1), cn, " with ", xn, "'s heads and head dim (",
+             x.sym_size(L), ", ", x.sym_size(L + 1), "), got ", cn, " ", shape_str(c), " for ", xn, " ", shape_str(x),
+             ". Fix: ", hnd ? "cache_layout='hnd' reads [num_blocks, h, block_size, d]"
+                            : "cache_layout='nhd' reads [num_blocks, block_size, h, d] (use 'hnd' for [num_blocks, h, "
+                              "block_size, d])");
+    if (!symbolic(c))
+        RK_CHECK(c.size(3) <= 1 || c.stride(3) == 1, cn, " with unit stride in the head dim, got stride ", stride_str(c),
+                 ". Fix: allocate the cache contiguous in its last dim (K/V halves of a packed cache as views are fine)");
+    check_writable(c, cn);
+}
+
+// rotary_cache_ (the values of positions and slots are checked by the kernels: they need the data)
+CacheCall validate_cache(const Tensor& q, const Tensor& k, const Tensor& ct, const Tensor& st, const Tensor& pos,
+                         const Tensor& kc, const Tensor& slots, const Tensor* v, const Tensor* vc, const Tensor* ko,
+                         c10::string_view cache_layout, c10::string_view layout) {
+    check_x(q, "q");
+    check_x(k, "k");
+    check_same_device(q, k, "q", "k");
+    RK_CHECK(q.dim() >= 2 && k.dim() == q.dim() &&
+                 q.sym_sizes().slice(0, q.dim() - 2) == k.sym_sizes().slice(0, k.dim() - 2) &&
+                 q.sym_size(-1) == k.sym_size(-1),
+             "q [..., hq, d] and k [..., hk, d] with the same token dims and head dim, got q ", shape_str(q), " and k ",
+             shape_str(k), ". Fix: pass one token per row of q and k (e.g. [t, h, d] packed, or [b, s, h, d])");
+    const int64_t L = q.dim() - 2;
+    const auto lead = q.sym_sizes().slice(0, L);
+    for (const Tensor* t : {&ct, &st}) {
+        const char* nm = t == &ct ? "cos_table" : "sin_table";
+        RK_CHECK(t->defined() && t->dim() == 2 && dtype_code(t->scalar_type()) >= 0, nm, " a float [n, r/2] table, got ",
+                 t->defined() ? c10::str("shape ", shape_str(*t), " ", dt_str(t->scalar_type())) : std::string("None"),
+                 ". Fix: pass the tables of ropekit.cos_sin(cfg, torch.arange(n))");
+        check_same_device(q, *t, "q", nm);
+    }
+    RK_CHECK(ct.sym_sizes() == st.sym_sizes() && ct.sym_size(1) >= 1 && ct.sym_size(1) * 2 <= q.sym_size(-1),
+             "cos_table and sin_table of one shape [n, r/2] with 1 <= r/2 <= d/2 = ", q.sym_size(-1) / 2, ", got ",
+             shape_str(ct), " and ", shape_str(st), ". Fix: ",
+             ct.sym_size(1) == q.sym_size(-1) ? "these look like full-width tables (transformers' form): convert with "
+                                                "ropekit.from_full_width(cos, layout)"
+                                              : "build them with ropekit.cos_sin(cfg, torch.arange(n))");
+    for (const Tensor* t : {&pos, &slots}) {
+        const char* nm = t == &pos ? "positions" : "slots";
+        RK_CHECK(t->defined() && at::isIntegralType(t->scalar_type(), /*includeBool=*/false), nm,
+                 " an integer tensor, got ", t->defined() ? dt_str(t->scalar_type()) : std::string("None"),
+                 ". Fix: pass int64 ", nm);
+        check_same_device(q, *t, "q", nm);
+        RK_CHECK(t->sym_sizes() == lead, nm, " of the token dims of q/k ", c10::SymIntArrayRef(lead), " (one per token), got ",
+                 nm, " of shape ", shape_str(*t), ". Fix: one ", t == &pos ? "position" : "cache slot",
+                 " per token, shaped like q.shape[:-2]");
+    }
+    const bool hnd = parse_cache_layout(cache_layout);
+    check_cache(kc, k, hnd, "k_cache", "k");
+    RK_CHECK((v == nullptr) == (vc == nullptr), "v and v_cache together (or neither), got ", v ? "v" : "v_cache",
+             " alone. Fix: pass both to write the values, or neither");
+    if (v != nullptr) {
+        check_x(*v, "v");
+        check_same_device(q, *v, "q", "v");
+        RK_CHECK(v->dim() == k.dim() && v->sym_sizes().slice(0, L) == lead, "v [..., hv, dv] with q/k's token dims ",
+                 c10::SymIntArrayRef(lead), ", got v ", shape_str(*v), ". Fix: one value row per token, as k");
+        check_cache(*vc, *v, hnd, "v_cache", "v");
+        RK_CHECK(vc->sym_size(0) == kc.sym_size(0) && vc->sym_size(hnd ? 2 : 1) == kc.sym_size(hnd ? 2 : 1),
+                 "v_cache with k_cache's blocks and block size, got k_cache ", shape_str(kc), " and v_cache ", shape_str(*vc),
+                 ". Fix: allocate both caches with one block table");
+    }
+    if (ko != nullptr) {
+        RK_CHECK(ko->sym_sizes() == k.sym_sizes() && ko->scalar_type() == k.scalar_type() && ko->device() == k.device(),
+                 "k_out of k's shape/dtype/device ", shape_str(k), " ", dt_str(k.scalar_type()), " on ", k.device(),
+                 ", got ", shape_str(*ko), " ", dt_str(ko->scalar_type()), " on ", ko->device(),
+                 ". Fix: allocate it with torch.empty_like(k)");
+        check_writable(*ko, "k_out");
+    }
+    const int64_t lay = parse_layout(layout);
+    check_writable(q, "q");
+    // every written tensor against every input, and the written ones against each other
+    std::vector<std::pair<const Tensor*, const char*>> written = {{&q, "q"}, {&kc, "k_cache"}};
+    if (vc) written.emplace_back(vc, "v_cache");
+    if (ko) written.emplace_back(ko, "k_out");
+    std::vector<std::pair<const Tensor*, const char*>> inputs = {
+        {&k, "k"}, {&ct, "cos_table"}, {&st, "sin_table"}, {&pos, "positions"}, {&slots, "slots"}};
+    if (v) inputs.emplace_back(v, "v");
+    for (size_t i = 0; i < written.size(); ++i) {
+        for (const auto& [t, nm] : inputs) check_no_overlap(*written[i].first, written[i].second, *t, nm);
+        for (size_t j = i + 1; j < written.size(); ++j)
+            check_no_overlap(*written[i].first, written[i].second, *written[j].first, written[j].second);
+    }
+    return {lay, hnd, L};
+}
+
+// Slots in range, no slot twice (which write lands would depend on the thread order); positions
+// in the table. p, sl: contiguous int64 [T].
+void check_cache_values(const Tensor& p, const Tensor& sl, int64_t ntable, int64_t nslots) {
+    if (!p.is_cpu()) return;
+    check_positions_range(p, ntable);
+    const int64_t T = sl.numel();
+    const int64_t* s = sl.const_data_ptr<int64_t>();
+    std::vector<int64_t> used;
+    used.reserve((size_t)T);
+    for (int64_t t = 0; t < T; ++t) {
+        RK_CHECK(s[t] < nslots, "slots below num_blocks * block_size = ", nslots, " (negative: not written), got slot ",
+                 s[t], " for token ", t, ". Fix: allocate more blocks or fix the block table");
+        if (s[t] >= 0) used.push_back(s[t]);
+    }
+    std::sort(used.begin(), used.end());
+    for (size_t i = 1; i < used.size(); ++i)
+        RK_CHECK(used[i] != used[i - 1], "slots that differ within one call (each token its own cache slot), got slot ",
+                 used[i], " twice. Fix: give every written token its own slot (padding tokens: slot -1)");
+}
+
+// Element offset of every token (the leading L dims of x), in row-major token order.
+std::vector<int64_t> token_offsets(const Tensor& x, int64_t L) {
+    int64_t T = 1;
+    for (int64_t i = 0; i < L; ++i) T *= x.size(i);
+    std::vector<int64_t> off((size_t)T), idx((size_t)L, 0);
+    int64_t o = 0;
+    for (int64_t t = 0; t < T; ++t) {
+        off[t] = o;
+        for (int64_t i = L - 1; i >= 0; --i) {
+            o += x.stride(i);
+            if (++idx[i] < x.size(i)) break;
+            o -= x.stride(i) * x.size(i);
+            idx[i] = 0;
+        }
+    }
+    return off;
+}
+
+// One token's h rows (x -> o, head strides xs/os) with one table row c/s (byte addresses).
+void row_job(RkJob& j, int64_t dt, int64_t lay, int64_t half, int64_t d, intptr_t x, intptr_t o, int64_t xs,
+             int64_t os, int64_t h, intptr_t c, intptr_t s) {
+    std::memset(&j, 0, sizeof j);
+    j.dtype = dt;
+    j.layout = lay;
+    j.half = half;
+    j.d = d;
+    j.x = x;
+    j.o = o;
+    j.c = c;
+    j.s = s;
+    j.nd = 1;
+    j.nrows = h;
+    j.size[0] = h;
+    j.xs[0] = xs;
+    j.os[0] = os;
+}
+
+intptr_t addr(const Tensor& t, int64_t elem_offset) {
+    return reinterpret_cast<intptr_t>(t.data_ptr()) + elem_offset * (intptr_t)t.element_size();
+}
+
+void cache_into(const Tensor& q, const Tensor& k, const Tensor& ct, const Tensor& st, const Tensor& pos,
+                const Tensor& kc, const Tensor& slots, const Tensor* v, const Tensor* vc, const Tensor* ko,
+                const CacheCall& g) {
+    const Tensor p = pos.to(at::kLong).contiguous().reshape({-1}), sl = slots.to(at::kLong).contiguous().reshape({-1});
+    const int64_t nb = kc.size(0), bs = kc.size(g.hnd ? 2 : 1);
+    check_cache_values(p, sl, ct.size(0), nb * bs);
+    const int64_t T = p.numel(), L = g.lead, d = k.size(-1), half = ct.size(1);
+    if (T == 0) return;
+    TORCH_CHECK(supported_dtype(q) && supported_dtype(k), "ropekit: this build has no float16 kernel");
+    // rows the kernel cannot address (a non-unit last stride) go through contiguous copies
+    const Tensor qw = unit_last(q) ? q : q.contiguous(), kr = unit_last(k) ? k : k.contiguous();
+    const bool ko_direct = ko != nullptr && unit_last(*ko);
+    const Tensor kow = ko == nullptr ? Tensor() : ko_direct ? *ko : at::empty_like(kr);
+    const int64_t dq = dtype_code(q.scalar_type()), dk = dtype_code(k.scalar_type());
+    const Tensor cq = compute_tables(ct, dq).contiguous(), sq = compute_tables(st, dq).contiguous();
+    const Tensor ck = compute_tables(ct, dk).contiguous(), sk = compute_tables(st, dk).contiguous();
+    const int64_t cqs = half * (int64_t)cq.element_size(), cks = half * (int64_t)ck.element_size();
+    const std::vector<int64_t> qoff = token_offsets(qw, L), koff = token_offsets(kr, L);
+    const std::vector<int64_t> ooff = ko ? token_offsets(kow, L) : std::vector<int64_t>();
+    const int64_t hq = q.size(-2), hk = k.size(-2);
+    const int64_t ks0 = kc.stride(0), ks1 = kc.stride(g.hnd ? 2 : 1), ksh = kc.stride(g.hnd ? 1 : 2);
+    const int64_t* P = p.const_data_ptr<int64_t>();
+    const int64_t* S = sl.const_data_ptr<int64_t>();
+    std::vector<RkJob> jobs;
+    jobs.reserve((size_t)T * 3);
+    const intptr_t cq0 = reinterpret_cast<intptr_t>(cq.data_ptr()), sq0 = reinterpret_cast<intptr_t>(sq.data_ptr());
+    const intptr_t ck0 = reinterpret_cast<intptr_t>(ck.data_ptr()), sk0 = reinterpret_cast<intptr_t>(sk.data_ptr());
+    for (int64_t t = 0; t < T; ++t) {
+        RkJob j;
+        if (hq > 0) {
+            const intptr_t x = addr(qw, qoff[t]);
+            row_job(j, dq, g.layout, half, d, x, x, qw.stride(-2), qw.stride(-2), hq, cq0 + P[t] * cqs, sq0 + P[t] * cqs);
+            jobs.push_back(j);
+        }
+        if (hk == 0) continue;
+        const intptr_t x = addr(kr, koff[t]), c = ck0 + P[t] * cks, s = sk0 + P[t] * cks;
+        if (S[t] >= 0) {
+            const int64_t blk = S[t] / bs, off = S[t] % bs;
+            row_job(j, dk, g.layout, half, d, x, addr(kc, blk * ks0 + off * ks1), kr.stride(-2), ksh, hk, c, s);
+            jobs.push_back(j);
+        }
+        if (ko != nullptr) {
+            row_job(j, dk, g.layout, half, d, x, addr(kow, ooff[t]), kr.stride(-2), kow.stride(-2), hk, c, s);
+            jobs.push_back(j);
+        }
+    }
+    run_jobs(jobs.data(), (int64_t)jobs.size());
+    if (!qw.is_same(q)) q.copy_(qw);
+    if (ko != nullptr && !ko_direct) ko->copy_(kow);
+    if (v == nullptr || v->size(-2) == 0 || v->size(-1) == 0) return;
+    // values: copied row by row to their slots
+    const Tensor vr = unit_last(*v) ? *v : v->contiguous();
+    const std::vector<int64_t> voff = token_offsets(vr, L);
+    const int64_t hv = vr.size(-2), dv = vr.size(-1), es = vr.element_size(), vsh = vr.stride(-2);
+    const int64_t vs0 = vc->stride(0), vs1 = vc->stride(g.hnd ? 2 : 1), vch = vc->stride(g.hnd ? 1 : 2);
+    const char* vb = static_cast<const char*>(vr.data_ptr());
+    char* cb = static_cast<char*>(vc->data_ptr());
+    auto copy_rows = [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+            if (S[t] < 0) continue;
+            const int64_t blk = S[t] / bs, off = S[t] % bs;
+            const char* src = vb + voff[t] * es;
+            char* dst = cb + (blk * vs0 + off * vs1) * es;
+            if (vsh == dv && vch == dv) {
+                std::memcpy(dst, src, (size_t)(hv * dv * es));
+            } else {
+                for (int64_t h = 0; h < hv; ++h) std::memcpy(dst + h * vch * es, src + h * vsh * es, (size_t)(dv * es));
+            }
+        }
+    };
+    const int64_t bytes = 2 * T * hv * dv * es;
+    if (bytes < kParallelBytes || T == 1)
+        copy_rows(0, T);
+    else
+        at::parallel_for(0, T, std::max<int64_t>(1, T * kGrainBytes / bytes), copy_rows);
+}
+
+void rotary_cache__cpu(Tensor& q, const Tensor& k, const Tensor& ct, const Tensor& st, const Tensor& pos, Tensor& kc,
+                       const Tensor& slots, const c10::optional<Tensor>& v, const c10::optional<Tensor>& vc,
+                       const c10::optional<Tensor>& ko, c10::string_view cache_layout, c10::string_view layout) {
+    const CacheCall g =
+        validate_cache(q, k, ct, st, pos, kc, slots, opt_ptr(v), opt_ptr(vc), opt_ptr(ko), cache_layout, layout);
+    cache_into(q, k, ct, st, pos, kc, slots, opt_ptr(v), opt_ptr(vc), opt_ptr(ko), g);
+}
+
+using OptRef = const c10::optional<Tensor>&;
+using CacheSig = void(Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, Tensor&, const Tensor&, OptRef,
+                      OptRef, OptRef, c10::string_view, c10::string_view);
+
+void rotary_cache__adinplace(c10::DispatchKeySet ks, Tensor& q, const Tensor& k, const Tensor& ct, const Tensor& st,
+                             const Tensor& pos, Tensor& kc, const Tensor& slots, OptRef v, OptRef vc, OptRef ko,
+                             c10::string_view cl, c10::string_view l) {
+    static auto op = RK_OP("rotary_cache_", CacheSig);
+    op.redispatch(ks & c10::after_ADInplaceOrView_keyset, q, k, ct, st, pos, kc, slots, v, vc, ko, cl, l);
+    torch::autograd::increment_version(q);
+    torch::autograd::increment_version(kc);
+    if (opt_ptr(vc)) torch::autograd::increment_version(*vc);
+    if (opt_ptr(ko)) torch::autograd::increment_version(*ko);
+}
+
+// Not differentiable: a cache write is an inference step (the keys it stores are read later by
+// attention kernels that autograd does not see). Refused rather than silently given no gradient.
+void rotary_cache__autograd(c10::DispatchKeySet ks, Tensor& q, const Tensor& k, const Tensor& ct, const Tensor& st,
+                            const Tensor& pos, Tensor& kc, const Tensor& slots, OptRef v, OptRef vc, OptRef ko,
+                            c10::string_view cl, c10::string_view l) {
+    const Tensor none;
+    const Tensor *pv = opt_ptr(v), *pvc = opt_ptr(vc), *pko = opt_ptr(ko);
+    RK_CHECK(!grad_on({&q, &k, &ct, &st, &kc, pv ? pv : &none, pvc ? pvc : &none, pko ? pko : &none}),
+             "inputs of ropekit::rotary_cache_ that do not require grad (it writes a KV cache in place: an inference "
+             "step whose stored keys autograd cannot follow into the attention kernels), got inputs that require grad",
+             ". Fix: run it under torch.no_grad() / torch.inference_mode(), or use ropekit.apply_rotary_gather "
+             "(differentiable) and write the cache yourself");
+    static auto op = RK_OP("rotary_cache_", CacheSig);
+    op.redispatch(ks & c10::after_autograd_keyset, q, k, ct, st, pos, kc, slots, v, vc, ko, cl, l);
+}
+
 // The validators for Python (the fake kernels in ropekit/ops.py and the kernels of other
 // devices): a refusal is a ValueError with the same message as the CPU kernel's.
 template <typename F>
@@ -1603,6 +1912,9 @@ TORCH_LIBRARY(ropekit, m) {
     m.def("qk_norm_rotary_bwd(Tensor grad_q, Tensor grad_k, Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, "
           "Tensor q_rstd, Tensor k_rstd, Tensor cos, Tensor sin, float weight_offset, str layout) "
           "-> (Tensor, Tensor, Tensor, Tensor)");
+    m.def("rotary_cache_(Tensor(a!) q, Tensor k, Tensor cos_table, Tensor sin_table, Tensor positions, "
+          "Tensor(b!) k_cache, Tensor slots, Tensor? v=None, Tensor(c!)? v_cache=None, Tensor(d!)? k_out=None, "
+          "str cache_layout=\"nhd\", str layout=\"half\") -> ()");
     m.def("cpu_capability() -> str", &cpu_capability);
 }
 
@@ -1619,6 +1931,7 @@ TORCH_LIBRARY_IMPL(ropekit, CPU, m) {
     m.impl("qk_norm_rotary_fwd", &qk_norm_rotary_fwd_cpu);
     m.impl("qk_norm_rotary_fwd_", &qk_norm_rotary_fwd__cpu);
     m.impl("qk_norm_rotary_bwd", &qk_norm_rotary_bwd_cpu);
+    m.impl("rotary_cache_", &rotary_cache__cpu);
 }
 
 TORCH_LIBRARY_IMPL(ropekit, ADInplaceOrView, m) {
@@ -1629,6 +1942,7 @@ TORCH_LIBRARY_IMPL(ropekit, ADInplaceOrView, m) {
     m.impl("qk_norm_rotary_", torch::dispatch(c10::DispatchKey::ADInplaceOrView, TORCH_FN(qk_norm_rotary__adinplace)));
     m.impl("qk_norm_rotary_fwd_",
            torch::dispatch(c10::DispatchKey::ADInplaceOrView, TORCH_FN(qk_norm_rotary_fwd__adinplace)));
+    m.impl("rotary_cache_", torch::dispatch(c10::DispatchKey::ADInplaceOrView, TORCH_FN(rotary_cache__adinplace)));
 }
 
 TORCH_LIBRARY_IMPL(ropekit, Autograd, m) {
@@ -1644,6 +1958,7 @@ TORCH_LIBRARY_IMPL(ropekit, Autograd, m) {
     m.impl("qk_norm_rotary_fwd", &qk_norm_rotary_fwd_autograd);
     m.impl("qk_norm_rotary_fwd_", torch::dispatch(c10::DispatchKey::Autograd, TORCH_FN(qk_norm_rotary_fwd__autograd)));
     m.impl("qk_norm_rotary_bwd", &qk_norm_rotary_bwd_autograd);
+    m.impl("rotary_cache_", torch::dispatch(c10::DispatchKey::Autograd, TORCH_FN(rotary_cache__autograd)));
 }
 
 // `import ropekit._C` loads this library (its static initialisers above register the ops)
@@ -1668,5 +1983,12 @@ PYBIND11_MODULE(_C, m) {
                                   const Tensor& kw, const Tensor& rq, const Tensor& rk, const Tensor& c, const Tensor& s,
                                   double off, std::string layout) {
         as_value_error([&] { validate_qk_norm_bwd(gq, gk, q, k, qw, kw, rq, rk, c, s, off, layout); });
+    });
+    m.def("check_rotary_cache", [](const Tensor& q, const Tensor& k, const Tensor& ct, const Tensor& st,
+                                   const Tensor& pos, const Tensor& kc, const Tensor& slots, const OptT& v,
+                                   const OptT& vc, const OptT& ko, std::string cache_layout, std::string layout) {
+        as_value_error([&] {
+            validate_cache(q, k, ct, st, pos, kc, slots, opt_ptr(v), opt_ptr(vc), opt_ptr(ko), cache_layout, layout);
+        });
     });
 }

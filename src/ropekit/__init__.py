@@ -14,7 +14,7 @@ Quickstart:
 
 from __future__ import annotations
 
-from . import attention, backends, hf, multi_axis, presets, scaling, variants
+from . import attention, backends, hf, multi_axis, presets, scaling, serving, variants
 from ._errors import RopeError
 from .config import LAYOUTS, RopeConfig
 from .convert import convert_layout
@@ -22,6 +22,7 @@ from .functional import apply_qk_norm_rotary, apply_rotary, apply_rotary_gather,
 from .modules import RotaryEmbedding
 from .multi_axis import MultiAxisRotaryEmbedding, apply_rotary_mrope, mrope_tables, multi_axis_cos_sin
 from .positions import FORMATS, positions_from_cu_seqlens
+from .serving import apply_rotary_cache, rerotate_cache
 from .tables import angles, cos_sin, from_full_width, to_full_width
 
 __version__ = "0.1.0"
@@ -40,6 +41,8 @@ __all__ = [
     "apply_rotary_gather",
     "apply_qk_norm_rotary",
     "rerotate",
+    "apply_rotary_cache",
+    "rerotate_cache",
     "RotaryEmbedding",
     "convert_layout",
     "positions_from_cu_seqlens",
@@ -49,6 +52,7 @@ __all__ = [
     "MultiAxisRotaryEmbedding",
     "backends",
     "scaling",
+    "serving",
     "multi_axis",
     "variants",
     "attention",

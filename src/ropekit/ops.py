@@ -24,6 +24,10 @@ The ops (schemas in ``csrc/ops.cpp``), for CPU and Meta tensors, differentiable 
     qk_norm_rotary_fwd_(q!, k!, ...) -> (q_rstd, k_rstd)
     qk_norm_rotary_bwd(grad_q, grad_k, q, k, q_weight, k_weight, q_rstd, k_rstd, cos, sin, weight_offset, layout)
         -> (dq, dk, dq_weight, dk_weight)
+    rotary_cache_(q!, k, cos_table, sin_table, positions, k_cache!, slots, v=None, v_cache!=None, k_out!=None,
+                  cache_layout="nhd", layout="half") -> ()
+        # serving: q rotated in place, k rotated into the cache at flat slots (negative: skipped),
+        # v copied beside it; not differentiable (ropekit.serving.apply_rotary_cache)
     cpu_capability() -> str                                     # "default", "avx2" or "avx512"
 
 The kernel is compiled for several instruction-set levels and the best one the CPU runs is
@@ -77,7 +81,10 @@ _GATHER = (("q", "k", "cos_table", "sin_table", "positions", "format", "layout",
            (None, None, None, None, None, "bshd", "half", False))
 _NORM = (("q", "k", "q_weight", "k_weight", "cos", "sin", "eps", "weight_offset", "layout"),
          (None, None, None, None, None, None, 1e-6, 0.0, "half"))
+_CACHE = (("q", "k", "cos_table", "sin_table", "positions", "k_cache", "slots", "v", "v_cache", "k_out", "cache_layout",
+           "layout"), (None,) * 7 + (None, None, None, "nhd", "half"))
 _DEFAULTS = {
+    "rotary_cache_": _CACHE,
     "rotary": _ROT, "rotary_": _ROT,
     "rotary_out": (_ROT[0] + ("out",), _ROT[1] + (None,)),
     "rotary_qk": _QK, "rotary_qk_": _QK, "rotary_gather": _GATHER, "rotary_gather_": _GATHER,
@@ -107,6 +114,8 @@ def check(op: str, *args, **kwargs) -> None:
             _C.check_qk_norm(*a[:9], op.endswith("_"))
         elif op == "qk_norm_rotary_bwd":
             _C.check_qk_norm_bwd(*a)
+        elif op == "rotary_cache_":
+            _C.check_rotary_cache(*a)
         else:
             raise KeyError(op)
     except ValueError as e:
@@ -204,8 +213,13 @@ def _register_fakes() -> None:
               layout)
         return _new_out(grad_q), _new_out(grad_k), q_weight.new_empty(q_weight.shape), k_weight.new_empty(k_weight.shape)
 
+    def rotary_cache_(q, k, cos_table, sin_table, positions, k_cache, slots, v=None, v_cache=None, k_out=None,
+                      cache_layout="nhd", layout="half"):
+        check("rotary_cache_", q, k, cos_table, sin_table, positions, k_cache, slots, v, v_cache, k_out, cache_layout,
+              layout)
+
     for fn in (rotary, rotary_, rotary_out, rotary_qk, rotary_qk_, rotary_gather, rotary_gather_, qk_norm_rotary,
-               qk_norm_rotary_, qk_norm_rotary_fwd, qk_norm_rotary_fwd_, qk_norm_rotary_bwd):
+               qk_norm_rotary_, qk_norm_rotary_fwd, qk_norm_rotary_fwd_, qk_norm_rotary_bwd, rotary_cache_):
         torch.library.register_fake(f"ropekit::{fn.__name__}", fn)
 
 

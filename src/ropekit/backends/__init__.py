@@ -122,6 +122,9 @@ if _ops.LOADED:  # the Triton kernels as the CUDA kernels of torch.ops.ropekit.*
     from . import _triton_ops  # noqa: E402
 
     _triton_ops.register_cuda_kernels()
+    from . import _triton_cache  # noqa: E402  (rotary_cache_: RoPE fused with the KV-cache write)
+
+    _triton_cache.register_cuda_kernels()
 
 
 def available() -> List[str]:

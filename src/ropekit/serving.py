@@ -1,0 +1,465 @@
+"""Serving: RoPE fused with the KV-cache write, one scaling profile per sequence, and exact
+re-rotation of keys where they live (dense, paged and packed caches).
+
+Shapes: ``t`` tokens of a step (packed over the batch), ``hq``/``hk`` heads, ``d`` head dim,
+``r`` rotary dim, ``N`` cache blocks of ``B`` slots, ``P`` scaling profiles, ``n`` table rows.
+
+Caches (``cache_layout``):
+
+- ``"nhd"``: ``[N, B, hk, d]`` (vLLM/FlashInfer's NHD paged layout); a dense ``[b, s_max, hk, d]``
+  cache is the same thing with ``B = s_max`` (``"bshd"``: slot = ``i * s_max + position``);
+- ``"hnd"``: ``[N, hk, B, d]``.
+
+A slot is flat: ``block * B + offset``; a negative slot is not written (padding, rejected
+speculative tokens). Any strides with a unit last stride: the K and V halves of a packed
+cache are views of one buffer.
+
+Per-sequence profiles: tables of ``P`` profiles stacked ``[P, n, r/2]``; sequence ``i`` reads
+profile ``profile[i]``. :func:`apply_rotary_profiles` flattens the stack to ``[P*n, r/2]``
+(a view) and offsets each position by ``profile * n``, so one call of the ordinary gather
+operator serves the whole mixed batch (one integer add more than a single-profile call).
+
+The LongRoPE rule (:func:`longrope_profile`): a sequence takes the long factors when its
+*planned* total length (prompt + the most tokens it may generate) exceeds the model's
+original context, else the short ones — decided once, when the sequence is admitted, and
+kept for its lifetime, so its cached keys and its new queries always share one rotation.
+A sequence that outgrows its plan switches explicitly: :func:`rerotate_cache` moves its
+cached keys from the short to the long frequencies (``old_seq_len``/``new_seq_len``), then
+its profile index becomes 1. Dynamic NTK the same way, one profile per length bucket.
+
+Example:
+    >>> import torch, ropekit
+    >>> from ropekit import serving
+    >>> cfg = ropekit.RopeConfig(head_dim=64)
+    >>> cos_t, sin_t = ropekit.cos_sin(cfg, torch.arange(256))               # [n, r/2]
+    >>> k_cache = torch.zeros(4, 16, 2, 64)                                  # [N, B, hk, d] paged
+    >>> q, k = torch.randn(3, 8, 64), torch.randn(3, 2, 64)                  # [t, h, d] decode
+    >>> positions, slots = torch.tensor([5, 17, 0]), torch.tensor([5, 33, -1])
+    >>> q = serving.apply_rotary_cache(q, k, cos_t, sin_t, positions, k_cache, slots=slots)
+    >>> ref = ropekit.apply_rotary_gather(k[:1], k[:1], cos_t, sin_t, positions=positions[:1], format="thd")[1]
+    >>> bool(torch.equal(k_cache[0, 5], ref[0]))                             # the same bits
+    True
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from . import ops as _ops
+from ._errors import fail
+from ._tensor_checks import flags, tensors, to_rope_error
+from .config import RopeConfig, check_layout
+from .functional import apply_gather, apply_rotary_gather
+from .positions import split_qk_format
+from .tables import cos_sin
+
+__all__ = [
+    "apply_rotary_cache",
+    "rerotate_cache",
+    "cache_rows",
+    "stack_profiles",
+    "profile_tables",
+    "longrope_profile",
+    "apply_rotary_profiles",
+    "profile_positions",
+]
+
+_CACHE_LAYOUTS = ("nhd", "bshd", "hnd")
+
+
+def _check_cache_layout(cache_layout) -> str:
+    if cache_layout not in _CACHE_LAYOUTS:
+        raise fail(f"cache_layout in {_CACHE_LAYOUTS}", repr(cache_layout),
+                   "'nhd' for [num_blocks, block_size, h, d] ('bshd': a dense [b, s_max, h, d] cache), "
+                   "'hnd' for [num_blocks, h, block_size, d]")
+    return cache_layout
+
+
+def _op_device(t: torch.Tensor) -> bool:
+    """Whether ``ropekit::rotary_cache_`` has a kernel for ``t``'s device."""
+    return _ops.LOADED and t.device.type in ("cpu", "cuda", "meta")
+
+
+def cache_rows(cache: torch.Tensor, slots: torch.Tensor, cache_layout: str = "nhd") -> torch.Tensor:
+    """The rows ``[len(slots), h, d]`` stored at flat ``slots`` (a gathered copy; negative
+    slots read slot 0 — they are never written back)."""
+    _check_cache_layout(cache_layout)
+    nb, bs = cache.shape[0], cache.shape[2 if cache_layout == "hnd" else 1]
+    s = slots.reshape(-1).to(device=cache.device, dtype=torch.int64).clamp(min=0)
+    if cache_layout != "hnd" and cache.stride(0) == bs * cache.stride(1):  # blocks and offsets merge: one index_select
+        return cache.view(nb * bs, *cache.shape[2:]).index_select(0, s) if cache.is_contiguous() else \
+            cache.flatten(0, 1).index_select(0, s)
+    blk, off = torch.div(s, bs, rounding_mode="floor"), s % bs
+    return cache[blk, :, off] if cache_layout == "hnd" else cache[blk, off]  # [t, h, d]
+
+
+def _scatter_rows(cache, slots, rows, cache_layout) -> None:
+    keep = slots.reshape(-1) >= 0
+    s = slots.reshape(-1)[keep].to(torch.int64)
+    bs = cache.shape[2 if cache_layout == "hnd" else 1]
+    blk, off = torch.div(s, bs, rounding_mode="floor"), s % bs
+    rows = rows.reshape(-1, *rows.shape[-2:])[keep]
+    if cache_layout == "hnd":
+        cache[blk, :, off] = rows
+    else:
+        cache[blk, off] = rows
+
+
+def _cache_eager(q, k, cos_table, sin_table, positions, k_cache, slots, v, v_cache, k_out, cache_layout, layout):
+    """The op's composition in torch (devices without a ropekit kernel, or no compiled ops)."""
+    lead = q.shape[:-2]
+    qf, kf = q.reshape(-1, *q.shape[-2:]), k.reshape(-1, *k.shape[-2:])
+    pos = positions.reshape(-1)
+    qr, kr = apply_rotary_gather(qf, kf, cos_table, sin_table, positions=pos, format="thd", layout=layout,
+                                 backend="eager")
+    q.copy_(qr.view(q.shape))
+    _scatter_rows(k_cache, slots, kr, cache_layout)
+    if v is not None:
+        _scatter_rows(v_cache, slots, v.reshape(-1, *v.shape[-2:]), cache_layout)
+    if k_out is not None:
+        k_out.copy_(kr.view(*lead, *k.shape[-2:]))
+
+
+def apply_rotary_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    *,
+    slots: torch.Tensor,
+    v: Optional[torch.Tensor] = None,
+    v_cache: Optional[torch.Tensor] = None,
+    cache_layout: str = "nhd",
+    layout: str = "half",
+    inplace: bool = True,
+    return_k: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Rotate ``q``, rotate ``k`` straight into the KV cache at ``slots`` (and copy ``v`` into
+    ``v_cache``): one operator call, ``k`` read once (``torch.ops.ropekit.rotary_cache_``).
+
+    Replaces "RoPE, then ``k_cache[slots] = k`` and ``v_cache[slots] = v``": the rotated key
+    never exists outside the cache. Each rotated row has the same bits as
+    :func:`ropekit.apply_rotary` of that row (float32 math, separately rounded products, one
+    rounding to the cache dtype), on CPU and CUDA (Triton) alike.
+
+    Args:
+        q: ``[..., hq, d]`` (e.g. ``[t, hq, d]`` packed or ``[b, s, hq, d]``); the leading
+            dims are the tokens.
+        k: ``[..., hk, d]``, the same tokens (GQA: ``hk`` may differ from ``hq``).
+        cos_table, sin_table: ``[n, r/2]`` half-width tables (``ropekit.cos_sin(cfg,
+            torch.arange(n))``); partial rotary when ``r < d`` (dims past ``r`` copied).
+        positions: integer ``[...]`` (q's token dims), each in ``[0, n)``.
+        k_cache: ``[N, B, hk, d]`` (``"nhd"``/``"bshd"``) or ``[N, hk, B, d]`` (``"hnd"``), k's dtype.
+        slots: integer ``[...]``, flat slot ``block * B + offset`` per token (negative: skipped);
+            no slot twice in one call.
+        v, v_cache: values ``[..., hk, dv]`` copied into ``v_cache`` (same layout, blocks and
+            block size as ``k_cache``, v's dtype); both or neither.
+        cache_layout: ``"nhd"``, ``"bshd"`` (a dense ``[b, s_max, h, d]`` cache) or ``"hnd"``.
+        layout: ``"half"`` or ``"interleaved"`` pairs.
+        inplace: rotate ``q`` in place (default, as serving engines do); ``False`` rotates a copy.
+        return_k: also return the rotated keys ``[..., hk, d]`` (written in the same pass).
+
+    Returns:
+        ``q_rot`` (``q`` itself when ``inplace``), or ``(q_rot, k_rot)`` with ``return_k``.
+
+    Raises RopeError (before anything is written) for slots outside ``[.., N*B)`` or repeated,
+    positions outside the table, caches overlapping any input or each other, wrong
+    dtypes/devices/shapes, and inputs that require grad (a cache write is not differentiable).
+    """
+    # the tensor rules, layouts included, are the op's validator (C++); here only what Python has
+    tensors(q=q, k=k, cos_table=cos_table, sin_table=sin_table, positions=positions, k_cache=k_cache, slots=slots)
+    if not ((inplace is True or inplace is False) and (return_k is True or return_k is False)):
+        flags(inplace=inplace, return_k=return_k)
+    if not inplace:
+        q = q.clone()
+    k_out = torch.empty_like(k) if return_k else None
+    try:
+        if _op_device(q):
+            torch.ops.ropekit.rotary_cache_(q, k, cos_table, sin_table, positions, k_cache, slots, v, v_cache, k_out,
+                                            cache_layout, layout)
+        else:
+            check_layout(layout)
+            _check_cache_layout(cache_layout)
+            _cache_eager(q, k, cos_table, sin_table, positions, k_cache, slots, v, v_cache, k_out, cache_layout, layout)
+    except (ValueError, RuntimeError) as e:
+        raise to_rope_error(e) from None
+    return (q, k_out) if return_k else q
+
+
+# --------------------------------------------------------------------------------------
+# re-rotation inside the cache
+# --------------------------------------------------------------------------------------
+
+
+def _positions(p, name: str, n_axes: int, n: int) -> torch.Tensor:
+    if not isinstance(p, torch.Tensor):
+        raise fail(f"{name} an integer tensor", type(p).__name__, f"pass {name} as a torch.Tensor")
+    if p.dtype.is_floating_point or p.dtype.is_complex or p.dtype == torch.bool:
+        raise fail(f"{name} an integer tensor", str(p.dtype), f"pass int64 {name}")
+    want = (n,) if n_axes == 0 else (n_axes, n)
+    if tuple(p.shape) != want:
+        raise fail(f"{name} of shape {list(want)}" + (" (one row per M-RoPE axis)" if n_axes else " (one per slot)"),
+                   f"shape {list(p.shape)}", "one position per re-rotated slot" + (", per axis" if n_axes else ""))
+    return p.to(torch.int64)
+
+
+def _angles(cfg: RopeConfig, pos: torch.Tensor, seq_len, axes) -> torch.Tensor:
+    """θ(pos) in float64 ``[n, r/2]``: pos ``[n]``, or ``[n_axes, n]`` with each pair's axis."""
+    inv = cfg.inv_freq(seq_len).to(pos.device)  # [r/2] float64
+    if axes is None:
+        return pos.to(torch.float64)[:, None] * inv  # [n, r/2]
+    per_pair = pos.index_select(0, axes.to(pos.device))  # [r/2, n]: each pair's axis position
+    return per_pair.T.to(torch.float64) * inv  # [n, r/2]
+
+
+def rerotate_cache(
+    k_cache: torch.Tensor,
+    slots: torch.Tensor,
+    old_positions: torch.Tensor,
+    new_positions: torch.Tensor,
+    cfg: RopeConfig,
+    *,
+    cache_layout: str = "nhd",
+    new_cfg: Optional[RopeConfig] = None,
+    old_seq_len: Optional[int] = None,
+    new_seq_len: Optional[int] = None,
+    head_stride: Optional[int] = None,
+    layout: Optional[str] = None,
+    mrope_section: Optional[Sequence[int]] = None,
+    mrope_interleaved: bool = False,
+) -> torch.Tensor:
+    """Rotate the keys stored at ``slots`` in place from their old rotation to a new one:
+    StreamingLLM sink eviction, cache compaction, KV reuse at other positions, a LongRoPE
+    sequence crossing its switch.
+
+    Each key at slot ``j`` was stored as ``a_old · R(θ_old(p_old[j])) k``; it becomes
+    ``a_new · R(θ_new(p_new[j])) k`` by one rotation by ``δ = θ_new(p_new) − θ_old(p_old)``
+    scaled by ``a_new / a_old`` (attention factors; 1 unless the configs differ there). ``δ``
+    is formed in float64 from exact integer positions, its cos/sin rounded once to float32
+    (float64 for a float64 cache), and the rows go through ``rotary_cache_`` (gathered,
+    rotated and written back in one call): one rounding to the cache dtype. θ may differ
+    between old and new (``new_cfg``, or ``old_seq_len``/``new_seq_len`` for length-dependent
+    scaling: LongRoPE short -> long, dynamic NTK), so it is not limited to additive shifts.
+
+    Args:
+        k_cache: ``[N, B, h, d]`` (``"nhd"``/``"bshd"``) or ``[N, h, B, d]`` (``"hnd"``), any
+            strides with unit last stride (a packed cache's K half as a view works); with
+            ``head_stride``: ``[N, B, h * head_stride]`` rows whose heads each start with
+            their ``d = cfg.head_dim`` keys (K and V interleaved per head, nhd only).
+        slots: integer ``[n]`` flat slots (negative: skipped), no slot twice.
+        old_positions, new_positions: integer ``[n]``, or ``[n_axes, n]`` per M-RoPE axis.
+        cfg: the config the keys were rotated with; ``new_cfg`` the one to rotate them to
+            (default ``cfg``).
+        old_seq_len, new_seq_len: the sequence lengths that chose the frequencies of
+            length-dependent scaling (LongRoPE, dynamic NTK) before and after.
+        layout: pair layout (default ``cfg.layout``).
+        mrope_section: rotary pairs per axis for M-RoPE positions (``mrope_interleaved``:
+            Qwen3-VL's pair order).
+
+    Returns ``k_cache`` (rotated in place).
+
+    Example:
+        >>> import torch, ropekit
+        >>> cfg = ropekit.RopeConfig(head_dim=64)
+        >>> cache = torch.zeros(2, 8, 1, 64)
+        >>> k = torch.randn(3, 1, 64)
+        >>> c, s = ropekit.cos_sin(cfg, torch.arange(16))
+        >>> _ = apply_rotary_cache(torch.empty(3, 0, 64), k, c, s, torch.tensor([4, 5, 6]), cache, slots=torch.tensor([4, 5, 6]))
+        >>> _ = rerotate_cache(cache, torch.tensor([4, 5, 6]), torch.tensor([4, 5, 6]), torch.tensor([1, 2, 3]), cfg)
+        >>> _ = apply_rotary_cache(torch.empty(3, 0, 64), k, c, s, torch.tensor([1, 2, 3]), ref := torch.zeros(2, 8, 1, 64), slots=torch.tensor([4, 5, 6]))
+        >>> bool((cache - ref).abs().max() < 1e-6)
+        True
+    """
+    tensors(k_cache=k_cache, slots=slots)
+    if not isinstance(cfg, RopeConfig) or not (new_cfg is None or isinstance(new_cfg, RopeConfig)):
+        raise fail("cfg (and new_cfg) a ropekit.RopeConfig", f"{type(cfg).__name__}, {type(new_cfg).__name__}",
+                   "pass the config the keys were rotated with (and the one to rotate them to)")
+    new_cfg = cfg if new_cfg is None else new_cfg
+    if new_cfg.rotary_dim != cfg.rotary_dim or new_cfg.head_dim != cfg.head_dim:
+        raise fail("new_cfg of cfg's head_dim and rotary_dim", f"({cfg.head_dim}, {cfg.rotary_dim}) -> "
+                   f"({new_cfg.head_dim}, {new_cfg.rotary_dim})", "re-rotation changes angles, not widths")
+    _check_cache_layout(cache_layout)
+    layout = cfg.layout if layout is None else layout
+    check_layout(layout)
+    flags(mrope_interleaved=mrope_interleaved)
+    d = cfg.head_dim
+    cache = k_cache
+    if head_stride is not None:
+        if cache_layout == "hnd" or k_cache.dim() != 3 or isinstance(head_stride, bool) or not isinstance(head_stride, int) \
+                or head_stride < d or k_cache.shape[-1] % head_stride:
+            raise fail(f"head_stride an int >= head_dim = {d} dividing the row width of an nhd cache [N, B, h * head_stride]",
+                       f"head_stride={head_stride!r} for k_cache {tuple(k_cache.shape)} ({cache_layout})",
+                       "pass the packed buffer [N, B, h * head_stride] (K first in every head), or a 4-D view of the keys")
+        cache = k_cache.unflatten(-1, (k_cache.shape[-1] // head_stride, head_stride))[..., :d]  # [N, B, h, d] view
+    if slots.dim() != 1:
+        raise fail("slots of shape [n]", f"shape {list(slots.shape)}", "pass one flat slot per key to move")
+    n = slots.shape[0]
+    axes = None
+    if mrope_section is not None:
+        from .multi_axis import pair_axes
+
+        axes = pair_axes(list(mrope_section), interleaved=mrope_interleaved)
+        if axes.numel() != cfg.rotary_dim // 2:
+            raise fail(f"mrope_section summing to r/2 = {cfg.rotary_dim // 2}", repr(list(mrope_section)),
+                       "pass the model's mrope_section")
+    n_axes = 0 if mrope_section is None else len(mrope_section)
+    old = _positions(old_positions, "old_positions", n_axes, n).to(cache.device)
+    new = _positions(new_positions, "new_positions", n_axes, n).to(cache.device)
+    if new_cfg.table_key(new_seq_len) == cfg.table_key(old_seq_len) and new_cfg.inv_freq(new_seq_len).equal(
+            cfg.inv_freq(old_seq_len)):
+        # the same frequencies: δ = (p_new − p_old)·θ, an exact integer shift times θ (one rounding)
+        delta = _angles(cfg, new - old, old_seq_len, axes)  # [n, r/2] float64
+    else:
+        # δ = θ_new(p_new) − θ_old(p_old) in float64 (exact integer positions: one rounding per product)
+        delta = _angles(new_cfg, new, new_seq_len, axes) - _angles(cfg, old, old_seq_len, axes)  # [n, r/2]
+    scale = new_cfg.attention_factor / cfg.attention_factor
+    tdt = torch.float64 if cache.dtype == torch.float64 else torch.float32
+    cos, sin = torch.cos(delta), torch.sin(delta)
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    cos, sin = cos.to(tdt), sin.to(tdt)  # [n, r/2]: row j rotates slot j
+    rows = cache_rows(cache, slots, cache_layout)  # [n, h, d] gathered copy
+    q = rows.new_empty(n, 0, rows.shape[-1])  # no queries
+    apply_rotary_cache(q, rows, cos, sin, torch.arange(n, device=cache.device), cache, slots=slots,
+                       cache_layout=cache_layout, layout=layout)
+    return k_cache
+
+
+# --------------------------------------------------------------------------------------
+# per-sequence scaling profiles
+# --------------------------------------------------------------------------------------
+
+
+def longrope_profile(cfg: RopeConfig, planned_len: int) -> int:
+    """LongRoPE's profile for a sequence: ``1`` (long factors) when its planned total length
+    (prompt + the most tokens it may generate) exceeds ``original_max_position``, else ``0``
+    (short). Decide once per sequence and keep it (see the module docstring)."""
+    sc = cfg.scaling
+    if sc is None or type(sc).__name__ != "LongRoPE":
+        raise fail("a RopeConfig with LongRoPE scaling", type(sc).__name__ if sc is not None else "no scaling",
+                   "profiles of other schemes are chosen by profile_tables(cfg, seq_lens=...)")
+    return int(sc.is_long(int(planned_len)))
+
+
+def stack_profiles(tables: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``[(cos, sin), ...]`` of ``P`` profiles, each ``[n, r/2]`` -> ``(cos, sin)`` ``[P, n, r/2]``."""
+    if not tables:
+        raise fail("at least one profile's (cos, sin)", "none", "pass one [n, r/2] table pair per profile")
+    return torch.stack([c for c, _ in tables]), torch.stack([s for _, s in tables])
+
+
+def profile_tables(
+    cfgs: Union[RopeConfig, Sequence[RopeConfig]],
+    n: int,
+    *,
+    seq_lens: Optional[Sequence[int]] = None,
+    dtype: torch.dtype = torch.float32,
+    device=None,
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Stacked tables ``[P, n, r/2]`` for positions ``0 .. n-1`` and, with ``seq_lens``, the
+    profile index of each sequence.
+
+    - several configs (YaRN factors, linear scales, ...): profile ``i`` is ``cfgs[i]``;
+      the caller picks indices.
+    - one length-dependent config (LongRoPE, dynamic NTK) with ``seq_lens`` ``[b]`` (each
+      sequence's planned total length): one profile per distinct frequency set (LongRoPE:
+      at most two; dynamic NTK: one per distinct length above ``max_position``), and the
+      index ``[b]`` int64 of each sequence.
+
+    Returns ``(cos, sin, index)`` (``index`` is ``None`` without ``seq_lens``).
+    """
+    if isinstance(cfgs, RopeConfig):
+        cfgs = [cfgs]
+    cfgs = list(cfgs)
+    if not cfgs or not all(isinstance(c, RopeConfig) for c in cfgs):
+        raise fail("cfgs a RopeConfig or a list of them", repr(cfgs), "pass one RopeConfig per profile")
+    pos = torch.arange(n, device=device)
+    if seq_lens is None:
+        tabs = [cos_sin(c, pos, dtype=dtype, seq_len=None) for c in cfgs]
+        return (*stack_profiles(tabs), None)
+    if len(cfgs) != 1:
+        raise fail("one config with seq_lens=", f"{len(cfgs)} configs", "index several configs yourself (seq_lens=None)")
+    cfg = cfgs[0]
+    keys: List = []
+    lens_of_key: List[int] = []
+    index = []
+    for L in [int(x) for x in seq_lens]:
+        key = cfg.table_key(L)
+        if key not in keys:
+            keys.append(key)
+            lens_of_key.append(L)
+        index.append(keys.index(key))
+    tabs = [cos_sin(cfg, pos, dtype=dtype, seq_len=L) for L in lens_of_key]
+    return (*stack_profiles(tabs), torch.tensor(index, dtype=torch.int64, device=device))
+
+
+def apply_rotary_profiles(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    profile: torch.Tensor,
+    *,
+    positions: torch.Tensor,
+    format: str = "bshd",
+    layout: str = "half",
+    inplace: bool = False,
+    backend: str = "auto",
+    check: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rotate ``q``/``k`` with each sequence's own profile of stacked tables, in one gather call.
+
+    Args:
+        q, k: ``[b, s, h, d]`` (``bshd``; or ``bhsd``/``sbhd``), or ``[t, h, d]`` (``thd``).
+        cos, sin: ``[P, n, r/2]`` stacked profiles (:func:`profile_tables`), contiguous.
+        profile: integer ``[b]`` (one profile per sequence), or per token ``[b, s]`` / ``[t]``.
+        positions: integer ``[b, s]`` (``[s]`` shared), or ``[t]`` for ``thd``; in ``[0, n)``.
+        check: read positions and profiles on the host to refuse out-of-range values
+            (:func:`profile_positions`).
+
+    Returns ``(q_rot, k_rot)``: the same bits as rotating each sequence alone with its
+    profile's ``[n, r/2]`` tables.
+    """
+    tensors(q=q, k=k, cos=cos, sin=sin, profile=profile, positions=positions)
+    if cos.dim() != 3 or sin.shape != cos.shape:
+        raise fail("cos and sin stacked profiles of one shape [P, n, r/2]", f"{tuple(cos.shape)} and {tuple(sin.shape)}",
+                   "stack per-profile tables with profile_tables / stack_profiles")
+    flags(check=check)
+    P, n, half = cos.shape
+    _, s = split_qk_format(q, k, format)
+    flat = profile_positions(positions, profile, P, n, s=None if format == "thd" else s, check=check)
+    # the op's own position forms ([s], [b, s], [t]): straight to the gather entry point
+    return apply_gather(q, k, cos.reshape(P * n, half), sin.reshape(P * n, half), flat, format=format, layout=layout,
+                        inplace=inplace, backend=backend)
+
+
+def profile_positions(positions: torch.Tensor, profile: torch.Tensor, P: int, n: int, *, s: Optional[int] = None,
+                      check: bool = True) -> torch.Tensor:
+    """Rows of the flattened ``[P*n, r/2]`` stack: ``position + profile * n`` (one integer op).
+
+    ``profile`` ``[b]`` (per sequence) broadcasts over ``[b, s]`` positions (``s``: the
+    sequence length of a ``bshd`` batch, to read ``[s]`` shared and ``[b]`` decode positions);
+    per-token profiles take the positions' shape. An engine that builds its positions every
+    step folds the offset in there and calls the gather op directly, at the cost of a
+    single-profile call. ``check``: positions in ``[0, n)`` and profiles in ``[0, P)`` (a
+    position past ``n`` would silently read the next profile's row; the gather op itself only
+    bounds the flat row by ``P*n``); off under torch.compile (no host reads)."""
+    pos = positions if positions.dtype == torch.int64 else positions.to(torch.int64)
+    prof = profile.to(device=pos.device, dtype=torch.int64)
+    if s is not None and prof.dim() == 1:  # one profile per sequence: [b] -> [b, 1]
+        prof = prof[:, None]
+        if pos.dim() == 1:  # [s] shared by the batch -> [1, s]; [b] one token per sequence (s == 1) -> [b, 1]
+            pos = pos[None] if pos.shape[0] == s else pos[:, None]
+    if check and not torch.compiler.is_compiling():
+        for nm, t, hi in (("profile indices", prof, P), ("positions", pos, n)):
+            if t.numel():
+                lo_v, hi_v = (int(x) for x in torch.aminmax(t))
+                if lo_v < 0 or hi_v >= hi:
+                    raise fail(f"{nm} in [0, {hi})" + (" (the profile tables' length)" if nm == "positions" else ""),
+                               f"{nm} from {lo_v} to {hi_v}",
+                               "index the stacked tables' first dim" if nm != "positions" else "build longer tables")
+    return torch.add(pos, prof, alpha=n)  # row of (profile, position) in the flattened stack

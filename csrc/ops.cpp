@@ -454,7 +454,7 @@ void check_norm_weight(const Tensor& x, const Tensor& w, const char* xn, const c
              ". Fix: convert it: ", wn, ".float()");
     check_same_device(x, w, xn, wn);
     RK_CHECK(w.dim() == 1 && w.sym_size(0) == x.sym_size(-1), wn, " of shape [", x.sym_size(-1), "] (", xn,
-             "'s head dim: one weight per dim, shared by every head), got shape ", shape_str(w),
+             "'s head dim: one weight per dim, shared by every head), got shape ", c10::str(w.sym_sizes()),
              ". Fix: pass the per-head norm's weight [head_dim] (a norm over all heads, [h * d], is not a per-head norm)");
 }
 

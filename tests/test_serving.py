@@ -443,3 +443,48 @@ def test_triton_kernel_without_q_mixed_dtypes_and_strided_q():
             fn(qq, k, ct, st, pos, kc, slots)
             outs.append((qq, kc))
         assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+# --------------------------------------------------------------------------------------
+# RotaryEmbedding(..., seq_lens=): one profile per sequence in one call
+
+
+def _longrope_cfg():
+    import json
+    from pathlib import Path
+
+    return ropekit.RopeConfig.from_hf(json.loads((Path(__file__).parent / "data" / "phi-3.5-mini-instruct.json").read_text()))
+
+
+@pytest.mark.parametrize("which", ["longrope", "dynamic_ntk"])
+@pytest.mark.parametrize("fmt", ["bshd", "bhsd", "sbhd"])
+def test_module_seq_lens_equals_one_call_per_sequence(which, fmt):
+    if which == "longrope":
+        cfg = _longrope_cfg()
+        lens = [100, 9000, 200000]  # short factors, long factors, long factors
+    else:
+        cfg = ropekit.RopeConfig(32, scaling=ropekit.scaling.DynamicNTK(factor=2.0, max_position=64))
+        lens = [10, 300, 64]
+    rope = ropekit.RotaryEmbedding(cfg)
+    b, s, d = 3, 4, cfg.head_dim
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(b, s, 4, d, generator=g), torch.randn(b, s, 2, d, generator=g)
+    off = torch.tensor([10, 50, 7])
+    perm = {"bshd": (0, 1, 2, 3), "bhsd": (0, 2, 1, 3), "sbhd": (1, 0, 2, 3)}[fmt]
+    qo, ko = rope(q.permute(perm), k.permute(perm), offsets=off, seq_lens=lens, format=fmt)
+    qo, ko = qo.permute(perm), ko.permute(perm)  # back to bshd (the permutations are involutions)
+    for i in range(b):
+        qi, ki = rope(q[i:i + 1], k[i:i + 1], offsets=int(off[i]), seq_len=lens[i])
+        assert torch.equal(qi, qo[i:i + 1]) and torch.equal(ki, ko[i:i + 1]), i
+
+
+def test_module_seq_lens_refusals():
+    rope = ropekit.RotaryEmbedding(_longrope_cfg())
+    d = rope.cfg.head_dim
+    q, k = torch.randn(2, 3, 2, d), torch.randn(2, 3, 1, d)
+    with pytest.raises(ropekit.RopeError, match="one planned length per sequence"):
+        rope(q, k, seq_lens=[100])
+    with pytest.raises(ropekit.RopeError, match="seq_lens"):
+        rope(q, k, seq_lens=[100, 0])
+    with pytest.raises(ropekit.RopeError, match="4-D format"):
+        rope(q[0], k[0], format="thd", cu_seqlens=torch.tensor([0, 3]), seq_lens=[100])

@@ -323,6 +323,7 @@ class RotaryEmbedding(nn.Module):
         format: str = "bshd",
         seq_len: Optional[int] = None,
         inplace: bool = False,
+        seq_lens=None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Rotate ``q`` and ``k``.
 
@@ -339,6 +340,16 @@ class RotaryEmbedding(nn.Module):
                 default ``max(position) + 1``. Pass the final length of a generation to keep
                 LongRoPE's factor fixed for the whole sequence.
             inplace: rotate q and k in place.
+            seq_lens: ``[b]`` planned total length of each sequence (a list of ints or an
+                integer tensor), for length-dependent scaling in a batch that mixes short and
+                long sequences: each sequence gets the tables of its own length (LongRoPE:
+                short or long factors; dynamic NTK: its own base), all in one kernel call (the
+                profiles' tables stacked, each sequence's positions offset into its profile).
+                Rule: a sequence's profile is fixed by the length given here; keep passing the
+                same value for its whole lifetime (e.g. prompt + max new tokens), so keys
+                already cached keep their rotation. Moving a sequence to another profile is an
+                explicit re-rotation of its cached keys (:func:`ropekit.rerotate_cache`). 4-D
+                formats only; not with ``seq_len``.
 
         Returns:
             ``(q_rot, k_rot)`` in the input format and dtypes.
@@ -349,6 +360,8 @@ class RotaryEmbedding(nn.Module):
         """
         if inplace is not False and inplace is not True:
             flag("inplace", inplace)
+        if seq_lens is not None:
+            return self._per_sequence(q, k, positions, offsets, cu_seqlens, format, seq_len, inplace, seq_lens)
         o = self.cfg.rotary_offset
         if not o:
             return self._rotate_heads(q, k, positions, offsets, cu_seqlens, format, seq_len, inplace, self.cfg.head_dim)
@@ -357,6 +370,43 @@ class RotaryEmbedding(nn.Module):
         qo, ko = (q, k) if inplace else (q.clone(), k.clone())  # the nope dims pass through
         self._rotate_heads(qo[..., o:], ko[..., o:], positions, offsets, cu_seqlens, format, seq_len, True, self.cfg.head_dim - o)
         return qo, ko
+
+    def _per_sequence(self, q, k, positions, offsets, cu_seqlens, format, seq_len, inplace, seq_lens):
+        """forward with one scaling profile per sequence (see ``seq_lens`` in :meth:`forward`)."""
+        if format not in _SEQ_DIM or cu_seqlens is not None or seq_len is not None or self.cfg.rotary_offset:
+            raise fail("seq_lens= with a 4-D format (bshd, bhsd, sbhd), no cu_seqlens/seq_len, no rotary_offset",
+                       f"format={format!r}, cu_seqlens={'set' if cu_seqlens is not None else None}, seq_len={seq_len}, "
+                       f"rotary_offset={self.cfg.rotary_offset}",
+                       "pass q/k as [b, s, h, d] with one planned length per sequence")
+        _check_qk(q, k)
+        check_head_width(self.cfg, q=q, k=k)
+        b, s = split_qk_format(q, k, format)
+        lens = seq_lens.tolist() if isinstance(seq_lens, torch.Tensor) else seq_lens
+        if not isinstance(lens, (list, tuple)) or len(lens) != b:
+            raise fail(f"seq_lens a list or tensor of {b} ints (one planned length per sequence)", repr(seq_lens)[:80],
+                       "pass each sequence's planned total length (prompt + max new tokens)")
+        lens = [integer("seq_lens[i]", v, minimum=1, fix="pass each sequence's planned total length") for v in lens]
+        pos = self._positions(q, positions, offsets, None, format, check_values=False)  # [s] or [b, s]
+        pos = pos.expand(b, s) if pos.dim() == 1 else pos
+        lo, hi = (int(v) for v in torch.aminmax(pos)) if pos.numel() else (0, 0)
+        if lo < 0 or hi > MAX_EXACT_POSITION:
+            self._refuse_range(lo, hi)
+        keys = [self.cfg.table_key(L) for L in lens]
+        distinct = list(dict.fromkeys(keys))  # profiles in order of first use
+        first_len = {key: L for key, L in zip(reversed(keys), reversed(lens))}
+        dtype = self._dtype_for(q)
+        n = 1 << max(hi, self.max_position - 1, 0).bit_length()  # rows per profile: a power of two
+        cache = self.__dict__.get("_profile_cache")
+        ck = (tuple(distinct), n, dtype, q.device)
+        if cache is None or cache[0] != ck:
+            tabs = [build_table(self.cfg, n, dtype=dtype, device=q.device, seq_len=first_len[key],
+                                attention_scaling=self.attention_scaling, angles=self.angles) for key in distinct]
+            cache = (ck, torch.stack([c for c, _ in tabs]).flatten(0, 1), torch.stack([t for _, t in tabs]).flatten(0, 1))
+            self.__dict__["_profile_cache"] = cache
+        index = torch.tensor([distinct.index(key) for key in keys], dtype=torch.int64, device=q.device)  # [b]
+        flat = pos + (index * n)[:, None]  # [b, s]: row of each token in the stacked [P * n, r/2] tables
+        return apply_gather(q, k, cache[1], cache[2], flat, format=format, layout=self.cfg.layout, inplace=inplace,
+                            backend=self.backend, conjugate=self.cfg.direction == -1)
 
     def _rotate_heads(self, q, k, positions, offsets, cu_seqlens, format, seq_len, inplace, width):
         """forward on heads of ``width`` dims whose first ``rotary_dim`` rotate."""

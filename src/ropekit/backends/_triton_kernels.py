@@ -512,19 +512,24 @@ def _norm_rope_bwd_group(g_ptr, x_ptr, dx_ptr, r_ptr, w_ptr, p_ptr,
 @triton.jit
 def qk_norm_bwd_kernel(
     ga_ptr, xa_ptr, dxa_ptr, ra_ptr, wa_ptr, pa_ptr, gb_ptr, xb_ptr, dxb_ptr, rb_ptr, wb_ptr, pb_ptr, cos_ptr, sin_ptr,
-    M, M1, HA, HB, NBA, NT, G,
+    M, M1, HA, HB, NBA, NT, G, NT_B, G_B,
     sga0, sga1, sgah, sxa0, sxa1, sxah, sda0, sda1, sdah, sra0, sra1, srah, swa,
     sgb0, sgb1, sgbh, sxb0, sxb1, sxbh, sdb0, sdb1, sdbh, srb0, srb1, srbh, swb,
     sc0, sc1, sch, scr, ss0, ss1, ssh, ssr,
     woff_hi, woff_lo,
     R2: tl.constexpr, D: tl.constexpr, R2P: tl.constexpr, TP: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    BT_B: tl.constexpr, BH_B: tl.constexpr,
     INTERLEAVED: tl.constexpr, COS_PER_HEAD: tl.constexpr, F64: tl.constexpr, HAS_B: tl.constexpr,
     DX_A: tl.constexpr, DW_A: tl.constexpr, DX_B: tl.constexpr, DW_B: tl.constexpr,
 ):  # fmt: skip
     """Backward of :func:`qk_norm_fwd_kernel`: ``dx`` of q (a) and k (b) and their weights' partial sums.
 
-    Grid ``(G, NBA + cdiv(HB, BH))`` with ``G <= NT = cdiv(M, BT)`` token-tile programs; program
-    ``(i, j)`` walks tiles ``i, i + G, ...`` of head block ``j``. ``g*`` are the incoming
+    Grid ``(max(G, G_B), NBA + cdiv(HB, BH_B))`` with ``G <= NT = cdiv(M, BT)`` token-tile programs
+    for group a and ``G_B <= NT_B = cdiv(M, BT_B)`` for group b; program ``(i, j)`` walks tiles
+    ``i, i + G, ...`` of head block ``j`` (programs past a group's own count do nothing). Each
+    group has its own tile ``(BT, BH)`` / ``(BT_B, BH_B)``: the one it gets when launched alone,
+    so a tensor's weight gradient (whose summation order follows the tiles) has the same bits
+    in a joint launch and alone (in-place autograd runs one backward node per tensor). ``g*`` are the incoming
     gradients, ``x*`` the saved inputs, ``r*`` the saved inverse RMS; ``dx*`` (None unless
     DX_*) get ``dx``; ``p*`` (None unless DW_*) are ``[G * head blocks, d]`` partial weight
     gradients, row ``i * head blocks + j``, every row written once.
@@ -535,14 +540,15 @@ def qk_norm_bwd_kernel(
     if HAS_B:
         if pid_h >= NBA:
             jb = pid_h - NBA
-            _norm_rope_bwd_group(
-                gb_ptr, xb_ptr, dxb_ptr, rb_ptr, wb_ptr, pb_ptr,
-                sgb0, sgb1, sgbh, sxb0, sxb1, sxbh, sdb0, sdb1, sdbh, srb0, srb1, srbh, swb,
-                cos_ptr, sin_ptr, sc0, sc1, sch, scr, ss0, ss1, ssh, ssr,
-                M, M1, HB, jb.to(tl.int64) * BH, pid0, NT, G, pid0 * tl.cdiv(HB, BH) + jb, woff,
-                R2, D, R2P, TP, BT, BH, INTERLEAVED, COS_PER_HEAD, F64, DX_B, DW_B,
-            )  # fmt: skip
-        else:
+            if pid0 < G_B:
+                _norm_rope_bwd_group(
+                    gb_ptr, xb_ptr, dxb_ptr, rb_ptr, wb_ptr, pb_ptr,
+                    sgb0, sgb1, sgbh, sxb0, sxb1, sxbh, sdb0, sdb1, sdbh, srb0, srb1, srbh, swb,
+                    cos_ptr, sin_ptr, sc0, sc1, sch, scr, ss0, ss1, ssh, ssr,
+                    M, M1, HB, jb.to(tl.int64) * BH_B, pid0, NT_B, G_B, pid0 * tl.cdiv(HB, BH_B) + jb, woff,
+                    R2, D, R2P, TP, BT_B, BH_B, INTERLEAVED, COS_PER_HEAD, F64, DX_B, DW_B,
+                )  # fmt: skip
+        elif pid0 < G:
             _norm_rope_bwd_group(
                 ga_ptr, xa_ptr, dxa_ptr, ra_ptr, wa_ptr, pa_ptr,
                 sga0, sga1, sgah, sxa0, sxa1, sxah, sda0, sda1, sdah, sra0, sra1, srah, swa,

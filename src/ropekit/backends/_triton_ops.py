@@ -188,11 +188,17 @@ class _OnTriton(TorchDispatchMode):
     """``torch.ops.ropekit.*`` on CPU tensors run the Triton impls (TRITON_INTERPRET=1) instead
     of the C++ CPU kernel. Below autograd: the ops' own autograd runs first, as on CUDA."""
 
+    supports_higher_order_operators = True  # auto_functionalized (opcheck's aot test) passes through
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if isinstance(func, torch._ops.HigherOrderOperator):
+            return func(*args, **kwargs)
         ns, _, name = func.name().partition("::")
         impl = IMPLS.get(name) if ns == "ropekit" else None
-        if impl is not None:
+        # plain CPU tensors only: fake/functional tensors (opcheck, graphs) take the op's own path
+        if impl is not None and all(type(a) is torch.Tensor and a.device.type == "cpu"
+                                    for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)):
             return impl(*args, **kwargs)
         return func(*args, **kwargs)
 

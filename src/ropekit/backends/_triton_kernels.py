@@ -372,6 +372,34 @@ def _scalar(hi, lo, F64: tl.constexpr):
 
 
 @triton.jit
+def _half_tree(p, BT: tl.constexpr, BH: tl.constexpr, W: tl.constexpr):
+    """``p [BT, BH, 2W]`` -> ``p[k] + p[k + W]`` for k < W (one level of the CPU's tree16)."""
+    a, b = tl.split(tl.permute(tl.reshape(p, (BT, BH, 2, W)), (0, 1, 3, 2)))
+    return a + b
+
+
+@triton.jit
+def _sumsq16(ptr, row, rows, BT: tl.constexpr, BH: tl.constexpr, D: tl.constexpr, F64: tl.constexpr):
+    """``sum(x²)`` of the rows at ``row`` [BT, BH] in the order of the CPU operator (csrc/kernel.cpp
+    ``sumsq16``/``dot16``): 16 partial sums, lane k adding the squares of columns k, k + 16, ...
+    in column order (zero past D), then the fixed tree ``p[k] += p[k + w]`` for w = 8, 4, 2, 1.
+    The same operations in the same order: the same bits as the CPU op. The row is read again
+    in 16-column blocks (it was just loaded: the reads hit the cache)."""
+    lane = tl.arange(0, 16)
+    acc = _to_cdt(tl.zeros((BT, BH, 16), tl.float32), F64)
+    for j in tl.static_range(0, D, 16):
+        col = j + lane
+        m = rows[:, :, None] & (col < D)[None, None, :]
+        v = _to_cdt(tl.load(ptr + row[:, :, None] + col[None, None, :], mask=m, other=0.0), F64)
+        acc += v * v
+    p8 = _half_tree(acc, BT, BH, 8)
+    p4 = _half_tree(p8, BT, BH, 4)
+    p2 = _half_tree(p4, BT, BH, 2)
+    a, b = tl.split(p2)
+    return a + b
+
+
+@triton.jit
 def _norm_rope_fwd_tile(x_ptr, o_ptr, r_ptr, w_ptr, sx0, sx1, sxh, so0, so1, soh, sr0, sr1, srh, sw,
                         m0, m1, tmask, h0, H, c, s, eps, woff,
                         R2: tl.constexpr, D: tl.constexpr, R2P: tl.constexpr, TP: tl.constexpr, BT: tl.constexpr,
@@ -387,7 +415,7 @@ def _norm_rope_fwd_tile(x_ptr, o_ptr, r_ptr, w_ptr, sx0, sx1, sxh, so0, so1, soh
     xrow = m0[:, None] * sx0 + m1[:, None] * sx1 + h[None, :] * sxh  # [BT, BH] int64
     orow = m0[:, None] * so0 + m1[:, None] * so1 + h[None, :] * soh
     x1, x2, xt = _load_row(x_ptr, xrow, rows, BT, BH, R2, D, R2P, TP, INTERLEAVED, F64)
-    ssq = tl.sum(x1 * x1, 2) + tl.sum(x2 * x2, 2) + tl.sum(xt * xt, 2)  # [BT, BH] over all d dims
+    ssq = _sumsq16(x_ptr, xrow, rows, BT, BH, D, F64)  # [BT, BH] over all d dims, the CPU's order
     rstd = _rstd(ssq, eps, rows, D, F64)
     w1, w2, wt = _load_w(w_ptr, sw, woff, R2, D, R2P, TP, INTERLEAVED, F64)
     r3 = rstd[:, :, None]

@@ -606,7 +606,7 @@ def _gather_rotate(xs, cos_table, sin_table, pos, fmt, layout, conjugate, inplac
 
 def _device_side_checks(t: torch.Tensor) -> bool:
     """Whether positions are range-checked in the kernel (CUDA) instead of on the host.
-    tests/test_triton_aot.py and tests/test_triton_nosync.py switch it on for CPU tensors to
+    tests/test_triton_aot.py and tests/test_triton_ops.py switch it on for CPU tensors to
     run the CUDA branch of the host code."""
     return t.is_cuda
 

@@ -21,7 +21,7 @@
 #
 # Time (under 8 minutes in all): the build at most $GPU_BUILD_TIMEOUT s (150; skipped when
 # ropekit._C loads), the tests $GPU_TEST_TIMEOUT s (150), the benchmark stops starting new
-# sections after $GPU_BENCH_BUDGET s (150) and is killed at that + 30 s. Wheels of missing peers
+# sections after $GPU_BENCH_BUDGET s (130) and is killed at that + 30 s. Wheels of missing peers
 # are taken from $WHEELS, else from .whl/ when that folder exists (machines without an index).
 #
 # GPU_CHECK_CPU=1 runs the same pipeline on CPU (TRITON_INTERPRET=1, tiny shapes; extra pytest
@@ -35,7 +35,7 @@ WHEELS="${WHEELS:-}"
 [ -z "$WHEELS" ] && [ -d .whl ] && WHEELS=.whl
 BUILD_TIMEOUT="${GPU_BUILD_TIMEOUT:-150}"
 TEST_TIMEOUT="${GPU_TEST_TIMEOUT:-150}"
-BENCH_BUDGET="${GPU_BENCH_BUDGET:-150}"
+BENCH_BUDGET="${GPU_BENCH_BUDGET:-130}"
 CPU_RUN="${GPU_CHECK_CPU:-}"
 export PYTHONUNBUFFERED=1
 

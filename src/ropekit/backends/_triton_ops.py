@@ -9,9 +9,10 @@ the fused norm's backward = ``qk_norm_rotary_bwd``), so nothing here knows about
 Each impl first runs the op's validator, ``ropekit.ops.check("<op>", *schema args)``, then launches the kernels of
 :mod:`ropekit.backends.triton` (imported lazily: ``import ropekit`` needs torch only).
 
-CPU tensors under ``TRITON_INTERPRET=1``: :func:`on_triton` routes the ops on CPU tensors to
-the same functions (a ``TorchDispatchMode`` below autograd), which is how ``backend="triton"``
-and the tests run the Triton kernels without a GPU.
+CPU tensors under ``TRITON_INTERPRET=1``: :func:`on_triton` (:mod:`._triton_mode`, a leaf
+module, so the launcher module can use it without importing this one) routes the ops on CPU
+tensors to the same functions (a ``TorchDispatchMode`` below autograd), which is how
+``backend="triton"`` and the tests run the Triton kernels without a GPU.
 
 Example:
     >>> import torch, ropekit
@@ -22,15 +23,13 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Dict
+from typing import Callable
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from ._triton_mode import IMPLS, _OnTriton, on_triton  # noqa: F401  (the table the mode routes to)
 
 __all__ = ["IMPLS", "register_cuda_kernels", "on_triton"]
-
-IMPLS: Dict[str, Callable] = {}
 
 
 def _impl(fn: Callable) -> Callable:
@@ -182,34 +181,3 @@ def register_cuda_kernels() -> None:
     for name, fn in IMPLS.items():
         torch.library.impl(f"ropekit::{name}", "CUDA", fn)
     _REGISTERED = True
-
-
-class _OnTriton(TorchDispatchMode):
-    """``torch.ops.ropekit.*`` on CPU tensors run the Triton impls (TRITON_INTERPRET=1) instead
-    of the C++ CPU kernel. Below autograd: the ops' own autograd runs first, as on CUDA."""
-
-    supports_higher_order_operators = True  # auto_functionalized (opcheck's aot test) passes through
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if isinstance(func, torch._ops.HigherOrderOperator):
-            return func(*args, **kwargs)
-        ns, _, name = func.name().partition("::")
-        impl = IMPLS.get(name) if ns == "ropekit" else None
-        # plain CPU tensors only: fake/functional tensors (opcheck, graphs) take the op's own path
-        if impl is not None and all(type(a) is torch.Tensor and a.device.type == "cpu"
-                                    for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)):
-            return impl(*args, **kwargs)
-        return func(*args, **kwargs)
-
-
-def on_triton(*tensors):
-    """A context in which ropekit's ops on these CPU tensors run the Triton kernels (under the
-    interpreter); a no-op for CUDA tensors (already theirs), in graphs and when already active."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
-
-    if torch.compiler.is_compiling() or not any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in tensors):
-        return contextlib.nullcontext()
-    if any(isinstance(m, _OnTriton) for m in _get_current_dispatch_mode_stack()):
-        return contextlib.nullcontext()
-    return _OnTriton()

@@ -59,7 +59,7 @@ import torch
 
 from .. import ops as _ops
 from .._errors import fail
-from . import _generic, _triton_ops
+from . import _generic, _triton_mode
 from . import cpu as _cpu_entry  # the ops' entry points (device-generic: CUDA tensors reach the Triton impls)
 
 NAME = "triton"
@@ -664,7 +664,7 @@ def rotate_qk_gather(q, k, cos_table, sin_table, positions, fmt, layout, inplace
 # entry points of the backend registry: the dispatcher ops (torch.ops.ropekit.*), whose
 # CUDA kernels are the launches above (ropekit.backends._triton_ops); one validator and one
 # autograd per op (C++). CPU tensors under TRITON_INTERPRET=1 reach the same Python kernels
-# through _triton_ops.on_triton() (the op's CPU kernel otherwise).
+# through _triton_mode.on_triton() (the op's CPU kernel otherwise).
 # --------------------------------------------------------------------------------------
 
 
@@ -673,7 +673,7 @@ def _ops_backend():
 
 
 def _mode(*ts):
-    return _triton_ops.on_triton(*ts)
+    return _triton_mode.on_triton(*ts)
 
 
 def apply(x, cos, sin, layout, conjugate, inplace, out):

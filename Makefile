@@ -32,8 +32,10 @@ bench: $(STAMP)
 experiment: $(STAMP)
 	$(PY) -m ropekit.experiment --jobs 2
 
-# On a CUDA machine: tests/test_triton.py on the GPU, then benchmarks/bench_gpu.py (under 8
-# minutes); CSV, summary.md and logs into $(OUT). Without CUDA: says so and exits 0 (no setup).
+# On a CUDA machine (under 8 minutes): builds ropekit._C for the python whose torch sees the GPU
+# when it does not load there, runs opcheck of every op and the GPU tests with
+# ROPEKIT_TEST_DEVICE=cuda, then benchmarks/bench_gpu.py; CSV, summary.md (ending with one summary
+# table) and logs into $(OUT). Without CUDA: says so and exits 0 (no setup).
 OUT ?= gpu-results
 gpu-check:
 	OUT="$(OUT)" VENV="$(VENV)" bash benchmarks/gpu_check.sh

@@ -1,7 +1,15 @@
 #!/usr/bin/env bash
-# `make gpu-check`: tests/test_triton.py and tests/test_triton_qk_norm.py on CUDA, then benchmarks/bench_gpu.py; CSV, summary and
-# logs go to $OUT (default gpu-results/). Without CUDA it says so and exits 0 within seconds,
-# installing nothing.
+# `make gpu-check`: the Triton kernels as the CUDA kernels of torch.ops.ropekit.* -- opcheck of every
+# op and the GPU test suite with ROPEKIT_TEST_DEVICE=cuda (tests/test_triton_opcheck.py,
+# tests/test_triton_ops.py: same bits as the CPU op, decode in a CUDA graph under
+# set_sync_debug_mode("error"); tests/test_triton.py, tests/test_triton_qk_norm.py), then
+# benchmarks/bench_gpu.py (peers, % of the same-run copy_ bandwidth, CUDA graphs), ending with one
+# summary table. CSV, summary and logs go to $OUT (default gpu-results/). Without CUDA it says so
+# and exits 0 within seconds, installing nothing.
+#
+# ropekit's compiled operators (ropekit._C, csrc/) are built in place for the chosen python when
+# they do not load there (`setup.py build_ext --inplace`, at most $GPU_BUILD_TIMEOUT s, default
+# 150): the CUDA kernels are registered on those ops, so without them the tests fail.
 #
 # Python: $GPU_PYTHON if set, else $VENV/bin/python, else python3 -- the first whose torch sees a
 # CUDA device (whatever torch that is: its version and CUDA version are printed). Only when
@@ -11,8 +19,10 @@
 # never torch) into $GPU_SITE (default .gpu-site/); a peer that does not install is skipped
 # by the benchmark. WHEELS=folder installs them from local wheels (offline machines).
 #
-# Time: the tests get $GPU_TEST_TIMEOUT s (default 180), the benchmark stops starting new
-# sections after $GPU_BENCH_BUDGET s (default 200) and is killed at that + 40 s.
+# Time (under 8 minutes in all): the build at most $GPU_BUILD_TIMEOUT s (150; skipped when
+# ropekit._C loads), the tests $GPU_TEST_TIMEOUT s (150), the benchmark stops starting new
+# sections after $GPU_BENCH_BUDGET s (130) and is killed at that + 30 s. Wheels of missing peers
+# are taken from $WHEELS, else from .whl/ when that folder exists (machines without an index).
 #
 # GPU_CHECK_CPU=1 runs the same pipeline on CPU (TRITON_INTERPRET=1, tiny shapes; extra pytest
 # arguments in $GPU_TEST_ARGS): a check of this script on a machine without a GPU.
@@ -22,8 +32,10 @@ OUT="${OUT:-gpu-results}"
 VENV="${VENV:-.venv}"
 SITE="${GPU_SITE:-.gpu-site}"
 WHEELS="${WHEELS:-}"
-TEST_TIMEOUT="${GPU_TEST_TIMEOUT:-180}"
-BENCH_BUDGET="${GPU_BENCH_BUDGET:-200}"
+[ -z "$WHEELS" ] && [ -d .whl ] && WHEELS=.whl
+BUILD_TIMEOUT="${GPU_BUILD_TIMEOUT:-150}"
+TEST_TIMEOUT="${GPU_TEST_TIMEOUT:-150}"
+BENCH_BUDGET="${GPU_BENCH_BUDGET:-130}"
 CPU_RUN="${GPU_CHECK_CPU:-}"
 export PYTHONUNBUFFERED=1
 
@@ -107,16 +119,28 @@ for req in $missing; do
         "${src[@]}" "$req" || echo "gpu-check: could not install $req (optional: the benchmark skips it)"
 done
 
+# ropekit._C for this python (its torch version and ABI): built in place when it does not load
+if ! "$PY" -c "import ropekit.ops as o, sys; sys.exit(0 if o.LOADED else 1)" 2>/dev/null; then
+    echo "gpu-check: ropekit._C does not load for $PY: building it in place (at most ${BUILD_TIMEOUT} s)"
+    t0=$SECONDS
+    timeout "$BUILD_TIMEOUT" "$PY" setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1 \
+        || echo "gpu-check: the build failed (see $OUT/build.log); the ops and their tests will not run"
+    echo "gpu-check: build took $((SECONDS - t0)) s"
+fi
+"$PY" -c "import ropekit.ops as o; print('gpu-check: ropekit operators:', o.capability() if o.LOADED else o.REASON)"
+
 workers=()  # Triton compiles each kernel specialization the tests need: spread them over processes
 if [ -z "$CPU_RUN" ] && "$PY" -c "import xdist" 2>/dev/null; then workers=(-n "${GPU_TEST_WORKERS:-8}"); fi
-echo "gpu-check: tests/test_triton.py tests/test_triton_qk_norm.py on $test_dev (at most ${TEST_TIMEOUT} s) ${workers[*]}"
+GPU_TESTS=(tests/test_triton_opcheck.py tests/test_triton_ops.py tests/test_triton.py tests/test_triton_qk_norm.py
+           src/ropekit/backends/triton.py)
+echo "gpu-check: ${GPU_TESTS[*]} on $test_dev (at most ${TEST_TIMEOUT} s) ${workers[*]}"
 # shellcheck disable=SC2086
-ROPEKIT_TEST_DEVICE=$test_dev timeout "$TEST_TIMEOUT" "$PY" -m pytest tests/test_triton.py tests/test_triton_qk_norm.py src/ropekit/backends/triton.py \
+ROPEKIT_TEST_DEVICE=$test_dev timeout "$TEST_TIMEOUT" "$PY" -m pytest "${GPU_TESTS[@]}" \
     "${workers[@]}" -rfE -p no:cacheprovider ${GPU_TEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log"
 test_rc=${PIPESTATUS[0]}
 
 echo "gpu-check: benchmarks/bench_gpu.py (budget ${BENCH_BUDGET} s)"
-timeout $((BENCH_BUDGET + 40)) "$PY" benchmarks/bench_gpu.py --out "$OUT" --budget-s "$BENCH_BUDGET" "${bench_args[@]}" \
+timeout $((BENCH_BUDGET + 30)) "$PY" benchmarks/bench_gpu.py --out "$OUT" --budget-s "$BENCH_BUDGET" "${bench_args[@]}" \
     --tests-log "$OUT/pytest.log" --tests-rc "$test_rc" 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
 if [ "$bench_rc" -ne 0 ]; then  # killed or crashed: the summary from the rows written so far

@@ -408,6 +408,23 @@ def test_inplace_autograd_on_views_of_one_projection(layout, monkeypatch):
         apply_qk_norm_rotary(leaf, leaf.detach().clone(), w0[0], w0[1], c[:2], sn[:2], backend="triton", inplace=True)
 
 
+def test_weight_gradient_bits_alone_and_joint():
+    """A tensor's weight gradient has the same bits from a joint q/k backward launch and from its
+    own (in-place autograd runs one node per tensor): each tensor keeps its own tile (hq = 16 and
+    hk = 2 give other head blocks and token tiles) and its heads dim (cos shared over b and h)."""
+    q, k, wq, wk, c, sn = _inputs(2, 40, 16, 2, 72, 40, "half", torch.float32, seed=21,
+                                  positions=torch.arange(40).expand(2, 40))
+    c, sn = c[:1], sn[:1]  # [1, s, 1, r/2]: shared by the batch and the heads
+    _, _, rq, rk = torch.ops.ropekit.qk_norm_rotary_fwd(q, k, wq, wk, c, sn, EPS, 0.0, "half")
+    gq, gk = torch.randn_like(q), torch.randn_like(k)
+    joint = tb.qk_norm_backward([gq, gk], [q, k], [wq, wk], [rq, rk], c, sn, 0.0, "half")
+    none, r0 = q.new_empty(0, 72), rq.new_empty(0)
+    k_alone = tb.qk_norm_backward([none, gk], [none, k], [wq, wk], [r0, rk], c, sn, 0.0, "half")
+    q_alone = tb.qk_norm_backward([gq, none], [q, none], [wq, wk], [rq, r0], c, sn, 0.0, "half")
+    for got, want in ((k_alone[1], joint[1]), (k_alone[3], joint[3]), (q_alone[0], joint[0]), (q_alone[2], joint[2])):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("inplace", [False, True])
 def test_partial_gradients(inplace, monkeypatch):
     """Only what is needed: k's output unused (no k gradients), frozen norm weights, or

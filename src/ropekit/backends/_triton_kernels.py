@@ -372,6 +372,34 @@ def _scalar(hi, lo, F64: tl.constexpr):
 
 
 @triton.jit
+def _half_tree(p, BT: tl.constexpr, BH: tl.constexpr, W: tl.constexpr):
+    """``p [BT, BH, 2W]`` -> ``p[k] + p[k + W]`` for k < W (one level of the CPU's tree16)."""
+    a, b = tl.split(tl.permute(tl.reshape(p, (BT, BH, 2, W)), (0, 1, 3, 2)))
+    return a + b
+
+
+@triton.jit
+def _sumsq16(ptr, row, rows, BT: tl.constexpr, BH: tl.constexpr, D: tl.constexpr, F64: tl.constexpr):
+    """``sum(x²)`` of the rows at ``row`` [BT, BH] in the order of the CPU operator (csrc/kernel.cpp
+    ``sumsq16``/``dot16``): 16 partial sums, lane k adding the squares of columns k, k + 16, ...
+    in column order (zero past D), then the fixed tree ``p[k] += p[k + w]`` for w = 8, 4, 2, 1.
+    The same operations in the same order: the same bits as the CPU op. The row is read again
+    in 16-column blocks (it was just loaded: the reads hit the cache)."""
+    lane = tl.arange(0, 16)
+    acc = _to_cdt(tl.zeros((BT, BH, 16), tl.float32), F64)
+    for j in tl.static_range(0, D, 16):
+        col = j + lane
+        m = rows[:, :, None] & (col < D)[None, None, :]
+        v = _to_cdt(tl.load(ptr + row[:, :, None] + col[None, None, :], mask=m, other=0.0), F64)
+        acc += v * v
+    p8 = _half_tree(acc, BT, BH, 8)
+    p4 = _half_tree(p8, BT, BH, 4)
+    p2 = _half_tree(p4, BT, BH, 2)
+    a, b = tl.split(p2)
+    return a + b
+
+
+@triton.jit
 def _norm_rope_fwd_tile(x_ptr, o_ptr, r_ptr, w_ptr, sx0, sx1, sxh, so0, so1, soh, sr0, sr1, srh, sw,
                         m0, m1, tmask, h0, H, c, s, eps, woff,
                         R2: tl.constexpr, D: tl.constexpr, R2P: tl.constexpr, TP: tl.constexpr, BT: tl.constexpr,
@@ -387,7 +415,7 @@ def _norm_rope_fwd_tile(x_ptr, o_ptr, r_ptr, w_ptr, sx0, sx1, sxh, so0, so1, soh
     xrow = m0[:, None] * sx0 + m1[:, None] * sx1 + h[None, :] * sxh  # [BT, BH] int64
     orow = m0[:, None] * so0 + m1[:, None] * so1 + h[None, :] * soh
     x1, x2, xt = _load_row(x_ptr, xrow, rows, BT, BH, R2, D, R2P, TP, INTERLEAVED, F64)
-    ssq = tl.sum(x1 * x1, 2) + tl.sum(x2 * x2, 2) + tl.sum(xt * xt, 2)  # [BT, BH] over all d dims
+    ssq = _sumsq16(x_ptr, xrow, rows, BT, BH, D, F64)  # [BT, BH] over all d dims, the CPU's order
     rstd = _rstd(ssq, eps, rows, D, F64)
     w1, w2, wt = _load_w(w_ptr, sw, woff, R2, D, R2P, TP, INTERLEAVED, F64)
     r3 = rstd[:, :, None]
@@ -512,19 +540,24 @@ def _norm_rope_bwd_group(g_ptr, x_ptr, dx_ptr, r_ptr, w_ptr, p_ptr,
 @triton.jit
 def qk_norm_bwd_kernel(
     ga_ptr, xa_ptr, dxa_ptr, ra_ptr, wa_ptr, pa_ptr, gb_ptr, xb_ptr, dxb_ptr, rb_ptr, wb_ptr, pb_ptr, cos_ptr, sin_ptr,
-    M, M1, HA, HB, NBA, NT, G,
+    M, M1, HA, HB, NBA, NT, G, NT_B, G_B,
     sga0, sga1, sgah, sxa0, sxa1, sxah, sda0, sda1, sdah, sra0, sra1, srah, swa,
     sgb0, sgb1, sgbh, sxb0, sxb1, sxbh, sdb0, sdb1, sdbh, srb0, srb1, srbh, swb,
     sc0, sc1, sch, scr, ss0, ss1, ssh, ssr,
     woff_hi, woff_lo,
     R2: tl.constexpr, D: tl.constexpr, R2P: tl.constexpr, TP: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    BT_B: tl.constexpr, BH_B: tl.constexpr,
     INTERLEAVED: tl.constexpr, COS_PER_HEAD: tl.constexpr, F64: tl.constexpr, HAS_B: tl.constexpr,
     DX_A: tl.constexpr, DW_A: tl.constexpr, DX_B: tl.constexpr, DW_B: tl.constexpr,
 ):  # fmt: skip
     """Backward of :func:`qk_norm_fwd_kernel`: ``dx`` of q (a) and k (b) and their weights' partial sums.
 
-    Grid ``(G, NBA + cdiv(HB, BH))`` with ``G <= NT = cdiv(M, BT)`` token-tile programs; program
-    ``(i, j)`` walks tiles ``i, i + G, ...`` of head block ``j``. ``g*`` are the incoming
+    Grid ``(max(G, G_B), NBA + cdiv(HB, BH_B))`` with ``G <= NT = cdiv(M, BT)`` token-tile programs
+    for group a and ``G_B <= NT_B = cdiv(M, BT_B)`` for group b; program ``(i, j)`` walks tiles
+    ``i, i + G, ...`` of head block ``j`` (programs past a group's own count do nothing). Each
+    group has its own tile ``(BT, BH)`` / ``(BT_B, BH_B)``: the one it gets when launched alone,
+    so a tensor's weight gradient (whose summation order follows the tiles) has the same bits
+    in a joint launch and alone (in-place autograd runs one backward node per tensor). ``g*`` are the incoming
     gradients, ``x*`` the saved inputs, ``r*`` the saved inverse RMS; ``dx*`` (None unless
     DX_*) get ``dx``; ``p*`` (None unless DW_*) are ``[G * head blocks, d]`` partial weight
     gradients, row ``i * head blocks + j``, every row written once.
@@ -535,14 +568,15 @@ def qk_norm_bwd_kernel(
     if HAS_B:
         if pid_h >= NBA:
             jb = pid_h - NBA
-            _norm_rope_bwd_group(
-                gb_ptr, xb_ptr, dxb_ptr, rb_ptr, wb_ptr, pb_ptr,
-                sgb0, sgb1, sgbh, sxb0, sxb1, sxbh, sdb0, sdb1, sdbh, srb0, srb1, srbh, swb,
-                cos_ptr, sin_ptr, sc0, sc1, sch, scr, ss0, ss1, ssh, ssr,
-                M, M1, HB, jb.to(tl.int64) * BH, pid0, NT, G, pid0 * tl.cdiv(HB, BH) + jb, woff,
-                R2, D, R2P, TP, BT, BH, INTERLEAVED, COS_PER_HEAD, F64, DX_B, DW_B,
-            )  # fmt: skip
-        else:
+            if pid0 < G_B:
+                _norm_rope_bwd_group(
+                    gb_ptr, xb_ptr, dxb_ptr, rb_ptr, wb_ptr, pb_ptr,
+                    sgb0, sgb1, sgbh, sxb0, sxb1, sxbh, sdb0, sdb1, sdbh, srb0, srb1, srbh, swb,
+                    cos_ptr, sin_ptr, sc0, sc1, sch, scr, ss0, ss1, ssh, ssr,
+                    M, M1, HB, jb.to(tl.int64) * BH_B, pid0, NT_B, G_B, pid0 * tl.cdiv(HB, BH_B) + jb, woff,
+                    R2, D, R2P, TP, BT_B, BH_B, INTERLEAVED, COS_PER_HEAD, F64, DX_B, DW_B,
+                )  # fmt: skip
+        elif pid0 < G:
             _norm_rope_bwd_group(
                 ga_ptr, xa_ptr, dxa_ptr, ra_ptr, wa_ptr, pa_ptr,
                 sga0, sga1, sgah, sxa0, sxa1, sxah, sda0, sda1, sdah, sra0, sra1, srah, swa,

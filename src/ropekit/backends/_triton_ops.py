@@ -9,9 +9,10 @@ the fused norm's backward = ``qk_norm_rotary_bwd``), so nothing here knows about
 Each impl first runs the op's validator, ``ropekit.ops.check("<op>", *schema args)``, then launches the kernels of
 :mod:`ropekit.backends.triton` (imported lazily: ``import ropekit`` needs torch only).
 
-CPU tensors under ``TRITON_INTERPRET=1``: :func:`on_triton` routes the ops on CPU tensors to
-the same functions (a ``TorchDispatchMode`` below autograd), which is how ``backend="triton"``
-and the tests run the Triton kernels without a GPU.
+CPU tensors under ``TRITON_INTERPRET=1``: :func:`on_triton` (:mod:`._triton_mode`, a leaf
+module, so the launcher module can use it without importing this one) routes the ops on CPU
+tensors to the same functions (a ``TorchDispatchMode`` below autograd), which is how
+``backend="triton"`` and the tests run the Triton kernels without a GPU.
 
 Example:
     >>> import torch, ropekit
@@ -22,15 +23,13 @@ Example:
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable
 
 import torch
 
+from ._triton_mode import IMPLS, _OnTriton, on_triton  # noqa: F401  (the table the mode routes to)
+
 __all__ = ["IMPLS", "register_cuda_kernels", "on_triton"]
-
-from . import triton as _tbmod  # the launchers (torch only: triton itself is imported when a kernel runs)
-
-IMPLS: Dict[str, Callable] = _tbmod.IMPLS  # one table: the CUDA registrations and the interpreter's mode read it
 
 
 def _impl(fn: Callable) -> Callable:
@@ -39,7 +38,9 @@ def _impl(fn: Callable) -> Callable:
 
 
 def _tb():
-    return _tbmod
+    from . import triton as tb  # imports triton (lazily: only when a kernel runs)
+
+    return tb
 
 
 def _check(name: str, *args) -> None:
@@ -180,9 +181,3 @@ def register_cuda_kernels() -> None:
     for name, fn in IMPLS.items():
         torch.library.impl(f"ropekit::{name}", "CUDA", fn)
     _REGISTERED = True
-
-
-# the interpreter's dispatch mode lives beside the launchers (ropekit.backends.triton), which
-# imports nothing of this module: the impls below register themselves into its IMPLS table
-_OnTriton = _tbmod._OnTriton
-on_triton = _tbmod.on_triton

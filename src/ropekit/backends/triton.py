@@ -57,11 +57,10 @@ import sys
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import ops as _ops
 from .._errors import fail
-from . import _generic
+from . import _generic, _triton_mode
 from . import cpu as _cpu_entry  # the ops' entry points (device-generic: CUDA tensors reach the Triton impls)
 
 NAME = "triton"
@@ -360,28 +359,38 @@ def _qk_norm_launch(xa, oa, ra, wa, xb, ob, rb, wb, cos, sin, eps, weight_offset
     )  # fmt: skip
 
 
+def _qk_norm_bwd_params(M: int, h: int, d: int, r2: int) -> Tuple[int, int, int, int]:
+    """``(BT, BH, num_warps, programs)`` of one tensor's backward: what it gets launched alone,
+    also in a joint launch (its weight gradient is then summed in the same order, same bits)."""
+    bt, bh, num_warps = _norm_launch_params(M, h, 0, d, r2, _interpreted())
+    return bt, bh, num_warps, max(1, min(_cdiv(M, bt), _DW_PROGRAMS))
+
+
 def _qk_norm_bwd_launch(ga, xa, ra, wa, dxa, pa, gb, xb, rb, wb, dxb, pb, cos, sin, weight_offset, interleaved,
-                        cos_per_head, bt, bh, programs, num_warps) -> None:
+                        cos_per_head, bt, bh, programs, num_warps, bt_b=1, bh_b=1, programs_b=1) -> None:
     """Backward launch on canonical views (see :func:`_qk_norm_backward`): ``dx*`` (or None) get
-    the input gradients, ``p* [programs * cdiv(h, bh), d]`` (or None) the partial weight gradients."""
+    the input gradients, ``p* [programs * cdiv(h, bh), d]`` (or None) the partial weight gradients;
+    group b (k) has its own tile ``bt_b x bh_b`` and ``programs_b``."""
     m0, m1, ha, d = xa.shape
     hb = 0 if xb is None else xb.shape[2]
     M, r2 = m0 * m1, cos.shape[-1]
     if M == 0 or ha + hb == 0:
         return
+    if hb == 0:
+        bt_b, bh_b, programs_b = 1, 1, 1
     r2p, tp = _norm_widths(d, r2)
     nba = _cdiv(ha, bh)
-    grid = (programs, nba + _cdiv(hb, bh))
+    grid = (max(programs, programs_b if hb else 0), nba + _cdiv(hb, bh_b))
     wo_hi, wo_lo = _split_f32(weight_offset)
     _launch_kernel(
         "qk_norm_bwd_kernel", grid, xa.device,
         ga, xa, dxa, ra, wa, pa, gb, xb, dxb, rb, wb, pb, cos, sin,
-        M, m1, ha, hb, nba, _cdiv(M, bt), programs,
+        M, m1, ha, hb, nba, _cdiv(M, bt), programs, _cdiv(M, bt_b), programs_b,
         *_s3(ga), *_s3(xa), *_s3(dxa, xa), *_s3(ra), wa.stride(0),
         *_s3(gb), *_s3(xb), *_s3(dxb, xb), *_s3(rb), wb.stride(0) if wb is not None else 0,
         *cos.stride(), *sin.stride(),
         wo_hi, wo_lo,
-        R2=r2, D=d, R2P=r2p, TP=tp, BT=bt, BH=bh,
+        R2=r2, D=d, R2P=r2p, TP=tp, BT=bt, BH=bh, BT_B=bt_b, BH_B=bh_b,
         INTERLEAVED=interleaved, COS_PER_HEAD=cos_per_head, F64=xa.dtype == torch.float64, HAS_B=hb > 0,
         DX_A=dxa is not None, DW_A=pa is not None, DX_B=dxb is not None, DW_B=pb is not None,
         num_warps=num_warps,
@@ -417,11 +426,12 @@ def _views(ts: Sequence[torch.Tensor], hd: int) -> Optional[List[torch.Tensor]]:
     return out
 
 
-def _pick_head_dim(lead: Sequence[int], ce: torch.Tensor, se: torch.Tensor) -> Tuple[int, bool]:
-    """The dim of x along which cos/sin are shared (largest), and whether none is."""
+def _pick_head_dim(lead: Sequence[int], ce: torch.Tensor, se: torch.Tensor, last: bool = False) -> Tuple[int, bool]:
+    """The dim of x along which cos/sin are shared (the largest; ``last``: the last such dim,
+    the heads dim of every format), and whether none is."""
     shared = [i for i, n in enumerate(lead) if n > 1 and ce.stride(i) == 0 and se.stride(i) == 0]
     if shared:
-        return max(shared, key=lambda i: lead[i]), False
+        return (shared[-1] if last else max(shared, key=lambda i: lead[i])), False
     ones = [i for i, n in enumerate(lead) if n == 1]
     if ones:
         return ones[-1], False
@@ -599,7 +609,7 @@ def _gather_rotate(xs, cos_table, sin_table, pos, fmt, layout, conjugate, inplac
 
 def _device_side_checks(t: torch.Tensor) -> bool:
     """Whether positions are range-checked in the kernel (CUDA) instead of on the host.
-    tests/test_triton_aot.py and tests/test_triton_nosync.py switch it on for CPU tensors to
+    tests/test_triton_aot.py and tests/test_triton_ops.py switch it on for CPU tensors to
     run the CUDA branch of the host code."""
     return t.is_cuda
 
@@ -657,7 +667,7 @@ def rotate_qk_gather(q, k, cos_table, sin_table, positions, fmt, layout, inplace
 # entry points of the backend registry: the dispatcher ops (torch.ops.ropekit.*), whose
 # CUDA kernels are the launches above (ropekit.backends._triton_ops); one validator and one
 # autograd per op (C++). CPU tensors under TRITON_INTERPRET=1 reach the same Python kernels
-# through on_triton() (the op's CPU kernel otherwise).
+# through _triton_mode.on_triton() (the op's CPU kernel otherwise).
 # --------------------------------------------------------------------------------------
 
 
@@ -665,36 +675,8 @@ def _ops_backend():
     return _cpu_entry
 
 
-IMPLS: dict = {}  # op name -> its CUDA kernel (filled by ropekit.backends._triton_ops)
-
-
-class _OnTriton(TorchDispatchMode):
-    """``torch.ops.ropekit.*`` on CPU tensors run the Triton impls (TRITON_INTERPRET=1) instead
-    of the C++ CPU kernel. Below autograd: the ops' own autograd runs first, as on CUDA."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        ns, _, name = func.name().partition("::")
-        impl = IMPLS.get(name) if ns == "ropekit" else None
-        if impl is not None:
-            return impl(*args, **kwargs)
-        return func(*args, **kwargs)
-
-
-def on_triton(*tensors):
-    """A context in which ropekit's ops on these CPU tensors run the Triton kernels (under the
-    interpreter); a no-op for CUDA tensors (already theirs), in graphs and when already active."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
-
-    if torch.compiler.is_compiling() or not any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in tensors):
-        return contextlib.nullcontext()
-    if any(isinstance(m, _OnTriton) for m in _get_current_dispatch_mode_stack()):
-        return contextlib.nullcontext()
-    return _OnTriton()
-
-
 def _mode(*ts):
-    return on_triton(*ts)
+    return _triton_mode.on_triton(*ts)
 
 
 def apply(x, cos, sin, layout, conjugate, inplace, out):
@@ -793,7 +775,10 @@ class _NormPlan:
             if self.joint and diff:
                 h, p = diff[0], False  # cos/sin broadcast over it (they broadcast to both q and k)
             else:
-                h, p = _pick_head_dim(lead, ce, se)
+                # the last shared dim (the heads dim), whatever the partner: a tensor launched alone
+                # (in-place autograd: one backward node per tensor) is tiled as in the joint launch,
+                # so its weight gradient is summed in the same order (same bits)
+                h, p = _pick_head_dim(lead, ce, se, last=True)
             hd.append(h)
             per.append(p)
         self.hd, self.per_head = tuple(hd), tuple(per)
@@ -872,13 +857,12 @@ def _qk_norm_backward(grads, xs, weights, rstds, cos, sin, weight_offset, interl
         return dxs, dws
     launches = [parts] if plan.joint and len(parts) == 2 else [[p] for p in parts]
     for group in launches:
-        m0, m1, ha, d = group[0][2].shape
-        hb = group[1][2].shape[2] if len(group) == 2 else 0
+        m0, m1, _, d = group[0][2].shape
         r2 = cos.shape[-1]
-        bt, bh, num_warps = _norm_launch_params(m0 * m1, ha, hb, d, r2, _interpreted())
-        programs = max(1, min(_cdiv(m0 * m1, bt), _DW_PROGRAMS))
+        # each tensor's own tile (as launched alone): its weight gradient has the same bits either way
+        params = [_qk_norm_bwd_params(m0 * m1, p[2].shape[2], d, r2) for p in group]
         args = []
-        for i, gv, xv, rv, w, dv, _, _ in group:
+        for (i, gv, xv, rv, w, dv, _, _), (_, bh, _, programs) in zip(group, params):
             pv = None
             if need_dw[i]:
                 pv = torch.empty(programs * _cdiv(xv.shape[2], bh), d, dtype=_generic.compute_dtype(xv), device=xv.device)
@@ -887,8 +871,10 @@ def _qk_norm_backward(grads, xs, weights, rstds, cos, sin, weight_offset, interl
             args.append((None,) * 6)
         (ga, xa, ra, wa, dxa, pa), (gb, xb, rb, wb, dxb, pb) = args
         cv, sv = group[0][6], group[0][7]
+        bt, bh, num_warps, programs = params[0]
+        bt_b, bh_b, _, programs_b = params[-1]
         _qk_norm_bwd_launch(ga, xa, ra, wa, dxa, pa, gb, xb, rb, wb, dxb, pb, cv, sv, weight_offset, interleaved,
-                            plan.per_head[group[0][0]], bt, bh, programs, num_warps)
+                            plan.per_head[group[0][0]], bt, bh, programs, num_warps, bt_b, bh_b, programs_b)
         for (i, *_), (_, _, _, w, _, pv) in zip(group, args):
             if pv is not None:
                 dws[i] = pv.sum(0).to(w.dtype)  # [d]: a fixed-order reduction of the partial rows

@@ -27,6 +27,11 @@ _SEQ_DIM = {"bshd": 1, "bhsd": 2, "sbhd": 0}  # the sequence dim of q in each 4-
 _UNSET = object()
 
 
+def _host_reads_cheap(t: torch.Tensor) -> bool:
+    """Whether reading ``t``'s values on the host costs no device synchronisation (CPU)."""
+    return t.device.type == "cpu"
+
+
 def _check_qk(q: torch.Tensor, k: torch.Tensor) -> None:
     for name, t in (("q", q), ("k", k)):
         if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
@@ -332,7 +337,12 @@ class RotaryEmbedding(nn.Module):
             k: same layout as ``q`` with ``hk`` heads (``hk`` may differ from ``hq``).
             positions: ``[s]`` or ``[b, s]`` (``[t]`` for ``thd``) integer positions.
             offsets: int or ``[b]`` tensor added to ``0 .. s-1`` (KV-cache length per sample,
-                e.g. decode with ``s = 1, b > 1``).
+                e.g. decode with ``s = 1, b > 1``). A ``[b]`` tensor on a GPU is not read
+                back (no host synchronisation: the call can be captured in a CUDA graph): the
+                tables then hold ``max_position`` rows and the kernel checks the positions
+                against them (a position past them is a device-side error) — construct the
+                module with ``max_position`` at least the KV-cache size. On CPU the offsets
+                are read and the tables grow as needed.
             cu_seqlens: ``[n+1]`` packed boundaries for ``thd``; positions restart per sequence
                 (at ``offsets[i]`` when ``offsets``, an int or ``[n]``, is given too).
             format: ``"bshd"``, ``"bhsd"``, ``"sbhd"`` or ``"thd"``.
@@ -482,7 +492,7 @@ class RotaryEmbedding(nn.Module):
         know: on CPU one read of the ``[b]`` offsets (cheap, no device), on other devices the
         table as it is (at least ``max_position`` rows) with the range checked inside the
         kernel (no host synchronisation: CUDA graphs can capture the call)."""
-        if q.device.type == "cpu":
+        if _host_reads_cheap(q):
             first = pos[:, 0] if pos.dim() == 2 else pos  # [b]
             if first.numel() <= 256:  # a few values: a list read costs less than an aten reduction
                 vals = first.tolist()

@@ -768,6 +768,27 @@ static inline void norm_fwd_row_fast(const typename T::S* px, typename T::S* po,
 // Rows [r0, r1) on the fast path, RK_NORM_GROUP rows at a time: their sums, then their inverse
 // RMS, then their outputs, so that the long-latency sqrt/div of one row overlaps the others.
 #define RK_NORM_GROUP 4
+// Software prefetch of x RK_NORM_AHEAD rows ahead of the group being summed. The sum of a
+// group must wait for its rows before the group's outputs can be formed, and those waiting
+// instructions fill the out-of-order window: without it, at sizes far beyond the caches, few
+// loads of later rows are in flight and the forward ran at 1.7x the time of the rotation
+// alone (measured, 1 thread, prefill). A prefetch never faults and changes no value.
+#define RK_NORM_AHEAD 8
+struct Ahead {
+    Walk w;
+    i64 r, r1, bytes;
+    const char* X;
+    Ahead(const NJob& j, i64 r0, i64 r1_, i64 es)
+        : w(j.nd, j.size, j.xs, j.os, j.cs, j.ss, j.gs, r0 + RK_NORM_AHEAD < r1_ ? r0 + RK_NORM_AHEAD : r0),
+          r(r0 + RK_NORM_AHEAD), r1(r1_), bytes(j.d * es), X((const char*)(intptr_t)j.x) {}
+    RK_INLINE void step(i64 es) {  // prefetch the next row ahead
+        if (r >= r1) return;
+        const char* p = X + w.x * es;
+        for (i64 b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 3);
+        ++r;
+        w.next();
+    }
+};
 template <typename T, int LAYOUT>
 static void norm_fwd_fast_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
     typedef typename T::S S;
@@ -780,11 +801,13 @@ static void norm_fwd_fast_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
     C* R = (C*)(intptr_t)j.rstd;
     const i64 d = j.d, h = j.half;
     const C eps = (C)j.eps, dd = (C)d;
+    Ahead pf(j, r0, r1, sizeof(S));
     for (i64 r = r0; r < r1; r += RK_NORM_GROUP) {
         const int m = r1 - r < RK_NORM_GROUP ? (int)(r1 - r) : RK_NORM_GROUP;
         i64 xo[RK_NORM_GROUP], oo[RK_NORM_GROUP], co[RK_NORM_GROUP], so[RK_NORM_GROUP];
         C rs[RK_NORM_GROUP];
         for (int u = 0; u < m; ++u, w.next()) xo[u] = w.x, oo[u] = w.o, co[u] = w.c, so[u] = w.s;
+        for (int u = 0; u < m; ++u) pf.step(sizeof(S));
         for (int u = 0; u < m; ++u) rs[u] = sumsq16<T>(X + xo[u], d);
         for (int u = 0; u < m; ++u) rs[u] = C(1) / sqrt(rs[u] / dd + eps);
         for (int u = 0; u < m; ++u) norm_fwd_row_fast<T, LAYOUT>(X + xo[u], O + oo[u], CT + co[u], ST + so[u], W, h, d, rs[u]);
@@ -842,11 +865,13 @@ static void norm_fwd_pair_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
         memcpy(wb + i + NF, &o, sizeof o);
     }
     const float *lc = nullptr, *ls = nullptr;
+    Ahead pf(j, r0, r1, sizeof(uint16_t));
     for (i64 r = r0; r < r1; r += RK_NORM_GROUP) {
         const int m = r1 - r < RK_NORM_GROUP ? (int)(r1 - r) : RK_NORM_GROUP;
         i64 xo[RK_NORM_GROUP], oo[RK_NORM_GROUP], co[RK_NORM_GROUP], so[RK_NORM_GROUP];
         float rs[RK_NORM_GROUP];
         for (int u = 0; u < m; ++u, w.next()) xo[u] = w.x, oo[u] = w.o, co[u] = w.c, so[u] = w.s;
+        for (int u = 0; u < m; ++u) pf.step(sizeof(uint16_t));
         for (int u = 0; u < m; ++u) rs[u] = pair_sumsq16<T>(X + xo[u], d);
         for (int u = 0; u < m; ++u) rs[u] = 1.0f / sqrtf(rs[u] / dd + eps);
         for (int u = 0; u < m; ++u) {

@@ -53,12 +53,12 @@ from ropekit import RopeConfig, apply_qk_norm_rotary, apply_rotary_qk, cos_sin
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))  # run as a script or imported by a test
-from _env import append_rows, cpu_model, git_rev, latest_rows, version  # noqa: E402
-from bench_apply import _round_robin, _stats  # noqa: E402
+from _env import append_rows, cpu_level, cpu_model, git_rev, latest_rows, version  # noqa: E402
+from _env import round_robin as _round_robin, stats as _stats  # noqa: E402
 
 CSV_PATH = ROOT / "results" / "qk_norm.csv"
 FIELDS = [
-    "run", "device", "cpu", "threads", "torch", "transformers", "git_rev", "backend", "variant", "shape",
+    "run", "device", "cpu", "level", "threads", "torch", "transformers", "git_rev", "backend", "variant", "shape",
     "b", "s", "hq", "hk", "d", "dtype", "mode", "median_us", "p20_us", "p80_us", "gbps", "ratio_to_copy",
     "ratio_to_fused",
 ]
@@ -319,7 +319,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     hq, hk, d = (int(v) for v in args.heads.split(","))
     cases = [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",")]
     modes = args.modes.split(",")
-    meta = dict(run=_dt.datetime.now().isoformat(timespec="seconds"), device="cpu", cpu=cpu_model(),
+    meta = dict(run=_dt.datetime.now().isoformat(timespec="seconds"), device="cpu", cpu=cpu_model(), level=cpu_level(),
                 threads=torch.get_num_threads(), torch=torch.__version__, transformers=version("transformers"),
                 git_rev=git_rev("bench_qk_norm.py"))
     print(f"ropekit qk-norm benchmark: {meta}; transformers' rope: {hf_rope()[1]}", flush=True)

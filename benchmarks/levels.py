@@ -13,7 +13,8 @@ q and k for the q+k ops) is the reference. Shapes: ``cache`` = q [512, 32, 128] 
 ``prefill`` = b=4, s=2048, q 32 heads, k 8, d=128.
 
 Run: ``python benchmarks/levels.py`` (all levels, both shapes, float32/bfloat16/float16);
-``--shapes cache`` for the cache-resident shape only; ``--levels avx2,avx512``.
+``--shapes cache`` for the cache-resident shape only; ``--levels avx2,avx512``; ``--threads 2``
+(default 1: the ``threads`` column is the count the measurement ran with).
 """
 
 from __future__ import annotations
@@ -28,21 +29,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-from _env import append_rows, cpu_model, git_rev, version  # noqa: E402
+from _env import append_rows, cpu_model, git_rev, timeit_us, version  # noqa: E402
 
 CSV_PATH = ROOT / "results" / "levels.csv"
 FIELDS = ["run", "level", "device", "cpu", "threads", "torch", "git_rev", "shape", "dtype", "op", "median_us",
           "ratio_to_copy"]
 ORDER = ["default", "avx2", "avx512"]
-
-
-def timeit_us(fn, min_run_time: float = 0.3) -> float:
-    """Median µs per call of ``fn`` (``torch.utils.benchmark.Timer.blocked_autorange``)."""
-    from torch.utils import benchmark
-
-    fn()
-    m = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
-    return m.median * 1e6
 
 
 def measure(shapes):
@@ -91,10 +83,15 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="cache,prefill")
     ap.add_argument("--levels", default=None, help="comma-separated; default: every level this CPU supports")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads in the measurements (default 1: steadier on a shared machine)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     shapes = a.shapes.split(",")
     if a.child:
+        import torch
+
+        torch.set_num_threads(a.threads)
         print(json.dumps(measure(shapes)))
         return
     import torch
@@ -104,13 +101,13 @@ def main(argv=None) -> None:
     best = ops.capability()
     levels = a.levels.split(",") if a.levels else ORDER[: ORDER.index(best) + 1] if best in ORDER else [best]
     run = _dt.datetime.now().isoformat(timespec="seconds")
-    env_cols = {"run": run, "device": "cpu", "cpu": cpu_model(), "threads": torch.get_num_threads(),
+    env_cols = {"run": run, "device": "cpu", "cpu": cpu_model(), "threads": a.threads,
                 "torch": version("torch"), "git_rev": git_rev("levels.py")}
     table = {}
     for lv in levels:
         env = dict(os.environ, ROPEKIT_CPU_CAPABILITY=lv)
-        out = subprocess.run([sys.executable, __file__, "--child", "--shapes", a.shapes], env=env, capture_output=True,
-                             text=True, check=True)
+        cmd = [sys.executable, __file__, "--child", "--shapes", a.shapes, "--threads", str(a.threads)]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
         rows = json.loads(out.stdout.strip().splitlines()[-1])
         append_rows([dict(env_cols, level=lv, **r) for r in rows], CSV_PATH, FIELDS)
         for r in rows:

@@ -11,7 +11,8 @@ revision, shape, dtype, op, median_us, ratio_to_copy).
 
 Ops: rotary in place (q only), ``out=``, fresh output; the position gather (``rotary_gather_``,
 q and k in place); fused qk-norm + RoPE in place (forward) and its backward; ``copy_`` of q (and of
-q and k for the q+k ops) is the reference. Shapes: ``cache`` = q [512, 32, 128] (k [512, 8,
+q and k for the q+k ops) is the reference; ``clone()`` of q (allocation + copy) is measured
+too. Shapes: ``cache`` = q [512, 32, 128] (k [512, 8,
 128]): 8 MiB in float32, 4 MiB in 16 bits, beyond a 2 MiB L2, so on such a CPU it is
 L3-resident; ``l2`` = q [64, 32, 128] (k [64, 8, 128]): 1 MiB / 512 KiB, resident in a 2 MiB
 L2 (not run by default); ``prefill`` = b=4, s=2048, q 32 heads, k 8, d=128 (DRAM).
@@ -70,6 +71,7 @@ def measure(shapes):
             fns = {
                 "copy_ q": lambda: qo.copy_(q),
                 "copy_ q+k": lambda: (qo.copy_(q), ko.copy_(k)),
+                "clone q": lambda: q.clone(),  # copy_ + allocation: what out-of-place is held to
                 "rotary in place": lambda: R.rotary_(q, c4, s4, "half", False),
                 "rotary out=": lambda: R.rotary_out(q, c4, s4, "half", False, out=qo),
                 "rotary fresh": lambda: R.rotary(q, c4, s4, "half", False),

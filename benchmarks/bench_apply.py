@@ -38,7 +38,6 @@ import datetime as _dt
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -49,12 +48,12 @@ import ropekit.ops  # noqa: F401  (registers torch.ops.ropekit)
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))  # run as a script or loaded by `ropekit bench`
-from _env import append_rows, cpu_model, git_rev, latest_rows, version  # noqa: E402
+from _env import append_rows, cpu_level, cpu_model, git_rev, latest_rows, round_robin, stats, version  # noqa: E402
 RESULTS = ROOT / "results"
 CSV_PATH = RESULTS / "apply.csv"
 PNG_PATH = RESULTS / "apply.png"
 FIELDS = [
-    "run", "device", "cpu", "threads", "torch", "triton", "transformers", "git_rev", "variant", "shape",
+    "run", "device", "cpu", "level", "threads", "torch", "triton", "transformers", "git_rev", "variant", "shape",
     "b", "s", "hq", "hk", "d", "dtype", "mode", "median_us", "p20_us", "p80_us", "gbps", "ratio_to_copy",
 ]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -111,21 +110,8 @@ def catfree_formula(q, k, c, s):
 # timing
 
 
-def _round_robin(fns: Dict[str, Callable[[], object]], rounds: int, inner: int) -> Dict[str, List[float]]:
-    """Per variant, ``rounds`` samples of the mean time of ``inner`` calls (seconds)."""
-    times: Dict[str, List[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            times[name].append((time.perf_counter() - t0) / inner)
-    return times
-
-
-def _stats(ts: List[float]) -> Tuple[float, float, float]:
-    q = statistics.quantiles(ts, n=10, method="inclusive") if len(ts) > 1 else [ts[0]] * 9
-    return statistics.median(ts), q[1], q[7]  # median, p20, p80
+# the shared harness (benchmarks/_env.py): torch.utils.benchmark.Timer samples, variants in turn
+_round_robin, _stats = round_robin, stats
 
 
 # ------------------------------------------------------------------------------------------
@@ -427,7 +413,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         cases = [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",")]
     rounds = args.rounds or (7 if args.quick else 15)
     with_compile = not (args.quick or args.no_compile)
-    meta = dict(run=_dt.datetime.now().isoformat(timespec="seconds"), device="cpu", cpu=cpu_model(),
+    meta = dict(run=_dt.datetime.now().isoformat(timespec="seconds"), device="cpu", cpu=cpu_model(), level=cpu_level(),
                 threads=torch.get_num_threads(), torch=torch.__version__, triton=version("triton"),
                 transformers=version("transformers"), git_rev=git_rev("bench_apply.py"))
     print(f"ropekit apply benchmark: {meta}", flush=True)

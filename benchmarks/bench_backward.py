@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import append_rows, cpu_model, git_rev, version  # noqa: E402
-from bench_apply import _round_robin, _stats  # noqa: E402
+from _env import round_robin as _round_robin, stats as _stats  # noqa: E402
 
 from ropekit import RopeConfig, RotaryEmbedding, apply_rotary_qk, cos_sin  # noqa: E402
 

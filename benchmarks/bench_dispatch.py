@@ -26,7 +26,6 @@ import argparse
 import datetime as _dt
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -36,10 +35,10 @@ from ropekit import RopeConfig, RotaryEmbedding, apply_rotary_qk, cos_sin
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-from _env import append_rows, cpu_model, git_rev, version  # noqa: E402
+from _env import append_rows, cpu_level, cpu_model, git_rev, round_robin, stats, version  # noqa: E402
 
 CSV_PATH = ROOT / "results" / "dispatch.csv"
-FIELDS = ["run", "device", "cpu", "threads", "torch", "git_rev", "variant", "shape", "dtype", "median_us", "p20_us",
+FIELDS = ["run", "device", "cpu", "level", "threads", "torch", "git_rev", "variant", "shape", "dtype", "median_us", "p20_us",
           "p80_us", "ratio_to_mul_pair"]
 
 
@@ -75,32 +74,25 @@ def main(argv=None) -> None:
         "RotaryEmbedding(offsets=[b], inplace=True)": lambda: rope(q, k, offsets=off, inplace=True),
         "python custom_op (no-op)": lambda: _noop(q, k),
     }
-    ts = {n: [] for n in fns}
     for f in fns.values():
         for _ in range(20):
             f()
-    for _ in range(args.rounds):
-        for n, f in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(args.inner):
-                f()
-            ts[n].append((time.perf_counter() - t0) / args.inner)
-    meta = dict(run=_dt.datetime.now().isoformat(timespec="seconds"), device="cpu", cpu=cpu_model(),
+    ts = round_robin(fns, args.rounds, args.inner)
+    meta = dict(run=_dt.datetime.now().isoformat(timespec="seconds"), device="cpu", cpu=cpu_model(), level=cpu_level(),
                 threads=torch.get_num_threads(), torch=torch.__version__, git_rev=git_rev("bench_dispatch.py"))
     base = statistics.median(ts["aten mul_ pair"])
     rows = []
     print(f"per call at decode b={b} s=1 hq={hq} hk={hk} d={d} {args.dtype}, {torch.get_num_threads()} threads, "
           f"cpu level {ropekit.ops.capability()}")
     for n, t in ts.items():
-        t = sorted(t)
-        med, p20, p80 = statistics.median(t), t[len(t) // 5], t[(4 * len(t)) // 5]
+        med, p20, p80 = stats(t)
         rows.append(dict(meta, variant=n, shape=f"b={b} s=1 hq={hq} hk={hk} d={d}", dtype=args.dtype,
                          median_us=f"{med * 1e6:.2f}", p20_us=f"{p20 * 1e6:.2f}", p80_us=f"{p80 * 1e6:.2f}",
                          ratio_to_mul_pair=f"{med / base:.2f}"))
         print(f"  {n:46s} {med * 1e6:8.2f} µs  (p20 {p20 * 1e6:.2f}, p80 {p80 * 1e6:.2f})  x{med / base:.2f} of the mul_ pair")
     from bench_apply import train_rows
 
-    tmeta = dict(run=meta["run"], device="cpu", cpu=meta["cpu"], threads=meta["threads"], torch=meta["torch"],
+    tmeta = dict(run=meta["run"], device="cpu", cpu=meta["cpu"], level=meta["level"], threads=meta["threads"], torch=meta["torch"],
                  triton=version("triton"), transformers=version("transformers"), git_rev=meta["git_rev"])
     for r in train_rows(tmeta, b, 1, hq, hk, d, args.dtype, args.rounds):
         rows.append(dict(meta, variant=r["variant"], shape=r["shape"], dtype=args.dtype, median_us=r["median_us"],

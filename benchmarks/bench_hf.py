@@ -32,7 +32,6 @@ Run: ``python benchmarks/bench_hf.py`` (~1-3 min on 2 shared cores),
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as _dt
 import statistics
 import sys
@@ -47,10 +46,10 @@ from ropekit.integrations import transformers as rt
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))  # run as a script or loaded by `ropekit bench`
-from _env import cpu_model, git_rev  # noqa: E402
+from _env import append_rows, cpu_level, cpu_model, git_rev, round_robin, stats  # noqa: E402
 CSV_PATH = ROOT / "results" / "hf.csv"
 FIELDS = [
-    "run", "device", "cpu", "threads", "torch", "transformers", "ropekit_backend", "git_rev", "shape",
+    "run", "device", "cpu", "level", "threads", "torch", "transformers", "ropekit_backend", "git_rev", "shape",
     "b", "s", "hidden", "layers", "heads", "kv_heads", "head_dim", "dtype", "variant", "mode",
     "median_ms", "p20_ms", "p80_ms", "rope_ms", "rope_share", "rope_fwd_direct_ms", "samples",
 ]  # fmt: skip
@@ -58,9 +57,7 @@ FIELDS = [
 
 
 
-def _stats(ts: List[float]) -> Tuple[float, float, float]:
-    q = statistics.quantiles(ts, n=10, method="inclusive")
-    return statistics.median(ts), q[1], q[7]  # median, p20, p80
+_stats = stats  # the shared harness (benchmarks/_env.py)
 
 
 # ------------------------------------------------------------------------------------------
@@ -195,22 +192,18 @@ def bench(args) -> List[dict]:
         backend = rep.backend
     for mode in args.modes:
         fn = _step(model, ids, mode)
-        times: Dict[str, List[float]] = {v: [] for v in VARIANTS}
         for v in VARIANTS:  # warm-up (kernel build/load, allocator, lazy imports)
             for _ in range(2):
                 _in_variant(model, ids, v, fn)
-        for _ in range(args.rounds):
-            for v in VARIANTS:
-                t0 = time.perf_counter()
-                _in_variant(model, ids, v, fn)
-                times[v].append((time.perf_counter() - t0) * 1e3)
+        runs = {v: (lambda v=v: _in_variant(model, ids, v, fn)) for v in VARIANTS}
+        times = {v: [t * 1e3 for t in ts] for v, ts in round_robin(runs, args.rounds, 1).items()}  # ms
         base = statistics.median(times["no_rope"])
         direct = {v: _direct_rope_ms(model, ids, v) for v in VARIANTS if v != "no_rope"}
         for v in VARIANTS:
             med, p20, p80 = _stats(times[v])
             rows.append(
                 dict(
-                    run=run_id, device="cpu", cpu=cpu_model(), threads=torch.get_num_threads(),
+                    run=run_id, device="cpu", cpu=cpu_model(), level=cpu_level(), threads=torch.get_num_threads(),
                     torch=torch.__version__, transformers=transformers.__version__, ropekit_backend=backend,
                     git_rev=git_rev("bench_hf.py"), shape=f"b{args.b} s{args.s} L{args.layers} h{args.heads}/{args.kv_heads} d{args.hidden // args.heads}",
                     b=args.b, s=args.s, hidden=args.hidden, layers=args.layers, heads=args.heads,
@@ -224,13 +217,7 @@ def bench(args) -> List[dict]:
 
 
 def write(rows: List[dict]) -> None:
-    CSV_PATH.parent.mkdir(parents=True, exist_ok=True)
-    new = not CSV_PATH.exists()
-    with open(CSV_PATH, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    append_rows(rows, CSV_PATH, FIELDS)
 
 
 def print_table(rows: List[dict]) -> None:

@@ -2,18 +2,24 @@
 
 Runs this script's measurement in a fresh process per level this CPU supports
 (``ROPEKIT_CPU_CAPABILITY`` forces it: default, avx2, avx512), and prints one markdown table:
-level x dtype x op, µs (median of ``torch.utils.benchmark.Timer.blocked_autorange``) and the ratio
-to ``copy_`` of the same bytes measured in the same process. Rows are appended to
-``benchmarks/results/levels.csv`` (run, level, device, CPU, threads, versions, git revision, shape,
-dtype, op, median_us, ratio_to_copy).
+level x dtype x op, µs and the ratio to ``copy_`` of the same bytes. Each value is the median
+over rounds in which all the ops take turns (``_env.round_robin``: every sample a
+``torch.utils.benchmark.Timer.timeit``; 15 rounds of 40 calls at ``l2``, 15 of 5 at ``cache``,
+7 of 1 at ``prefill``), so ``copy_`` is measured in the same rounds as the ops. Rows are
+appended to ``benchmarks/results/levels.csv`` (run, level, device, CPU, threads, versions, git
+revision, shape, dtype, op, median_us, ratio_to_copy).
 
 Ops: rotary in place (q only), ``out=``, fresh output; the position gather (``rotary_gather_``,
 q and k in place); fused qk-norm + RoPE in place (forward) and its backward; ``copy_`` of q (and of
-q and k for the q+k ops) is the reference. Shapes: ``cache`` = q [512, 32, 128] (k [512, 8, 128]),
-``prefill`` = b=4, s=2048, q 32 heads, k 8, d=128.
+q and k for the q+k ops) is the reference; ``clone()`` of q (allocation + copy) is measured
+too. Shapes: ``cache`` = q [512, 32, 128] (k [512, 8,
+128]): 8 MiB in float32, 4 MiB in 16 bits, beyond a 2 MiB L2, so on such a CPU it is
+L3-resident; ``l2`` = q [64, 32, 128] (k [64, 8, 128]): 1 MiB / 512 KiB, resident in a 2 MiB
+L2 (not run by default); ``prefill`` = b=4, s=2048, q 32 heads, k 8, d=128 (DRAM).
 
 Run: ``python benchmarks/levels.py`` (all levels, both shapes, float32/bfloat16/float16);
-``--shapes cache`` for the cache-resident shape only; ``--levels avx2,avx512``.
+``--shapes l2,cache`` for the cache-resident shapes only; ``--levels avx2,avx512``; ``--threads 2``
+(default 1: the ``threads`` column is the count the measurement ran with).
 """
 
 from __future__ import annotations
@@ -22,27 +28,19 @@ import argparse
 import datetime as _dt
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-from _env import append_rows, cpu_model, git_rev, version  # noqa: E402
+from _env import append_rows, cpu_model, git_rev, round_robin, version  # noqa: E402
 
 CSV_PATH = ROOT / "results" / "levels.csv"
 FIELDS = ["run", "level", "device", "cpu", "threads", "torch", "git_rev", "shape", "dtype", "op", "median_us",
           "ratio_to_copy"]
 ORDER = ["default", "avx2", "avx512"]
-
-
-def timeit_us(fn, min_run_time: float = 0.3) -> float:
-    """Median µs per call of ``fn`` (``torch.utils.benchmark.Timer.blocked_autorange``)."""
-    from torch.utils import benchmark
-
-    fn()
-    m = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
-    return m.median * 1e6
 
 
 def measure(shapes):
@@ -54,7 +52,7 @@ def measure(shapes):
 
     R = torch.ops.ropekit
     rows = []
-    dims = {"cache": (1, 512), "prefill": (4, 2048)}
+    dims = {"l2": (1, 64), "cache": (1, 512), "prefill": (4, 2048)}
     for shape in shapes:
         b, s = dims[shape]
         c, sn = cos_sin(RopeConfig(128), torch.arange(s))  # [s, 64] float32
@@ -70,16 +68,22 @@ def measure(shapes):
             fwd = R.qk_norm_rotary_fwd(q, k, w, w, c4, s4, 1e-6, 0.0, "half")
             rq, rk = fwd[2], fwd[3]
             qb, kb = (q, k) if q.dim() == 4 else (q[None], k[None])
-            t = {
-                "copy_ q": timeit_us(lambda: qo.copy_(q)),
-                "copy_ q+k": timeit_us(lambda: (qo.copy_(q), ko.copy_(k))),
-                "rotary in place": timeit_us(lambda: R.rotary_(q, c4, s4, "half", False)),
-                "rotary out=": timeit_us(lambda: R.rotary_out(q, c4, s4, "half", False, out=qo)),
-                "rotary fresh": timeit_us(lambda: R.rotary(q, c4, s4, "half", False)),
-                "gather q+k in place": timeit_us(lambda: R.rotary_gather_(qb, kb, c, sn, pos, "bshd", "half", False)),
-                "qk-norm fwd in place": timeit_us(lambda: R.qk_norm_rotary_(q, k, w, w, c4, s4, 1e-6, 0.0, "half")),
-                "qk-norm bwd": timeit_us(lambda: R.qk_norm_rotary_bwd(gq, gk, q, k, w, w, rq, rk, c4, s4, 0.0, "half")),
+            fns = {
+                "copy_ q": lambda: qo.copy_(q),
+                "copy_ q+k": lambda: (qo.copy_(q), ko.copy_(k)),
+                "clone q": lambda: q.clone(),  # copy_ + allocation: what out-of-place is held to
+                "rotary in place": lambda: R.rotary_(q, c4, s4, "half", False),
+                "rotary out=": lambda: R.rotary_out(q, c4, s4, "half", False, out=qo),
+                "rotary fresh": lambda: R.rotary(q, c4, s4, "half", False),
+                "gather q+k in place": lambda: R.rotary_gather_(qb, kb, c, sn, pos, "bshd", "half", False),
+                # unit weights: applied again on every call, the data stays normal (no subnormals)
+                "qk-norm fwd in place": lambda: R.qk_norm_rotary_(q, k, w, w, c4, s4, 1e-6, 0.0, "half"),
+                "qk-norm bwd": lambda: R.qk_norm_rotary_bwd(gq, gk, q, k, w, w, rq, rk, c4, s4, 0.0, "half"),
             }
+            # the ops take turns (round-robin): on a shared machine a burst of load then hits
+            # every op of a round alike, and the medians stay comparable
+            rounds, inner = {"l2": (15, 40), "cache": (15, 5), "prefill": (7, 1)}[shape]
+            t = {op: statistics.median(ts) * 1e6 for op, ts in round_robin(fns, rounds, inner).items()}
             for op, us in t.items():
                 ref = t["copy_ q+k"] if ("q+k" in op or "qk-norm" in op) else t["copy_ q"]
                 rows.append({"shape": shape, "dtype": str(dt).replace("torch.", ""), "op": op, "median_us": round(us, 1),
@@ -91,10 +95,15 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="cache,prefill")
     ap.add_argument("--levels", default=None, help="comma-separated; default: every level this CPU supports")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads in the measurements (default 1: steadier on a shared machine)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     shapes = a.shapes.split(",")
     if a.child:
+        import torch
+
+        torch.set_num_threads(a.threads)
         print(json.dumps(measure(shapes)))
         return
     import torch
@@ -104,13 +113,13 @@ def main(argv=None) -> None:
     best = ops.capability()
     levels = a.levels.split(",") if a.levels else ORDER[: ORDER.index(best) + 1] if best in ORDER else [best]
     run = _dt.datetime.now().isoformat(timespec="seconds")
-    env_cols = {"run": run, "device": "cpu", "cpu": cpu_model(), "threads": torch.get_num_threads(),
+    env_cols = {"run": run, "device": "cpu", "cpu": cpu_model(), "threads": a.threads,
                 "torch": version("torch"), "git_rev": git_rev("levels.py")}
     table = {}
     for lv in levels:
         env = dict(os.environ, ROPEKIT_CPU_CAPABILITY=lv)
-        out = subprocess.run([sys.executable, __file__, "--child", "--shapes", a.shapes], env=env, capture_output=True,
-                             text=True, check=True)
+        cmd = [sys.executable, __file__, "--child", "--shapes", a.shapes, "--threads", str(a.threads)]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
         rows = json.loads(out.stdout.strip().splitlines()[-1])
         append_rows([dict(env_cols, level=lv, **r) for r in rows], CSV_PATH, FIELDS)
         for r in rows:

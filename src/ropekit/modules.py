@@ -29,7 +29,7 @@ _UNSET = object()
 
 def _host_reads_cheap(t: torch.Tensor) -> bool:
     """Whether reading ``t``'s values on the host costs no device synchronisation (CPU)."""
-    return t.device.type == "cpu"
+    return t.is_cpu
 
 
 def _check_qk(q: torch.Tensor, k: torch.Tensor) -> None:
@@ -157,13 +157,14 @@ class RotaryEmbedding(nn.Module):
             return self.table_dtype
         return torch.float64 if q.dtype == torch.float64 else torch.float32
 
-    def _tables_for(self, q, n, seq_len):
+    def _tables_for(self, q, n, seq_len, dev=None):
         """:meth:`tables` in q's table dtype (``dtype=`` only when it is not the default, so a
         subclass overriding ``tables(n, *, device, seq_len)`` keeps working)."""
         dtype = self._dtype_for(q)
+        dev = q.device if dev is None else dev
         if dtype == (self.table_dtype or torch.float32):
-            return self.tables(n, device=q.device, seq_len=seq_len)
-        return self.tables(n, device=q.device, seq_len=seq_len, dtype=dtype)
+            return self.tables(n, device=dev, seq_len=seq_len)
+        return self.tables(n, device=dev, seq_len=seq_len, dtype=dtype)
 
     def tables(
         self, n: int, *, device: Union[str, torch.device], seq_len: Optional[int] = None,
@@ -171,7 +172,7 @@ class RotaryEmbedding(nn.Module):
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Cached ``(cos, sin)``, each ``[n', r/2]`` with ``n' >= n``, for positions ``0 .. n'-1``
         (``dtype``: default ``table_dtype``, else float32)."""
-        device = torch.device(device)
+        device = device if type(device) is torch.device else torch.device(device)
         dtype = dtype or self.table_dtype or torch.float32
         key = self.cfg.table_key(seq_len) if seq_len is not None else self._key_none()
         buf = self._buffers  # not self.cos_cached: nn.Module.__getattr__ costs ~1 µs per buffer
@@ -238,12 +239,13 @@ class RotaryEmbedding(nn.Module):
                     cos_t, sin_t = self._tables_for(q, off + s, seq_len)
                     return self._arange(cos_t.shape[0], q.device)[off: off + s], (cos_t, sin_t), seq_len
             elif (type(offsets) is torch.Tensor and offsets.dtype == torch.int64 and offsets.dim() == 1
-                  and offsets.device == q.device and not (seq_len is None and lengthdep)):
+                  and not (seq_len is None and lengthdep)):
+                dev = q.device
                 b = q.shape[1 if format == "sbhd" else 0]
-                if offsets.shape[0] == b:
+                if offsets.shape[0] == b and offsets.device == dev:
                     # one offset per sample (decode): [b] positions for s == 1 (the op reads them as [b, 1])
-                    pos = offsets if s == 1 else offsets[:, None] + self._arange(s, q.device)[:s]
-                    return (pos,) + self._covering(q, pos, s, seq_len)
+                    pos = offsets if s == 1 else offsets[:, None] + self._arange(s, dev)[:s]
+                    return (pos,) + self._covering(q, offsets, s, seq_len, dev)
         if (isinstance(offsets, torch.Tensor) and offsets.numel() and offsets.dtype.is_signed
                 and not offsets.dtype.is_floating_point and offsets.device.type != "meta"):
             top = int(offsets.max())  # before offsets + 0..s-1 is formed: an offset near 2**63 would wrap
@@ -421,13 +423,14 @@ class RotaryEmbedding(nn.Module):
     def _rotate_heads(self, q, k, positions, offsets, cu_seqlens, format, seq_len, inplace, width):
         """forward on heads of ``width`` dims whose first ``rotary_dim`` rotate."""
         conj = self.cfg.direction == -1
-        _check_qk(q, k)
-        if width == self.cfg.head_dim:
+        if type(q) is not torch.Tensor or type(k) is not torch.Tensor:
+            _check_qk(q, k)  # (dtypes and devices of plain tensors: the op's validator)
+        qs, ks = q.shape, k.shape
+        if width == self.cfg.head_dim and not (len(qs) and len(ks) and qs[-1] == width and ks[-1] == width):
             check_head_width(self.cfg, q=q, k=k)
         if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0):
             raise fail("seq_len an int >= 0 or None", repr(seq_len), "pass the total sequence length (e.g. prompt + generated)")
         sd = _SEQ_DIM.get(format)
-        qs, ks = q.shape, k.shape
         bd = 1 if sd == 0 else 0  # the batch dim (sbhd: 1)
         if not (sd is not None and len(qs) == 4 and len(ks) == 4 and qs[sd] == ks[sd] and qs[bd] == ks[bd]):
             split_qk_format(q, k, format)  # the general check (and its message)
@@ -487,23 +490,23 @@ class RotaryEmbedding(nn.Module):
         )
         return y
 
-    def _covering(self, q, pos, s, seq_len):
-        """The table for positions given as a tensor whose largest value the host does not
-        know: on CPU one read of the ``[b]`` offsets (cheap, no device), on other devices the
-        table as it is (at least ``max_position`` rows) with the range checked inside the
-        kernel (no host synchronisation: CUDA graphs can capture the call)."""
+    def _covering(self, q, offsets, s, seq_len, dev):
+        """The table for positions ``offsets[:, None] + 0 .. s-1`` (``offsets`` a ``[b]`` tensor
+        whose largest value the host does not know): on CPU one read of the ``b`` offsets
+        (cheap: no device), on other devices the table as it is (at least ``max_position``
+        rows) with the range checked inside the kernel (no host synchronisation: CUDA graphs
+        can capture the call)."""
         if _host_reads_cheap(q):
-            first = pos[:, 0] if pos.dim() == 2 else pos  # [b]
-            if first.numel() <= 256:  # a few values: a list read costs less than an aten reduction
-                vals = first.tolist()
+            if offsets.shape[0] <= 256:  # a few values: a list read costs less than an aten reduction
+                vals = offsets.tolist()
                 lo, hi = (min(vals), max(vals)) if vals else (0, -1)
             else:
-                lo, hi = (int(v) for v in torch.aminmax(first))
-            hi += s - 1 if pos.dim() == 2 else 0
+                lo, hi = (int(v) for v in torch.aminmax(offsets))
+            hi += s - 1
             if lo < 0 or hi > min(MAX_EXACT_POSITION, max(self.max_position, TABLE_ROWS_LIMIT) - 1):
                 return self._refuse_range(lo, hi), seq_len
-            return self._tables_for(q, hi + 1, seq_len), seq_len
-        return self._tables_for(q, max(self.max_position, 1), seq_len), seq_len
+            return self._tables_for(q, hi + 1, seq_len, dev), seq_len
+        return self._tables_for(q, max(self.max_position, 1), seq_len, dev), seq_len
 
     def _refuse_range(self, lo, hi):
         if lo < 0:

@@ -12,6 +12,7 @@ from ._errors import fail
 from ._checks import flag, integer
 from .config import RopeConfig, check_head_width
 from . import backends as _backends
+from ._tensor_checks import to_rope_error
 from .functional import apply_gather, apply_rotary_qk, tracing
 from .positions import resolve_positions, split_format, split_qk_format, table_view
 from .tables import MAX_EXACT_POSITION, build_table, check_dtype, cos_sin
@@ -440,9 +441,16 @@ class RotaryEmbedding(nn.Module):
             return apply_rotary_qk(q, k, cos, sin, layout=self.cfg.layout, inplace=inplace, backend=self.backend, conjugate=conj)
         pos, table, seq_len = self._positions_and_tables(q, positions, offsets, cu_seqlens, format, seq_len)
         if table is not None:
-            # the table covers every position (checked above): rows picked inside the kernel
-            return apply_gather(q, k, table[0], table[1], pos, format=format, layout=self.cfg.layout, inplace=inplace,
-                                backend=self.backend, conjugate=conj)
+            # the table covers every position (checked above): rows picked inside the kernel, by
+            # the backend's gather entry point (the flags and layout are the module's own, checked)
+            bk = (q.dtype, q.is_cpu, q.is_cuda)
+            be = self.__dict__.get("_be")
+            if be is None or be[0] != bk:
+                be = self.__dict__["_be"] = (bk, _backends.resolve(self.backend, q))
+            try:
+                return be[1].apply_gather(q, k, table[0], table[1], pos, format, self.cfg.layout, conj, inplace)
+            except (ValueError, RuntimeError) as e:
+                raise to_rope_error(e) from None
         cos, sin = self._direct_cos_sin(pos, q, seq_len)
         cos, sin = table_view(cos, format, pos.dim()), table_view(sin, format, pos.dim())
         return apply_rotary_qk(q, k, cos, sin, layout=self.cfg.layout, inplace=inplace, backend=self.backend, conjugate=conj)

@@ -17,11 +17,12 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
-
 
 from ._checks import flag, integer, real
 from ._errors import RopeError, fail
+from . import _hf_table
 from . import config as _config
 from .config import RopeConfig
 from .tables import transformers_cos_sin, transformers_inv_freq  # noqa: F401  (public here too)
@@ -488,6 +489,12 @@ def _place(cfg: RopeConfig, src: _Src, name: str, comp: Any, layout_given: bool)
             full = int(nope) + int(rope) if nope is not None and rope is not None else None
         full = r if full is None else int(full)
         changes.update(head_dim=full, rotary_offset=full - r if site.head_slice == "last" else 0)
+    elif getattr(comp, "table", False):  # a table row: the function takes the whole head
+        full = src.get("index_head_dim") if name == "indexer" else None
+        full = cfg.head_dim if full is None else int(full)
+        off = 0 if comp.offset == "start" else full - r
+        if full > r or off:
+            changes.update(head_dim=full, rotary_offset=off)
     elif m.width > r or m.offset:  # the function itself takes the whole head
         changes.update(head_dim=m.width, rotary_offset=m.offset)
     if cfg.scaling is not None and type(cfg.scaling).__name__ == "Proportional" and "head_dim" in changes:
@@ -565,17 +572,148 @@ def rope_config_from_hf(
     if component is not None and component not in COMPONENTS:
         raise fail(f"component None or one of {list(COMPONENTS)}", repr(component), "pass e.g. component='indexer'")
     loaded = _load(obj)
-    if isinstance(loaded, Mapping) and (read_code or _is_sparse(loaded)):
-        loaded = _with_class_defaults(loaded) or loaded
+    if not read_code:
+        return _pick(_read(loaded, layout, "rules", None, overrides), component)
+    model_type = _effective_model_type(loaded)
+    row = _hf_table.row(model_type)
+    if row is None:
+        _say_unknown(model_type)
+        return _pick(_read(loaded, layout, "code", None, overrides), component)
+    how = _hf_table.verdict(model_type, row, _hf_table.installed_version())
+    if how != "check":
+        return _pick(_read(loaded, layout, how, row, overrides), component)
+    # a transformers version the row was not verified against: the family's code answers,
+    # and the row is compared with it once (the verdict is cached per transformers version)
+    answers = []
+    for mode in ("code", "table"):
+        try:
+            answers.append((_read(loaded, layout, mode, row, overrides), None))
+        except RopeError as e:
+            answers.append((None, e))
+    (code, err), (tab, terr) = answers
+    _hf_table.record(model_type, _hf_table.installed_version() or "none", code == tab and (err is None) == (terr is None))
+    if err is not None:
+        raise err
+    return _pick(code, component)
+
+
+def _pick(results: Dict[str, Any], component: Optional[str]) -> Any:
+    if component is not None:
+        if component not in results:
+            raise fail(
+                f"a component of this model: {sorted(results)}",
+                repr(component),
+                "leave component=None to get every component",
+            )
+        return results[component]
+    return results["attention"] if len(results) == 1 else results
+
+
+def _effective_model_type(loaded: Any) -> str:
+    """The ``model_type`` whose RoPE ``from_hf`` reads (a multimodal wrapper's text model)."""
+    src = _Src(loaded)
+    model_type = str(src.get("model_type", "")).lower()
+    text = src.get("text_config")
+    if text is not None and src.get("num_attention_heads") is None and src.get("n_head") is None:
+        model_type = str(_Src(text).get("model_type", model_type)).lower()
+    return model_type
+
+
+_SAID: set = set()
+
+
+def _say_unknown(model_type: str) -> None:
+    if model_type in _SAID:
+        return
+    _SAID.add(model_type)
+    warnings.warn(
+        f"ropekit's family table has no row for model_type {model_type!r}: its RoPE is read from the "
+        "installed transformers' modeling code (slower; `ropekit hf-sweep --only " + (model_type or "TYPE")
+        + "` checks it against the model itself)",
+        UnknownFamilyWarning,
+        stacklevel=3,
+    )
+
+
+class UnknownFamilyWarning(UserWarning):
+    """``from_hf`` read a model type the family table does not know from transformers' code."""
+
+
+class _Slice:
+    def __init__(self, head_slice: str) -> None:
+        self.head_slice = head_slice
+
+
+class _RowMeasured:
+    def __init__(self, layout: str, direction: int) -> None:
+        self.layout, self.direction, self.rotary_dim = layout, direction, None
+
+
+class _RowComponent:
+    """One component of a table row, in the shape :func:`_place` reads (``Component``)."""
+
+    table = True
+
+    def __init__(self, name: str, c: Mapping[str, Any]) -> None:
+        self.name = name
+        self.measured = _RowMeasured(c["layout"], int(c["direction"]))
+        self.site = _Slice(c["head_slice"])
+        self.offset = c.get("offset", "start")
+
+
+def _row_facts(row: Mapping[str, Any], src: _Src) -> Optional[Dict[str, Any]]:
+    """``{component: _RowComponent}`` of a table row for this config (``None``: the code has
+    no RoPE ropekit reads, the config rules answer)."""
+    if row.get("refuse"):
+        raise fail(
+            "a RoPE that ropekit can express",
+            str(row["refuse"]),
+            "build RopeConfig by hand for the part that is RoPE",
+        )
+    comps = row.get("components")
+    flag = row.get("flag")
+    if flag:
+        v = src.get(flag)
+        v = row.get("flag_default") if v is None else bool(v)
+        comps = row.get("by_flag", {}).get(json.dumps(v))
+    if not comps:
+        return None
+    return {name: _RowComponent(name, c) for name, c in comps.items()}
+
+
+def _with_row_defaults(loaded: Mapping, row: Mapping[str, Any]) -> Dict[str, Any]:
+    """A copy of a config dict with the row's config-class defaults filled in where absent
+    (what ``AutoConfig.for_model`` would add), in the text part of a multimodal wrapper."""
+    d = copy.deepcopy(dict(loaded))
+    target = d
+    if isinstance(d.get("text_config"), Mapping) and d.get("num_attention_heads") is None and d.get("n_head") is None:
+        target = d["text_config"] = dict(d["text_config"])
+    for k, v in (row.get("defaults") or {}).items():
+        if target.get(k) is None:
+            target[k] = copy.deepcopy(v)
+    return d
+
+
+def _read(loaded: Any, layout: Optional[str], mode: str, row: Any, overrides: Mapping[str, Any]) -> Dict[str, Any]:
+    """``{component: RopeConfig or per-layer dict}``; ``mode``: ``"rules"`` (the config
+    alone), ``"code"`` (transformers' modeling code) or ``"table"`` (the family table's ``row``)."""
+    if isinstance(loaded, Mapping):
+        if mode == "table":
+            loaded = _with_row_defaults(loaded, row)
+        elif mode == "code" or _is_sparse(loaded):
+            loaded = _with_class_defaults(loaded) or loaded
     src = _Src(loaded)
     model_type = str(src.get("model_type", "")).lower()
     text = src.get("text_config")
     if text is not None and src.get("num_attention_heads") is None and src.get("n_head") is None:
         src = _Src(text)  # multimodal wrapper (Llama 4, Gemma 3, Mistral 3, ...): read the LM part
         model_type = str(src.get("model_type", model_type)).lower()
+    table_facts = _row_facts(row, src) if mode == "table" else None
 
     def facts_for(layer_type: Optional[str] = None) -> Dict[str, Any]:
-        f = rope_facts(src.obj, model_type, layer_type) if read_code and not src.is_dict else None
+        if mode == "table":
+            return table_facts or {"attention": None}
+        f = rope_facts(src.obj, model_type, layer_type) if mode == "code" and not src.is_dict else None
         return f or {"attention": None}
 
     layout_given = layout is not None
@@ -635,15 +773,7 @@ def rope_config_from_hf(
             lay = layout if (layout_given or comp is None) else comp.measured.layout
             r = comp.measured.rotary_dim if comp is not None else None
             results[name] = finish(_one(src, params, model_type, head_dim, max_pos, lay, r), name, comp)
-    if component is not None:
-        if component not in results:
-            raise fail(
-                f"a component of this model: {sorted(results)}",
-                repr(component),
-                "leave component=None to get every component",
-            )
-        return results[component]
-    return results["attention"] if len(results) == 1 else results
+    return results
 
 
 _config._HF_READER[:] = [rope_config_from_hf]  # RopeConfig.from_hf delegates here

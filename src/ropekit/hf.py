@@ -479,6 +479,15 @@ def _place(cfg: RopeConfig, src: _Src, name: str, comp: Any, layout_given: bool)
             return cfg.replace(head_dim=int(nope) + int(rope), rotary_offset=int(nope))
         return cfg
     m, site = comp.measured, comp.site
+    cut = src.get("index_head_dim") if name == "indexer" else None
+    if getattr(site, "tables_cut", False) and cut is not None and int(cut) < r:
+        # the indexer passes cos[..., :index_head_dim]: narrower than the rotary width, the
+        # lanes it keeps are not the (i, i + r/2) pairs of one rotation
+        raise fail(
+            f"index_head_dim >= the rotary width {r} (the indexer cuts the tables to index_head_dim)",
+            f"index_head_dim={cut}",
+            "this indexer's rotation is not one RoPE; build RopeConfig by hand if part of it is",
+        )
     changes: Dict[str, Any] = {"direction": m.direction}
     if not layout_given:
         changes["layout"] = m.layout
@@ -580,18 +589,25 @@ def rope_config_from_hf(
         _say_unknown(model_type)
         return _pick(_read(loaded, layout, "code", None, overrides), component)
     how = _hf_table.verdict(model_type, row, _hf_table.installed_version())
-    if how != "check":
-        return _pick(_read(loaded, layout, how, row, overrides), component)
+    if how == "table":
+        try:
+            return _pick(_read(loaded, layout, "table", row, overrides), component)
+        except _NeedCode:
+            how = "code"
+    if how == "code":
+        return _pick(_read(loaded, layout, "code", row, overrides), component)
     # a transformers version the row was not verified against: the family's code answers,
     # and the row is compared with it once (the verdict is cached per transformers version)
     answers = []
     for mode in ("code", "table"):
         try:
             answers.append((_read(loaded, layout, mode, row, overrides), None))
-        except RopeError as e:
+        except (RopeError, _NeedCode) as e:
             answers.append((None, e))
     (code, err), (tab, terr) = answers
-    _hf_table.record(model_type, _hf_table.installed_version() or "none", code == tab and (err is None) == (terr is None))
+    if not isinstance(terr, _NeedCode):  # else this input says nothing about the row
+        same = code == tab and (err is None) == (terr is None)
+        _hf_table.record(model_type, _hf_table.installed_version() or "none", same)
     if err is not None:
         raise err
     return _pick(code, component)
@@ -640,8 +656,8 @@ class UnknownFamilyWarning(UserWarning):
 
 
 class _Slice:
-    def __init__(self, head_slice: str) -> None:
-        self.head_slice = head_slice
+    def __init__(self, head_slice: str, tables_cut: bool) -> None:
+        self.head_slice, self.tables_cut = head_slice, tables_cut
 
 
 class _RowMeasured:
@@ -657,7 +673,7 @@ class _RowComponent:
     def __init__(self, name: str, c: Mapping[str, Any]) -> None:
         self.name = name
         self.measured = _RowMeasured(c["layout"], int(c["direction"]))
-        self.site = _Slice(c["head_slice"])
+        self.site = _Slice(c["head_slice"], bool(c.get("tables_cut")))
         self.offset = c.get("offset", "start")
 
 
@@ -681,6 +697,10 @@ def _row_facts(row: Mapping[str, Any], src: _Src) -> Optional[Dict[str, Any]]:
     return {name: _RowComponent(name, c) for name, c in comps.items()}
 
 
+class _NeedCode(Exception):
+    """A table row cannot answer this input; the family's code does."""
+
+
 def _with_row_defaults(loaded: Mapping, row: Mapping[str, Any]) -> Dict[str, Any]:
     """A copy of a config dict with the row's config-class defaults filled in where absent
     (what ``AutoConfig.for_model`` would add), in the text part of a multimodal wrapper."""
@@ -688,10 +708,39 @@ def _with_row_defaults(loaded: Mapping, row: Mapping[str, Any]) -> Dict[str, Any
     target = d
     if isinstance(d.get("text_config"), Mapping) and d.get("num_attention_heads") is None and d.get("n_head") is None:
         target = d["text_config"] = dict(d["text_config"])
-    for k, v in (row.get("defaults") or {}).items():
+    defaults = dict(row.get("defaults") or {})
+    rp = defaults.get("rope_parameters")
+    if target.get("rope_parameters") is None and target.get("rope_scaling") is not None and rp is not None:
+        if _is_nested(rp):
+            # 4.x names in a file for a class whose default rope parameters are 5.x (Gemma 3's
+            # nested per-layer-type dict): only the config class knows how they merge
+            raise _NeedCode()
+        defaults.pop("rope_parameters")  # the file's rope_scaling is the scheme
+        if isinstance(rp, Mapping) and rp.get("rope_theta") is not None:
+            defaults.setdefault("rope_theta", rp["rope_theta"])
+    rp = defaults.get("rope_parameters")
+    if target.get("rope_parameters") is None and isinstance(rp, Mapping) and not _is_nested(rp):
+        # the file's top-level values win over the ones inside the default rope parameters
+        top = {"rope_theta": ("rope_theta", "rotary_emb_base"), "partial_rotary_factor": ("partial_rotary_factor", "rotary_pct")}
+        defaults["rope_parameters"] = {
+            k: v for k, v in rp.items() if not any(target.get(a) is not None for a in top.get(k, ()))
+        }
+    for key, aliases in _ALIASES.items():  # a 4.x / GPT-J name in the file wins over the default
+        if any(target.get(a) is not None for a in aliases):
+            defaults.pop(key, None)
+    for k, v in defaults.items():
         if target.get(k) is None:
             target[k] = copy.deepcopy(v)
     return d
+
+
+_ALIASES = {
+    "rope_theta": ("rotary_emb_base",),
+    "partial_rotary_factor": ("rotary_pct",),
+    "hidden_size": ("n_embd", "d_model"),
+    "num_attention_heads": ("n_head",),
+    "max_position_embeddings": ("n_positions", "seq_length"),
+}
 
 
 def _read(loaded: Any, layout: Optional[str], mode: str, row: Any, overrides: Mapping[str, Any]) -> Dict[str, Any]:

@@ -293,7 +293,7 @@ def _static_check(cfg_text: Any, flat: Dict[Tuple[str, Optional[str]], Any]) -> 
             except Exception:
                 continue
         cos, sin = _hf_code.module_tables(rot, S, layer_type=lt, config=cfg_text)
-        fn = getattr(module, comp.site.fn)
+        fn = _hf_code.unwrap_kernel_func(getattr(module, comp.site.fn))
         kind = _hf_code.signature_kind(fn)
         m, R = _hf_code.measure(fn, kind, cos, sin, comp.measured.width)
         arg_start = 0
@@ -346,6 +346,7 @@ _CALLER: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("ropekit
 @contextlib.contextmanager
 def _recording(model: torch.nn.Module, calls: list) -> Any:
     """Record the RoPE calls the model makes: (caller class, function, bound arguments)."""
+    from .. import _hf_code
     from . import transformers as rt
 
     keys = set()
@@ -371,15 +372,16 @@ def _recording(model: torch.nn.Module, calls: list) -> Any:
     for modname, fname in keys:
         module = sys.modules[modname]
         orig = getattr(module, fname)
-        sig = inspect.signature(orig)
+        plain = _hf_code.unwrap_kernel_func(orig)  # transformers 5.25: hub-kernel wrapper
+        sig = inspect.signature(plain)
 
-        def rec(*a, _orig=orig, _sig=sig, _f=fname, **k):
+        def rec(*a, _orig=orig, _plain=plain, _sig=sig, _f=fname, **k):
             if len(calls) < 64:
                 try:
                     b = _sig.bind(*a, **k)
                     b.apply_defaults()
                     caller, layer = _CALLER.get() or (None, None)
-                    calls.append((caller, _f, _orig, dict(b.arguments), layer))
+                    calls.append((caller, _f, _plain, dict(b.arguments), layer))
                 except TypeError:
                     pass
             return _orig(*a, **k)
@@ -854,6 +856,34 @@ def _constant_defaults(cls: type) -> Dict[str, Any]:
     return out
 
 
+def _instance_defaults(cls: type, default: Any) -> Dict[str, Any]:
+    """Values of :data:`DEFAULT_KEYS` that the default config holds and that stay the same when
+    its sizes change (hidden size, heads, context): class defaults, not derived ones."""
+    base = default.to_dict()
+    try:
+        other = cls(hidden_size=2 * (base.get("hidden_size") or 64), num_attention_heads=2 * (base.get("num_attention_heads") or 4),
+                    max_position_embeddings=3 * (base.get("max_position_embeddings") or 512)).to_dict()
+    except Exception:
+        return {}
+    out = {}
+    for k in DEFAULT_KEYS:
+        if k in ("hidden_size", "num_attention_heads", "max_position_embeddings"):
+            continue
+        v = base.get(k)
+        if v is not None and other.get(k) == v:
+            out[k] = json.loads(json.dumps(v))
+    return out
+
+
+def _sparse(diff: Dict[str, Any], row: Dict[str, Any]) -> Dict[str, Any]:
+    """A config.json without the keys equal to the row's defaults (a hand-trimmed file)."""
+    d = row.get("defaults") or {}
+    out = {k: v for k, v in diff.items() if not (k in d and d[k] == v)}
+    if isinstance(out.get("text_config"), dict):
+        out["text_config"] = {k: v for k, v in out["text_config"].items() if not (k in d and d[k] == v)}
+    return out
+
+
 def _component_row(comp: Any, module: Any) -> Dict[str, Any]:
     from .. import _hf_code
     from . import _qk_norm
@@ -868,13 +898,13 @@ def _component_row(comp: Any, module: Any) -> Dict[str, Any]:
     norms: List[str] = []
     try:
         cls = getattr(module, site.cls)
-        kind = "qk" if _hf_code.signature_kind(getattr(module, site.fn)) == "qk" else "x"
+        kind = "qk" if _hf_code.signature_kind(_hf_code.unwrap_kernel_func(getattr(module, site.fn))) == "qk" else "x"
         norms = sorted({s.norm for s in _qk_norm.class_sites(cls, ((site.fn, kind),)).sites})
     except Exception:
         pass
     return {
         "layout": m.layout, "direction": m.direction, "head_slice": site.head_slice, "offset": offset,
-        "function": site.fn, "caller": site.cls, "qk_norm_fusable": norms,
+        "function": site.fn, "caller": site.cls, "qk_norm_fusable": norms, "tables_cut": site.tables_cut,
     }  # fmt: skip
 
 
@@ -943,12 +973,16 @@ def table_row(model_type: str) -> Tuple[str, Dict[str, Any]]:
     lts = _hf_code.layer_types_of(_text(default) if default is not None else text)
     row["layer_types"] = [t for t in lts if t is not None]
     row["defaults"] = _constant_defaults(type(text))
+    if default is not None:
+        row["defaults"].update(_instance_defaults(type(_text(default)), _text(default)))
     if "code" not in row:
         if default is not None:
             variants.append((default, None))
         for c, _ in variants:
             want = _answer(lambda: _hf._read(c, None, "code", None, {}))
-            for kind, obj in (("object", c), ("to_dict", c.to_dict()), ("config.json", c.to_diff_dict())):
+            diff = c.to_diff_dict()
+            inputs = [("object", c), ("to_dict", c.to_dict()), ("config.json", diff), ("sparse config.json", _sparse(diff, row))]
+            for kind, obj in inputs:
                 got = _answer(lambda: _hf._read(obj, None, "table", row, {}))
                 if got != want:
                     row = {k: row[k] for k in ("module", "layer_types", "defaults")}

@@ -28,7 +28,7 @@ import json
 import os
 import re
 import sys
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 __all__ = ["table", "row", "installed_version", "verdict", "record", "cache_path", "TABLE_PATH"]
 
@@ -38,17 +38,29 @@ _VERSION = re.compile(r"""^__version__\s*=\s*["']([^"']+)["']""", re.M)
 
 @functools.lru_cache(maxsize=1)
 def table() -> Dict[str, Any]:
-    """The parsed table (``{"format", "rows": {model_type: row}}``); empty rows if absent."""
+    """The parsed table (``{"format", "digest", "rows": {model_type: [row, ...]}}``)."""
     try:
         with open(TABLE_PATH, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:  # a source tree before the first `hf-sweep --table`
-        return {"format": 1, "rows": {}}
+        return {"format": 2, "rows": {}}
 
 
-def row(model_type: str) -> Optional[Dict[str, Any]]:
-    """The table's row of ``model_type`` (``None``: the table does not know it)."""
-    return table()["rows"].get(model_type)
+def row(model_type: str, version: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    """The table's row of ``model_type`` for transformers ``version``: the row verified
+    against it, else the row of the newest version (``None``: the table does not know the
+    type). A model type whose RoPE facts changed between versions has one row per set of facts."""
+    rows = table()["rows"].get(model_type)
+    if not rows:
+        return None
+    for r in rows:
+        if version in r.get("verified", ()):
+            return r
+    return max(rows, key=lambda r: max((version_key(v) for v in r.get("verified", ())), default=()))
+
+
+def version_key(v: str) -> Tuple[int, ...]:
+    return tuple(int(x) if x.isdigit() else -1 for x in v.split("."))
 
 
 def installed_version() -> Optional[str]:

@@ -849,7 +849,7 @@ def _cmd_hf_sweep(args: argparse.Namespace) -> int:
         import transformers
 
         rows = data["rows"]
-        here = [r for r in rows.values() if transformers.__version__ in r.get("verified", ())]
+        here = [r for entries in rows.values() for r in entries if transformers.__version__ in r.get("verified", ())]
         print(
             f"transformers {transformers.__version__}: {len(here)} rows verified ({sum(bool(r.get('code')) for r in here)} "
             f"answered from the code, {sum(bool(r.get('refuse')) for r in here)} refused); {len(rows)} rows in "

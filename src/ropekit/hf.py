@@ -584,11 +584,12 @@ def rope_config_from_hf(
     if not read_code:
         return _pick(_read(loaded, layout, "rules", None, overrides), component)
     model_type = _effective_model_type(loaded)
-    row = _hf_table.row(model_type)
+    version = _hf_table.installed_version()
+    row = _hf_table.row(model_type, version)
     if row is None:
-        _say_unknown(model_type)
+        _say_unknown(model_type, version)
         return _pick(_read(loaded, layout, "code", None, overrides), component)
-    how = _hf_table.verdict(model_type, row, _hf_table.installed_version())
+    how = _hf_table.verdict(model_type, row, version)
     if how == "table":
         try:
             return _pick(_read(loaded, layout, "table", row, overrides), component)
@@ -607,7 +608,7 @@ def rope_config_from_hf(
     (code, err), (tab, terr) = answers
     if not isinstance(terr, _NeedCode):  # else this input says nothing about the row
         same = code == tab and (err is None) == (terr is None)
-        _hf_table.record(model_type, _hf_table.installed_version() or "none", same)
+        _hf_table.record(model_type, version or "none", same)
     if err is not None:
         raise err
     return _pick(code, component)
@@ -638,14 +639,18 @@ def _effective_model_type(loaded: Any) -> str:
 _SAID: set = set()
 
 
-def _say_unknown(model_type: str) -> None:
+def _say_unknown(model_type: str, version: Optional[str]) -> None:
     if model_type in _SAID:
         return
     _SAID.add(model_type)
+    how = (
+        "its RoPE is read from the installed transformers' modeling code (slower; `ropekit hf-sweep --only "
+        + (model_type or "TYPE") + "` checks it against the model itself)"
+        if version is not None
+        else "transformers is not installed, so the config alone answers (pairing by model type)"
+    )
     warnings.warn(
-        f"ropekit's family table has no row for model_type {model_type!r}: its RoPE is read from the "
-        "installed transformers' modeling code (slower; `ropekit hf-sweep --only " + (model_type or "TYPE")
-        + "` checks it against the model itself)",
+        f"ropekit's family table has no row for model_type {model_type!r}: {how}",
         UnknownFamilyWarning,
         stacklevel=3,
     )

@@ -860,17 +860,21 @@ def _instance_defaults(cls: type, default: Any) -> Dict[str, Any]:
     """Values of :data:`DEFAULT_KEYS` that the default config holds and that stay the same when
     its sizes change (hidden size, heads, context): class defaults, not derived ones."""
     base = default.to_dict()
-    try:
-        other = cls(hidden_size=2 * (base.get("hidden_size") or 64), num_attention_heads=2 * (base.get("num_attention_heads") or 4),
-                    max_position_embeddings=3 * (base.get("max_position_embeddings") or 512)).to_dict()
-    except Exception:
-        return {}
+    hidden, heads = base.get("hidden_size") or 64, base.get("num_attention_heads") or 4
+    others = []
+    # each size changed alone: a value derived from a ratio (head_dim = hidden // heads) moves
+    for kw in ({"hidden_size": 2 * hidden}, {"num_attention_heads": 2 * heads},
+               {"max_position_embeddings": 3 * (base.get("max_position_embeddings") or 512)}):
+        try:
+            others.append(cls(**kw).to_dict())
+        except Exception:
+            return {}
     out = {}
     for k in DEFAULT_KEYS:
         if k in ("hidden_size", "num_attention_heads", "max_position_embeddings"):
             continue
         v = base.get(k)
-        if v is not None and other.get(k) == v:
+        if v is not None and all(o.get(k) == v for o in others):
             out[k] = json.loads(json.dumps(v))
     return out
 
@@ -1008,13 +1012,16 @@ def write_table(path: str, model_types: Optional[Iterable[str]] = None,
 
     import transformers
 
-    transformers.logging.set_verbosity_error()
+    transformers.logging.set_verbosity(transformers.logging.CRITICAL)  # config classes log refused sizes
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError:
-        data = {"format": 1, "rows": {}}
+        data = {"format": 2, "rows": {}}
+    if data.get("format") != 2:
+        data = {"format": 2, "rows": {}}
     rows = data["rows"]
+    version = transformers.__version__
     todo = [mt for mt, _ in families()] if model_types is None else list(model_types)
     done = set()
     for mt in todo:
@@ -1026,10 +1033,13 @@ def write_table(path: str, model_types: Optional[Iterable[str]] = None,
         if eff in done:
             continue
         done.add(eff)
-        old = rows.get(eff)
-        if old is not None and _same(old, new):
-            new["verified"] = sorted(set(old.get("verified", [])) | set(new["verified"]), key=_vkey)
-        rows[eff] = new
+        entries = [dict(e, verified=[v for v in e["verified"] if v != version]) for e in rows.get(eff, [])]
+        same = [e for e in entries if _same(e, new)]
+        if same:
+            same[0]["verified"] = sorted(set(same[0]["verified"]) | {version}, key=_vkey)
+        else:
+            entries.append(new)
+        rows[eff] = sorted((e for e in entries if e["verified"]), key=lambda e: _vkey(e["verified"][-1]))
         if progress is not None:
             progress(eff, new)
     data["rows"] = {k: rows[k] for k in sorted(rows)}

@@ -856,9 +856,10 @@ def _constant_defaults(cls: type) -> Dict[str, Any]:
     return out
 
 
-def _instance_defaults(cls: type, default: Any) -> Dict[str, Any]:
-    """Values of :data:`DEFAULT_KEYS` that the default config holds and that stay the same when
-    its sizes change (hidden size, heads, context): class defaults, not derived ones."""
+def _instance_defaults(cls: type, default: Any) -> Tuple[Dict[str, Any], set]:
+    """``(values, varying keys)``: values of :data:`DEFAULT_KEYS` that the default config holds
+    and that stay the same when one of its sizes changes (hidden size, heads, context) — class
+    defaults — and the keys whose value moves (derived: never filled in from the row)."""
     base = default.to_dict()
     hidden, heads = base.get("hidden_size") or 64, base.get("num_attention_heads") or 4
     others = []
@@ -868,15 +869,17 @@ def _instance_defaults(cls: type, default: Any) -> Dict[str, Any]:
         try:
             others.append(cls(**kw).to_dict())
         except Exception:
-            return {}
-    out = {}
+            return {}, set(DEFAULT_KEYS) - {"hidden_size", "num_attention_heads", "max_position_embeddings"}
+    out, varying = {}, set()
     for k in DEFAULT_KEYS:
         if k in ("hidden_size", "num_attention_heads", "max_position_embeddings"):
             continue
         v = base.get(k)
         if v is not None and all(o.get(k) == v for o in others):
             out[k] = json.loads(json.dumps(v))
-    return out
+        elif any(o.get(k) != v for o in others):
+            varying.add(k)
+    return out, varying
 
 
 def _sparse(diff: Dict[str, Any], row: Dict[str, Any]) -> Dict[str, Any]:
@@ -978,7 +981,9 @@ def table_row(model_type: str) -> Tuple[str, Dict[str, Any]]:
     row["layer_types"] = [t for t in lts if t is not None]
     row["defaults"] = _constant_defaults(type(text))
     if default is not None:
-        row["defaults"].update(_instance_defaults(type(_text(default)), _text(default)))
+        const, varying = _instance_defaults(type(_text(default)), _text(default))
+        row["defaults"] = {k: v for k, v in row["defaults"].items() if k not in varying}
+        row["defaults"].update(const)
     if "code" not in row:
         if default is not None:
             variants.append((default, None))

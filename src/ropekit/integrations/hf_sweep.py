@@ -864,8 +864,10 @@ def _instance_defaults(cls: type, default: Any) -> Tuple[Dict[str, Any], set]:
     hidden, heads = base.get("hidden_size") or 64, base.get("num_attention_heads") or 4
     others = []
     # each size changed alone: a value derived from a ratio (head_dim = hidden // heads) moves
-    for kw in ({"hidden_size": 2 * hidden}, {"num_attention_heads": 2 * heads},
-               {"max_position_embeddings": 3 * (base.get("max_position_embeddings") or 512)}):
+    ctx = base.get("max_position_embeddings") or 512
+    for kw in ({"hidden_size": 2 * hidden, "num_attention_heads": heads, "max_position_embeddings": ctx},
+               {"hidden_size": hidden, "num_attention_heads": 2 * heads, "max_position_embeddings": ctx},
+               {"hidden_size": hidden, "num_attention_heads": heads, "max_position_embeddings": 3 * ctx}):
         try:
             others.append(cls(**kw).to_dict())
         except Exception:
@@ -1035,8 +1037,8 @@ def write_table(path: str, model_types: Optional[Iterable[str]] = None,
         except Exception as e:  # the config class rejects every size: the code answers
             eff, new = mt, {"code": f"no config to verify a row on ({type(e).__name__})",
                             "verified": [transformers.__version__]}
-        if eff in done:
-            continue
+        if eff in done and eff != mt:
+            continue  # a wrapper's text model: its own model type's row answers
         done.add(eff)
         entries = [dict(e, verified=[v for v in e["verified"] if v != version]) for e in rows.get(eff, [])]
         same = [e for e in entries if _same(e, new)]

@@ -30,7 +30,7 @@ LLAMA31_ROPE = RopeConfig(128, 500000.0, scaling=Llama3(8.0, 1.0, 4.0, 8192))
 #: row (half / interleaved / flag-picked / MLA slice / indexer / per-layer types / partial /
 #: code-only); ROPEKIT_TABLE_FULL=1 checks every row of the installed version.
 SUBSET = ("llama", "qwen3", "gpt_neox", "phi3", "gptj", "cohere", "glm", "deepseek_v3", "deepseek_v32",
-          "gemma3", "minimax_m3_vl", "hy_v4", "mistral_large4", "olmo2", "dots3_note")  # fmt: skip
+          "gemma3_text", "minimax_m3_vl_text", "hy_v4", "mistral_large4_text", "olmo2", "dots3_note_text")  # fmt: skip
 
 
 def test_llama31_answered_from_the_table_without_transformers(tmp_path):

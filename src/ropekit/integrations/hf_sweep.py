@@ -980,7 +980,7 @@ def table_row(model_type: str) -> Tuple[str, Dict[str, Any]]:
     except ValueError as e:
         row = {"module": row["module"], "code": str(e)}
     lts = _hf_code.layer_types_of(_text(default) if default is not None else text)
-    row["layer_types"] = [t for t in lts if t is not None]
+    row["layer_types"] = sorted(t for t in lts if t is not None)  # dict order varies between runs
     row["defaults"] = _constant_defaults(type(text))
     if default is not None:
         const, varying = _instance_defaults(type(_text(default)), _text(default))
@@ -1030,16 +1030,19 @@ def write_table(path: str, model_types: Optional[Iterable[str]] = None,
     rows = data["rows"]
     version = transformers.__version__
     todo = [mt for mt, _ in families()] if model_types is None else list(model_types)
-    done = set()
+    fresh: Dict[str, Dict[str, Any]] = {}
     for mt in todo:
         try:
             eff, new = table_row(mt)
         except Exception as e:  # the config class rejects every size: the code answers
             eff, new = mt, {"code": f"no config to verify a row on ({type(e).__name__})",
                             "verified": [transformers.__version__]}
-        if eff in done and eff != mt:
+        if eff in fresh and eff != mt:
             continue  # a wrapper's text model: its own model type's row answers
-        done.add(eff)
+        fresh[eff] = new
+        if progress is not None:
+            progress(eff, new)
+    for eff, new in fresh.items():  # one merge per model type: the file does not depend on its past
         entries = [dict(e, verified=[v for v in e["verified"] if v != version]) for e in rows.get(eff, [])]
         same = [e for e in entries if _same(e, new)]
         if same:
@@ -1047,8 +1050,6 @@ def write_table(path: str, model_types: Optional[Iterable[str]] = None,
         else:
             entries.append(new)
         rows[eff] = sorted((e for e in entries if e["verified"]), key=lambda e: _vkey(e["verified"][-1]))
-        if progress is not None:
-            progress(eff, new)
     data["rows"] = {k: rows[k] for k in sorted(rows)}
     body = json.dumps(data["rows"], sort_keys=True)
     data["digest"] = hashlib.sha256(body.encode()).hexdigest()[:16]

@@ -595,6 +595,9 @@ def check(model_type: str, family: str = "", *, models: bool = True, generate: b
         except Exception as e:
             row.config = "refused" if isinstance(e, RopeError) else "wrong"
             row.detail = f"{type(e).__name__}: {str(e)[:220]}"
+            if isinstance(e, RopeError) and _hf_code.sub_config_of(text) is not None:
+                row.config = "n/a"  # not the language model: refused by name, counted apart
+                row.detail = "non-text sub-config, refused by name: " + row.detail
     if result is not None:
         flat = _flat(result)
         try:

@@ -37,6 +37,7 @@ __all__ = [
     "KNOWN_ROPE_TYPES",
     "INTERLEAVED_MODEL_TYPES",
     "COMPONENTS",
+    "UnknownFamilyWarning",
 ]
 
 #: Names of the rotary components :func:`rope_config_from_hf` can return: the attention
@@ -596,6 +597,15 @@ def rope_config_from_hf(
         except _NeedCode:
             how = "code"
     if how == "code":
+        if version is None and model_type not in _SAID:
+            _SAID.add(model_type)
+            warnings.warn(
+                f"ropekit's family table answers model_type {model_type!r} only from transformers' code "
+                f"({row.get('code', 'the code differs from the row')}), and transformers is not installed: "
+                "the config alone answers, which may differ from the model; install transformers",
+                UnknownFamilyWarning,
+                stacklevel=2,
+            )
         return _pick(_read(loaded, layout, "code", row, overrides), component)
     # a transformers version the row was not verified against: the family's code answers,
     # and the row is compared with it once (the verdict is cached per transformers version)

@@ -94,10 +94,35 @@ def _mapped_module_name(model_type: str) -> str:
     return ""
 
 
+def unwrap_kernel_func(obj: Any) -> Any:
+    """The plain function inside a hub-kernel wrapper, else ``obj``.
+
+    transformers 5.25 requires the ``kernels`` package, whose ``use_kernel_forward_from_hub``
+    turns a decorated module-level function (``apply_rotary_pos_emb``) into an ``nn.Module``
+    instance whose ``forward`` calls the function (held in its closure) unless a hub kernel
+    was selected for the model; ropekit reads and replaces the function."""
+    if inspect.isfunction(obj) or not isinstance(obj, torch.nn.Module):
+        return obj
+    fwd = getattr(type(obj), "forward", None)
+    cells = getattr(fwd, "__closure__", None) or ()
+    inner = [c.cell_contents for c in cells if inspect.isfunction(_cell(c))]
+    named = [f for f in inner if _ROPE_NAME.search(f.__name__)]
+    return named[0] if len(named) == 1 else obj
+
+
+def _cell(c: Any) -> Any:
+    try:
+        return c.cell_contents
+    except ValueError:  # an empty cell
+        return None
+
+
 def rope_functions(module: ModuleType) -> Dict[str, Callable]:
-    """Module-level functions whose name says RoPE and that take tables (cos/sin/freqs)."""
+    """Module-level functions whose name says RoPE and that take tables (cos/sin/freqs);
+    hub-kernel wrappers (:func:`unwrap_kernel_func`) count as their function."""
     out = {}
     for name, fn in vars(module).items():
+        fn = unwrap_kernel_func(fn)
         if not inspect.isfunction(fn) or not _ROPE_NAME.search(name) or name.startswith("rotate"):
             continue
         try:
@@ -121,12 +146,15 @@ class CallSite:
         head_slice: ``"all"`` (the q argument is the whole head, or a leading slice made by
             the attention), ``"first"`` / ``"last"``: the q argument is the first / last
             piece of a ``torch.split`` of the head.
+        tables_cut: the call passes a slice of the tables (MiniMax-M3's indexer:
+            ``cos[..., : self.head_dim]``), so the rotary width is the slice's when narrower.
     """
 
     cls: str
     fn: str
     flag: Optional[Tuple[str, bool]]
     head_slice: str = "all"
+    tables_cut: bool = False
 
 
 def _flag_of(test: ast.expr) -> Optional[str]:
@@ -183,7 +211,10 @@ def _call_sites_cached(module_name: str) -> Tuple[CallSite, ...]:
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in fns and cls:
             q = node.args[0] if node.args else None
             pos = _split_position(func, q.id) if isinstance(q, ast.Name) and func is not None else "all"
-            sites.append(CallSite(cls, node.func.id, flag, pos))
+            cut = any(isinstance(a, ast.Subscript) for a in node.args[1:4]) or any(
+                isinstance(k.value, ast.Subscript) for k in node.keywords if k.arg in ("cos", "sin")
+            )
+            sites.append(CallSite(cls, node.func.id, flag, pos, cut))
         for ch in ast.iter_child_nodes(node):
             visit(ch, cls, func, flag)
 
@@ -519,7 +550,7 @@ def text_sites(module: ModuleType, config: Any) -> List[CallSite]:
         low = s.fn.lower()
         if "vision" in low or "2d" in low or "vision" in s.cls.lower() or "multidimensional" in low:
             continue
-        fn = getattr(module, s.fn, None)
+        fn = unwrap_kernel_func(getattr(module, s.fn, None))
         if fn is None or signature_kind(fn) is None or not _site_applies(s, config):
             continue
         out.append(s)
@@ -544,16 +575,51 @@ def head_width(config: Any, component: str) -> Optional[int]:
     return hidden // heads if hidden and heads else None
 
 
+#: Sub-config keys whose model is the language model the call sites belong to.
+TEXT_KEYS = ("text_config",)
+
+
+def sub_config_of(config: Any) -> Optional[Tuple[str, str]]:
+    """``(parent model_type, key)`` when ``config``'s class is a sub-config (other than
+    :data:`TEXT_KEYS`) of a config class defined in the same module: e.g. dots3_note's
+    ``audio_config``. Such a model shares the family's modeling module, whose call sites are
+    the language model's: they say nothing about the sub-model's own RoPE."""
+    import sys
+
+    cls = type(config)
+    mod = sys.modules.get(cls.__module__)
+    if mod is None:
+        return None
+    for v in vars(mod).values():
+        if not inspect.isclass(v) or v is cls:
+            continue
+        subs = getattr(v, "sub_configs", None)
+        if not isinstance(subs, dict):
+            continue
+        for key, sub in subs.items():
+            if sub is cls and key not in TEXT_KEYS:
+                return str(getattr(v, "model_type", "") or v.__name__), key
+    return None
+
+
 def derive(config: Any, model_type: str, layer_type: Optional[str] = None) -> Optional[List[Component]]:
     """The rotary components of a family, from its code and config; ``None`` when the
     modeling module cannot be read (no transformers, no module, no rotary class that takes
-    this config). Raises :class:`NotRope` when the code is readable but is not RoPE."""
+    this config). Raises :class:`NotRope` when the code is readable but is not RoPE, or
+    when ``config`` is a non-text sub-config of its family (:func:`sub_config_of`)."""
     module = modeling_module_for(model_type)
     if module is None:
         return None
     sites = text_sites(module, config)
     if not sites:
         return None
+    parent = sub_config_of(config)
+    if parent is not None:
+        raise NotRope(
+            f"a {parent[1]} of {parent[0]}: {module.__name__.rsplit('.', 1)[1]}'s RoPE calls "
+            f"({', '.join(sorted({s.cls for s in sites}))}) cannot be told apart by sub-model, so the "
+            f"{parent[1]}'s own RoPE (pairing, width) is not read from them"
+        )
     rot = None
     for cls in rotary_classes(module):
         try:
@@ -571,7 +637,7 @@ def derive(config: Any, model_type: str, layer_type: Optional[str] = None) -> Op
         name = component_name(site.cls)
         if name in comps:
             continue
-        fn = getattr(module, site.fn)
+        fn = unwrap_kernel_func(getattr(module, site.fn))
         kind = signature_kind(fn)
         m = None
         errors = []

@@ -808,6 +808,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(docs/transformers.md)",
     )
     s.add_argument("--quiet", action="store_true", help="no per-model line on stderr")
+    s.add_argument(
+        "--table",
+        metavar="FILE.json",
+        help="instead of the sweep: add the installed transformers' rows to the family table "
+        "(src/ropekit/hf_families.json), each checked against the family's code",
+    )
     s.set_defaults(func=_cmd_hf_sweep)
 
     # every argument goes to ropekit.experiment's own parser (prefix_chars="+" keeps argparse
@@ -831,6 +837,25 @@ def _cmd_hf_sweep(args: argparse.Namespace) -> int:
     from .integrations import hf_sweep
 
     t0 = time.perf_counter()
+    if args.table:
+        def note(mt: str, row: Any) -> None:
+            if not args.quiet:
+                what = row.get("refuse") or row.get("code") or ("table" if row.get("components") or row.get("by_flag") else "config rules")
+                print(f"{mt:40s} {str(what)[:110]}", file=sys.stderr)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            data = hf_sweep.write_table(args.table, args.only, progress=note)
+        import transformers
+
+        rows = data["rows"]
+        here = [r for entries in rows.values() for r in entries if transformers.__version__ in r.get("verified", ())]
+        print(
+            f"transformers {transformers.__version__}: {len(here)} rows verified ({sum(bool(r.get('code')) for r in here)} "
+            f"answered from the code, {sum(bool(r.get('refuse')) for r in here)} refused); {len(rows)} rows in "
+            f"{args.table}, {time.perf_counter() - t0:.0f} s"
+        )
+        return 0
 
     def show(row: Any) -> None:
         if not args.quiet:

@@ -17,11 +17,12 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
-
 
 from ._checks import flag, integer, real
 from ._errors import RopeError, fail
+from . import _hf_table
 from . import config as _config
 from .config import RopeConfig
 from .tables import transformers_cos_sin, transformers_inv_freq  # noqa: F401  (public here too)
@@ -36,6 +37,7 @@ __all__ = [
     "KNOWN_ROPE_TYPES",
     "INTERLEAVED_MODEL_TYPES",
     "COMPONENTS",
+    "UnknownFamilyWarning",
 ]
 
 #: Names of the rotary components :func:`rope_config_from_hf` can return: the attention
@@ -478,6 +480,15 @@ def _place(cfg: RopeConfig, src: _Src, name: str, comp: Any, layout_given: bool)
             return cfg.replace(head_dim=int(nope) + int(rope), rotary_offset=int(nope))
         return cfg
     m, site = comp.measured, comp.site
+    cut = src.get("index_head_dim") if name == "indexer" else None
+    if getattr(site, "tables_cut", False) and cut is not None and int(cut) < r:
+        # the indexer passes cos[..., :index_head_dim]: narrower than the rotary width, the
+        # lanes it keeps are not the (i, i + r/2) pairs of one rotation
+        raise fail(
+            f"index_head_dim >= the rotary width {r} (the indexer cuts the tables to index_head_dim)",
+            f"index_head_dim={cut}",
+            "this indexer's rotation is not one RoPE; build RopeConfig by hand if part of it is",
+        )
     changes: Dict[str, Any] = {"direction": m.direction}
     if not layout_given:
         changes["layout"] = m.layout
@@ -488,6 +499,12 @@ def _place(cfg: RopeConfig, src: _Src, name: str, comp: Any, layout_given: bool)
             full = int(nope) + int(rope) if nope is not None and rope is not None else None
         full = r if full is None else int(full)
         changes.update(head_dim=full, rotary_offset=full - r if site.head_slice == "last" else 0)
+    elif getattr(comp, "table", False):  # a table row: the function takes the whole head
+        full = src.get("index_head_dim") if name == "indexer" else None
+        full = cfg.head_dim if full is None else int(full)
+        off = 0 if comp.offset == "start" else full - r
+        if full > r or off:
+            changes.update(head_dim=full, rotary_offset=off)
     elif m.width > r or m.offset:  # the function itself takes the whole head
         changes.update(head_dim=m.width, rotary_offset=m.offset)
     if cfg.scaling is not None and type(cfg.scaling).__name__ == "Proportional" and "head_dim" in changes:
@@ -565,17 +582,202 @@ def rope_config_from_hf(
     if component is not None and component not in COMPONENTS:
         raise fail(f"component None or one of {list(COMPONENTS)}", repr(component), "pass e.g. component='indexer'")
     loaded = _load(obj)
-    if isinstance(loaded, Mapping) and (read_code or _is_sparse(loaded)):
-        loaded = _with_class_defaults(loaded) or loaded
+    if not read_code:
+        return _pick(_read(loaded, layout, "rules", None, overrides), component)
+    model_type = _effective_model_type(loaded)
+    version = _hf_table.installed_version()
+    row = _hf_table.row(model_type, version)
+    if row is None:
+        _say_unknown(model_type, version)
+        return _pick(_read(loaded, layout, "code", None, overrides), component)
+    how = _hf_table.verdict(model_type, row, version)
+    if how == "table":
+        try:
+            return _pick(_read(loaded, layout, "table", row, overrides), component)
+        except _NeedCode:
+            how = "code"
+    if how == "code":
+        if version is None and model_type not in _SAID:
+            _SAID.add(model_type)
+            warnings.warn(
+                f"ropekit's family table answers model_type {model_type!r} only from transformers' code "
+                f"({row.get('code', 'the code differs from the row')}), and transformers is not installed: "
+                "the config alone answers, which may differ from the model; install transformers",
+                UnknownFamilyWarning,
+                stacklevel=2,
+            )
+        return _pick(_read(loaded, layout, "code", row, overrides), component)
+    # a transformers version the row was not verified against: the family's code answers,
+    # and the row is compared with it once (the verdict is cached per transformers version)
+    answers = []
+    for mode in ("code", "table"):
+        try:
+            answers.append((_read(loaded, layout, mode, row, overrides), None))
+        except (RopeError, _NeedCode) as e:
+            answers.append((None, e))
+    (code, err), (tab, terr) = answers
+    if not isinstance(terr, _NeedCode):  # else this input says nothing about the row
+        same = code == tab and (err is None) == (terr is None)
+        _hf_table.record(model_type, version or "none", same)
+    if err is not None:
+        raise err
+    return _pick(code, component)
+
+
+def _pick(results: Dict[str, Any], component: Optional[str]) -> Any:
+    if component is not None:
+        if component not in results:
+            raise fail(
+                f"a component of this model: {sorted(results)}",
+                repr(component),
+                "leave component=None to get every component",
+            )
+        return results[component]
+    return results["attention"] if len(results) == 1 else results
+
+
+def _effective_model_type(loaded: Any) -> str:
+    """The ``model_type`` whose RoPE ``from_hf`` reads (a multimodal wrapper's text model)."""
+    src = _Src(loaded)
+    model_type = str(src.get("model_type", "")).lower()
+    text = src.get("text_config")
+    if text is not None and src.get("num_attention_heads") is None and src.get("n_head") is None:
+        model_type = str(_Src(text).get("model_type", model_type)).lower()
+    return model_type
+
+
+_SAID: set = set()
+
+
+def _say_unknown(model_type: str, version: Optional[str]) -> None:
+    if model_type in _SAID:
+        return
+    _SAID.add(model_type)
+    how = (
+        "its RoPE is read from the installed transformers' modeling code (slower; `ropekit hf-sweep --only "
+        + (model_type or "TYPE") + "` checks it against the model itself)"
+        if version is not None
+        else "transformers is not installed, so the config alone answers (pairing by model type)"
+    )
+    warnings.warn(
+        f"ropekit's family table has no row for model_type {model_type!r}: {how}",
+        UnknownFamilyWarning,
+        stacklevel=3,
+    )
+
+
+class UnknownFamilyWarning(UserWarning):
+    """``from_hf`` read a model type the family table does not know from transformers' code."""
+
+
+class _Slice:
+    def __init__(self, head_slice: str, tables_cut: bool) -> None:
+        self.head_slice, self.tables_cut = head_slice, tables_cut
+
+
+class _RowMeasured:
+    def __init__(self, layout: str, direction: int) -> None:
+        self.layout, self.direction, self.rotary_dim = layout, direction, None
+
+
+class _RowComponent:
+    """One component of a table row, in the shape :func:`_place` reads (``Component``)."""
+
+    table = True
+
+    def __init__(self, name: str, c: Mapping[str, Any]) -> None:
+        self.name = name
+        self.measured = _RowMeasured(c["layout"], int(c["direction"]))
+        self.site = _Slice(c["head_slice"], bool(c.get("tables_cut")))
+        self.offset = c.get("offset", "start")
+
+
+def _row_facts(row: Mapping[str, Any], src: _Src) -> Optional[Dict[str, Any]]:
+    """``{component: _RowComponent}`` of a table row for this config (``None``: the code has
+    no RoPE ropekit reads, the config rules answer)."""
+    if row.get("refuse"):
+        raise fail(
+            "a RoPE that ropekit can express",
+            str(row["refuse"]),
+            "build RopeConfig by hand for the part that is RoPE",
+        )
+    comps = row.get("components")
+    flag = row.get("flag")
+    if flag:
+        v = src.get(flag)
+        v = row.get("flag_default") if v is None else bool(v)
+        comps = row.get("by_flag", {}).get(json.dumps(v))
+    if not comps:
+        return None
+    return {name: _RowComponent(name, c) for name, c in comps.items()}
+
+
+class _NeedCode(Exception):
+    """A table row cannot answer this input; the family's code does."""
+
+
+def _with_row_defaults(loaded: Mapping, row: Mapping[str, Any]) -> Dict[str, Any]:
+    """A copy of a config dict with the row's config-class defaults filled in where absent
+    (what ``AutoConfig.for_model`` would add), in the text part of a multimodal wrapper."""
+    d = copy.deepcopy(dict(loaded))
+    target = d
+    if isinstance(d.get("text_config"), Mapping) and d.get("num_attention_heads") is None and d.get("n_head") is None:
+        target = d["text_config"] = dict(d["text_config"])
+    defaults = dict(row.get("defaults") or {})
+    rp = defaults.get("rope_parameters")
+    if target.get("rope_parameters") is None and target.get("rope_scaling") is not None and rp is not None:
+        if _is_nested(rp):
+            # 4.x names in a file for a class whose default rope parameters are 5.x (Gemma 3's
+            # nested per-layer-type dict): only the config class knows how they merge
+            raise _NeedCode()
+        defaults.pop("rope_parameters")  # the file's rope_scaling is the scheme
+        if isinstance(rp, Mapping) and rp.get("rope_theta") is not None:
+            defaults.setdefault("rope_theta", rp["rope_theta"])
+    rp = defaults.get("rope_parameters")
+    if target.get("rope_parameters") is None and isinstance(rp, Mapping) and not _is_nested(rp):
+        # the file's top-level values win over the ones inside the default rope parameters
+        top = {"rope_theta": ("rope_theta", "rotary_emb_base"), "partial_rotary_factor": ("partial_rotary_factor", "rotary_pct")}
+        defaults["rope_parameters"] = {
+            k: v for k, v in rp.items() if not any(target.get(a) is not None for a in top.get(k, ()))
+        }
+    for key, aliases in _ALIASES.items():  # a 4.x / GPT-J name in the file wins over the default
+        if any(target.get(a) is not None for a in aliases):
+            defaults.pop(key, None)
+    for k, v in defaults.items():
+        if target.get(k) is None:
+            target[k] = copy.deepcopy(v)
+    return d
+
+
+_ALIASES = {
+    "rope_theta": ("rotary_emb_base",),
+    "partial_rotary_factor": ("rotary_pct",),
+    "hidden_size": ("n_embd", "d_model"),
+    "num_attention_heads": ("n_head",),
+    "max_position_embeddings": ("n_positions", "seq_length"),
+}
+
+
+def _read(loaded: Any, layout: Optional[str], mode: str, row: Any, overrides: Mapping[str, Any]) -> Dict[str, Any]:
+    """``{component: RopeConfig or per-layer dict}``; ``mode``: ``"rules"`` (the config
+    alone), ``"code"`` (transformers' modeling code) or ``"table"`` (the family table's ``row``)."""
+    if isinstance(loaded, Mapping):
+        if mode == "table":
+            loaded = _with_row_defaults(loaded, row)
+        elif mode == "code" or _is_sparse(loaded):
+            loaded = _with_class_defaults(loaded) or loaded
     src = _Src(loaded)
     model_type = str(src.get("model_type", "")).lower()
     text = src.get("text_config")
     if text is not None and src.get("num_attention_heads") is None and src.get("n_head") is None:
         src = _Src(text)  # multimodal wrapper (Llama 4, Gemma 3, Mistral 3, ...): read the LM part
         model_type = str(src.get("model_type", model_type)).lower()
+    table_facts = _row_facts(row, src) if mode == "table" else None
 
     def facts_for(layer_type: Optional[str] = None) -> Dict[str, Any]:
-        f = rope_facts(src.obj, model_type, layer_type) if read_code and not src.is_dict else None
+        if mode == "table":
+            return table_facts or {"attention": None}
+        f = rope_facts(src.obj, model_type, layer_type) if mode == "code" and not src.is_dict else None
         return f or {"attention": None}
 
     layout_given = layout is not None
@@ -635,15 +837,7 @@ def rope_config_from_hf(
             lay = layout if (layout_given or comp is None) else comp.measured.layout
             r = comp.measured.rotary_dim if comp is not None else None
             results[name] = finish(_one(src, params, model_type, head_dim, max_pos, lay, r), name, comp)
-    if component is not None:
-        if component not in results:
-            raise fail(
-                f"a component of this model: {sorted(results)}",
-                repr(component),
-                "leave component=None to get every component",
-            )
-        return results[component]
-    return results["attention"] if len(results) == 1 else results
+    return results
 
 
 _config._HF_READER[:] = [rope_config_from_hf]  # RopeConfig.from_hf delegates here

@@ -293,7 +293,7 @@ def _static_check(cfg_text: Any, flat: Dict[Tuple[str, Optional[str]], Any]) -> 
             except Exception:
                 continue
         cos, sin = _hf_code.module_tables(rot, S, layer_type=lt, config=cfg_text)
-        fn = getattr(module, comp.site.fn)
+        fn = _hf_code.unwrap_kernel_func(getattr(module, comp.site.fn))
         kind = _hf_code.signature_kind(fn)
         m, R = _hf_code.measure(fn, kind, cos, sin, comp.measured.width)
         arg_start = 0
@@ -346,6 +346,7 @@ _CALLER: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("ropekit
 @contextlib.contextmanager
 def _recording(model: torch.nn.Module, calls: list) -> Any:
     """Record the RoPE calls the model makes: (caller class, function, bound arguments)."""
+    from .. import _hf_code
     from . import transformers as rt
 
     keys = set()
@@ -371,15 +372,16 @@ def _recording(model: torch.nn.Module, calls: list) -> Any:
     for modname, fname in keys:
         module = sys.modules[modname]
         orig = getattr(module, fname)
-        sig = inspect.signature(orig)
+        plain = _hf_code.unwrap_kernel_func(orig)  # transformers 5.25: hub-kernel wrapper
+        sig = inspect.signature(plain)
 
-        def rec(*a, _orig=orig, _sig=sig, _f=fname, **k):
+        def rec(*a, _orig=orig, _plain=plain, _sig=sig, _f=fname, **k):
             if len(calls) < 64:
                 try:
                     b = _sig.bind(*a, **k)
                     b.apply_defaults()
                     caller, layer = _CALLER.get() or (None, None)
-                    calls.append((caller, _f, _orig, dict(b.arguments), layer))
+                    calls.append((caller, _f, _plain, dict(b.arguments), layer))
                 except TypeError:
                     pass
             return _orig(*a, **k)
@@ -593,6 +595,9 @@ def check(model_type: str, family: str = "", *, models: bool = True, generate: b
         except Exception as e:
             row.config = "refused" if isinstance(e, RopeError) else "wrong"
             row.detail = f"{type(e).__name__}: {str(e)[:220]}"
+            if isinstance(e, RopeError) and _hf_code.sub_config_of(text) is not None:
+                row.config = "n/a"  # not the language model: refused by name, counted apart
+                row.detail = "non-text sub-config, refused by name: " + row.detail
     if result is not None:
         flat = _flat(result)
         try:
@@ -819,3 +824,244 @@ def write(rows: List[Row], path: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.write("Summary: " + ", ".join(f"{k} {v}" for k, v in s.items()) + "\n\n")
         f.write(format_table(rows) + "\n")
+
+
+# --------------------------------------------------------------------------- family table
+#: Config keys the config rules of ``from_hf`` read; the table keeps their config-class
+#: defaults (constants only: a default derived in ``__init__`` is left to the config).
+DEFAULT_KEYS = (
+    "head_dim", "qk_rope_head_dim", "qk_nope_head_dim", "kv_channels", "hidden_size", "n_embd", "d_model",
+    "num_attention_heads", "n_head", "partial_rotary_factor", "rotary_pct", "rotary_dim", "rope_theta",
+    "rotary_emb_base", "rope_ratio", "rope_parameters", "rope_scaling", "original_max_position_embeddings",
+    "max_position_embeddings", "n_positions", "seq_length", "rope_local_base_freq", "rope_interleave",
+    "index_head_dim", "global_head_dim",
+)  # fmt: skip
+
+
+def _constant_defaults(cls: type) -> Dict[str, Any]:
+    """Defaults of :data:`DEFAULT_KEYS` that ``cls`` states as constants (signature defaults
+    of 4.x configs, class attributes of 5.x dataclass configs, ``default_theta``)."""
+    out: Dict[str, Any] = {}
+    try:
+        params = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        params = {}
+    ok = (int, float, bool, str, dict)
+    for k in DEFAULT_KEYS:
+        v = vars(cls).get(k, None) if k in vars(cls) else None
+        if v is None and k in params and params[k].default is not inspect.Parameter.empty:
+            v = params[k].default
+        if isinstance(v, ok) and not isinstance(v, type):
+            out[k] = json.loads(json.dumps(v))
+    theta = getattr(cls, "default_theta", None)
+    if "rope_theta" not in out and isinstance(theta, (int, float)) and not isinstance(theta, bool):
+        out["rope_theta"] = float(theta)
+    return out
+
+
+def _instance_defaults(cls: type, default: Any) -> Tuple[Dict[str, Any], set]:
+    """``(values, varying keys)``: values of :data:`DEFAULT_KEYS` that the default config holds
+    and that stay the same when one of its sizes changes (hidden size, heads, context) — class
+    defaults — and the keys whose value moves (derived: never filled in from the row)."""
+    base = default.to_dict()
+    hidden, heads = base.get("hidden_size") or 64, base.get("num_attention_heads") or 4
+    others = []
+    # each size changed alone: a value derived from a ratio (head_dim = hidden // heads) moves
+    ctx = base.get("max_position_embeddings") or 512
+    for kw in ({"hidden_size": 2 * hidden, "num_attention_heads": heads, "max_position_embeddings": ctx},
+               {"hidden_size": hidden, "num_attention_heads": 2 * heads, "max_position_embeddings": ctx},
+               {"hidden_size": hidden, "num_attention_heads": heads, "max_position_embeddings": 3 * ctx}):
+        try:
+            others.append(cls(**kw).to_dict())
+        except Exception:
+            return {}, set(DEFAULT_KEYS) - {"hidden_size", "num_attention_heads", "max_position_embeddings"}
+    out, varying = {}, set()
+    for k in DEFAULT_KEYS:
+        if k in ("hidden_size", "num_attention_heads", "max_position_embeddings"):
+            continue
+        v = base.get(k)
+        if v is not None and all(o.get(k) == v for o in others):
+            out[k] = json.loads(json.dumps(v))
+        elif any(o.get(k) != v for o in others):
+            varying.add(k)
+    return out, varying
+
+
+def _sparse(diff: Dict[str, Any], row: Dict[str, Any]) -> Dict[str, Any]:
+    """A config.json without the keys equal to the row's defaults (a hand-trimmed file)."""
+    d = row.get("defaults") or {}
+    out = {k: v for k, v in diff.items() if not (k in d and d[k] == v)}
+    if isinstance(out.get("text_config"), dict):
+        out["text_config"] = {k: v for k, v in out["text_config"].items() if not (k in d and d[k] == v)}
+    return out
+
+
+def _component_row(comp: Any, module: Any) -> Dict[str, Any]:
+    from .. import _hf_code
+    from . import _qk_norm
+
+    m, site = comp.measured, comp.site
+    if m.offset == 0:
+        offset = "start"
+    elif m.offset + m.rotary_dim == m.width:
+        offset = "end"
+    else:
+        raise ValueError(f"{comp.name}: rotating span at {m.offset} of a {m.width}-lane argument")
+    norms: List[str] = []
+    try:
+        cls = getattr(module, site.cls)
+        kind = "qk" if _hf_code.signature_kind(_hf_code.unwrap_kernel_func(getattr(module, site.fn))) == "qk" else "x"
+        norms = sorted({s.norm for s in _qk_norm.class_sites(cls, ((site.fn, kind),)).sites})
+    except Exception:
+        pass
+    return {
+        "layout": m.layout, "direction": m.direction, "head_slice": site.head_slice, "offset": offset,
+        "function": site.fn, "caller": site.cls, "qk_norm_fusable": norms, "tables_cut": site.tables_cut,
+    }  # fmt: skip
+
+
+def _answer(fn: Callable[[], Any]) -> Tuple[Any, str]:
+    try:
+        return fn(), ""
+    except Exception as e:
+        return None, type(e).__name__
+
+
+def table_row(model_type: str) -> Tuple[str, Dict[str, Any]]:
+    """``(model type from_hf reads, its family-table row)`` from the installed transformers:
+    the facts are read from the family's code on a tiny config, then the row's answer is
+    checked against the code's on the tiny and the default-size config (objects, their
+    ``to_dict()`` and their ``to_diff_dict()`` — what ``save_pretrained`` writes — and each
+    value of a flag that picks the RoPE function). A row that does not reproduce the code
+    everywhere says ``"code"`` (``from_hf`` then always reads the code)."""
+    import copy
+
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from .. import _hf_code
+    from .. import hf as _hf
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            cfg = tiny_config(model_type)
+        except Exception:  # the config class rejects the tiny sizes: its default size
+            cfg = CONFIG_MAPPING[model_type]()
+    text = _text(cfg)
+    eff = _hf._effective_model_type(cfg)
+    module = _hf_code.modeling_module_for(eff)
+    row: Dict[str, Any] = {"module": module.__name__.rsplit(".", 1)[1].replace("modeling_", "") if module else None}
+    sites = _hf_code.text_sites(module, text) if module is not None else []
+    flags = sorted({s.flag[0] for s in (_hf_code.call_sites(module) if module is not None else ()) if s.flag})
+    try:
+        default = CONFIG_MAPPING[model_type]()
+    except Exception:
+        default = None
+
+    def comps_for(c: Any) -> Optional[Dict[str, Any]]:
+        facts = _hf.rope_facts(c, eff)  # RopeError: not a RoPE ropekit expresses
+        return None if facts is None else {n: _component_row(x, module) for n, x in facts.items()}
+
+    variants: List[Tuple[Any, Any]] = [(cfg, None)]
+    try:
+        if flags and sites:
+            attr = flags[0]
+            row["flag"] = attr
+            dflt = getattr(_text(default), attr, None) if default is not None else None
+            row["flag_default"] = None if dflt is None else bool(dflt)
+            row["by_flag"] = {}
+            for v in (True, False):
+                c = copy.deepcopy(cfg)
+                setattr(_text(c), attr, v)
+                row["by_flag"][json.dumps(v)] = comps_for(_text(c))
+                variants.append((c, v))
+        else:
+            row["components"] = comps_for(text)
+    except _hf.RopeError as e:
+        row = {"module": row["module"], "refuse": str(e).split("got ", 1)[-1].split(". Fix:")[0]}
+    except ValueError as e:
+        row = {"module": row["module"], "code": str(e)}
+    lts = _hf_code.layer_types_of(_text(default) if default is not None else text)
+    row["layer_types"] = sorted(t for t in lts if t is not None)  # dict order varies between runs
+    row["defaults"] = _constant_defaults(type(text))
+    if default is not None:
+        const, varying = _instance_defaults(type(_text(default)), _text(default))
+        row["defaults"] = {k: v for k, v in row["defaults"].items() if k not in varying}
+        row["defaults"].update(const)
+    if "code" not in row:
+        if default is not None:
+            variants.append((default, None))
+        for c, _ in variants:
+            want = _answer(lambda: _hf._read(c, None, "code", None, {}))
+            diff = c.to_diff_dict()
+            inputs = [("object", c), ("to_dict", c.to_dict()), ("config.json", diff), ("sparse config.json", _sparse(diff, row))]
+            for kind, obj in inputs:
+                got = _answer(lambda: _hf._read(obj, None, "table", row, {}))
+                if got != want:
+                    row = {k: row[k] for k in ("module", "layer_types", "defaults")}
+                    row["code"] = f"the row's answer differs from the code's ({kind} of a {'tiny' if c is not default else 'default'} config)"
+                    break
+            if "code" in row:
+                break
+    row["verified"] = [transformers.__version__]
+    return eff, row
+
+
+def _same(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
+    strip = lambda r: {k: v for k, v in r.items() if k != "verified"}  # noqa: E731
+    return strip(a) == strip(b)
+
+
+def write_table(path: str, model_types: Optional[Iterable[str]] = None,
+                progress: Optional[Callable[[str, Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+    """Add the installed transformers' rows to the family table at ``path``: a row equal to
+    the stored one gains this version in ``verified``; a changed row replaces it (verified
+    for this version only); rows of model types this version lacks stay."""
+    import hashlib
+
+    import transformers
+
+    transformers.logging.set_verbosity(transformers.logging.CRITICAL)  # config classes log refused sizes
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        data = {"format": 2, "rows": {}}
+    if data.get("format") != 2:
+        data = {"format": 2, "rows": {}}
+    rows = data["rows"]
+    version = transformers.__version__
+    todo = [mt for mt, _ in families()] if model_types is None else list(model_types)
+    fresh: Dict[str, Dict[str, Any]] = {}
+    for mt in todo:
+        try:
+            eff, new = table_row(mt)
+        except Exception as e:  # the config class rejects every size: the code answers
+            eff, new = mt, {"code": f"no config to verify a row on ({type(e).__name__})",
+                            "verified": [transformers.__version__]}
+        if eff in fresh and eff != mt:
+            continue  # a wrapper's text model: its own model type's row answers
+        fresh[eff] = new
+        if progress is not None:
+            progress(eff, new)
+    for eff, new in fresh.items():  # one merge per model type: the file does not depend on its past
+        entries = [dict(e, verified=[v for v in e["verified"] if v != version]) for e in rows.get(eff, [])]
+        same = [e for e in entries if _same(e, new)]
+        if same:
+            same[0]["verified"] = sorted(set(same[0]["verified"]) | {version}, key=_vkey)
+        else:
+            entries.append(new)
+        rows[eff] = sorted((e for e in entries if e["verified"]), key=lambda e: _vkey(e["verified"][-1]))
+    data["rows"] = {k: rows[k] for k in sorted(rows)}
+    body = json.dumps(data["rows"], sort_keys=True)
+    data["digest"] = hashlib.sha256(body.encode()).hexdigest()[:16]
+    data["generated_by"] = "ropekit hf-sweep --table src/ropekit/hf_families.json (once per transformers version)"
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.write("\n")
+    return data
+
+
+def _vkey(v: str) -> Tuple[int, ...]:
+    return tuple(int(x) if x.isdigit() else -1 for x in v.split("."))

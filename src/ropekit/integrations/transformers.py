@@ -324,7 +324,7 @@ def supported_model_types() -> List[str]:
             for s in _hf_code.call_sites(module)
             if "vision" not in (s.fn + s.cls).lower() and "2d" not in s.fn.lower()
         ]
-        if any(_hf_code.signature_kind(getattr(module, s.fn, None)) for s in sites):
+        if any(_hf_code.signature_kind(_hf_code.unwrap_kernel_func(getattr(module, s.fn, None))) for s in sites):
             out.append(mt)
     return sorted(out)
 
@@ -817,8 +817,11 @@ def _make_dispatcher(module: ModuleType, name: str, original: Callable) -> Calla
 
 
 def _original(module: ModuleType, name: str) -> Callable:
+    from .. import _hf_code
+
     inst = _INSTALLED.get((module.__name__, name))
-    return inst.original if inst is not None else getattr(module, name)
+    # transformers 5.25 (kernels): a hub-kernel wrapper holds the function; measure and call that
+    return _hf_code.unwrap_kernel_func(inst.original if inst is not None else getattr(module, name))
 
 
 def _acquire(module: ModuleType, name: str) -> _Install:

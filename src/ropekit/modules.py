@@ -384,6 +384,14 @@ class RotaryEmbedding(nn.Module):
         self._rotate_heads(qo[..., o:], ko[..., o:], positions, offsets, cu_seqlens, format, seq_len, True, self.cfg.head_dim - o)
         return qo, ko
 
+    def _backend(self, q):
+        """The resolved backend module for q's kind of tensor (resolved once per dtype/device kind)."""
+        bk = (q.dtype, q.is_cpu, q.is_cuda)
+        be = self.__dict__.get("_be")
+        if be is None or be[0] != bk:
+            be = self.__dict__["_be"] = (bk, _backends.resolve(self.backend, q))
+        return be[1]
+
     def _per_sequence(self, q, k, positions, offsets, cu_seqlens, format, seq_len, inplace, seq_lens):
         """forward with one scaling profile per sequence (see ``seq_lens`` in :meth:`forward`)."""
         if format not in _SEQ_DIM or cu_seqlens is not None or seq_len is not None or self.cfg.rotary_offset:
@@ -398,28 +406,52 @@ class RotaryEmbedding(nn.Module):
         if not isinstance(lens, (list, tuple)) or len(lens) != b:
             raise fail(f"seq_lens a list or tensor of {b} ints (one planned length per sequence)", repr(seq_lens)[:80],
                        "pass each sequence's planned total length (prompt + max new tokens)")
-        lens = [integer("seq_lens[i]", v, minimum=1, fix="pass each sequence's planned total length") for v in lens]
-        pos = self._positions(q, positions, offsets, None, format, check_values=False)  # [s] or [b, s]
-        pos = pos.expand(b, s) if pos.dim() == 1 else pos
-        lo, hi = (int(v) for v in torch.aminmax(pos)) if pos.numel() else (0, 0)
+        lens = tuple(lens)
+        plan = self.__dict__.get("_profile_plan")
+        if plan is None or plan[0] != lens:  # the batch's profiles, decided once per set of planned lengths
+            checked = [integer("seq_lens[i]", v, minimum=1, fix="pass each sequence's planned total length") for v in lens]
+            keys = [self.cfg.table_key(L) for L in checked]
+            distinct = list(dict.fromkeys(keys))  # profiles in order of first use
+            first_len = {key: L for key, L in zip(reversed(keys), reversed(checked))}
+            index = [distinct.index(key) for key in keys]
+            plan = self.__dict__["_profile_plan"] = (lens, tuple(distinct), [first_len[key] for key in distinct], index)
+        _, distinct, profile_lens, index = plan
+        if (positions is None and type(offsets) is torch.Tensor and offsets.dtype == torch.int64 and offsets.dim() == 1
+                and offsets.shape[0] == b and offsets.device == q.device and b <= 1024):
+            # per-sample offsets (decode, chunked prefill): the range from the b offsets
+            vals = offsets.tolist()
+            lo, hi = min(vals), max(vals) + s - 1
+            pos = offsets[:, None] + self._arange(s, q.device)[:s] if s != 1 else offsets[:, None]  # [b, s]
+        else:
+            pos = self._positions(q, positions, offsets, None, format, check_values=False)  # [s] or [b, s]
+            pos = pos.expand(b, s) if pos.dim() == 1 else pos
+            if pos.numel() <= 1024:
+                vals = pos.flatten().tolist()
+                lo, hi = (min(vals), max(vals)) if vals else (0, 0)
+            else:
+                lo, hi = (int(v) for v in torch.aminmax(pos))
         if lo < 0 or hi > MAX_EXACT_POSITION:
             self._refuse_range(lo, hi)
-        keys = [self.cfg.table_key(L) for L in lens]
-        distinct = list(dict.fromkeys(keys))  # profiles in order of first use
-        first_len = {key: L for key, L in zip(reversed(keys), reversed(lens))}
         dtype = self._dtype_for(q)
         n = 1 << max(hi, self.max_position - 1, 0).bit_length()  # rows per profile: a power of two
         cache = self.__dict__.get("_profile_cache")
-        ck = (tuple(distinct), n, dtype, q.device)
+        ck = (distinct, n, dtype, q.device)
         if cache is None or cache[0] != ck:
-            tabs = [build_table(self.cfg, n, dtype=dtype, device=q.device, seq_len=first_len[key],
-                                attention_scaling=self.attention_scaling, angles=self.angles) for key in distinct]
-            cache = (ck, torch.stack([c for c, _ in tabs]).flatten(0, 1), torch.stack([t for _, t in tabs]).flatten(0, 1))
+            tabs = [build_table(self.cfg, n, dtype=dtype, device=q.device, seq_len=L,
+                                attention_scaling=self.attention_scaling, angles=self.angles) for L in profile_lens]
+            cache = (ck, torch.stack([c for c, _ in tabs]).flatten(0, 1), torch.stack([t for _, t in tabs]).flatten(0, 1),
+                     {})
             self.__dict__["_profile_cache"] = cache
-        index = torch.tensor([distinct.index(key) for key in keys], dtype=torch.int64, device=q.device)  # [b]
-        flat = pos + (index * n)[:, None]  # [b, s]: row of each token in the stacked [P * n, r/2] tables
-        return apply_gather(q, k, cache[1], cache[2], flat, format=format, layout=self.cfg.layout, inplace=inplace,
-                            backend=self.backend, conjugate=self.cfg.direction == -1)
+        base = cache[3].get(lens)
+        if base is None:  # each sequence's first row in the stacked [P * n, r/2] tables
+            base = cache[3][lens] = torch.tensor(index, dtype=torch.int64, device=q.device)[:, None] * n
+        flat = pos + base  # [b, s]
+        be = self._backend(q)
+        try:
+            return be.apply_gather(q, k, cache[1], cache[2], flat, format, self.cfg.layout, self.cfg.direction == -1,
+                                   inplace)
+        except (ValueError, RuntimeError) as e:
+            raise to_rope_error(e) from None
 
     def _rotate_heads(self, q, k, positions, offsets, cu_seqlens, format, seq_len, inplace, width):
         """forward on heads of ``width`` dims whose first ``rotary_dim`` rotate."""
@@ -443,12 +475,9 @@ class RotaryEmbedding(nn.Module):
         if table is not None:
             # the table covers every position (checked above): rows picked inside the kernel, by
             # the backend's gather entry point (the flags and layout are the module's own, checked)
-            bk = (q.dtype, q.is_cpu, q.is_cuda)
-            be = self.__dict__.get("_be")
-            if be is None or be[0] != bk:
-                be = self.__dict__["_be"] = (bk, _backends.resolve(self.backend, q))
+            be = self._backend(q)
             try:
-                return be[1].apply_gather(q, k, table[0], table[1], pos, format, self.cfg.layout, conj, inplace)
+                return be.apply_gather(q, k, table[0], table[1], pos, format, self.cfg.layout, conj, inplace)
             except (ValueError, RuntimeError) as e:
                 raise to_rope_error(e) from None
         cos, sin = self._direct_cos_sin(pos, q, seq_len)

@@ -399,9 +399,16 @@ class RotaryEmbedding(nn.Module):
                        f"format={format!r}, cu_seqlens={'set' if cu_seqlens is not None else None}, seq_len={seq_len}, "
                        f"rotary_offset={self.cfg.rotary_offset}",
                        "pass q/k as [b, s, h, d] with one planned length per sequence")
-        _check_qk(q, k)
-        check_head_width(self.cfg, q=q, k=k)
-        b, s = split_qk_format(q, k, format)
+        if type(q) is not torch.Tensor or type(k) is not torch.Tensor:
+            _check_qk(q, k)  # (dtypes and devices of plain tensors: the op's validator)
+        qs, ks = q.shape, k.shape
+        w = self.cfg.head_dim
+        sd = _SEQ_DIM[format]
+        bd = 1 if sd == 0 else 0  # the batch dim (sbhd: 1)
+        if not (len(qs) == 4 and len(ks) == 4 and qs[-1] == w and ks[-1] == w and qs[sd] == ks[sd] and qs[bd] == ks[bd]):
+            check_head_width(self.cfg, q=q, k=k)
+            split_qk_format(q, k, format)  # the general checks (and their messages)
+        b, s = qs[bd], qs[sd]
         lens = seq_lens.tolist() if isinstance(seq_lens, torch.Tensor) else seq_lens
         if not isinstance(lens, (list, tuple)) or len(lens) != b:
             raise fail(f"seq_lens a list or tensor of {b} ints (one planned length per sequence)", repr(seq_lens)[:80],

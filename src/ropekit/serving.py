@@ -397,6 +397,9 @@ def profile_tables(
     return (*stack_profiles(tabs), torch.tensor(index, dtype=torch.int64, device=device))
 
 
+_SEQ_DIMS = {"bshd": 1, "bhsd": 2, "sbhd": 0}  # the sequence dim of q in each 4-D format
+
+
 def apply_rotary_profiles(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -430,7 +433,12 @@ def apply_rotary_profiles(
                    "stack per-profile tables with profile_tables / stack_profiles")
     flags(check=check)
     P, n, half = cos.shape
-    _, s = split_qk_format(q, k, format)
+    sd = _SEQ_DIMS.get(format)
+    qs, ks = q.shape, k.shape
+    if sd is not None and len(qs) == len(ks) == 4 and qs[sd] == ks[sd] and qs[1 if sd == 0 else 0] == ks[1 if sd == 0 else 0]:
+        s = qs[sd]  # (the common 4-D case without the general split's cost)
+    else:
+        _, s = split_qk_format(q, k, format)
     flat = profile_positions(positions, profile, P, n, s=None if format == "thd" else s, check=check)
     # the op's own position forms ([s], [b, s], [t]): straight to the gather entry point
     return apply_gather(q, k, cos.reshape(P * n, half), sin.reshape(P * n, half), flat, format=format, layout=layout,
@@ -457,7 +465,11 @@ def profile_positions(positions: torch.Tensor, profile: torch.Tensor, P: int, n:
     if check and not torch.compiler.is_compiling():
         for nm, t, hi in (("profile indices", prof, P), ("positions", pos, n)):
             if t.numel():
-                lo_v, hi_v = (int(x) for x in torch.aminmax(t))
+                if t.numel() <= 1024 and t.is_cpu:  # a few values: a list read costs less than an aten reduction
+                    vals = t.flatten().tolist()
+                    lo_v, hi_v = min(vals), max(vals)
+                else:
+                    lo_v, hi_v = (int(x) for x in torch.aminmax(t))
                 if lo_v < 0 or hi_v >= hi:
                     raise fail(f"{nm} in [0, {hi})" + (" (the profile tables' length)" if nm == "positions" else ""),
                                f"{nm} from {lo_v} to {hi_v}",

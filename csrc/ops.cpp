@@ -388,6 +388,24 @@ Format parse_format(c10::string_view f) {
     return {};
 }
 
+// Tables indexed by position (gather, cache): cos_table/sin_table float [n, r/2] on q's
+// device, one shape, 1 <= r/2 <= d/2.
+void check_row_tables(const Tensor& q, const Tensor& ct, const Tensor& st) {
+    for (const Tensor* t : {&ct, &st}) {
+        const char* nm = t == &ct ? "cos_table" : "sin_table";
+        RK_CHECK(t->defined() && t->dim() == 2 && dtype_code(t->scalar_type()) >= 0, nm, " a float [n, r/2] table, got ",
+                 t->defined() ? c10::str("shape ", shape_str(*t), " ", dt_str(t->scalar_type())) : std::string("None"),
+                 ". Fix: pass ropekit.cos_sin(cfg, torch.arange(n)) (or RotaryEmbedding.tables(n))");
+        check_same_device(q, *t, "q", nm);
+    }
+    RK_CHECK(ct.sym_sizes() == st.sym_sizes() && ct.sym_size(1) >= 1 && ct.sym_size(1) * 2 <= q.sym_size(-1),
+             "cos_table and sin_table of one shape [n, r/2] with 1 <= r/2 <= d/2 = ", q.sym_size(-1) / 2, ", got ",
+             shape_str(ct), " and ", shape_str(st), ". Fix: ",
+             ct.sym_size(1) == q.sym_size(-1) ? "these look like full-width tables (transformers' form): convert with "
+                                                "ropekit.from_full_width(cos, layout)"
+                                              : "build them with ropekit.cos_sin(cfg, torch.arange(n))");
+}
+
 struct GatherCall {
     Format f;
     int64_t layout;
@@ -416,19 +434,7 @@ GatherCall validate_gather(const Tensor& q, const Tensor& k, const Tensor& ct, c
              shape_str(k), ". Fix: rotate them in separate calls");
     RK_CHECK(q.sym_size(-1) == k.sym_size(-1), "q and k of the same head dim, got ", q.sym_size(-1), " and ",
              k.sym_size(-1), ". Fix: use one RopeConfig per head dim");
-    for (const Tensor* t : {&ct, &st}) {
-        const char* nm = t == &ct ? "cos_table" : "sin_table";
-        RK_CHECK(t->defined() && t->dim() == 2 && dtype_code(t->scalar_type()) >= 0, nm, " a float [n, r/2] table, got ",
-                 t->defined() ? c10::str("shape ", shape_str(*t), " ", dt_str(t->scalar_type())) : std::string("None"),
-                 ". Fix: pass the tables of RotaryEmbedding.tables(n)");
-        check_same_device(q, *t, "q", nm);
-    }
-    RK_CHECK(ct.sym_sizes() == st.sym_sizes() && ct.sym_size(1) >= 1 && ct.sym_size(1) * 2 <= q.sym_size(-1),
-             "cos_table and sin_table of one shape [n, r/2] with 1 <= r/2 <= d/2 = ", q.sym_size(-1) / 2, ", got ",
-             shape_str(ct), " and ", shape_str(st), ". Fix: ",
-             ct.sym_size(1) == q.sym_size(-1) ? "these look like full-width tables (transformers' form): convert with "
-                                                "ropekit.from_full_width(cos, layout)"
-                                              : "build them with ropekit.cos_sin(cfg, torch.arange(n))");
+    check_row_tables(q, ct, st);
     RK_CHECK(pos.defined() && at::isIntegralType(pos.scalar_type(), /*includeBool=*/false),
              "positions an integer tensor, got ", pos.defined() ? dt_str(pos.scalar_type()) : std::string("None"),
              ". Fix: pass int64 positions");
@@ -1640,19 +1646,7 @@ CacheCall validate_cache(const Tensor& q, const Tensor& k, const Tensor& ct, con
              shape_str(k), ". Fix: pass one token per row of q and k (e.g. [t, h, d] packed, or [b, s, h, d])");
     const int64_t L = q.dim() - 2;
     const auto lead = q.sym_sizes().slice(0, L);
-    for (const Tensor* t : {&ct, &st}) {
-        const char* nm = t == &ct ? "cos_table" : "sin_table";
-        RK_CHECK(t->defined() && t->dim() == 2 && dtype_code(t->scalar_type()) >= 0, nm, " a float [n, r/2] table, got ",
-                 t->defined() ? c10::str("shape ", shape_str(*t), " ", dt_str(t->scalar_type())) : std::string("None"),
-                 ". Fix: pass the tables of ropekit.cos_sin(cfg, torch.arange(n))");
-        check_same_device(q, *t, "q", nm);
-    }
-    RK_CHECK(ct.sym_sizes() == st.sym_sizes() && ct.sym_size(1) >= 1 && ct.sym_size(1) * 2 <= q.sym_size(-1),
-             "cos_table and sin_table of one shape [n, r/2] with 1 <= r/2 <= d/2 = ", q.sym_size(-1) / 2, ", got ",
-             shape_str(ct), " and ", shape_str(st), ". Fix: ",
-             ct.sym_size(1) == q.sym_size(-1) ? "these look like full-width tables (transformers' form): convert with "
-                                                "ropekit.from_full_width(cos, layout)"
-                                              : "build them with ropekit.cos_sin(cfg, torch.arange(n))");
+    check_row_tables(q, ct, st);
     for (const Tensor* t : {&pos, &slots}) {
         const char* nm = t == &pos ? "positions" : "slots";
         RK_CHECK(t->defined() && at::isIntegralType(t->scalar_type(), /*includeBool=*/false), nm,

@@ -61,3 +61,17 @@ def backward_for_mode(mode: str, qo: torch.Tensor, ko: torch.Tensor, gq: torch.T
         return torch.ones_like(q), torch.ones_like(k)
     ((qo * gq).sum() + (ko * gk).sum()).backward()
     return gq, None
+
+
+def triton_on_cpu(dev: str, test_name: str):
+    """On CPU the ops' own kernel is C++: a context in which the ops on CPU tensors run the Triton
+    impls instead, under the interpreter (the CUDA dispatch key's functions,
+    ropekit.backends._triton_ops), backward included. On CUDA they are the registered kernels;
+    graphs (tests named ``*torch_compile*``) run the op's CPU kernel on CPU."""
+    import contextlib
+
+    if dev != "cpu" or "torch_compile" in test_name:
+        return contextlib.nullcontext()
+    from ropekit.backends import _triton_ops
+
+    return _triton_ops._OnTriton()

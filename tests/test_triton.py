@@ -20,8 +20,6 @@ import os
 import pytest
 import torch
 
-import ropekit
-
 DEV = os.environ.get("ROPEKIT_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 if DEV not in ("cpu", "cuda"):
     raise RuntimeError(f"ROPEKIT_TEST_DEVICE must be cpu or cuda, not {DEV!r}")
@@ -34,7 +32,7 @@ else:
 
 import ropekit  # noqa: E402
 from ropekit import RopeConfig, RopeError, RotaryEmbedding, apply_rotary, apply_rotary_qk, cos_sin  # noqa: E402
-from _oracle import backward_for_mode  # noqa: E402
+from _oracle import backward_for_mode, triton_on_cpu  # noqa: E402
 
 tb = pytest.importorskip("ropekit.backends.triton")
 pytestmark = pytest.mark.skipif(not tb.available(), reason="triton needs CUDA or TRITON_INTERPRET=1")
@@ -43,15 +41,8 @@ pytestmark = pytest.mark.skipif(not tb.available(), reason="triton needs CUDA or
 
 @pytest.fixture(autouse=True)
 def _triton_on_cpu(request):
-    """On CPU the ops' own kernel is C++: for the whole test (backward included) the ops on CPU
-    tensors run the Triton impls instead, under the interpreter (the CUDA dispatch key's
-    functions, ropekit.backends._triton_ops). On CUDA they are the registered kernels."""
-    if DEV != "cpu" or "torch_compile" in request.node.name:  # graphs on CPU run the op's CPU kernel
-        yield
-        return
-    from ropekit.backends import _triton_ops
-
-    with _triton_ops._OnTriton():
+    """The ops on CPU tensors run the Triton impls for the whole test (tests/_oracle.py)."""
+    with triton_on_cpu(DEV, request.node.name):
         yield
 
 LAYOUTS = ropekit.LAYOUTS

@@ -50,6 +50,8 @@ if DEV == "cuda":
 else:
     pytest.importorskip("triton")
 
+from _oracle import triton_on_cpu  # noqa: E402
+
 import ropekit  # noqa: E402
 from ropekit import RopeConfig, RopeError, apply_qk_norm_rotary, apply_rotary_qk, cos_sin  # noqa: E402
 
@@ -59,15 +61,8 @@ pytestmark = pytest.mark.skipif(not tb.available(), reason="triton needs CUDA or
 
 @pytest.fixture(autouse=True)
 def _triton_on_cpu(request):
-    """On CPU the ops' own kernel is C++: for the whole test (backward included) the ops on CPU
-    tensors run the Triton impls instead, under the interpreter (the CUDA dispatch key's
-    functions, ropekit.backends._triton_ops). On CUDA they are the registered kernels."""
-    if DEV != "cpu" or "torch_compile" in request.node.name:  # graphs on CPU run the op's CPU kernel
-        yield
-        return
-    from ropekit.backends import _triton_ops
-
-    with _triton_ops._OnTriton():
+    """The ops on CPU tensors run the Triton impls for the whole test (tests/_oracle.py)."""
+    with triton_on_cpu(DEV, request.node.name):
         yield
 
 

@@ -31,6 +31,9 @@
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/library.h>
+#include <torch/csrc/jit/frontend/tracer.h>
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 
 #include <algorithm>
 #include <cmath>
@@ -1883,6 +1886,52 @@ void as_value_error(F&& f) {
     }
 }
 
+// RotaryEmbedding's step with [b] offsets (decode, chunked prefill) on CPU: the positions
+// offsets[i] + 0..s-1 are range-checked against the table on the host, then rotary_gather(_)
+// runs through the dispatcher like any call of it (autograd, version counters, profiler).
+// Nothing is returned (None) when the call is one for the module's general path: a graph
+// being traced, a dispatch or torch-function mode, a functorch transform, tables that
+// require grad, another shape or kind of tensor, or a position the table does not cover
+// (that path grows the table or words the refusal).
+using OptPair = c10::optional<std::tuple<Tensor, Tensor>>;
+
+OptPair module_gather(const Tensor& q, const Tensor& k, const Tensor& ct, const Tensor& st, const Tensor& off,
+                      int64_t head_dim, const std::string& format, const std::string& layout, bool conj, bool inplace) {
+    if (!q.defined() || !k.defined() || !ct.defined() || !st.defined() || !off.defined()) return c10::nullopt;
+    const auto tls = c10::impl::tls_local_dispatch_key_set();
+    if (tls.included_.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+        tls.included_.has(c10::DispatchKey::Python) || tls.included_.has(c10::DispatchKey::PythonTLSSnapshot) ||
+        c10::impl::dispatch_mode_enabled() || at::impl::torch_function_mode_enabled() ||
+        torch::jit::tracer::isTracing())
+        return c10::nullopt;
+    if (format != "bshd" && format != "bhsd" && format != "sbhd") return c10::nullopt;
+    const Format f = parse_format(format);
+    if (q.dim() != 4 || k.dim() != 4 || !q.is_cpu() || !k.is_cpu() || !off.is_cpu() || !ct.is_cpu() ||
+        off.scalar_type() != at::kLong || off.dim() != 1 || off.size(0) != q.size(f.b) || off.size(0) == 0 ||
+        q.size(3) != head_dim || k.size(3) != head_dim || ct.dim() != 2 || ct.requires_grad() || st.requires_grad())
+        return c10::nullopt;
+    const int64_t s = q.size(f.s), rows = ct.size(0), st0 = off.stride(0);
+    const int64_t* p = off.const_data_ptr<int64_t>();
+    int64_t lo = p[0], hi = p[0];
+    for (int64_t i = 1; i < off.size(0); ++i) lo = std::min(lo, p[i * st0]), hi = std::max(hi, p[i * st0]);
+    if (lo < 0 || hi >= rows - s + 1 || s > rows) return c10::nullopt;
+    const Tensor pos = s == 1 ? off : off.unsqueeze(1) + at::arange(s, off.options());
+    try {
+        pybind11::gil_scoped_release no_gil;
+        if (inplace) {
+            static auto op = RK_OP("rotary_gather_", GatherInSig);
+            Tensor qi = q, ki = k;
+            op.call(qi, ki, ct, st, pos, format, layout, conj);
+            return std::make_tuple(q, k);
+        }
+        return call_gather(q, k, ct, st, pos, format, layout, conj);
+    } catch (const c10::ValueError& e) {
+        throw pybind11::value_error(e.what_without_backtrace());
+    } catch (const c10::Error& e) {
+        throw std::runtime_error(e.what_without_backtrace());
+    }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(ropekit, m) {
@@ -1959,6 +2008,7 @@ TORCH_LIBRARY_IMPL(ropekit, Autograd, m) {
 // and gives Python the validators, one per op (check_* below; ropekit.ops.check calls them).
 PYBIND11_MODULE(_C, m) {
     using OptT = c10::optional<Tensor>;
+    m.def("module_gather", &module_gather);
     m.def("check_rotary", [](const Tensor& x, const Tensor& c, const Tensor& s, std::string layout, bool inplace,
                              const OptT& out) {
         as_value_error([&] { validate_rotary(x, c, s, layout, inplace, out.has_value() ? &*out : nullptr); });

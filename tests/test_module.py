@@ -223,7 +223,9 @@ def test_fast_path_decode_loop_matches_oracle(fmt, inplace, layout, monkeypatch)
         q2, k2 = rope(_to_fmt(q, fmt), _to_fmt(k, fmt), offsets=7 * step, format=fmt)
         pos = (torch.arange(5) + 7 * step).expand(b, 5)
         torch.testing.assert_close(_from_fmt(q2, fmt).double(), rope_bshd(q, pos, r, layout), atol=5e-6, rtol=5e-6)
-    assert len(calls) == 7  # one path for every call
+    # the general path for the first decode call (it builds the table) and the int-offset
+    # chunks; the later decode calls go straight to the backend's offsets entry (the same op)
+    assert len(calls) == 4
     assert rope.cos_cached is table  # built by the first call, never rebuilt
 
 
@@ -246,6 +248,96 @@ def test_fast_path_grows_tables_and_still_raises():
     with pytest.raises(ropekit.RopeError):
         rope(qc, k, offsets=torch.tensor([1, -3]), inplace=True)
     assert torch.equal(qc, q)  # nothing written
+
+
+def _decode_oracle(q, off, d):
+    return rope_bshd(q, off[:, None] if off.dim() == 1 else off, d, "half")
+
+
+def test_offsets_entry_falls_back_where_it_must():
+    """The module's one-step offsets entry (after a first call has built the table) gives the
+    general path's results in every case it must hand back: a table to grow, a dtype switch,
+    a changed backend, a functorch transform, a dispatch mode, a trace, non-contiguous
+    offsets, chunked prefill (s > 1); its refusals are RopeErrors with nothing written."""
+    _cpu_or_skip()
+    d = 16
+    rope = RotaryEmbedding(RopeConfig(d), backend="cpu", max_position=8)
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(2, 1, 2, d, generator=g), torch.randn(2, 1, 1, d, generator=g)
+    off = torch.tensor([1, 2])
+    rope(q, k, offsets=off)
+    assert rope.__dict__.get("_decode") is not None  # recorded: later calls take the entry
+    for o in (torch.tensor([3, 7]), torch.tensor([5, 600]), torch.tensor([0, 9, 2, 4])[::2]):  # grow, strided
+        q2, k2 = rope(q, k, offsets=o)
+        torch.testing.assert_close(q2.double(), _decode_oracle(q, o, d), atol=5e-6, rtol=5e-6)
+        torch.testing.assert_close(k2.double(), _decode_oracle(k, o, d), atol=5e-6, rtol=5e-6)
+    qs, ks = torch.randn(2, 3, 2, d, generator=g), torch.randn(2, 3, 1, d, generator=g)  # chunked prefill
+    q2, _ = rope(qs, ks, offsets=off)
+    torch.testing.assert_close(q2.double(), _decode_oracle(qs, off[:, None] + torch.arange(3), d), atol=5e-6, rtol=5e-6)
+    # dtype switches: float64 q gets float64 tables, bfloat16 the float32 ones
+    for dt in (torch.float64, torch.bfloat16, torch.float32):
+        q2, _ = rope(q.to(dt), k.to(dt), offsets=off)
+        assert q2.dtype == dt
+        want = RotaryEmbedding(RopeConfig(d), backend="eager")(q.to(dt), k.to(dt), offsets=off)[0]
+        torch.testing.assert_close(q2, want, atol=0, rtol=0) if dt == torch.float64 else None
+        torch.testing.assert_close(q2.double(), _decode_oracle(q.to(dt).double(), off, d), atol=2e-2, rtol=2e-2)
+    # a changed backend is honoured (the entry recorded for "cpu" is not used for it)
+    rope.backend = "reference"
+    got = rope(q, k, offsets=off)
+    want = RotaryEmbedding(RopeConfig(d), backend="reference")(q, k, offsets=off)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    rope.backend = "cpu"
+    # functorch: grad and vmap through the module with offsets
+    qg = q.double()
+    grad = torch.func.grad(lambda x: rope(x, k.double(), offsets=off)[0].square().sum())(qg)
+    torch.testing.assert_close(grad, 2 * qg, atol=1e-12, rtol=1e-12)  # a rotation keeps the norm
+    vm = torch.func.vmap(lambda x: rope(x[None], k[:1], offsets=off[:1])[0][0])(q)
+    torch.testing.assert_close(vm.double(), _decode_oracle(q, off[:1].expand(2), d), atol=5e-6, rtol=5e-6)
+    # a dispatch mode sees the op (the general path's call, through torch.ops)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Seen() as mode:
+        q2, _ = rope(q, k, offsets=off)
+    assert any("ropekit" in o for o in mode.ops)
+    torch.testing.assert_close(q2.double(), _decode_oracle(q, off, d), atol=5e-6, rtol=5e-6)
+    # autograd through the entry: gradients of a non-leaf rotated in place
+    qa = q.double().requires_grad_()
+    ka = k.double().requires_grad_()
+    rope(qa.detach() * 1, ka.detach() * 1, offsets=off)  # float64 entry recorded
+    q2, k2 = rope(qa * 1, ka * 1, offsets=off, inplace=True)
+    (q2.sum() + k2.sum()).backward()
+    want = torch.autograd.grad(_decode_oracle(qa, off, d).sum(), qa)[0]
+    torch.testing.assert_close(qa.grad, want, atol=1e-12, rtol=1e-12)
+    # refusals: RopeError, nothing written
+    qc = q.clone()
+    for bad in (dict(q=qc, k=torch.randn(2, 2, 1, d)), dict(q=qc, k=torch.randn(3, 1, 1, d)), dict(q=qc, k=k[..., :8])):
+        with pytest.raises(ropekit.RopeError):
+            rope(bad["q"], bad["k"], offsets=off, inplace=True)
+        assert torch.equal(qc, q)
+    with pytest.raises(ropekit.RopeError, match="minimum position"):
+        rope(qc, k, offsets=torch.tensor([1, -3]), inplace=True)
+    assert torch.equal(qc, q)
+
+
+def test_offsets_entry_under_jit_trace_records_the_graph_path():
+    _cpu_or_skip()
+    d = 16
+    rope = RotaryEmbedding(RopeConfig(d), backend="cpu", max_position=8)
+    q, k = torch.randn(2, 1, 2, d), torch.randn(2, 1, 1, d)
+    off = torch.tensor([1, 2])
+    rope(q, k, offsets=off)
+    traced = torch.jit.trace(lambda a, b, o: rope(a, b, offsets=o), (q, k, off), check_trace=False)
+    off2 = torch.tensor([4, 6])
+    torch.testing.assert_close(traced(q, k, off2)[0].double(), _decode_oracle(q, off2, d), atol=5e-6, rtol=5e-6)
 
 
 def test_fast_path_length_dependent_scaling_is_not_cached():

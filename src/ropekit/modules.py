@@ -135,6 +135,7 @@ class RotaryEmbedding(nn.Module):
         state = self.__dict__.copy()
         state.pop("_lock", None)
         state.pop("_be", None)  # a resolved backend module (not picklable): resolved again on use
+        state.pop("_decode", None)  # (holds a backend entry point): recorded again on use
         return state
 
     def __setstate__(self, state):
@@ -373,6 +374,20 @@ class RotaryEmbedding(nn.Module):
         """
         if inplace is not False and inplace is not True:
             flag("inplace", inplace)
+        dec = self.__dict__.get("_decode")
+        if (dec is not None and type(offsets) is torch.Tensor and positions is None and cu_seqlens is None
+                and seq_len is None and seq_lens is None and type(format) is str and type(q) is torch.Tensor
+                and type(k) is torch.Tensor and q.dtype is dec[0] and self._buffers["cos_cached"] is dec[2]
+                and self._buffers["sin_cached"] is dec[3] and self.backend is dec[7] and not tracing()):
+            # [b] offsets (decode, chunked prefill) served from the table a call of this kind used
+            # before: the backend checks the range and dispatches the gather op in one step; None
+            # when the general path below is needed (a table to grow, a refusal to word)
+            try:
+                out = dec[1](q, k, dec[2], dec[3], offsets, dec[4], format, dec[5], dec[6], inplace)
+            except (ValueError, RuntimeError) as e:
+                raise to_rope_error(e) from None
+            if out is not None:
+                return out
         if seq_lens is not None:
             return self._per_sequence(q, k, positions, offsets, cu_seqlens, format, seq_len, inplace, seq_lens)
         o = self.cfg.rotary_offset
@@ -386,7 +401,7 @@ class RotaryEmbedding(nn.Module):
 
     def _backend(self, q):
         """The resolved backend module for q's kind of tensor (resolved once per dtype/device kind)."""
-        bk = (q.dtype, q.is_cpu, q.is_cuda)
+        bk = (q.dtype, q.is_cpu, q.is_cuda, self.backend)
         be = self.__dict__.get("_be")
         if be is None or be[0] != bk:
             be = self.__dict__["_be"] = (bk, _backends.resolve(self.backend, q))
@@ -484,9 +499,18 @@ class RotaryEmbedding(nn.Module):
             # the backend's gather entry point (the flags and layout are the module's own, checked)
             be = self._backend(q)
             try:
-                return be.apply_gather(q, k, table[0], table[1], pos, format, self.cfg.layout, conj, inplace)
+                out = be.apply_gather(q, k, table[0], table[1], pos, format, self.cfg.layout, conj, inplace)
             except (ValueError, RuntimeError) as e:
                 raise to_rope_error(e) from None
+            step = getattr(be, "apply_offsets", None)
+            if (step is not None and format in _SEQ_DIM and type(offsets) is torch.Tensor and width == self.cfg.head_dim
+                    and not (self.cfg.scaling is not None and self.cfg.scaling.length_dependent)
+                    and self._buffers["cos_cached"] is table[0] and self._buffers["sin_cached"] is table[1]):
+                # served from the module's own table: later calls with offsets go to the backend's
+                # one-step entry (forward), while that table is the module's
+                self.__dict__["_decode"] = (q.dtype, step, table[0], table[1], width, self.cfg.layout, conj,
+                                            self.backend)
+            return out
         cos, sin = self._direct_cos_sin(pos, q, seq_len)
         cos, sin = table_view(cos, format, pos.dim()), table_view(sin, format, pos.dim())
         return apply_rotary_qk(q, k, cos, sin, layout=self.cfg.layout, inplace=inplace, backend=self.backend, conjugate=conj)

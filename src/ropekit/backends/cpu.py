@@ -52,6 +52,7 @@ __all__ = ["NAME", "CHECKS", "QK_NORM", "available", "supports", "apply", "apply
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _OPS = torch.ops.ropekit if _ops.LOADED else None
+_C_module_gather = _ops._C.module_gather if _ops.LOADED else None
 
 
 def available() -> bool:
@@ -117,6 +118,17 @@ def apply_gather(q, k, cos_table, sin_table, positions, fmt, layout, conjugate, 
         _OPS.rotary_gather_(q, k, cos_table, sin_table, positions, fmt, layout, conjugate)
         return q, k
     return _OPS.rotary_gather(q, k, cos_table, sin_table, positions, fmt, layout, conjugate)
+
+
+def apply_offsets(q, k, cos_table, sin_table, offsets, head_dim, fmt, layout, conjugate, inplace):
+    """``RotaryEmbedding``'s step with ``[b]`` int64 offsets on 4-D q/k (``fmt``: ``bshd``,
+    ``bhsd`` or ``sbhd``) of ``head_dim``
+    (decode, chunked prefill): :func:`apply_gather` at positions ``offsets[i] + 0 .. s-1``,
+    the range read and checked in C++ before ``rotary_gather(_)`` is dispatched. ``None``
+    when the call is one for the general path (a position past the table, a traced graph,
+    a dispatch or torch-function mode, a functorch transform, tables requiring grad,
+    another shape or kind of tensor)."""
+    return _C_module_gather(q, k, cos_table, sin_table, offsets, head_dim, fmt, layout, conjugate, inplace)
 
 
 def apply_qk_norm(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, inplace):

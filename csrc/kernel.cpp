@@ -16,6 +16,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <utility>
 #include <vector>
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -662,15 +663,36 @@ typedef RkNormJob NJob;
 // The fixed tree over 16 partial sums p[0..15]: p[k] += p[k + w] for w = 8, 4, 2, 1; returns
 // p[0]. The sums are held as 16 / N native vectors (acc[u] lane l = p[u·N + l]): the levels
 // with w >= N are vector adds, the rest scalar.
+#ifdef RK_SHUF
+// lane k of the result: v[k] + v[k + W] for k < W (the other lanes are not used), in registers
+template <int W, int N, typename V, size_t... I>
+static RK_INLINE V fold_lanes(V v, std::index_sequence<I...>) {
+    return v + __builtin_shufflevector(v, v, ((int)(I + W) % N)...);
+}
+template <int W, int N, typename V>
+static RK_INLINE V fold_down(V v) {
+    if constexpr (W == 0) {
+        return v;
+    } else {
+        return fold_down<W / 2, N>(fold_lanes<W, N>(v, std::make_index_sequence<N>()));
+    }
+}
+#endif
 template <typename V, typename C, int N>
-static inline C tree16(V* acc) {
+static RK_INLINE C tree16(V* acc) {
     for (int w = 8; w >= N; w /= 2)
         for (int u = 0; u < w / N; ++u) acc[u] = acc[u] + acc[u + w / N];
+#ifdef RK_SHUF
+    // the in-vector levels as lane shuffles (no round trip through the stack, whose
+    // store-to-load forwarding serialised the rows of a group)
+    return fold_down<(N > 8 ? 8 : N / 2), N>(acc[0])[0];
+#else
     C p[N];
     memcpy(p, &acc[0], sizeof(V));
     for (int w = (N > 8 ? 8 : N / 2); w >= 1; w /= 2)
         for (int k = 0; k < w; ++k) p[k] = p[k] + p[k + w];
     return p[0];
+#endif
 }
 
 template <typename C> struct CompT;
@@ -779,7 +801,7 @@ static inline void norm_fwd_row_fast(const typename T::S* px, typename T::S* po,
 
 // Rows [r0, r1) on the fast path, RK_NORM_GROUP rows at a time: their sums, then their inverse
 // RMS, then their outputs, so that the long-latency sqrt/div of one row overlaps the others.
-#define RK_NORM_GROUP 4
+#define RK_NORM_GROUP 8
 // Software prefetch of x RK_NORM_AHEAD rows ahead of the group being summed. The sum of a
 // group must wait for its rows before the group's outputs can be formed, and those waiting
 // instructions fill the out-of-order window: without it, at sizes far beyond the caches, few
@@ -804,6 +826,30 @@ struct Ahead {
         w.next();
     }
 };
+// rs[u] = 1 / sqrt(rs[u] / d + eps) for the RK_NORM_GROUP rows of a group, as one vector
+// (correctly rounded division and square root: the bits of the scalar formula)
+template <typename C>
+static RK_INLINE void group_rstd(C* rs, C dd, C eps) {
+    typedef C CG __attribute__((vector_size(RK_NORM_GROUP * sizeof(C))));
+    CG v;
+    memcpy(&v, rs, sizeof v);
+    v = v / dd + eps;
+    for (int u = 0; u < RK_NORM_GROUP; ++u) v[u] = sqrt(v[u]);
+    v = C(1) / v;
+    memcpy(rs, &v, sizeof v);
+}
+// The rows of one group: their offsets (from the walk) and sums, then inverse RMS.
+template <typename C>
+struct NormGroup {
+    int m;
+    i64 xo[RK_NORM_GROUP], oo[RK_NORM_GROUP], co[RK_NORM_GROUP], so[RK_NORM_GROUP];
+    C rs[RK_NORM_GROUP];
+    RK_INLINE void fill(Walk& w, Ahead& pf, i64 r, i64 r1, i64 es) {
+        m = r1 - r < RK_NORM_GROUP ? (int)(r1 - r) : RK_NORM_GROUP;
+        for (int u = 0; u < m; ++u, w.next()) xo[u] = w.x, oo[u] = w.o, co[u] = w.c, so[u] = w.s;
+        for (int u = 0; u < m; ++u) pf.step(es);
+    }
+};
 template <typename T, int LAYOUT>
 static void norm_fwd_fast_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
     typedef typename T::S S;
@@ -817,17 +863,23 @@ static void norm_fwd_fast_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
     const i64 d = j.d, h = j.half;
     const C eps = (C)j.eps, dd = (C)d;
     Ahead pf(j, r0, r1, sizeof(S));
-    for (i64 r = r0; r < r1; r += RK_NORM_GROUP) {
-        const int m = r1 - r < RK_NORM_GROUP ? (int)(r1 - r) : RK_NORM_GROUP;
-        i64 xo[RK_NORM_GROUP], oo[RK_NORM_GROUP], co[RK_NORM_GROUP], so[RK_NORM_GROUP];
-        C rs[RK_NORM_GROUP];
-        for (int u = 0; u < m; ++u, w.next()) xo[u] = w.x, oo[u] = w.o, co[u] = w.c, so[u] = w.s;
-        for (int u = 0; u < m; ++u) pf.step(sizeof(S));
-        for (int u = 0; u < m; ++u) rs[u] = sumsq16<T>(X + xo[u], d);
-        for (int u = 0; u < m; ++u) rs[u] = C(1) / sqrt(rs[u] / dd + eps);
-        for (int u = 0; u < m; ++u) norm_fwd_row_fast<T, LAYOUT>(X + xo[u], O + oo[u], CT + co[u], ST + so[u], W, h, d, rs[u]);
+    NormGroup<C> g[2];
+    auto fetch = [&](NormGroup<C>& a, i64 r) {  // rows [r, r + m): offsets, sums, inverse RMS
+        a.fill(w, pf, r, r1, sizeof(S));
+        for (int u = 0; u < RK_NORM_GROUP; ++u) a.rs[u] = u < a.m ? sumsq16<T>(X + a.xo[u], d) : C(1);
+        group_rstd(a.rs, dd, eps);
+    };
+    if (r0 < r1) fetch(g[0], r0);
+    int cur = 0;
+    for (i64 r = r0; r < r1; r += RK_NORM_GROUP, cur ^= 1) {
+        const NormGroup<C>& a = g[cur];
+        // the next group's sums before this group's outputs (rows are disjoint: in place is
+        // safe), so that their latency (sum, sqrt, division) overlaps this group's stores
+        if (r + RK_NORM_GROUP < r1) fetch(g[cur ^ 1], r + RK_NORM_GROUP);
+        for (int u = 0; u < a.m; ++u)
+            norm_fwd_row_fast<T, LAYOUT>(X + a.xo[u], O + a.oo[u], CT + a.co[u], ST + a.so[u], W, h, d, a.rs[u]);
         if (R != nullptr)
-            for (int u = 0; u < m; ++u) R[r + u] = canon1(rs[u]);
+            for (int u = 0; u < a.m; ++u) R[r + u] = canon1(a.rs[u]);
     }
 }
 
@@ -889,14 +941,21 @@ static void norm_fwd_pair_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
     }
     const float *lc = nullptr, *ls = nullptr;
     Ahead pf(j, r0, r1, sizeof(uint16_t));
-    for (i64 r = r0; r < r1; r += RK_NORM_GROUP) {
-        const int m = r1 - r < RK_NORM_GROUP ? (int)(r1 - r) : RK_NORM_GROUP;
-        i64 xo[RK_NORM_GROUP], oo[RK_NORM_GROUP], co[RK_NORM_GROUP], so[RK_NORM_GROUP];
-        float rs[RK_NORM_GROUP];
-        for (int u = 0; u < m; ++u, w.next()) xo[u] = w.x, oo[u] = w.o, co[u] = w.c, so[u] = w.s;
-        for (int u = 0; u < m; ++u) pf.step(sizeof(uint16_t));
-        for (int u = 0; u < m; ++u) rs[u] = pair_sumsq16<T, false>(X + xo[u], d);
-        for (int u = 0; u < m; ++u) rs[u] = 1.0f / sqrtf(rs[u] / dd + eps);
+    NormGroup<float> g[2];
+    auto fetch = [&](NormGroup<float>& a, i64 r) {  // rows [r, r + m): offsets, sums, inverse RMS
+        a.fill(w, pf, r, r1, sizeof(uint16_t));
+        for (int u = 0; u < RK_NORM_GROUP; ++u) a.rs[u] = u < a.m ? pair_sumsq16<T, false>(X + a.xo[u], d) : 1.0f;
+        group_rstd(a.rs, dd, eps);
+    };
+    if (r0 < r1) fetch(g[0], r0);
+    int cur = 0;
+    for (i64 r = r0; r < r1; r += RK_NORM_GROUP, cur ^= 1) {
+        const NormGroup<float>& a = g[cur];
+        const int m = a.m;
+        const i64 *xo = a.xo, *oo = a.oo, *co = a.co, *so = a.so;
+        const float* rs = a.rs;
+        // the next group's sums before this group's outputs (as norm_fwd_fast_rows)
+        if (r + RK_NORM_GROUP < r1) fetch(g[cur ^ 1], r + RK_NORM_GROUP);
         for (int u = 0; u < m; ++u) {
             const float *pc = CT + co[u], *ps = ST + so[u];
             if (pc != lc || ps != ls) {

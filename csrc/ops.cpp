@@ -31,6 +31,7 @@
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/library.h>
+#include <c10/util/SmallVector.h>
 #include <torch/csrc/jit/frontend/tracer.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
@@ -880,7 +881,7 @@ Tensor weight_prime(const Tensor& w, int64_t dt, double offset) {
 
 // One norm job: out = rot(norm(x)) (g undefined) or out = dx of that (g defined). c/s: compute
 // type, unit last stride, broadcast to x.shape[:-1] + (r/2,); w: weight_prime; rstd: [rows].
-bool norm_job(RkNormJob& j, const Tensor& x, const Tensor& out, const Tensor& c, const Tensor& s, const Tensor& w,
+bool norm_job(RkNormJob& j, const Tensor& x, const Tensor& out, const Tensor& c, const Tensor& s, const void* w,
               const Tensor& rstd, const Tensor& g, double eps, int64_t layout, int64_t dwp) {
     int64_t cs[kMaxLead], ss[kMaxLead], none[kMaxLead] = {};
     if (!unit_last(x) || !unit_last(out) || (g.defined() && !unit_last(g)) || !table_strides(x, c, s, cs, ss))
@@ -895,7 +896,7 @@ bool norm_job(RkNormJob& j, const Tensor& x, const Tensor& out, const Tensor& c,
     j.o = reinterpret_cast<intptr_t>(out.data_ptr());
     j.c = reinterpret_cast<intptr_t>(c.data_ptr());
     j.s = reinterpret_cast<intptr_t>(s.data_ptr());
-    j.w = reinterpret_cast<intptr_t>(w.data_ptr());
+    j.w = reinterpret_cast<intptr_t>(w);
     j.rstd = rstd.defined() ? reinterpret_cast<intptr_t>(rstd.data_ptr()) : 0;
     j.g = g.defined() ? reinterpret_cast<intptr_t>(g.data_ptr()) : 0;
     j.dwp = dwp;
@@ -930,14 +931,20 @@ Tensor new_rstd(const Tensor& x, int64_t dt) {
 }
 
 // outs[i] = rot(norm(xs[i])) for the non-empty tensors, one kernel call; returns the rstds.
-std::vector<Tensor> norm_fwd_into(const std::vector<Tensor>& xs, const std::vector<Tensor>& ws, const Tensor& cos,
+// (Small vectors and the weights on the stack: at decode sizes the heap allocations of the
+// bookkeeping cost as much as the rows.)
+std::vector<Tensor> norm_fwd_into(c10::ArrayRef<Tensor> xs, c10::ArrayRef<Tensor> ws, const Tensor& cos,
                                   const Tensor& sin, double eps, double offset, int64_t layout,
-                                  const std::vector<Tensor>& outs, bool want_rstd = true) {
+                                  c10::ArrayRef<Tensor> outs, bool want_rstd = true) {
     const size_t n = xs.size();
-    std::vector<Tensor> rstd(n), keep;  // keep: temporaries the jobs point into
-    std::vector<RkNormJob> jobs;
-    std::vector<std::pair<Tensor, Tensor>> copies;  // (contiguous result, destination)
-    jobs.reserve(n);
+    TORCH_INTERNAL_ASSERT(n <= 2);
+    std::vector<Tensor> rstd;
+    if (want_rstd) rstd.resize(n);
+    c10::SmallVector<Tensor, 8> keep;  // temporaries the jobs point into
+    RkNormJob jobs[2];
+    int64_t njobs = 0;
+    c10::SmallVector<std::pair<Tensor, Tensor>, 2> copies;  // (contiguous result, destination)
+    c10::SmallVector<double, 256> wbuf[2];  // weight_offset + weight in the compute type (floats: half of it)
     for (size_t i = 0; i < n; ++i) {
         const Tensor& x = xs[i];
         const int64_t dt = dtype_code(x.scalar_type());
@@ -945,23 +952,32 @@ std::vector<Tensor> norm_fwd_into(const std::vector<Tensor>& xs, const std::vect
         if (x.numel() == 0) continue;
         if (!supported_dtype(x)) {  // no float16 kernel in this build: the same bits through float32
             const Tensor xf = x.to(at::kFloat), of = at::empty_like(xf);
-            rstd[i] = norm_fwd_into({xf}, {ws[i]}, cos, sin, eps, offset, layout, {of}, want_rstd)[0];
+            auto r = norm_fwd_into({xf}, {ws[i]}, cos, sin, eps, offset, layout, {of}, want_rstd);
+            if (want_rstd) rstd[i] = r[0];
             outs[i].copy_(of);
             continue;
         }
-        const Tensor c = compute_tables(cos, dt), s = compute_tables(sin, dt), w = weight_prime(ws[i], dt, offset);
-        keep.insert(keep.end(), {c, s, w});
-        RkNormJob j;
-        if (!norm_job(j, x, outs[i], c, s, w, rstd[i], Tensor(), eps, layout, 0)) {
+        const Tensor c = compute_tables(cos, dt), s = compute_tables(sin, dt);
+        const Tensor& rs = want_rstd ? rstd[i] : Tensor();
+        const Tensor& wi = ws[i];
+        wbuf[i].resize((size_t)wi.size(0));
+        void* w = wbuf[i].data();
+        if (dt == 3)
+            fill_weight<double>(wi, offset, static_cast<double*>(w));
+        else
+            fill_weight<float>(wi, offset, static_cast<float*>(w));
+        keep.append({c, s});
+        RkNormJob& j = jobs[njobs];
+        if (!norm_job(j, x, outs[i], c, s, w, rs, Tensor(), eps, layout, 0)) {
             const Tensor xc = x.contiguous().view({-1, x.size(-1)}), oc = at::empty_like(xc);
             auto [ce, se] = expanded_tables(x, c, s);
-            keep.insert(keep.end(), {xc, oc, ce, se});
-            TORCH_INTERNAL_ASSERT(norm_job(j, xc, oc, ce, se, w, rstd[i], Tensor(), eps, layout, 0));
+            keep.append({xc, oc, ce, se});
+            TORCH_INTERNAL_ASSERT(norm_job(j, xc, oc, ce, se, w, rs, Tensor(), eps, layout, 0));
             copies.emplace_back(oc, outs[i]);
         }
-        jobs.push_back(j);
+        ++njobs;
     }
-    run_norm_jobs(jobs.data(), (int64_t)jobs.size(), false);
+    run_norm_jobs(jobs, njobs, false);
     for (auto& [src, dst] : copies) dst.copy_(src.view(dst.sizes()));
     return rstd;
 }
@@ -1013,11 +1029,11 @@ std::vector<Tensor> norm_bwd(const std::vector<Tensor>& gs, const std::vector<Te
         const int64_t dwp = reinterpret_cast<intptr_t>(parts[i].data_ptr());
         keep.insert(keep.end(), {g, c, s, w, r});
         RkNormJob j;
-        if (!norm_job(j, x, dx[i], c, s, w, r, g, 0.0, layout, dwp)) {
+        if (!norm_job(j, x, dx[i], c, s, w.data_ptr(), r, g, 0.0, layout, dwp)) {
             const Tensor xc = x.contiguous().view({-1, d}), gc = g.contiguous().view({-1, d}), oc = at::empty_like(xc);
             auto [ce, se] = expanded_tables(x, c, s);
             keep.insert(keep.end(), {xc, gc, oc, ce, se});
-            TORCH_INTERNAL_ASSERT(norm_job(j, xc, oc, ce, se, w, r, gc, 0.0, layout, dwp));
+            TORCH_INTERNAL_ASSERT(norm_job(j, xc, oc, ce, se, w.data_ptr(), r, gc, 0.0, layout, dwp));
             copies.emplace_back(oc, dx[i]);
         }
         jobs.push_back(j);

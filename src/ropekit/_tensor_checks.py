@@ -40,13 +40,18 @@ def flags(**named) -> None:
 def check_norm_scalars(eps, weight_offset):
     """``(eps, weight_offset)`` as floats: eps finite and >= 0, the offset finite (RopeError
     otherwise: a bool or a string is not a number). Plain floats pass without a call."""
+    if type(eps) is float and type(weight_offset) is float and 0.0 <= eps < _INF and -_INF < weight_offset < _INF:
+        return eps, weight_offset
     from ._checks import real
 
-    if not (type(eps) is float and 0.0 <= eps < math.inf):
+    if not (type(eps) is float and 0.0 <= eps < _INF):
         eps = real("eps", eps, minimum=0.0, fix="pass the norm's epsilon, e.g. eps=1e-6")
-    if not (type(weight_offset) is float and -math.inf < weight_offset < math.inf):
+    if not (type(weight_offset) is float and -_INF < weight_offset < _INF):
         weight_offset = real("weight_offset", weight_offset, fix="pass 0.0 (y = x̂·w) or 1.0 (Gemma: y = x̂·(1 + w))")
     return eps, weight_offset
+
+
+_INF = math.inf
 
 
 def to_rope_error(err: Exception) -> Exception:

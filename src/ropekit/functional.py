@@ -208,7 +208,9 @@ def apply_qk_norm_rotary(
     eps, weight_offset = check_norm_scalars(eps, weight_offset)
     if inplace is not False and inplace is not True:
         flags(inplace=inplace)
-    tensors(q=q, k=k, q_weight=q_weight, k_weight=k_weight, cos=cos, sin=sin)
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(q_weight, torch.Tensor)
+            and isinstance(k_weight, torch.Tensor) and isinstance(cos, torch.Tensor) and isinstance(sin, torch.Tensor)):
+        tensors(q=q, k=k, q_weight=q_weight, k_weight=k_weight, cos=cos, sin=sin)
     if layout != "half" and layout != "interleaved":
         check_layout(layout)
     be = _resolve(backend, q, "q")

@@ -13,6 +13,12 @@ A backend is a module declaring what it can do and exposing the same entry point
     apply_gather(q, k, cos_table, sin_table, positions, fmt, layout, conjugate, inplace) -> (Tensor, Tensor)
     apply_qk_norm(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, inplace) -> (Tensor, Tensor)
 
+and optionally, for :class:`ropekit.RotaryEmbedding`'s calls with ``[b]`` offsets (decode)::
+
+    apply_offsets(q, k, cos_table, sin_table, offsets, head_dim, fmt, layout, conjugate, inplace)
+        -> (Tensor, Tensor) or None   # apply_gather at offsets[i] + 0..s-1 in one step, or
+                                      # None: the module's general path serves the call
+
 The entry points handle autograd, graphs (torch.compile/export) and in place themselves:
 the compiled ``cpu`` operators in C++ (``torch.ops.ropekit.*``). A backend that declares
 only a primitive (``eager``, ``complex``, ``reference``, a registered plugin) gets them from

@@ -17,7 +17,8 @@ too. Shapes: ``cache`` = q [512, 32, 128] (k [512, 8,
 L3-resident; ``l2`` = q [64, 32, 128] (k [64, 8, 128]): 1 MiB / 512 KiB, resident in a 2 MiB
 L2 (not run by default); ``prefill`` = b=4, s=2048, q 32 heads, k 8, d=128 (DRAM).
 
-Run: ``python benchmarks/levels.py`` (all levels, both shapes, float32/bfloat16/float16);
+Run: ``python benchmarks/levels.py`` (all levels, both shapes, float32/bfloat16/float16;
+``--layouts half,interleaved`` adds the interleaved layout's ops);
 ``--shapes l2,cache`` for the cache-resident shapes only; ``--levels avx2,avx512``; ``--threads 2``
 (default 1: the ``threads`` column is the count the measurement ran with).
 """
@@ -43,7 +44,7 @@ FIELDS = ["run", "level", "device", "cpu", "threads", "torch", "git_rev", "shape
 ORDER = ["default", "avx2", "avx512"]
 
 
-def measure(shapes):
+def measure(shapes, layouts=("half",)):
     """Rows of one process (the level it runs at), as dicts."""
     import torch
 
@@ -72,14 +73,18 @@ def measure(shapes):
                 "copy_ q": lambda: qo.copy_(q),
                 "copy_ q+k": lambda: (qo.copy_(q), ko.copy_(k)),
                 "clone q": lambda: q.clone(),  # copy_ + allocation: what out-of-place is held to
-                "rotary in place": lambda: R.rotary_(q, c4, s4, "half", False),
-                "rotary out=": lambda: R.rotary_out(q, c4, s4, "half", False, out=qo),
-                "rotary fresh": lambda: R.rotary(q, c4, s4, "half", False),
-                "gather q+k in place": lambda: R.rotary_gather_(qb, kb, c, sn, pos, "bshd", "half", False),
-                # unit weights: applied again on every call, the data stays normal (no subnormals)
-                "qk-norm fwd in place": lambda: R.qk_norm_rotary_(q, k, w, w, c4, s4, 1e-6, 0.0, "half"),
-                "qk-norm bwd": lambda: R.qk_norm_rotary_bwd(gq, gk, q, k, w, w, rq, rk, c4, s4, 0.0, "half"),
             }
+            for lay in layouts:
+                sfx = "" if lay == "half" else f" ({lay})"
+                fns.update({
+                    "rotary in place" + sfx: lambda lay=lay: R.rotary_(q, c4, s4, lay, False),
+                    "rotary out=" + sfx: lambda lay=lay: R.rotary_out(q, c4, s4, lay, False, out=qo),
+                    "rotary fresh" + sfx: lambda lay=lay: R.rotary(q, c4, s4, lay, False),
+                    "gather q+k in place" + sfx: lambda lay=lay: R.rotary_gather_(qb, kb, c, sn, pos, "bshd", lay, False),
+                    # unit weights: applied again on every call, the data stays normal (no subnormals)
+                    "qk-norm fwd in place" + sfx: lambda lay=lay: R.qk_norm_rotary_(q, k, w, w, c4, s4, 1e-6, 0.0, lay),
+                    "qk-norm bwd" + sfx: lambda lay=lay: R.qk_norm_rotary_bwd(gq, gk, q, k, w, w, rq, rk, c4, s4, 0.0, lay),
+                })
             # the ops take turns (round-robin): on a shared machine a burst of load then hits
             # every op of a round alike, and the medians stay comparable
             rounds, inner = {"l2": (15, 40), "cache": (15, 5), "prefill": (7, 1)}[shape]
@@ -95,6 +100,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="cache,prefill")
     ap.add_argument("--levels", default=None, help="comma-separated; default: every level this CPU supports")
+    ap.add_argument("--layouts", default="half", help="comma-separated: half, interleaved (ops of a layout other "
+                    "than half are named with it, e.g. 'rotary in place (interleaved)')")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads in the measurements (default 1: steadier on a shared machine)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -104,7 +111,7 @@ def main(argv=None) -> None:
         import torch
 
         torch.set_num_threads(a.threads)
-        print(json.dumps(measure(shapes)))
+        print(json.dumps(measure(shapes, a.layouts.split(","))))
         return
     import torch
 
@@ -118,7 +125,8 @@ def main(argv=None) -> None:
     table = {}
     for lv in levels:
         env = dict(os.environ, ROPEKIT_CPU_CAPABILITY=lv)
-        cmd = [sys.executable, __file__, "--child", "--shapes", a.shapes, "--threads", str(a.threads)]
+        cmd = [sys.executable, __file__, "--child", "--shapes", a.shapes, "--threads", str(a.threads), "--layouts",
+               a.layouts]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
         rows = json.loads(out.stdout.strip().splitlines()[-1])
         append_rows([dict(env_cols, level=lv, **r) for r in rows], CSV_PATH, FIELDS)

@@ -33,6 +33,8 @@ LEVELS = {"default": []}
 if X86:
     LEVELS["avx2"] = ["-mavx2", "-mfma", "-mf16c"]
     LEVELS["avx512"] = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"]
+    # avx512 plus VCVTNE(2)PS2BF16 for the float32 -> bfloat16 narrowing (same bits)
+    LEVELS["avx512bf16"] = LEVELS["avx512"] + ["-mavx512bf16"]
 
 if BuildExtension is not None:
 

@@ -27,7 +27,7 @@ def cpu_model() -> str:
 
 def cpu_level() -> str:
     """The instruction-set level the compiled CPU operators run at (``default``, ``avx2``,
-    ``avx512``; ``ROPEKIT_CPU_CAPABILITY`` forces a lower one), ``"-"`` without the extension."""
+    ``avx512``, ``avx512bf16``; ``ROPEKIT_CPU_CAPABILITY`` forces a lower one), ``"-"`` without the extension."""
     try:
         from ropekit import ops
 

@@ -1,7 +1,7 @@
 """Every instruction-set level of the compiled CPU operators, one table.
 
 Runs this script's measurement in a fresh process per level this CPU supports
-(``ROPEKIT_CPU_CAPABILITY`` forces it: default, avx2, avx512), and prints one markdown table:
+(``ROPEKIT_CPU_CAPABILITY`` forces it: default, avx2, avx512, avx512bf16), and prints one markdown table:
 level x dtype x op, µs and the ratio to ``copy_`` of the same bytes. Each value is the median
 over rounds in which all the ops take turns (``_env.round_robin``: every sample a
 ``torch.utils.benchmark.Timer.timeit``; 15 rounds of 40 calls at ``l2``, 15 of 5 at ``cache``,
@@ -41,7 +41,7 @@ from _env import append_rows, cpu_model, git_rev, round_robin, version  # noqa: 
 CSV_PATH = ROOT / "results" / "levels.csv"
 FIELDS = ["run", "level", "device", "cpu", "threads", "torch", "git_rev", "shape", "dtype", "op", "median_us",
           "ratio_to_copy"]
-ORDER = ["default", "avx2", "avx512"]
+ORDER = ["default", "avx2", "avx512", "avx512bf16"]
 
 
 def measure(shapes, layouts=("half",)):

@@ -1,7 +1,7 @@
 // ropekit CPU rotary kernel: the SIMD math, plain C++17 (no torch headers).
 //
-// Compiled once per instruction-set level by setup.py (-DRK_LEVEL=default|avx2|avx512 with
-// that level's -m flags); ops.cpp picks the level at load time from the CPU's features
+// Compiled once per instruction-set level by setup.py (-DRK_LEVEL=default|avx2|avx512|
+// avx512bf16 with that level's -m flags); ops.cpp picks the level at load time from the CPU's features
 // (ROPEKIT_CPU_CAPABILITY forces a lower one). Interface: kernel.h.
 //
 // Precision: loads widen to the compute type C (float32 for float32/bfloat16/float16,
@@ -183,6 +183,19 @@ static RK_INLINE vu bf16_round_hi(vf y) {  // the bf16 in the top 16 bits of eac
     const vu u = (vu)canon(y);
     return u + 0x7FFFu + ((u >> 16) & 1u);
 }
+#if RK_VB == 64 && defined(__AVX512BF16__)
+// avx512bf16 level: VCVTNEPS2BF16 / VCVTNE2PS2BF16 round to nearest even in one instruction,
+// but read a float32 subnormal as zero (the formula above gives a bf16 subnormal) and keep a
+// NaN's sign and top payload bits. They are used only on vectors with neither (one VFPCLASSPS
+// each: QNaN 0x01 | denormal 0x20 | SNaN 0x80); a vector with any takes the formula above, so
+// the bits are those of every other level. A normal float32 rounds to a normal bf16 or to
+// infinity (same exponent range), so the instruction's flush of subnormal outputs never acts.
+#define RK_BF16_CVT 1
+static RK_INLINE bool bf16_cvt_ok(vf y) { return _mm512_fpclass_ps_mask((__m512)y, 0xA1) == 0; }
+static RK_INLINE bool bf16_cvt_ok(vf y0, vf y1) {
+    return (_mm512_fpclass_ps_mask((__m512)y0, 0xA1) | _mm512_fpclass_ps_mask((__m512)y1, 0xA1)) == 0;
+}
+#endif
 // float16 <-> float32 in 32-bit integer lanes, for the levels without conversion instructions
 // (F16C, or AArch64's, through _Float16 below): exact widening, round-to-nearest-even
 // narrowing, the bits of those instructions (NaN: the canonical 0x7E00).
@@ -224,7 +237,19 @@ struct BF16Pair {
         e = (vf)(v << 16);
         o = (vf)(v & 0xFFFF0000u);
     }
-    static RK_INLINE vu join(vf ye, vf yo) { return (bf16_round_hi(ye) >> 16) | (bf16_round_hi(yo) & 0xFFFF0000u); }
+    static RK_INLINE vu join(vf ye, vf yo) {
+#ifdef RK_BF16_CVT
+        if (__builtin_expect(bf16_cvt_ok(ye, yo), 1)) {
+            // words 0..15 = ye, 16..31 = yo; interleave them: lane i = ye[i] | yo[i] << 16
+            typedef int16_t vw32 __attribute__((vector_size(64)));
+            const vw32 idx = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                              8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+            const __m512i w = (__m512i)_mm512_cvtne2ps_pbh((__m512)yo, (__m512)ye);
+            return (vu)_mm512_permutexvar_epi16((__m512i)idx, w);
+        }
+#endif
+        return (bf16_round_hi(ye) >> 16) | (bf16_round_hi(yo) & 0xFFFF0000u);
+    }
     static RK_INLINE void split_fast(const uint16_t* p, vf& e, vf& o, vu&) { split(p, e, o); }
     static RK_INLINE vu join_fast(vf ye, vf yo, vu&) { return join(ye, yo); }
 };
@@ -290,7 +315,12 @@ struct BF16 {
     static inline V vld(const S* p) {
         return (V)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
     }
-    static inline __m256i pack(V f) { return _mm512_cvtepi32_epi16((__m512i)(bf16_round_hi(f) >> 16)); }
+    static inline __m256i pack(V f) {
+#ifdef RK_BF16_CVT
+        if (__builtin_expect(bf16_cvt_ok(f), 1)) return (__m256i)_mm512_cvtneps_pbh((__m512)f);
+#endif
+        return _mm512_cvtepi32_epi16((__m512i)(bf16_round_hi(f) >> 16));
+    }
     static inline void vst(S* p, V f) { _mm256_storeu_si256((__m256i*)p, pack(f)); }
     static inline void vst_nt(S* p, V f) { _mm256_stream_si256((__m256i*)p, pack(f)); }
 #elif RK_VB == 32

@@ -53,7 +53,9 @@ extern "C" {
 #endif
 
 // One set per level: default (the compiler's baseline), avx2 (AVX2 + FMA + F16C), avx512
-// (AVX-512 F/BW/VL/DQ). Every level computes the same bits (-ffp-contract=off).
+// (AVX-512 F/BW/VL/DQ), avx512bf16 (avx512 + AVX512_BF16: the float32 -> bfloat16 narrowing
+// in one instruction where no subnormal or NaN is involved). Every level computes the same
+// bits (-ffp-contract=off).
 #define RK_DECLARE_LEVEL(L)                                                                  \
     /* bit 0: float16 compiled in */                                                         \
     int rk_features_##L(void);                                                               \
@@ -70,6 +72,7 @@ RK_DECLARE_LEVEL(default)
 #if defined(__x86_64__) || defined(_M_X64)
 RK_DECLARE_LEVEL(avx2)
 RK_DECLARE_LEVEL(avx512)
+RK_DECLARE_LEVEL(avx512bf16)
 #endif
 
 #ifdef __cplusplus

@@ -85,6 +85,8 @@ const Level kLevels[] = {
 #if defined(__x86_64__) || defined(_M_X64)
     {"avx2", rk_features_avx2, rk_finish_avx2, rk_rows_avx2, rk_norm_fwd_avx2, rk_norm_bwd_avx2},
     {"avx512", rk_features_avx512, rk_finish_avx512, rk_rows_avx512, rk_norm_fwd_avx512, rk_norm_bwd_avx512},
+    {"avx512bf16", rk_features_avx512bf16, rk_finish_avx512bf16, rk_rows_avx512bf16, rk_norm_fwd_avx512bf16,
+     rk_norm_bwd_avx512bf16},
 #endif
 };
 constexpr int kNumLevels = sizeof(kLevels) / sizeof(kLevels[0]);
@@ -95,14 +97,14 @@ int cpu_max_level() {
     const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-        return 2;
+        return __builtin_cpu_supports("avx512bf16") ? 3 : 2;
     if (avx2) return 1;
 #endif
     return 0;
 }
 
 // The best level this CPU runs, or a lower one named by ROPEKIT_CPU_CAPABILITY
-// (default, avx2, avx512; a level above the CPU's is ignored), chosen once per process.
+// (default, avx2, avx512, avx512bf16; a level above the CPU's is ignored), chosen once per process.
 const Level& level() {
     static const Level* chosen = [] {
         int lv = cpu_max_level();
@@ -114,7 +116,7 @@ const Level& level() {
             for (int i = 0; i < kNumLevels; ++i)
                 if (want == kLevels[i].name) idx = i;
             if (idx < 0) {
-                TORCH_WARN("ropekit: ROPEKIT_CPU_CAPABILITY=", env, " is not a level (default, avx2, avx512); using ",
+                TORCH_WARN("ropekit: ROPEKIT_CPU_CAPABILITY=", env, " is not a level (default, avx2, avx512, avx512bf16); using ",
                            kLevels[lv].name);
             } else if (idx < lv) {
                 lv = idx;

@@ -122,7 +122,7 @@ _PROBE = textwrap.dedent(
 
 
 def _levels():
-    order = ["default", "avx2", "avx512"]
+    order = ["default", "avx2", "avx512", "avx512bf16"]
     best = ops.capability()
     return order[: order.index(best) + 1] if best in order else [best]
 

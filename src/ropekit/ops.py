@@ -28,10 +28,10 @@ The ops (schemas in ``csrc/ops.cpp``), for CPU and Meta tensors, differentiable 
                   cache_layout="nhd", layout="half") -> ()
         # serving: q rotated in place, k rotated into the cache at flat slots (negative: skipped),
         # v copied beside it; not differentiable (ropekit.serving.apply_rotary_cache)
-    cpu_capability() -> str                                     # "default", "avx2" or "avx512"
+    cpu_capability() -> str                     # "default", "avx2", "avx512" or "avx512bf16"
 
 The kernel is compiled for several instruction-set levels and the best one the CPU runs is
-picked when the library loads; ``ROPEKIT_CPU_CAPABILITY=default|avx2|avx512`` (set before
+picked when the library loads; ``ROPEKIT_CPU_CAPABILITY=default|avx2|avx512|avx512bf16`` (set before
 the first call) forces a lower one. Every level gives the same bits.
 
 Example:

@@ -328,6 +328,26 @@ def test_offsets_entry_falls_back_where_it_must():
     assert torch.equal(qc, q)
 
 
+def test_offsets_entry_is_not_taken_inside_torch_compile():
+    """After eager calls have recorded the module's offsets entry, a compiled call (fullgraph)
+    traces the graph path (no host read of the offsets, no C++ entry) and gives the same
+    values; eager calls afterwards still take the entry."""
+    _cpu_or_skip()
+    d = 16
+    rope = RotaryEmbedding(RopeConfig(d), backend="cpu", max_position=16)
+    q, k = torch.randn(2, 1, 2, d), torch.randn(2, 1, 1, d)
+    off = torch.tensor([1, 9])
+    want = rope(q, k, offsets=off)
+    assert rope.__dict__.get("_decode") is not None
+    torch._dynamo.reset()
+    f = torch.compile(lambda a, b, o: rope(a, b, offsets=o), fullgraph=True, backend="eager")
+    got = f(q, k, off)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)
+    again = rope(q, k, offsets=off)
+    assert all(torch.equal(a, b) for a, b in zip(again, want))
+
+
 def test_offsets_entry_under_jit_trace_records_the_graph_path():
     _cpu_or_skip()
     d = 16

@@ -374,11 +374,11 @@ class RotaryEmbedding(nn.Module):
         """
         if inplace is not False and inplace is not True:
             flag("inplace", inplace)
-        dec = self.__dict__.get("_decode")
-        if (dec is not None and type(offsets) is torch.Tensor and positions is None and cu_seqlens is None
+        dec = self.__dict__.get("_decode") if type(offsets) is torch.Tensor and not tracing() else None
+        if (dec is not None and positions is None and cu_seqlens is None
                 and seq_len is None and seq_lens is None and type(format) is str and type(q) is torch.Tensor
                 and type(k) is torch.Tensor and q.dtype is dec[0] and self._buffers["cos_cached"] is dec[2]
-                and self._buffers["sin_cached"] is dec[3] and self.backend is dec[7] and not tracing()):
+                and self._buffers["sin_cached"] is dec[3] and self.backend is dec[7]):
             # [b] offsets (decode, chunked prefill) served from the table a call of this kind used
             # before: the backend checks the range and dispatches the gather op in one step; None
             # when the general path below is needed (a table to grow, a refusal to word)

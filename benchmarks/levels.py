@@ -41,7 +41,6 @@ from _env import append_rows, cpu_model, git_rev, round_robin, version  # noqa: 
 CSV_PATH = ROOT / "results" / "levels.csv"
 FIELDS = ["run", "level", "device", "cpu", "threads", "torch", "git_rev", "shape", "dtype", "op", "median_us",
           "ratio_to_copy"]
-ORDER = ["default", "avx2", "avx512", "avx512bf16"]
 
 
 def measure(shapes, layouts=("half",)):
@@ -117,8 +116,7 @@ def main(argv=None) -> None:
 
     from ropekit import ops
 
-    best = ops.capability()
-    levels = a.levels.split(",") if a.levels else ORDER[: ORDER.index(best) + 1] if best in ORDER else [best]
+    levels = a.levels.split(",") if a.levels else ops.levels()
     run = _dt.datetime.now().isoformat(timespec="seconds")
     env_cols = {"run": run, "device": "cpu", "cpu": cpu_model(), "threads": a.threads,
                 "torch": version("torch"), "git_rev": git_rev("levels.py")}

@@ -795,30 +795,6 @@ static inline typename T::C sumsq16(const typename T::S* px, i64 d) {
     return tree16<V, C, N>(acc);
 }
 
-// sumsq16 of the rows X + xo[u], u < m, IL rows at a time with their sums interleaved (IL
-// independent chains of additions in flight instead of one: a row's sum is a chain of d/16
-// dependent vector additions); each row's lanes are summed in sumsq16's order: its bits.
-template <typename T>
-static inline void group_sumsq16(const typename T::S* X, const i64* xo, int m, i64 d, typename T::C* rs) {
-    typedef typename T::C C;
-    typedef typename T::V V;
-    enum { N = T::N, U = 16 / T::N, IL = U >= 8 ? 1 : 8 / U };
-    for (int u0 = 0; u0 < m; u0 += IL) {
-        const int k = m - u0 < IL ? m - u0 : IL;
-        const typename T::S* p[IL];
-        for (int t = 0; t < IL; ++t) p[t] = X + xo[u0 + (t < k ? t : 0)];  // past m: row u0 again (unused)
-        V acc[IL][U];
-        memset(acc, 0, sizeof acc);
-        for (i64 i = 0; i < d; i += 16)
-            for (int t = 0; t < IL; ++t)
-                for (int u = 0; u < U; ++u) {
-                    const V v = T::vld(p[t] + i + u * N);
-                    acc[t][u] += v * v;
-                }
-        for (int t = 0; t < k; ++t) rs[u0 + t] = tree16<V, C, N>(acc[t]);
-    }
-}
-
 // One row without buffers, for d a multiple of 16 and r/2 a multiple of the vector width
 // (head dims 64, 128, 256, ... with rotary dims 2·N·k): the same operations in the same order
 // as the buffered path below, so the same bits.
@@ -853,10 +829,10 @@ static inline void norm_fwd_row_fast(const typename T::S* px, typename T::S* po,
     for (i64 i = 2 * h; i < d; i += N) T::vst(po + i, (T::vld(px + i) * rstd) * vload(W + i));
 }
 
-// Rows [r0, r1) on the fast path, RK_NORM_GROUP rows at a time: their sums, then their inverse
-// RMS, then their outputs, so that the long-latency sqrt/div of one row overlaps the others.
+// Rows [r0, r1) on the fast path, RK_NORM_GROUP rows (a power of two) at a time: a group's
+// inverse RMS is one vector sqrt/div, and its sums are formed while the group before it is
+// written, a row of each at a time.
 #define RK_NORM_GROUP 8
-#define RK_NORM_LANES 8  // the group's inverse RMS vector: a power of two >= RK_NORM_GROUP
 // Software prefetch of x RK_NORM_AHEAD rows ahead of the group being summed. The sum of a
 // group must wait for its rows before the group's outputs can be formed, and those waiting
 // instructions fill the out-of-order window: without it, at sizes far beyond the caches, few
@@ -885,11 +861,11 @@ struct Ahead {
 // (correctly rounded division and square root: the bits of the scalar formula)
 template <typename C>
 static RK_INLINE void group_rstd(C* rs, C dd, C eps) {
-    typedef C CG __attribute__((vector_size(RK_NORM_LANES * sizeof(C))));
+    typedef C CG __attribute__((vector_size(RK_NORM_GROUP * sizeof(C))));
     CG v;
     memcpy(&v, rs, sizeof v);
     v = v / dd + eps;
-    for (int u = 0; u < RK_NORM_LANES; ++u) v[u] = sqrt(v[u]);
+    for (int u = 0; u < RK_NORM_GROUP; ++u) v[u] = sqrt(v[u]);
     v = C(1) / v;
     memcpy(rs, &v, sizeof v);
 }
@@ -898,11 +874,15 @@ template <typename C>
 struct NormGroup {
     int m;
     i64 xo[RK_NORM_GROUP], oo[RK_NORM_GROUP], co[RK_NORM_GROUP], so[RK_NORM_GROUP];
-    C rs[RK_NORM_LANES];
+    C rs[RK_NORM_GROUP];
     RK_INLINE void fill(Walk& w, Ahead& pf, i64 r, i64 r1, i64 es) {
         m = r1 - r < RK_NORM_GROUP ? (int)(r1 - r) : RK_NORM_GROUP;
         for (int u = 0; u < m; ++u, w.next()) xo[u] = w.x, oo[u] = w.o, co[u] = w.c, so[u] = w.s;
         for (int u = 0; u < m; ++u) pf.step(es);
+    }
+    RK_INLINE void finish(C dd, C eps) {  // rs[0, m) hold the sums: the inverse RMS of the group
+        for (int u = m; u < RK_NORM_GROUP; ++u) rs[u] = C(1);
+        group_rstd(rs, dd, eps);
     }
 };
 template <typename T, int LAYOUT>
@@ -919,13 +899,11 @@ static void norm_fwd_fast_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
     const C eps = (C)j.eps, dd = (C)d;
     Ahead pf(j, r0, r1, sizeof(S));
     NormGroup<C> g[2];
-    auto fetch = [&](NormGroup<C>& a, i64 r) {  // rows [r, r + m): offsets, sums, inverse RMS
-        a.fill(w, pf, r, r1, sizeof(S));
-        group_sumsq16<T>(X, a.xo, a.m, d, a.rs);
-        for (int u = a.m; u < RK_NORM_LANES; ++u) a.rs[u] = C(1);
-        group_rstd(a.rs, dd, eps);
-    };
-    if (r0 < r1) fetch(g[0], r0);
+    if (r0 < r1) {  // the first group's sums alone; every later group's beside the outputs before it
+        g[0].fill(w, pf, r0, r1, sizeof(S));
+        for (int u = 0; u < g[0].m; ++u) g[0].rs[u] = sumsq16<T>(X + g[0].xo[u], d);
+        g[0].finish(dd, eps);
+    }
     int cur = 0;
     for (i64 r = r0; r < r1; r += RK_NORM_GROUP, cur ^= 1) {
         const NormGroup<C>& a = g[cur];
@@ -939,10 +917,7 @@ static void norm_fwd_fast_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
             if (more && u < nx.m) nx.rs[u] = sumsq16<T>(X + nx.xo[u], d);
             norm_fwd_row_fast<T, LAYOUT>(X + a.xo[u], O + a.oo[u], CT + a.co[u], ST + a.so[u], W, h, d, a.rs[u]);
         }
-        if (more) {
-            for (int u = nx.m; u < RK_NORM_LANES; ++u) nx.rs[u] = C(1);
-            group_rstd(nx.rs, dd, eps);
-        }
+        if (more) nx.finish(dd, eps);
         if (R != nullptr)
             for (int u = 0; u < a.m; ++u) R[r + u] = canon1(a.rs[u]);
     }
@@ -1007,17 +982,11 @@ static void norm_fwd_pair_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
     const float *lc = nullptr, *ls = nullptr;
     Ahead pf(j, r0, r1, sizeof(uint16_t));
     NormGroup<float> g[2];
-    auto fetch = [&](NormGroup<float>& a, i64 r) {  // rows [r, r + m): offsets, sums, inverse RMS
-        a.fill(w, pf, r, r1, sizeof(uint16_t));
-        if constexpr (NF > 8) {
-            group_sumsq16<T>(X, a.xo, a.m, d, a.rs);  // (what pair_sumsq16 does with 16 lanes)
-        } else {
-            for (int u = 0; u < a.m; ++u) a.rs[u] = pair_sumsq16<T, false>(X + a.xo[u], d);
-        }
-        for (int u = a.m; u < RK_NORM_LANES; ++u) a.rs[u] = 1.0f;
-        group_rstd(a.rs, dd, eps);
-    };
-    if (r0 < r1) fetch(g[0], r0);
+    if (r0 < r1) {  // as norm_fwd_fast_rows
+        g[0].fill(w, pf, r0, r1, sizeof(uint16_t));
+        for (int u = 0; u < g[0].m; ++u) g[0].rs[u] = pair_sumsq16<T, false>(X + g[0].xo[u], d);
+        g[0].finish(dd, eps);
+    }
     int cur = 0;
     for (i64 r = r0; r < r1; r += RK_NORM_GROUP, cur ^= 1) {
         const NormGroup<float>& a = g[cur];
@@ -1098,10 +1067,7 @@ static void norm_fwd_pair_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
                 pair_store<0>(po + i, r);
             }
         }
-        if (more) {
-            for (int u = nx.m; u < RK_NORM_LANES; ++u) nx.rs[u] = 1.0f;
-            group_rstd(nx.rs, dd, eps);
-        }
+        if (more) nx.finish(dd, eps);
         if (R != nullptr)
             for (int u = 0; u < m; ++u) R[r + u] = canon1(rs[u]);
     }

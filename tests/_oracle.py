@@ -75,3 +75,17 @@ def triton_on_cpu(dev: str, test_name: str):
     from ropekit.backends import _triton_ops
 
     return _triton_ops._OnTriton()
+
+
+def run_at_level(code: str, level: str, timeout: int = 600) -> dict:
+    """Run ``code`` (a script whose last stdout line is JSON) in a fresh Python process with
+    ``ROPEKIT_CPU_CAPABILITY=level``; returns that JSON."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ROPEKIT_CPU_CAPABILITY=level)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])

@@ -16,15 +16,13 @@ across levels. Each level runs in a fresh process (``ROPEKIT_CPU_CAPABILITY``).
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
 from ropekit import ops
+
+from _oracle import run_at_level
 
 pytestmark = pytest.mark.skipif(not ops.LOADED, reason=f"operators not built: {ops.REASON}")
 
@@ -124,17 +122,8 @@ _PROBE = textwrap.dedent(
 )
 
 
-def _levels():
-    order = ["default", "avx2", "avx512", "avx512bf16"]
-    best = ops.capability()
-    return order[: order.index(best) + 1] if best in order else [best]
-
-
 def _run(level):
-    env = dict(os.environ, ROPEKIT_CPU_CAPABILITY=level)
-    r = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return run_at_level(_PROBE, level)
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +138,7 @@ def test_the_portable_level_rounds_planted_values_to_nearest_even(portable):
     assert any(v > 0 for k, v in portable["digests"].items() if k.endswith("qk_norm_subnormals"))
 
 
-@pytest.mark.parametrize("level", [lv for lv in _levels() if lv != "default"])
+@pytest.mark.parametrize("level", [lv for lv in ops.levels() if lv != "default"])
 def test_every_level_narrows_to_the_same_bfloat16_bits(level, portable):
     res = _run(level)
     assert res["capability"] == level

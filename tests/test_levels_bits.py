@@ -13,16 +13,13 @@ Not timed: the probe only compares bits.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
-import torch
 
 from ropekit import ops
+
+from _oracle import run_at_level
 
 pytestmark = pytest.mark.skipif(not ops.LOADED, reason=f"operators not built: {ops.REASON}")
 
@@ -121,17 +118,8 @@ _PROBE = textwrap.dedent(
 )
 
 
-def _levels():
-    order = ["default", "avx2", "avx512", "avx512bf16"]
-    best = ops.capability()
-    return order[: order.index(best) + 1] if best in order else [best]
-
-
 def _run(level):
-    env = dict(os.environ, ROPEKIT_CPU_CAPABILITY=level)
-    r = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return run_at_level(_PROBE, level)
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +133,7 @@ def test_the_portable_level_stores_only_canonical_nans(portable):
     assert len(portable["digests"]) > 300
 
 
-@pytest.mark.parametrize("level", [lv for lv in _levels() if lv != "default"])
+@pytest.mark.parametrize("level", [lv for lv in ops.levels() if lv != "default"])
 def test_every_level_gives_the_bits_of_the_portable_level(level, portable):
     res = _run(level)
     assert res["capability"] == level

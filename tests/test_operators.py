@@ -95,12 +95,6 @@ def _probe(env_extra=None, prelude=""):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def _levels():
-    best = ops.capability()
-    order = ["default", "avx2", "avx512", "avx512bf16"]
-    return order[: order.index(best) + 1] if best in order else [best]
-
-
 @pytest.fixture(scope="module")
 def baseline():
     return _probe()
@@ -112,12 +106,18 @@ def test_same_bits_first_call_later_calls_and_other_processes(baseline):
     assert "cpu" in baseline["available"] and not baseline["warnings"]
 
 
-@pytest.mark.parametrize("level", _levels())
+@pytest.mark.parametrize("level", ops.levels())
 def test_every_instruction_set_level_gives_the_same_bits(level, baseline):
     """``ROPEKIT_CPU_CAPABILITY`` forces each level this machine can run; the bits do not move."""
     res = _probe({"ROPEKIT_CPU_CAPABILITY": level})
     assert res["capability"] == level
     assert res["first"] == res["second"] == baseline["first"]
+
+
+def test_levels_lists_the_levels_this_cpu_runs_lowest_first():
+    lv = ops.levels()
+    assert lv[0] == "default" and lv[-1] == ops.capability()
+    assert tuple(lv) == ops.LEVELS[: len(lv)]
 
 
 def test_a_level_above_the_cpu_is_not_used(baseline):

@@ -13,7 +13,7 @@ from ._checks import flag, integer
 from .config import RopeConfig, check_head_width
 from . import backends as _backends
 from ._tensor_checks import to_rope_error
-from .functional import apply_gather, apply_rotary_qk, tracing
+from .functional import apply_rotary_qk, tracing
 from .positions import resolve_positions, split_format, split_qk_format, table_view
 from .tables import MAX_EXACT_POSITION, build_table, check_dtype, cos_sin
 

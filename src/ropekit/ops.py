@@ -48,7 +48,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-__all__ = ["LOADED", "REASON", "capability", "check"]
+__all__ = ["LOADED", "REASON", "LEVELS", "capability", "levels", "check"]
 
 try:
     from . import _C  # noqa: F401  (its static initialisers register torch.ops.ropekit.*)
@@ -227,6 +227,11 @@ if LOADED:
     _register_fakes()
 
 
+# The instruction-set levels the kernel is compiled for on x86-64, lowest first (AArch64 and
+# other architectures build "default" only). ROPEKIT_CPU_CAPABILITY names one of them.
+LEVELS = ("default", "avx2", "avx512", "avx512bf16")
+
+
 def capability() -> Optional[str]:
     """The instruction-set level the CPU kernel runs at (``None`` without the extension)."""
     if not LOADED:
@@ -234,3 +239,12 @@ def capability() -> Optional[str]:
     import torch
 
     return torch.ops.ropekit.cpu_capability()
+
+
+def levels() -> list:
+    """The levels this CPU can run, lowest first, up to :func:`capability` (each can be forced
+    with ``ROPEKIT_CPU_CAPABILITY=<level>`` in a fresh process); ``[]`` without the extension."""
+    best = capability()
+    if best is None:
+        return []
+    return list(LEVELS[: LEVELS.index(best) + 1]) if best in LEVELS else [best]

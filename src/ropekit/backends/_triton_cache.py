@@ -27,6 +27,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from .._errors import fail
+from ._triton_mode import register_cuda
 
 __all__ = ["IMPLS", "register_cuda_kernels", "rotary_cache_"]
 
@@ -175,14 +176,6 @@ def rotary_cache_(q, k, cos_table, sin_table, positions, k_cache, slots, v=None,
         x.copy_(c.view(x.shape))
 
 
-_REGISTERED = False
-
-
 def register_cuda_kernels() -> None:
     """Register :data:`IMPLS` as the CUDA kernels of ``ropekit::<name>`` (once per process)."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    for name, fn in IMPLS.items():
-        torch.library.impl(f"ropekit::{name}", "CUDA", fn)
-    _REGISTERED = True
+    register_cuda(IMPLS)

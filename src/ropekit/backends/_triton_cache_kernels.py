@@ -32,6 +32,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._triton_kernels import _to_cdt  # the compute dtype (float64 when F64, else float32)
+
 __all__ = ["rope_cache_kernel"]
 
 
@@ -58,29 +60,20 @@ def _cast_store(ptr, off, y, mask, F64: tl.constexpr):
 
 
 @triton.jit
-def _cdt(v, F64: tl.constexpr):
-    if F64:
-        out = v.to(tl.float64)
-    else:
-        out = v.to(tl.float32)
-    return out
-
-
-@triton.jit
 def _load_pair(src, xrow, rows, R2: tl.constexpr, R2P: tl.constexpr, BH: tl.constexpr, INTERLEAVED: tl.constexpr,
                F64: tl.constexpr):
     """The two lanes ``[BH, R2P]`` of the rows at ``src + xrow`` [BH] (compute dtype)."""
     if INTERLEAVED:
         c2 = tl.arange(0, 2 * R2P)
         m2 = rows[:, None] & (c2 < 2 * R2)[None, :]
-        x = _cdt(tl.load(src + xrow[:, None] + c2[None, :], mask=m2, other=0.0), F64)
+        x = _to_cdt(tl.load(src + xrow[:, None] + c2[None, :], mask=m2, other=0.0), F64)
         x1, x2 = tl.split(tl.reshape(x, (BH, R2P, 2)))  # [BH, R2P] each
     else:
         col = tl.arange(0, R2P)
         m = rows[:, None] & (col < R2)[None, :]
         xo = xrow[:, None] + col[None, :]
-        x1 = _cdt(tl.load(src + xo, mask=m, other=0.0), F64)
-        x2 = _cdt(tl.load(src + xo + R2, mask=m, other=0.0), F64)
+        x1 = _to_cdt(tl.load(src + xo, mask=m, other=0.0), F64)
+        x2 = _to_cdt(tl.load(src + xo + R2, mask=m, other=0.0), F64)
     return x1, x2
 
 
@@ -128,8 +121,8 @@ def rope_cache_kernel(
     if pid < NBQ:  # q heads, rotated in place
         h = pid.to(tl.int64) * BH + hh
         rows = h < HQ
-        c = _cdt(tl.load(ct_ptr + p * R2 + col, mask=cm, other=0.0), F64)[None, :]  # [1, R2P]: shared by BH heads
-        s = _cdt(tl.load(st_ptr + p * R2 + col, mask=cm, other=0.0), F64)[None, :]
+        c = _to_cdt(tl.load(ct_ptr + p * R2 + col, mask=cm, other=0.0), F64)[None, :]  # [1, R2P]: shared by BH heads
+        s = _to_cdt(tl.load(st_ptr + p * R2 + col, mask=cm, other=0.0), F64)[None, :]
         src = q_ptr + t * sq_t
         x1, x2 = _load_pair(src, h * sq_h, rows, R2, R2P, BH, INTERLEAVED, F64)
         y1 = x1 * c - x2 * s  # both lanes loaded before the store (in place)
@@ -138,8 +131,8 @@ def rope_cache_kernel(
     elif pid < NBQ + NBK:  # k heads, rotated into the cache slot (and k_out)
         h = (pid - NBQ).to(tl.int64) * BH + hh
         rows = h < HK
-        c = _cdt(tl.load(ct_ptr + p * R2 + col, mask=cm, other=0.0), F64)[None, :]
-        s = _cdt(tl.load(st_ptr + p * R2 + col, mask=cm, other=0.0), F64)[None, :]
+        c = _to_cdt(tl.load(ct_ptr + p * R2 + col, mask=cm, other=0.0), F64)[None, :]
+        s = _to_cdt(tl.load(st_ptr + p * R2 + col, mask=cm, other=0.0), F64)[None, :]
         src = k_ptr + t * sk_t
         x1, x2 = _load_pair(src, h * sk_h, rows, R2, R2P, BH, INTERLEAVED, F64)
         y1 = x1 * c - x2 * s

@@ -49,3 +49,15 @@ def on_triton(*tensors):
     if any(isinstance(m, _OnTriton) for m in _get_current_dispatch_mode_stack()):
         return contextlib.nullcontext()
     return _OnTriton()
+
+
+_CUDA_REGISTERED: set = set()
+
+
+def register_cuda(impls: Dict[str, Callable]) -> None:
+    """Register each ``impls[name]`` as the CUDA kernel of ``ropekit::<name>``, once per process
+    (the ops must be defined: ``ropekit.ops`` loads them)."""
+    for name, fn in impls.items():
+        if name not in _CUDA_REGISTERED:
+            torch.library.impl(f"ropekit::{name}", "CUDA", fn)
+            _CUDA_REGISTERED.add(name)

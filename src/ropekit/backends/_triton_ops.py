@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from ._triton_mode import IMPLS, _OnTriton, on_triton  # noqa: F401  (the table the mode routes to)
+from ._triton_mode import IMPLS, _OnTriton, on_triton, register_cuda  # noqa: F401  (the table the mode routes to)
 
 __all__ = ["IMPLS", "register_cuda_kernels", "on_triton"]
 
@@ -169,15 +169,7 @@ def qk_norm_rotary_bwd(grad_q, grad_k, q, k, q_weight, k_weight, q_rstd, k_rstd,
 
 # --- registration ------------------------------------------------------------------------------
 
-_REGISTERED = False
-
-
 def register_cuda_kernels() -> None:
     """Register every function of :data:`IMPLS` as the CUDA kernel of ``ropekit::<name>``
     (once per process; the ops must be defined: ``ropekit.ops`` loads them)."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    for name, fn in IMPLS.items():
-        torch.library.impl(f"ropekit::{name}", "CUDA", fn)
-    _REGISTERED = True
+    register_cuda(IMPLS)

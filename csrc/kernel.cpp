@@ -23,6 +23,9 @@
 #define RK_HAS_NT 1
 #else
 #define RK_HAS_NT 0
+#if defined(__SSE2__)
+#include <emmintrin.h>  // the baseline level on x86-64: movemask and minps in any() / vmin()
+#endif
 #endif
 
 #include "kernel.h"
@@ -226,6 +229,25 @@ static RK_INLINE vu f16_narrow(vf f) {  // the float16 in the low 16 bits of eac
 #define RK_F16_NATIVE 0
 #endif
 
+static RK_INLINE bool any(vu m) {
+#if RK_VB == 16 && defined(__SSE2__)
+    return _mm_movemask_epi8((__m128i)m) != 0;  // lanes are all-ones or zero
+#else
+    uint64_t w[sizeof(vu) / 8];
+    memcpy(w, &m, sizeof w);
+    uint64_t r = 0;
+    for (unsigned k = 0; k < sizeof(vu) / 8; ++k) r |= w[k];
+    return r != 0;
+#endif
+}
+static RK_INLINE vf vmin(vf a, vf b) {
+#if RK_VB == 16 && defined(__SSE2__)
+    return (vf)_mm_min_ps((__m128)a, (__m128)b);
+#else
+    return a < b ? a : b;
+#endif
+}
+
 // Memory views of 2·NF half-width values as NF 32-bit lanes, split into the even elements
 // (lanes e) and odd elements (lanes o): no widening shuffles, one shift or AND each way.
 // FAST: split_fast / join_fast are cheaper formulas valid for normal values only; they add the
@@ -252,6 +274,19 @@ struct BF16Pair {
     }
     static RK_INLINE void split_fast(const uint16_t* p, vf& e, vf& o, vu&) { split(p, e, o); }
     static RK_INLINE vu join_fast(vf ye, vf yo, vu&) { return join(ye, yo); }
+    // the rotation's path (row_pair_*; see F16Pair): exact for every value, unscaled tables
+    static constexpr float ROT_SCALE = 1.0f;
+    static RK_INLINE bool rot_ok() { return true; }
+    static RK_INLINE void rot_in(const uint16_t* p, vf& e, vf& o, vu&) { split(p, e, o); }
+    static RK_INLINE void rot_in2(const uint16_t* pa, const uint16_t* pb, vf& ae, vf& ao, vf& be, vf& bo, vu&) {
+        split(pa, ae, ao);
+        split(pb, be, bo);
+    }
+    static RK_INLINE vu rot_out(vf ye, vf yo, vf& mn) {
+        mn = ye;
+        return join(ye, yo);
+    }
+    static RK_INLINE void rot_check(vf, vu&) {}
 };
 struct F16Pair {
     enum { FAST = 1 };
@@ -279,14 +314,54 @@ struct F16Pair {
         return ((a + (0xFFFu - 0x38000000u) + ((a >> 13) & 1u)) >> 13) | ((u >> 16) & 0x8000u);
     }
     static RK_INLINE vu join_fast(vf ye, vf yo, vu& bad) { return narrow_fast(ye, bad) | (narrow_fast(yo, bad) << 16); }
+
+    // The rotation's path (row_pair_half / row_pair_il), cheaper than split_fast / join_fast:
+    // inputs are widened without the 127 - 15 rebias, i.e. as x·2^-112, against tables scaled
+    // by 2^112 (pair_tables): x·2^-112 · c·2^112 is x·c, so every product and sum, and its
+    // rounding, is that of the unscaled operands. For a zero or subnormal float16, x·2^-112 is
+    // a float32 subnormal: exact too, unless the CPU reads subnormal operands as zero (x86
+    // MXCSR.DAZ, torch.set_flush_denormal: rot_ok() is then false and the generic row runs).
+    // Inputs of exponent field 29..31 (|x| >= 2^14, infinity, NaN) send their block to the
+    // exact conversions (split / join, unscaled tables). With |c| + |s| < 3.99 for every pair
+    // of the table row (pair_tables' result; other rows take the generic row),
+    // |y| <= 2^14·3.99·(1 + 2^-23) < 65520: the narrowing needs no overflow test, only the one
+    // for results below 2^-14 (rot_check), which are redone exactly too.
+    static constexpr float ROT_SCALE = 0x1p112f;
+    static RK_INLINE bool rot_ok() {
+#if defined(__SSE2__)
+        return (_mm_getcsr() & 0x0040u) == 0;  // DAZ off
+#else
+        return true;  // no F16Pair build here reads subnormal operands as zero
+#endif
+    }
+    typedef int16_t vw __attribute__((vector_size(RK_VB)));  // the 2·NF halves
+    static RK_INLINE vw rot_exp(vu v) { return (vw)v & (int16_t)0x7C00; }  // exponent fields
+    static RK_INLINE void rot_widen(vu v, vf& e, vf& o) {
+        e = (vf)(((vi)(v << 16) >> 3) & (int32_t)0x8FFFE000);
+        o = (vf)(((vi)v >> 3) & (int32_t)0x8FFFE000);
+    }
+    static RK_INLINE void rot_in(const uint16_t* p, vf& e, vf& o, vu& bad) {
+        const vu v = vloadu(p);
+        rot_widen(v, e, o);
+        bad |= (vu)(rot_exp(v) > (int16_t)0x7000);
+    }
+    static RK_INLINE void rot_in2(const uint16_t* pa, const uint16_t* pb, vf& ae, vf& ao, vf& be, vf& bo, vu& bad) {
+        const vu va = vloadu(pa), vb = vloadu(pb);
+        rot_widen(va, ae, ao);
+        rot_widen(vb, be, bo);
+        const vw xa = rot_exp(va), xb = rot_exp(vb);
+        bad |= (vu)((xa > xb ? xa : xb) > (int16_t)0x7000);
+    }
+    // |y| in [2^-14, 65520): rebias and round to nearest even; mn = min(|ye|, |yo|)
+    static RK_INLINE vu rot_out(vf ye, vf yo, vf& mn) {
+        const vu ue = (vu)ye, uo = (vu)yo, ae = ue & 0x7FFFFFFFu, ao = uo & 0x7FFFFFFFu;
+        mn = vmin((vf)ae, (vf)ao);
+        const vu ne = (ae + (0xFFFu - 0x38000000u) + ((ae >> 13) & 1u)) >> 13;
+        const vu no = (ao + (0xFFFu - 0x38000000u) + ((ao >> 13) & 1u)) << 3;
+        return ne | (no & 0xFFFF0000u) | ((ue >> 16) & 0x8000u) | (uo & 0x80000000u);
+    }
+    static RK_INLINE void rot_check(vf mn, vu& bad) { bad |= (vu)(mn < 0x1p-14f); }
 };
-static RK_INLINE bool any(vu m) {
-    uint64_t w[sizeof(vu) / 8];
-    memcpy(w, &m, sizeof w);
-    uint64_t r = 0;
-    for (unsigned k = 0; k < sizeof(vu) / 8; ++k) r |= w[k];
-    return r != 0;
-}
 template <int NT>
 static inline void pair_store(uint16_t* p, vu v) {
 #if RK_VB == 64
@@ -429,10 +504,24 @@ static inline void st(typename T::S* p, typename T::V v) {
 // bits. For the half layout the cos/sin rows are split even/odd to match once per table row
 // (pair_tables); the interleaved layout's pairs are already even/odd (a = even, b = odd).
 enum { PAIR_TAB_MAX = 1024 };  // pairs; longer rows take the generic path
+// cb/sb = the row's cos and sign·sin times `scale` (a power of two: exact), split even/odd for
+// the half layout. Returns whether every pair has |c| + |s| < 3.99 (unscaled; false for a
+// NaN or infinity): the bound F16Pair's rotation path relies on.
 template <int LAYOUT>
-static inline void pair_tables(const float* pc, const float* ps, float sign, i64 n, float* cb, float* sb) {
-    for (i64 i = 0; i < n; i += 2 * NF) {
-        vf c0 = vload(pc + i), c1 = vload(pc + i + NF), s0 = vload(ps + i) * sign, s1 = vload(ps + i + NF) * sign;
+static inline bool pair_tables(const float* pc, const float* ps, float sign, float scale, i64 n, float* cb, float* sb) {
+    vu big = {};
+    const vf sg = (vf){} + sign * scale, sc = (vf){} + scale;
+    auto put = [&](i64 i, vf c, vf s) {
+        const vf t = (vf)((vu)c & 0x7FFFFFFFu) + (vf)((vu)s & 0x7FFFFFFFu);
+        big |= ~(vu)(t < 3.99f);  // NaN too
+        c *= sc;
+        s *= sg;
+        memcpy(cb + i, &c, sizeof c);
+        memcpy(sb + i, &s, sizeof s);
+    };
+    i64 i = 0;
+    for (; i + 2 * NF <= n; i += 2 * NF) {
+        vf c0 = vload(pc + i), c1 = vload(pc + i + NF), s0 = vload(ps + i), s1 = vload(ps + i + NF);
         if (LAYOUT == 0) {
             vf e, o;
             deint(c0, c1, e, o);
@@ -440,24 +529,29 @@ static inline void pair_tables(const float* pc, const float* ps, float sign, i64
             deint(s0, s1, e, o);
             s0 = e, s1 = o;
         }
-        memcpy(cb + i, &c0, sizeof c0);
-        memcpy(cb + i + NF, &c1, sizeof c1);
-        memcpy(sb + i, &s0, sizeof s0);
-        memcpy(sb + i + NF, &s1, sizeof s1);
+        put(i, c0, s0);
+        put(i + NF, c1, s1);
     }
+    if (i < n) put(i, vload(pc + i), vload(ps + i));  // interleaved only: n is a multiple of NF
+    return !any(big);
 }
 // Half layout, pairs (i + k, h + i + k) for i < n (a multiple of 2·NF).
 template <typename P, int NT>
 static inline void row_pair_half(const uint16_t* px, uint16_t* po, const float* cb, const float* sb, i64 h, i64 n) {
     for (i64 i = 0; i < n; i += 2 * NF) {
-        vf ae, ao, be, bo;
-        const vf ce = vload(cb + i), co = vload(cb + i + NF), se = vload(sb + i), so = vload(sb + i + NF);
-        vu bad = {}, r1, r2;
-        P::split_fast(px + i, ae, ao, bad);
-        P::split_fast(px + h + i, be, bo, bad);
-        r1 = P::join_fast(ae * ce - be * se, ao * co - bo * so, bad);
-        r2 = P::join_fast(be * ce + ae * se, bo * co + ao * so, bad);
+        vf ae, ao, be, bo, m1, m2;
+        vf ce = vload(cb + i), co = vload(cb + i + NF), se = vload(sb + i), so = vload(sb + i + NF);
+        vu bad = {};
+        P::rot_in2(px + i, px + h + i, ae, ao, be, bo, bad);
+        vu r1 = P::rot_out(ae * ce - be * se, ao * co - bo * so, m1);
+        vu r2 = P::rot_out(be * ce + ae * se, bo * co + ao * so, m2);
+#if defined(__SSE2__) && RK_VB == 16
+        asm("" : "+x"(r1), "+x"(r2));  // computed here, not sunk below the branch (spills)
+#endif
+        P::rot_check(vmin(m1, m2), bad);
         if (P::FAST && any(bad)) {
+            const float u = 1.0f / P::ROT_SCALE;  // the tables unscaled: exact
+            ce *= u, co *= u, se *= u, so *= u;
             P::split(px + i, ae, ao);
             P::split(px + h + i, be, bo);
             r1 = P::join(ae * ce - be * se, ao * co - bo * so);
@@ -472,11 +566,15 @@ template <typename P, int NT>
 static inline void row_pair_il(const uint16_t* px, uint16_t* po, const float* cb, const float* sb, i64 n) {
     for (i64 i = 0; i < n; i += NF) {
         vf a, b;
-        const vf c = vload(cb + i), s = vload(sb + i);
+        vf c = vload(cb + i), s = vload(sb + i);
         vu bad = {};
-        P::split_fast(px + 2 * i, a, b, bad);
-        vu r = P::join_fast(a * c - b * s, b * c + a * s, bad);
+        vf mn;
+        P::rot_in(px + 2 * i, a, b, bad);
+        vu r = P::rot_out(a * c - b * s, b * c + a * s, mn);
+        P::rot_check(mn, bad);
         if (P::FAST && any(bad)) {
+            const float u = 1.0f / P::ROT_SCALE;
+            c *= u, s *= u;
             P::split(px + 2 * i, a, b);
             r = P::join(a * c - b * s, b * c + a * s);
         }
@@ -600,6 +698,9 @@ static void run_rows(const Job& j, i64 r0, i64 r1) {
     alignas(64) float cb[Paired<T>::value ? PAIR_TAB_MAX : 1];
     alignas(64) float sb[Paired<T>::value ? PAIR_TAB_MAX : 1];
     const C *lc = nullptr, *ls = nullptr;  // the table row now in cb/sb
+    bool tab_ok = true;                     // pair_tables' bound for that row
+    bool rot_ok = true;
+    if constexpr (Paired<T>::value) rot_ok = T::P::rot_ok();
     const i64 hv = h <= PAIR_TAB_MAX ? h - h % (LAYOUT == 0 ? 2 * NF : NF) : 0;  // pairs for the paired loop
     for (i64 r = r0; r < r1; ++r, w.next()) {
         const C *pc, *ps;
@@ -615,16 +716,18 @@ static void run_rows(const Job& j, i64 r0, i64 r1) {
             typedef typename T::P PP;
             if (hv > 0) {
                 if (pc != lc || ps != ls) {  // a new table row: rows of one token's heads share it
-                    pair_tables<LAYOUT>(pc, ps, sign, hv, cb, sb);
+                    tab_ok = (pair_tables<LAYOUT>(pc, ps, sign, PP::ROT_SCALE, hv, cb, sb) || !PP::FAST) && rot_ok;
                     lc = pc;
                     ls = ps;
                 }
-                if (LAYOUT == 0)
+                if (!tab_ok)  // float16 with |c| + |s| >= 3.99 somewhere in the row (or NaN), or DAZ
+                    row<T, LAYOUT, NT>(X + w.x, O + w.o, pc, ps, h, sign, 0);
+                else if (LAYOUT == 0)
                     row_pair_half<PP, NT>(X + w.x, O + w.o, cb, sb, h, hv);
                 else
                     row_pair_il<PP, NT>(X + w.x, O + w.o, cb, sb, hv);
             }
-            if (hv < h) row<T, LAYOUT, NT>(X + w.x, O + w.o, pc, ps, h, sign, hv);
+            if (hv < h && (hv == 0 || tab_ok)) row<T, LAYOUT, NT>(X + w.x, O + w.o, pc, ps, h, sign, hv);
         } else
             row<T, LAYOUT, NT>(X + w.x, O + w.o, pc, ps, h, sign);
         if (copy_tail) memcpy(O + w.o + 2 * h, X + w.x + 2 * h, (size_t)tail * sizeof(S));
@@ -1001,7 +1104,7 @@ static void norm_fwd_pair_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
             if (more && u < nx.m) nx.rs[u] = pair_sumsq16<T, false>(X + nx.xo[u], d);
             const float *pc = CT + co[u], *ps = ST + so[u];
             if (pc != lc || ps != ls) {
-                pair_tables<LAYOUT>(pc, ps, 1.0f, h, cb, sb);
+                pair_tables<LAYOUT>(pc, ps, 1.0f, 1.0f, h, cb, sb);
                 lc = pc, ls = ps;
             }
             const uint16_t* px = X + xo[u];

@@ -310,7 +310,7 @@ struct F16Pair {
     // results of normal float16 magnitude, [2^-14, 65520): rebias and round
     static RK_INLINE vu narrow_fast(vf f, vu& bad) {
         const vu u = (vu)f, a = u & 0x7FFFFFFFu;
-        bad |= (vu)((vi)(a + (0x80000000u - 0x38800000u)) >= (int32_t)(0x80000000u + 0x477FF000u - 0x38800000u));
+        bad |= (vu)((vi)(a + (0x80000000u - 0x38800000u)) > (int32_t)(0x80000000u + 0x477FF000u - 0x38800000u - 1u));
         return ((a + (0xFFFu - 0x38000000u) + ((a >> 13) & 1u)) >> 13) | ((u >> 16) & 0x8000u);
     }
     static RK_INLINE vu join_fast(vf ye, vf yo, vu& bad) { return narrow_fast(ye, bad) | (narrow_fast(yo, bad) << 16); }
@@ -464,9 +464,10 @@ struct F16 {
         vh h;
         memcpy(&h, p, sizeof h);
         const vu v = __builtin_convertvector(h, vu), em = v & 0x7FFFu;
-        // exponent field 1..30 <=> em - 0x400 < 0x7800 (unsigned)
-        if (!any((vu)((vi)(em - 0x400u) < 0 || (vi)em >= 0x7C00)))
-            return (vf)(((em << 13) + 0x38000000u) | ((v << 16) & 0x80000000u));
+        // exponent field 1..30 <=> em - 0x400 < 0x7800 (unsigned) <=> em + 0x7FFFFC00 is below
+        // INT_MIN + 0x7800 (signed): one compare
+        if (!any((vu)((vi)(em + 0x7FFFFC00u) > (int32_t)(0x80000000u + 0x77FFu))))
+            return (vf)((((vi)(v << 16) >> 3) & (int32_t)0x8FFFE000) + 0x38000000);
         return f16_widen(v);
     }
     static RK_INLINE void vst(S* p, V f) {

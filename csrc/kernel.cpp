@@ -16,6 +16,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <type_traits>
 #include <utility>
 #include <vector>
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -899,6 +900,47 @@ static inline typename T::C sumsq16(const typename T::S* px, i64 d) {
     return tree16<V, C, N>(acc);
 }
 
+// The sums of squares of RK_NORM_GROUP (8) rows at once, for 16 float lanes (avx512 levels):
+// each row's lanes accumulate as in sumsq16 (16-element steps, one chain per row: eight
+// independent chains), then the four in-vector levels of tree16 run on the eight rows
+// together: each level adds the same lanes in the same pairs as tree16 does per row (k and
+// k + 8, k and k + 4, k and k + 2, k and k + 1), with the rows packed side by side, so each
+// sum has the bits of sumsq16 (NaN payloads aside: the results are made canonical later) in
+// ~24 vector instructions for the eight rows instead of ~8 per row. Rows past m repeat row 0.
+#if RK_VB == 64
+#define RK_SUMSQ_X8 1
+template <typename T>
+static RK_INLINE void sumsq16_x8(const typename T::S* X, const i64* xo, int m, i64 d, float* out) {
+    const typename T::S* p[8];
+    for (int u = 0; u < 8; ++u) p[u] = X + xo[u < m ? u : 0];
+    __m512 a[8];
+    for (int u = 0; u < 8; ++u) a[u] = _mm512_setzero_ps();
+    for (i64 i = 0; i < d; i += 16)
+        for (int u = 0; u < 8; ++u) {
+            const vf v = T::vld(p[u] + i);
+            a[u] = (__m512)((vf)a[u] + v * v);
+        }
+    // lanes k + k + 8 of two rows: [row 2v: 8 lanes | row 2v + 1: 8 lanes]
+    __m512 b[4];
+    for (int v = 0; v < 4; ++v)
+        b[v] = (__m512)((vf)_mm512_shuffle_f32x4(a[2 * v], a[2 * v + 1], 0x44) +
+                        (vf)_mm512_shuffle_f32x4(a[2 * v], a[2 * v + 1], 0xEE));
+    // k + k + 4: 128-bit block j of c[v] = row 4v + j (4 lanes)
+    __m512 c[2];
+    for (int v = 0; v < 2; ++v)
+        c[v] = (__m512)((vf)_mm512_shuffle_f32x4(b[2 * v], b[2 * v + 1], 0x88) +
+                        (vf)_mm512_shuffle_f32x4(b[2 * v], b[2 * v + 1], 0xDD));
+    // k + k + 2: block j = [row j: 2 lanes, row 4 + j: 2 lanes]
+    const vf e = (vf)_mm512_shuffle_ps(c[0], c[1], 0x44) + (vf)_mm512_shuffle_ps(c[0], c[1], 0xEE);
+    // k + k + 1: lane 4j = row j, lane 4j + 2 = row 4 + j
+    const vf f = e + (vf)_mm512_permute_ps((__m512)e, 0xB1);
+    const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+    _mm256_storeu_ps(out, _mm512_castps512_ps256(_mm512_permutexvar_ps(idx, (__m512)f)));
+}
+#else
+#define RK_SUMSQ_X8 0
+#endif
+
 // One row without buffers, for d a multiple of 16 and r/2 a multiple of the vector width
 // (head dims 64, 128, 256, ... with rotary dims 2·N·k): the same operations in the same order
 // as the buffered path below, so the same bits.
@@ -937,6 +979,7 @@ static inline void norm_fwd_row_fast(const typename T::S* px, typename T::S* po,
 // inverse RMS is one vector sqrt/div, and its sums are formed while the group before it is
 // written, a row of each at a time.
 #define RK_NORM_GROUP 8
+static_assert(RK_NORM_GROUP == 8, "sumsq16_x8 sums eight rows");
 // Software prefetch of x RK_NORM_AHEAD rows ahead of the group being summed. The sum of a
 // group must wait for its rows before the group's outputs can be formed, and those waiting
 // instructions fill the out-of-order window: without it, at sizes far beyond the caches, few
@@ -1001,11 +1044,15 @@ static void norm_fwd_fast_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
     C* R = (C*)(intptr_t)j.rstd;
     const i64 d = j.d, h = j.half;
     const C eps = (C)j.eps, dd = (C)d;
+    constexpr bool X8 = RK_SUMSQ_X8 && std::is_same<C, float>::value && T::N == 16;
     Ahead pf(j, r0, r1, sizeof(S));
     NormGroup<C> g[2];
     if (r0 < r1) {  // the first group's sums alone; every later group's beside the outputs before it
         g[0].fill(w, pf, r0, r1, sizeof(S));
-        for (int u = 0; u < g[0].m; ++u) g[0].rs[u] = sumsq16<T>(X + g[0].xo[u], d);
+        if constexpr (X8)
+            sumsq16_x8<T>(X, g[0].xo, g[0].m, d, g[0].rs);
+        else
+            for (int u = 0; u < g[0].m; ++u) g[0].rs[u] = sumsq16<T>(X + g[0].xo[u], d);
         g[0].finish(dd, eps);
     }
     int cur = 0;
@@ -1017,8 +1064,10 @@ static void norm_fwd_fast_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
         // whose latency the independent output work of the row beside it hides
         const bool more = r + RK_NORM_GROUP < r1;  // then this group is full: nx.m <= a.m
         if (more) nx.fill(w, pf, r + RK_NORM_GROUP, r1, sizeof(S));
+        if constexpr (X8)
+            if (more) sumsq16_x8<T>(X, nx.xo, nx.m, d, nx.rs);
         for (int u = 0; u < a.m; ++u) {
-            if (more && u < nx.m) nx.rs[u] = sumsq16<T>(X + nx.xo[u], d);
+            if (!X8 && more && u < nx.m) nx.rs[u] = sumsq16<T>(X + nx.xo[u], d);
             norm_fwd_row_fast<T, LAYOUT>(X + a.xo[u], O + a.oo[u], CT + a.co[u], ST + a.so[u], W, h, d, a.rs[u]);
         }
         if (more) nx.finish(dd, eps);
@@ -1075,6 +1124,8 @@ static void norm_fwd_pair_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
     float* R = (float*)(intptr_t)j.rstd;
     const i64 d = j.d, h = j.half;
     const float eps = (float)j.eps, dd = (float)d;
+    // 16 lanes: pair_sumsq16 is sumsq16 (T::vld widens a bfloat16 exactly)
+    constexpr bool X8 = RK_SUMSQ_X8 && NF == 16 && !T::P::FAST;
     alignas(64) float wb[PAIR_TAB_MAX];  // the weights split even/odd per 2·NF-block
     alignas(64) float cb[PAIR_TAB_MAX], sb[PAIR_TAB_MAX];
     for (i64 i = 0; i < d; i += 2 * NF) {
@@ -1088,7 +1139,10 @@ static void norm_fwd_pair_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
     NormGroup<float> g[2];
     if (r0 < r1) {  // as norm_fwd_fast_rows
         g[0].fill(w, pf, r0, r1, sizeof(uint16_t));
-        for (int u = 0; u < g[0].m; ++u) g[0].rs[u] = pair_sumsq16<T, false>(X + g[0].xo[u], d);
+        if constexpr (X8)
+            sumsq16_x8<T>(X, g[0].xo, g[0].m, d, g[0].rs);
+        else
+            for (int u = 0; u < g[0].m; ++u) g[0].rs[u] = pair_sumsq16<T, false>(X + g[0].xo[u], d);
         g[0].finish(dd, eps);
     }
     int cur = 0;
@@ -1101,8 +1155,10 @@ static void norm_fwd_pair_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
         // the next group's sums interleaved with this group's outputs (as norm_fwd_fast_rows)
         const bool more = r + RK_NORM_GROUP < r1;
         if (more) nx.fill(w, pf, r + RK_NORM_GROUP, r1, sizeof(uint16_t));
+        if constexpr (X8)
+            if (more) sumsq16_x8<T>(X, nx.xo, nx.m, d, nx.rs);
         for (int u = 0; u < m; ++u) {
-            if (more && u < nx.m) nx.rs[u] = pair_sumsq16<T, false>(X + nx.xo[u], d);
+            if (!X8 && more && u < nx.m) nx.rs[u] = pair_sumsq16<T, false>(X + nx.xo[u], d);
             const float *pc = CT + co[u], *ps = ST + so[u];
             if (pc != lc || ps != ls) {
                 pair_tables<LAYOUT>(pc, ps, 1.0f, 1.0f, h, cb, sb);

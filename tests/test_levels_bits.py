@@ -100,11 +100,18 @@ _PROBE = textwrap.dedent(
                     wq = plant(torch.randn(d, generator=g).to(ct), g)
                     wk = plant(torch.randn(d, generator=g).to(ct), g)
                     cf, sf = torch.randn(s, 1, r // 2, generator=g).to(ct), torch.randn(s, 1, r // 2, generator=g).to(ct)
-                    for name, (cc, ss) in (("tables", (c, sn)), ("clean_tables", (cf, sf))):
-                        qo, ko, rq, rk = R.qk_norm_rotary_fwd(q, k, wq, wk, cc, ss, 1e-6, 1.0, layout)
-                        gq, gk = plant(torch.randn(qo.shape, generator=g).to(dt), g), plant(torch.randn(ko.shape, generator=g).to(dt), g)
-                        grads = list(R.qk_norm_rotary_bwd(gq, gk, q, k, wq, wk, rq, rk, cc, ss, 1.0, layout))
-                        qi, ki = q.clone(), k.clone(); R.qk_norm_rotary_(qi, ki, wq, wk, cc, ss, 1e-6, 0.0, layout)
+                    # "clean": no planted value anywhere (finite sums in every row: with the planted
+                    # NaNs most rows' sums are NaN, which would hide a row's sum going to another row)
+                    qc = torch.randn(b, s, hq, d, generator=g).to(dt)
+                    kc = torch.randn(b, s, hk, d, generator=g).to(dt)
+                    wc = torch.randn(d, generator=g).to(ct)
+                    for name, (xq, xk, w1, w2, cc, ss, pl) in (("tables", (q, k, wq, wk, c, sn, plant)),
+                                                                ("clean_tables", (q, k, wq, wk, cf, sf, plant)),
+                                                                ("clean", (qc, kc, wc, wc, cf, sf, lambda t, g: t))):
+                        qo, ko, rq, rk = R.qk_norm_rotary_fwd(xq, xk, w1, w2, cc, ss, 1e-6, 1.0, layout)
+                        gq, gk = pl(torch.randn(qo.shape, generator=g).to(dt), g), pl(torch.randn(ko.shape, generator=g).to(dt), g)
+                        grads = list(R.qk_norm_rotary_bwd(gq, gk, xq, xk, w1, w2, rq, rk, cc, ss, 1.0, layout))
+                        qi, ki = xq.clone(), xk.clone(); R.qk_norm_rotary_(qi, ki, w1, w2, cc, ss, 1e-6, 0.0, layout)
                         outs["qk_norm_fwd/" + name] = [qo, ko, rq, rk, qi, ki]
                         outs["qk_norm_bwd/" + name] = grads
                 for op, ts_ in outs.items():

@@ -939,6 +939,8 @@ static RK_INLINE void sumsq16_x8(const typename T::S* X, const i64* xo, int m, i
 }
 #else
 #define RK_SUMSQ_X8 0
+template <typename T>
+static inline void sumsq16_x8(const typename T::S*, const i64*, int, i64, float*) {}  // not called
 #endif
 
 // One row without buffers, for d a multiple of 16 and r/2 a multiple of the vector width
@@ -1083,7 +1085,9 @@ static void norm_fwd_fast_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
 // split spans two 16-blocks: sumsq16 instead). The same operations in the same order as the
 // generic path: the same bits.
 template <typename T, bool EXACT = true>
-static inline float pair_sumsq16(const uint16_t* px, i64 d) {
+static inline float pair_sumsq16(const uint16_t* px, i64 d, float* xb = nullptr) {
+    // xb (float16 without F16C): the row's split values (even lanes at i, odd at i + NF per
+    // 2·NF-block) are kept there for the output pass, exact (the exact pass rewrites them)
     if constexpr (NF > 8) {
         return sumsq16<T>(px, d);
     } else {
@@ -1100,10 +1104,14 @@ static inline float pair_sumsq16(const uint16_t* px, i64 d) {
                     P::split(px + i + u * 2 * NF, e, o);
                 else
                     P::split_fast(px + i + u * 2 * NF, e, o, bad);
+                if (xb != nullptr) {
+                    memcpy(xb + i + u * 2 * NF, &e, sizeof e);
+                    memcpy(xb + i + u * 2 * NF + NF, &o, sizeof o);
+                }
                 ae[u] += e * e;
                 ao[u] += o * o;
             }
-        if (!EXACT && P::FAST && any(bad)) return pair_sumsq16<T, true>(px, d);  // the row again, exactly
+        if (!EXACT && P::FAST && any(bad)) return pair_sumsq16<T, true>(px, d, xb);  // the row again, exactly
         vf acc[2 * U];
         for (int u = 0; u < U; ++u) inter(ae[u], ao[u], acc[2 * u], acc[2 * u + 1]);
         return tree16<vf, float, NF>(acc);
@@ -1126,6 +1134,11 @@ static void norm_fwd_pair_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
     const float eps = (float)j.eps, dd = (float)d;
     // 16 lanes: pair_sumsq16 is sumsq16 (T::vld widens a bfloat16 exactly)
     constexpr bool X8 = RK_SUMSQ_X8 && NF == 16 && !T::P::FAST;
+    // float16 without F16C: the sum pass keeps each row's widened values (split even/odd) for
+    // the output pass, which then neither converts nor checks x again
+    constexpr bool BUF = P::FAST;
+    alignas(64) static thread_local float xbuf[BUF ? 2 : 1][BUF ? RK_NORM_GROUP : 1][BUF ? PAIR_TAB_MAX : 1];
+    auto rowbuf = [&](int grp, int u) -> float* { return BUF ? xbuf[grp][u] : nullptr; };
     alignas(64) float wb[PAIR_TAB_MAX];  // the weights split even/odd per 2·NF-block
     alignas(64) float cb[PAIR_TAB_MAX], sb[PAIR_TAB_MAX];
     for (i64 i = 0; i < d; i += 2 * NF) {
@@ -1142,7 +1155,7 @@ static void norm_fwd_pair_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
         if constexpr (X8)
             sumsq16_x8<T>(X, g[0].xo, g[0].m, d, g[0].rs);
         else
-            for (int u = 0; u < g[0].m; ++u) g[0].rs[u] = pair_sumsq16<T, false>(X + g[0].xo[u], d);
+            for (int u = 0; u < g[0].m; ++u) g[0].rs[u] = pair_sumsq16<T, false>(X + g[0].xo[u], d, rowbuf(0, u));
         g[0].finish(dd, eps);
     }
     int cur = 0;
@@ -1158,7 +1171,7 @@ static void norm_fwd_pair_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
         if constexpr (X8)
             if (more) sumsq16_x8<T>(X, nx.xo, nx.m, d, nx.rs);
         for (int u = 0; u < m; ++u) {
-            if (!X8 && more && u < nx.m) nx.rs[u] = pair_sumsq16<T, false>(X + nx.xo[u], d);
+            if (!X8 && more && u < nx.m) nx.rs[u] = pair_sumsq16<T, false>(X + nx.xo[u], d, rowbuf(cur ^ 1, u));
             const float *pc = CT + co[u], *ps = ST + so[u];
             if (pc != lc || ps != ls) {
                 pair_tables<LAYOUT>(pc, ps, 1.0f, 1.0f, h, cb, sb);
@@ -1167,10 +1180,14 @@ static void norm_fwd_pair_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
             const uint16_t* px = X + xo[u];
             uint16_t* po = O + oo[u];
             const float rv = rs[u];
+            const float* xr = rowbuf(cur, u);
             // the cheap conversions of normal values first (P::FAST); a block with any other
             // value is formed again with the exact ones before it is stored (in place is safe)
             auto norm = [&](i64 i, vf& e, vf& o, vu& bad, auto exact) {  // elements [i, i + 2·NF)
-                if constexpr (decltype(exact)::value)
+                if constexpr (BUF) {
+                    e = vload(xr + i);  // exact values from the sum pass
+                    o = vload(xr + i + NF);
+                } else if constexpr (decltype(exact)::value)
                     P::split(px + i, e, o);
                 else
                     P::split_fast(px + i, e, o, bad);

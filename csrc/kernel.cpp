@@ -1137,7 +1137,7 @@ static void norm_fwd_pair_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
     // float16 without F16C: the sum pass keeps each row's widened values (split even/odd) for
     // the output pass, which then neither converts nor checks x again
     constexpr bool BUF = P::FAST;
-    alignas(64) static thread_local float xbuf[BUF ? 2 : 1][BUF ? RK_NORM_GROUP : 1][BUF ? PAIR_TAB_MAX : 1];
+    alignas(64) float xbuf[BUF ? 2 : 1][BUF ? RK_NORM_GROUP : 1][BUF ? PAIR_TAB_MAX : 1];  // this group's, the next's
     auto rowbuf = [&](int grp, int u) -> float* { return BUF ? xbuf[grp][u] : nullptr; };
     alignas(64) float wb[PAIR_TAB_MAX];  // the weights split even/odd per 2·NF-block
     alignas(64) float cb[PAIR_TAB_MAX], sb[PAIR_TAB_MAX];

@@ -11,6 +11,7 @@
 //   rotary_gather(q, k, cos_table, sin_table, positions, format, layout, conjugate) -> (q', k')
 //   rotary_gather_(q!, k!, ...) -> ()                       table rows picked by position
 //   cpu_capability() -> str                                 the instruction-set level in use
+//   cos_sin(angles) -> (cos, sin)                           float64 cos/sin, the C library's, per element
 //
 // Per dispatch key:
 //   CPU              the fused kernel (kernel.cpp, one build per instruction-set level),
@@ -1091,6 +1092,28 @@ Tensor4 qk_norm_rotary_bwd_cpu(const Tensor& gq, const Tensor& gk, const Tensor&
 
 std::string cpu_capability() { return level().name; }
 
+// cos and sin of float64 angles with the C library's cos/sin, element by element: a pure
+// function of each angle, so a table has the same bits on every call, in every process and
+// whatever the thread split (torch.cos on float64 CPU tensors goes through MKL's vector math,
+// which has been seen to return values with ~28 correct bits on the first call in a fresh
+// worker thread). Called by ropekit.tables for every exact table.
+std::tuple<Tensor, Tensor> cos_sin_cpu(const Tensor& angles) {
+    TORCH_CHECK_VALUE(angles.scalar_type() == at::kDouble,
+                      "ropekit: expected float64 angles, got ", angles.scalar_type(),
+                      ". Fix: compute angles in float64 (ropekit.angles does).");
+    const Tensor a = angles.contiguous();
+    Tensor c = at::empty(a.sizes(), a.options()), s = at::empty(a.sizes(), a.options());
+    const double* ap = a.const_data_ptr<double>();
+    double *cp = c.mutable_data_ptr<double>(), *sp = s.mutable_data_ptr<double>();
+    at::parallel_for(0, a.numel(), 4096, [&](int64_t lo, int64_t hi) {
+        for (int64_t i = lo; i < hi; ++i) {
+            cp[i] = std::cos(ap[i]);
+            sp[i] = std::sin(ap[i]);
+        }
+    });
+    return {c, s};
+}
+
 // ---------------------------------------------------------------------------------------
 // the ops as typed handles (for the autograd and ADInplaceOrView kernels)
 
@@ -1977,6 +2000,7 @@ TORCH_LIBRARY(ropekit, m) {
           "Tensor(b!) k_cache, Tensor slots, Tensor? v=None, Tensor(c!)? v_cache=None, Tensor(d!)? k_out=None, "
           "str cache_layout=\"nhd\", str layout=\"half\") -> ()");
     m.def("cpu_capability() -> str", &cpu_capability);
+    m.def("cos_sin(Tensor angles) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(ropekit, CPU, m) {
@@ -1993,6 +2017,7 @@ TORCH_LIBRARY_IMPL(ropekit, CPU, m) {
     m.impl("qk_norm_rotary_fwd_", &qk_norm_rotary_fwd__cpu);
     m.impl("qk_norm_rotary_bwd", &qk_norm_rotary_bwd_cpu);
     m.impl("rotary_cache_", &rotary_cache__cpu);
+    m.impl("cos_sin", &cos_sin_cpu);
 }
 
 TORCH_LIBRARY_IMPL(ropekit, ADInplaceOrView, m) {

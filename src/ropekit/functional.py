@@ -19,7 +19,7 @@ from ._tensor_checks import check_norm_scalars, flags, tensors, to_rope_error, t
 from ._errors import fail
 from .config import RopeConfig, check_layout
 from .positions import resolve_positions, split_format, split_qk_format, table_view
-from .tables import check_positions
+from .tables import check_positions, cos_sin_f64
 
 __all__ = ["apply_rotary", "apply_rotary_qk", "apply_qk_norm_rotary", "apply_rotary_gather", "rerotate", "check_tables",
            "tracing"]
@@ -418,6 +418,6 @@ def rerotate(
     inv = cfg.inv_freq().to(x.device)  # [r/2] float64 (length-independent, checked above)
     ang = d.to(torch.float64).unsqueeze(-1) * inv  # [..., r/2] float64: (n - m)·θ, one rounding
     tdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    cos, sin = torch.cos(ang).to(tdt), torch.sin(ang).to(tdt)
+    cos, sin = (t.to(tdt) for t in cos_sin_f64(ang))
     cos, sin = table_view(cos, format, d.dim()), table_view(sin, format, d.dim())  # broadcastable to x
     return apply_rotary(x, cos, sin, layout=layout, inplace=inplace, backend=backend)

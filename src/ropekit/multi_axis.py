@@ -40,7 +40,7 @@ from ._checks import describe, flag, integer, real
 from ._checks import device as check_device
 from ._errors import fail
 from .config import CPU, MAX_EXACT_POSITION, RopeConfig, check_head_width, check_seq_len
-from .tables import _default_seq_len, check_cfg, check_dtype, check_positions, check_table
+from .tables import _default_seq_len, check_cfg, check_dtype, check_positions, check_table, cos_sin_f64
 
 __all__ = [
     "pair_axes",
@@ -206,7 +206,7 @@ def multi_axis_cos_sin(
         seq_len = _default_seq_len(cfg, positions)
     axes = pair_axes(secs, interleaved=interleaved)
     ang = multi_axis_angles(positions, axes, cfg.inv_freq(seq_len))  # float64 [..., r/2]
-    cos, sin = torch.cos(ang), torch.sin(ang)
+    cos, sin = cos_sin_f64(ang)
     if attention_scaling and cfg.attention_factor != 1.0:
         cos, sin = cos * cfg.attention_factor, sin * cfg.attention_factor
     return cos.to(dtype), sin.to(dtype)
@@ -426,7 +426,7 @@ class AxialRope:
         """
         check_dtype(dtype)
         ang = self.angles(positions)
-        cos, sin = torch.cos(ang), torch.sin(ang)
+        cos, sin = cos_sin_f64(ang)
         return with_special_tokens(cos.to(dtype), sin.to(dtype), n_special)
 
     def apply(

@@ -29,6 +29,8 @@ The ops (schemas in ``csrc/ops.cpp``), for CPU and Meta tensors, differentiable 
         # serving: q rotated in place, k rotated into the cache at flat slots (negative: skipped),
         # v copied beside it; not differentiable (ropekit.serving.apply_rotary_cache)
     cpu_capability() -> str                     # "default", "avx2", "avx512" or "avx512bf16"
+    cos_sin(angles) -> (Tensor, Tensor)         # float64 cos/sin with the C library's cos/sin, per
+        # element (ropekit.tables uses it for exact tables: same bits in every process)
 
 The kernel is compiled for several instruction-set levels and the best one the CPU runs is
 picked when the library loads; ``ROPEKIT_CPU_CAPABILITY=default|avx2|avx512|avx512bf16`` (set before
@@ -218,8 +220,13 @@ def _register_fakes() -> None:
         check("rotary_cache_", q, k, cos_table, sin_table, positions, k_cache, slots, v, v_cache, k_out, cache_layout,
               layout)
 
+    def cos_sin(angles):
+        if angles.dtype != torch.float64:
+            raise _fail("float64 angles", f"dtype {angles.dtype}", "compute angles in float64 (ropekit.angles does)")
+        return angles.new_empty(angles.shape), angles.new_empty(angles.shape)
+
     for fn in (rotary, rotary_, rotary_out, rotary_qk, rotary_qk_, rotary_gather, rotary_gather_, qk_norm_rotary,
-               qk_norm_rotary_, qk_norm_rotary_fwd, qk_norm_rotary_fwd_, qk_norm_rotary_bwd, rotary_cache_):
+               qk_norm_rotary_, qk_norm_rotary_fwd, qk_norm_rotary_fwd_, qk_norm_rotary_bwd, rotary_cache_, cos_sin):
         torch.library.register_fake(f"ropekit::{fn.__name__}", fn)
 
 

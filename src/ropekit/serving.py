@@ -53,7 +53,7 @@ from ._tensor_checks import flags, tensors, to_rope_error
 from .config import RopeConfig, check_layout
 from .functional import apply_gather, apply_rotary_gather
 from .positions import split_qk_format
-from .tables import cos_sin
+from .tables import cos_sin, cos_sin_f64
 
 __all__ = [
     "apply_rotary_cache",
@@ -318,7 +318,7 @@ def rerotate_cache(
         delta = _angles(new_cfg, new, new_seq_len, axes) - _angles(cfg, old, old_seq_len, axes)  # [n, r/2]
     scale = new_cfg.attention_factor / cfg.attention_factor
     tdt = torch.float64 if cache.dtype == torch.float64 else torch.float32
-    cos, sin = torch.cos(delta), torch.sin(delta)
+    cos, sin = cos_sin_f64(delta)
     if scale != 1.0:
         cos, sin = cos * scale, sin * scale
     cos, sin = cos.to(tdt), sin.to(tdt)  # [n, r/2]: row j rotates slot j

@@ -57,6 +57,23 @@ def check_positions(positions: torch.Tensor, name: str = "positions", *, check_v
     return positions
 
 
+def cos_sin_f64(ang: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of float64 angles ``[...]``, the same bits on every call and in every process.
+
+    On CPU it runs the compiled ``torch.ops.ropekit.cos_sin`` (the C library's ``cos``/``sin``
+    per element, whatever the thread split) when the extension is loaded: ``torch.cos`` on
+    float64 CPU tensors goes through a vector math library that has returned values accurate to
+    ~28 bits on the first call in a fresh worker thread, so the same table could differ by an
+    ulp between processes. Elsewhere (other devices, no extension, angles that need a gradient)
+    it is ``torch.cos`` / ``torch.sin``.
+    """
+    if ang.device.type == "cpu" and ang.dtype == torch.float64 and not ang.requires_grad:
+        op = getattr(getattr(torch.ops, "ropekit", None), "cos_sin", None)
+        if op is not None:
+            return op(ang)
+    return torch.cos(ang), torch.sin(ang)
+
+
 def check_dtype(dtype) -> None:
     """RopeError unless ``dtype`` is a floating table dtype (f16, bf16, f32, f64)."""
     if dtype not in _FLOAT_DTYPES:
@@ -184,7 +201,7 @@ def cos_sin(
     if device is not None:
         positions = positions.to(device)
     ang = _exact_angles(cfg, positions, seq_len=seq_len)  # float64 [..., r/2]
-    cos, sin = torch.cos(ang), torch.sin(ang)
+    cos, sin = cos_sin_f64(ang)
     if attention_scaling:
         f = cfg.attention_factor
         if f != 1.0:

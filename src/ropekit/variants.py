@@ -24,7 +24,7 @@ from torch import nn
 from ._checks import flag, integer, real
 from ._errors import fail
 from .config import CPU, MAX_EXACT_POSITION, RopeConfig, check_head_width, check_seq_len
-from .tables import _as_positions, _default_seq_len, check_cfg, check_dtype, check_positions
+from .tables import _as_positions, _default_seq_len, check_cfg, check_dtype, check_positions, cos_sin_f64
 
 __all__ = [
     "p_rope_inv_freq",
@@ -99,7 +99,7 @@ def p_rope_cos_sin(
     attention_scaling = flag("attention_scaling", attention_scaling)
     inv = p_rope_inv_freq(cfg, p, seq_len=seq_len).to(pos.device)
     ang = pos.to(torch.float64).unsqueeze(-1) * inv  # float64 [..., r/2]
-    cos, sin = torch.cos(ang), torch.sin(ang)
+    cos, sin = cos_sin_f64(ang)
     if attention_scaling and cfg.attention_factor != 1.0:
         cos, sin = cos * cfg.attention_factor, sin * cfg.attention_factor
     return cos.to(dtype), sin.to(dtype)

@@ -1332,6 +1332,97 @@ static inline void norm_bwd_row_fast(const typename T::S* pg, const typename T::
     for (i64 i = 0; i < d; i += N) T::vst(po + i, (vload(vb + i) - vload(xb + i) * cc) * rstd);
 }
 
+// The backward of one row for the paired types (bfloat16, and float16 converted in integer
+// lanes) with up to 8 float lanes (with 16, a 2·NF-block spans two of dot16's 16-element
+// steps): the operations of norm_bwd_row_fast on the rows split even/odd per 2·NF-block (as
+// the forward's paired path), 2·NF values per load and store instead of NF: tables split by pair_tables (sine negated: rot(-θ)), weights split once per call,
+// the weight-gradient sums `acc` kept split (put back in element order by pair_unsplit when
+// the block of rows is done), v and x̂ buffered split, and dot16's 16 lanes rebuilt from the
+// split sums (element 16k + j always lands in lane j, in the same order: the same bits). Loads
+// of normal values take split_fast, a block with any other value the exact split; results are
+// narrowed with join_fast, a block outside the float16 normal range with the exact join.
+template <typename T, int LAYOUT>
+static inline void norm_bwd_row_pair(const uint16_t* pg, const uint16_t* px, uint16_t* po, const float* cb,
+                                     const float* sb, const float* wb, float* acc, float rstd, i64 h, i64 d, float* vb,
+                                     float* xb) {
+    typedef typename T::P P;
+    auto put = [&](i64 i, vf ue, vf uo, vf xe, vf xo) {  // the split block at element i
+        const vf he = xe * rstd, ho = xo * rstd;
+        if (acc != nullptr) {
+            const vf ae = vload(acc + i) + ue * he, ao = vload(acc + i + NF) + uo * ho;
+            memcpy(acc + i, &ae, sizeof ae);
+            memcpy(acc + i + NF, &ao, sizeof ao);
+        }
+        const vf ve = ue * vload(wb + i), vo = uo * vload(wb + i + NF);
+        memcpy(vb + i, &ve, sizeof ve);
+        memcpy(vb + i + NF, &vo, sizeof vo);
+        memcpy(xb + i, &he, sizeof he);
+        memcpy(xb + i + NF, &ho, sizeof ho);
+    };
+    auto load = [&](const uint16_t* p0, const uint16_t* p1, vf& e0, vf& o0, vf& e1, vf& o1) {
+        vu bad = {};
+        P::split_fast(p0, e0, o0, bad);
+        P::split_fast(p1, e1, o1, bad);
+        if (any(bad)) {
+            P::split(p0, e0, o0);
+            P::split(p1, e1, o1);
+        }
+    };
+    if (LAYOUT == 0) {
+        for (i64 i = 0; i < h; i += 2 * NF) {
+            vf gae, gao, gbe, gbo, xae, xao, xbe, xbo;
+            load(pg + i, pg + h + i, gae, gao, gbe, gbo);
+            load(px + i, px + h + i, xae, xao, xbe, xbo);
+            const vf ce = vload(cb + i), co = vload(cb + i + NF), se = vload(sb + i), so = vload(sb + i + NF);
+            put(i, gae * ce - gbe * se, gao * co - gbo * so, xae, xao);
+            put(h + i, gbe * ce + gae * se, gbo * co + gao * so, xbe, xbo);
+        }
+    } else {
+        for (i64 i = 0; i < h; i += NF) {  // elements [2i, 2i + 2·NF): pairs i .. i + NF - 1
+            vf ge, go, xe, xo;
+            load(pg + 2 * i, px + 2 * i, ge, go, xe, xo);
+            const vf c = vload(cb + i), s = vload(sb + i);
+            put(2 * i, ge * c - go * s, go * c + ge * s, xe, xo);
+        }
+    }
+    for (i64 i = 2 * h; i < d; i += 2 * NF) {
+        vf ge, go, xe, xo;
+        load(pg + i, px + i, ge, go, xe, xo);
+        put(i, ge, go, xe, xo);
+    }
+    enum { U = 8 / NF };
+    vf ae[U], ao[U];
+    memset(ae, 0, sizeof ae);
+    memset(ao, 0, sizeof ao);
+    for (i64 i = 0; i < d; i += 16)
+        for (int u = 0; u < U; ++u) {
+            const i64 k = i + u * 2 * NF;
+            ae[u] += vload(vb + k) * vload(xb + k);
+            ao[u] += vload(vb + k + NF) * vload(xb + k + NF);
+        }
+    vf lanes[2 * U];
+    for (int u = 0; u < U; ++u) inter(ae[u], ao[u], lanes[2 * u], lanes[2 * u + 1]);
+    const float cc = tree16<vf, float, NF>(lanes) / (float)d;
+    for (i64 i = 0; i < d; i += 2 * NF) {
+        const vf ye = (vload(vb + i) - vload(xb + i) * cc) * rstd;
+        const vf yo = (vload(vb + i + NF) - vload(xb + i + NF) * cc) * rstd;
+        vu bad = {};
+        vu r = P::join_fast(ye, yo, bad);
+        if (any(bad)) r = P::join(ye, yo);
+        pair_store<0>(po + i, r);
+    }
+}
+
+// a row of d floats split even/odd per 2·NF-block back into element order, in place
+static inline void pair_unsplit(float* a, i64 d) {
+    for (i64 i = 0; i < d; i += 2 * NF) {
+        vf v0, v1;
+        inter(vload(a + i), vload(a + i + NF), v0, v1);
+        memcpy(a + i, &v0, sizeof v0);
+        memcpy(a + i + NF, &v1, sizeof v1);
+    }
+}
+
 template <typename T, int LAYOUT>
 static void norm_bwd_blocks(const NJob& j, i64 k0, i64 k1) {
     typedef typename T::S S;
@@ -1353,6 +1444,36 @@ static void norm_bwd_blocks(const NJob& j, i64 k0, i64 k1) {
     Walk w(j.nd, j.size, j.xs, j.os, j.cs, j.ss, j.gs, r0);
     C* acc = nullptr;
     const bool fast = d % 16 == 0 && h % T::N == 0;
+    if constexpr (Paired<T>::value && NF <= 8) {
+        if (d % 16 == 0 && d % (2 * NF) == 0 && h % (LAYOUT == 0 ? 2 * NF : NF) == 0 && d <= PAIR_TAB_MAX) {
+            alignas(64) float wb[PAIR_TAB_MAX], cb[PAIR_TAB_MAX], sb[PAIR_TAB_MAX];
+            for (i64 i = 0; i < d; i += 2 * NF) {  // the weights split even/odd per 2·NF-block
+                vf e, o;
+                deint(vload(W + i), vload(W + i + NF), e, o);
+                memcpy(wb + i, &e, sizeof e);
+                memcpy(wb + i + NF, &o, sizeof o);
+            }
+            const float *lc = nullptr, *ls = nullptr;
+            for (i64 r = r0; r < r1; ++r, w.next()) {
+                if (DW != nullptr && r % RK_NORM_BLOCK == 0) {
+                    acc = DW + (r / RK_NORM_BLOCK) * d;
+                    for (i64 i = 0; i < d; ++i) acc[i] = 0;
+                }
+                const float *pc = CT + w.c, *ps = ST + w.s;
+                if (pc != lc || ps != ls) {
+                    pair_tables<LAYOUT>(pc, ps, -1.0f, 1.0f, h, cb, sb);
+                    lc = pc, ls = ps;
+                }
+                norm_bwd_row_pair<T, LAYOUT>((const uint16_t*)(G + w.e), (const uint16_t*)(X + w.x),
+                                             (uint16_t*)(O + w.o), cb, sb, wb, acc, R[r], h, d, gb, xb);
+                if (acc != nullptr && ((r + 1) % RK_NORM_BLOCK == 0 || r + 1 == r1)) {
+                    pair_unsplit(acc, d);  // element order, NaN canonical: the block's sums are final
+                    for (i64 i = 0; i < d; ++i) acc[i] = canon1(acc[i]);
+                }
+            }
+            return;
+        }
+    }
     for (i64 r = r0; r < r1; ++r, w.next()) {
         if (DW != nullptr && r % RK_NORM_BLOCK == 0) {
             acc = DW + (r / RK_NORM_BLOCK) * d;

@@ -64,10 +64,11 @@ def cos_sin_f64(ang: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     per element, whatever the thread split) when the extension is loaded: ``torch.cos`` on
     float64 CPU tensors goes through a vector math library that has returned values accurate to
     ~28 bits on the first call in a fresh worker thread, so the same table could differ by an
-    ulp between processes. Elsewhere (other devices, no extension, angles that need a gradient)
-    it is ``torch.cos`` / ``torch.sin``.
+    ulp between processes. Elsewhere (other devices, no extension, angles that need a gradient,
+    inside ``torch.func`` transforms) it is ``torch.cos`` / ``torch.sin``.
     """
-    if ang.device.type == "cpu" and ang.dtype == torch.float64 and not ang.requires_grad:
+    if (ang.device.type == "cpu" and ang.dtype == torch.float64 and not ang.requires_grad
+            and not torch._C._are_functorch_transforms_active()):  # vmap/grad: no batching rule
         op = getattr(getattr(torch.ops, "ropekit", None), "cos_sin", None)
         if op is not None:
             return op(ang)

@@ -29,8 +29,8 @@ The ops (schemas in ``csrc/ops.cpp``), for CPU and Meta tensors, differentiable 
         # serving: q rotated in place, k rotated into the cache at flat slots (negative: skipped),
         # v copied beside it; not differentiable (ropekit.serving.apply_rotary_cache)
     cpu_capability() -> str                     # "default", "avx2", "avx512" or "avx512bf16"
-    cos_sin(angles) -> (Tensor, Tensor)         # float64 cos/sin with the C library's cos/sin, per
-        # element (ropekit.tables uses it for exact tables: same bits in every process)
+    cos_sin(angles) -> (Tensor, Tensor)         # float64 cos/sin per element from IEEE operations
+        # only (ropekit.tables uses it for exact tables: the same bits in every process)
 
 The kernel is compiled for several instruction-set levels and the best one the CPU runs is
 picked when the library loads; ``ROPEKIT_CPU_CAPABILITY=default|avx2|avx512|avx512bf16`` (set before

@@ -196,8 +196,8 @@ static RK_INLINE vu bf16_round_hi(vf y) {  // the bf16 in the top 16 bits of eac
 // infinity (same exponent range), so the instruction's flush of subnormal outputs never acts.
 #define RK_BF16_CVT 1
 static RK_INLINE bool bf16_cvt_ok(vf y) { return _mm512_fpclass_ps_mask((__m512)y, 0xA1) == 0; }
-static RK_INLINE bool bf16_cvt_ok(vf y0, vf y1) {
-    return (_mm512_fpclass_ps_mask((__m512)y0, 0xA1) | _mm512_fpclass_ps_mask((__m512)y1, 0xA1)) == 0;
+static RK_INLINE bool bf16_cvt_ok(vf y0, vf y1) {  // one KORTEST: no mask moved to a general register
+    return _kortestz_mask16_u8(_mm512_fpclass_ps_mask((__m512)y0, 0xA1), _mm512_fpclass_ps_mask((__m512)y1, 0xA1));
 }
 #endif
 // float16 <-> float32 in 32-bit integer lanes, for the levels without conversion instructions

@@ -66,7 +66,9 @@ extern "C" {
     /* norm + rotation forward: rows [g0, g1) of the jobs' concatenated rows */               \
     void rk_norm_fwd_##L(const RkNormJob* jobs, int64_t njobs, int64_t g0, int64_t g1);       \
     /* backward: blocks [b0, b1) of the jobs' concatenated RK_NORM_BLOCK-row blocks */        \
-    void rk_norm_bwd_##L(const RkNormJob* jobs, int64_t njobs, int64_t b0, int64_t b1);
+    void rk_norm_bwd_##L(const RkNormJob* jobs, int64_t njobs, int64_t b0, int64_t b1);       \
+    /* s[i] = sin(x[i]), c[i] = cos(x[i]) for i < n, float64: the same bits at every level */ \
+    void rk_sincos_##L(const double* x, double* s, double* c, int64_t n);
 
 RK_DECLARE_LEVEL(default)
 #if defined(__x86_64__) || defined(_M_X64)

@@ -79,15 +79,18 @@ struct Level {
     void (*rows)(const RkJob*, int64_t, int64_t, int64_t);
     void (*norm_fwd)(const RkNormJob*, int64_t, int64_t, int64_t);
     void (*norm_bwd)(const RkNormJob*, int64_t, int64_t, int64_t);
+    void (*sincos)(const double*, double*, double*, int64_t);
 };
 
 const Level kLevels[] = {
-    {"default", rk_features_default, rk_finish_default, rk_rows_default, rk_norm_fwd_default, rk_norm_bwd_default},
+    {"default", rk_features_default, rk_finish_default, rk_rows_default, rk_norm_fwd_default, rk_norm_bwd_default,
+     rk_sincos_default},
 #if defined(__x86_64__) || defined(_M_X64)
-    {"avx2", rk_features_avx2, rk_finish_avx2, rk_rows_avx2, rk_norm_fwd_avx2, rk_norm_bwd_avx2},
-    {"avx512", rk_features_avx512, rk_finish_avx512, rk_rows_avx512, rk_norm_fwd_avx512, rk_norm_bwd_avx512},
+    {"avx2", rk_features_avx2, rk_finish_avx2, rk_rows_avx2, rk_norm_fwd_avx2, rk_norm_bwd_avx2, rk_sincos_avx2},
+    {"avx512", rk_features_avx512, rk_finish_avx512, rk_rows_avx512, rk_norm_fwd_avx512, rk_norm_bwd_avx512,
+     rk_sincos_avx512},
     {"avx512bf16", rk_features_avx512bf16, rk_finish_avx512bf16, rk_rows_avx512bf16, rk_norm_fwd_avx512bf16,
-     rk_norm_bwd_avx512bf16},
+     rk_norm_bwd_avx512bf16, rk_sincos_avx512bf16},
 #endif
 };
 constexpr int kNumLevels = sizeof(kLevels) / sizeof(kLevels[0]);
@@ -1092,75 +1095,11 @@ Tensor4 qk_norm_rotary_bwd_cpu(const Tensor& gq, const Tensor& gk, const Tensor&
 
 std::string cpu_capability() { return level().name; }
 
-// cos and sin of float64 angles, element by element, from IEEE double additions and
-// multiplications only (this file is built with -ffp-contract=off: no fused multiply-add), so
-// a table has the same bits on every call, in every process, whatever the thread split, and
-// on every machine; lanes the reduction below does not cover take the C library's cos/sin
-// (deterministic too). torch.cos on float64 CPU tensors goes through MKL's vector math, which
-// has been seen to return values with ~28 correct bits on the first call in a fresh worker
-// thread. Accuracy: within 1 ulp of float64 of the exact value (the C library's differs from
-// it by at most 1 ulp in ~4% of values; rounded to float32 the two agreed on 2M test angles).
-namespace trig {
-// pi/2 = P1 + P2 + P3 + 1.0e-37, P1 and P2 of 33 bits each (k·P1 and k·P2 are exact for
-// |k| < 2^20); derived from pi to 400 bits (Machin's formula in integer arithmetic)
-constexpr double P1 = 0x1.921fb544p+0, P2 = 0x1.0b4611a6p-34, P3 = 0x1.3198a2e037073p-69;
-constexpr double TWO_OVER_PI = 0x1.45f306dc9c883p-1;
-constexpr double SHIFTER = 0x1.8p52;  // v + SHIFTER holds round(v) in its low bits
-constexpr double LIMIT = 1.6e6;       // |x| below it: |k| < 2^20
-// Taylor coefficients (-1)^n / (2n + 1)! and (-1)^n / (2n)!, rounded to double; the first
-// omitted terms are below 1e-19 of the result for |r| <= pi/4
-constexpr double S3 = -0x1.5555555555555p-3, S5 = 0x1.1111111111111p-7, S7 = -0x1.a01a01a01a01ap-13,
-                 S9 = 0x1.71de3a556c734p-19, S11 = -0x1.ae64567f544e4p-26, S13 = 0x1.6124613a86d09p-33,
-                 S15 = -0x1.ae7f3e733b81fp-41, S17 = 0x1.952c77030ad4ap-49, S19 = -0x1.2f49b46814157p-57;
-constexpr double C4 = 0x1.5555555555555p-5, C6 = -0x1.6c16c16c16c17p-10, C8 = 0x1.a01a01a01a01ap-16,
-                 C10 = -0x1.27e4fb7789f5cp-22, C12 = 0x1.1eed8eff8d898p-29, C14 = -0x1.93974a8c07c9dp-37,
-                 C16 = 0x1.ae7f3e733b81fp-45, C18 = -0x1.6827863b97d97p-53;
-enum { W = 4 };
-typedef double V __attribute__((vector_size(8 * W)));
-typedef int64_t I __attribute__((vector_size(8 * W)));
-
-// W angles -> sin, cos; returns all-ones in the lanes that need the C library: |x| >= LIMIT,
-// infinity, NaN, or a reduced angle below 2^-30 (where the reduction's absolute error of
-// ~2^-100 would be a larger relative one)
-static inline I sincos(V x, V& s_out, V& c_out) {
-    const V y = x * TWO_OVER_PI + SHIFTER;
-    const V kd = y - SHIFTER;  // k = round(x·2/pi)
-    I q;
-    std::memcpy(&q, &y, sizeof q);  // k in the low bits (two's complement)
-    // r = x - k·pi/2 as hi + lo: x - k·P1 is exact (Sterbenz), t - k·P2 by TwoSum
-    const V t = x - kd * P1, w = kd * P2;
-    const V r1 = t - w;
-    const V bb = r1 - t, e1 = (t - (r1 - bb)) + (-w - bb);
-    const V tail = e1 - kd * P3;
-    const V hi = r1 + tail, lo = (r1 - hi) + tail;
-    // sin(hi + lo) = sin(hi) + lo·cos(hi), cos(hi + lo) = cos(hi) - lo·sin(hi), |hi| <= pi/4
-    const V z = hi * hi, v = z * hi;
-    const V ps = S3 + z * (S5 + z * (S7 + z * (S9 + z * (S11 + z * (S13 + z * (S15 + z * (S17 + z * S19)))))));
-    const V sn = hi + (v * ps + (lo - 0.5 * z * lo));
-    const V pc = C4 + z * (C6 + z * (C8 + z * (C10 + z * (C12 + z * (C14 + z * (C16 + z * C18))))));
-    const V hz = 0.5 * z, wv = 1.0 - hz;
-    const V cs = wv + (((1.0 - wv) - hz) + (z * (z * pc) - hi * lo));  // 1 - hz's rounding error kept
-    // quadrant k mod 4: (sin, cos) = (s, c), (c, -s), (-s, -c), (-c, s)
-    const I odd = -(q & 1);
-    I si, ci;
-    std::memcpy(&si, &sn, sizeof si);
-    std::memcpy(&ci, &cs, sizeof ci);
-    I a = (ci & odd) | (si & ~odd), b = (si & odd) | (ci & ~odd);
-    a ^= (q & 2) << 62;
-    b ^= ((q + 1) & 2) << 62;
-    std::memcpy(&s_out, &a, sizeof a);
-    std::memcpy(&c_out, &b, sizeof b);
-    I ax, ah;
-    std::memcpy(&ax, &x, sizeof ax);
-    std::memcpy(&ah, &hi, sizeof ah);
-    const double lim = LIMIT, tiny = 0x1p-30;
-    int64_t lb, tb;
-    std::memcpy(&lb, &lim, 8);
-    std::memcpy(&tb, &tiny, 8);
-    return ((ax & INT64_MAX) >= lb) | ((ah & INT64_MAX) < tb);  // NaN and infinity: above LIMIT
-}
-}  // namespace trig
-
+// cos and sin of float64 angles, element by element (kernel.cpp, rk_sincos_*: IEEE double
+// additions and multiplications only, the same bits at every level; see there), so a table
+// has the same bits on every call, in every process and whatever the thread split. torch.cos
+// on float64 CPU tensors goes through MKL's vector math, which has been seen to return values
+// with ~28 correct bits on the first call in a fresh worker thread.
 std::tuple<Tensor, Tensor> cos_sin_cpu(const Tensor& angles) {
     TORCH_CHECK_VALUE(angles.scalar_type() == at::kDouble,
                       "ropekit: expected float64 angles, got ", angles.scalar_type(),
@@ -1169,18 +1108,8 @@ std::tuple<Tensor, Tensor> cos_sin_cpu(const Tensor& angles) {
     Tensor c = at::empty(a.sizes(), a.options()), s = at::empty(a.sizes(), a.options());
     const double* ap = a.const_data_ptr<double>();
     double *cp = c.mutable_data_ptr<double>(), *sp = s.mutable_data_ptr<double>();
-    at::parallel_for(0, a.numel(), 4096, [&](int64_t lo, int64_t hi) {
-        for (int64_t i = lo; i < hi; i += trig::W) {
-            const int64_t m = std::min<int64_t>(trig::W, hi - i);
-            trig::V x = {}, sv, cv;  // the last block zero padded
-            std::memcpy(&x, ap + i, (size_t)m * sizeof(double));
-            const trig::I lib = trig::sincos(x, sv, cv);
-            for (int64_t u = 0; u < m; ++u) {
-                sp[i + u] = lib[u] ? std::sin(ap[i + u]) : sv[u];
-                cp[i + u] = lib[u] ? std::cos(ap[i + u]) : cv[u];
-            }
-        }
-    });
+    const auto fn = level().sincos;
+    at::parallel_for(0, a.numel(), 4096, [&](int64_t lo, int64_t hi) { fn(ap + lo, sp + lo, cp + lo, hi - lo); });
     return {c, s};
 }
 

@@ -4,8 +4,9 @@
 accurate to only ~28 bits on the first call in a fresh worker thread (seen in ~2 of 100 pytest
 subprocesses: 66 of 2112 float32 table values 1 ulp off, all in the second thread's half).
 The tables come from ``torch.ops.ropekit.cos_sin`` instead: a reduction by pi/2 and
-polynomials in IEEE double operations, and the C library's ``cos``/``sin`` for the angles
-outside the reduction's range. The oracle here is Python's ``math.cos``/``math.sin`` (the C
+polynomials in IEEE double operations (the kernel of each instruction-set level, the same
+bits at each), and the C library's ``cos``/``sin`` for the angles outside the reduction's
+range. The oracle here is Python's ``math.cos``/``math.sin`` (the C
 library, within 1 ulp of the exact value): the op agrees with it within 1 ulp of float64, bit
 for bit on the C library's lanes, and rounded to float32 / bfloat16 / float16 bit for bit.
 """
@@ -208,6 +209,30 @@ def test_first_call_in_fresh_processes_is_the_same():
     assert outs == {here}
     wc, ws = _math(torch.arange(4096, dtype=torch.float64)[:, None] * RopeConfig(128).inv_freq())
     assert torch.equal(c, wc.float()) and torch.equal(s, ws.float())
+
+
+def test_every_level_gives_the_same_bits(tmp_path):
+    # the kernel runs at each instruction-set level's vector width (2 to 8 lanes): a fresh
+    # process per level this CPU runs, the same angles (every lane path: reduced, the C
+    # library's, zero-padded tails), the same bits
+    a = torch.cat([_angles(), _specials(), _near_multiples_of_pi_over_2()])[:30001]
+    torch.save(a, tmp_path / "a.pt")
+    code = (
+        "import sys, hashlib, torch, ropekit\n"
+        "from ropekit.tables import cos_sin_f64\n"
+        "a = torch.load(sys.argv[1])\n"
+        "c, s = cos_sin_f64(a)\n"
+        "print(torch.ops.ropekit.cpu_capability(), hashlib.sha256(c.numpy().tobytes() + s.numpy().tobytes()).hexdigest())\n"
+    )
+    c, s = cos_sin_f64(a)
+    here = hashlib.sha256(c.numpy().tobytes() + s.numpy().tobytes()).hexdigest()
+    levels = ops.levels()
+    assert levels
+    for lv in levels:
+        env = dict(os.environ, ROPEKIT_CPU_CAPABILITY=lv)
+        out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a.pt")], capture_output=True, text=True,
+                             env=env, check=True).stdout.split()
+        assert out == [lv, here], (lv, out)
 
 
 def test_op_boundary():

@@ -70,12 +70,18 @@ def cos_sin_f64(ang: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     (other devices, no extension, angles that need a gradient, inside ``torch.func``
     transforms) it is ``torch.cos`` / ``torch.sin``.
     """
+    global _COS_SIN_OP
     if (ang.device.type == "cpu" and ang.dtype == torch.float64 and not ang.requires_grad
             and not torch._C._are_functorch_transforms_active()):  # vmap/grad: no batching rule
-        op = getattr(getattr(torch.ops, "ropekit", None), "cos_sin", None)
+        op = _COS_SIN_OP
+        if op is None:  # registered when ropekit.ops loads the extension (looked up until then)
+            op = _COS_SIN_OP = getattr(getattr(torch.ops, "ropekit", None), "cos_sin", None)
         if op is not None:
             return op(ang)
     return torch.cos(ang), torch.sin(ang)
+
+
+_COS_SIN_OP = None
 
 
 def check_dtype(dtype) -> None:

@@ -1370,6 +1370,37 @@ class GatheredFn : public torch::autograd::Function<GatheredFn> {
     }
 };
 
+// cos_sin: d cos = -sin dx, d sin = cos dx, from the saved outputs (aten ops: differentiable
+// again, through the outputs' own graph)
+using CosSinSig = std::tuple<Tensor, Tensor>(const Tensor&);
+class CosSinFn : public torch::autograd::Function<CosSinFn> {
+   public:
+    static variable_list forward(AutogradContext* ctx, const Tensor& x) {
+        at::AutoDispatchBelowADInplaceOrView guard;
+        static auto op = RK_OP("cos_sin", CosSinSig);
+        auto [c, s] = op.call(x);
+        ctx->save_for_backward({c, s});
+        return {c, s};
+    }
+    static variable_list backward(AutogradContext* ctx, variable_list g) {
+        const auto saved = ctx->get_saved_variables();
+        Tensor dx;
+        if (g[0].defined()) dx = -(g[0] * saved[1]);
+        if (g[1].defined()) dx = dx.defined() ? dx + g[1] * saved[0] : g[1] * saved[0];
+        return {dx};
+    }
+};
+
+std::tuple<Tensor, Tensor> cos_sin_autograd(const Tensor& x) {
+    if (!grad_on({&x})) {
+        at::AutoDispatchBelowADInplaceOrView guard;
+        static auto op = RK_OP("cos_sin", CosSinSig);
+        return op.call(x);
+    }
+    auto r = CosSinFn::apply(x);
+    return {r[0], r[1]};
+}
+
 Tensor rotary_autograd(const Tensor& x, const Tensor& c, const Tensor& s, c10::string_view layout, bool conj) {
     if (!grad_on({&x, &c, &s})) {
         at::AutoDispatchBelowADInplaceOrView guard;
@@ -2044,6 +2075,7 @@ TORCH_LIBRARY_IMPL(ropekit, Autograd, m) {
     m.impl("qk_norm_rotary_fwd_", torch::dispatch(c10::DispatchKey::Autograd, TORCH_FN(qk_norm_rotary_fwd__autograd)));
     m.impl("qk_norm_rotary_bwd", &qk_norm_rotary_bwd_autograd);
     m.impl("rotary_cache_", torch::dispatch(c10::DispatchKey::Autograd, TORCH_FN(rotary_cache__autograd)));
+    m.impl("cos_sin", &cos_sin_autograd);
 }
 
 // `import ropekit._C` loads this library (its static initialisers above register the ops)

@@ -252,6 +252,21 @@ def test_op_boundary():
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+def test_op_is_differentiable():
+    # direct calls of the op: d cos = -sin, d sin = cos (float64 gradcheck, twice)
+    a = (torch.rand(7, dtype=torch.float64) - 0.5) * 20
+    a = torch.cat([a, torch.tensor([2.0e6, 0.0], dtype=torch.float64)]).requires_grad_()  # both lane kinds
+    torch.library.opcheck(torch.ops.ropekit.cos_sin.default, (a,))
+    torch.autograd.gradcheck(lambda x: torch.ops.ropekit.cos_sin(x), (a,))
+    torch.autograd.gradgradcheck(lambda x: torch.ops.ropekit.cos_sin(x), (a,))
+    c, s = torch.ops.ropekit.cos_sin(a)
+    gc, = torch.autograd.grad(c.sum(), a)
+    assert torch.equal(gc, -torch.ops.ropekit.cos_sin(a.detach())[1])
+    with torch.no_grad():
+        c, s = torch.ops.ropekit.cos_sin(a)
+    assert not c.requires_grad
+
+
 def test_gradient_path_uses_torch():
     a = torch.tensor([0.5, 1.5], dtype=torch.float64, requires_grad=True)
     c, s = cos_sin_f64(a)

@@ -281,3 +281,14 @@ def test_vmap_over_angles():
     want = cos_sin_f64(a)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=4e-16)
+
+
+def test_cos_sin_under_vmap():
+    # torch.func.vmap over a batch of position rows: the same tables as the batched call (the
+    # position value checks, which would read a batched value, are skipped there)
+    cfg = RopeConfig(32)
+    pos = torch.arange(12).view(3, 4) * 1000
+    got = torch.func.vmap(lambda p: cos_sin(cfg, p, dtype=torch.float64))(pos)
+    want = cos_sin(cfg, pos, dtype=torch.float64)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=4e-16)

@@ -29,8 +29,9 @@ def check_positions(positions: torch.Tensor, name: str = "positions", *, check_v
 
     Raises RopeError for non-tensors, floating/complex/bool dtypes and (when
     ``check_values``, which syncs with the device) negative values. Values are not
-    checked on ``meta`` tensors (they have none) or while torch.compile/export traces
-    (a check would be a host sync).
+    checked on ``meta`` tensors (they have none), while torch.compile/export traces
+    (a check would be a host sync) or inside ``torch.func`` transforms (``vmap``: a value
+    check would read a batched tensor's value).
     """
     if not isinstance(positions, torch.Tensor):
         raise fail(f"{name} an integer torch.Tensor", type(positions).__name__, f"pass torch.as_tensor({name})")
@@ -40,7 +41,8 @@ def check_positions(positions: torch.Tensor, name: str = "positions", *, check_v
             f"dtype {positions.dtype}",
             f"convert with {name}.long(); bf16/fp16 cannot even represent integers above 256/2048 exactly",
         )
-    if check_values and positions.numel() and positions.device.type != "meta" and not torch.compiler.is_compiling():
+    if (check_values and positions.numel() and positions.device.type != "meta" and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active()):
         lo, hi = (int(v) for v in torch.aminmax(positions))  # one pass, one sync
         if lo < 0:
             raise fail(

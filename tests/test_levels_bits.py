@@ -120,6 +120,29 @@ _PROBE = textwrap.dedent(
                     computed = [t[..., :r] if t.dim() == 4 and t.shape[-1] == d and not op.startswith("qk_norm") else t for t in ts_]
                     if not nan_ok(computed):
                         bad.append(key + "/" + op)
+    # the order of the backward's dot product (dot16: lane j sums elements j, j + 16, ... in
+    # turn): x = 1, the identity rotation, unit weights and rows of g whose products cancel in
+    # every lane — B = 2^12, s = 2^-14, lane terms (B, s, -B, s) or (s, B, s, -B) in element
+    # order: ((B + s) - B) + s = s, but any other order (e.g. (s + B) + s - B = 0) changes the
+    # lane's sum, so cc and dx
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        for layout in ("half", "interleaved"):
+            for d in (64, 128):
+                q, k = torch.ones(3, 2, 4, d).to(dt), torch.ones(3, 2, 2, d).to(dt)
+                w, c1, s0 = torch.ones(d), torch.ones(2, 1, d // 2), torch.zeros(2, 1, d // 2)
+                qo, ko, rq, rk = R.qk_norm_rotary_fwd(q, k, w, w, c1, s0, 1e-6, 0.0, layout)
+
+                def cancelling(shape):
+                    B, sm = 2.0 ** 12, 2.0 ** -14
+                    pats = torch.tensor([[B, sm, -B, sm], [sm, B, sm, -B]])
+                    rows = torch.randint(0, 2, shape[:-1], generator=g)  # a pattern per row
+                    t = pats[rows][..., (torch.arange(shape[-1]) // 16) % 4]
+                    sign = torch.where(torch.rand(shape[:-1] + (1,), generator=g) < 0.5, -1.0, 1.0)
+                    return (t * sign).to(dt)
+
+                gq, gk = cancelling(qo.shape), cancelling(ko.shape)
+                grads = list(R.qk_norm_rotary_bwd(gq, gk, q, k, w, w, rq, rk, c1, s0, 0.0, layout))
+                res[f"order/{str(dt)[6:]}/{layout}/d{d}"] = digest(grads)
     print(json.dumps({"capability": R.cpu_capability(), "digests": res, "noncanonical": bad}))
     """
 )

@@ -1334,11 +1334,13 @@ static inline void norm_bwd_row_fast(const typename T::S* pg, const typename T::
 
 // The backward of one row for the paired types (bfloat16, and float16 converted in integer
 // lanes) with up to 8 float lanes (with 16, a 2·NF-block spans two of dot16's 16-element
-// steps): the operations of norm_bwd_row_fast on the rows split even/odd per 2·NF-block (as
-// the forward's paired path), 2·NF values per load and store instead of NF: tables split by pair_tables (sine negated: rot(-θ)), weights split once per call,
-// the weight-gradient sums `acc` kept split (put back in element order by pair_unsplit when
-// the block of rows is done), v and x̂ buffered split, and dot16's 16 lanes rebuilt from the
-// split sums (element 16k + j always lands in lane j, in the same order: the same bits). Loads
+// steps; re-interleaving each block's products keeps the bits there, but measured no faster
+// than the element-order path at the avx512 levels): the operations of norm_bwd_row_fast on the rows split even/odd per 2·NF-block (as
+// the forward's paired path), 2·NF values per load and store instead of NF: tables split by
+// pair_tables (sine negated: rot(-θ)), weights split once per call, the weight-gradient sums
+// `acc` kept split (put back in element order by pair_unsplit when the block of rows is
+// done), v and x̂ buffered split, and dot16's 16 lanes rebuilt from the split sums (element
+// 16k + j always lands in lane j, in the same order: the same bits). Loads
 // of normal values take split_fast, a block with any other value the exact split; results are
 // narrowed with join_fast, a block outside the float16 normal range with the exact join.
 template <typename T, int LAYOUT>

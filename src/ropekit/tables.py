@@ -65,12 +65,19 @@ def cos_sin_f64(ang: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     On CPU it runs the compiled ``torch.ops.ropekit.cos_sin`` when the extension is loaded:
     a reduction by pi/2 and polynomials from IEEE double additions and multiplications only
     (within 1 ulp of float64; angles of 1.6e6 radians and more, or within 2^-30 of a multiple
-    of pi/2, take the C library's ``cos``/``sin``), so the result depends neither on the thread
-    split nor on the process (nor, outside those angles, on the machine). ``torch.cos`` on float64 CPU tensors goes through a vector
-    math library that has returned values accurate to ~28 bits on the first call in a fresh
-    worker thread, so the same table could differ by an ulp between processes. Elsewhere
-    (other devices, no extension, angles that need a gradient, inside ``torch.func``
-    transforms) it is ``torch.cos`` / ``torch.sin``.
+    of pi/2, take the C library's ``cos``/``sin``), so the result depends neither on the
+    thread split, the instruction-set level nor the process (nor, outside those angles, on the
+    machine). ``torch.cos`` on float64 CPU tensors goes through a vector math library that has
+    returned values accurate to ~28 bits on the first call in a fresh worker thread, so the
+    same table could differ by an ulp between processes. Elsewhere (other devices, no
+    extension, angles that need a gradient, inside ``torch.func`` transforms) it is
+    ``torch.cos`` / ``torch.sin``.
+
+    Example:
+        >>> a = torch.tensor([0.0, 1.0, 1e7], dtype=torch.float64)
+        >>> c, s = cos_sin_f64(a)
+        >>> c.shape, c.dtype
+        (torch.Size([3]), torch.float64)
     """
     global _COS_SIN_OP
     if (ang.device.type == "cpu" and ang.dtype == torch.float64 and not ang.requires_grad

@@ -1078,6 +1078,33 @@ static void norm_fwd_fast_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
     }
 }
 
+// The paired fused paths run on rows whose width and rotary half split into whole 2·NF-blocks
+// (d a multiple of 16 for dot16) and fit the per-call buffers.
+template <int LAYOUT>
+static inline bool pair_rows_ok(i64 d, i64 h) {
+    return d % 16 == 0 && d % (2 * NF) == 0 && h % (LAYOUT == 0 ? 2 * NF : NF) == 0 && d <= PAIR_TAB_MAX;
+}
+
+// d floats split even/odd per 2·NF-block (lanes e at i, o at i + NF): a into out
+static inline void pair_split(const float* a, float* out, i64 d) {
+    for (i64 i = 0; i < d; i += 2 * NF) {
+        vf e, o;
+        deint(vload(a + i), vload(a + i + NF), e, o);
+        memcpy(out + i, &e, sizeof e);
+        memcpy(out + i + NF, &o, sizeof o);
+    }
+}
+
+// the inverse: a row split by pair_split back into element order, in place
+static inline void pair_unsplit(float* a, i64 d) {
+    for (i64 i = 0; i < d; i += 2 * NF) {
+        vf v0, v1;
+        inter(vload(a + i), vload(a + i + NF), v0, v1);
+        memcpy(a + i, &v0, sizeof v0);
+        memcpy(a + i + NF, &v1, sizeof v1);
+    }
+}
+
 // The paired types (pair_tables above) on the fast path: rows split into even and odd
 // elements, the weights split once per call and each table row once per token. The sums of
 // squares keep dot16's lanes: even lane l of a 2·NF-block is element 2l, odd lane l element
@@ -1141,12 +1168,7 @@ static void norm_fwd_pair_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
     auto rowbuf = [&](int grp, int u) -> float* { return BUF ? xbuf[grp][u] : nullptr; };
     alignas(64) float wb[PAIR_TAB_MAX];  // the weights split even/odd per 2·NF-block
     alignas(64) float cb[PAIR_TAB_MAX], sb[PAIR_TAB_MAX];
-    for (i64 i = 0; i < d; i += 2 * NF) {
-        vf e, o;
-        deint(vload(W + i), vload(W + i + NF), e, o);
-        memcpy(wb + i, &e, sizeof e);
-        memcpy(wb + i + NF, &o, sizeof o);
-    }
+    pair_split(W, wb, d);
     const float *lc = nullptr, *ls = nullptr;
     Ahead pf(j, r0, r1, sizeof(uint16_t));
     NormGroup<float> g[2];
@@ -1265,7 +1287,7 @@ static void norm_fwd_rows(const NJob& j, i64 r0, i64 r1) {
     const C eps = (C)j.eps, dd = (C)d;
     Walk w(j.nd, j.size, j.xs, j.os, j.cs, j.ss, j.gs, r0);
     if constexpr (Paired<T>::value) {
-        if (d % 16 == 0 && d % (2 * NF) == 0 && h % (LAYOUT == 0 ? 2 * NF : NF) == 0 && d <= PAIR_TAB_MAX) {
+        if (pair_rows_ok<LAYOUT>(d, h)) {
             norm_fwd_pair_rows<T, LAYOUT>(j, w, r0, r1);
             return;
         }
@@ -1333,16 +1355,17 @@ static inline void norm_bwd_row_fast(const typename T::S* pg, const typename T::
 }
 
 // The backward of one row for the paired types (bfloat16, and float16 converted in integer
-// lanes) with up to 8 float lanes (with 16, a 2·NF-block spans two of dot16's 16-element
-// steps; re-interleaving each block's products keeps the bits there, but measured no faster
-// than the element-order path at the avx512 levels): the operations of norm_bwd_row_fast on the rows split even/odd per 2·NF-block (as
-// the forward's paired path), 2·NF values per load and store instead of NF: tables split by
-// pair_tables (sine negated: rot(-θ)), weights split once per call, the weight-gradient sums
-// `acc` kept split (put back in element order by pair_unsplit when the block of rows is
-// done), v and x̂ buffered split, and dot16's 16 lanes rebuilt from the split sums (element
-// 16k + j always lands in lane j, in the same order: the same bits). Loads
-// of normal values take split_fast, a block with any other value the exact split; results are
-// narrowed with join_fast, a block outside the float16 normal range with the exact join.
+// lanes) with up to 8 float lanes: the operations of norm_bwd_row_fast on the rows split
+// even/odd per 2·NF-block (as the forward's paired path), 2·NF values per load and store
+// instead of NF: tables split by pair_tables (sine negated: rot(-θ)), weights split once per
+// call, the weight-gradient sums `acc` kept split (put back in element order by pair_unsplit
+// when the block of rows is done), v and x̂ buffered split, and dot16's 16 lanes rebuilt from
+// the split sums (element 16k + j always lands in lane j, in the same order: the same bits).
+// Loads of normal values take split_fast, a block with any other value the exact split;
+// results are narrowed with join_fast, a block outside the float16 normal range with the
+// exact join. (With 16 lanes a 2·NF-block spans two of dot16's 16-element steps;
+// re-interleaving each block's products keeps the bits there, but measured no faster than the
+// element-order path at the avx512 levels, so those levels keep it.)
 template <typename T, int LAYOUT>
 static inline void norm_bwd_row_pair(const uint16_t* pg, const uint16_t* px, uint16_t* po, const float* cb,
                                      const float* sb, const float* wb, float* acc, float rstd, i64 h, i64 d, float* vb,
@@ -1415,16 +1438,6 @@ static inline void norm_bwd_row_pair(const uint16_t* pg, const uint16_t* px, uin
     }
 }
 
-// a row of d floats split even/odd per 2·NF-block back into element order, in place
-static inline void pair_unsplit(float* a, i64 d) {
-    for (i64 i = 0; i < d; i += 2 * NF) {
-        vf v0, v1;
-        inter(vload(a + i), vload(a + i + NF), v0, v1);
-        memcpy(a + i, &v0, sizeof v0);
-        memcpy(a + i + NF, &v1, sizeof v1);
-    }
-}
-
 template <typename T, int LAYOUT>
 static void norm_bwd_blocks(const NJob& j, i64 k0, i64 k1) {
     typedef typename T::S S;
@@ -1447,14 +1460,9 @@ static void norm_bwd_blocks(const NJob& j, i64 k0, i64 k1) {
     C* acc = nullptr;
     const bool fast = d % 16 == 0 && h % T::N == 0;
     if constexpr (Paired<T>::value && NF <= 8) {
-        if (d % 16 == 0 && d % (2 * NF) == 0 && h % (LAYOUT == 0 ? 2 * NF : NF) == 0 && d <= PAIR_TAB_MAX) {
+        if (pair_rows_ok<LAYOUT>(d, h)) {
             alignas(64) float wb[PAIR_TAB_MAX], cb[PAIR_TAB_MAX], sb[PAIR_TAB_MAX];
-            for (i64 i = 0; i < d; i += 2 * NF) {  // the weights split even/odd per 2·NF-block
-                vf e, o;
-                deint(vload(W + i), vload(W + i + NF), e, o);
-                memcpy(wb + i, &e, sizeof e);
-                memcpy(wb + i + NF, &o, sizeof o);
-            }
+            pair_split(W, wb, d);  // the weights split even/odd per 2·NF-block
             const float *lc = nullptr, *ls = nullptr;
             for (i64 r = r0; r < r1; ++r, w.next()) {
                 if (DW != nullptr && r % RK_NORM_BLOCK == 0) {
@@ -1546,12 +1554,6 @@ static void norm_range(const NJob* jobs, i64 njobs, i64 g0, i64 g1) {
     }
 }
 
-}  // namespace
-
-using namespace RK_CAT(rk_, RK_LEVEL);
-
-namespace RK_CAT(rk_, RK_LEVEL) {
-
 // cos and sin of float64 angles (the tables' cos_sin op), element by element, from IEEE
 // double additions and multiplications only (-ffp-contract=off: no fused multiply-add), so
 // the same bits at every level and vector width, in every thread split, on every machine;
@@ -1637,7 +1639,10 @@ static void sincos_range(const double* x, double* s, double* c, i64 n) {
     }
 }
 
+
 }  // namespace
+
+using namespace RK_CAT(rk_, RK_LEVEL);
 
 extern "C" {
 

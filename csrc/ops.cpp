@@ -1095,15 +1095,17 @@ Tensor4 qk_norm_rotary_bwd_cpu(const Tensor& gq, const Tensor& gk, const Tensor&
 
 std::string cpu_capability() { return level().name; }
 
-// cos and sin of float64 angles, element by element (kernel.cpp, rk_sincos_*: IEEE double
-// additions and multiplications only, the same bits at every level; see there), so a table
-// has the same bits on every call, in every process and whatever the thread split. torch.cos
-// on float64 CPU tensors goes through MKL's vector math, which has been seen to return values
-// with ~28 correct bits on the first call in a fresh worker thread.
+// cos_sin's validator (the CPU kernel and the fake, through ropekit.ops.check)
+void validate_cos_sin(const Tensor& angles) {
+    RK_CHECK(angles.defined() && angles.scalar_type() == at::kDouble, "float64 angles, got ",
+             angles.defined() ? dt_str(angles.scalar_type()) : std::string("None"),
+             ". Fix: compute angles in float64 (ropekit.angles does)");
+}
+
+// cos and sin of float64 angles, element by element (kernel.cpp, rk_sincos_*: the same bits
+// at every level, thread split and process; see there)
 std::tuple<Tensor, Tensor> cos_sin_cpu(const Tensor& angles) {
-    TORCH_CHECK_VALUE(angles.scalar_type() == at::kDouble,
-                      "ropekit: expected float64 angles, got ", angles.scalar_type(),
-                      ". Fix: compute angles in float64 (ropekit.angles does).");
+    validate_cos_sin(angles);
     const Tensor a = angles.contiguous();
     Tensor c = at::empty(a.sizes(), a.options()), s = at::empty(a.sizes(), a.options());
     const double* ap = a.const_data_ptr<double>();
@@ -1373,12 +1375,16 @@ class GatheredFn : public torch::autograd::Function<GatheredFn> {
 // cos_sin: d cos = -sin dx, d sin = cos dx, from the saved outputs (aten ops: differentiable
 // again, through the outputs' own graph)
 using CosSinSig = std::tuple<Tensor, Tensor>(const Tensor&);
+std::tuple<Tensor, Tensor> call_cos_sin(const Tensor& x) {  // below autograd
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = RK_OP("cos_sin", CosSinSig);
+    return op.call(x);
+}
+
 class CosSinFn : public torch::autograd::Function<CosSinFn> {
    public:
     static variable_list forward(AutogradContext* ctx, const Tensor& x) {
-        at::AutoDispatchBelowADInplaceOrView guard;
-        static auto op = RK_OP("cos_sin", CosSinSig);
-        auto [c, s] = op.call(x);
+        auto [c, s] = call_cos_sin(x);
         ctx->save_for_backward({c, s});
         return {c, s};
     }
@@ -1392,11 +1398,7 @@ class CosSinFn : public torch::autograd::Function<CosSinFn> {
 };
 
 std::tuple<Tensor, Tensor> cos_sin_autograd(const Tensor& x) {
-    if (!grad_on({&x})) {
-        at::AutoDispatchBelowADInplaceOrView guard;
-        static auto op = RK_OP("cos_sin", CosSinSig);
-        return op.call(x);
-    }
+    if (!grad_on({&x})) return call_cos_sin(x);
     auto r = CosSinFn::apply(x);
     return {r[0], r[1]};
 }
@@ -2102,6 +2104,7 @@ PYBIND11_MODULE(_C, m) {
                                   double off, std::string layout) {
         as_value_error([&] { validate_qk_norm_bwd(gq, gk, q, k, qw, kw, rq, rk, c, s, off, layout); });
     });
+    m.def("check_cos_sin", [](const Tensor& angles) { as_value_error([&] { validate_cos_sin(angles); }); });
     m.def("check_rotary_cache", [](const Tensor& q, const Tensor& k, const Tensor& ct, const Tensor& st,
                                    const Tensor& pos, const Tensor& kc, const Tensor& slots, const OptT& v,
                                    const OptT& vc, const OptT& ko, std::string cache_layout, std::string layout) {

@@ -118,6 +118,8 @@ def check(op: str, *args, **kwargs) -> None:
             _C.check_qk_norm_bwd(*a)
         elif op == "rotary_cache_":
             _C.check_rotary_cache(*a)
+        elif op == "cos_sin":
+            _C.check_cos_sin(*a)
         else:
             raise KeyError(op)
     except ValueError as e:
@@ -221,8 +223,7 @@ def _register_fakes() -> None:
               layout)
 
     def cos_sin(angles):
-        if angles.dtype != torch.float64:
-            raise _fail("float64 angles", f"dtype {angles.dtype}", "compute angles in float64 (ropekit.angles does)")
+        check("cos_sin", angles)
         return angles.new_empty(angles.shape), angles.new_empty(angles.shape)
 
     for fn in (rotary, rotary_, rotary_out, rotary_qk, rotary_qk_, rotary_gather, rotary_gather_, qk_norm_rotary,

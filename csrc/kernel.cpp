@@ -680,6 +680,25 @@ struct Walk {
             idx[k] = 0;
         }
     }
+    // The offsets of x, out, cos and sin of the next n rows into X, O, C, S, advancing the
+    // walk: the steps within the last dim in registers (the walk's members would otherwise be
+    // reloaded after each store to the arrays, which may alias them), a carry through next().
+    RK_INLINE void take(int n, i64* X, i64* O, i64* C, i64* S) {
+        const int k = (int)nd - 1;
+        const i64 sz = size[k], dx = xs[k], dox = os[k], dc = cs[k], ds = ss[k], de = es[k];
+        i64 x_ = x, o_ = o, c_ = c, s_ = s, e_ = e, i = idx[k];
+        for (int u = 0; u < n; ++u) {
+            X[u] = x_, O[u] = o_, C[u] = c_, S[u] = s_;
+            if (i + 1 < sz || k == 0) {
+                ++i, x_ += dx, o_ += dox, c_ += dc, s_ += ds, e_ += de;
+                continue;
+            }
+            x = x_, o = o_, c = c_, s = s_, e = e_, idx[k] = i;
+            next();
+            x_ = x, o_ = o, c_ = c, s_ = s, e_ = e, i = idx[k];
+        }
+        x = x_, o = o_, c = c_, s = s_, e = e_, idx[k] = i;
+    }
 };
 
 // Rows [r0, r1) of one job.
@@ -946,12 +965,20 @@ static inline void sumsq16_x8(const typename T::S*, const i64*, int, i64, float*
 // One row without buffers, for d a multiple of 16 and r/2 a multiple of the vector width
 // (head dims 64, 128, 256, ... with rotary dims 2·N·k): the same operations in the same order
 // as the buffered path below, so the same bits.
-template <typename T, int LAYOUT>
+// RAW (float32 / float64 storage, S == C): stores without canon, for a row whose outputs are
+// known finite (finite_row below).
+template <typename T, int LAYOUT, bool RAW = false>
 static inline void norm_fwd_row_fast(const typename T::S* px, typename T::S* po, const typename T::C* pc,
                                      const typename T::C* ps, const typename T::C* W, i64 h, i64 d,
                                      typename T::C rstd) {
     typedef typename T::V V;
     const int N = T::N;
+    auto put = [](typename T::S* p, V v) {
+        if constexpr (RAW)
+            memcpy(p, &v, sizeof v);
+        else
+            T::vst(p, v);
+    };
     for (i64 i = 0; i < h; i += N) {  // pairs: both lanes loaded before either is stored
         V a, b;
         if (LAYOUT == 0) {
@@ -965,47 +992,67 @@ static inline void norm_fwd_row_fast(const typename T::S* px, typename T::S* po,
         const V c = vload(pc + i), s = vload(ps + i);
         const V y1 = a * c - b * s, y2 = b * c + a * s;
         if (LAYOUT == 0) {
-            T::vst(po + i, y1);
-            T::vst(po + h + i, y2);
+            put(po + i, y1);
+            put(po + h + i, y2);
         } else {
             V o0, o1;
             inter(y1, y2, o0, o1);
-            T::vst(po + 2 * i, o0);
-            T::vst(po + 2 * i + N, o1);
+            put(po + 2 * i, o0);
+            put(po + 2 * i + N, o1);
         }
     }
-    for (i64 i = 2 * h; i < d; i += N) T::vst(po + i, (T::vld(px + i) * rstd) * vload(W + i));
+    for (i64 i = 2 * h; i < d; i += N) put(po + i, (T::vld(px + i) * rstd) * vload(W + i));
 }
+
+// canon() changes only NaNs, and a row's outputs are all finite, without looking at them, when
+//   - its inverse RMS is finite and positive (finite_rstd), so its sum of squares is finite:
+//     then x is finite and |x·rstd| < 2^21 (for
+//     |x_i| whose square does not underflow, sum >= x_i²(1 - u) as the sum of non-negative
+//     terms is monotone, so |x_i|·rstd <= sqrt(d)(1 + 5u) with d < 2^40; for smaller |x_i|,
+//     rstd finite means sum/d + eps >= the least subnormal: |x_i|·rstd < 2^-62 · 2^75 in float32,
+//     2^-511 · 2^538 in float64),
+//   - the weights (once per call) and the row's cos/sin (once per table row) are finite and
+//     below FIN_MAX = 2^40 in magnitude:
+// then every product is below 2^21 · 2^40 · 2^40 · 4 and no operation meets a NaN, an overflow,
+// inf - inf or 0·inf. Such rows skip the compare and blend of every stored vector (a quarter
+// of the vector arithmetic of a float32 row at d = 128).
+template <typename C>
+static inline bool finite_below(const C* p, i64 n) {  // every |p[i]| < 2^40 (false for NaN / inf)
+    typedef C VC __attribute__((vector_size(RK_VB)));
+    typedef decltype(VC{} < VC{}) VM;
+    const C lim = C(1099511627776.0);  // 2^40
+    const i64 L = (i64)(RK_VB / sizeof(C));
+    VM bad = {};  // lanes all-ones where a value is NaN or outside (-lim, lim)
+    i64 i = 0;
+    for (; i + L <= n; i += L) {
+        VC v;
+        memcpy(&v, p + i, sizeof v);
+        bad |= ~((v < lim) & (v > -lim));
+    }
+    bool ok = !any((vu)bad);
+    for (; i < n; ++i) ok = ok && p[i] < lim && p[i] > -lim;
+    return ok;
+}
+// rstd = 1 / sqrt(sum/d + eps) is finite and positive exactly when sum/d + eps is finite and
+// positive: then the sum of squares is finite too (an infinite or NaN sum gives 0 or NaN)
+template <typename C>
+static RK_INLINE bool finite_rstd(C rstd) { return rstd > C(0) && rstd - rstd == C(0); }
 
 // Rows [r0, r1) on the fast path, RK_NORM_GROUP rows (a power of two) at a time: a group's
 // inverse RMS is one vector sqrt/div, and its sums are formed while the group before it is
 // written, a row of each at a time.
 #define RK_NORM_GROUP 8
 static_assert(RK_NORM_GROUP == 8, "sumsq16_x8 sums eight rows");
-// Software prefetch of x RK_NORM_AHEAD rows ahead of the group being summed. The sum of a
-// group must wait for its rows before the group's outputs can be formed, and those waiting
-// instructions fill the out-of-order window: without it, at sizes far beyond the caches, few
-// loads of later rows are in flight and the forward ran at 1.7x the time of the rotation
-// alone (measured, 1 thread, prefill). A prefetch never faults and changes no value.
-#define RK_NORM_AHEAD 8
-#define RK_NORM_AHEAD_MIN (1 << 20)  // bytes of x a call's rows span before prefetching pays
-struct Ahead {
-    Walk w;
-    i64 r, r1, bytes;
-    const char* X;
-    Ahead(const NJob& j, i64 r0, i64 r1_, i64 es)
-        : w(j.nd, j.size, j.xs, j.os, j.cs, j.ss, j.gs, r0 + RK_NORM_AHEAD < r1_ ? r0 + RK_NORM_AHEAD : r0),
-          r(r0 + RK_NORM_AHEAD), r1(r1_), bytes(j.d * es), X((const char*)(intptr_t)j.x) {
-        if ((r1 - r0) * bytes < RK_NORM_AHEAD_MIN) r = r1;  // small: in cache, no prefetch (nor its walk)
-    }
-    RK_INLINE void step(i64 es) {  // prefetch the next row ahead
-        if (r >= r1) return;
-        const char* p = X + w.x * es;
-        for (i64 b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 3);
-        ++r;
-        w.next();
-    }
-};
+// Software prefetch into L1 of the rows two groups ahead, a row beside each output row. A
+// group's sum must wait for its rows before its outputs can be formed, and those waiting
+// instructions fill the out-of-order window: with rows in L2 (a decode step's q and k), the
+// sum pass read them at about half the rate of the rotation alone; beyond the caches
+// (prefill), few loads of later rows were in flight (1.7x the rotation's time before any
+// prefetch). A prefetch never faults and changes no value.
+static RK_INLINE void prefetch_row(const char* p, i64 bytes) {
+    const char* e = p + bytes;
+    for (p = (const char*)((uintptr_t)p & ~(uintptr_t)63); p < e; p += 64) __builtin_prefetch(p, 0, 3);
+}
 // rs[u] = 1 / sqrt(rs[u] / d + eps) for the RK_NORM_GROUP rows of a group, as one vector
 // (correctly rounded division and square root: the bits of the scalar formula)
 template <typename C>
@@ -1024,10 +1071,10 @@ struct NormGroup {
     int m;
     i64 xo[RK_NORM_GROUP], oo[RK_NORM_GROUP], co[RK_NORM_GROUP], so[RK_NORM_GROUP];
     C rs[RK_NORM_GROUP];
-    RK_INLINE void fill(Walk& w, Ahead& pf, i64 r, i64 r1, i64 es) {
+    RK_INLINE int fill(Walk& w, i64 r, i64 r1) {  // rows [r, min(r + GROUP, r1)): returns m
         m = r1 - r < RK_NORM_GROUP ? (int)(r1 - r) : RK_NORM_GROUP;
-        for (int u = 0; u < m; ++u, w.next()) xo[u] = w.x, oo[u] = w.o, co[u] = w.c, so[u] = w.s;
-        for (int u = 0; u < m; ++u) pf.step(es);
+        w.take(m, xo, oo, co, so);
+        return m;
     }
     RK_INLINE void finish(C dd, C eps) {  // rs[0, m) hold the sums: the inverse RMS of the group
         for (int u = m; u < RK_NORM_GROUP; ++u) rs[u] = C(1);
@@ -1047,30 +1094,50 @@ static void norm_fwd_fast_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
     const i64 d = j.d, h = j.half;
     const C eps = (C)j.eps, dd = (C)d;
     constexpr bool X8 = RK_SUMSQ_X8 && std::is_same<C, float>::value && T::N == 16;
-    Ahead pf(j, r0, r1, sizeof(S));
-    NormGroup<C> g[2];
+    // float32 / float64 storage: rows known finite are stored without canon (finite_below)
+    constexpr bool RAW = std::is_same<S, C>::value;
+    const bool wok = RAW && finite_below(W, d);
+    const C *lc = nullptr, *ls = nullptr;
+    bool tok = false;
+    const i64 rowb = d * (i64)sizeof(S);
+    // a ring of three groups: the one written (a), the next (summed beside it), the one after
+    // (filled, its rows prefetched beside a's outputs)
+    NormGroup<C> g[3];
     if (r0 < r1) {  // the first group's sums alone; every later group's beside the outputs before it
-        g[0].fill(w, pf, r0, r1, sizeof(S));
+        g[0].fill(w, r0, r1);
         if constexpr (X8)
             sumsq16_x8<T>(X, g[0].xo, g[0].m, d, g[0].rs);
         else
             for (int u = 0; u < g[0].m; ++u) g[0].rs[u] = sumsq16<T>(X + g[0].xo[u], d);
         g[0].finish(dd, eps);
+        if (r0 + RK_NORM_GROUP < r1) g[1].fill(w, r0 + RK_NORM_GROUP, r1);
     }
-    int cur = 0;
-    for (i64 r = r0; r < r1; r += RK_NORM_GROUP, cur ^= 1) {
+    for (i64 r = r0, cur = 0; r < r1; r += RK_NORM_GROUP, cur = cur == 2 ? 0 : cur + 1) {
         const NormGroup<C>& a = g[cur];
-        NormGroup<C>& nx = g[cur ^ 1];
+        NormGroup<C>& nx = g[cur == 2 ? 0 : cur + 1];
+        NormGroup<C>& nn = g[cur == 0 ? 2 : cur - 1];
         // the next group's sums interleaved with this group's outputs, a row of each at a time
         // (rows are disjoint: in place is safe): each sum is a chain of dependent additions
         // whose latency the independent output work of the row beside it hides
         const bool more = r + RK_NORM_GROUP < r1;  // then this group is full: nx.m <= a.m
-        if (more) nx.fill(w, pf, r + RK_NORM_GROUP, r1, sizeof(S));
+        const int ahead = r + 2 * RK_NORM_GROUP < r1 ? nn.fill(w, r + 2 * RK_NORM_GROUP, r1) : 0;
         if constexpr (X8)
             if (more) sumsq16_x8<T>(X, nx.xo, nx.m, d, nx.rs);
         for (int u = 0; u < a.m; ++u) {
+            if (u < ahead) prefetch_row((const char*)(X + nn.xo[u]), rowb);
             if (!X8 && more && u < nx.m) nx.rs[u] = sumsq16<T>(X + nx.xo[u], d);
-            norm_fwd_row_fast<T, LAYOUT>(X + a.xo[u], O + a.oo[u], CT + a.co[u], ST + a.so[u], W, h, d, a.rs[u]);
+            const C *pc = CT + a.co[u], *ps = ST + a.so[u];
+            if constexpr (RAW) {
+                if (pc != lc || ps != ls) {  // a new table row
+                    tok = finite_below(pc, h) && finite_below(ps, h);
+                    lc = pc, ls = ps;
+                }
+                if (wok && tok && finite_rstd(a.rs[u])) {
+                    norm_fwd_row_fast<T, LAYOUT, true>(X + a.xo[u], O + a.oo[u], pc, ps, W, h, d, a.rs[u]);
+                    continue;
+                }
+            }
+            norm_fwd_row_fast<T, LAYOUT>(X + a.xo[u], O + a.oo[u], pc, ps, W, h, d, a.rs[u]);
         }
         if (more) nx.finish(dd, eps);
         if (R != nullptr)
@@ -1170,30 +1237,33 @@ static void norm_fwd_pair_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
     alignas(64) float cb[PAIR_TAB_MAX], sb[PAIR_TAB_MAX];
     pair_split(W, wb, d);
     const float *lc = nullptr, *ls = nullptr;
-    Ahead pf(j, r0, r1, sizeof(uint16_t));
-    NormGroup<float> g[2];
+    const i64 rowb = d * (i64)sizeof(uint16_t);
+    NormGroup<float> g[3];
     if (r0 < r1) {  // as norm_fwd_fast_rows
-        g[0].fill(w, pf, r0, r1, sizeof(uint16_t));
+        g[0].fill(w, r0, r1);
         if constexpr (X8)
             sumsq16_x8<T>(X, g[0].xo, g[0].m, d, g[0].rs);
         else
             for (int u = 0; u < g[0].m; ++u) g[0].rs[u] = pair_sumsq16<T, false>(X + g[0].xo[u], d, rowbuf(0, u));
         g[0].finish(dd, eps);
+        if (r0 + RK_NORM_GROUP < r1) g[1].fill(w, r0 + RK_NORM_GROUP, r1);
     }
-    int cur = 0;
-    for (i64 r = r0; r < r1; r += RK_NORM_GROUP, cur ^= 1) {
+    // cur: the group in the ring; par: its float16 row buffer (this group's / the next's)
+    for (i64 r = r0, cur = 0, par = 0; r < r1; r += RK_NORM_GROUP, cur = cur == 2 ? 0 : cur + 1, par ^= 1) {
         const NormGroup<float>& a = g[cur];
-        NormGroup<float>& nx = g[cur ^ 1];
+        NormGroup<float>& nx = g[cur == 2 ? 0 : cur + 1];
+        NormGroup<float>& nn = g[cur == 0 ? 2 : cur - 1];
         const int m = a.m;
         const i64 *xo = a.xo, *oo = a.oo, *co = a.co, *so = a.so;
         const float* rs = a.rs;
         // the next group's sums interleaved with this group's outputs (as norm_fwd_fast_rows)
         const bool more = r + RK_NORM_GROUP < r1;
-        if (more) nx.fill(w, pf, r + RK_NORM_GROUP, r1, sizeof(uint16_t));
+        const int ahead = r + 2 * RK_NORM_GROUP < r1 ? nn.fill(w, r + 2 * RK_NORM_GROUP, r1) : 0;
         if constexpr (X8)
             if (more) sumsq16_x8<T>(X, nx.xo, nx.m, d, nx.rs);
         for (int u = 0; u < m; ++u) {
-            if (!X8 && more && u < nx.m) nx.rs[u] = pair_sumsq16<T, false>(X + nx.xo[u], d, rowbuf(cur ^ 1, u));
+            if (u < ahead) prefetch_row((const char*)(X + nn.xo[u]), rowb);
+            if (!X8 && more && u < nx.m) nx.rs[u] = pair_sumsq16<T, false>(X + nx.xo[u], d, rowbuf(par ^ 1, u));
             const float *pc = CT + co[u], *ps = ST + so[u];
             if (pc != lc || ps != ls) {
                 pair_tables<LAYOUT>(pc, ps, 1.0f, 1.0f, h, cb, sb);
@@ -1202,7 +1272,7 @@ static void norm_fwd_pair_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
             const uint16_t* px = X + xo[u];
             uint16_t* po = O + oo[u];
             const float rv = rs[u];
-            const float* xr = rowbuf(cur, u);
+            const float* xr = rowbuf((int)par, u);
             // the cheap conversions of normal values first (P::FAST); a block with any other
             // value is formed again with the exact ones before it is stored (in place is safe)
             auto norm = [&](i64 i, vf& e, vf& o, vu& bad, auto exact) {  // elements [i, i + 2·NF)

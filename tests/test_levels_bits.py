@@ -120,6 +120,32 @@ _PROBE = textwrap.dedent(
                     computed = [t[..., :r] if t.dim() == 4 and t.shape[-1] == d and not op.startswith("qk_norm") else t for t in ts_]
                     if not nan_ok(computed):
                         bad.append(key + "/" + op)
+    # the fused forward stores float32 / float64 rows it knows finite without making NaNs
+    # canonical (finite weights and tables below 2^40, a finite positive inverse RMS): rows
+    # outside that must still store the canonical NaN. Huge finite weights or tables (the
+    # products overflow: inf - inf), a zero row with eps = 0 (0 * inf), a row holding an
+    # infinity (its sum is inf, its inverse RMS 0: inf * 0), and weights/tables just below
+    # the bound (every output finite).
+    for dt, big in ((torch.float32, 1e38), (torch.float64, 1e307)):
+        for layout in ("half", "interleaved"):
+            q = torch.randn(2, 3, 4, 64, generator=g).to(dt)
+            q[0, 1] = 0.0
+            q[1, 2, 1, 5] = float("inf")
+            k = torch.randn(2, 3, 2, 64, generator=g).to(dt)
+            c, sn = torch.randn(3, 1, 32, generator=g).to(dt), torch.randn(3, 1, 32, generator=g).to(dt)
+            w = torch.randn(64, generator=g).to(dt)
+            for name, (w1, cc, ss, eps) in (("w_huge", (w * big, c, sn, 1e-6)),
+                                            ("tables_huge", (w, c * big, sn * big, 1e-6)),
+                                            ("eps0", (w, c, sn, 0.0)),
+                                            ("bound", (w.sign() * 2.0 ** 39, c.sign() * 2.0 ** 39, sn.sign() * 2.0 ** 39, 1e-6))):
+                qo, ko, rq, rk = R.qk_norm_rotary_fwd(q, k, w1, w1, cc, ss, eps, 0.0, layout)
+                qi, ki = q.clone(), k.clone(); R.qk_norm_rotary_(qi, ki, w1, w1, cc, ss, eps, 0.0, layout)
+                key = f"raw/{str(dt)[6:]}/{layout}/{name}"
+                res[key] = digest([qo, ko, rq, rk, qi, ki])
+                if not nan_ok([qo, ko, qi, ki]):
+                    bad.append(key)
+                if name == "bound" and bool(torch.isnan(qo[0, 0]).any() or torch.isnan(ko).any()):
+                    bad.append(key + " (a NaN in rows that have none)")
     # the order of the backward's dot product (dot16: lane j sums elements j, j + 16, ... in
     # turn): x = 1, the identity rotation, unit weights and rows of g whose products cancel in
     # every lane — B = 2^12, s = 2^-14, lane terms (B, s, -B, s) or (s, B, s, -B) in element

@@ -929,7 +929,9 @@ static inline typename T::C sumsq16(const typename T::S* px, i64 d) {
 #if RK_VB == 64
 #define RK_SUMSQ_X8 1
 template <typename T>
-static RK_INLINE void sumsq16_x8(const typename T::S* X, const i64* xo, int m, i64 d, float* out) {
+static RK_INLINE void sumsq16_x8(const typename T::S* X, const i64* xo, int m, i64 d, float* out,
+                                  float (*keep)[PAIR_TAB_MAX] = nullptr) {
+    // keep: row u's widened values are stored to keep[u][0, d) (element order)
     const typename T::S* p[8];
     for (int u = 0; u < 8; ++u) p[u] = X + xo[u < m ? u : 0];
     __m512 a[8];
@@ -937,6 +939,7 @@ static RK_INLINE void sumsq16_x8(const typename T::S* X, const i64* xo, int m, i
     for (i64 i = 0; i < d; i += 16)
         for (int u = 0; u < 8; ++u) {
             const vf v = T::vld(p[u] + i);
+            if (keep != nullptr) memcpy(keep[u] + i, &v, sizeof v);
             a[u] = (__m512)((vf)a[u] + v * v);
         }
     // lanes k + k + 8 of two rows: [row 2v: 8 lanes | row 2v + 1: 8 lanes]
@@ -959,7 +962,7 @@ static RK_INLINE void sumsq16_x8(const typename T::S* X, const i64* xo, int m, i
 #else
 #define RK_SUMSQ_X8 0
 template <typename T>
-static inline void sumsq16_x8(const typename T::S*, const i64*, int, i64, float*) {}  // not called
+static inline void sumsq16_x8(const typename T::S*, const i64*, int, i64, float*, float (*)[PAIR_TAB_MAX] = nullptr) {}  // not called
 #endif
 
 // One row without buffers, for d a multiple of 16 and r/2 a multiple of the vector width
@@ -1342,6 +1345,75 @@ static void norm_fwd_pair_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
     }
 }
 
+#ifdef RK_BF16_CVT
+// bfloat16 at the avx512bf16 level, half layout, h and d multiples of 32: element order
+// throughout. The sum pass (sumsq16_x8) keeps each row's widened values in a per-thread
+// buffer; the output pass reads them, and narrows 32 results at a time with one VCVTNE2PS2BF16
+// in element order. Against the paired path this drops the even/odd split of x, the split
+// tables and the interleaving permute of every join (6 of ~47 vector instructions per 64
+// elements). The same operations per element as every other path (the same products, the
+// same rotation, round to nearest even; a block with a NaN or subnormal result narrowed by
+// the formula): the same bits.
+static inline bool norm_el_rows_ok(i64 d, i64 h) { return h % 32 == 0 && d % 32 == 0 && d <= PAIR_TAB_MAX; }
+static RK_INLINE void bf16_store2(uint16_t* p, vf lo, vf hi) {  // p[0, 32) = lo, hi rounded
+    __m512i r;
+    if (__builtin_expect(bf16_cvt_ok(lo, hi), 1))
+        r = (__m512i)_mm512_cvtne2ps_pbh((__m512)hi, (__m512)lo);
+    else
+        r = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16((__m512i)(bf16_round_hi(lo) >> 16))),
+                               _mm512_cvtepi32_epi16((__m512i)(bf16_round_hi(hi) >> 16)), 1);
+    memcpy(p, &r, sizeof r);
+}
+static void norm_fwd_bf16_el_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
+    typedef BF16 T;
+    const uint16_t* X = (const uint16_t*)(intptr_t)j.x;
+    uint16_t* O = (uint16_t*)(intptr_t)j.o;
+    const float* CT = (const float*)(intptr_t)j.c;
+    const float* ST = (const float*)(intptr_t)j.s;
+    const float* W = (const float*)(intptr_t)j.w;
+    float* R = (float*)(intptr_t)j.rstd;
+    const i64 d = j.d, h = j.half;
+    const float eps = (float)j.eps, dd = (float)d;
+    const i64 rowb = d * (i64)sizeof(uint16_t);
+    alignas(64) float xbuf[2][RK_NORM_GROUP][PAIR_TAB_MAX];  // this group's rows, the next's
+    NormGroup<float> g[3];  // as norm_fwd_fast_rows
+    if (r0 < r1) {
+        g[0].fill(w, r0, r1);
+        sumsq16_x8<T>(X, g[0].xo, g[0].m, d, g[0].rs, xbuf[0]);
+        g[0].finish(dd, eps);
+        if (r0 + RK_NORM_GROUP < r1) g[1].fill(w, r0 + RK_NORM_GROUP, r1);
+    }
+    for (i64 r = r0, cur = 0, par = 0; r < r1; r += RK_NORM_GROUP, cur = cur == 2 ? 0 : cur + 1, par ^= 1) {
+        const NormGroup<float>& a = g[cur];
+        NormGroup<float>& nx = g[cur == 2 ? 0 : cur + 1];
+        NormGroup<float>& nn = g[cur == 0 ? 2 : cur - 1];
+        const bool more = r + RK_NORM_GROUP < r1;
+        const int ahead = r + 2 * RK_NORM_GROUP < r1 ? nn.fill(w, r + 2 * RK_NORM_GROUP, r1) : 0;
+        if (more) sumsq16_x8<T>(X, nx.xo, nx.m, d, nx.rs, xbuf[par ^ 1]);
+        for (int u = 0; u < a.m; ++u) {
+            if (u < ahead) prefetch_row((const char*)(X + nn.xo[u]), rowb);
+            const float *xr = xbuf[par][u], *pc = CT + a.co[u], *ps = ST + a.so[u];
+            uint16_t* po = O + a.oo[u];
+            const float rv = a.rs[u];
+            for (i64 i = 0; i < h; i += 32) {
+                const vf a0 = (vload(xr + i) * rv) * vload(W + i);
+                const vf a1 = (vload(xr + i + 16) * rv) * vload(W + i + 16);
+                const vf b0 = (vload(xr + h + i) * rv) * vload(W + h + i);
+                const vf b1 = (vload(xr + h + i + 16) * rv) * vload(W + h + i + 16);
+                const vf c0 = vload(pc + i), c1 = vload(pc + i + 16), s0 = vload(ps + i), s1 = vload(ps + i + 16);
+                bf16_store2(po + i, a0 * c0 - b0 * s0, a1 * c1 - b1 * s1);
+                bf16_store2(po + h + i, b0 * c0 + a0 * s0, b1 * c1 + a1 * s1);
+            }
+            for (i64 i = 2 * h; i < d; i += 32)
+                bf16_store2(po + i, (vload(xr + i) * rv) * vload(W + i), (vload(xr + i + 16) * rv) * vload(W + i + 16));
+        }
+        if (more) nx.finish(dd, eps);
+        if (R != nullptr)
+            for (int u = 0; u < a.m; ++u) R[r + u] = canon1(a.rs[u]);
+    }
+}
+#endif
+
 template <typename T, int LAYOUT>
 static void norm_fwd_rows(const NJob& j, i64 r0, i64 r1) {
     typedef typename T::S S;
@@ -1357,6 +1429,12 @@ static void norm_fwd_rows(const NJob& j, i64 r0, i64 r1) {
     const C eps = (C)j.eps, dd = (C)d;
     Walk w(j.nd, j.size, j.xs, j.os, j.cs, j.ss, j.gs, r0);
     if constexpr (Paired<T>::value) {
+#ifdef RK_BF16_CVT
+        if (IsBF16<T>::value && LAYOUT == 0 && norm_el_rows_ok(d, h)) {
+            norm_fwd_bf16_el_rows(j, w, r0, r1);
+            return;
+        }
+#endif
         if (pair_rows_ok<LAYOUT>(d, h)) {
             norm_fwd_pair_rows<T, LAYOUT>(j, w, r0, r1);
             return;

@@ -146,6 +146,16 @@ _PROBE = textwrap.dedent(
                     bad.append(key)
                 if name == "bound" and bool(torch.isnan(qo[0, 0]).any() or torch.isnan(ko).any()):
                     bad.append(key + " (a NaN in rows that have none)")
+    # fused forward results that are float32 subnormals (tiny weights and tables), in blocks
+    # of normal ones: bfloat16 keeps them (its exponent range is float32's), but the
+    # avx512bf16 conversion instructions would flush them to zero
+    for dt in (torch.bfloat16, torch.float32, torch.float16):
+        for layout in ("half", "interleaved"):
+            q, k = torch.randn(2, 3, 4, 128, generator=g).to(dt), torch.randn(2, 3, 2, 128, generator=g).to(dt)
+            c, sn = torch.randn(3, 1, 64, generator=g) * 2.0 ** -10, torch.randn(3, 1, 64, generator=g) * 2.0 ** -10
+            w = torch.randn(128, generator=g) * torch.where(torch.rand(128, generator=g) < 0.5, 2.0 ** -118, 1.0)
+            qo, ko, rq, rk = R.qk_norm_rotary_fwd(q, k, w, w, c, sn, 1e-6, 0.0, layout)
+            res[f"tiny/{str(dt)[6:]}/{layout}"] = digest([qo, ko])
     # the order of the backward's dot product (dot16: lane j sums elements j, j + 16, ... in
     # turn): x = 1, the identity rotation, unit weights and rows of g whose products cancel in
     # every lane — B = 2^12, s = 2^-14, lane terms (B, s, -B, s) or (s, B, s, -B) in element

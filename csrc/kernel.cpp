@@ -934,12 +934,23 @@ static RK_INLINE void sumsq16_x8(const typename T::S* X, const i64* xo, int m, i
     // keep: row u's widened values are stored to keep[u][0, d) (element order)
     const typename T::S* p[8];
     for (int u = 0; u < 8; ++u) p[u] = X + xo[u < m ? u : 0];
+    // the chains start from the first products (0 + v·v is v·v: a square is +0, positive or
+    // NaN), not from a zeroed array: GCC kept that array in memory (a 512-byte memset per call)
     __m512 a[8];
-    for (int u = 0; u < 8; ++u) a[u] = _mm512_setzero_ps();
-    for (i64 i = 0; i < d; i += 16)
+    auto load = [&](int u, i64 i) {
+        const vf v = T::vld(p[u] + i);
+        if (keep != nullptr) memcpy(keep[u] + i, &v, sizeof v);
+        return v;
+    };
+#pragma GCC unroll 8
+    for (int u = 0; u < 8; ++u) {
+        const vf v = load(u, 0);
+        a[u] = (__m512)(v * v);
+    }
+    for (i64 i = 16; i < d; i += 16)
+#pragma GCC unroll 8
         for (int u = 0; u < 8; ++u) {
-            const vf v = T::vld(p[u] + i);
-            if (keep != nullptr) memcpy(keep[u] + i, &v, sizeof v);
+            const vf v = load(u, i);
             a[u] = (__m512)((vf)a[u] + v * v);
         }
     // lanes k + k + 8 of two rows: [row 2v: 8 lanes | row 2v + 1: 8 lanes]

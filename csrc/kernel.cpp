@@ -1049,10 +1049,9 @@ static inline void norm_fwd_row_fast(const typename T::S* px, typename T::S* po,
 // inf - inf or 0·inf. Such rows skip the compare and blend of every stored vector (a quarter
 // of the vector arithmetic of a float32 row at d = 128).
 template <typename C>
-static inline bool finite_below(const C* p, i64 n) {  // every |p[i]| < 2^40 (false for NaN / inf)
+static inline bool finite_below(const C* p, i64 n, C lim = C(1099511627776.0)) {  // every |p[i]| < lim (2^40)
     typedef C VC __attribute__((vector_size(RK_VB)));
     typedef decltype(VC{} < VC{}) VM;
-    const C lim = C(1099511627776.0);  // 2^40
     const i64 L = (i64)(RK_VB / sizeof(C));
     VM bad = {};  // lanes all-ones where a value is NaN or outside (-lim, lim)
     i64 i = 0;
@@ -1244,8 +1243,11 @@ static inline float pair_sumsq16(const uint16_t* px, i64 d, float* xb = nullptr)
     }
 }
 
-struct Exact { static constexpr bool value = true; };
-struct Cheap { static constexpr bool value = false; };
+// the conversions of a block: exact, cheap (normal values; others flagged), or (float16)
+// cheap with the rotation's narrowing for results known below 65504 (others flagged)
+struct Exact { static constexpr int value = 1; };
+struct Cheap { static constexpr int value = 0; };
+struct Bounded { static constexpr int value = 2; };
 
 template <typename T, int LAYOUT>
 static void norm_fwd_pair_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
@@ -1269,6 +1271,13 @@ static void norm_fwd_pair_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
     alignas(64) float cb[PAIR_TAB_MAX], sb[PAIR_TAB_MAX];
     pair_split(W, wb, d);
     const float *lc = nullptr, *ls = nullptr;
+    // float16 (P::FAST): a row whose results are known below 65504 in magnitude narrows them
+    // with the rotation's rot_out (no overflow test; results below 2^-14 still redone
+    // exactly): its inverse RMS finite and positive (finite_rstd: |x·rstd| <= sqrt(d)(1 + 5u),
+    // see finite_below), the weights below 65504 / (4·sqrt(d)) and |c| + |s| < 3.99 for every
+    // pair of its table row (pair_tables), so |y| <= sqrt(d)(1 + 5u)·|w|·3.99 < 65504
+    const bool wsmall = P::FAST && finite_below(W, d, 65504.0f / (4.0f * std::sqrt((float)d)));
+    bool tsmall = false;
     const i64 rowb = d * (i64)sizeof(uint16_t);
     NormGroup<float> g[3];
     if (r0 < r1) {  // as norm_fwd_fast_rows
@@ -1298,7 +1307,7 @@ static void norm_fwd_pair_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
             if (!X8 && more && u < nx.m) nx.rs[u] = pair_sumsq16<T, false>(X + nx.xo[u], d, rowbuf(par ^ 1, u));
             const float *pc = CT + co[u], *ps = ST + so[u];
             if (pc != lc || ps != ls) {
-                pair_tables<LAYOUT>(pc, ps, 1.0f, 1.0f, h, cb, sb);
+                tsmall = pair_tables<LAYOUT>(pc, ps, 1.0f, 1.0f, h, cb, sb);
                 lc = pc, ls = ps;
             }
             const uint16_t* px = X + xo[u];
@@ -1311,7 +1320,7 @@ static void norm_fwd_pair_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
                 if constexpr (BUF) {
                     e = vload(xr + i);  // exact values from the sum pass
                     o = vload(xr + i + NF);
-                } else if constexpr (decltype(exact)::value)
+                } else if constexpr (decltype(exact)::value == 1)
                     P::split(px + i, e, o);
                 else
                     P::split_fast(px + i, e, o, bad);
@@ -1319,9 +1328,14 @@ static void norm_fwd_pair_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
                 o = (o * rv) * vload(wb + i + NF);
             };
             auto join = [&](vf e, vf o, vu& bad, auto exact) {
-                if constexpr (decltype(exact)::value)
+                if constexpr (decltype(exact)::value == 1)
                     return P::join(e, o);
-                else
+                else if constexpr (decltype(exact)::value == 2) {  // Bounded
+                    vf mn;
+                    const vu r = P::rot_out(e, o, mn);
+                    P::rot_check(mn, bad);
+                    return r;
+                } else
                     return P::join_fast(e, o, bad);
             };
             auto half_blk = [&](i64 i, vu& bad, vu& r1, vu& r2, auto exact) {
@@ -1344,29 +1358,37 @@ static void norm_fwd_pair_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
                 return join(e, o, bad, exact);
             };
             const Exact yes;
-            const Cheap no;
-            if (LAYOUT == 0) {
-                for (i64 i = 0; i < h; i += 2 * NF) {
-                    vu bad = {}, r1, r2;
-                    half_blk(i, bad, r1, r2, no);
-                    if (P::FAST && any(bad)) half_blk(i, bad, r1, r2, yes);
-                    pair_store<0>(po + i, r1);
-                    pair_store<0>(po + h + i, r2);
+            auto blocks = [&](auto no) {  // the row, cheap conversions `no` first
+                if (LAYOUT == 0) {
+                    for (i64 i = 0; i < h; i += 2 * NF) {
+                        vu bad = {}, r1, r2;
+                        half_blk(i, bad, r1, r2, no);
+                        if (P::FAST && any(bad)) half_blk(i, bad, r1, r2, yes);
+                        pair_store<0>(po + i, r1);
+                        pair_store<0>(po + h + i, r2);
+                    }
+                } else {
+                    for (i64 i = 0; i < h; i += NF) {
+                        vu bad = {};
+                        vu r = il_blk(i, bad, no);
+                        if (P::FAST && any(bad)) r = il_blk(i, bad, yes);
+                        pair_store<0>(po + 2 * i, r);
+                    }
                 }
-            } else {
-                for (i64 i = 0; i < h; i += NF) {
+                for (i64 i = 2 * h; i < d; i += 2 * NF) {
                     vu bad = {};
-                    vu r = il_blk(i, bad, no);
-                    if (P::FAST && any(bad)) r = il_blk(i, bad, yes);
-                    pair_store<0>(po + 2 * i, r);
+                    vu r = tail_blk(i, bad, no);
+                    if (P::FAST && any(bad)) r = tail_blk(i, bad, yes);
+                    pair_store<0>(po + i, r);
                 }
-            }
-            for (i64 i = 2 * h; i < d; i += 2 * NF) {
-                vu bad = {};
-                vu r = tail_blk(i, bad, no);
-                if (P::FAST && any(bad)) r = tail_blk(i, bad, yes);
-                pair_store<0>(po + i, r);
-            }
+            };
+            if constexpr (P::FAST) {
+                if (wsmall && tsmall && finite_rstd(rv))
+                    blocks(Bounded());
+                else
+                    blocks(Cheap());
+            } else
+                blocks(Cheap());
         }
         if (more) nx.finish(dd, eps);
         if (R != nullptr)

@@ -146,6 +146,26 @@ _PROBE = textwrap.dedent(
                     bad.append(key)
                 if name == "bound" and bool(torch.isnan(qo[0, 0]).any() or torch.isnan(ko).any()):
                     bad.append(key + " (a NaN in rows that have none)")
+    # float16 fused forward rows whose weights or tables are too large for results known below
+    # 65504 (the portable level then narrows them with the overflow test: results overflow to
+    # inf), next to rows just inside the bounds (weights just below 65504 / (4·sqrt(d)))
+    for layout in ("half", "interleaved"):
+        q, k = torch.randn(2, 3, 4, 64, generator=g).half(), torch.randn(2, 3, 2, 64, generator=g).half()
+        c, sn = torch.randn(3, 1, 32, generator=g), torch.randn(3, 1, 32, generator=g)
+        c2, sn2 = torch.cat([c[:1] * 30.0, c[1:]]), torch.cat([sn[:1] * 30.0, sn[1:]])  # |c| + |s| >= 3.99 in row 0
+        for name, (w, cc, ss) in (("w_big", (torch.randn(64, generator=g) * 20000.0, c, sn)),
+                                  ("w_edge", (torch.full((64,), 65504.0 / (4.0 * 8.0) * 0.999), c, sn)),
+                                  ("tables_big", (torch.full((64,), 1500.0), c2, sn2))):
+            qo, ko, rq, rk = R.qk_norm_rotary_fwd(q, k, w, w, cc, ss, 1e-6, 0.0, layout)
+            res[f"f16_bound/{layout}/{name}"] = digest([qo, ko])
+        # small weights and tables, but rows holding inf / NaN or all zero with eps = 0 (their
+        # inverse RMS is 0, NaN or inf: not bounded)
+        qb = q.clone()
+        qb[0, 0, 1, 3], qb[0, 1, 2, 7], qb[1, 2] = float("inf"), float("nan"), 0.0
+        qo, ko, rq, rk = R.qk_norm_rotary_fwd(qb, k, torch.ones(64), torch.ones(64), c, sn, 0.0, 0.0, layout)
+        res[f"f16_bound/{layout}/rows_not_finite"] = digest([qo, ko])
+        if not nan_ok([qo, ko]):
+            bad.append(f"f16_bound/{layout}/rows_not_finite")
     # fused forward results that are float32 subnormals (tiny weights and tables), in blocks
     # of normal ones: bfloat16 keeps them (its exponent range is float32's), but the
     # avx512bf16 conversion instructions would flush them to zero

@@ -997,12 +997,20 @@ static inline void sumsq16_x8(const typename T::S*, const i64*, int, i64, float*
 // One row without buffers, for d a multiple of 16 and r/2 a multiple of the vector width
 // (head dims 64, 128, 256, ... with rotary dims 2·N·k): the same operations in the same order
 // as the buffered path below, so the same bits.
-template <typename T, int LAYOUT>
+// RAW (float32 / float64 storage, S == C): stores without canon, for a row whose outputs are
+// known finite (finite_below and finite_rstd below).
+template <typename T, int LAYOUT, bool RAW = false>
 static inline void norm_fwd_row_fast(const typename T::S* px, typename T::S* po, const typename T::C* pc,
                                      const typename T::C* ps, const typename T::C* W, i64 h, i64 d,
                                      typename T::C rstd) {
     typedef typename T::V V;
     const int N = T::N;
+    auto put = [](typename T::S* p, V v) {
+        if constexpr (RAW)
+            memcpy(p, &v, sizeof v);
+        else
+            T::vst(p, v);
+    };
     for (i64 i = 0; i < h; i += N) {  // pairs: both lanes loaded before either is stored
         V a, b;
         if (LAYOUT == 0) {
@@ -1016,25 +1024,33 @@ static inline void norm_fwd_row_fast(const typename T::S* px, typename T::S* po,
         const V c = vload(pc + i), s = vload(ps + i);
         const V y1 = a * c - b * s, y2 = b * c + a * s;
         if (LAYOUT == 0) {
-            T::vst(po + i, y1);
-            T::vst(po + h + i, y2);
+            put(po + i, y1);
+            put(po + h + i, y2);
         } else {
             V o0, o1;
             inter(y1, y2, o0, o1);
-            T::vst(po + 2 * i, o0);
-            T::vst(po + 2 * i + N, o1);
+            put(po + 2 * i, o0);
+            put(po + 2 * i + N, o1);
         }
     }
-    for (i64 i = 2 * h; i < d; i += N) T::vst(po + i, (T::vld(px + i) * rstd) * vload(W + i));
+    for (i64 i = 2 * h; i < d; i += N) put(po + i, (T::vld(px + i) * rstd) * vload(W + i));
 }
 
-// Bounds that make a fused row's results small without looking at them. For a row whose
-// inverse RMS is finite and positive (finite_rstd), |x_i·rstd| <= sqrt(d)(1 + 5u) for every x_i
-// whose square does not underflow (the sum of non-negative terms is monotone, so
-// sum >= x_i²(1 - u)), and |x_i·rstd| < 2^21 for the others (rstd finite means sum/d + eps is
-// at least the least subnormal); float16 inputs never underflow there.
+// canon() changes only NaNs, and a row's outputs are all finite, without looking at them, when
+//   - its inverse RMS is finite and positive (finite_rstd), so its sum of squares is finite:
+//     then x is finite and |x·rstd| < 2^21 (for
+//     |x_i| whose square does not underflow, sum >= x_i²(1 - u) as the sum of non-negative
+//     terms is monotone, so |x_i|·rstd <= sqrt(d)(1 + 5u) with d < 2^40; for smaller |x_i|,
+//     rstd finite means sum/d + eps >= the least subnormal: |x_i|·rstd < 2^-62 · 2^75 in float32,
+//     2^-511 · 2^538 in float64),
+//   - the weights (once per call) and the row's cos/sin (once per run of rows sharing it) are finite and
+//     below 2^40 in magnitude (finite_below's default bound):
+// then every product is below 2^21 · 2^40 · 2^40 · 4 and no operation meets a NaN, an overflow,
+// inf - inf or 0·inf. Such rows skip the compare and blend of every stored vector (~1/6 of a
+// float32 row's vector arithmetic at d = 128; more at the portable level, where SSE2 blends
+// with three instructions: the fused forward at 1.40-1.43 `copy_` without it, 1.17-1.21 with).
 template <typename C>
-static inline bool finite_below(const C* p, i64 n, C lim) {  // every |p[i]| < lim (false for NaN / inf)
+static inline bool finite_below(const C* p, i64 n, C lim = C(1099511627776.0)) {  // every |p[i]| < lim (2^40)
     typedef C VC __attribute__((vector_size(RK_VB)));
     typedef decltype(VC{} < VC{}) VM;
     const i64 L = (i64)(RK_VB / sizeof(C));
@@ -1110,6 +1126,11 @@ static void norm_fwd_fast_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
     const i64 d = j.d, h = j.half;
     const C eps = (C)j.eps, dd = (C)d;
     constexpr bool X8 = RK_SUMSQ_X8 && std::is_same<C, float>::value && T::N == 16;
+    // float32 / float64 storage: rows known finite are stored without canon (finite_below)
+    constexpr bool RAW = std::is_same<S, C>::value;
+    const bool wok = RAW && finite_below(W, d);
+    const C *lc = nullptr, *ls = nullptr;
+    int tok = 0;  // the table row lc/ls: 0 not checked, 1 finite and below 2^40, 2 not
     const i64 rowb = d * (i64)sizeof(S);
     // a ring of three groups: the one written (a), the next (summed beside it), the one after
     // (filled, its rows prefetched beside a's outputs)
@@ -1137,7 +1158,21 @@ static void norm_fwd_fast_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
         for (int u = 0; u < a.m; ++u) {
             if (u < ahead) prefetch_row((const char*)(X + nn.xo[u]), rowb);
             if (!X8 && more && u < nx.m) nx.rs[u] = sumsq16<T>(X + nx.xo[u], d);
-            norm_fwd_row_fast<T, LAYOUT>(X + a.xo[u], O + a.oo[u], CT + a.co[u], ST + a.so[u], W, h, d, a.rs[u]);
+            const C *pc = CT + a.co[u], *ps = ST + a.so[u];
+            if constexpr (RAW) {
+                // a table row is checked when the next row uses it too (the heads of a token
+                // sharing its row: bshd); where each row takes a new table row (bhsd) the
+                // check would cost more than canon: those rows keep canon
+                if (pc != lc || ps != ls)
+                    lc = pc, ls = ps, tok = 0;
+                else if (tok == 0)
+                    tok = finite_below(pc, h) && finite_below(ps, h) ? 1 : 2;
+                if (wok && tok == 1 && finite_rstd(a.rs[u])) {
+                    norm_fwd_row_fast<T, LAYOUT, true>(X + a.xo[u], O + a.oo[u], pc, ps, W, h, d, a.rs[u]);
+                    continue;
+                }
+            }
+            norm_fwd_row_fast<T, LAYOUT>(X + a.xo[u], O + a.oo[u], pc, ps, W, h, d, a.rs[u]);
         }
         if (more) nx.finish(dd, eps);
         if (R != nullptr)
@@ -1243,7 +1278,7 @@ static void norm_fwd_pair_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
     // float16 (P::FAST): a row whose results are known below 65504 in magnitude narrows them
     // with the rotation's rot_out (no overflow test; results below 2^-14 still redone
     // exactly): its inverse RMS finite and positive (finite_rstd: |x·rstd| <= sqrt(d)(1 + 5u),
-    // see above finite_below), the weights below 65504 / (4·sqrt(d)) and |c| + |s| < 3.99 for every
+    // see finite_below), the weights below 65504 / (4·sqrt(d)) and |c| + |s| < 3.99 for every
     // pair of its table row (pair_tables), so |y| <= sqrt(d)(1 + 5u)·|w|·3.99·(1 + u)^4 < 65504
     // (the 3.99 / 4 margin covers the roundings of the products and sums)
     const bool wsmall = P::FAST && finite_below(W, d, 65504.0f / (4.0f * std::sqrt((float)d)));

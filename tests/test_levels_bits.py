@@ -120,10 +120,12 @@ _PROBE = textwrap.dedent(
                     computed = [t[..., :r] if t.dim() == 4 and t.shape[-1] == d and not op.startswith("qk_norm") else t for t in ts_]
                     if not nan_ok(computed):
                         bad.append(key + "/" + op)
-    # fused forward rows whose NaNs come from finite inputs (every one stored canonical): huge
-    # finite weights or tables (the products overflow: inf - inf), a zero row with eps = 0
-    # (0 * inf), a row holding an infinity (its sum is inf, its inverse RMS 0: inf * 0); and
-    # weights/tables of 2^39 (every output finite)
+    # the fused forward stores float32 / float64 rows it knows finite without making NaNs
+    # canonical (finite weights and tables below 2^40, a finite positive inverse RMS): rows
+    # outside that must still store the canonical NaN. Huge finite weights or tables (the
+    # products overflow: inf - inf), a zero row with eps = 0 (0 * inf), a row holding an
+    # infinity (its sum is inf, its inverse RMS 0: inf * 0), and weights/tables of 2^39
+    # (every output finite)
     for dt, big in ((torch.float32, 1e38), (torch.float64, 1e307)):
         for layout in ("half", "interleaved"):
             q = torch.randn(2, 3, 4, 64, generator=g).to(dt)

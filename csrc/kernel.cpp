@@ -1113,6 +1113,46 @@ struct NormGroup {
         group_rstd(rs, dd, eps);
     }
 };
+// The fused forward's pipeline over rows [r0, r1) of x (X; es bytes per element, rows of rowb
+// bytes), shared by its
+// three row paths: groups of RK_NORM_GROUP rows in a ring of three — the group written (a),
+// the next (summed beside it: `sums(g, par)` a whole group at once when X8, else `sum1(g, u,
+// par)` one row beside each output row: each sum is a chain of dependent additions whose
+// latency the independent output work hides), and the one after (filled, its rows prefetched
+// into L1 beside a's outputs). `row(a, u, par)` writes row u of a (rows are disjoint: in place
+// is safe); `par` alternates per group (which of two row buffers a path's sums fill). The
+// first group is summed alone; R (if set) gets each row's inverse RMS.
+template <bool X8, typename C, typename Sums, typename Sum1, typename Row>
+static RK_INLINE void norm_groups(Walk& w, i64 r0, i64 r1, const char* X, i64 es, i64 rowb, C dd, C eps, C* R,
+                                  Sums sums, Sum1 sum1, Row row) {
+    NormGroup<C> g[3];
+    if (r0 < r1) {
+        g[0].fill(w, r0, r1);
+        if constexpr (X8)
+            sums(g[0], 0);
+        else
+            for (int u = 0; u < g[0].m; ++u) sum1(g[0], u, 0);
+        g[0].finish(dd, eps);
+        if (r0 + RK_NORM_GROUP < r1) g[1].fill(w, r0 + RK_NORM_GROUP, r1);
+    }
+    for (i64 r = r0, cur = 0, par = 0; r < r1; r += RK_NORM_GROUP, cur = cur == 2 ? 0 : cur + 1, par ^= 1) {
+        const NormGroup<C>& a = g[cur];
+        NormGroup<C>& nx = g[cur == 2 ? 0 : cur + 1];
+        NormGroup<C>& nn = g[cur == 0 ? 2 : cur - 1];
+        const bool more = r + RK_NORM_GROUP < r1;  // then this group is full: nx.m <= a.m
+        const int ahead = r + 2 * RK_NORM_GROUP < r1 ? nn.fill(w, r + 2 * RK_NORM_GROUP, r1) : 0;
+        if constexpr (X8)
+            if (more) sums(nx, (int)par ^ 1);
+        for (int u = 0; u < a.m; ++u) {
+            if (u < ahead) prefetch_row(X + nn.xo[u] * es, rowb);
+            if (!X8 && more && u < nx.m) sum1(nx, u, (int)par ^ 1);
+            row(a, u, (int)par);
+        }
+        if (more) nx.finish(dd, eps);
+        if (R != nullptr)
+            for (int u = 0; u < a.m; ++u) R[r + u] = canon1(a.rs[u]);
+    }
+}
 template <typename T, int LAYOUT>
 static void norm_fwd_fast_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
     typedef typename T::S S;
@@ -1132,32 +1172,11 @@ static void norm_fwd_fast_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
     const C *lc = nullptr, *ls = nullptr;
     int tok = 0;  // the table row lc/ls: 0 not checked, 1 finite and below 2^40, 2 not
     const i64 rowb = d * (i64)sizeof(S);
-    // a ring of three groups: the one written (a), the next (summed beside it), the one after
-    // (filled, its rows prefetched beside a's outputs)
-    NormGroup<C> g[3];
-    if (r0 < r1) {  // the first group's sums alone; every later group's beside the outputs before it
-        g[0].fill(w, r0, r1);
-        if constexpr (X8)
-            sumsq16_x8<T>(X, g[0].xo, g[0].m, d, g[0].rs);
-        else
-            for (int u = 0; u < g[0].m; ++u) g[0].rs[u] = sumsq16<T>(X + g[0].xo[u], d);
-        g[0].finish(dd, eps);
-        if (r0 + RK_NORM_GROUP < r1) g[1].fill(w, r0 + RK_NORM_GROUP, r1);
-    }
-    for (i64 r = r0, cur = 0; r < r1; r += RK_NORM_GROUP, cur = cur == 2 ? 0 : cur + 1) {
-        const NormGroup<C>& a = g[cur];
-        NormGroup<C>& nx = g[cur == 2 ? 0 : cur + 1];
-        NormGroup<C>& nn = g[cur == 0 ? 2 : cur - 1];
-        // the next group's sums interleaved with this group's outputs, a row of each at a time
-        // (rows are disjoint: in place is safe): each sum is a chain of dependent additions
-        // whose latency the independent output work of the row beside it hides
-        const bool more = r + RK_NORM_GROUP < r1;  // then this group is full: nx.m <= a.m
-        const int ahead = r + 2 * RK_NORM_GROUP < r1 ? nn.fill(w, r + 2 * RK_NORM_GROUP, r1) : 0;
-        if constexpr (X8)
-            if (more) sumsq16_x8<T>(X, nx.xo, nx.m, d, nx.rs);
-        for (int u = 0; u < a.m; ++u) {
-            if (u < ahead) prefetch_row((const char*)(X + nn.xo[u]), rowb);
-            if (!X8 && more && u < nx.m) nx.rs[u] = sumsq16<T>(X + nx.xo[u], d);
+    norm_groups<X8>(
+        w, r0, r1, (const char*)X, (i64)sizeof(S), rowb, dd, eps, R,
+        [&](auto& g, int) { sumsq16_x8<T>(X, g.xo, g.m, d, g.rs); },  // generic: instantiated only for X8
+        [&](auto& g, int u, int) { g.rs[u] = sumsq16<T>(X + g.xo[u], d); },
+        [&](const NormGroup<C>& a, int u, int) {
             const C *pc = CT + a.co[u], *ps = ST + a.so[u];
             if constexpr (RAW) {
                 // a table row is checked when the next row uses it too (the heads of a token
@@ -1169,15 +1188,11 @@ static void norm_fwd_fast_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
                     tok = finite_below(pc, h) && finite_below(ps, h) ? 1 : 2;
                 if (wok && tok == 1 && finite_rstd(a.rs[u])) {
                     norm_fwd_row_fast<T, LAYOUT, true>(X + a.xo[u], O + a.oo[u], pc, ps, W, h, d, a.rs[u]);
-                    continue;
+                    return;
                 }
             }
             norm_fwd_row_fast<T, LAYOUT>(X + a.xo[u], O + a.oo[u], pc, ps, W, h, d, a.rs[u]);
-        }
-        if (more) nx.finish(dd, eps);
-        if (R != nullptr)
-            for (int u = 0; u < a.m; ++u) R[r + u] = canon1(a.rs[u]);
-    }
+        });
 }
 
 // The paired fused paths run on rows whose width and rotary half split into whole 2·NF-blocks
@@ -1283,42 +1298,21 @@ static void norm_fwd_pair_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
     // (the 3.99 / 4 margin covers the roundings of the products and sums)
     const bool wsmall = P::FAST && finite_below(W, d, 65504.0f / (4.0f * std::sqrt((float)d)));
     bool tsmall = false;
-    const i64 rowb = d * (i64)sizeof(uint16_t);
-    NormGroup<float> g[3];
-    if (r0 < r1) {  // as norm_fwd_fast_rows
-        g[0].fill(w, r0, r1);
-        if constexpr (X8)
-            sumsq16_x8<T>(X, g[0].xo, g[0].m, d, g[0].rs);
-        else
-            for (int u = 0; u < g[0].m; ++u) g[0].rs[u] = pair_sumsq16<T, false>(X + g[0].xo[u], d, rowbuf(0, u));
-        g[0].finish(dd, eps);
-        if (r0 + RK_NORM_GROUP < r1) g[1].fill(w, r0 + RK_NORM_GROUP, r1);
-    }
-    // cur: the group in the ring; par: its float16 row buffer (this group's / the next's)
-    for (i64 r = r0, cur = 0, par = 0; r < r1; r += RK_NORM_GROUP, cur = cur == 2 ? 0 : cur + 1, par ^= 1) {
-        const NormGroup<float>& a = g[cur];
-        NormGroup<float>& nx = g[cur == 2 ? 0 : cur + 1];
-        NormGroup<float>& nn = g[cur == 0 ? 2 : cur - 1];
-        const int m = a.m;
-        const i64 *xo = a.xo, *oo = a.oo, *co = a.co, *so = a.so;
-        const float* rs = a.rs;
-        // the next group's sums interleaved with this group's outputs (as norm_fwd_fast_rows)
-        const bool more = r + RK_NORM_GROUP < r1;
-        const int ahead = r + 2 * RK_NORM_GROUP < r1 ? nn.fill(w, r + 2 * RK_NORM_GROUP, r1) : 0;
-        if constexpr (X8)
-            if (more) sumsq16_x8<T>(X, nx.xo, nx.m, d, nx.rs);
-        for (int u = 0; u < m; ++u) {
-            if (u < ahead) prefetch_row((const char*)(X + nn.xo[u]), rowb);
-            if (!X8 && more && u < nx.m) nx.rs[u] = pair_sumsq16<T, false>(X + nx.xo[u], d, rowbuf(par ^ 1, u));
-            const float *pc = CT + co[u], *ps = ST + so[u];
+    // par (norm_groups): which float16 row buffer a group's sums fill (this group's / the next's)
+    norm_groups<X8>(
+        w, r0, r1, (const char*)X, (i64)sizeof(uint16_t), d * (i64)sizeof(uint16_t), dd, eps, R,
+        [&](auto& g, int) { sumsq16_x8<T>(X, g.xo, g.m, d, g.rs); },  // generic: instantiated only for X8
+        [&](auto& g, int u, int par) { g.rs[u] = pair_sumsq16<T, false>(X + g.xo[u], d, rowbuf(par, u)); },
+        [&](const NormGroup<float>& a, int u, int par) {
+            const float *pc = CT + a.co[u], *ps = ST + a.so[u];
             if (pc != lc || ps != ls) {
                 tsmall = pair_tables<LAYOUT>(pc, ps, 1.0f, 1.0f, h, cb, sb);
                 lc = pc, ls = ps;
             }
-            const uint16_t* px = X + xo[u];
-            uint16_t* po = O + oo[u];
-            const float rv = rs[u];
-            const float* xr = rowbuf((int)par, u);
+            const uint16_t* px = X + a.xo[u];
+            uint16_t* po = O + a.oo[u];
+            const float rv = a.rs[u];
+            const float* xr = rowbuf(par, u);
             // the cheap conversions of normal values first (P::FAST); a block with any other
             // value is formed again with the exact ones before it is stored (in place is safe)
             auto norm = [&](i64 i, vf& e, vf& o, vu& bad, auto exact) {  // elements [i, i + 2·NF)
@@ -1394,11 +1388,7 @@ static void norm_fwd_pair_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
                     blocks(Cheap());
             } else
                 blocks(Cheap());
-        }
-        if (more) nx.finish(dd, eps);
-        if (R != nullptr)
-            for (int u = 0; u < m; ++u) R[r + u] = canon1(rs[u]);
-    }
+        });
 }
 
 #ifdef RK_BF16_CVT
@@ -1430,24 +1420,12 @@ static void norm_fwd_bf16_el_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
     float* R = (float*)(intptr_t)j.rstd;
     const i64 d = j.d, h = j.half;
     const float eps = (float)j.eps, dd = (float)d;
-    const i64 rowb = d * (i64)sizeof(uint16_t);
-    alignas(64) float xbuf[2][RK_NORM_GROUP][PAIR_TAB_MAX];  // this group's rows, the next's
-    NormGroup<float> g[3];  // as norm_fwd_fast_rows
-    if (r0 < r1) {
-        g[0].fill(w, r0, r1);
-        sumsq16_x8<T>(X, g[0].xo, g[0].m, d, g[0].rs, xbuf[0]);
-        g[0].finish(dd, eps);
-        if (r0 + RK_NORM_GROUP < r1) g[1].fill(w, r0 + RK_NORM_GROUP, r1);
-    }
-    for (i64 r = r0, cur = 0, par = 0; r < r1; r += RK_NORM_GROUP, cur = cur == 2 ? 0 : cur + 1, par ^= 1) {
-        const NormGroup<float>& a = g[cur];
-        NormGroup<float>& nx = g[cur == 2 ? 0 : cur + 1];
-        NormGroup<float>& nn = g[cur == 0 ? 2 : cur - 1];
-        const bool more = r + RK_NORM_GROUP < r1;
-        const int ahead = r + 2 * RK_NORM_GROUP < r1 ? nn.fill(w, r + 2 * RK_NORM_GROUP, r1) : 0;
-        if (more) sumsq16_x8<T>(X, nx.xo, nx.m, d, nx.rs, xbuf[par ^ 1]);
-        for (int u = 0; u < a.m; ++u) {
-            if (u < ahead) prefetch_row((const char*)(X + nn.xo[u]), rowb);
+    alignas(64) float xbuf[2][RK_NORM_GROUP][PAIR_TAB_MAX];  // this group's rows, the next's (par)
+    norm_groups<true>(
+        w, r0, r1, (const char*)X, (i64)sizeof(uint16_t), d * (i64)sizeof(uint16_t), dd, eps, R,
+        [&](NormGroup<float>& g, int par) { sumsq16_x8<T>(X, g.xo, g.m, d, g.rs, xbuf[par]); },
+        [&](NormGroup<float>&, int, int) {},  // X8 only
+        [&](const NormGroup<float>& a, int u, int par) {
             const float *xr = xbuf[par][u], *pc = CT + a.co[u], *ps = ST + a.so[u];
             uint16_t* po = O + a.oo[u];
             const float rv = a.rs[u];
@@ -1462,11 +1440,7 @@ static void norm_fwd_bf16_el_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
             }
             for (i64 i = 2 * h; i < d; i += 32)
                 bf16_store2(po + i, (vload(xr + i) * rv) * vload(W + i), (vload(xr + i + 16) * rv) * vload(W + i + 16));
-        }
-        if (more) nx.finish(dd, eps);
-        if (R != nullptr)
-            for (int u = 0; u < a.m; ++u) R[r + u] = canon1(a.rs[u]);
-    }
+        });
 }
 #endif
 

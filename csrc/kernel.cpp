@@ -948,8 +948,8 @@ static inline typename T::C sumsq16(const typename T::S* px, i64 d) {
 #define RK_SUMSQ_X8 1
 template <typename T>
 static RK_INLINE void sumsq16_x8(const typename T::S* X, const i64* xo, int m, i64 d, float* out,
-                                  float (*keep)[PAIR_TAB_MAX] = nullptr) {
-    // keep: row u's widened values are stored to keep[u][0, d) (element order)
+                                  float* keep = nullptr, i64 ld = 0) {
+    // keep: row u's widened values are stored to keep[u·ld, u·ld + d) (element order)
     const typename T::S* p[8];
     for (int u = 0; u < 8; ++u) p[u] = X + xo[u < m ? u : 0];
     // the chains start from the first products (0 + v·v is v·v: a square is +0, positive or
@@ -957,7 +957,7 @@ static RK_INLINE void sumsq16_x8(const typename T::S* X, const i64* xo, int m, i
     __m512 a[8];
     auto load = [&](int u, i64 i) {
         const vf v = T::vld(p[u] + i);
-        if (keep != nullptr) memcpy(keep[u] + i, &v, sizeof v);
+        if (keep != nullptr) memcpy(keep + u * ld + i, &v, sizeof v);
         return v;
     };
 #pragma GCC unroll 8
@@ -991,7 +991,7 @@ static RK_INLINE void sumsq16_x8(const typename T::S* X, const i64* xo, int m, i
 #else
 #define RK_SUMSQ_X8 0
 template <typename T>
-static inline void sumsq16_x8(const typename T::S*, const i64*, int, i64, float*, float (*)[PAIR_TAB_MAX] = nullptr) {}  // not called
+static inline void sumsq16_x8(const typename T::S*, const i64*, int, i64, float*, float* = nullptr, i64 = 0) {}  // not called
 #endif
 
 // One row without buffers, for d a multiple of 16 and r/2 a multiple of the vector width
@@ -1284,8 +1284,10 @@ static void norm_fwd_pair_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
     // float16 without F16C: the sum pass keeps each row's widened values (split even/odd) for
     // the output pass, which then neither converts nor checks x again
     constexpr bool BUF = P::FAST;
-    alignas(64) float xbuf[BUF ? 2 : 1][BUF ? RK_NORM_GROUP : 1][BUF ? PAIR_TAB_MAX : 1];  // this group's, the next's
-    auto rowbuf = [&](int grp, int u) -> float* { return BUF ? xbuf[grp][u] : nullptr; };
+    // (this group's rows and the next's, row u at u·ld: see norm_fwd_bf16_el_rows)
+    const i64 ld = d + 16;
+    alignas(64) float xbuf[BUF ? 2 : 1][BUF ? RK_NORM_GROUP * (PAIR_TAB_MAX + 16) : 1];
+    auto rowbuf = [&](int grp, int u) -> float* { return BUF ? xbuf[grp] + u * ld : nullptr; };
     alignas(64) float wb[PAIR_TAB_MAX];  // the weights split even/odd per 2·NF-block
     alignas(64) float cb[PAIR_TAB_MAX], sb[PAIR_TAB_MAX];
     pair_split(W, wb, d);
@@ -1420,13 +1422,17 @@ static void norm_fwd_bf16_el_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
     float* R = (float*)(intptr_t)j.rstd;
     const i64 d = j.d, h = j.half;
     const float eps = (float)j.eps, dd = (float)d;
-    alignas(64) float xbuf[2][RK_NORM_GROUP][PAIR_TAB_MAX];  // this group's rows, the next's (par)
+    // this group's rows and the next's (par), row u at u·ld: packed with a 64-byte gap, not
+    // PAIR_TAB_MAX apart (rows 4 KiB apart share their L1 sets, and a load from one is
+    // checked against stores to another as if they overlapped: 4K aliasing)
+    const i64 ld = d + 16;
+    alignas(64) float xbuf[2][RK_NORM_GROUP * (PAIR_TAB_MAX + 16)];
     norm_groups<true>(
         w, r0, r1, (const char*)X, (i64)sizeof(uint16_t), d * (i64)sizeof(uint16_t), dd, eps, R,
-        [&](NormGroup<float>& g, int par) { sumsq16_x8<T>(X, g.xo, g.m, d, g.rs, xbuf[par]); },
+        [&](NormGroup<float>& g, int par) { sumsq16_x8<T>(X, g.xo, g.m, d, g.rs, xbuf[par], ld); },
         [&](NormGroup<float>&, int, int) {},  // X8 only
         [&](const NormGroup<float>& a, int u, int par) {
-            const float *xr = xbuf[par][u], *pc = CT + a.co[u], *ps = ST + a.so[u];
+            const float *xr = xbuf[par] + u * ld, *pc = CT + a.co[u], *ps = ST + a.so[u];
             uint16_t* po = O + a.oo[u];
             const float rv = a.rs[u];
             for (i64 i = 0; i < h; i += 32) {

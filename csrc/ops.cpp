@@ -40,6 +40,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cctype>
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -62,7 +63,8 @@ using torch::autograd::variable_list;
 constexpr int64_t kParallelBytes = 1 << 20;
 // Each pool task gets at least this many bytes.
 constexpr int64_t kGrainBytes = 256 << 10;
-// Out-of-place calls writing at least this many bytes use streaming stores.
+// Out-of-place calls writing at least this many bytes use streaming stores (default;
+// ROPEKIT_STREAM_BYTES overrides it: stream_bytes below).
 constexpr int64_t kNtBytes = 16 << 20;
 // Fresh outputs of at least this many bytes are advised onto transparent huge pages.
 constexpr int64_t kHugeBytes = 4 << 20;
@@ -661,6 +663,28 @@ bool strided_job(RkJob& j, const Tensor& x, const Tensor& out, const Tensor& cos
     return fill_dims(j, x, out, cst, sst, pst);
 }
 
+// The streaming-store threshold: ROPEKIT_STREAM_BYTES (a byte count >= 0, read once; 0
+// streams every out-of-place output the kernel can), else kNtBytes. Streaming stores skip the
+// read-for-ownership of the output's lines and leave it out of the caches: faster for the call
+// alone, slower for whatever reads the output next while it would still fit in the last-level
+// cache (benchmarks/bench_stream.py measures both on a machine).
+int64_t stream_bytes() {
+    static const int64_t v = [] {
+        const char* env = std::getenv("ROPEKIT_STREAM_BYTES");
+        if (env == nullptr || *env == '\0') return kNtBytes;
+        char* end = nullptr;
+        errno = 0;
+        const long long n = std::strtoll(env, &end, 10);
+        if (*end != '\0' || errno != 0 || n < 0 || !std::isdigit((unsigned char)*env)) {
+            TORCH_WARN("ropekit: ROPEKIT_STREAM_BYTES expected a byte count >= 0 (e.g. 8388608), got '", env,
+                       "'; using the default, ", kNtBytes);
+            return kNtBytes;
+        }
+        return (int64_t)n;
+    }();
+    return v;
+}
+
 void run_jobs(RkJob* jobs, int64_t njobs) {
     int64_t total = 0, bytes = 0;
     for (int64_t n = 0; n < njobs; ++n) {
@@ -669,7 +693,7 @@ void run_jobs(RkJob* jobs, int64_t njobs) {
     }
     if (total == 0) return;
     const Level& lv = level();
-    lv.finish(jobs, njobs, bytes, kNtBytes);
+    lv.finish(jobs, njobs, bytes, stream_bytes());
     if (bytes < kParallelBytes || total == 1) {
         lv.rows(jobs, njobs, 0, total);
         return;

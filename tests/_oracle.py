@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -77,15 +78,15 @@ def triton_on_cpu(dev: str, test_name: str):
     return _triton_ops._OnTriton()
 
 
-def run_at_level(code: str, level: str, timeout: int = 600) -> dict:
+def run_at_level(code: str, level: str, timeout: int = 600, env: Optional[dict] = None) -> dict:
     """Run ``code`` (a script whose last stdout line is JSON) in a fresh Python process with
-    ``ROPEKIT_CPU_CAPABILITY=level``; returns that JSON."""
+    ``ROPEKIT_CPU_CAPABILITY=level`` (and the variables in ``env``); returns that JSON."""
     import json
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, ROPEKIT_CPU_CAPABILITY=level)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
+    full = dict(os.environ, ROPEKIT_CPU_CAPABILITY=level, **(env or {}))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=timeout)
     assert r.returncode == 0, r.stderr[-4000:]
     return json.loads(r.stdout.strip().splitlines()[-1])

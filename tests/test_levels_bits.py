@@ -79,7 +79,8 @@ _PROBE = textwrap.dedent(
     for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         ct = torch.float64 if dt is torch.float64 else torch.float32
         for layout in ("half", "interleaved"):
-            for (b, s, hq, hk, d, r) in ((2, 5, 4, 2, 128, 128), (1, 3, 3, 1, 72, 56), (2, 1, 2, 3, 80, 40), (1, 4, 5, 2, 64, 24)):
+            for (b, s, hq, hk, d, r) in ((2, 5, 4, 2, 128, 128), (1, 3, 3, 1, 72, 56), (2, 1, 2, 3, 80, 40), (1, 4, 5, 2, 64, 24),
+                                       (1, 2, 3, 2, 48, 48)):
                 key = f"{str(dt)[6:]}/{layout}/b{b}s{s}h{hq}-{hk}d{d}r{r}"
                 q = plant(torch.randn(b, s, hq, d, generator=g).to(dt), g)
                 k = plant(torch.randn(b, s, hk, d, generator=g).to(dt), g)
@@ -204,8 +205,8 @@ _PROBE = textwrap.dedent(
 )
 
 
-def _run(level):
-    return run_at_level(_PROBE, level)
+def _run(level, **env):
+    return run_at_level(_PROBE, level, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -226,3 +227,16 @@ def test_every_level_gives_the_bits_of_the_portable_level(level, portable):
     assert res["noncanonical"] == []
     differ = sorted(k for k, v in res["digests"].items() if portable["digests"].get(k) != v)
     assert differ == [], f"{level} differs from default in {len(differ)} cases, e.g. {differ[:8]}"
+
+
+@pytest.mark.parametrize("level", ops.levels())
+def test_streaming_stores_give_the_same_bits(level, portable):
+    """``ROPEKIT_STREAM_BYTES=0``: every out-of-place output the kernels can stream (aligned,
+    float32 / bfloat16) is written with streaming stores, at every size the probe has (by
+    default only outputs of 16 MiB and more are); the bits stay those of the portable level
+    with regular stores."""
+    res = _run(level, ROPEKIT_STREAM_BYTES="0")
+    assert res["capability"] == level
+    assert res["noncanonical"] == []
+    differ = sorted(k for k, v in res["digests"].items() if portable["digests"].get(k) != v)
+    assert differ == [], f"{level} with streaming stores differs in {len(differ)} cases, e.g. {differ[:8]}"

@@ -186,7 +186,7 @@ def resolve(name: str, x: torch.Tensor) -> ModuleType:
     on CPU, else eager; each only when it is available and supports ``x`` (the choice is
     made once per device type and dtype)."""
     if name == "auto":
-        key = (x.device.type, x.dtype)
+        key = ("cpu" if x.is_cpu else x.device.type, x.dtype)  # is_cpu: ~60 ns, device.type: ~380
         mod = _AUTO.get(key)
         if mod is None:
             mod = _auto(x)

@@ -1153,18 +1153,27 @@ static RK_INLINE void norm_groups(Walk& w, i64 r0, i64 r1, const char* X, i64 es
             for (int u = 0; u < a.m; ++u) R[r + u] = canon1(a.rs[u]);
     }
 }
+// A forward norm job's operands, typed: x and out in the storage type S; cos, sin, the
+// formed weights and the inverse RMS (R, may be null) in the compute type C; d, the rotary
+// half h, eps, and d as a C. Unpacked by the forward row paths with a structured binding.
+template <typename S, typename C>
+struct NormFwdArgs {
+    const S* X;
+    S* O;
+    const C *CT, *ST, *W;
+    C* R;
+    i64 d, h;
+    C eps, dd;
+    explicit NormFwdArgs(const NJob& j)
+        : X((const S*)(intptr_t)j.x), O((S*)(intptr_t)j.o), CT((const C*)(intptr_t)j.c),
+          ST((const C*)(intptr_t)j.s), W((const C*)(intptr_t)j.w), R((C*)(intptr_t)j.rstd), d(j.d), h(j.half),
+          eps((C)j.eps), dd((C)j.d) {}
+};
 template <typename T, int LAYOUT>
 static void norm_fwd_fast_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
     typedef typename T::S S;
     typedef typename T::C C;
-    const S* X = (const S*)(intptr_t)j.x;
-    S* O = (S*)(intptr_t)j.o;
-    const C* CT = (const C*)(intptr_t)j.c;
-    const C* ST = (const C*)(intptr_t)j.s;
-    const C* W = (const C*)(intptr_t)j.w;
-    C* R = (C*)(intptr_t)j.rstd;
-    const i64 d = j.d, h = j.half;
-    const C eps = (C)j.eps, dd = (C)d;
+    const auto [X, O, CT, ST, W, R, d, h, eps, dd] = NormFwdArgs<S, C>(j);
     constexpr bool X8 = RK_SUMSQ_X8 && std::is_same<C, float>::value && T::N == 16;
     // float32 / float64 storage: rows known finite are stored without canon (finite_below)
     constexpr bool RAW = std::is_same<S, C>::value;
@@ -1271,14 +1280,7 @@ struct Bounded { static constexpr int value = 2; };
 template <typename T, int LAYOUT>
 static void norm_fwd_pair_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
     typedef typename T::P P;
-    const uint16_t* X = (const uint16_t*)(intptr_t)j.x;
-    uint16_t* O = (uint16_t*)(intptr_t)j.o;
-    const float* CT = (const float*)(intptr_t)j.c;
-    const float* ST = (const float*)(intptr_t)j.s;
-    const float* W = (const float*)(intptr_t)j.w;
-    float* R = (float*)(intptr_t)j.rstd;
-    const i64 d = j.d, h = j.half;
-    const float eps = (float)j.eps, dd = (float)d;
+    const auto [X, O, CT, ST, W, R, d, h, eps, dd] = NormFwdArgs<uint16_t, float>(j);
     // 16 lanes: pair_sumsq16 is sumsq16 (T::vld widens a bfloat16 exactly)
     constexpr bool X8 = RK_SUMSQ_X8 && NF == 16 && !T::P::FAST;
     // float16 without F16C: the sum pass keeps each row's widened values (split even/odd) for
@@ -1414,14 +1416,7 @@ static RK_INLINE void bf16_store2(uint16_t* p, vf lo, vf hi) {  // p[0, 32) = lo
 }
 static void norm_fwd_bf16_el_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
     typedef BF16 T;
-    const uint16_t* X = (const uint16_t*)(intptr_t)j.x;
-    uint16_t* O = (uint16_t*)(intptr_t)j.o;
-    const float* CT = (const float*)(intptr_t)j.c;
-    const float* ST = (const float*)(intptr_t)j.s;
-    const float* W = (const float*)(intptr_t)j.w;
-    float* R = (float*)(intptr_t)j.rstd;
-    const i64 d = j.d, h = j.half;
-    const float eps = (float)j.eps, dd = (float)d;
+    const auto [X, O, CT, ST, W, R, d, h, eps, dd] = NormFwdArgs<uint16_t, float>(j);
     // this group's rows and the next's (par), row u at u·ld: packed with a 64-byte gap, not
     // PAIR_TAB_MAX apart (rows 4 KiB apart share their L1 sets, and a load from one is
     // checked against stores to another as if they overlapped: 4K aliasing)
@@ -1455,14 +1450,8 @@ static void norm_fwd_rows(const NJob& j, i64 r0, i64 r1) {
     typedef typename T::S S;
     typedef typename T::C C;
     typedef typename CompT<C>::T Fc;
-    const S* X = (const S*)(intptr_t)j.x;
-    S* O = (S*)(intptr_t)j.o;
-    const C* CT = (const C*)(intptr_t)j.c;
-    const C* ST = (const C*)(intptr_t)j.s;
-    const C* W = (const C*)(intptr_t)j.w;
-    C* R = (C*)(intptr_t)j.rstd;
-    const i64 d = j.d, h = j.half, n = pad16(d);
-    const C eps = (C)j.eps, dd = (C)d;
+    const auto [X, O, CT, ST, W, R, d, h, eps, dd] = NormFwdArgs<S, C>(j);
+    const i64 n = pad16(d);
     Walk w(j.nd, j.size, j.xs, j.os, j.cs, j.ss, j.gs, r0);
     if constexpr (Paired<T>::value) {
 #ifdef RK_BF16_CVT

@@ -254,6 +254,11 @@ bool non_overlapping(c10::IntArrayRef sizes, c10::IntArrayRef strides) {
 }
 
 void check_writable(const Tensor& t, const char* name) {
+    // torch refuses it too, but only after the kernel has written (when the version counter is bumped)
+    RK_CHECK(!t.is_inference() || c10::InferenceMode::is_enabled(), name,
+             " a normal tensor when written outside torch.inference_mode(), got ", name,
+             " an inference tensor (created under torch.inference_mode()). Fix: write into ", name,
+             ".clone(), or make the call under torch.inference_mode()");
     if (symbolic(t)) return;
     RK_CHECK(t.numel() <= 1 || non_overlapping(t.sizes(), t.strides()), name,
              " whose elements do not alias (it is written in place), got ", name, " with overlapping memory (shape ",
@@ -279,6 +284,27 @@ bool disjoint(const Tensor& a, const Tensor& b) {
     };
     const int64_t es = a.element_size(), pa = low(a), pb = low(b);
     if (pa + span(a) <= pb || pb + span(b) <= pa) return true;
+    // Bands of a common period p (bytes): when every element of a lies, modulo p, in
+    // [ra, ra + wa) and every element of b in [rb, rb + wb), both inside [0, p), and the two
+    // bands are disjoint, no element is shared — e.g. a table stored beside x in each row of
+    // one buffer, or the q and k heads of a fused qkv projection. Candidates p: the strides.
+    auto band = [](const Tensor& t, int64_t p, int64_t& r, int64_t& w) {
+        const int64_t e = t.element_size();
+        w = e;
+        for (const auto i : c10::irange(t.dim())) {
+            const int64_t sb = t.stride(i) * e;
+            if (t.size(i) > 1 && sb % p != 0) w += (t.size(i) - 1) * sb;
+        }
+        r = (t.storage_offset() * e) % p;
+        return r + w <= p;
+    };
+    for (const Tensor* t : {&a, &b})
+        for (const auto i : c10::irange(t->dim())) {
+            const int64_t p = t->stride(i) * t->element_size();
+            int64_t ra, wa, rb, wb;
+            if (t->size(i) > 1 && p > 0 && band(a, p, ra, wa) && band(b, p, rb, wb) && (ra + wa <= rb || rb + wb <= ra))
+                return true;
+        }
     if (a.dim() != b.dim() || a.strides() != b.strides() || b.element_size() != es || (pb - pa) % es != 0) return false;
     const int64_t delta = (pb - pa) / es;
     for (const auto j : c10::irange(a.dim())) {
@@ -1266,6 +1292,12 @@ void check_not_leaf(const Tensor& t, const char* name) {
     RK_CHECK(!(t.is_leaf() && t.requires_grad()), "inplace=True on a tensor autograd may modify, got ", name,
              ": a leaf tensor that requires grad. Fix: use inplace=False, or apply to a non-leaf (e.g. the output of the "
              "projection)");
+    // torch's rule for its own in-place ops, checked here before anything is written (torch
+    // checks it after the kernel, when the view's history is rebased)
+    RK_CHECK(!(t.requires_grad() && t.is_view() && t._base().is_leaf() && t._base().requires_grad()),
+             "inplace=True on a tensor autograd may modify, got ", name,
+             ": a view of a leaf tensor that requires grad. Fix: use inplace=False, rotate a clone(), or call under "
+             "torch.no_grad()");
 }
 
 std::string layout_of(AutogradContext* ctx) { return ctx->saved_data["layout"].toStringRef(); }

@@ -337,11 +337,14 @@ def rerotate(
     integer positions, ``(n - m) · inv_freq``, and rounded once to the table dtype; the
     rotation is pure (no attention factor: a YaRN/LongRoPE ``mscale`` already folded into
     the keys is not applied again, and norms are preserved up to rounding), then applied
-    through :func:`apply_rotary` (every backend, autograd, in place). Only the first
-    ``cfg.rotary_dim`` dims rotate (partial rotary); the rest pass through.
+    through :func:`apply_rotary` (every backend, autograd, in place). Only the dims
+    ``cfg.rotary_offset .. cfg.rotary_offset + cfg.rotary_dim - 1`` rotate (partial rotary,
+    MLA heads ``[nope | rope]``); the rest pass through. Keys of a ``cfg.direction = -1``
+    config (rotated by ``-m·θ``) move by ``-(θ(n) - θ(m))``.
 
     Args:
-        x: keys ``[b, s, h, d]`` / ``[b, h, s, d]`` / ``[s, b, h, d]`` / ``[t, h, d]`` by ``format``.
+        x: keys ``[b, s, h, d]`` / ``[b, h, s, d]`` / ``[s, b, h, d]`` / ``[t, h, d]`` by ``format``,
+            ``d = cfg.head_dim`` (a RopeError otherwise).
         cfg: the :class:`~ropekit.RopeConfig` the keys were rotated with.
         old_positions, new_positions: integer positions, each ``[s]`` (shared by the batch),
             ``[b, s]`` or ``[t]`` (``thd``) per token, or ``[b]`` per sequence (broadcast over
@@ -396,6 +399,11 @@ def rerotate(
     layout = cfg.layout if layout is None else layout
     check_layout(layout)
     b, s = split_format(x, format, "x")
+    if x.dim() and x.shape[-1] != cfg.head_dim:
+        raise fail(f"x with the config's head width cfg.head_dim = {cfg.head_dim}",
+                   f"x of head width {x.shape[-1]} (shape {tuple(x.shape)})",
+                   "pass the config the keys were rotated with (its head_dim is the keys' last dim), or check the "
+                   "[..., heads, head_dim] reshape of x")
     deltas = []
     for nm, p in (("old_positions", old_positions), ("new_positions", new_positions)):
         check_positions(p, nm)
@@ -420,4 +428,9 @@ def rerotate(
     tdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     cos, sin = (t.to(tdt) for t in cos_sin_f64(ang))
     cos, sin = table_view(cos, format, d.dim()), table_view(sin, format, d.dim())  # broadcastable to x
-    return apply_rotary(x, cos, sin, layout=layout, inplace=inplace, backend=backend)
+    conj, o = cfg.direction == -1, cfg.rotary_offset  # keys rotated by -m·θ move by -(θ(n) - θ(m))
+    if not o:
+        return apply_rotary(x, cos, sin, layout=layout, inplace=inplace, backend=backend, conjugate=conj)
+    out = x if inplace else x.clone()  # MLA heads [nope | rope]: dims o .. o + r - 1 rotate, the others pass through
+    apply_rotary(out[..., o:], cos, sin, layout=layout, inplace=True, backend=backend, conjugate=conj)
+    return out

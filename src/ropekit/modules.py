@@ -455,23 +455,34 @@ class RotaryEmbedding(nn.Module):
         if lo < 0 or hi > MAX_EXACT_POSITION:
             self._refuse_range(lo, hi)
         dtype = self._dtype_for(q)
-        n = 1 << max(hi, self.max_position - 1, 0).bit_length()  # rows per profile: a power of two
-        cache = self.__dict__.get("_profile_cache")
-        ck = (distinct, n, dtype, q.device)
-        if cache is None or cache[0] != ck:
-            tabs = [build_table(self.cfg, n, dtype=dtype, device=q.device, seq_len=L,
-                                attention_scaling=self.attention_scaling, angles=self.angles) for L in profile_lens]
-            cache = (ck, torch.stack([c for c, _ in tabs]).flatten(0, 1), torch.stack([t for _, t in tabs]).flatten(0, 1),
-                     {})
-            self.__dict__["_profile_cache"] = cache
-        base = cache[3].get(lens)
-        if base is None:  # each sequence's first row in the stacked [P * n, r/2] tables
-            base = cache[3][lens] = torch.tensor(index, dtype=torch.int64, device=q.device)[:, None] * n
-        flat = pos + base  # [b, s]
+        if hi + 1 > max(self.max_position, TABLE_ROWS_LIMIT) and hi + 1 > 4 * pos.numel():
+            # large, sparse positions (as one call per sequence): cos/sin of the positions themselves, each token's
+            # from its sequence's profile (the tables' float64 formula, the same bits), row j for token j
+            prof = torch.tensor(index, dtype=torch.int64, device=q.device)[:, None].expand(b, s).reshape(-1)  # [b*s]
+            cos_f = torch.empty(b * s, self.cfg.rotary_dim // 2, dtype=dtype, device=q.device)  # [b*s, r/2]
+            sin_f = torch.empty_like(cos_f)
+            for i, L in enumerate(profile_lens):
+                sel = (prof == i).nonzero().squeeze(1)
+                cos_f[sel], sin_f[sel] = cos_sin(self.cfg, pos.reshape(-1)[sel], dtype=dtype, seq_len=L,
+                                                 attention_scaling=self.attention_scaling, angles=self.angles)
+            flat = torch.arange(b * s, device=q.device).view(b, s)
+        else:
+            n = 1 << max(hi, self.max_position - 1, 0).bit_length()  # rows per profile: a power of two
+            cache = self.__dict__.get("_profile_cache")
+            ck = (distinct, n, dtype, q.device)
+            if cache is None or cache[0] != ck:
+                tabs = [build_table(self.cfg, n, dtype=dtype, device=q.device, seq_len=L,
+                                    attention_scaling=self.attention_scaling, angles=self.angles) for L in profile_lens]
+                cache = (ck, torch.stack([c for c, _ in tabs]).flatten(0, 1),
+                         torch.stack([t for _, t in tabs]).flatten(0, 1), {})
+                self.__dict__["_profile_cache"] = cache
+            base = cache[3].get(lens)
+            if base is None:  # each sequence's first row in the stacked [P * n, r/2] tables
+                base = cache[3][lens] = torch.tensor(index, dtype=torch.int64, device=q.device)[:, None] * n
+            cos_f, sin_f, flat = cache[1], cache[2], pos + base  # flat [b, s]
         be = self._backend(q)
         try:
-            return be.apply_gather(q, k, cache[1], cache[2], flat, format, self.cfg.layout, self.cfg.direction == -1,
-                                   inplace)
+            return be.apply_gather(q, k, cos_f, sin_f, flat, format, self.cfg.layout, self.cfg.direction == -1, inplace)
         except (ValueError, RuntimeError) as e:
             raise to_rope_error(e) from None
 

@@ -160,6 +160,9 @@ def resolve_positions(
     elif cu_seqlens is not None:
         raise fail("cu_seqlens only with format='thd'", f"format={fmt!r}", "pass format='thd' with q/k of shape [t, h, d]")
 
+    if cu_seqlens is not None and not isinstance(cu_seqlens, torch.Tensor):  # (before it is moved to the device)
+        raise fail("cu_seqlens an integer torch.Tensor [n_seqs + 1]", type(cu_seqlens).__name__,
+                   "pass torch.tensor(cu_seqlens) (e.g. torch.tensor([0, 3, 5]))")
     dev = check_device("device", device)
     for name, v in (("positions", positions), ("offsets", offsets), ("cu_seqlens", cu_seqlens)):
         if isinstance(v, torch.Tensor) and v.device.type == "meta" and (dev is None or dev.type != "meta"):
@@ -217,6 +220,9 @@ def _packed_offsets(offsets, cu: torch.Tensor, t: int, check_values: bool):
     if isinstance(offsets, int):
         if offsets < 0:
             raise fail("offsets >= 0", str(offsets), "pass the number of tokens already in each sequence's KV cache")
+        if offsets > MAX_EXACT_POSITION:  # (before it meets an int64 tensor: no wrap, no OverflowError)
+            raise fail("offsets <= 2**53 (positions exact in the float64 angle m·θ)", f"offsets={offsets}",
+                       "pass the number of tokens already in each sequence's KV cache")
         return offsets
     check_positions(offsets, "offsets", check_values=check_values)
     if offsets.dim() == 0:

@@ -48,12 +48,13 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from . import ops as _ops
+from ._checks import integer
 from ._errors import fail
 from ._tensor_checks import flags, tensors, to_rope_error
-from .config import RopeConfig, check_layout
+from .config import MAX_EXACT_POSITION, RopeConfig, check_layout
 from .functional import apply_gather, apply_rotary_gather
 from .positions import split_qk_format
-from .tables import cos_sin, cos_sin_f64
+from .tables import check_positions, cos_sin, cos_sin_f64
 
 __all__ = [
     "apply_rotary_cache",
@@ -174,6 +175,11 @@ def apply_rotary_cache(
     tensors(q=q, k=k, cos_table=cos_table, sin_table=sin_table, positions=positions, k_cache=k_cache, slots=slots)
     if not ((inplace is True or inplace is False) and (return_k is True or return_k is False)):
         flags(inplace=inplace, return_k=return_k)
+    if type(cache_layout) is not str or type(layout) is not str:  # (the op's schema takes strings only)
+        _check_cache_layout(cache_layout)
+        check_layout(layout)
+    if v is not None or v_cache is not None:
+        tensors(**{nm: t for nm, t in (("v", v), ("v_cache", v_cache)) if t is not None})
     if not inplace:
         q = q.clone()
     k_out = torch.empty_like(k) if return_k else None
@@ -196,10 +202,7 @@ def apply_rotary_cache(
 
 
 def _positions(p, name: str, n_axes: int, n: int) -> torch.Tensor:
-    if not isinstance(p, torch.Tensor):
-        raise fail(f"{name} an integer tensor", type(p).__name__, f"pass {name} as a torch.Tensor")
-    if p.dtype.is_floating_point or p.dtype.is_complex or p.dtype == torch.bool:
-        raise fail(f"{name} an integer tensor", str(p.dtype), f"pass int64 {name}")
+    check_positions(p, name)  # an integer tensor, values in [0, 2**53]: θ_new(p_new) − θ_old(p_old) never wraps
     want = (n,) if n_axes == 0 else (n_axes, n)
     if tuple(p.shape) != want:
         raise fail(f"{name} of shape {list(want)}" + (" (one row per M-RoPE axis)" if n_axes else " (one per slot)"),
@@ -244,6 +247,9 @@ def rerotate_cache(
     rotated and written back in one call): one rounding to the cache dtype. θ may differ
     between old and new (``new_cfg``, or ``old_seq_len``/``new_seq_len`` for length-dependent
     scaling: LongRoPE short -> long, dynamic NTK), so it is not limited to additive shifts.
+    With ``direction = -1`` (keys stored as ``R(-θ(p)) k``) the rotation is by
+    ``dir_new·θ_new(p_new) − dir_old·θ_old(p_old)`` (a change of direction is exact too); with
+    ``rotary_offset = o`` (MLA heads ``[nope | rope]``) only dims ``o .. o + r - 1`` move.
 
     Args:
         k_cache: ``[N, B, h, d]`` (``"nhd"``/``"bshd"``) or ``[N, h, B, d]`` (``"hnd"``), any
@@ -252,8 +258,10 @@ def rerotate_cache(
             their ``d = cfg.head_dim`` keys (K and V interleaved per head, nhd only).
         slots: integer ``[n]`` flat slots (negative: skipped), no slot twice.
         old_positions, new_positions: integer ``[n]``, or ``[n_axes, n]`` per M-RoPE axis.
-        cfg: the config the keys were rotated with; ``new_cfg`` the one to rotate them to
-            (default ``cfg``).
+        cfg: the config the keys were rotated with (``d = cfg.head_dim``); ``new_cfg`` the one
+            to rotate them to (default ``cfg``): the same ``head_dim``, ``rotary_dim``, ``layout``
+            and ``rotary_offset`` (another layout or offset pairs other dims: a permutation of the
+            head, not a rotation).
         old_seq_len, new_seq_len: the sequence lengths that chose the frequencies of
             length-dependent scaling (LongRoPE, dynamic NTK) before and after.
         layout: pair layout (default ``cfg.layout``).
@@ -261,6 +269,10 @@ def rerotate_cache(
             Qwen3-VL's pair order).
 
     Returns ``k_cache`` (rotated in place).
+
+    Raises RopeError (before anything is written) for positions outside ``[0, 2**53]``, slots
+    past ``N*B`` or repeated, a cache whose head width is not ``cfg.head_dim``, and a
+    ``new_cfg`` of other widths, layout or offset.
 
     Example:
         >>> import torch, ropekit
@@ -282,11 +294,18 @@ def rerotate_cache(
     if new_cfg.rotary_dim != cfg.rotary_dim or new_cfg.head_dim != cfg.head_dim:
         raise fail("new_cfg of cfg's head_dim and rotary_dim", f"({cfg.head_dim}, {cfg.rotary_dim}) -> "
                    f"({new_cfg.head_dim}, {new_cfg.rotary_dim})", "re-rotation changes angles, not widths")
+    if new_cfg.layout != cfg.layout or new_cfg.rotary_offset != cfg.rotary_offset:
+        raise fail("new_cfg of cfg's layout and rotary_offset",
+                   ", ".join(f"{a} {getattr(cfg, a)!r} -> {getattr(new_cfg, a)!r}" for a in ("layout", "rotary_offset")
+                             if getattr(cfg, a) != getattr(new_cfg, a)),
+                   "re-rotation changes angles, not which dims form the pairs: another layout or offset is a "
+                   "permutation of the head's dims, not a rotation (permute the cached keys' dims yourself, or "
+                   "recompute them)")
     _check_cache_layout(cache_layout)
     layout = cfg.layout if layout is None else layout
     check_layout(layout)
     flags(mrope_interleaved=mrope_interleaved)
-    d = cfg.head_dim
+    d, o = cfg.head_dim, cfg.rotary_offset
     cache = k_cache
     if head_stride is not None:
         if cache_layout == "hnd" or k_cache.dim() != 3 or isinstance(head_stride, bool) or not isinstance(head_stride, int) \
@@ -295,13 +314,30 @@ def rerotate_cache(
                        f"head_stride={head_stride!r} for k_cache {tuple(k_cache.shape)} ({cache_layout})",
                        "pass the packed buffer [N, B, h * head_stride] (K first in every head), or a 4-D view of the keys")
         cache = k_cache.unflatten(-1, (k_cache.shape[-1] // head_stride, head_stride))[..., :d]  # [N, B, h, d] view
-    if slots.dim() != 1:
-        raise fail("slots of shape [n]", f"shape {list(slots.shape)}", "pass one flat slot per key to move")
+    elif k_cache.dim() != 4:
+        raise fail("k_cache of 4 dims: [N, B, h, d] ('nhd'/'bshd') or [N, h, B, d] ('hnd')",
+                   f"k_cache of shape {tuple(k_cache.shape)}",
+                   "pass the 4-D cache (a view of the keys), or head_stride= for a packed [N, B, h * head_stride] "
+                   "buffer")
+    if not k_cache.dtype.is_floating_point:
+        raise fail("k_cache of a real floating dtype (float16, bfloat16, float32, float64)",
+                   f"k_cache.dtype={k_cache.dtype}", "pass the key cache itself (keys are stored as floats)")
+    if cache.shape[-1] != d:
+        raise fail(f"k_cache with the config's head width cfg.head_dim = {d}",
+                   f"k_cache of head width {cache.shape[-1]} (shape {tuple(k_cache.shape)})",
+                   f"pass the config the keys were rotated with (head_dim={cache.shape[-1]} for this cache), or "
+                   "head_stride= for a packed [N, B, h * head_stride] buffer")
+    if slots.dim() != 1 or slots.dtype.is_floating_point or slots.dtype.is_complex or slots.dtype == torch.bool:
+        raise fail("slots an integer tensor of shape [n]", f"{slots.dtype} of shape {list(slots.shape)}",
+                   "pass one flat int64 slot per key to move")
     n = slots.shape[0]
     axes = None
     if mrope_section is not None:
         from .multi_axis import pair_axes
 
+        if not isinstance(mrope_section, (list, tuple)):
+            raise fail("mrope_section a list of ints (rotary pairs per axis)", repr(mrope_section),
+                       "pass the model's mrope_section, e.g. [16, 24, 24]")
         axes = pair_axes(list(mrope_section), interleaved=mrope_interleaved)
         if axes.numel() != cfg.rotary_dim // 2:
             raise fail(f"mrope_section summing to r/2 = {cfg.rotary_dim // 2}", repr(list(mrope_section)),
@@ -309,20 +345,29 @@ def rerotate_cache(
     n_axes = 0 if mrope_section is None else len(mrope_section)
     old = _positions(old_positions, "old_positions", n_axes, n).to(cache.device)
     new = _positions(new_positions, "new_positions", n_axes, n).to(cache.device)
-    if new_cfg.table_key(new_seq_len) == cfg.table_key(old_seq_len) and new_cfg.inv_freq(new_seq_len).equal(
-            cfg.inv_freq(old_seq_len)):
-        # the same frequencies: δ = (p_new − p_old)·θ, an exact integer shift times θ (one rounding)
+    nb, bs = cache.shape[0], cache.shape[2 if cache_layout == "hnd" else 1]
+    if n and cache.device.type != "meta" and int(slots.max()) >= nb * bs:  # (before the gather reads past the cache)
+        raise fail(f"slots below N * B = {nb * bs} (the cache's {nb} blocks of {bs} slots)",
+                   f"a slot of {int(slots.max())}", "pass flat slots block * B + offset of this cache")
+    if new_cfg.direction == cfg.direction and new_cfg.table_key(new_seq_len) == cfg.table_key(old_seq_len) and \
+            new_cfg.inv_freq(new_seq_len).equal(cfg.inv_freq(old_seq_len)):
+        # the same frequencies: δ = direction·(p_new − p_old)·θ, an exact integer shift times θ (one rounding)
         delta = _angles(cfg, new - old, old_seq_len, axes)  # [n, r/2] float64
+        if cfg.direction == -1:
+            delta = -delta  # (exact)
     else:
-        # δ = θ_new(p_new) − θ_old(p_old) in float64 (exact integer positions: one rounding per product)
-        delta = _angles(new_cfg, new, new_seq_len, axes) - _angles(cfg, old, old_seq_len, axes)  # [n, r/2]
+        # δ = dir_new·θ_new(p_new) − dir_old·θ_old(p_old) in float64 (exact integer positions: one rounding each)
+        delta = new_cfg.direction * _angles(new_cfg, new, new_seq_len, axes) \
+            - cfg.direction * _angles(cfg, old, old_seq_len, axes)  # [n, r/2]
     scale = new_cfg.attention_factor / cfg.attention_factor
     tdt = torch.float64 if cache.dtype == torch.float64 else torch.float32
     cos, sin = cos_sin_f64(delta)
     if scale != 1.0:
         cos, sin = cos * scale, sin * scale
     cos, sin = cos.to(tdt), sin.to(tdt)  # [n, r/2]: row j rotates slot j
-    rows = cache_rows(cache, slots, cache_layout)  # [n, h, d] gathered copy
+    if o:
+        cache = cache[..., o:]  # MLA heads [nope | rope]: dims o .. o + r - 1 rotate, the nope dims are not touched
+    rows = cache_rows(cache, slots, cache_layout)  # [n, h, d - o] gathered copy
     q = rows.new_empty(n, 0, rows.shape[-1])  # no queries
     apply_rotary_cache(q, rows, cos, sin, torch.arange(n, device=cache.device), cache, slots=slots,
                        cache_layout=cache_layout, layout=layout)
@@ -338,17 +383,33 @@ def longrope_profile(cfg: RopeConfig, planned_len: int) -> int:
     """LongRoPE's profile for a sequence: ``1`` (long factors) when its planned total length
     (prompt + the most tokens it may generate) exceeds ``original_max_position``, else ``0``
     (short). Decide once per sequence and keep it (see the module docstring)."""
+    if not isinstance(cfg, RopeConfig):
+        raise fail("cfg a ropekit.RopeConfig with LongRoPE scaling", type(cfg).__name__, "pass the model's RopeConfig")
     sc = cfg.scaling
     if sc is None or type(sc).__name__ != "LongRoPE":
         raise fail("a RopeConfig with LongRoPE scaling", type(sc).__name__ if sc is not None else "no scaling",
                    "profiles of other schemes are chosen by profile_tables(cfg, seq_lens=...)")
-    return int(sc.is_long(int(planned_len)))
+    planned_len = integer("planned_len", planned_len, minimum=1,
+                          fix="pass the sequence's planned total length (prompt + the most tokens it may generate)")
+    return int(sc.is_long(planned_len))
 
 
 def stack_profiles(tables: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
     """``[(cos, sin), ...]`` of ``P`` profiles, each ``[n, r/2]`` -> ``(cos, sin)`` ``[P, n, r/2]``."""
-    if not tables:
-        raise fail("at least one profile's (cos, sin)", "none", "pass one [n, r/2] table pair per profile")
+    if not isinstance(tables, (list, tuple)) or not tables:
+        got = "none" if isinstance(tables, (list, tuple)) else type(tables).__name__
+        raise fail("at least one profile's (cos, sin)", got, "pass one [n, r/2] table pair per profile")
+    ref = tables[0][0] if isinstance(tables[0], (list, tuple)) and tables[0] else None
+    for i, pair in enumerate(tables):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(ref, torch.Tensor) and ref.dim() == 2
+                and all(isinstance(t, torch.Tensor) and t.shape == ref.shape and t.dtype == ref.dtype
+                        and t.device == ref.device for t in pair)):
+            got = [f"{tuple(t.shape)} {t.dtype} {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+                   for t in (pair if isinstance(pair, (list, tuple)) else [pair])]
+            raise fail("every profile's (cos, sin) two tensors of one shape [n, r/2], dtype and device (profile 0's: "
+                       + (f"{tuple(ref.shape)} {ref.dtype} {ref.device})" if isinstance(ref, torch.Tensor) else "?)"),
+                       f"profile {i}: {', '.join(got)}",
+                       "build every profile's tables for the same positions 0 .. n-1 (profile_tables)")
     return torch.stack([c for c, _ in tables]), torch.stack([s for _, s in tables])
 
 
@@ -374,9 +435,16 @@ def profile_tables(
     """
     if isinstance(cfgs, RopeConfig):
         cfgs = [cfgs]
+    if not isinstance(cfgs, (list, tuple)) or not cfgs or not all(isinstance(c, RopeConfig) for c in cfgs):
+        raise fail("cfgs a RopeConfig or a list of them", repr(cfgs)[:80], "pass one RopeConfig per profile")
     cfgs = list(cfgs)
-    if not cfgs or not all(isinstance(c, RopeConfig) for c in cfgs):
-        raise fail("cfgs a RopeConfig or a list of them", repr(cfgs), "pass one RopeConfig per profile")
+    n = integer("n", n, minimum=1, maximum=MAX_EXACT_POSITION + 1,
+                fix="pass the table length (rows for positions 0 .. n-1)")
+    if isinstance(seq_lens, torch.Tensor):
+        seq_lens = seq_lens.tolist()
+    if seq_lens is not None and not isinstance(seq_lens, (list, tuple)):
+        raise fail("seq_lens a list or tensor of ints (one planned length per sequence)", repr(seq_lens)[:80],
+                   "pass each sequence's planned total length (prompt + max new tokens)")
     pos = torch.arange(n, device=device)
     if seq_lens is None:
         tabs = [cos_sin(c, pos, dtype=dtype, seq_len=None) for c in cfgs]
@@ -387,7 +455,7 @@ def profile_tables(
     keys: List = []
     lens_of_key: List[int] = []
     index = []
-    for L in [int(x) for x in seq_lens]:
+    for L in [integer("seq_lens[i]", x, minimum=1, fix="pass each sequence's planned total length") for x in seq_lens]:
         key = cfg.table_key(L)
         if key not in keys:
             keys.append(key)
@@ -436,9 +504,15 @@ def apply_rotary_profiles(
     sd = _SEQ_DIMS.get(format)
     qs, ks = q.shape, k.shape
     if sd is not None and len(qs) == len(ks) == 4 and qs[sd] == ks[sd] and qs[1 if sd == 0 else 0] == ks[1 if sd == 0 else 0]:
-        s = qs[sd]  # (the common 4-D case without the general split's cost)
+        b, s = qs[1 if sd == 0 else 0], qs[sd]  # (the common 4-D case without the general split's cost)
     else:
-        _, s = split_qk_format(q, k, format)
+        b, s = split_qk_format(q, k, format)
+    ok = ((b,), (b, s)) if format != "thd" else ((s,),)
+    if tuple(profile.shape) not in ok:
+        raise fail("profile of shape " + (f"[b] = [{b}] (one per sequence) or [b, s] = [{b}, {s}] (one per token)"
+                                          if format != "thd" else f"[t] = [{s}] (one per packed token)"),
+                   f"profile of shape {list(profile.shape)} for q {tuple(qs)} in format {format!r}",
+                   "pass one profile index per sequence of q/k (or per token)")
     flat = profile_positions(positions, profile, P, n, s=None if format == "thd" else s, check=check)
     # the op's own position forms ([s], [b, s], [t]): straight to the gather entry point
     return apply_gather(q, k, cos.reshape(P * n, half), sin.reshape(P * n, half), flat, format=format, layout=layout,
@@ -455,13 +529,29 @@ def profile_positions(positions: torch.Tensor, profile: torch.Tensor, P: int, n:
     step folds the offset in there and calls the gather op directly, at the cost of a
     single-profile call. ``check``: positions in ``[0, n)`` and profiles in ``[0, P)`` (a
     position past ``n`` would silently read the next profile's row; the gather op itself only
-    bounds the flat row by ``P*n``); off under torch.compile (no host reads)."""
+    bounds the flat row by ``P*n``); off under torch.compile (no host reads). Positions and
+    profiles of a float dtype, or of shapes that do not pair up, are a RopeError (never
+    truncated or broadcast)."""
+    tensors(positions=positions, profile=profile)
+    check_positions(positions, check_values=False)  # an integer dtype (the values: below, with check)
+    if profile.dtype.is_floating_point or profile.dtype.is_complex or profile.dtype == torch.bool:
+        raise fail("profile with an integer dtype (profile indices)", f"dtype {profile.dtype}",
+                   "pass int64 profile indices (profile_tables returns them)")
     pos = positions if positions.dtype == torch.int64 else positions.to(torch.int64)
     prof = profile.to(device=pos.device, dtype=torch.int64)
-    if s is not None and prof.dim() == 1:  # one profile per sequence: [b] -> [b, 1]
-        prof = prof[:, None]
+    if s is not None:
+        if prof.dim() == 1:  # one profile per sequence: [b] -> [b, 1]
+            prof = prof[:, None]
         if pos.dim() == 1:  # [s] shared by the batch -> [1, s]; [b] one token per sequence (s == 1) -> [b, 1]
             pos = pos[None] if pos.shape[0] == s else pos[:, None]
+        ok = pos.dim() == prof.dim() == 2 and pos.shape[0] in (1, prof.shape[0]) and prof.shape[1] in (1, pos.shape[1])
+    else:
+        ok = pos.shape == prof.shape
+    if not ok:
+        raise fail(f"positions [s] = [{s}], [b, s] or [b] (s == 1) with profile [b] (one per sequence) or [b, s]"
+                   if s is not None else "positions and profile of one shape (one profile per token)",
+                   f"positions of shape {list(positions.shape)} and profile of shape {list(profile.shape)}",
+                   "pass one position per token, and one profile index per sequence (or per token)")
     if check and not torch.compiler.is_compiling():
         for nm, t, hi in (("profile indices", prof, P), ("positions", pos, n)):
             if t.numel():

@@ -1053,7 +1053,21 @@ Tensor reduce_partials(const Tensor& part, const Tensor& w) {
     }
     Tensor out = at::empty({d}, w.options().dtype(at::kDouble));
     std::memcpy(out.data_ptr<double>(), acc.data(), (size_t)d * sizeof(double));
-    return out.to(w.scalar_type());
+    Tensor r = out.to(w.scalar_type()).contiguous();
+    // NaNs stored as the canonical quiet NaN (docs/numerics.md): inf + -inf in the double sum
+    // gives x86's negative default NaN, and torch's vectorised narrowing casts store other NaN
+    // bits than its scalar ones (bfloat16: 0xFFFF against 0x7FC0)
+    auto put = [&](auto bits) {
+        auto* rp = static_cast<decltype(bits)*>(r.data_ptr());
+        for (int64_t i = 0; i < d; ++i)
+            if (std::isnan(acc[i])) rp[i] = bits;
+    };
+    switch (r.element_size()) {
+        case 8: put(uint64_t{0x7FF8000000000000ull}); break;
+        case 4: put(uint32_t{0x7FC00000u}); break;
+        default: put(uint16_t(r.scalar_type() == at::kBFloat16 ? 0x7FC0u : 0x7E00u));
+    }
+    return r;
 }
 
 // dx (and dw) for each (g, x, w, rstd); one kernel call over all of them.

@@ -193,3 +193,36 @@ def test_empty_inputs():
     qo, ko = apply_qk_norm_rotary(qq, k[:, :0], wq.requires_grad_(), wk, c[:0], s[:0])
     qo.sum().backward()
     assert qq.grad.shape == qq.shape and torch.equal(wq.grad, torch.zeros(128))
+
+
+_CANON = {torch.float32: (torch.int32, 0x7FC00000), torch.float64: (torch.int64, 0x7FF8000000000000),
+          torch.bfloat16: (torch.int16, 0x7FC0), torch.float16: (torch.int16, 0x7E00)}
+
+
+@pytest.mark.parametrize("wdt", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_weight_gradient_nans_are_canonical(wdt):
+    # docs/numerics.md: every NaN an operator computes is the canonical quiet NaN. Two sources
+    # in the weight gradient's final reduction (host code): +inf and -inf partial sums of two
+    # 64-row blocks meet in the double sum (x86's default NaN is negative), and the narrowing of
+    # that sum to a 16-bit weight dtype (torch's vectorised cast stored 0xFFFF for bfloat16).
+    # d = 64: wide enough for the cast's vector lanes.
+    d, rows = 64, 65
+    q = torch.ones(1, rows, 1, d, requires_grad=True)
+    k = torch.ones(1, rows, 1, d, requires_grad=True)
+    wq = torch.ones(d, dtype=wdt, requires_grad=True)
+    wk = torch.ones(d, dtype=wdt, requires_grad=True)
+    cos, sin = torch.ones(rows, 1, d // 2), torch.zeros(rows, 1, d // 2)
+    qo, ko = torch.ops.ropekit.qk_norm_rotary(q, k, wq, wk, cos, sin, 1e-6, 0.0, "half")
+    gq = torch.zeros_like(qo)
+    # first half of the dims (sin = 0: the second half's u = 0·c - inf·0 is a NaN from the
+    # kernel): block 0's partial +inf, block 1's -inf; a NaN gradient in row 1, dim 0
+    gq[0, 0, 0, : d // 2] = float("inf")
+    gq[0, 64, 0, : d // 2] = float("-inf")
+    gq[0, 1, 0, 0] = float("nan")
+    torch.autograd.backward([qo, ko], [gq, torch.zeros_like(ko)])
+    it, canon = _CANON[wdt]
+    g = wq.grad
+    assert torch.isnan(g).all()
+    bits = g.view(it).tolist()
+    mask = (1 << (8 * g.element_size())) - 1
+    assert {b & mask for b in bits} == {canon}

@@ -104,6 +104,11 @@ def check(op: str, *args, **kwargs) -> None:
     compiled extension nothing is checked here (:data:`LOADED` is ``False``)."""
     if _C is None or _compiling():
         return
+    _check(op, args, kwargs)
+
+
+def _check(op: str, args: tuple, kwargs: dict) -> None:
+    """:func:`check` on tensors Python holds (real, fake or meta): the C++ validator itself."""
     a = _args(op, args, kwargs)
     try:
         if op in ("rotary", "rotary_", "rotary_out"):
@@ -130,11 +135,89 @@ def check(op: str, *args, **kwargs) -> None:
 
 
 def _compiling() -> bool:
-    # while torch.compile traces plain torch code (the torch-only backends) the validator is
-    # not called: dynamo cannot trace into it; the compiled ops' fake kernels still run it
+    # while torch.compile / torch.export trace plain torch code (the torch-only backends) the
+    # validator is not called here: dynamo cannot trace into it (those callers use refusal()
+    # below); the compiled ops' fake kernels run it themselves (_check)
     import torch
 
     return torch.compiler.is_compiling()
+
+
+def dynamo_tracing() -> bool:
+    """True while TorchDynamo (torch.compile, strict torch.export) traces the caller's Python."""
+    import torch
+
+    fn = getattr(torch.compiler, "is_dynamo_compiling", None)  # False when run, True when traced
+    return fn() if fn is not None else torch.compiler.is_compiling()
+
+
+def refusal(op: str, args: tuple, like: tuple):
+    """:func:`check` for code TorchDynamo traces (where the C++ validator cannot be called): the
+    validator runs on the fake tensors at trace time, inside the op ``ropekit::refused``. ``None``
+    when it accepts them (the graph needs no check: its guards pin the checked sizes, strides,
+    dtypes and devices). When it refuses, stand-ins of the call's results, new tensors shaped like
+    ``like``, from the op ``ropekit::refuse``, which raises the validator's RopeError when the
+    compiled graph runs, before anything is written: the caller returns them (copied into its
+    destinations in place) instead of computing. A compiled call refuses as an eager one does:
+    with the RopeError itself, which a refusal at trace time could not be (TorchDynamo wraps any
+    exception of tracing in its own). Outside a trace (or without the extension): :func:`check`,
+    then ``None``."""
+    if _C is None or not dynamo_tracing():
+        check(op, *args)
+        return None
+    lists = _pack(op, args)
+    if not _refused(op, *lists).shape[0]:  # decided on the fake tensors, while tracing
+        return None
+    return tuple(_refuse(op, *lists, list(like)))
+
+
+_KINDS = {"layout": 1, "format": 1, "cache_layout": 1, "conjugate": 2, "eps": 3, "weight_offset": 3}  # else a tensor
+
+
+def _pack(op: str, args: tuple):
+    """The op's arguments (in schema order) as the refusal ops take them: tensors (and ``None``s),
+    strings, bools, floats, each list in order."""
+    lists = ([], [], [], [])
+    for nm, a in zip(_DEFAULTS[op][0], args):
+        lists[_KINDS.get(nm, 0)].append(a)
+    return lists
+
+
+def _unpack(op: str, tensors, strs, flags, numbers) -> tuple:
+    its = tuple(iter(v) for v in (tensors, strs, flags, numbers))
+    return tuple(next(its[_KINDS.get(nm, 0)]) for nm in _DEFAULTS[op][0])
+
+
+def _refused_real(op, tensors, strs, flags, numbers):
+    """``ropekit::refused`` when a graph runs: the validator (a RopeError), else no refusal."""
+    _check(op, _unpack(op, tensors, strs, flags, numbers), {})
+    return tensors[0].new_empty(0)
+
+
+def _refused_fake(op, tensors, strs, flags, numbers):
+    """``ropekit::refused`` while tracing: ``[1]`` when the validator refuses the fake tensors."""
+    from ._errors import RopeError
+
+    try:
+        _check(op, _unpack(op, tensors, strs, flags, numbers), {})
+    except RopeError:
+        return tensors[0].new_empty(1)
+    return tensors[0].new_empty(0)
+
+
+def _refuse_real(op, tensors, strs, flags, numbers, like):
+    """``ropekit::refuse`` when a graph runs: raises the validator's RopeError."""
+    _check(op, _unpack(op, tensors, strs, flags, numbers), {})
+    raise _fail(f"inputs of ropekit::{op} like those the compiled graph was traced for (refused then)",
+                "inputs the validator accepts (their memory overlap differs from the traced ones)",
+                "run the call outside torch.compile")
+
+
+def _refuse_fake(op, tensors, strs, flags, numbers, like):
+    return [t.new_empty(t.shape) for t in like]
+
+
+_refused = _refuse = None  # the ops, registered below (with the extension)
 
 
 def rope_error(err: Exception):
@@ -231,8 +314,22 @@ def _register_fakes() -> None:
         torch.library.register_fake(f"ropekit::{fn.__name__}", fn)
 
 
+def _register_refusal_ops() -> None:
+    """``ropekit::refused`` and ``ropekit::refuse`` (see :func:`refusal`)."""
+    global _refused, _refuse
+    import torch
+
+    args = "str op, Tensor?[] tensors, str[] strs, bool[] flags, float[] numbers"
+    _refused = torch.library.custom_op("ropekit::refused", _refused_real, mutates_args=(), schema=f"({args}) -> Tensor")
+    _refused.register_fake(_refused_fake)
+    _refuse = torch.library.custom_op("ropekit::refuse", _refuse_real, mutates_args=(),
+                                      schema=f"({args}, Tensor[] like) -> Tensor[]")
+    _refuse.register_fake(_refuse_fake)
+
+
 if LOADED:
     _register_fakes()
+    _register_refusal_ops()
 
 
 # The instruction-set levels the kernel is compiled for on x86-64, lowest first (AArch64 and

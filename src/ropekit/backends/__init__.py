@@ -38,7 +38,8 @@ must read both lanes of a pair before writing either. ``cos``/``sin`` are half w
 broadcast to ``x.shape[:-1] + (r/2,)``; dims past ``r`` are copied unchanged when ``out``
 is not ``x``.
 
-Backends are imported lazily so ``import ropekit`` needs torch only.
+Backends other than the torch-only ones (``eager``, ``cpu``, ``reference``, ``complex``) are
+imported lazily, so ``import ropekit`` needs torch only.
 """
 
 from __future__ import annotations
@@ -117,8 +118,9 @@ def _complete(mod: ModuleType) -> None:
         mod.apply_qk_norm = lambda *a: _generic.apply_qk_norm(mod, *a)
 
 
-# torch-only and light: loaded with the registry, so a first call inside a graph needs no import
-for _n in ("eager", "cpu"):
+# torch-only and light: loaded with the registry, so a first call inside a graph (torch.compile
+# with fullgraph=True cannot trace an import) needs no import; triton stays lazy
+for _n in ("eager", "cpu", "reference", "complex"):
     _LOADED[_n] = importlib.import_module(_PATHS[_n])
     _complete(_LOADED[_n])
 

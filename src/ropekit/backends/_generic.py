@@ -4,7 +4,10 @@ and compiles. They are the oracles of the kernels and the fallback for devices r
 no kernel for.
 
 Inputs are validated by the op's one validator (:func:`ropekit.ops.check`, the rules of the
-compiled operators) before anything runs. A backend's ``functional`` form (a new tensor,
+compiled operators) before anything runs; while torch.compile traces them, on the fake tensors
+(:func:`ropekit.ops.refusal`: a refused call compiles to a graph that raises the RopeError).
+Every tensor a call writes is checked for what autograd and inference mode refuse
+(:func:`writable`) before any is written. A backend's ``functional`` form (a new tensor,
 differentiable) computes every result, with or without autograd (so both give the same
 bits), and is copied into the destination for ``inplace=True`` / ``out=``: torch records
 the in-place write itself. A plugin with only a ``rotate`` primitive writes into the
@@ -24,7 +27,7 @@ import torch
 from .. import ops as _ops
 from .._tensor_checks import tracing
 
-__all__ = ["apply", "apply_qk", "apply_gather", "rotate_functional"]
+__all__ = ["apply", "apply_qk", "apply_gather", "rotate_functional", "writable"]
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -105,13 +108,31 @@ def rotated(be: ModuleType, x, cos, sin, layout: str, conjugate: bool) -> torch.
     return _rotate_op(x, cos, sin, layout, conjugate, be.NAME)
 
 
-def _into(be: ModuleType, x, cos, sin, layout, conjugate, dst) -> torch.Tensor:
-    """``dst = rot(x)``; ``dst`` may be ``x``."""
-    if torch.is_grad_enabled() and dst.is_leaf and dst.requires_grad:
-        from .._errors import fail
+def writable(name: str, t: torch.Tensor) -> None:
+    """RopeError for a tensor the call would write (in place, ``out=``) that torch refuses to
+    write: a leaf that requires grad or a view of one (grad mode on), an inference tensor
+    outside ``torch.inference_mode()``. Checked for every written tensor before any is
+    written (torch itself refuses some of them only after writing)."""
+    from .._errors import fail
 
-        raise fail("inplace=True on a tensor autograd may modify", "a leaf tensor that requires grad",
-                   "use inplace=False, or apply to a non-leaf (e.g. the output of the projection)")
+    if torch.is_grad_enabled() and t.requires_grad:
+        if t.is_leaf:
+            raise fail("inplace=True on a tensor autograd may modify", f"{name}: a leaf tensor that requires grad",
+                       "use inplace=False, or apply to a non-leaf (e.g. the output of the projection)")
+        if tracing():  # checks of eager calls: dynamo cannot trace _is_view() / is_inference()
+            return
+        if t._is_view() and t._base.is_leaf and t._base.requires_grad:
+            raise fail(f"{name} not a view of a leaf tensor that requires grad (autograd refuses to write it)",
+                       f"{name}: a view of a leaf of shape {list(t._base.shape)} that requires grad",
+                       f"write into a copy ({name}.clone()), or run under torch.no_grad(), or use inplace=False")
+    if not tracing() and t.is_inference() and not torch.is_inference_mode_enabled():
+        raise fail(f"{name} a normal tensor (not an inference tensor) when writing in place outside "
+                   "torch.inference_mode()", f"{name}: an inference tensor (created under torch.inference_mode())",
+                   f"write into a copy ({name}.clone()), or run the call under torch.inference_mode()")
+
+
+def _into(be: ModuleType, x, cos, sin, layout, conjugate, dst) -> torch.Tensor:
+    """``dst = rot(x)``; ``dst`` may be ``x`` (checked by :func:`writable` first)."""
     if torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad or dst.requires_grad) \
             or tracing() or be.DIFFERENTIABLE or hasattr(be, "functional"):
         # in place: the formula reads a copy, so no node saves a tensor the write changes
@@ -124,16 +145,24 @@ def _into(be: ModuleType, x, cos, sin, layout, conjugate, dst) -> torch.Tensor:
 def apply(be: ModuleType, x, cos, sin, layout: str, conjugate: bool, inplace: bool, out) -> torch.Tensor:
     """``rot(x)`` (in place, into ``out`` or a new tensor), validated by the ``rotary`` op's rules."""
     if inplace:
-        _ops.check("rotary_", x, cos, sin, layout, conjugate)
+        bad = _ops.refusal("rotary_", (x, cos, sin, layout, conjugate), (x,))
+        if bad is not None:  # traced: the graph raises the RopeError
+            return x.copy_(bad[0])
+        writable("x", x)
         return _into(be, x, cos, sin, layout, conjugate, x) if x.numel() else x
     if out is not None:
-        _ops.check("rotary_out", x, cos, sin, layout, conjugate, out)
+        bad = _ops.refusal("rotary_out", (x, cos, sin, layout, conjugate, out), (out,))
+        if bad is not None:
+            return out.copy_(bad[0])
         if torch.is_grad_enabled() and any(t.requires_grad for t in (x, cos, sin, out)):
             from .._errors import fail
 
             raise fail("out= without autograd", "inputs that require grad", "drop out= (or run under torch.no_grad())")
+        writable("out", out)
         return _into(be, x, cos, sin, layout, conjugate, out) if x.numel() else out
-    _ops.check("rotary", x, cos, sin, layout, conjugate)
+    bad = _ops.refusal("rotary", (x, cos, sin, layout, conjugate), (x,))
+    if bad is not None:
+        return bad[0]
     if x.numel() == 0:
         return x.clone()
     if torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad) or tracing() \
@@ -144,8 +173,14 @@ def apply(be: ModuleType, x, cos, sin, layout: str, conjugate: bool, inplace: bo
 
 
 def apply_qk(be: ModuleType, q, k, cos, sin, layout: str, conjugate: bool, inplace: bool):
-    """``(rot(q), rot(k))``, validated by the ``rotary_qk`` op's rules, each through :func:`apply`."""
-    _ops.check("rotary_qk_" if inplace else "rotary_qk", q, k, cos, sin, layout, conjugate)
+    """``(rot(q), rot(k))``, validated by the ``rotary_qk`` op's rules, each through :func:`apply`
+    (in place: both checked before either is written)."""
+    bad = _ops.refusal("rotary_qk_" if inplace else "rotary_qk", (q, k, cos, sin, layout, conjugate), (q, k))
+    if bad is not None:  # traced: the graph raises the RopeError
+        return (q.copy_(bad[0]), k.copy_(bad[1])) if inplace else bad
+    if inplace:
+        writable("q", q)
+        writable("k", k)
     return apply(be, q, cos, sin, layout, conjugate, inplace, None), apply(be, k, cos, sin, layout, conjugate, inplace, None)
 
 
@@ -171,8 +206,15 @@ def check_range(pos: torch.Tensor, n: int) -> None:
 
 def apply_gather(be: ModuleType, q, k, cos_table, sin_table, pos, fmt: str, layout: str, conjugate: bool, inplace: bool):
     """``(rot(q), rot(k))`` with the table rows ``pos``, validated by the ``rotary_gather`` op's
-    rules: the rows gathered in torch, then :func:`apply` per tensor."""
-    _ops.check("rotary_gather_" if inplace else "rotary_gather", q, k, cos_table, sin_table, pos, fmt, layout, conjugate)
+    rules: the rows gathered in torch, then :func:`apply` per tensor (in place: both checked
+    before either is written)."""
+    bad = _ops.refusal("rotary_gather_" if inplace else "rotary_gather",
+                       (q, k, cos_table, sin_table, pos, fmt, layout, conjugate), (q, k))
+    if bad is not None:  # traced: the graph raises the RopeError
+        return (q.copy_(bad[0]), k.copy_(bad[1])) if inplace else bad
+    if inplace:
+        writable("q", q)
+        writable("k", k)
     check_range(pos, cos_table.shape[0])
     if pos.dim() == 1 and fmt != "thd" and pos.shape[0] != q.shape[{"bshd": 1, "bhsd": 2, "sbhd": 0}[fmt]]:
         pos = pos[:, None]  # [b] per sample (s == 1)
@@ -194,16 +236,14 @@ def apply_qk_norm(be: ModuleType, q, k, q_weight, k_weight, cos, sin, eps: float
     """Per-head RMSNorm then RoPE, composed: the norm in float32 (torch ops), the rotation of
     the float32 result by ``be``, one rounding to ``q``/``k``'s dtype. Validated by the
     ``qk_norm_rotary`` op's rules."""
-    _ops.check("qk_norm_rotary_" if inplace else "qk_norm_rotary", q, k, q_weight, k_weight, cos, sin, eps,
-               weight_offset, layout)
+    bad = _ops.refusal("qk_norm_rotary_" if inplace else "qk_norm_rotary",
+                       (q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout), (q, k))
+    if bad is not None:  # traced: the graph raises the RopeError
+        return (q.copy_(bad[0]), k.copy_(bad[1])) if inplace else bad
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, q_weight, k_weight))
-    if inplace and grad:
-        for nm, t in (("q", q), ("k", k)):
-            if t.is_leaf and t.requires_grad:
-                from .._errors import fail
-
-                raise fail("inplace=True on a tensor autograd may modify", f"{nm}: a leaf tensor that requires grad",
-                           "use inplace=False, or apply to a non-leaf (e.g. the output of the projection)")
+    if inplace:
+        writable("q", q)
+        writable("k", k)
     src_q, src_k = (q.clone(), k.clone()) if inplace and grad else (q, k)  # the norm's backward reads its input
     nq = rms_norm_functional(src_q, q_weight, eps, weight_offset)
     nk = rms_norm_functional(src_k, k_weight, eps, weight_offset)

@@ -79,13 +79,21 @@ def apply(x, cos, sin, layout, conjugate, inplace, out):
     Learnable tables (requiring grad) take the eager formula, which torch differentiates."""
     if _learnable(cos, sin):
         return _generic.apply(_eager, x, cos, sin, layout, conjugate, inplace, out)
+    tr = tracing()
+    if tr:  # a refusal raised by the graph as the RopeError (ops.refusal), not the op's ValueError
+        dst = x if inplace else out
+        bad = _ops.refusal("rotary_" if inplace else "rotary" if out is None else "rotary_out",
+                           (x, cos, sin, layout, conjugate) + (() if out is None or inplace else (out,)),
+                           (x if dst is None else dst,))
+        if bad is not None:
+            return bad[0] if dst is None else dst.copy_(bad[0])
     if inplace:
-        if tracing():
+        if tr:
             return x.copy_(_OPS.rotary(x, cos, sin, layout, conjugate))
         _OPS.rotary_(x, cos, sin, layout, conjugate)
         return x
     if out is not None:
-        if tracing():
+        if tr:
             return out.copy_(_OPS.rotary(x, cos, sin, layout, conjugate))
         _OPS.rotary_out(x, cos, sin, layout, conjugate, out=out)
         return out
@@ -96,8 +104,13 @@ def apply_qk(q, k, cos, sin, layout, conjugate, inplace):
     """``(rot(q), rot(k))`` in one pass: ``ropekit::rotary_qk`` (``rotary_qk_`` in place)."""
     if _learnable(cos, sin):
         return _generic.apply_qk(_eager, q, k, cos, sin, layout, conjugate, inplace)
+    tr = tracing()
+    if tr:
+        bad = _ops.refusal("rotary_qk_" if inplace else "rotary_qk", (q, k, cos, sin, layout, conjugate), (q, k))
+        if bad is not None:
+            return (q.copy_(bad[0]), k.copy_(bad[1])) if inplace else bad
     if inplace:
-        if tracing():
+        if tr:
             qo, ko = _OPS.rotary_qk(q, k, cos, sin, layout, conjugate)
             return q.copy_(qo), k.copy_(ko)
         _OPS.rotary_qk_(q, k, cos, sin, layout, conjugate)
@@ -111,8 +124,14 @@ def apply_gather(q, k, cos_table, sin_table, positions, fmt, layout, conjugate, 
     ``[0, n)`` are refused before anything is written."""
     if _learnable(cos_table, sin_table):
         return _generic.apply_gather(_eager, q, k, cos_table, sin_table, positions, fmt, layout, conjugate, inplace)
+    tr = tracing()
+    if tr:
+        bad = _ops.refusal("rotary_gather_" if inplace else "rotary_gather",
+                           (q, k, cos_table, sin_table, positions, fmt, layout, conjugate), (q, k))
+        if bad is not None:
+            return (q.copy_(bad[0]), k.copy_(bad[1])) if inplace else bad
     if inplace:
-        if tracing():
+        if tr:
             qo, ko = _OPS.rotary_gather(q, k, cos_table, sin_table, positions, fmt, layout, conjugate)
             return q.copy_(qo), k.copy_(ko)
         _OPS.rotary_gather_(q, k, cos_table, sin_table, positions, fmt, layout, conjugate)
@@ -137,8 +156,14 @@ def apply_qk_norm(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout
     eager formula (which differentiates them)."""
     if _learnable(cos, sin):
         return _generic.apply_qk_norm(_eager, q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, inplace)
+    tr = tracing()
+    if tr:
+        bad = _ops.refusal("qk_norm_rotary_" if inplace else "qk_norm_rotary",
+                           (q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout), (q, k))
+        if bad is not None:
+            return (q.copy_(bad[0]), k.copy_(bad[1])) if inplace else bad
     if inplace:
-        if tracing():  # graphs: out of place, then copied back; the op saves its inputs, so a copy of them
+        if tr:  # graphs: out of place, then copied back; the op saves its inputs, so a copy of them
             grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, q_weight, k_weight))
             src_q, src_k = (q.clone(), k.clone()) if grad else (q, k)
             qo, ko = _OPS.qk_norm_rotary(src_q, src_k, q_weight, k_weight, cos, sin, eps, weight_offset, layout)

@@ -821,6 +821,13 @@ void rotary_qk__cpu(Tensor& q, Tensor& k, const Tensor& cos, const Tensor& sin, 
 
 // The positions as contiguous int64 ([b] per sample read as [b, 1]).
 Tensor long_positions(const Tensor& pos, const GatherCall& g) {
+    if (pos.scalar_type() == at::kUInt64 && pos.is_cpu() && pos.numel()) {  // past 2^63 it would wrap to negative
+        const Tensor pc = pos.contiguous();  // (torch has no max for uint64)
+        const uint64_t* pp = static_cast<const uint64_t*>(pc.const_data_ptr());
+        const uint64_t hi = *std::max_element(pp, pp + pc.numel());
+        RK_CHECK(hi <= (uint64_t)INT64_MAX, "positions below the table length, got a position of ", hi,
+                 ". Fix: grow the tables (RotaryEmbedding.tables(max_position + 1)) or fix the positions");
+    }
     const Tensor p = pos.scalar_type() == at::kLong ? pos.contiguous() : pos.to(at::kLong).contiguous();
     return g.per_sample ? p.view({p.size(0), 1}) : p;
 }

@@ -522,3 +522,20 @@ def test_non_tensor_arguments_are_rope_errors():
     rope = ropekit.RotaryEmbedding(ropekit.RopeConfig(16))
     with pytest.raises(RopeError, match="torch.Tensor"):
         rope(rnd(1, 4, 2, 16), rnd(1, 4, 1, 16), positions=[0, 1, 2, 3])
+
+
+def test_uint64_positions_past_int64_are_named_as_they_are():
+    # a uint64 position of 2**63 or more was converted to int64 (wrapping) and reported as a
+    # negative position; it is refused with its own value, before anything is written
+    cos_t, sin_t = ropekit.cos_sin(ropekit.RopeConfig(8), torch.arange(10))
+    q, k = torch.randn(1, 3, 2, 8), torch.randn(1, 3, 1, 8)
+    q0, k0 = q.clone(), k.clone()
+    pos = torch.tensor([1, 2, 2**63], dtype=torch.uint64)
+    for backend in BACKENDS:
+        with pytest.raises(RopeError, match=r"got a uint64 value of 2\*\*63 or more"):
+            ropekit.apply_rotary_gather(q, k, cos_t, sin_t, positions=pos, inplace=True, backend=backend)
+    with pytest.raises(RopeError, match=r"got a uint64 value of 2\*\*63 or more"):
+        ropekit.RotaryEmbedding(ropekit.RopeConfig(8))(q, k, positions=pos[None], inplace=True)
+    with pytest.raises(ValueError, match=f"got a position of {2**63}"):  # the op itself
+        O.rotary_gather_(q, k, cos_t, sin_t, pos, "bshd", "half", False)
+    assert torch.equal(q, q0) and torch.equal(k, k0)

@@ -41,9 +41,15 @@ def check_positions(positions: torch.Tensor, name: str = "positions", *, check_v
             f"dtype {positions.dtype}",
             f"convert with {name}.long(); bf16/fp16 cannot even represent integers above 256/2048 exactly",
         )
-    if (check_values and positions.numel() and positions.device.type != "meta" and not torch.compiler.is_compiling()
-            and not torch._C._are_functorch_transforms_active()):
-        lo, hi = (int(v) for v in torch.aminmax(positions))  # one pass, one sync
+    readable = (positions.numel() and positions.device.type != "meta" and not torch.compiler.is_compiling()
+                and not torch._C._are_functorch_transforms_active())
+    if positions.dtype == torch.uint64 and readable and bool((positions.view(torch.int64) < 0).any()):
+        # checked even without check_values: converted to int64 (as every caller does), these wrap to negative
+        raise fail(f"{name} <= 2**53 (exact in the float64 angle m·θ)", "a uint64 value of 2**63 or more",
+                   "positions are token indices; check how they were computed")
+    if check_values and readable:
+        p = positions.view(torch.int64) if positions.dtype == torch.uint64 else positions  # (no uint64 aminmax)
+        lo, hi = (int(v) for v in torch.aminmax(p))  # one pass, one sync
         if lo < 0:
             raise fail(
                 f"{name} >= 0",

@@ -123,3 +123,13 @@ def test_transformers_angles_mode():
     assert not torch.equal(c, exact)
     with pytest.raises(ValueError, match="angles"):
         cos_sin(cfg, pos, angles="float32")
+
+
+@pytest.mark.parametrize("dt", [torch.uint8, torch.int8, torch.int16, torch.uint16, torch.int32, torch.uint32,
+                                torch.uint64])
+def test_every_integer_position_dtype_gives_the_int64_bits(dt):
+    # torch has no aminmax (the range check) for uint16/32/64: they raised NotImplementedError
+    cfg = RopeConfig(16)
+    pos = torch.tensor([0, 3, 5, 100], dtype=dt)
+    got, want = cos_sin(cfg, pos), cos_sin(cfg, pos.to(torch.int64))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

@@ -48,7 +48,11 @@ def check_positions(positions: torch.Tensor, name: str = "positions", *, check_v
         raise fail(f"{name} <= 2**53 (exact in the float64 angle m·θ)", "a uint64 value of 2**63 or more",
                    "positions are token indices; check how they were computed")
     if check_values and readable:
-        p = positions.view(torch.int64) if positions.dtype == torch.uint64 else positions  # (no uint64 aminmax)
+        p = positions  # (torch has no aminmax for uint16/32/64: read them as int64, exactly)
+        if positions.dtype == torch.uint64:
+            p = positions.view(torch.int64)
+        elif positions.dtype in (torch.uint16, torch.uint32):
+            p = positions.to(torch.int64)
         lo, hi = (int(v) for v in torch.aminmax(p))  # one pass, one sync
         if lo < 0:
             raise fail(

@@ -25,6 +25,7 @@ from typing import Callable, Union
 import torch
 import torch.nn.functional as F
 
+from ._checks import flag
 from ._errors import fail
 from .config import check_layout
 
@@ -83,6 +84,7 @@ def linear_attention(
     from .functional import apply_rotary
 
     check_layout(layout)
+    causal = flag("causal", causal)  # a real bool: causal="no" is not False
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.dtype.is_floating_point:
             got = f"shape {tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
@@ -117,6 +119,8 @@ def linear_attention(
 
     b, s, h, d = q.shape
     e = v.shape[-1]
+    if s == 0:  # no token: the empty output, as the non-causal form gives
+        return vv[:, :0].to(v.dtype, copy=True)  # [b, 0, h, e]
     state = vv.new_zeros(b, h, d, e)  # Σ_{n < chunk start} R_n φ(k_n) v_nᵀ
     zsum = vv.new_zeros(b, h, d)  # Σ_{n < chunk start} φ(k_n)
     outs = []

@@ -170,6 +170,18 @@ def _spec_value(v: str) -> Any:
     return v
 
 
+def _spec_context(value: str) -> int:
+    """``context=`` of an inline spec: a whole number of positions (``8192``, ``1e5``) in ``[1, 2**53]``."""
+    from ._checks import integer
+    from .config import MAX_EXACT_POSITION
+
+    v = _spec_value(value)
+    if isinstance(v, (str, bool)):
+        raise fail("context a whole number of positions", repr(value), "give the model's context length in tokens, e.g. context=131072")
+    return integer("context", v, minimum=1, maximum=MAX_EXACT_POSITION,
+                   fix="give the model's context length in tokens, e.g. context=131072 or context=1.28e5")
+
+
 def _load_spec(spec: str) -> list:
     """``head_dim=128,base=1e4[,rotary_dim=..,layout=..,context=..,label=..]`` plus, with
     ``rope_type=<scheme>``, that scheme's parameters (``factor=4,original_max_position=4096``)."""
@@ -192,11 +204,11 @@ def _load_spec(spec: str) -> list:
         head_dim = int(kw.pop("head_dim"))
         base = float(kw.pop("base", 10000.0))
         rotary = int(kw.pop("rotary_dim")) if "rotary_dim" in kw else None
-        context = int(float(kw.pop("context"))) if "context" in kw else None
     except KeyError:
         raise fail("head_dim in the spec", repr(spec), "e.g. head_dim=128,base=10000") from None
     except ValueError as e:
-        raise fail("numbers for head_dim/base/rotary_dim/context", repr(spec), f"fix the value ({e})") from None
+        raise fail("numbers for head_dim/base/rotary_dim", repr(spec), f"fix the value ({e})") from None
+    context = _spec_context(kw.pop("context")) if "context" in kw else None
     scaling = None
     kind = kw.pop("rope_type", None)
     if kind is not None:
@@ -833,9 +845,28 @@ SWEEP_BEGIN = "<!-- hf-sweep table: begin (ropekit hf-sweep --docs docs/transfor
 SWEEP_END = "<!-- hf-sweep table: end -->"
 
 
+def _check_model_types(only: Optional[List[str]]) -> None:
+    """``--only`` names must be model types the installed transformers knows (a typo is a
+    usage error, exit 2, not an "untested" row and exit 0)."""
+    if not only:
+        return
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    known = list(CONFIG_MAPPING_NAMES)
+    for mt in only:
+        if mt not in CONFIG_MAPPING_NAMES:
+            close = difflib.get_close_matches(mt, known, n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise _UsageError(
+                f"--only {mt!r}: not a model_type of the installed transformers{hint} (a config.json's \"model_type\", "
+                "e.g. llama, qwen2, gemma3_text)"
+            )
+
+
 def _cmd_hf_sweep(args: argparse.Namespace) -> int:
     from .integrations import hf_sweep
 
+    _check_model_types(args.only)
     t0 = time.perf_counter()
     if args.table:
         def note(mt: str, row: Any) -> None:

@@ -657,6 +657,19 @@ def mrope_positions(
     used = {1: 0, 2: 0}
     b, s = token_types.shape
     device = token_types.device
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (b, s) or attention_mask.is_complex():
+            got = (f"shape {tuple(attention_mask.shape)} {attention_mask.dtype}" if isinstance(attention_mask, torch.Tensor)
+                   else describe(attention_mask))
+            raise fail(f"attention_mask a tensor [b, s] = {[b, s]} like token_types (1 real token, 0 padding)", got,
+                       "pass the processor's attention_mask of the same batch (one row per sequence)")
+        if attention_mask.device.type == "meta":
+            raise fail("attention_mask with values", "a tensor on the meta device", "pass the processor's attention_mask")
+        attention_mask = attention_mask.to(device)
+        bad_mask = set(torch.unique(attention_mask).tolist()) - {0, 1}
+        if bad_mask:
+            raise fail("attention_mask values in {0, 1} (1 real token, 0 padding)", f"values {sorted(bad_mask)[:5]}",
+                       "pass the processor's attention_mask (not an additive -inf mask)")
     out = torch.zeros(3, b, s, dtype=torch.int64, device=device)
     deltas = []
     for row in range(b):
@@ -711,6 +724,9 @@ def mrope_decode_positions(delta: torch.Tensor, start: Union[int, torch.Tensor],
     Token ``k`` (``start <= k < start + length``) gets ``k + delta`` on all three axes, the
     continuation of :func:`mrope_positions` (transformers' ``rope_deltas``).
 
+    ``start``: an int or 0-d tensor (every sequence), or an integer tensor ``[b]`` / ``[b, 1]``
+    of per-sequence cache lengths (``b = delta.shape[0]``).
+
     Example:
         >>> mrope_decode_positions(torch.tensor([[-2]]), 7)[:, 0].tolist()
         [[5], [5], [5]]
@@ -720,6 +736,10 @@ def mrope_decode_positions(delta: torch.Tensor, start: Union[int, torch.Tensor],
     length = integer("length", length, minimum=0, maximum=MAX_EXACT_POSITION, fix="pass the number of tokens to decode")
     if isinstance(start, torch.Tensor):
         check_positions(start, "start")
+        b = delta.shape[0]
+        if tuple(start.shape) not in ((), (b,), (b, 1)):
+            raise fail(f"start an int, a 0-d tensor or a tensor [b] = [{b}] or [b, 1] (one cache length per sequence of delta)",
+                       f"shape {list(start.shape)}", "pass one number of cached tokens per sequence, in delta's batch order")
         st = start.to(device=delta.device, dtype=torch.int64)
     else:
         st = torch.tensor(
@@ -740,7 +760,9 @@ class MultiAxisRotaryEmbedding(torch.nn.Module):
 
     Pair ``j`` keeps frequency ``cfg.inv_freq()[j]`` and takes its angle from the position on
     the axis ``pair_axes(sections, interleaved)[j]`` (see :func:`multi_axis_cos_sin`). With
-    the same position on every axis (text tokens) it equals 1-D :class:`ropekit.RotaryEmbedding`.
+    the same position on every axis (text tokens) it equals 1-D :class:`ropekit.RotaryEmbedding`,
+    bit for bit: ``cfg.direction = -1`` rotates by ``-φ`` and with ``cfg.rotary_offset = o``
+    only dims ``[o, o + r)`` of the head rotate (the others pass through).
 
     Args:
         cfg: the rotary configuration (its ``layout`` is used for the pairs).
@@ -822,6 +844,7 @@ class MultiAxisRotaryEmbedding(torch.nn.Module):
         from .positions import table_view as _table_view
         from .positions import split_qk_format
 
+        inplace = flag("inplace", inplace)
         b, s = split_qk_format(q, k, format)
         check_head_width(self.cfg, q=q, k=k)
         if not isinstance(positions, torch.Tensor):
@@ -845,4 +868,9 @@ class MultiAxisRotaryEmbedding(torch.nn.Module):
         )  # [*positions.shape[:-1], r/2]
         pdims = positions.dim() - 1
         cos, sin = _table_view(cos, format, pdims), _table_view(sin, format, pdims)
-        return apply_rotary_qk(q, k, cos, sin, layout=self.cfg.layout, inplace=inplace, backend=self.backend)
+        conj, o = self.cfg.direction == -1, self.cfg.rotary_offset  # as ropekit.RotaryEmbedding: -θ, dims [o, o + r)
+        if not o:
+            return apply_rotary_qk(q, k, cos, sin, layout=self.cfg.layout, inplace=inplace, backend=self.backend, conjugate=conj)
+        qo, ko = (q, k) if inplace else (q.clone(), k.clone())  # the dims outside [o, o + r) pass through
+        apply_rotary_qk(qo[..., o:], ko[..., o:], cos, sin, layout=self.cfg.layout, inplace=True, backend=self.backend, conjugate=conj)
+        return qo, ko

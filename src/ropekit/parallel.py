@@ -28,7 +28,10 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ._checks import device as check_device
+from ._checks import integer
 from ._errors import fail
+from .config import MAX_EXACT_POSITION, check_seq_len
 from .positions import positions_from_cu_seqlens
 
 __all__ = ["SCHEMES", "shard_positions", "shard", "unshard", "shard_packed", "rotate_dtensor"]
@@ -77,8 +80,10 @@ def shard_positions(
 ) -> torch.Tensor:
     """Global positions of the tokens rank ``rank`` holds: int64 ``[seq_len // world_size]``.
 
-    Pass them to :class:`ropekit.RotaryEmbedding` as ``positions=`` (add a KV-cache
-    offset first if the sequence does not start at 0).
+    Pass them to :class:`ropekit.RotaryEmbedding` as ``positions=`` together with
+    ``seq_len=seq_len`` (the *global* length, plus any KV-cache offset added to the
+    positions): length-dependent scaling (LongRoPE, dynamic NTK) picks its frequencies from
+    ``seq_len``, whose default ``max(positions) + 1`` differs from rank to rank.
 
     Raises RopeError unless ``seq_len`` divides into ``world_size`` (contiguous) or
     ``2 * world_size`` (zigzag) equal chunks.
@@ -89,7 +94,7 @@ def shard_positions(
         >>> shard_positions(8, 2, 1).tolist()
         [4, 5, 6, 7]
     """
-    device = torch.device("cpu") if device is None else device  # explicit: never a meta context's device
+    device = torch.device("cpu") if device is None else check_device("device", device)  # never a meta context's device
     pieces = [torch.arange(a, a + n, device=device) for a, n in _chunks(seq_len, world_size, rank, scheme)]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
@@ -97,6 +102,9 @@ def shard_positions(
 def _check_dim(x: torch.Tensor, seq_dim: int, name: str = "x") -> int:
     if not isinstance(x, torch.Tensor):
         raise fail(f"{name} a torch.Tensor", type(x).__name__, "pass the full (unsharded) tensor")
+    if x.dim() == 0:
+        raise fail(f"{name} with a sequence dim (at least 1-D)", "a 0-d tensor (a scalar)",
+                   "pass the full (unsharded) tensor, e.g. q of shape [b, S, h, d]")
     if isinstance(seq_dim, bool) or not isinstance(seq_dim, int) or not -x.dim() <= seq_dim < max(x.dim(), 1):
         raise fail(f"seq_dim in [-{x.dim()}, {x.dim()})", repr(seq_dim), "e.g. seq_dim=1 for bshd, 2 for bhsd, 0 for sbhd/thd")
     return seq_dim % x.dim()
@@ -194,19 +202,23 @@ def shard_packed(
     return index, pos_all[index], torch.tensor(local, dtype=torch.int64, device=cu_seqlens.device)
 
 
-def rotate_dtensor(rope, q, k, *, format: str = "bshd", offsets: Optional[int] = None):
+def rotate_dtensor(rope, q, k, *, format: str = "bshd", offsets: Optional[int] = None, seq_len: Optional[int] = None):
     """Apply a :class:`ropekit.RotaryEmbedding` to DTensors sharded on the sequence dim.
 
     ``q`` and ``k`` are ``torch.distributed.tensor.DTensor`` on a 1-D device mesh with
     placement ``Shard(seq_dim)`` (``seq_dim`` from ``format``) or ``Replicate()``. Each
     rank rotates its local shard with its global positions (DTensor's ``torch.chunk``
     split: shard ``r`` starts at ``r · ceil(S / W)``, uneven tails allowed), without
-    communication; the results keep the input placements.
+    communication; the results keep the input placements. The result is bit-identical to
+    ``rope(q.full_tensor(), k.full_tensor(), offsets=offsets, seq_len=seq_len)`` on one
+    process, for every scaling (every rank passes the same global ``seq_len``).
 
     Args:
         rope: the module.
         q, k: DTensors ``[b, S, h, d]`` (or ``bhsd``/``sbhd``), same placements.
         offsets: an int added to every position (e.g. tokens already in the KV cache).
+        seq_len: total length for length-dependent scaling (LongRoPE, dynamic NTK); default
+            the global ``offsets + S`` (never a rank's local length), as the unsharded call.
 
     Returns:
         ``(q_rot, k_rot)`` DTensors.
@@ -227,7 +239,9 @@ def rotate_dtensor(rope, q, k, *, format: str = "bshd", offsets: Optional[int] =
             "redistribute to Shard(seq_dim) on a 1-D mesh",
         )
     pl = q.placements[0]
-    off = 0 if offsets is None else int(offsets)
+    off = 0 if offsets is None else integer("offsets", offsets, minimum=0, maximum=MAX_EXACT_POSITION,
+                                            fix="pass the number of tokens already in the KV cache (an int)")
+    seq_len = check_seq_len(seq_len)
     ql, kl = q.to_local(), k.to_local()
     if isinstance(pl, Replicate):
         start = 0
@@ -237,7 +251,11 @@ def rotate_dtensor(rope, q, k, *, format: str = "bshd", offsets: Optional[int] =
     else:
         raise fail(f"placement Shard({seq_dim}) (the sequence dim) or Replicate()", str(pl), "redistribute q and k")
     pos = torch.arange(start, start + ql.shape[seq_dim], device=ql.device) + off  # [s_local]
-    q2, k2 = rope(ql, kl, positions=pos, format=format)
+    scaling = getattr(getattr(rope, "cfg", None), "scaling", None)
+    if seq_len is None and getattr(scaling, "length_dependent", False):
+        seq_len = off + S  # the global length on every rank (not the local max + 1): one spectrum everywhere
+    kw_len = {} if seq_len is None else {"seq_len": seq_len}
+    q2, k2 = rope(ql, kl, positions=pos, format=format, **kw_len)
     kw = dict(device_mesh=q.device_mesh, placements=q.placements, shape=q.shape, stride=q.stride())
     kk = dict(device_mesh=k.device_mesh, placements=k.placements, shape=k.shape, stride=k.stride())
     return DTensor.from_local(q2, **kw), DTensor.from_local(k2, **kk)

@@ -205,7 +205,9 @@ def xpos_max_distance(cfg: RopeConfig, *, gamma: float = 0.4, scale_base: float 
     ``L = min(ln(max) - ln(attention_factor), -ln(tiny))`` of ``dtype``.
 
     float32 with the paper's ``B = 512, γ = 0.4``: 35 694, i.e. windows of about 71 000
-    positions around the center; float64: about 290 000; float16: about 3 900.
+    positions around the center; float64: about 290 000; float16: about 3 900. Capped at
+    ``2**54``, the largest ``|m - c|`` of positions and centers ropekit accepts (a ``γ`` so
+    large that ``ζ`` rounds to 1, or a huge ``B``, limits nothing).
 
     Example:
         >>> xpos_max_distance(RopeConfig(head_dim=64))
@@ -218,7 +220,13 @@ def xpos_max_distance(cfg: RopeConfig, *, gamma: float = 0.4, scale_base: float 
     fi = torch.finfo(dtype)
     room = min(math.log(fi.max) - math.log(max(cfg.attention_factor, 1.0)), -math.log(fi.tiny))
     worst = abs(math.log(gamma / (1.0 + gamma)))  # |ln ζ_0|, the fastest-changing scale
-    return int(scale_base * room / worst)
+    # |m - c| never exceeds 2·2**53 (positions in [0, 2**53], center in [-2**53, 2**53]): past that
+    # cap every distance is fine, e.g. a huge γ whose ζ_0 rounds to 1 (no scale) or a huge B
+    cap = 2 * MAX_EXACT_POSITION
+    if worst == 0.0:
+        return cap
+    far = scale_base * room / worst
+    return int(far) if far < cap else cap
 
 
 def _check_xpos_range(cfg: RopeConfig, lo: int, hi: int, center: int, gamma: float, scale_base: float, dtype) -> None:

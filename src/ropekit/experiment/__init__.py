@@ -55,27 +55,68 @@ def full_config(seeds=(0, 1), steps: int = 500, finetune_steps: int = 60):
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error on stderr (no usage dump), exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _count(minimum: int, what: str):
+    """argparse type: an int >= ``minimum`` (``--steps -3`` / ``--seeds 0`` are refused, not
+    replaced by the defaults)."""
+
+    def parse(v: str) -> int:
+        try:
+            n = int(v)
+        except ValueError:
+            n = None
+        if n is None or n < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, an int >= {minimum}, got {v!r}")
+        return n
+
+    parse.__name__ = "int"
+    return parse
+
+
+def _factor(v: str) -> float:
+    import math
+
+    try:
+        x = float(v)
+    except ValueError:
+        x = math.nan
+    if not (math.isfinite(x) and x >= 1.0):
+        raise argparse.ArgumentTypeError(f"expected a finite factor >= 1 (dynamic NTK), got {v!r}")
+    return x
+
+
 def build_parser(prog: str = "ropekit experiment") -> argparse.ArgumentParser:
     from .model import POSITION_ENCODINGS
     from .schemes import SCHEMES
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog=prog,
         description="Train a tiny byte-level LM on the Python stdlib with each position encoding and "
         "extrapolate the RoPE model with ropekit's scaling schemes; write CSV, report.md and PNG plots.",
     )
     p.add_argument("--smoke", action="store_true", help="tiny run (< 60 s): 2-layer model, 300 steps, 1 seed")
     p.add_argument("--out", default=None, help="output directory (default experiments/full or experiments/smoke)")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (0..n-1); default 2 (smoke: 1)")
-    p.add_argument("--steps", type=int, default=None, help="training steps per model (default 500; smoke 300)")
-    p.add_argument("--finetune-steps", type=int, default=None, help="fine-tuning steps at the longest length for "
-                   "none/linear/yarn (default 60; smoke 0 = off)")
+    p.add_argument("--seeds", type=_count(1, "a number of seeds"), default=None,
+                   help="number of seeds (0..n-1), >= 1; default 2 (smoke: 1)")
+    p.add_argument("--steps", type=_count(1, "a number of training steps"), default=None,
+                   help="training steps per model, >= 1 (default 500; smoke 300)")
+    p.add_argument("--finetune-steps", type=_count(0, "a number of fine-tuning steps"), default=None,
+                   help="fine-tuning steps at the longest length for none/linear/yarn (default 60; smoke 0 = off)")
     p.add_argument("--encodings", default=None, help=f"comma-separated subset of {','.join(POSITION_ENCODINGS)}")
     p.add_argument("--schemes", default=None, help=f"comma-separated subset of {','.join(SCHEMES)}")
-    p.add_argument("--dynamic-factor", type=float, default=2.0, help="factor of dynamic NTK (default 2)")
-    p.add_argument("--eval-spans", type=int, default=None, help="held-out spans of 8x the context (default 32; smoke 16)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads in total (at most 2)")
-    p.add_argument("--jobs", type=int, default=1, help="processes running seeds in parallel (threads are split "
+    p.add_argument("--dynamic-factor", type=_factor, default=2.0, help="factor of dynamic NTK, >= 1 (default 2)")
+    p.add_argument("--eval-spans", type=_count(1, "a number of held-out spans"), default=None,
+                   help="held-out spans of 8x the context, >= 1 (default 32; smoke 16)")
+    p.add_argument("--threads", type=_count(1, "a number of threads"), default=2,
+                   help="torch threads in total (at most 2 are used)")
+    p.add_argument("--jobs", type=_count(1, "a number of processes"), default=1,
+                   help="processes running seeds in parallel (threads are split "
                    "between them; 2 jobs x 1 thread is faster than 1 x 2 on a busy machine)")
     p.add_argument("--corpus-root", default=None, help="directory of .py files (default: this Python's stdlib)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
@@ -110,9 +151,9 @@ def run(argv: Optional[List[str]] = None) -> int:
             print(f"merged {len(args.merge)} directories into {out}/: {paths[0]}")
         return 0
     if args.smoke:
-        cfg = smoke_config(steps=args.steps or 300, seeds=range(args.seeds or 1))
+        cfg = smoke_config(steps=300 if args.steps is None else args.steps, seeds=range(1 if args.seeds is None else args.seeds))
     else:
-        cfg = full_config(steps=args.steps or 500, seeds=range(args.seeds or 2))
+        cfg = full_config(steps=500 if args.steps is None else args.steps, seeds=range(2 if args.seeds is None else args.seeds))
     changes = {"dynamic_factor": args.dynamic_factor, "threads": args.threads}
     if args.finetune_steps is not None:
         changes["finetune_steps"] = args.finetune_steps
@@ -120,7 +161,7 @@ def run(argv: Optional[List[str]] = None) -> int:
         changes["encodings"] = tuple(s.strip() for s in args.encodings.split(",") if s.strip())
     if args.schemes is not None:  # "" = no extrapolation table
         changes["schemes"] = tuple(s.strip() for s in args.schemes.split(",") if s.strip())
-    if args.eval_spans:
+    if args.eval_spans is not None:
         changes["eval_spans"] = args.eval_spans
     cfg = dataclasses.replace(cfg, **changes)
     out = args.out or os.path.join("experiments", "smoke" if args.smoke else "full")

@@ -326,3 +326,28 @@ def test_xpos_huge_gamma_and_scale_base():
     fi = torch.finfo(torch.float32)
     want = int(512.0 * min(math.log(fi.max), -math.log(fi.tiny)) / abs(math.log(0.4 / 1.4)))
     assert xpos_max_distance(cfg) == want
+
+
+# ------------------------------------------------------------------ config and scaling arguments
+def test_direction_is_a_real_plus_or_minus_one_stored_as_int():
+    import numpy as np
+
+    for v, want in ((1, 1), (-1, -1), (1.0, 1), (np.int64(-1), -1)):
+        d = ropekit.RopeConfig(8, direction=v).direction
+        assert d == want and type(d) is int
+    for v in (torch.tensor([1, -1]), torch.tensor(-1), True, 2, "1", None):  # a tensor raised RuntimeError
+        with pytest.raises(ropekit.RopeError, match="direction 1 or -1"):
+            ropekit.RopeConfig(8, direction=v)
+
+
+def test_from_dict_without_head_dim_says_so():
+    with pytest.raises(ropekit.RopeError, match="a dict with head_dim"):  # was "remove unknown keys"
+        ropekit.RopeConfig.from_dict({"base": 1e4})
+
+
+@pytest.mark.parametrize("factors", [{1.0: "a", 2.0: "b"}, {1.0, 2.0}])
+def test_longrope_factors_from_a_dict_or_set_are_refused(factors):
+    from ropekit.scaling import LongRoPE
+
+    with pytest.raises(ropekit.RopeError, match="short_factor a list of numbers"):  # a dict's keys were taken
+        LongRoPE(factors, [1.0, 1.0], 16, factor=2.0)

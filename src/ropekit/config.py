@@ -10,6 +10,7 @@ dim, ``r`` rotary dim (``r <= d``, even), ``t`` packed tokens.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import TYPE_CHECKING, Any, Hashable, Mapping, Optional
 
 import torch
@@ -153,12 +154,14 @@ class RopeConfig:
                 "the rotating dims [rotary_offset, rotary_offset + rotary_dim) must lie inside the head; "
                 "for MLA heads pass head_dim=qk_nope_head_dim + qk_rope_head_dim, rotary_offset=qk_nope_head_dim",
             )
-        if self.direction not in (1, -1) or isinstance(self.direction, bool):
+        dr = self.direction  # a real number (a tensor's truth value would be ambiguous), not a bool
+        if isinstance(dr, bool) or not isinstance(dr, numbers.Real) or dr not in (1, -1):
             raise fail(
                 "direction 1 or -1",
-                repr(self.direction),
+                repr(dr),
                 "use 1 to rotate by +m·θ (RoFormer, Llama, ...) or -1 to rotate by -m·θ (NanoChat)",
             )
+        object.__setattr__(self, "direction", int(dr))
         check_layout(self.layout)
         if self.scaling is not None:
             from .scaling import Scaling
@@ -261,6 +264,9 @@ class RopeConfig:
             from .scaling import Scaling
 
             sc = Scaling.from_dict(sc)
+        if "head_dim" not in data:
+            raise fail("a dict with head_dim (RopeConfig.to_dict()'s output)", f"keys {sorted(data)}",
+                       "add head_dim (the attention head width), e.g. {'head_dim': 128, 'base': 10000.0}")
         try:
             return cls(scaling=sc, **data)
         except TypeError as e:

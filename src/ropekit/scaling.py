@@ -15,6 +15,7 @@ Interface every scheme implements (see :class:`Scaling`):
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import inspect
 import math
@@ -378,7 +379,8 @@ def _factor_tuple(name: str, value: Any) -> Tuple[float, ...]:
         if value.device.type == "meta" or value.dim() != 1:
             raise fail(f"{name} a list of numbers (or a 1-D tensor with values)", f"tensor of shape {tuple(value.shape)} on {value.device}", f"pass the checkpoint's {name} list")
         value = value.tolist()
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or not hasattr(value, "__iter__"):
+    if isinstance(value, (str, bytes, collections.abc.Mapping, collections.abc.Set)) or not hasattr(value, "__len__") or \
+            not hasattr(value, "__iter__"):  # (a dict's keys or a set's order would be taken silently)
         got = "null (None)" if value is None else type(value).__name__
         raise fail(f"{name} a list of numbers", got, f"pass the checkpoint's {name} list (one factor per rotary pair)")
     return tuple(real(f"{name} entries", v, above=0, fix=f"check the checkpoint's {name}") for v in value)

@@ -129,3 +129,40 @@ def test_compile_fullgraph_matches_the_unpatched_model(monkeypatch):
     torch._dynamo.reset()
     assert traced  # the graph holds ropekit's rotation, not transformers' function
     assert torch.allclose(got, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compile_fullgraph_exact_tables_is_the_eager_patched_model(backend, monkeypatch):
+    """``tables="exact"`` (the default) under ``torch.compile(fullgraph=True)``: the eager path
+    sizes a cached table by ``max(position_ids)``, a host read that dynamo cannot trace; while
+    tracing, the rows are computed in the graph instead (float64 ``|m|·θ``, cos/sin, sine
+    negated for m < 0, one rounding). Expected: the eager patched model's logits bit for bit
+    (same ops, element for element), for plain ids, a left-padded batch with
+    ``position_ids = cumsum - 1`` (-1 at the padded slots) and positions around 5000; and the
+    unpatched model's within float32 rounding for the first two."""
+    model = _model()
+    mask = torch.ones_like(IDS)
+    mask[1, :3] = 0
+    pos = mask.cumsum(-1) - 1
+    calls = [dict(input_ids=IDS), dict(input_ids=IDS, attention_mask=mask, position_ids=pos),
+             dict(input_ids=IDS, attention_mask=mask, position_ids=pos + 5000)]  # fmt: skip
+    with torch.no_grad():
+        ref = [model(**kw).logits for kw in calls[:2]]
+    rt.patch(model)
+    traced = []
+    inner = rt._ExactTables._traced
+    monkeypatch.setattr(rt._ExactTables, "_traced", lambda *a, **k: traced.append(1) or inner(*a, **k))
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, fullgraph=True, backend=backend)
+        with torch.no_grad():
+            for i, kw in enumerate(calls):
+                eager = model(**kw).logits
+                got = compiled(**kw).logits
+                assert torch.equal(got, eager), (i, (got - eager).abs().max().item())
+                if i < len(ref):
+                    assert torch.allclose(got, ref[i], atol=1e-5, rtol=0)
+    finally:
+        rt.unpatch(model)
+        torch._dynamo.reset()
+    assert traced  # the graph computed the exact tables itself

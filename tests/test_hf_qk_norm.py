@@ -321,3 +321,45 @@ def test_refused_norms_whose_math_differs(make, match):
 def test_fuse_qk_norm_must_be_bool():
     with pytest.raises(RopeError, match="fuse_qk_norm a bool"):
         rt.patch(_build("qwen3"), fuse_qk_norm="yes")
+
+
+# --------------------------------------------------------------------------- 16-bit models
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe", "gemma3"])
+def test_fused_accepted_on_a_model_cast_to_16_bits(family, dtype, fused_calls):
+    """``model.to(bf16)`` rounds the rotary module's ``inv_freq`` buffer (2^-8 relative). The
+    fused proof with exact tables compares against the float32 tables the exact ones are proven
+    against — a fresh float32 rotary module, which the cast one must match within its buffers'
+    rounding — exactly as the unfused patch does; with the cast module's own tables it refused
+    (``q max |difference| 0.00174``). Expected: accepted in both table modes, every attention
+    fused, and the logits no farther from the float32 model's than the unpatched 16-bit
+    model's are (times 2: they differ from it by 16-bit rounding, docs/transformers.md)."""
+    model = _build(family)
+    ids = _ids()
+    ref = _logits(model, ids)  # float32
+    model.to(dtype)
+    want = _logits(model, ids)
+    freqs = [b for n, b in model.model.rotary_emb.named_buffers() if "inv_freq" in n]
+    assert freqs and all(b.dtype == dtype for b in freqs)  # the cast rounded the frequencies
+    err_theirs = (want.float() - ref).abs().max().item()
+    for tables in ("exact", "transformers"):
+        with rt.patched(model, tables=tables, fuse_qk_norm=True) as report:
+            n = fused_calls["n"]
+            got = _logits(model, ids)
+            assert fused_calls["n"] - n >= len(report.fused)
+        assert report.fused == report.attention and len(report.fused) == 2
+        assert got.dtype == dtype
+        err_ours = (got.float() - ref).abs().max().item()
+        assert err_ours <= 2 * err_theirs, (tables, err_ours, err_theirs)
+    assert torch.equal(_logits(model, ids), want)
+
+
+def test_fused_16_bit_model_with_an_edited_inv_freq_is_refused():
+    """The float32 reference is only used where the cast module matches a fresh one within its
+    buffers' rounding: a hand-edited ``inv_freq`` is still refused, and nothing changes."""
+    model = _build("qwen3").to(torch.bfloat16)
+    with torch.no_grad():
+        model.model.rotary_emb.inv_freq.mul_(1.25)
+    with pytest.raises(RopeError, match="within the rounding of its torch.bfloat16 buffers"):
+        rt.patch(model, fuse_qk_norm=True)
+    _assert_unchanged(model)

@@ -339,6 +339,73 @@ def test_exact_tables_match_float64_oracle_llama():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_negative_position_ids_left_padding(family, spy):
+    """Left padding with explicit ``position_ids = attention_mask.cumsum(-1) - 1`` puts -1 at
+    the padded slots; transformers runs it (cos/sin of negative angles), so the patched model
+    must too. Expected: the unpatched model's logits — bit for bit with its own tables,
+    within the table gap of test_logits_exact_tables (4 float32 ulps, times a gain < 50)
+    with exact ones."""
+    model = _build(family)
+    ids = _ids(2, 12, seed=3)
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0
+    pos = mask.cumsum(-1) - 1  # row 1: [-1, -1, -1, 0, 1, ...]
+    assert pos.min() == -1
+    kw = dict(input_ids=ids, attention_mask=mask, position_ids=pos)
+    with torch.no_grad():
+        ref = model(**kw).logits
+        for tables in ("transformers", "exact"):
+            n = spy["n"]
+            with rt.patched(model, tables=tables):
+                out = model(**kw).logits
+            assert spy["n"] > n
+            if tables == "transformers":
+                assert torch.equal(out, ref)
+            else:
+                torch.testing.assert_close(out, ref, rtol=0, atol=50 * 4 * 2**-23 + 1e-6)
+
+
+def test_exact_tables_negative_positions_llama():
+    """Negative positions get the exact tables too: cos/sin of the float64 angle m·θ with
+    m < 0 (θ(-m) = -θ(m) exactly), rounded once — the same independent float64 oracle as
+    test_exact_tables_match_float64_oracle_llama; rows of non-negative positions keep the bits
+    they have without negative positions in the call."""
+    model = _build("llama")
+    d = SMALL["hidden_size"] // SMALL["num_attention_heads"]
+    pos = torch.tensor([[-70000, -5000, -127, -5, -1, 0, 1, 5, 127, 5000, 70000]])
+    inv = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    ang = pos[..., None].double() * inv
+    with rt.patched(model, tables="exact"):
+        cos, sin = model.model.rotary_emb(torch.zeros(1), pos)
+        cos_nn, sin_nn = model.model.rotary_emb(torch.zeros(1), pos[:, 5:])  # non-negative only
+    assert cos.dtype == torch.float32 and cos.shape == (1, pos.shape[1], d)
+    assert torch.equal(cos, torch.cat([ang.cos(), ang.cos()], -1).float())
+    assert torch.equal(sin, torch.cat([ang.sin(), ang.sin()], -1).float())
+    assert torch.equal(cos[:, 5:], cos_nn) and torch.equal(sin[:, 5:], sin_nn)
+    assert torch.equal(cos[:, :5], cos[:, 6:].flip(1)) and torch.equal(sin[:, :5], -sin[:, 6:].flip(1))
+
+
+def test_compile_fullgraph_exact_longrope_switch():
+    """Phi-3's LongRoPE under torch.compile(fullgraph=True) with exact tables: the short/long
+    frequency choice (seq_len = max(position_ids) + 1 > 16) is made in the graph. Expected:
+    the eager patched model's logits bit for bit, below and above the switch, also with
+    left padding and position_ids = cumsum - 1."""
+    model = _build("phi3")
+    torch._dynamo.reset()
+    try:
+        with rt.patched(model, tables="exact"), torch.no_grad():
+            compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+            for s in (12, 20):  # short, long
+                ids = _ids(2, s)
+                mask = torch.ones_like(ids)
+                mask[1, :3] = 0
+                for kw in (dict(input_ids=ids), dict(input_ids=ids, attention_mask=mask, position_ids=mask.cumsum(-1) - 1)):
+                    assert torch.equal(compiled(**kw).logits, model(**kw).logits), (s, sorted(kw))
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_generate_left_padded(family, spy):
     """Greedy generate() with the KV cache: 20 new tokens, a left-padded batch, both table modes."""
     model = _build(family)

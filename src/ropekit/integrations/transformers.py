@@ -65,9 +65,10 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from .._errors import fail
-from ..config import RopeConfig
+from ..config import MAX_EXACT_POSITION, RopeConfig
 from ..functional import apply_rotary, apply_rotary_qk
-from ..tables import TableCache, check_positions, cos_sin, to_full_width
+from ..scaling import LongRoPE
+from ..tables import TableCache, check_positions, cos_sin, cos_sin_f64, to_full_width
 
 __all__ = [
     "apply_rotary_pos_emb",
@@ -645,15 +646,18 @@ def _float32_reference(rot: torch.nn.Module, model: Any, lt: Any, order: str, pr
 
 def _prove_exact_tables(
     mt: str, model: Any, probes: List[Any], used: Dict[str, Any], proofs: Dict[Any, List[Any]], dtype: torch.dtype
-) -> Tuple[List[Tuple[torch.nn.Module, Callable]], Dict[Tuple[str, Any], Any]]:
+) -> Tuple[List[Tuple[torch.nn.Module, Callable]], Dict[Tuple[str, Any], Any], Dict[Tuple[str, Any], Any]]:
     """``tables="exact"``: for each rotary module and layer type, check that ropekit's config
     reproduces the model's float32 tables, then prove each replacement on ropekit's tables in
-    the model's dtype (:func:`_prove_accuracy`). Returns the ``forward`` replacements and
-    the exact float32 probe tables (for the q/k-norm fusion proofs)."""
+    the model's dtype (:func:`_prove_accuracy`). Returns the ``forward`` replacements, the
+    exact float32 probe tables and the float32 reference tables they were checked against
+    (:func:`_float32_reference`: the module's own, or a fresh float32 module's where the
+    model's buffers were cast to 16 bits), both for the q/k-norm fusion proofs."""
     from ..hf import transformers_cos_sin
 
     exact_forwards: List[Tuple[torch.nn.Module, Callable]] = []
     exact_new: Dict[Tuple[str, Any], Any] = {}
+    refs: Dict[Tuple[str, Any], Any] = {}
     pos = torch.arange(_PROBE_S)[None]
     for n, rot, cos, sin, order, lt in probes:
         if n not in used:
@@ -712,12 +716,13 @@ def _prove_exact_tables(
                     'nothing was changed; use tables="transformers"',
                 )
         exact_new[(n, lt)] = tabs(torch.float32)
+        refs[(n, lt)] = have
         theirs, ours = _instance_tables(rot, lt, order, dtype), tabs(dtype)
         for key, plan, original, w in proofs.get((n, lt), []):
             _prove_accuracy(mt, plan, original, w, dtype, theirs, ours, oracle, "exact tables")
         if all(r is not m for m, _ in exact_forwards):
             exact_forwards.append((r, fwd))
-    return exact_forwards, exact_new
+    return exact_forwards, exact_new, refs
 
 
 # --------------------------------------------------------------------------- version
@@ -855,23 +860,85 @@ def _release(inst: _Install) -> None:
 
 # --------------------------------------------------------------------------- exact tables
 class _ExactTables:
-    """ropekit tables for one :class:`RopeConfig`, returned in transformers' full-width form."""
+    """ropekit tables for one :class:`RopeConfig`, returned in transformers' full-width form.
+
+    Row ``m`` holds cos/sin of the float64 angle ``m·θ_i`` (``θ`` the config's float64
+    frequencies), times the attention factor, rounded once to the table dtype. Negative
+    positions (left padding with ``position_ids = attention_mask.cumsum(-1) - 1`` gives -1 at
+    the padded slots, which transformers accepts) are exact too: ``float64(-m)·θ = -(m·θ)``
+    exactly, so row ``-m`` is row ``m`` with the sine negated (``cos(-a) = cos(a)``,
+    ``sin(-a) = -sin(a)``; negation commutes with the one rounding). Rows of non-negative
+    positions are unchanged by that.
+    """
 
     def __init__(self, cfg: RopeConfig) -> None:
         self.cfg = cfg
         self.length_dependent = cfg.scaling is not None and cfg.scaling.length_dependent
         self.cache = None if self.length_dependent else TableCache(cfg)
+        # what tables.angles multiplies the positions by (float64 [r/2]), for the traced path
+        self.inv = None if self.length_dependent else cfg.inv_freq().to(torch.float64)
+        self.factor = float(cfg.attention_factor)
+        # LongRoPE: two frequency sets, long for seq_len > original_max_position (the traced
+        # path selects between them in the graph); dynamic NTK's depend on seq_len continuously
+        self.longrope = None
+        if isinstance(cfg.scaling, LongRoPE):
+            n = cfg.scaling.original_max_position
+            self.longrope = (n, cfg.inv_freq(n).to(torch.float64), cfg.inv_freq(n + 1).to(torch.float64))
 
     def half(self, position_ids: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         """Half-width ``(cos, sin)`` ``[*position_ids.shape, r/2]`` of ``dtype``."""
-        check_positions(position_ids, "position_ids")
+        if torch.compiler.is_compiling():
+            return self._traced(position_ids, dtype)
+        check_positions(position_ids, "position_ids", check_values=False)  # integer dtype
+        p = position_ids if position_ids.dtype == torch.int64 else position_ids.to(torch.int64)
+        if p.numel() == 0 or p.device.type == "meta":
+            lo, hi = 0, 0
+        else:
+            lo, hi = (int(v) for v in torch.aminmax(p))  # one pass, one sync
+        if hi > MAX_EXACT_POSITION or -lo > MAX_EXACT_POSITION:
+            raise fail(
+                "|position_ids| <= 2**53 (exact in the float64 angle m·θ)",
+                f"values in [{lo}, {hi}]",
+                "positions are token indices; check how they were computed",
+            )
+        neg = lo < 0
+        a = p.abs() if neg else p
         if self.cache is None:
             # LongRoPE / dynamic NTK: the frequencies depend on seq_len = max(position_ids) + 1
             # of this call (what transformers uses); no cache, one float64 evaluation.
-            return cos_sin(self.cfg, position_ids, dtype=dtype)
-        n = int(position_ids.max()) + 1 if position_ids.numel() else 1
-        ct, st = self.cache.get(n, device=position_ids.device, dtype=dtype)  # [n', r/2], rounded once
-        return ct[position_ids], st[position_ids]  # [..., r/2]
+            c, s = cos_sin(self.cfg, a, dtype=dtype, seq_len=max(hi + 1, 0) if neg else None)
+        else:
+            n = max(hi, -lo) + 1 if a.numel() else 1
+            ct, st = self.cache.get(n, device=a.device, dtype=dtype)  # [n', r/2], rounded once
+            c, s = ct[a], st[a]  # [..., r/2]
+        if neg:
+            s = torch.where(p.unsqueeze(-1) < 0, -s, s)
+        return c, s
+
+    def _traced(self, position_ids: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The rows :meth:`half` gathers, computed in the graph while torch.compile/export
+        traces (the table's length would need a host read of the positions): the same
+        float64 product, cos/sin, attention factor and rounding, element for element, so the
+        compiled model gives the eager patched model's bits."""
+        p = position_ids.to(torch.int64)
+        if self.inv is not None:
+            inv = self.inv.to(p.device)
+        elif self.longrope is not None:  # eager: cfg.inv_freq(seq_len = max(position_ids) + 1)
+            n, short, long = self.longrope
+            inv = torch.where(p.max() + 1 > n, long.to(p.device), short.to(p.device))
+        else:
+            raise fail(
+                f"frequencies that do not depend on the sequence length continuously under torch.compile "
+                f"(not {type(self.cfg.scaling).__name__})",
+                "a length-dependent scaling: its seq_len = max(position_ids) + 1 is a host read",
+                "run it eagerly (transformers' own dynamic rotary module does not trace with fullgraph either)",
+            )
+        a = p.abs().to(torch.float64).unsqueeze(-1) * inv  # float64 [..., r/2], exact positions
+        c, s = cos_sin_f64(a)
+        if self.factor != 1.0:
+            c, s = c * self.factor, s * self.factor
+        c, s = c.to(dtype), s.to(dtype)
+        return c, torch.where(p.unsqueeze(-1) < 0, -s, s)
 
     def full(self, position_ids: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         c, s = self.half(position_ids, dtype)
@@ -959,9 +1026,11 @@ def _exact_forward(
         return forward
     sections = getattr(rot, "mrope_section", None)
     if sections is not None:
-        from ..multi_axis import multi_axis_cos_sin
+        from ..multi_axis import multi_axis_cos_sin, pair_axes
 
         sections = [int(v) for v in sections]
+        axes = pair_axes(sections)  # [r/2]: the axis each pair reads its position from
+        length_dependent = conf.scaling is not None and conf.scaling.length_dependent
 
         @torch.no_grad()
         def forward(x, position_ids, **kw):
@@ -969,7 +1038,17 @@ def _exact_forward(
             if pos.dim() == 2:  # text-only [b, s]: same position on every axis
                 pos = pos[None].expand(len(sections), -1, -1)  # [3, b, s]
             pos = pos.movedim(0, -1)  # [b, s, 3]
-            c, s = multi_axis_cos_sin(conf, pos, sections, dtype=_table_dtype(x.dtype))  # [b, s, r/2]
+            seq = None
+            if pos.dtype.is_floating_point or pos.dtype.is_complex or pos.dtype == torch.bool:
+                neg = None  # refused by multi_axis_cos_sin
+            else:  # negative positions (left padding): sin(-a) = -sin(a), as _ExactTables
+                neg = (pos < 0).index_select(-1, axes.to(pos.device))  # [b, s, r/2]
+                if length_dependent and pos.numel() and not torch.compiler.is_compiling():
+                    seq = max(int(pos.max()) + 1, 0)  # of the signed positions, as transformers
+                pos = pos.abs()
+            c, s = multi_axis_cos_sin(conf, pos, sections, dtype=_table_dtype(x.dtype), seq_len=seq)  # [b, s, r/2]
+            if neg is not None:
+                s = torch.where(neg, -s, s)
             out = fmt.build(c, s)
             return out.to(x.device) if isinstance(out, torch.Tensor) else tuple(t.to(x.device) for t in out)
 
@@ -1318,9 +1397,9 @@ def patch(model: torch.nn.Module, *, tables: str = "exact", fuse_qk_norm: bool =
                     used[n] = (rot, None)  # type: ignore[assignment]
             replacements[key] = _replacement(plan, original)
         dtype = _model_dtype(attn)
-        exact_forwards, exact_new = [], {}
+        exact_forwards, exact_new, refs = [], {}, {}
         if tables == "exact":
-            exact_forwards, exact_new = _prove_exact_tables(mt, model, probes, used, proofs, dtype)
+            exact_forwards, exact_new, refs = _prove_exact_tables(mt, model, probes, used, proofs, dtype)
         else:
             for n, rot, cos, sin, order, lt in probes:
                 theirs = _instance_tables(rot, lt, order, dtype)
@@ -1335,7 +1414,14 @@ def patch(model: torch.nn.Module, *, tables: str = "exact", fuse_qk_norm: bool =
             for key in plans:  # every table of the model: each attention is proven on its layer type's
                 for n, rot, cos, sin, order, lt in probes:
                     if order != "complex":
-                        fuse_tables.setdefault(key, []).append((lt, cos, sin, exact_new.get((n, lt))))
+                        # tables="exact": the float32 tables the exact ones were proven against, as
+                        # for the unfused replacement; they are the module's own unless .to(bf16)
+                        # rounded its inv_freq (then a fresh float32 module's, which the module's
+                        # were checked to match within that rounding). The model's own tables are
+                        # replaced then, so only their float32 values are a meaningful reference.
+                        ref = refs.get((n, lt))
+                        c, s = ref if ref is not None and len(ref) == 2 else (cos, sin)
+                        fuse_tables.setdefault(key, []).append((lt, c, s, exact_new.get((n, lt))))
             originals = {key: _original(sys.modules[key[0]], key[1]) for key in plans}
             rotation = _qk_norm.Rotation(_half_from_table, _rotate, _unsq)
             fusion = _qk_norm.plan_fusion(mt, attn, plans, originals, replacements, fuse_tables, _rope_calls, rotation)

@@ -75,8 +75,10 @@ def rotation_matrix(
 ) -> torch.Tensor:
     """``R_{Θ,m}`` for ``cfg`` at integer ``position``: float64 ``[r, r]`` (or ``[*position.shape, r, r]``).
 
-    Pairs follow ``cfg.layout``. By default this is a pure rotation (orthogonal);
-    ``attention_scaling=True`` folds ``cfg.attention_factor`` in, as the tables do.
+    Pairs follow ``cfg.layout``; the rotation is by ``cfg.direction·m·θ`` (``direction = -1``:
+    ``R_{Θ,m}ᵀ``), the rotation the config's keys and queries get. By default this is a pure
+    rotation (orthogonal); ``attention_scaling=True`` folds ``cfg.attention_factor`` in, as the
+    tables do.
 
     Example:
         >>> R = rotation_matrix(RopeConfig(head_dim=4, layout="interleaved"), 0)
@@ -86,7 +88,7 @@ def rotation_matrix(
     from .tables import cos_sin
 
     cos, sin = cos_sin(cfg, position, dtype=torch.float64, seq_len=seq_len, attention_scaling=attention_scaling)
-    return block_matrix(cos, sin, cfg.layout)
+    return block_matrix(cos, -sin if cfg.direction == -1 else sin, cfg.layout)
 
 
 def _columns(r: int, layout: str, device: torch.device) -> torch.Tensor:

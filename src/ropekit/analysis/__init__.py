@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .._checks import describe, integer, real
+from .._checks import describe, flag, integer, real
 from .._errors import fail
 from ..config import RopeConfig
 
@@ -47,6 +47,7 @@ __all__ = [
 ]
 
 _F64 = torch.float64
+_MAX_POS = 1 << 53  # the largest position whose float64 angle m·θ is exact (tables refuse more)
 
 #: Classes of a rotary pair under scaling: frequency kept, divided by the full factor,
 #: anything else (the YaRN ramp / Llama-3 smooth band, NTK's changed base, LongRoPE's
@@ -290,16 +291,29 @@ def context_coverage(cfg: RopeConfig, context: Optional[int], original_context: 
 
 
 # --------------------------------------------------------------------------- decay bound
-def _distances(distances: Union[torch.Tensor, Sequence[int], int]) -> torch.Tensor:
+def _distances(distances: Union[torch.Tensor, Sequence[int], int], name: str = "distances") -> torch.Tensor:
+    """``distances`` as a CPU ``[n]`` tensor of finite real values (its integer dtype kept,
+    else float64), else a RopeError naming ``name``."""
+    fix = "pass e.g. torch.arange(1024)"
+    if isinstance(distances, (str, bytes)):
+        raise fail(f"{name} a tensor, list or number", describe(distances), fix)
     try:
         d = distances if isinstance(distances, torch.Tensor) else torch.as_tensor(distances, device="cpu")
+        if d.dtype.is_floating_point and not isinstance(distances, torch.Tensor):
+            d = torch.as_tensor(distances, device="cpu", dtype=_F64)  # Python floats: float64, not the default float32
     except (TypeError, ValueError, RuntimeError, OverflowError):
-        raise fail("distances a tensor, list or number (each < 2**63)", describe(distances), "pass e.g. torch.arange(1024)") from None
+        raise fail(f"{name} a tensor, list or number (each < 2**63)", describe(distances), fix) from None
     if d.dtype == torch.bool or d.dtype.is_complex:
-        raise fail("distances as numbers", f"dtype {d.dtype}", "pass e.g. torch.arange(1024)")
-    d = d.to(_F64).reshape(-1)
-    if d.numel() and d.device.type != "meta" and not bool(torch.isfinite(d).all()):
-        raise fail("finite distances", "inf or nan", "pass distances in tokens, e.g. torch.arange(1024)")
+        raise fail(f"{name} as numbers", f"dtype {d.dtype}", fix)
+    if d.device.type == "meta":
+        raise fail(f"{name} with values (a CPU or CUDA tensor, a list or a number)", "a meta tensor (shape only)",
+                   f"pass the {name} themselves, e.g. torch.arange(1024)")
+    d = d.detach().to("cpu").reshape(-1)
+    if not d.dtype.is_floating_point:
+        return d.to(torch.int64)
+    d = d.to(_F64)
+    if d.numel() and not bool(torch.isfinite(d).all()):
+        raise fail(f"finite {name}", "inf or nan", f"pass {name} in tokens, e.g. torch.arange(1024)")
     return d
 
 
@@ -321,7 +335,8 @@ def decay_bound(
         cfg: the rotary config.
         distances: relative distances ``Δ`` (``[n]``, any real numbers).
         seq_len: total length for length-dependent schemes.
-        chunk: distances processed at once (bounds memory to ``chunk · r/2`` complex128).
+        chunk: distances processed at once, an int ``>= 1`` (bounds memory to
+            ``chunk · r/2`` complex128).
 
     Returns:
         float64 ``[n]``. Angles ``Δ·θ_k`` are float64 products, so at distance ``Δ`` each
@@ -334,7 +349,8 @@ def decay_bound(
         (torch.float64, torch.Size([5]), True)
     """
     _check_cfg(cfg)
-    d = _distances(distances)  # [n]
+    chunk = integer("chunk", chunk, minimum=1, fix="pass a positive number of distances per step, e.g. 4096")
+    d = _distances(distances).to(_F64)  # [n]
     theta = cfg.inv_freq(seq_len)  # [r/2] float64
     out = torch.empty(d.shape[0], dtype=_F64)
     for a in range(0, d.shape[0], chunk):
@@ -346,9 +362,13 @@ def decay_bound(
 
 def decay_distances(max_distance: int, *, dense: int = 1024, points: int = 1500) -> torch.Tensor:
     """Distances for plotting a decay curve: every integer up to ``dense``, then about
-    ``points`` log-spaced integers up to ``max_distance``. int64 ``[n]``, sorted, unique."""
+    ``points`` log-spaced integers up to ``max_distance``. int64 ``[n]``, sorted, unique.
+
+    ``max_distance`` is an int in ``[1, 2**53]``, ``dense`` in ``[1, 2**24]`` (the log-spaced
+    part starts at ``dense``, so it cannot be 0) and ``points`` in ``[1, 2**24]``."""
     max_distance = integer("max_distance", max_distance, maximum=1 << 53, fix="pass the context length")
-    dense = integer("dense", dense, minimum=0, maximum=1 << 24, fix="pass e.g. 1024")
+    dense = integer("dense", dense, minimum=1, maximum=1 << 24,
+                    fix="pass e.g. 1024 (the log-spaced distances start at dense, so it must be at least 1)")
     points = integer("points", points, maximum=1 << 24, fix="pass e.g. 1500")
     a = torch.arange(0, min(dense, max_distance) + 1, dtype=torch.int64)
     if max_distance <= dense:
@@ -358,28 +378,74 @@ def decay_distances(max_distance: int, *, dense: int = 1024, points: int = 1500)
 
 
 # --------------------------------------------------------------------------- scores
-def _vectors(cfg: RopeConfig, q: Optional[torch.Tensor], k: Optional[torch.Tensor], seed: int, samples: int):
+def _seed(seed: Any) -> int:
+    return integer("seed", seed, minimum=-(1 << 63), maximum=(1 << 64) - 1, fix="pass an int seed, e.g. seed=0")
+
+
+def _vector_arg(name: str, t: Any, d: int) -> torch.Tensor:
+    """``t`` as a float64 CPU ``[n, d]`` tensor (n >= 1) of finite real values, else a RopeError."""
+    what = f"{name} of shape [{d}] or [n, {d}] (head_dim last, n >= 1)"
+    fix = f"pass {name} as a real tensor with the head dim last"
+    if isinstance(t, (str, bytes)):
+        raise fail(what, describe(t), fix)
+    try:
+        x = t if isinstance(t, torch.Tensor) else torch.as_tensor(t, device="cpu")
+        if x.dtype.is_floating_point and not isinstance(t, torch.Tensor):
+            x = torch.as_tensor(t, device="cpu", dtype=_F64)  # Python floats: float64, not the default float32
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise fail(what, describe(t), fix) from None
+    if x.dtype == torch.bool or x.dtype.is_complex:
+        raise fail(f"{name} of real numbers", f"dtype {x.dtype}", fix)
+    if x.device.type == "meta":
+        raise fail(f"{name} with values", "a meta tensor (shape only)", fix)
+    if x.dim() not in (1, 2) or x.shape[-1] != d or x.numel() == 0:
+        raise fail(what, f"shape {tuple(x.shape)}", fix)
+    x = x.detach().to(device="cpu", dtype=_F64).reshape(-1, d)
+    if not bool(torch.isfinite(x).all()):
+        raise fail(f"{name} of finite values", "inf or nan", fix)
+    return x
+
+
+def _vectors(cfg: RopeConfig, q: Any, k: Any, seed: int, samples: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """float64 ``[n_q, d]``, ``[n_k, d]`` with ``n_q == n_k`` or one of them 1 (``k = q`` if
+    ``k`` is None; ``samples`` seeded normal rows if ``q`` is None)."""
     d = cfg.head_dim
     if q is None:
         g = torch.Generator().manual_seed(seed)
         q = torch.randn(samples, d, generator=g, dtype=_F64)
-        k = q if k is None else k
-    elif k is None:
-        k = q
-    q = torch.as_tensor(q, dtype=_F64)
-    k = torch.as_tensor(k, dtype=_F64)
-    for name, t in (("q", q), ("k", k)):
-        if t.shape[-1] != d or t.dim() > 2:
-            raise fail(f"{name} of shape [{d}] or [n, {d}] (head_dim)", f"shape {tuple(t.shape)}", f"pass {name} with the head dim last")
-    return q.reshape(-1, d), k.reshape(-1, d)  # [n, d]
+    qq = _vector_arg("q", q, d)
+    kk = qq if k is None else _vector_arg("k", k, d)
+    nq, nk = qq.shape[0], kk.shape[0]
+    if nq != nk and nq != 1 and nk != 1:
+        raise fail("q and k with the same number of rows (or one of them a single [d] vector)",
+                   f"q with {nq} rows, k with {nk} rows", "pass q and k of the same shape [n, d]")
+    return qq, kk  # [n, d]
+
+
+def _positions_arg(name: str, values: Any, fix: str) -> torch.Tensor:
+    """``values`` as int64 CPU ``[n]``: non-negative integers <= 2**53, else a RopeError naming ``name``."""
+    d = _distances(values, name)
+    if d.dtype.is_floating_point:
+        ok = bool(((d == d.round()) & (d >= 0) & (d <= _MAX_POS)).all())
+    else:
+        ok = not d.numel() or (int(d.min()) >= 0 and int(d.max()) <= _MAX_POS)
+    if not ok:
+        raise fail(f"{name} non-negative integers <= 2**53 (positions exact in float64)", describe(values), fix)
+    return d.to(torch.int64)
 
 
 def _rotate(cfg, x, positions, *, seq_len, backend, dtype, attention_scaling=True):
+    """``x [p, d]`` rotated as the config rotates a head: dims ``[o, o + r)`` by
+    ``direction · m · θ`` (``o = cfg.rotary_offset``); the other dims pass through."""
     from ..functional import apply_rotary
     from ..tables import cos_sin
 
     cos, sin = cos_sin(cfg, positions, dtype=dtype, seq_len=seq_len, attention_scaling=attention_scaling)  # [p, r/2]
-    return apply_rotary(x, cos, sin, layout=cfg.layout, backend=backend)
+    conj, o = cfg.direction == -1, cfg.rotary_offset
+    if not o:
+        return apply_rotary(x, cos, sin, layout=cfg.layout, backend=backend, conjugate=conj)
+    rot = apply_rotary(x[..., o:], cos, sin, layout=cfg.layout, backend=backend, conjugate=conj)  # rotates its first r dims
+    return torch.cat([x[..., :o], rot], dim=-1)
 
 
 def relative_position_error(
@@ -397,16 +463,21 @@ def relative_position_error(
     """Check that ``⟨f(q, m), f(k, n)⟩`` depends only on ``m - n`` (RoFormer eq. 11).
 
     For each distance ``Δ`` the score is computed at ``(m, n) = (s + Δ, s)`` for every
-    start ``s``; the deviation of a diagonal is ``max - min`` of its scores.
+    start ``s``; the deviation of a diagonal is ``max - min`` of its scores. ``f`` is the
+    config's rotation: dims ``[rotary_offset, rotary_offset + r)`` by
+    ``direction · m · θ``, the other dims pass through.
 
     Args:
-        cfg: the rotary config (its layout is used).
-        q, k: ``[d]`` vectors; default a seeded standard normal pair.
-        distances, starts: the diagonals and positions along them.
+        cfg: the rotary config (its layout, rotary offset and direction are used).
+        q, k: nonzero ``[d]`` vectors (``k`` defaults to ``q`` when only ``q`` is given);
+            default a seeded standard normal pair.
+        distances, starts: the diagonals and positions along them: non-empty, non-negative
+            integers with ``start + distance <= 2**53``.
         seq_len: total length fixing the frequencies of length-dependent schemes
-            (default: largest position + 1, the same for every score).
+            (default: largest position + 1, at most 2**53, the same for every score).
         backend, dtype: how ``f`` is applied and the dtype of tables and vectors
             (float64 reference by default: deviations are then ~1e-16 · position).
+        seed: seed of the default vectors.
 
     Returns:
         The largest deviation over all diagonals, divided by ``|q|·|k|`` (a float).
@@ -415,23 +486,44 @@ def relative_position_error(
         >>> relative_position_error(RopeConfig(head_dim=64)) < 1e-10
         True
     """
+    from ..tables import check_dtype
+
     _check_cfg(cfg)
+    seed = _seed(seed)
+    if not isinstance(dtype, torch.dtype):
+        raise fail("dtype a torch.dtype, e.g. torch.float64", describe(dtype), "pass dtype=torch.float64 or torch.float32")
+    check_dtype(dtype)
     if q is None:
         g = torch.Generator().manual_seed(seed)
-        q, k = torch.randn(2, cfg.head_dim, generator=g, dtype=_F64)
+        q, k0 = torch.randn(2, cfg.head_dim, generator=g, dtype=_F64)
+        k = k0 if k is None else k
     qq, kk = _vectors(cfg, q, k, seed, 1)
+    for name, t in (("q", qq), ("k", kk)):
+        if t.shape[0] != 1:
+            raise fail(f"{name} a single vector [{cfg.head_dim}]", f"{t.shape[0]} rows", f"pass one {name} vector, e.g. {name}[0]")
     qq, kk = qq[0].to(dtype), kk[0].to(dtype)
-    dist = torch.as_tensor(list(distances), dtype=torch.int64)
-    st = torch.as_tensor(list(starts), dtype=torch.int64)
+    norm = float(qq.to(_F64).norm() * kk.to(_F64).norm())
+    if not math.isfinite(norm) or norm == 0.0:
+        raise fail(f"q and k nonzero and finite in {dtype} (the deviation is divided by |q|·|k|)",
+                   f"|q|·|k| = {norm}", "pass nonzero q and k (or leave them out for a seeded random pair)")
+    dist = _positions_arg("distances", distances, "pass non-negative integer distances, e.g. (0, 1, 5, 100, 1000)")
+    st = _positions_arg("starts", starts, "pass non-negative integer start positions, e.g. (0, 1, 17, 1000)")
+    if not dist.numel() or not st.numel():
+        raise fail("at least one distance and one start", f"{dist.numel()} distances, {st.numel()} starts",
+                   "pass non-empty distances and starts, e.g. distances=(0, 1, 5), starts=(0, 17, 1000)")
+    top = int(dist.max()) + int(st.max())
+    if top > _MAX_POS:
+        raise fail("start + distance <= 2**53 (positions exact in float64)", f"a largest position of {top}",
+                   "pass smaller starts or distances")
     m = (st[None, :] + dist[:, None]).reshape(-1)  # [D*S]
     n = st[None, :].expand(dist.shape[0], -1).reshape(-1)  # [D*S]
     if seq_len is None:
-        seq_len = int(max(int(m.max()), int(n.max()))) + 1
+        seq_len = min(top + 1, _MAX_POS)
     qm = _rotate(cfg, qq.expand(m.shape[0], -1), m, seq_len=seq_len, backend=backend, dtype=dtype)  # [D*S, d]
     kn = _rotate(cfg, kk.expand(n.shape[0], -1), n, seq_len=seq_len, backend=backend, dtype=dtype)
     score = (qm.to(_F64) * kn.to(_F64)).sum(-1).reshape(dist.shape[0], st.shape[0])  # [D, S]
     dev = (score.max(dim=1).values - score.min(dim=1).values).max()
-    return float(dev) / float(qq.to(_F64).norm() * kk.to(_F64).norm())
+    return float(dev) / norm
 
 
 def attention_scores(
@@ -447,19 +539,24 @@ def attention_scores(
 ) -> torch.Tensor:
     """Attention logit ``⟨f(q, Δ), f(k, 0)⟩ / √d`` vs relative distance ``Δ``, in float64.
 
-    By the relative-position property this equals the logit of any ``(m, n)`` with
-    ``m - n = Δ``. With ``attention_scaling`` (default) the tables carry the scheme's
-    attention factor, as in the model, so logits are multiplied by its square.
+    ``f`` is the config's rotation: dims ``[rotary_offset, rotary_offset + r)`` rotate by
+    ``direction · m · θ`` (as :class:`~ropekit.RotaryEmbedding` applies it), the other
+    dims pass through. By the relative-position property this equals the logit of any
+    ``(m, n)`` with ``m - n = Δ``. With ``attention_scaling`` (default) the tables carry
+    the scheme's attention factor, as in the model, so logits of the rotated dims are
+    multiplied by its square.
 
     Args:
         cfg: the rotary config.
-        distances: ``[n]`` non-negative integers.
-        q, k: ``[d]`` or ``[samples, d]``. Default: ``samples`` seeded standard normal
+        distances: ``[n]`` non-negative integers ``<= 2**53``.
+        q, k: ``[d]`` or ``[samples, d]`` real, finite (the same number of rows, or one
+            of them a single vector). Default: ``samples`` seeded standard normal
             vectors with ``k = q`` (a query meeting a key of the same content); the
             expected logit is then ``(2/√d) Σ_i cos(Δ·θ_i)`` plus the pass-through
             dims. (For independent random q and k the expectation is 0 at every distance.)
-        samples, seed: used when ``q`` is not given.
-        seq_len: total length for length-dependent schemes (default ``max(Δ) + 1``).
+        samples, seed: used when ``q`` is not given; ``samples`` an int in ``[1, 2**20]``.
+        seq_len: total length for length-dependent schemes (default ``max(Δ) + 1``,
+            at most ``2**53``).
 
     Returns:
         float64 ``[n]``: the logit averaged over the rows of ``q``/``k``.
@@ -472,25 +569,27 @@ def attention_scores(
     _check_cfg(cfg)
     from ..backends.eager import pair_views
 
+    samples = integer("samples", samples, minimum=1, maximum=1 << 20, fix="pass a number of random vectors, e.g. 64")
+    seed = _seed(seed)
+    attention_scaling = flag("attention_scaling", attention_scaling)
     qq, kk = _vectors(cfg, q, k, seed, samples)  # [n, d]
-    dist = _distances(distances)  # [D] float64
-    if dist.numel() and not bool((dist == dist.round()).all() & (dist >= 0).all() & (dist <= 2**53).all()):
-        raise fail("distances non-negative integers <= 2**53", describe(distances), "pass e.g. torch.arange(4096)")
-    dist = dist.to(torch.int64)
+    dist = _positions_arg("distances", distances, "pass e.g. torch.arange(4096)")  # [D] int64
     if seq_len is None:
-        seq_len = int(dist.max()) + 1 if dist.numel() else 1
-    r = cfg.rotary_dim
-    q1, q2 = pair_views(qq, r, cfg.layout)  # [n, r/2] each
-    k1, k2 = pair_views(kk, r, cfg.layout)
-    # Per pair, <R(Δθ)(q1, q2), (k1, k2)> = (q1 k1 + q2 k2) cos Δθ + (q1 k2 - q2 k1) sin Δθ,
-    # so averaging over the rows first keeps memory at [D, r/2].
+        seq_len = min(int(dist.max()) + 1, _MAX_POS) if dist.numel() else 1
+    d, r, o = cfg.head_dim, cfg.rotary_dim, cfg.rotary_offset
+    q1, q2 = pair_views(qq[:, o : o + r], r, cfg.layout)  # [n, r/2] each
+    k1, k2 = pair_views(kk[:, o : o + r], r, cfg.layout)
+    # Per pair, <R(±Δθ)(q1, q2), (k1, k2)> = (q1 k1 + q2 k2) cos Δθ ± (q1 k2 - q2 k1) sin Δθ
+    # (± = cfg.direction), so averaging over the rows first keeps memory at [D, r/2].
     a = (q1 * k1 + q2 * k2).mean(0)  # [r/2]
     b = (q1 * k2 - q2 * k1).mean(0)  # [r/2]
-    rest = (qq[:, r:] * kk[:, r:]).sum(-1).mean()  # pass-through dims (not rotated)
+    keep = torch.ones(d, dtype=torch.bool)
+    keep[o : o + r] = False
+    rest = (qq[:, keep] * kk[:, keep]).sum(-1).mean()  # pass-through dims (not rotated)
     cos, sin = _tables(cfg, dist, seq_len, attention_scaling)  # [D, r/2], times the attention factor
     f = cfg.attention_factor if attention_scaling else 1.0  # k at position 0 carries the factor too
-    logits = f * (cos @ a + sin @ b) + rest  # [D]
-    return logits / math.sqrt(cfg.head_dim)
+    logits = f * (cos @ a + cfg.direction * (sin @ b)) + rest  # [D]
+    return logits / math.sqrt(d)
 
 
 def _tables(cfg, positions, seq_len, attention_scaling):
@@ -518,7 +617,13 @@ def summary(model: Model) -> Dict[str, Any]:
         >>> s["n_pairs"], s["runs"][0]["class"], s["coverage"]["wrapped_in_training"]
         (4, 'unchanged', 1)
     """
+    if not isinstance(model, Model):
+        raise fail("model a ropekit.analysis.Model", type(model).__name__,
+                   "wrap the config: summary(Model(label, cfg, context=...)) (context may be None)")
     cfg = _check_cfg(model.config)
+    if model.context is not None:
+        integer("model.context", model.context, minimum=0, maximum=_MAX_POS,
+                fix="pass the context length in tokens, or None, as Model(label, cfg, context=...)")
     ctx, orig = model.context, model.original_context
     tb, ta = cfg.base_inv_freq(), cfg.inv_freq(ctx)
     before, after = wavelengths(cfg, seq_len=ctx)

@@ -17,8 +17,10 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
+from .._checks import describe, integer
+from .._errors import fail
 from ..config import RopeConfig
-from . import decay_bound, relative_position_error
+from . import _check_cfg, decay_bound, relative_position_error
 
 __all__ = ["Check", "property_checks", "backend_checks", "run_checks"]
 
@@ -53,6 +55,13 @@ class Check:
         }
 
 
+def _context(context: Optional[int]) -> int:
+    """``context`` (default 4096) as an int in ``[1, 2**53]``, else a RopeError."""
+    if context is None:
+        return 4096
+    return integer("context", context, minimum=1, maximum=1 << 53, fix="pass the context length in tokens, or None (4096)")
+
+
 def _positions(context: Optional[int], n_small: int = 4) -> torch.Tensor:
     """A few small positions and the last positions of the context (large angles)."""
     top = max(int(context or 4096), 2 * n_small)
@@ -67,13 +76,15 @@ def property_checks(cfg: RopeConfig, *, context: Optional[int] = None) -> List[C
     it; 5. float32 tables are the float64 values rounded once (within ``2^-24`` relative
     to the attention factor); 6. the conjugate rotation undoes the rotation (float32).
 
-    Frequencies of length-dependent schemes are fixed at ``seq_len = context``.
+    Frequencies of length-dependent schemes are fixed at ``seq_len = context`` (an int in
+    ``[1, 2**53]``, default 4096).
     """
     from ..functional import apply_rotary
     from ..reference import rotation_matrix
     from ..tables import cos_sin
 
-    ctx = int(context or 4096)
+    _check_cfg(cfg)
+    ctx = _context(context)
     out: List[Check] = []
     pos = _positions(ctx)
     eye = torch.eye(cfg.rotary_dim, dtype=_F64)
@@ -132,14 +143,20 @@ def backend_checks(
     - forward bfloat16: rounded once, ``|y - y_ref| <= ½ ulp_bf16(y_ref) + 2e-6`` per element
       (one ulp for Triton under its CPU interpreter, whose float32 -> bf16 cast truncates).
 
-    ``on_check`` is called with each check as soon as it is measured.
+    ``shape`` is three ints, each in ``[1, 4096]``; ``context`` an int in ``[1, 2**53]``
+    (default 4096). ``on_check`` is called with each check as soon as it is measured.
     """
     from .. import backends as _backends
     from ..functional import apply_qk_norm_rotary, apply_rotary
     from ..tables import cos_sin
 
-    ctx = int(context or 4096)
-    b, s, h = shape
+    _check_cfg(cfg)
+    ctx = _context(context)
+    b, s, h = _shape(shape)
+    if isinstance(names, (str, bytes)):
+        raise fail("names a list of backend names", describe(names), f"pass [{names!r}]")
+    if on_check is not None and not callable(on_check):
+        raise fail("on_check a callable or None", describe(on_check), "pass a function taking one Check")
     pos = _positions(ctx, n_small=max(s // 2, 1))
     g = torch.Generator().manual_seed(1)
     x = torch.randn(b, pos.numel(), h, cfg.head_dim, generator=g)  # [b, s, h, d]
@@ -182,7 +199,8 @@ def backend_checks(
         for ls, bk in ((leaves, name), (leaves64, "reference")):
             qo, ko = apply_qk_norm_rotary(*ls, c, sn, eps=1e-6, weight_offset=0.5, layout=cfg.layout, backend=bk)
             res.append([qo, ko, *torch.autograd.grad((qo * gy).sum() + ko.sum(), ls)])
-        errs = [float((a.double() - b).abs().max() / max(1.0, float(b.abs().max()))) for a, b in zip(*res)]
+        errs = [float((a.detach().double() - b.detach()).abs().max() / max(1.0, float(b.detach().abs().max())))
+                for a, b in zip(*res)]
         add(Check(f"{tag} qk-norm float32: max err of q, k vs oracle (relative to max |·|)", max(errs[:2]), 1e-5 * af))
         add(Check(f"{tag} qk-norm backward float32: max err of dq, dk, dw_q, dw_k (relative to max |·|)", max(errs[2:]),
                   1e-5 * af))
@@ -202,6 +220,18 @@ def backend_checks(
         err = (yb.double() - refb).abs() / (ulps * _bf16_ulp(refb) + 2e-6 * af)
         add(Check(f"{tag} forward bfloat16: max err / ({ulps:g} ulp + 2e-6)", float(err.max()), 1.0, note=note))
     return out
+
+
+def _shape(shape: Sequence[int]) -> tuple:
+    """``shape`` as three ints ``(b, s, h)``, each in ``[1, 4096]``, else a RopeError."""
+    what, fix = "shape three ints (b, s, h), each in [1, 4096]", "pass e.g. shape=(2, 8, 3)"
+    try:
+        vals = tuple(shape)
+    except TypeError:
+        raise fail(what, describe(shape), fix) from None
+    if isinstance(shape, (str, bytes)) or len(vals) != 3:
+        raise fail(what, describe(shape), fix)
+    return tuple(integer(f"shape[{i}]", v, minimum=1, maximum=4096, fix=fix) for i, v in enumerate(vals))
 
 
 def _bf16_ulp(v: torch.Tensor) -> torch.Tensor:

@@ -143,6 +143,17 @@ class RotaryEmbedding(nn.Module):
         self.__dict__.setdefault("_built", None)
         self._lock = threading.Lock()
 
+    def _apply(self, fn, recurse=True):
+        """``module.to(...)``/``.half()``/``.float()``/...: a conversion that changes the tables'
+        dtype marks them stale, so they are rebuilt from the float64 angles on their next use
+        (``module.half().float()`` must not leave float32 tables rounded through float16)."""
+        before = self._buffers.get("cos_cached"), self._buffers.get("sin_cached")
+        out = super()._apply(fn, recurse)
+        after = self._buffers.get("cos_cached"), self._buffers.get("sin_cached")
+        if any(a is not None and (b is None or a.dtype != b.dtype) for a, b in zip(after, before)):
+            self.__dict__["_built"] = None  # not the dtype built in any more: no lookup trusts it
+        return out
+
     def rope_init(self, device: Union[str, torch.device, None] = None) -> None:
         """(Re)build the tables, e.g. after constructing on the meta device."""
         dev = torch.device(device) if device is not None else (
@@ -173,7 +184,11 @@ class RotaryEmbedding(nn.Module):
         dtype: Optional[torch.dtype] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Cached ``(cos, sin)``, each ``[n', r/2]`` with ``n' >= n``, for positions ``0 .. n'-1``
-        (``dtype``: default ``table_dtype``, else float32)."""
+        (``dtype``: default ``table_dtype``, else float32).
+
+        The frequencies are ``cfg.inv_freq(seq_len)``, those of the table's key
+        ``cfg.table_key(seq_len)``: for length-dependent scaling ``seq_len=None`` means
+        "within the original context" however long the table is (not ``n'``)."""
         device = device if type(device) is torch.device else torch.device(device)
         dtype = dtype or self.table_dtype or torch.float32
         key = self.cfg.table_key(seq_len) if seq_len is not None else self._key_none()
@@ -221,11 +236,15 @@ class RotaryEmbedding(nn.Module):
             pos = pos[0]
         return pos
 
-    def _positions_and_tables(self, q, positions, offsets, cu_seqlens, format, seq_len):
+    def _positions_and_tables(self, q, positions, offsets, cu_seqlens, format, seq_len, flat_decode=False):
         """Positions (``[s]``, ``[b, s]`` or ``[t]``, int64) and the table ``(cos_t, sin_t)``.
 
         The table covers every position, or is ``None`` when the positions are too large
         and sparse for a table (then cos/sin are computed for the positions themselves).
+        With ``flat_decode`` (the caller hands the positions to a backend's gather, which
+        reads ``[b]`` positions as ``[b, 1]`` when ``s == 1``) per-sample ``[b]`` offsets with
+        ``s == 1`` may come back as ``[b]`` when a table covers them; otherwise positions of
+        a 4-D format are always ``[s]`` (shared by the batch) or ``[b, s]``.
         """
         lengthdep = self.cfg.scaling is not None and self.cfg.scaling.length_dependent
         if positions is None and cu_seqlens is None and format in _SEQ_DIM and q.dim() == 4:
@@ -245,9 +264,17 @@ class RotaryEmbedding(nn.Module):
                 dev = q.device
                 b = q.shape[1 if format == "sbhd" else 0]
                 if offsets.shape[0] == b and offsets.device == dev:
-                    # one offset per sample (decode): [b] positions for s == 1 (the op reads them as [b, 1])
-                    pos = offsets if s == 1 else offsets[:, None] + self._arange(s, dev)[:s]
-                    return (pos,) + self._covering(q, offsets, s, seq_len, dev)
+                    # one offset per sample (decode): [b] positions for s == 1 when the table serves
+                    # a gather (the op reads them as [b, 1]); [b, 1] otherwise (a [b] tensor would
+                    # read as [s] positions shared by the batch)
+                    table, seq_len = self._covering(q, offsets, s, seq_len, dev)
+                    if s != 1:
+                        pos = offsets[:, None] + self._arange(s, dev)[:s]
+                    elif flat_decode and table is not None:
+                        pos = offsets
+                    else:
+                        pos = offsets[:, None]
+                    return pos, table, seq_len
         if (isinstance(offsets, torch.Tensor) and offsets.numel() and offsets.dtype.is_signed
                 and not offsets.dtype.is_floating_point and offsets.device.type != "meta"):
             top = int(offsets.max())  # before offsets + 0..s-1 is formed: an offset near 2**63 would wrap
@@ -504,7 +531,8 @@ class RotaryEmbedding(nn.Module):
             # graph path: no cache, no lock, no sync; cos/sin from positions inside the graph
             cos, sin = self._cos_sin_for(q, positions, offsets, cu_seqlens, format, seq_len)
             return apply_rotary_qk(q, k, cos, sin, layout=self.cfg.layout, inplace=inplace, backend=self.backend, conjugate=conj)
-        pos, table, seq_len = self._positions_and_tables(q, positions, offsets, cu_seqlens, format, seq_len)
+        pos, table, seq_len = self._positions_and_tables(q, positions, offsets, cu_seqlens, format, seq_len,
+                                                         flat_decode=True)
         if table is not None:
             # the table covers every position (checked above): rows picked inside the kernel, by
             # the backend's gather entry point (the flags and layout are the module's own, checked)

@@ -212,6 +212,15 @@ def cos_sin(
         >>> cos.shape
         torch.Size([5, 4])
     """
+    return _cos_sin(cfg, positions, dtype=dtype, device=device, seq_len=seq_len,
+                    attention_scaling=attention_scaling, angles=angles, default_seq_len=True)
+
+
+def _cos_sin(cfg, positions, *, dtype, device, seq_len, attention_scaling, angles, default_seq_len):
+    """:func:`cos_sin`; with ``default_seq_len=False`` a ``seq_len`` of ``None`` keeps its
+    meaning for the frequencies ("within the original context": ``cfg.inv_freq(None)``,
+    the frequencies of ``cfg.table_key(None)``) instead of defaulting to ``max(positions) + 1``
+    (what :func:`build_table` needs: a table's frequencies are those of its key)."""
     check_cfg(cfg)
     check_dtype(dtype)
     seq_len = check_seq_len(seq_len)
@@ -221,11 +230,12 @@ def cos_sin(
         if angles != "transformers":
             raise fail('angles "exact" or "transformers"', repr(angles), 'use "exact" unless you need bit parity with transformers')
 
-        return transformers_cos_sin(
-            cfg, positions, seq_len=seq_len, dtype=dtype, device=device, attention_scaling=attention_scaling
+        return _transformers_cos_sin(
+            cfg, positions, seq_len=seq_len, dtype=dtype, device=device, attention_scaling=attention_scaling,
+            default_seq_len=default_seq_len,
         )
     positions = check_positions(_as_positions(positions))
-    if seq_len is None:
+    if seq_len is None and default_seq_len:
         seq_len = _default_seq_len(cfg, positions)
     if device is not None:
         positions = positions.to(device)
@@ -257,14 +267,24 @@ def to_full_width(t: torch.Tensor, layout: str = "half") -> torch.Tensor:
     return torch.repeat_interleave(t, 2, dim=-1)
 
 
+def _equal_nan(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``torch.equal`` where NaN equals NaN (tables can hold NaN, e.g. from a NaN factor)."""
+    if torch.equal(a, b):
+        return True
+    return bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
+
+
 def from_full_width(t: torch.Tensor, layout: str = "half", *, check: bool = True) -> torch.Tensor:
     """Full-width ``[..., r]`` -> half-width ``[..., r/2]``; inverse of :func:`to_full_width`.
 
     With ``check`` (default) a RopeError is raised if the two copies differ, which means
-    the table was built for the other layout.
+    the table was built for the other layout. NaN equals NaN in that comparison (so
+    ``from_full_width(to_full_width(t))`` returns ``t`` for every table ``t``); ``meta``
+    tensors have no values to compare and are not checked.
     """
     check_layout(layout)
     check_table(t)
+    check = flag("check", check)
     r = t.shape[-1]
     if r % 2:
         raise fail("a full-width table with an even last dim", f"shape {tuple(t.shape)}", "pass cos/sin of width r")
@@ -272,7 +292,7 @@ def from_full_width(t: torch.Tensor, layout: str = "half", *, check: bool = True
         a, b = t[..., : r // 2], t[..., r // 2 :]
     else:
         a, b = t[..., 0::2], t[..., 1::2]
-    if check and not torch.equal(a, b):
+    if check and t.device.type != "meta" and not _equal_nan(a, b):
         other = "interleaved" if layout == "half" else "half"
         raise fail(
             f'a full-width table in the "{layout}" layout (two equal copies)',
@@ -293,7 +313,14 @@ def build_table(
     what: str = "a cos/sin table",
     angles: str = "exact",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``cos_sin(cfg, arange(n))`` for a table of ``n`` rows, or a RopeError when it cannot exist.
+    """``cos_sin(cfg, arange(n), seq_len=seq_len)`` for a table of ``n`` rows, or a RopeError
+    when it cannot exist.
+
+    The frequencies are those of ``cfg.inv_freq(seq_len)``, the table of key
+    ``cfg.table_key(seq_len)``: ``seq_len=None`` means "within the original context"
+    (dynamic NTK unscaled, LongRoPE's short factors) for every ``n``, not :func:`cos_sin`'s
+    default ``max(position) + 1 = n`` (a table longer than the original context would
+    otherwise hold scaled frequencies under the key of the unscaled ones).
 
     A table of ``n`` rows holds ``2 · n · r/2`` values of ``dtype`` (and its float64 angles
     while it is built). Refused with a RopeError: ``n`` not an int in ``[0, 2**53 + 1]``; a
@@ -314,6 +341,15 @@ def build_table(
         raise fail(f"{what} of at most {MAX_TABLE_BYTES >> 30} GiB", got, fix)
     try:
         pos = torch.arange(n, dtype=torch.int64, device=device)
+        if seq_len is None and cfg.scaling is not None and cfg.scaling.length_dependent:
+            # None builds the frequencies of table_key(None) (within the original context), not
+            # those of cos_sin's default max(position) + 1 = n (a long table would otherwise hold
+            # scaled frequencies under the key of the unscaled ones): a length of that key, passed
+            # explicitly (0 for the built-in schemes; a key holds one set of frequencies)
+            if cfg.table_key(0) != cfg.table_key(None):
+                return _cos_sin(cfg, pos, dtype=dtype, device=None, seq_len=None,
+                                attention_scaling=attention_scaling, angles=angles, default_seq_len=False)
+            seq_len = 0
         return cos_sin(cfg, pos, dtype=dtype, seq_len=seq_len, attention_scaling=attention_scaling, angles=angles)
     except (torch.OutOfMemoryError, RuntimeError) as e:
         if isinstance(e, torch.OutOfMemoryError) or "alloc" in str(e).lower():
@@ -350,7 +386,9 @@ class TableCache:
     def get(
         self, n: int, *, device: torch.device, dtype: torch.dtype = torch.float32, seq_len: Optional[int] = None
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(cos, sin)`` each ``[n', r/2]`` with ``n' >= n``, covering positions ``0 .. n'-1``."""
+        """``(cos, sin)`` each ``[n', r/2]`` with ``n' >= n``, covering positions ``0 .. n'-1``,
+        with the frequencies of ``cfg.inv_freq(seq_len)`` (the key's: ``seq_len=None`` is
+        "within the original context" for every ``n``)."""
         device = check_device("device", device)
         check_dtype(dtype)
         n = integer("n", n, minimum=0, maximum=MAX_EXACT_POSITION + 1, fix="ask for the rows of positions 0 .. n-1, n <= 2**53 + 1")
@@ -496,10 +534,18 @@ def transformers_cos_sin(
         >>> cos.shape, cos.dtype
         (torch.Size([1, 3, 4]), torch.float32)
     """
+    return _transformers_cos_sin(cfg, positions, seq_len=seq_len, dtype=dtype, device=device,
+                                 attention_scaling=attention_scaling, default_seq_len=True)
+
+
+def _transformers_cos_sin(cfg, positions, *, seq_len, dtype, device, attention_scaling, default_seq_len):
+    """:func:`transformers_cos_sin`; ``default_seq_len=False``: ``seq_len=None`` means
+    ``transformers_inv_freq(cfg, None)`` (see :func:`_cos_sin`)."""
     positions = check_positions(_as_positions(positions))
     if device is not None:
         positions = positions.to(device)
-    if seq_len is None and cfg.scaling is not None and cfg.scaling.length_dependent and positions.numel():
+    if (seq_len is None and default_seq_len and cfg.scaling is not None and cfg.scaling.length_dependent
+            and positions.numel()):
         seq_len = int(positions.max()) + 1
     inv = transformers_inv_freq(cfg, seq_len).to(positions.device)  # float32 [r/2]
     freqs = positions[..., None].float() * inv  # float32 [..., r/2]

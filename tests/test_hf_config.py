@@ -3,6 +3,8 @@ rotary-embedding modules of tiny transformers models built from configs (no weig
 
 from __future__ import annotations
 
+import copy
+import inspect
 import json
 import math
 import os
@@ -10,7 +12,7 @@ import os
 import pytest
 import torch
 
-from ropekit import RopeConfig, RopeError, cos_sin, to_full_width
+from ropekit import RopeConfig, RopeError, _hf_table, cos_sin, to_full_width
 from ropekit.hf import layout_for_model_type, rope_config_from_hf, transformers_cos_sin
 from ropekit.scaling import NTK, DynamicNTK, Linear, Llama3, LongRoPE, Proportional, YaRN
 
@@ -113,12 +115,15 @@ def test_yarn_factor_and_original_defaults_follow_transformers():
     y = rope_config_from_hf({"hidden_size": 128, "num_attention_heads": 2, "max_position_embeddings": 16384,
                              "rope_scaling": {"type": "yarn", "factor": None, "original_max_position_embeddings": 4096}})  # fmt: skip
     assert y.scaling.factor == 4.0
-    # original missing -> max_position_embeddings; top-level original wins (Phi-3 rule)
-    l3 = rope_config_from_hf({"hidden_size": 128, "num_attention_heads": 2, "max_position_embeddings": 1000,
-                              "original_max_position_embeddings": 500,
-                              "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 9}})  # fmt: skip
-    assert l3.scaling.original_max_position == 500
+    # original missing -> max_position_embeddings; top-level original wins (Phi-3 rule of 5.x;
+    # transformers 4.x reads Llama 3's original from rope_scaling only)
+    l3 = {"hidden_size": 128, "num_attention_heads": 2, "max_position_embeddings": 1000,
+          "original_max_position_embeddings": 500,
+          "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 9}}  # fmt: skip
+    assert rope_config_from_hf(l3, read_code=False).scaling.original_max_position == 500
+    four = (_hf_table.installed_version() or "5").startswith("4.")
+    assert rope_config_from_hf(l3).scaling.original_max_position == (9 if four else 500)
 
 
 @pytest.mark.parametrize(
@@ -312,6 +317,15 @@ def test_gemma3_per_layer_module():
                                        rope_scaling={"rope_type": "linear", "factor": 8.0})  # fmt: skip
     cfgs = rope_config_from_hf(hf)
     module = Gemma3RotaryEmbedding(hf)
+    if "layer_type" not in inspect.signature(module.forward).parameters:
+        # transformers 4.x: a second module for the sliding layers, built by Gemma3TextModel
+        # from a copy of the config with the local base and no scaling
+        local = copy.deepcopy(hf)
+        local.rope_theta, local.rope_scaling = local.rope_local_base_freq, {"rope_type": "default"}
+        modules = {"full_attention": module, "sliding_attention": Gemma3RotaryEmbedding(local)}
+        for layer_type, cfg in cfgs.items():
+            check_module(cfg, modules[layer_type], pos_batch(40, 11))
+        return
     for layer_type, cfg in cfgs.items():
         check_module(cfg, module, pos_batch(40, 11), layer_type=layer_type)
 
@@ -383,3 +397,156 @@ def test_model_type_running_another_familys_code():
     assert rope_config_from_hf(cfg).layout == "interleaved"
     cfg.rope_interleave = False
     assert rope_config_from_hf(cfg).layout == "half"
+
+
+# ------------------------------------------- the installed transformers' rules, family by family
+def _rotary_module(cfg):
+    """The family's own rotary module built from ``cfg`` (as its model builds it)."""
+    from ropekit import _hf_code
+
+    module = _hf_code.modeling_module_for(cfg.model_type)
+    return _hf_code.rotary_classes(module)[0](config=cfg)
+
+
+def _tiny(model_type, prf=None, scaling=None, **top):
+    """A tiny config of ``model_type`` (ropekit.integrations.hf_sweep.tiny_config) with another
+    partial rotary factor and/or rope scaling, through the class as a config.json would go
+    (5.x: inside ``rope_parameters``; 4.x: top-level ``partial_rotary_factor`` / GPT-NeoX
+    ``rotary_pct`` and ``rope_scaling``), plus top-level keys ``top``."""
+    import warnings
+
+    from ropekit.integrations.hf_sweep import tiny_config
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = tiny_config(model_type)
+        d = base.to_dict()
+        if isinstance(d.get("rope_parameters"), dict):  # transformers 5.x
+            rp = dict(d["rope_parameters"])
+            if prf is not None:
+                rp["partial_rotary_factor"] = prf
+                d.pop("partial_rotary_factor", None)
+            if scaling is not None:
+                rp = {k: v for k, v in rp.items() if k in ("rope_theta", "partial_rotary_factor")} | scaling
+            d["rope_parameters"] = rp
+        else:
+            if prf is not None:
+                d["partial_rotary_factor"] = prf
+                if "rotary_pct" in d:
+                    d["rotary_pct"] = prf
+        d.update(top)
+        tries = [None] if scaling is None else [dict(scaling, type=scaling["rope_type"]),
+                                                {"type" if k == "rope_type" else k: v for k, v in scaling.items()}]
+        for i, sc in enumerate(tries):  # 4.57 Olmo2 takes {"type", "factor"} only
+            if sc is not None and "rope_parameters" not in d:
+                d["rope_scaling"] = sc
+            try:
+                return type(base).from_dict(copy.deepcopy(d))
+            except ValueError as e:
+                if i == len(tries) - 1:
+                    pytest.skip(f"{model_type}'s config class refuses it: {e}")
+
+
+#: Families whose own rotary module does not apply the partial rotary factor to the default
+#: rope type in transformers 5.x (it does in 4.x), and families that apply it in every version.
+PARTIAL_IGNORED_5X = ("llama", "mistral", "qwen2", "qwen3", "gemma", "granite", "olmo2", "cohere")
+PARTIAL_APPLIED = ("phi", "stablelm", "gpt_neox", "persimmon", "glm", "phi3")
+
+
+@pytest.mark.parametrize("rope_type", ["default", "linear", "yarn"])
+@pytest.mark.parametrize("mt", PARTIAL_IGNORED_5X + PARTIAL_APPLIED)
+def test_partial_rotary_factor_as_the_model_applies_it(mt, rope_type, tmp_path, monkeypatch):
+    """The rotary width and frequencies of from_hf are the model's, for a partial rotary factor
+    other than the class default (the family table's rows are verified on the default only):
+    transformers 5.x's default rope ignores it in the Llama-style families (the whole head
+    rotates), applies it in the scaled types and in Phi-style families; 4.x applies it always."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    from ropekit import _hf_table
+    from ropekit.tables import transformers_inv_freq
+
+    if mt not in CONFIG_MAPPING_NAMES:
+        pytest.skip(f"no {mt} in this transformers")
+    monkeypatch.setenv("ROPEKIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_hf_table, "_MEMO", {})
+    scaling = {"linear": {"rope_type": "linear", "factor": 2.0},
+               "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+               "default": None}[rope_type]  # fmt: skip
+    if mt == "phi3" and rope_type != "default":
+        pytest.skip("Phi-3's config class takes longrope scaling only")
+    default = _tiny(mt)
+    first = rope_config_from_hf(default)
+    prf = 0.5 if first.rotary_dim == first.head_dim // 4 else 0.25  # another factor than the class's
+    cfg = _tiny(mt, prf=prf, scaling=scaling)
+    module = _rotary_module(cfg)
+    for attempt in ("check", "cached verdict"):  # the first answer checks the code, the second reads the verdict
+        for obj in (cfg, cfg.to_dict(), cfg.to_diff_dict() | {"model_type": mt}):
+            got = rope_config_from_hf(obj)
+            assert got.rotary_dim == 2 * module.inv_freq.shape[-1], (attempt, type(obj).__name__, got)
+            assert torch.equal(transformers_inv_freq(got), module.inv_freq.float()), (attempt, got)
+            assert got.attention_factor == module.attention_scaling
+    cached = json.loads(open(_hf_table.cache_path(_hf_table.installed_version())).read())
+    assert f"{mt}+partial:{rope_type}" in cached and set(cached) <= {mt, f"{mt}+partial:{rope_type}"}
+
+
+def _longrope(n, **extra):
+    return {"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(n)],
+            "long_factor": [2.0 + 0.3 * i for i in range(n)], **extra}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "case,rope,top",
+    [("original in rope_scaling, factor", dict(original_max_position_embeddings=32, factor=2.0), {}),
+     ("original in rope_scaling, attention_factor", dict(original_max_position_embeddings=32, attention_factor=1.25), {}),
+     ("top-level original, factor", dict(factor=2.0), {"original_max_position_embeddings": 48}),
+     ("both originals, factor", dict(original_max_position_embeddings=32, factor=2.0), {"original_max_position_embeddings": 48}),
+     ("both originals", dict(original_max_position_embeddings=32), {"original_max_position_embeddings": 48})],  # fmt: skip
+)
+@pytest.mark.parametrize("mt", ["llama", "qwen2", "qwen3", "gemma", "stablelm", "glm", "granite"])
+def test_longrope_original_context_as_the_installed_transformers_reads_it(mt, case, rope, top):
+    """transformers 4.x reads LongRoPE's original context from the config's top-level
+    original_max_position_embeddings, else max_position_embeddings (never from rope_scaling),
+    and then takes factor = max / original; 5.x reads rope_parameters (the top-level value wins).
+    from_hf follows the installed version: attention factor, frequencies on both sides of the
+    short/long switch, and the switch itself."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if mt not in CONFIG_MAPPING_NAMES:
+        pytest.skip(f"no {mt} in this transformers")
+    n = rope_config_from_hf(_tiny(mt)).n_pairs
+    cfg = _tiny(mt, scaling=_longrope(n, **rope), max_position_embeddings=128, **top)
+    module = _rotary_module(cfg)
+    for obj in (cfg, cfg.to_dict(), cfg.to_diff_dict() | {"model_type": mt}):
+        got = rope_config_from_hf(obj)
+        assert isinstance(got.scaling, LongRoPE)
+        assert got.attention_factor == module.attention_scaling, (case, type(obj).__name__)
+        for n_pos in (20, 40, 60, 100):  # around every candidate switch: 32, 48, 128
+            pos = torch.arange(n_pos)[None]
+            cos_t, sin_t = module_tables(module, pos)
+            c32, s32 = transformers_cos_sin(got, pos, seq_len=n_pos)
+            half = c32.shape[-1]  # the module's tables are cat(c, c) or (GLM, Cohere) repeat_interleave(c)
+            assert any(torch.equal(c32, t) for t in (cos_t[..., :half], cos_t[..., ::2])), (case, type(obj).__name__, n_pos)
+
+
+def test_legacy_rules_from_the_table_without_transformers_4x(monkeypatch, tmp_path):
+    """With transformers 4.57.6 installed the family table's 4.57.6 rows answer with the 4.x
+    rules (no import of transformers needed: shown here by claiming that version)."""
+    from ropekit import _hf_table
+
+    monkeypatch.setenv("ROPEKIT_CACHE_DIR", str(tmp_path))
+    d = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "max_position_embeddings": 128,
+         "rope_scaling": _longrope(8, original_max_position_embeddings=32, factor=2.0)}  # fmt: skip
+    five = rope_config_from_hf(d, read_code=False)  # the config rules: 5.x, whatever is installed
+    assert five.scaling.original_max_position == 32
+    assert five.attention_factor == math.sqrt(1 + math.log(2.0) / math.log(32))
+    monkeypatch.setattr(_hf_table, "installed_version", lambda: "4.57.6")
+    four = rope_config_from_hf(d)
+    assert four.scaling.original_max_position == 128 and four.scaling.factor == 2.0
+    assert four.attention_factor == math.sqrt(1 + math.log(2.0) / math.log(128))
+    top = rope_config_from_hf(dict(d, original_max_position_embeddings=48))
+    assert (top.scaling.original_max_position, top.scaling.factor) == (48, 128 / 48)
+    l3 = dict(d, original_max_position_embeddings=100,
+              rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 16})  # fmt: skip
+    assert rope_config_from_hf(l3).scaling.original_max_position == 16  # 4.x llama3: rope_scaling's only
+    assert rope_config_from_hf(l3, read_code=False).scaling.original_max_position == 100  # 5.x: top-level wins

@@ -60,6 +60,9 @@ def test_rows_hold_for_the_installed_transformers():
     full = os.environ.get("ROPEKIT_TABLE_FULL") == "1"
     todo = [mt for mt, _ in hf_sweep.families()] if full else list(SUBSET)
     checked = 0
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    todo = [mt for mt in todo if mt in CONFIG_MAPPING_NAMES]  # 4.57 has no deepseek_v32, ...
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for mt in todo:
@@ -165,3 +168,50 @@ def test_derived_defaults_are_not_filled_in():
     # default config's 128)
     cfg = rope_config_from_hf({"model_type": "llama", "hidden_size": 2048, "num_attention_heads": 32, "rope_theta": 5e5})
     assert cfg == RopeConfig(64, 5e5)
+
+
+PHI2 = {"model_type": "phi", "hidden_size": 2560, "num_attention_heads": 32, "partial_rotary_factor": 0.4,
+        "rope_theta": 10000.0, "max_position_embeddings": 2048}  # fmt: skip
+
+
+def test_partial_factor_other_than_the_rows_is_checked_once_then_answered_by_the_row(tmp_path):
+    """A row is verified on the class default partial rotary factor (Phi: 0.5); Phi-2's 0.4 is
+    checked against the code once per transformers version (Phi's code applies it in 4.x and
+    5.x, so the row's answer stands), and later processes answer from the row without importing
+    transformers."""
+    _installed()
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(PHI2))
+    code = (
+        "import sys, ropekit\n"
+        "c = ropekit.RopeConfig.from_hf(sys.argv[1]); print(c.head_dim, c.rotary_dim, 'transformers' in sys.modules)\n"
+    )
+    env = dict(os.environ, ROPEKIT_CACHE_DIR=str(tmp_path / "cache"))
+    run = lambda: subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,  # noqa: E731
+                                 check=True, env=env).stdout.split()  # fmt: skip
+    assert run() == ["80", "32", "True"]  # the check reads the code
+    cached = json.loads(open(os.path.join(env["ROPEKIT_CACHE_DIR"], os.path.basename(_hf_table.cache_path(_installed())))).read())
+    assert cached == {"phi+partial:default": "same"}
+    assert run() == ["80", "32", "False"]  # the row answers
+
+
+def test_partial_factor_the_row_does_not_reproduce_is_answered_by_the_code(tmp_path, monkeypatch):
+    """transformers 5.x's Llama ignores partial_rotary_factor for the default rope type (its
+    compute_default_rope_parameters reads head_dim only) and rotates the whole head; 4.x applies
+    it. The row, verified without a factor, cannot tell: the code answers, once checked."""
+    version = _installed()
+    import transformers
+
+    monkeypatch.setenv("ROPEKIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_hf_table, "_MEMO", {})
+    d = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "partial_rotary_factor": 0.5}
+    hf = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, partial_rotary_factor=0.5)
+    five = not version.startswith("4.")
+    want = RopeConfig(16, 10000.0, rotary_dim=16 if five else 8)
+    for _ in range(2):  # the check, then the cached verdict
+        assert rope_config_from_hf(d) == rope_config_from_hf(hf) == want
+    cached = json.loads(open(_hf_table.cache_path(version)).read())
+    assert cached == {"llama+partial:default": "differs" if five else "same"}
+    linear = dict(d, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    assert rope_config_from_hf(linear).rotary_dim == 8  # every version applies it to the scaled types
+    assert rope_config_from_hf(d, read_code=False).rotary_dim == 8  # the config rules alone: applied

@@ -103,21 +103,25 @@ def _verdicts(version: str) -> Dict[str, str]:
     return _MEMO[version]
 
 
-def verdict(model_type: str, r: Mapping[str, Any], version: Optional[str]) -> str:
+def verdict(model_type: str, r: Mapping[str, Any], version: Optional[str], key: Optional[str] = None) -> str:
     """How to answer ``model_type`` with row ``r``: ``"table"`` (the row holds for this
     version, or transformers is not installed), ``"code"`` (the family's code differs from the
-    row, or the row says to read the code) or ``"check"`` (not verified for this version yet)."""
+    row, or the row says to read the code) or ``"check"`` (not verified for this version yet).
+
+    ``key``: a kind of input the sweep never verified the row on, even for a verified version
+    (``"llama+partial:default"``: a partial rotary factor other than the class default, see
+    :func:`ropekit.hf.rope_config_from_hf`): answered from the cached verdict of that key only."""
     if r.get("code"):
         return "code"
-    if version is None or version in r.get("verified", ()):
+    if version is None or (key is None and version in r.get("verified", ())):
         return "table"
-    v = _verdicts(version).get(model_type)
+    v = _verdicts(version).get(key or model_type)
     return {"same": "table", "differs": "code"}.get(v or "", "check")
 
 
 def record(model_type: str, version: str, same: bool) -> None:
-    """Cache the result of checking ``model_type``'s row against transformers ``version``'s
-    code (on disk; an unwritable cache dir leaves the per-process memo)."""
+    """Cache the result of checking ``model_type``'s row (or a :func:`verdict` ``key``) against
+    transformers ``version``'s code (on disk; an unwritable cache dir leaves the per-process memo)."""
     v = _verdicts(version)
     v[model_type] = "same" if same else "differs"
     path = cache_path(version)

@@ -182,9 +182,19 @@ def _require(p: Mapping, key: str, kind: str) -> Any:
 
 
 def _scheme(
-    p: Mapping, src: _Src, head_dim: int, rotary_dim: int, max_pos: Optional[int]
+    p: Mapping,
+    src: _Src,
+    head_dim: int,
+    rotary_dim: int,
+    max_pos: Optional[int],
+    legacy: bool = False,
+    nested: bool = False,
 ) -> Tuple[Optional[Scaling], int]:
-    """Scaling scheme for one rope-parameters dict; returns ``(scheme, rotary_dim)``."""
+    """Scaling scheme for one rope-parameters dict; returns ``(scheme, rotary_dim)``.
+
+    ``legacy``: the rules of transformers 4.x (the installed one, see :func:`_rules_of`), which
+    read ``original_max_position_embeddings`` differently from 5.x (:func:`_original_4x`);
+    ``nested``: ``p`` is one layer type's dict of per-layer-type rope parameters."""
     kind = p.get("rope_type", p.get("type"))
     kind = "default" if kind is None else kind
     if not isinstance(kind, str):
@@ -197,11 +207,14 @@ def _scheme(
     if kind == "dynamic" and p.get("alpha") is not None:  # HunYuan: fixed alpha = static NTK
         kind = "ntk_alpha"
 
-    top_orig = src.get("original_max_position_embeddings")
+    # transformers 5.x standardize_rope_params: for llama3/yarn/longrope a top-level
+    # original_max_position_embeddings (Phi-3) wins over the one in rope_parameters, for a flat
+    # dict only (per-layer-type dicts keep their own); else max_position_embeddings.
+    top_orig = None if nested else src.get("original_max_position_embeddings")
 
     def original() -> int:
-        # transformers' standardize_rope_params: a top-level original_max_position_embeddings
-        # (Phi-3) wins over the one in rope_scaling; else fall back to max_position_embeddings.
+        if legacy:
+            return _original_4x(kind, p, src, max_pos)
         v = top_orig if top_orig is not None else p.get("original_max_position_embeddings", max_pos)
         if v is None:
             raise fail(
@@ -243,7 +256,11 @@ def _scheme(
     if kind == "longrope":
         orig = original()
         factor = p.get("factor")
-        if factor is None and max_pos is not None:
+        if legacy and src.get("original_max_position_embeddings") and max_pos is not None:
+            # 4.x _compute_longrope_parameters: with a top-level original the factor is always
+            # max_position_embeddings / original (rope_scaling's factor is not read)
+            factor = max_pos / orig
+        elif factor is None and max_pos is not None and not legacy:
             factor = max_pos / orig
         return (
             LongRoPE(
@@ -269,6 +286,41 @@ def _scheme(
         prf = p.get("partial_rotary_factor", src.get("partial_rotary_factor", 1.0))
         return Proportional(partial_rotary_factor=prf, factor=_num(p, "factor", 1.0)), head_dim
     raise _known_error(kind)
+
+
+def _original_4x(kind: str, p: Mapping, src: _Src, max_pos: Optional[int]) -> int:
+    """``original_max_position_embeddings`` as transformers 4.x (4.57) reads it, per rope type.
+
+    - ``longrope`` (``_compute_longrope_parameters`` and the short/long switch of
+      ``dynamic_rope_update``): the config's top-level ``original_max_position_embeddings``
+      when set (Phi-3), else ``max_position_embeddings``; the key inside ``rope_scaling`` is
+      never read.
+    - ``yarn``: ``rope_scaling["original_max_position_embeddings"] or max_position_embeddings``
+      (the top-level value is never read).
+    - ``llama3``: ``rope_scaling["original_max_position_embeddings"]`` (required).
+    """
+    if kind == "longrope":
+        v = src.get("original_max_position_embeddings") or max_pos
+        where = "a top-level original_max_position_embeddings nor max_position_embeddings"
+    elif kind == "llama3":
+        v = _require(p, "original_max_position_embeddings", kind)
+        where = "original_max_position_embeddings in rope_scaling"
+    else:
+        v = p.get("original_max_position_embeddings") or max_pos
+        where = "original_max_position_embeddings in rope_scaling nor max_position_embeddings"
+    if v is None:
+        raise fail(
+            f"original_max_position_embeddings for rope_type {kind!r} (transformers 4.x rules)",
+            f"neither {where}",
+            "add max_position_embeddings (or original_max_position_embeddings) to the config",
+        )
+    return v
+
+
+def _rules_of(version: Optional[str]) -> bool:
+    """Whether the installed transformers ``version`` reads rope parameters by the 4.x rules
+    (``None``: not installed, or ``read_code=False``: the 5.x rules)."""
+    return version is not None and _hf_table.version_key(version)[:1] < (5,)
 
 
 def _sub_config_names(src: _Src) -> list:
@@ -326,6 +378,8 @@ def _one(
     max_pos: Optional[int],
     layout: str,
     rotary_dim: Optional[int] = None,
+    legacy: bool = False,
+    nested: bool = False,
 ) -> RopeConfig:
     # partial rotary: the model's own rotary module (rotary_dim, measured) > MLA's
     # qk_rope_head_dim (the rope part *is* the rotary width; a partial_rotary_factor there is
@@ -357,7 +411,7 @@ def _one(
     base = p.get("rope_theta", src.get("rope_theta", src.get("rotary_emb_base")))
     if base is None:
         base = 10000.0 * real("rope_ratio", src.get("rope_ratio", 1.0)) if model_type == "chatglm" else 10000.0
-    scaling, rotary_dim = _scheme(p, src, head_dim, rotary_dim, max_pos)
+    scaling, rotary_dim = _scheme(p, src, head_dim, rotary_dim, max_pos, legacy, nested)
     return RopeConfig(head_dim=head_dim, base=real("rope_theta", base), rotary_dim=rotary_dim, layout=layout, scaling=scaling)
 
 
@@ -564,8 +618,16 @@ def rope_config_from_hf(
     ``rope_theta`` / ``rotary_emb_base``; scaling from ``rope_parameters`` /
     ``rope_scaling`` (``rope_type`` or ``type``; ``su`` and Phi-3's
     ``yarn``-with-factor-lists mean ``longrope``; ``dynamic`` with ``alpha`` is HunYuan's
-    static NTK). Missing ``factor`` of YaRN/LongRoPE and missing
-    ``original_max_position_embeddings`` follow transformers' rules.
+    static NTK). Missing ``factor`` of YaRN/LongRoPE and where
+    ``original_max_position_embeddings`` is read follow the installed transformers' rules
+    (4.x LongRoPE: the top-level value, else ``max_position_embeddings``, never the key inside
+    ``rope_scaling``; 5.x: the top-level value, else the one in the rope parameters, else
+    ``max_position_embeddings``); ``read_code=False`` follows 5.x.
+
+    A partial rotary factor other than the one the family's table row was verified on (the
+    config class default) is checked against the family's code once per transformers version:
+    transformers 5.x's Llama, Mistral, Qwen2/3, Gemma, ... ignore it for the default rope type
+    (the whole head rotates) while Phi, StableLM, GPT-NeoX, GLM, ... and every scaled type apply it.
 
     Example:
         >>> cfg = rope_config_from_hf({"model_type": "llama", "hidden_size": 4096,
@@ -591,6 +653,12 @@ def rope_config_from_hf(
         _say_unknown(model_type, version)
         return _pick(_read(loaded, layout, "code", None, overrides), component)
     how = _hf_table.verdict(model_type, row, version)
+    key = model_type
+    if how != "code" and version is not None:
+        partial = _unverified_partial(loaded, model_type, row)
+        if partial is not None:  # an input the row was never verified on: checked once per version
+            key = partial
+            how = _hf_table.verdict(model_type, row, version, key=key)
     if how == "table":
         try:
             return _pick(_read(loaded, layout, "table", row, overrides), component)
@@ -618,10 +686,70 @@ def rope_config_from_hf(
     (code, err), (tab, terr) = answers
     if not isinstance(terr, _NeedCode):  # else this input says nothing about the row
         same = code == tab and (err is None) == (terr is None)
-        _hf_table.record(model_type, version or "none", same)
+        _hf_table.record(key, version or "none", same)
     if err is not None:
         raise err
     return _pick(code, component)
+
+
+def _partials(loaded: Any, row: Mapping[str, Any]) -> set:
+    """``{(rope_type, partial_rotary_factor)}`` of the rope-parameters dicts of ``loaded`` whose
+    factor the config rules read as other than 1, as the table mode sees the input (row
+    defaults filled in); raises what :func:`_read` would raise on a bad input."""
+    if isinstance(loaded, Mapping):
+        loaded = _with_row_defaults(loaded, row)
+    src = _Src(loaded)
+    model_type = str(src.get("model_type", "")).lower()
+    text = src.get("text_config")
+    if text is not None and src.get("num_attention_heads") is None and src.get("n_head") is None:
+        src = _Src(text)
+        model_type = str(src.get("model_type", model_type)).lower()
+    params = src.get("rope_parameters")
+    if params is None:
+        params = src.get("rope_scaling")
+    if not isinstance(params, Mapping):
+        params = {}
+    if _is_nested(params):
+        dicts = [(_layer_src(src, lt), p) for lt, p in params.items() if isinstance(p, Mapping)]
+    else:
+        dicts = [(src, params)]
+    out = set()
+    for lsrc, p in dicts:
+        kind = p.get("rope_type", p.get("type"))
+        prf = p.get("partial_rotary_factor", lsrc.get("partial_rotary_factor", lsrc.get("rotary_pct")))
+        if prf is None:
+            prf = 0.25 if model_type == "gpt_neox" else 1.0
+        prf = float(prf)
+        if prf != 1.0:
+            out.add(("default" if kind is None else str(kind).lower(), prf))
+    return out
+
+
+def _unverified_partial(loaded: Any, model_type: str, row: Mapping[str, Any]) -> Optional[str]:
+    """The verdict key of an input whose partial rotary factor the table row was never verified
+    on (``None``: the row's own, or none).
+
+    The sweep verifies a row on the family's tiny and default configs, so with the class default
+    partial rotary factor (Phi 0.5, GPT-NeoX 0.25, most families none) and rope type. Whether a
+    family applies another factor is its code's business, not a rule of the table: transformers
+    4.x applies it for every rope type, 5.x only in the scaled types (linear, dynamic, yarn,
+    llama3, longrope: ``modeling_rope_utils``) and in the families whose own
+    ``compute_default_rope_parameters`` reads it (Phi, StableLM, GPT-NeoX, GLM, Qwen3-Next, ...),
+    while Llama, Mistral, Qwen2/3, Gemma, ... rotate the whole head; MLA families apply it to
+    ``qk_rope_head_dim`` in the scaled types only. So such an input is answered by the code, once
+    per transformers version and key (``model_type+partial:rope_types``), and the row answers
+    later ones when it gave the code's answer (:func:`ropekit._hf_table.verdict`)."""
+    try:
+        got = _partials(loaded, row)
+        if not got:
+            return None
+        verified = _partials({"model_type": model_type}, row)
+    except Exception:  # a bad input, or one the row cannot read (_NeedCode): _read says so
+        return None
+    extra = got - verified
+    if not extra:
+        return None
+    return f"{model_type}+partial:{','.join(sorted({k for k, _ in extra}))}"
 
 
 def _pick(results: Dict[str, Any], component: Optional[str]) -> Any:
@@ -760,7 +888,12 @@ _ALIASES = {
 
 def _read(loaded: Any, layout: Optional[str], mode: str, row: Any, overrides: Mapping[str, Any]) -> Dict[str, Any]:
     """``{component: RopeConfig or per-layer dict}``; ``mode``: ``"rules"`` (the config
-    alone), ``"code"`` (transformers' modeling code) or ``"table"`` (the family table's ``row``)."""
+    alone), ``"code"`` (transformers' modeling code) or ``"table"`` (the family table's ``row``).
+
+    The scaling parameters follow the installed transformers' rules (4.x or 5.x, see
+    :func:`_original_4x`) in the ``"code"`` and ``"table"`` modes, the 5.x rules in ``"rules"``
+    (no transformers involved: presets read the same everywhere)."""
+    legacy = mode != "rules" and _rules_of(_hf_table.installed_version())
     if isinstance(loaded, Mapping):
         if mode == "table":
             loaded = _with_row_defaults(loaded, row)
@@ -825,7 +958,7 @@ def _read(loaded: Any, layout: Optional[str], mode: str, row: Any, overrides: Ma
                 lay = layout if (layout_given or comp is None) else comp.measured.layout
                 lsrc = _layer_src(src, layer_type)
                 hd = _layer_head_dim(src, model_type, layer_type, _head_dim(lsrc, model_type))
-                cfg = _one(lsrc, p, model_type, hd, max_pos, lay)
+                cfg = _one(lsrc, p, model_type, hd, max_pos, lay, legacy=legacy, nested=True)
                 cfg = _place(cfg, lsrc, name, comp, layout_given)
                 out[layer_type] = cfg.replace(**overrides) if overrides else cfg
         full = {lt for lt in params}
@@ -836,7 +969,7 @@ def _read(loaded: Any, layout: Optional[str], mode: str, row: Any, overrides: Ma
         for name, comp in facts_for().items():
             lay = layout if (layout_given or comp is None) else comp.measured.layout
             r = comp.measured.rotary_dim if comp is not None else None
-            results[name] = finish(_one(src, params, model_type, head_dim, max_pos, lay, r), name, comp)
+            results[name] = finish(_one(src, params, model_type, head_dim, max_pos, lay, r, legacy=legacy), name, comp)
     return results
 
 

@@ -1166,6 +1166,15 @@ Tensor4 qk_norm_rotary_bwd_cpu(const Tensor& gq, const Tensor& gk, const Tensor&
 
 std::string cpu_capability() { return level().name; }
 
+// ropekit::refused when a compiled graph runs: the call was accepted when it was traced (the
+// graph's guards pin the sizes, strides, dtypes and devices then checked), nothing to do
+Tensor refused_probe(c10::string_view, const c10::List<c10::optional<Tensor>>& tensors, std::vector<std::string>,
+                     c10::List<bool>, c10::ArrayRef<double>) {
+    for (const c10::optional<Tensor>& t : tensors)
+        if (t.has_value() && t->defined()) return at::empty({0}, t->options());
+    return at::empty({0});
+}
+
 // cos_sin's validator (the CPU kernel and the fake, through ropekit.ops.check)
 void validate_cos_sin(const Tensor& angles) {
     RK_CHECK(angles.defined() && angles.scalar_type() == at::kDouble, "float64 angles, got ",
@@ -2108,6 +2117,10 @@ TORCH_LIBRARY(ropekit, m) {
     m.def("rotary_cache_(Tensor(a!) q, Tensor k, Tensor cos_table, Tensor sin_table, Tensor positions, "
           "Tensor(b!) k_cache, Tensor slots, Tensor? v=None, Tensor(c!)? v_cache=None, Tensor(d!)? k_out=None, "
           "str cache_layout=\"nhd\", str layout=\"half\") -> ()");
+    // ropekit.ops.refusal's trace-time probe: the validator runs in its fake kernel (Python); a
+    // graph that kept the probe of an accepted call pays this empty kernel only
+    m.def("refused(str op, Tensor?[] tensors, str[] strs, bool[] flags, float[] numbers) -> Tensor",
+          torch::dispatch(c10::DispatchKey::CompositeExplicitAutograd, TORCH_FN(refused_probe)));
     m.def("cpu_capability() -> str", &cpu_capability);
     m.def("cos_sin(Tensor angles) -> (Tensor, Tensor)");
 }

@@ -187,3 +187,23 @@ def test_fullgraph_compile_on_first_use_in_a_fresh_process(backend):
     r = subprocess.run([sys.executable, "-c", FIRST_USE, backend], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stderr[-2000:]
+
+
+def test_exported_programs_hold_no_refusal_probe_and_compiled_probes_are_cpp():
+    # an exported program of a valid call is the formula alone (portable: loads without ropekit's
+    # probe op); a torch.compile graph may keep the probe of an accepted call, whose kernel is C++
+    # (an empty tensor, no validation, no Python dispatch per call)
+    x = torch.randn(2, 3, 2, 8)
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return ropekit.apply_rotary(x, C, S, backend="eager")
+
+    for strict in (True, False):
+        ep = torch.export.export(M(), (x,), strict=strict)
+        assert not [n for n in ep.graph.nodes if "refused" in str(n.target)]
+        assert torch.equal(ep.module()(x), M()(x))
+    op = torch.ops.ropekit.refused.default
+    assert op._schema.name == "ropekit::refused"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CompositeExplicitAutograd")
+    assert op("rotary", [x], ["half"], [False], []).shape == (0,)

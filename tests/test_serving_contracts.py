@@ -299,3 +299,21 @@ def test_module_seq_lens_large_sparse_positions(fmt):
         assert (qo[i].double() - _rot64(q[i], pos[i], 4, "half", ext=ext)).abs().max() < 1e-5
         qi, ki = RotaryEmbedding(cfg)(q[i:i + 1], k[i:i + 1], offsets=int(off[i]), seq_len=lens[i])
         assert torch.equal(qi, qo[i:i + 1]) and torch.equal(ki, ko[i:i + 1])  # one call per sequence: the same bits
+
+
+@pytest.mark.parametrize("direction", [1, -1])
+def test_rerotate_the_rope_part_alone_of_an_mla_config(direction):
+    # MLA caches k_pe (the rope part, rotary_dim wide) apart from the compressed kv: with the
+    # model's config (head_dim = nope + rope, rotary_offset = nope) it rotates whole
+    cfg = RopeConfig(192, rotary_dim=64, rotary_offset=128, direction=direction)
+    g = torch.Generator().manual_seed(1)
+    raw = torch.randn(1, 6, 1, 64, generator=g, dtype=torch.float64)
+    old, new = torch.arange(6), torch.tensor([9, 3, 70000, 5, 5, 1])
+    stored = _rot64(raw, old[None], 64, "half", direction=direction)
+    want = _rot64(raw, new[None], 64, "half", direction=direction)
+    assert (rerotate(stored, cfg, old, new) - want).abs().max() < 1e-10
+    cache = _paged(stored[0])
+    serving.rerotate_cache(cache, torch.arange(6), old, new, cfg)
+    assert (cache[0] - want[0]).abs().max() < 1e-10
+    with pytest.raises(ropekit.RopeError, match=r"or its rope part alone, cfg.rotary_dim = 64"):
+        rerotate(stored[..., :32], cfg, old, new)

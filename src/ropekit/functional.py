@@ -399,8 +399,12 @@ def rerotate(
     layout = cfg.layout if layout is None else layout
     check_layout(layout)
     b, s = split_format(x, format, "x")
-    if x.dim() and x.shape[-1] != cfg.head_dim:
-        raise fail(f"x with the config's head width cfg.head_dim = {cfg.head_dim}",
+    # the rope part alone (MLA's separately cached k_pe: width rotary_dim < head_dim) rotates whole
+    rope_only = bool(x.dim()) and cfg.rotary_dim < cfg.head_dim and x.shape[-1] == cfg.rotary_dim
+    if x.dim() and x.shape[-1] != cfg.head_dim and not rope_only:
+        raise fail(f"x with the config's head width cfg.head_dim = {cfg.head_dim}"
+                   + (f" (or its rope part alone, cfg.rotary_dim = {cfg.rotary_dim})" if cfg.rotary_dim < cfg.head_dim
+                      else ""),
                    f"x of head width {x.shape[-1]} (shape {tuple(x.shape)})",
                    "pass the config the keys were rotated with (its head_dim is the keys' last dim), or check the "
                    "[..., heads, head_dim] reshape of x")
@@ -428,7 +432,7 @@ def rerotate(
     tdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     cos, sin = (t.to(tdt) for t in cos_sin_f64(ang))
     cos, sin = table_view(cos, format, d.dim()), table_view(sin, format, d.dim())  # broadcastable to x
-    conj, o = cfg.direction == -1, cfg.rotary_offset  # keys rotated by -m·θ move by -(θ(n) - θ(m))
+    conj, o = cfg.direction == -1, 0 if rope_only else cfg.rotary_offset  # direction -1: by -(θ(n) - θ(m))
     if not o:
         return apply_rotary(x, cos, sin, layout=layout, inplace=inplace, backend=backend, conjugate=conj)
     out = x if inplace else x.clone()  # MLA heads [nope | rope]: dims o .. o + r - 1 rotate, the others pass through

@@ -151,6 +151,14 @@ def dynamo_tracing() -> bool:
     return fn() if fn is not None else torch.compiler.is_compiling()
 
 
+def torch_exporting() -> bool:
+    """True while torch.export traces the caller."""
+    import torch
+
+    fn = getattr(torch.compiler, "is_exporting", None)
+    return bool(fn()) if fn is not None else False
+
+
 def refusal(op: str, args: tuple, like: tuple):
     """:func:`check` for code TorchDynamo traces (where the C++ validator cannot be called): the
     validator runs on the fake tensors at trace time, inside the op ``ropekit::refused``. ``None``
@@ -164,6 +172,8 @@ def refusal(op: str, args: tuple, like: tuple):
     then ``None``."""
     if _C is None or not dynamo_tracing():
         check(op, *args)
+        return None
+    if torch_exporting():  # exported programs stay free of the probe (portable, no extra op per call)
         return None
     lists = _pack(op, args)
     if not _refused(op, *lists).shape[0]:  # decided on the fake tensors, while tracing
@@ -186,12 +196,6 @@ def _pack(op: str, args: tuple):
 def _unpack(op: str, tensors, strs, flags, numbers) -> tuple:
     its = tuple(iter(v) for v in (tensors, strs, flags, numbers))
     return tuple(next(its[_KINDS.get(nm, 0)]) for nm in _DEFAULTS[op][0])
-
-
-def _refused_real(op, tensors, strs, flags, numbers):
-    """``ropekit::refused`` when a graph runs: the validator (a RopeError), else no refusal."""
-    _check(op, _unpack(op, tensors, strs, flags, numbers), {})
-    return tensors[0].new_empty(0)
 
 
 def _refused_fake(op, tensors, strs, flags, numbers):
@@ -320,8 +324,10 @@ def _register_refusal_ops() -> None:
     import torch
 
     args = "str op, Tensor?[] tensors, str[] strs, bool[] flags, float[] numbers"
-    _refused = torch.library.custom_op("ropekit::refused", _refused_real, mutates_args=(), schema=f"({args}) -> Tensor")
-    _refused.register_fake(_refused_fake)
+    # refused: defined in C++ (an empty kernel: a graph that keeps the probe of an accepted call
+    # pays a C++ dispatch, not a Python one); its fake kernel is the trace-time validator
+    torch.library.register_fake("ropekit::refused", _refused_fake)
+    _refused = torch.ops.ropekit.refused.default
     _refuse = torch.library.custom_op("ropekit::refuse", _refuse_real, mutates_args=(),
                                       schema=f"({args}, Tensor[] like) -> Tensor[]")
     _refuse.register_fake(_refuse_fake)

@@ -322,8 +322,11 @@ def rerotate_cache(
     if not k_cache.dtype.is_floating_point:
         raise fail("k_cache of a real floating dtype (float16, bfloat16, float32, float64)",
                    f"k_cache.dtype={k_cache.dtype}", "pass the key cache itself (keys are stored as floats)")
-    if cache.shape[-1] != d:
-        raise fail(f"k_cache with the config's head width cfg.head_dim = {d}",
+    if head_stride is None and cfg.rotary_dim < d and cache.shape[-1] == cfg.rotary_dim:
+        o = 0  # the rope part alone (MLA's separately cached k_pe): every dim rotates
+    elif cache.shape[-1] != d:
+        raise fail(f"k_cache with the config's head width cfg.head_dim = {d}"
+                   + (f" (or its rope part alone, cfg.rotary_dim = {cfg.rotary_dim})" if cfg.rotary_dim < d else ""),
                    f"k_cache of head width {cache.shape[-1]} (shape {tuple(k_cache.shape)})",
                    f"pass the config the keys were rotated with (head_dim={cache.shape[-1]} for this cache), or "
                    "head_stride= for a packed [N, B, h * head_stride] buffer")

@@ -25,6 +25,7 @@ from types import ModuleType
 import torch
 
 from .. import ops as _ops
+from .._errors import fail
 from .._tensor_checks import tracing
 
 __all__ = ["apply", "apply_qk", "apply_gather", "rotate_functional", "writable"]
@@ -113,8 +114,6 @@ def writable(name: str, t: torch.Tensor) -> None:
     write: a leaf that requires grad or a view of one (grad mode on), an inference tensor
     outside ``torch.inference_mode()``. Checked for every written tensor before any is
     written (torch itself refuses some of them only after writing)."""
-    from .._errors import fail
-
     if torch.is_grad_enabled() and t.requires_grad:
         if t.is_leaf:
             raise fail("inplace=True on a tensor autograd may modify", f"{name}: a leaf tensor that requires grad",
@@ -142,13 +141,16 @@ def _into(be: ModuleType, x, cos, sin, layout, conjugate, dst) -> torch.Tensor:
         return be.rotate(x, cos, sin, layout, conjugate, dst)
 
 
-def apply(be: ModuleType, x, cos, sin, layout: str, conjugate: bool, inplace: bool, out) -> torch.Tensor:
-    """``rot(x)`` (in place, into ``out`` or a new tensor), validated by the ``rotary`` op's rules."""
+def apply(be: ModuleType, x, cos, sin, layout: str, conjugate: bool, inplace: bool, out,
+          checked: bool = False) -> torch.Tensor:
+    """``rot(x)`` (in place, into ``out`` or a new tensor), validated by the ``rotary`` op's rules
+    (``checked``: the caller has applied :func:`writable` to ``x`` already)."""
     if inplace:
         bad = _ops.refusal("rotary_", (x, cos, sin, layout, conjugate), (x,))
         if bad is not None:  # traced: the graph raises the RopeError
             return x.copy_(bad[0])
-        writable("x", x)
+        if not checked:
+            writable("x", x)
         return _into(be, x, cos, sin, layout, conjugate, x) if x.numel() else x
     if out is not None:
         bad = _ops.refusal("rotary_out", (x, cos, sin, layout, conjugate, out), (out,))
@@ -181,7 +183,8 @@ def apply_qk(be: ModuleType, q, k, cos, sin, layout: str, conjugate: bool, inpla
     if inplace:
         writable("q", q)
         writable("k", k)
-    return apply(be, q, cos, sin, layout, conjugate, inplace, None), apply(be, k, cos, sin, layout, conjugate, inplace, None)
+    return (apply(be, q, cos, sin, layout, conjugate, inplace, None, checked=True),
+            apply(be, k, cos, sin, layout, conjugate, inplace, None, checked=True))
 
 
 def gather_views(cos_table, sin_table, pos, fmt):
@@ -219,7 +222,8 @@ def apply_gather(be: ModuleType, q, k, cos_table, sin_table, pos, fmt: str, layo
     if pos.dim() == 1 and fmt != "thd" and pos.shape[0] != q.shape[{"bshd": 1, "bhsd": 2, "sbhd": 0}[fmt]]:
         pos = pos[:, None]  # [b] per sample (s == 1)
     cos, sin = gather_views(cos_table, sin_table, pos, fmt)
-    return apply(be, q, cos, sin, layout, conjugate, inplace, None), apply(be, k, cos, sin, layout, conjugate, inplace, None)
+    return (apply(be, q, cos, sin, layout, conjugate, inplace, None, checked=True),
+            apply(be, k, cos, sin, layout, conjugate, inplace, None, checked=True))
 
 
 def rms_norm_functional(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float) -> torch.Tensor:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import sys
 import tempfile
 import types
 from pathlib import Path
@@ -173,48 +172,38 @@ def test_sharded_with_global_seq_len_equals_unsharded(name, scaling, scheme):
     assert torch.equal(got, want_t)
 
 
-def _dtensor_worker(rank: int, world: int, init_file: str) -> None:
-    import torch.distributed as dist
+def _dtensor_checks(rank: int, world: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor import Shard, distribute_tensor
+    from ropekit.parallel import rotate_dtensor
 
-        from ropekit.parallel import rotate_dtensor
-
-        mesh = init_device_mesh("cpu", (world,))
-        for name, sc in _length_dependent():
-            rope = RotaryEmbedding(RopeConfig(head_dim=8, scaling=sc))
-            for S, off in ((32, 0), (33, 0), (32, 5)):
-                g = torch.Generator().manual_seed(S + off)
-                q, k = torch.randn(1, S, 2, 8, generator=g), torch.randn(1, S, 1, 8, generator=g)
-                want_q, want_k = rope(q, k, offsets=off)
-                qd, kd = (distribute_tensor(t, mesh, [Shard(1)]) for t in (q, k))
-                q2, k2 = rotate_dtensor(rope, qd, kd, offsets=off or None)
-                # this rank's shard against the same slice of the single-process rotation
-                sq = torch.chunk(want_q, world, dim=1)[rank]
-                sk = torch.chunk(want_k, world, dim=1)[rank]
-                assert torch.equal(q2.to_local(), sq) and torch.equal(k2.to_local(), sk), (name, S, off)
-                # an explicit seq_len is passed to every rank alike
-                q3, _ = rotate_dtensor(rope, qd, kd, seq_len=4 * S)
-                assert torch.equal(q3.to_local(), torch.chunk(rope(q, k, seq_len=4 * S)[0], world, dim=1)[rank])
-        dist.barrier()
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    mesh = init_device_mesh("cpu", (world,))
+    for name, sc in _length_dependent():
+        rope = RotaryEmbedding(RopeConfig(head_dim=8, scaling=sc))
+        for S, off in ((32, 0), (33, 0), (32, 5)):
+            g = torch.Generator().manual_seed(S + off)
+            q, k = torch.randn(1, S, 2, 8, generator=g), torch.randn(1, S, 1, 8, generator=g)
+            want_q, want_k = rope(q, k, offsets=off)
+            qd, kd = (distribute_tensor(t, mesh, [Shard(1)]) for t in (q, k))
+            q2, k2 = rotate_dtensor(rope, qd, kd, offsets=off or None)
+            # this rank's shard against the same slice of the single-process rotation
+            sq = torch.chunk(want_q, world, dim=1)[rank]
+            sk = torch.chunk(want_k, world, dim=1)[rank]
+            assert torch.equal(q2.to_local(), sq) and torch.equal(k2.to_local(), sk), (name, S, off)
+            # an explicit seq_len is passed to every rank alike
+            q3, _ = rotate_dtensor(rope, qd, kd, seq_len=4 * S)
+            assert torch.equal(q3.to_local(), torch.chunk(rope(q, k, seq_len=4 * S)[0], world, dim=1)[rank])
 
 
 def test_rotate_dtensor_length_dependent_matches_single_process():
     pytest.importorskip("torch.distributed.tensor")
     import torch.multiprocessing as mp
 
+    from test_parallel import gloo_worker  # (tests/ is on the path: pyproject's pythonpath)
+
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_dtensor_worker, args=(2, os.path.join(tmp, "init")), nprocs=2, join=True)
+        mp.spawn(gloo_worker, args=(2, os.path.join(tmp, "init"), _dtensor_checks), nprocs=2, join=True)
 
 
 # --------------------------------------------------------------------------- bugs 3-5: CLI

@@ -92,11 +92,13 @@ def _gather(t: torch.Tensor, w: int):
     return out
 
 
-def _worker(rank: int, world: int, init_file: str) -> None:
+def gloo_worker(rank: int, world: int, init_file: str, checks) -> None:
+    """One rank of a ``torch.multiprocessing.spawn`` gloo group (CPU): runs ``checks(rank,
+    world)`` (a module-level function), then exits without tearing gloo down."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        _checks(rank, world)
+        checks(rank, world)
         # every rank done before teardown: a rank destroying gloo while a peer still has
         # traffic in flight aborts the process ("terminate called without an active exception")
         dist.barrier()
@@ -178,4 +180,4 @@ def test_context_parallel_matches_single_process(world):
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(world, os.path.join(tmp, "init")), nprocs=world, join=True)
+        mp.spawn(gloo_worker, args=(world, os.path.join(tmp, "init"), _checks), nprocs=world, join=True)

@@ -1308,7 +1308,16 @@ std::tuple<Tensor, Tensor> qk_norm_rotary_fwd__adinplace(c10::DispatchKeySet ks,
 // positions) are saved. The tables themselves get no gradient: a call whose tables require
 // grad is refused (the Python API sends learnable tables to the eager formula).
 
+// Every autograd kernel asks this first, with its differentiable inputs. A forward-mode AD
+// tangent (torch.autograd.forward_ad.make_dual; grad mode does not turn forward AD off) is
+// refused: the operators have no forward derivative, and the tangent would be dropped without
+// a word. ropekit's Python functions take the eager formula for dual tensors instead.
 bool grad_on(std::initializer_list<const Tensor*> ts) {
+    for (const Tensor* t : ts)
+        RK_CHECK(!(t->defined() && t->_fw_grad(/*level=*/0).defined()),
+                 "tensors without a forward-mode AD tangent (the ropekit operators have no forward derivative), got "
+                 "a dual tensor (torch.autograd.forward_ad.make_dual). Fix: call the ropekit.apply_* functions (they "
+                 "take the eager formula for dual tensors), or torch.func.jvp");
     if (!at::GradMode::is_enabled()) return false;
     for (const Tensor* t : ts)
         if (t->defined() && t->requires_grad()) return true;
@@ -2060,6 +2069,8 @@ using OptPair = c10::optional<std::tuple<Tensor, Tensor>>;
 OptPair module_gather(const Tensor& q, const Tensor& k, const Tensor& ct, const Tensor& st, const Tensor& off,
                       int64_t head_dim, const std::string& format, const std::string& layout, bool conj, bool inplace) {
     if (!q.defined() || !k.defined() || !ct.defined() || !st.defined() || !off.defined()) return c10::nullopt;
+    for (const Tensor* t : {&q, &k, &ct, &st})  // dual tensors (forward-mode AD): the eager formula
+        if (t->_fw_grad(/*level=*/0).defined()) return c10::nullopt;
     const auto tls = c10::impl::tls_local_dispatch_key_set();
     if (tls.included_.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
         tls.included_.has(c10::DispatchKey::Python) || tls.included_.has(c10::DispatchKey::PythonTLSSnapshot) ||

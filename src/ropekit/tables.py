@@ -12,6 +12,7 @@ import threading
 from typing import Any, Dict, Hashable, Optional, Tuple, Union
 
 import torch
+from torch.autograd import forward_ad as _fwad
 
 from ._checks import describe, flag, integer
 from ._checks import device as check_device
@@ -91,7 +92,8 @@ def cos_sin_f64(ang: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """
     global _COS_SIN_OP
     if (ang.device.type == "cpu" and ang.dtype == torch.float64 and not ang.requires_grad
-            and not torch._C._are_functorch_transforms_active()):  # vmap/grad: no batching rule
+            and not torch._C._are_functorch_transforms_active()  # vmap/grad: no batching rule
+            and (_fwad._current_level < 0 or _fwad.unpack_dual(ang).tangent is None)):  # forward AD: torch's
         op = _COS_SIN_OP
         if op is None:  # registered when ropekit.ops loads the extension (looked up until then)
             op = _COS_SIN_OP = getattr(getattr(torch.ops, "ropekit", None), "cos_sin", None)

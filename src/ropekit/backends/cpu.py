@@ -38,6 +38,7 @@ Example:
 from __future__ import annotations
 
 import torch
+from torch.autograd import forward_ad as _fwad
 
 from .. import ops as _ops
 from .._tensor_checks import tracing
@@ -65,19 +66,25 @@ def supports(x: torch.Tensor) -> bool:
     return x.device.type in ("cpu", "meta") and x.dtype in _DTYPES
 
 
-def _learnable(*tables) -> bool:
-    """Tables that require grad, or a functorch transform (torch.func.grad/vjp/jacrev: C++
-    autograd Functions cannot run under them): the eager formula, which torch differentiates."""
+def _learnable(tables, xs=()) -> bool:
+    """Tables that require grad, a functorch transform (torch.func.grad/vjp/jacrev: C++
+    autograd Functions cannot run under them), or a forward-mode AD tangent on any input
+    (``torch.autograd.forward_ad``: the operators have no forward derivative and refuse dual
+    tensors): the eager formula, which torch differentiates."""
     for t in tables:
         if isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled():
             return True
+    if _fwad._current_level >= 0:  # inside a dual_level (a module global: ~70 ns outside one)
+        for t in (*tables, *xs):
+            if isinstance(t, torch.Tensor) and _fwad.unpack_dual(t).tangent is not None:
+                return True
     return torch._C._are_functorch_transforms_active()
 
 
 def apply(x, cos, sin, layout, conjugate, inplace, out):
     """``rot(x)``: ``ropekit::rotary`` (``rotary_`` in place, ``rotary_out`` into ``out``).
     Learnable tables (requiring grad) take the eager formula, which torch differentiates."""
-    if _learnable(cos, sin):
+    if _learnable((cos, sin), (x, out)):
         return _generic.apply(_eager, x, cos, sin, layout, conjugate, inplace, out)
     tr = tracing()
     if tr:  # a refusal raised by the graph as the RopeError (ops.refusal), not the op's ValueError
@@ -102,7 +109,7 @@ def apply(x, cos, sin, layout, conjugate, inplace, out):
 
 def apply_qk(q, k, cos, sin, layout, conjugate, inplace):
     """``(rot(q), rot(k))`` in one pass: ``ropekit::rotary_qk`` (``rotary_qk_`` in place)."""
-    if _learnable(cos, sin):
+    if _learnable((cos, sin), (q, k)):
         return _generic.apply_qk(_eager, q, k, cos, sin, layout, conjugate, inplace)
     tr = tracing()
     if tr:
@@ -122,7 +129,7 @@ def apply_gather(q, k, cos_table, sin_table, positions, fmt, layout, conjugate, 
     """``(rot(q), rot(k))`` with table rows picked by position inside the kernel:
     ``ropekit::rotary_gather`` (``rotary_gather_`` in place). Positions outside
     ``[0, n)`` are refused before anything is written."""
-    if _learnable(cos_table, sin_table):
+    if _learnable((cos_table, sin_table), (q, k)):
         return _generic.apply_gather(_eager, q, k, cos_table, sin_table, positions, fmt, layout, conjugate, inplace)
     tr = tracing()
     if tr:
@@ -154,7 +161,7 @@ def apply_qk_norm(q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout
     """Per-head RMSNorm then rotation of q and k in one pass: ``ropekit::qk_norm_rotary``
     (``qk_norm_rotary_`` in place). Learnable tables take the float32 composition with the
     eager formula (which differentiates them)."""
-    if _learnable(cos, sin):
+    if _learnable((cos, sin), (q, k, q_weight, k_weight)):
         return _generic.apply_qk_norm(_eager, q, k, q_weight, k_weight, cos, sin, eps, weight_offset, layout, inplace)
     tr = tracing()
     if tr:

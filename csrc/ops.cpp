@@ -1403,6 +1403,15 @@ variable_list gather_backward(const Tensor& gq, const Tensor& gk, const Tensor& 
     return {dq, dk};
 }
 
+// The q/k Functions return both outputs; one whose own inputs need no gradient (only q
+// requires grad, say) is marked non-differentiable, as the torch formula leaves it: no
+// requires_grad, no grad_fn keeping the graph alive (a KV cache written from it), no
+// gradient formed for it in the backward.
+void mark_constant_outputs(AutogradContext* ctx, std::initializer_list<std::pair<const Tensor*, bool>> outs) {
+    for (const auto& [t, differentiable] : outs)
+        if (!differentiable) ctx->mark_non_differentiable({*t});
+}
+
 class RotaryQKFn : public torch::autograd::Function<RotaryQKFn> {
    public:
     static variable_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& c, const Tensor& s,
@@ -1410,6 +1419,7 @@ class RotaryQKFn : public torch::autograd::Function<RotaryQKFn> {
         at::AutoDispatchBelowADInplaceOrView guard;
         auto [qo, ko] = call_qk(q, k, c, s, layout, conj);
         ctx->set_materialize_grads(false);  // an unused output's gradient stays undefined: no work for it
+        mark_constant_outputs(ctx, {{&qo, q.requires_grad()}, {&ko, k.requires_grad()}});
         ctx->save_for_backward({c, s});
         save_rotation(ctx, layout, conj);
         return {qo, ko};
@@ -1436,6 +1446,7 @@ class GatherFn : public torch::autograd::Function<GatherFn> {
         at::AutoDispatchBelowADInplaceOrView guard;
         auto [qo, ko] = call_gather(q, k, ct, st, pos, fmt, layout, conj);
         ctx->set_materialize_grads(false);
+        mark_constant_outputs(ctx, {{&qo, q.requires_grad()}, {&ko, k.requires_grad()}});
         ctx->save_for_backward({ct, st, pos});
         save_rotation(ctx, layout, conj);
         ctx->saved_data["format"] = fmt;
@@ -1622,6 +1633,8 @@ class QKNormFn : public torch::autograd::Function<QKNormFn> {
         at::AutoDispatchBelowADInplaceOrView guard;
         auto [qo, ko, rq, rk] = call_norm_fwd(q, k, qw, kw, c, s, eps, off, layout);
         ctx->set_materialize_grads(false);  // an unused output: no gradient work (and none for its weight)
+        mark_constant_outputs(ctx, {{&qo, q.requires_grad() || qw.requires_grad()},
+                                    {&ko, k.requires_grad() || kw.requires_grad()}});
         ctx->save_for_backward({q, k, qw, kw, rq, rk, c, s});
         ctx->saved_data["offset"] = off;
         ctx->saved_data["eps"] = eps;

@@ -144,14 +144,15 @@ class RotaryEmbedding(nn.Module):
         self._lock = threading.Lock()
 
     def _apply(self, fn, recurse=True):
-        """``module.to(...)``/``.half()``/``.float()``/...: a conversion that changes the tables'
-        dtype marks them stale, so they are rebuilt from the float64 angles on their next use
-        (``module.half().float()`` must not leave float32 tables rounded through float16)."""
+        """``module.to(...)``/``.half()``/``.float()``/``.to_empty(...)``/...: a conversion that
+        replaces the tables marks them stale, so they are rebuilt from the float64 angles on
+        their next use (the same bits on any device): ``module.half().float()`` must not leave
+        float32 tables rounded through float16, nor ``to_empty`` uninitialised memory."""
         before = self._buffers.get("cos_cached"), self._buffers.get("sin_cached")
         out = super()._apply(fn, recurse)
         after = self._buffers.get("cos_cached"), self._buffers.get("sin_cached")
-        if any(a is not None and (b is None or a.dtype != b.dtype) for a, b in zip(after, before)):
-            self.__dict__["_built"] = None  # not the dtype built in any more: no lookup trusts it
+        if any(a is not None and a is not b for a, b in zip(after, before)):
+            self.__dict__["_built"] = None  # replaced (cast, moved, emptied): no lookup trusts it
         return out
 
     def rope_init(self, device: Union[str, torch.device, None] = None) -> None:

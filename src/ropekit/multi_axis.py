@@ -769,7 +769,9 @@ class MultiAxisRotaryEmbedding(torch.nn.Module):
         sections: rotary pairs per axis, summing to ``r/2`` (e.g. ``[16, 24, 24]``).
         interleaved: Qwen3-VL's pair-to-axis rule instead of consecutive blocks.
         backend: apply backend (``"auto"`` picks the fastest available).
-        table_dtype: dtype of cos/sin (angles are float64, rounded once).
+        table_dtype: dtype of cos/sin (angles are float64, rounded once); default float32,
+            float64 for float64 q (as :class:`ropekit.RotaryEmbedding`: float64 inputs stay
+            float64, and text tokens get its bits in every dtype).
         attention_scaling: fold ``cfg.attention_factor`` into cos/sin.
 
     Tables are computed per call from the positions (they are not a function of one index),
@@ -792,7 +794,7 @@ class MultiAxisRotaryEmbedding(torch.nn.Module):
         *,
         interleaved: bool = False,
         backend: str = "auto",
-        table_dtype: torch.dtype = torch.float32,
+        table_dtype: Optional[torch.dtype] = None,
         attention_scaling: bool = True,
     ) -> None:
         super().__init__()
@@ -804,7 +806,8 @@ class MultiAxisRotaryEmbedding(torch.nn.Module):
         if interleaved:
             pair_axes(self.sections, interleaved=True)  # RopeError now for sections the rule cannot honour
         self.backend = backend
-        check_dtype(table_dtype)
+        if table_dtype is not None:
+            check_dtype(table_dtype)
         self.table_dtype = table_dtype
         self.attention_scaling = flag("attention_scaling", attention_scaling)
 
@@ -862,7 +865,7 @@ class MultiAxisRotaryEmbedding(torch.nn.Module):
             positions.to(q.device),
             self.sections,
             interleaved=self.interleaved,
-            dtype=self.table_dtype,
+            dtype=self.table_dtype or (torch.float64 if q.dtype == torch.float64 else torch.float32),
             seq_len=seq_len,
             attention_scaling=self.attention_scaling,
         )  # [*positions.shape[:-1], r/2]

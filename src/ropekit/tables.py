@@ -81,7 +81,7 @@ def cos_sin_f64(ang: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     machine). ``torch.cos`` on float64 CPU tensors goes through a vector math library that has
     returned values accurate to ~28 bits on the first call in a fresh worker thread, so the
     same table could differ by an ulp between processes. Elsewhere (other devices, no
-    extension, angles that need a gradient, inside ``torch.func`` transforms) it is
+    extension, angles that need a gradient or are a ``torch.func`` transform's tensors) it is
     ``torch.cos`` / ``torch.sin``.
 
     Example:
@@ -91,18 +91,37 @@ def cos_sin_f64(ang: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         (torch.Size([3]), torch.float64)
     """
     global _COS_SIN_OP
+    functorch = torch._C._are_functorch_transforms_active()
+    if functorch and not ang.requires_grad:
+        ang = _constant_of_transforms(ang)
     if (ang.device.type == "cpu" and ang.dtype == torch.float64 and not ang.requires_grad
-            and not torch._C._are_functorch_transforms_active()  # vmap/grad: no batching rule
+            # vmap/grad: the op has no batching rule; angles that are constants of the
+            # transforms (a module's table built inside one) run it with the transforms set aside
+            and not (functorch and torch._C._functorch.is_functorch_wrapped_tensor(ang))
             and (_fwad._current_level < 0 or _fwad.unpack_dual(ang).tangent is None)):  # forward AD: torch's
         op = _COS_SIN_OP
         if op is None:  # registered when ropekit.ops loads the extension (looked up until then)
             op = _COS_SIN_OP = getattr(getattr(torch.ops, "ropekit", None), "cos_sin", None)
         if op is not None:
+            if functorch:
+                with torch._C._DisableFuncTorch():
+                    return op(ang)
             return op(ang)
     return torch.cos(ang), torch.sin(ang)
 
 
 _COS_SIN_OP = None
+
+
+def _constant_of_transforms(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without the ``torch.func.grad`` wrappers of a tensor no transform differentiates
+    (created inside ``grad``, e.g. a table's positions); batched (``vmap``) or differentiated
+    tensors stay as they are."""
+    F = torch._C._functorch
+    u = t
+    while F.is_functorch_wrapped_tensor(u) and not F.is_batchedtensor(u) and not u.requires_grad:
+        u = F.get_unwrapped(u)
+    return t if F.is_functorch_wrapped_tensor(u) else u
 
 
 def check_dtype(dtype) -> None:

@@ -79,3 +79,28 @@ def test_multi_axis_float64_text_tokens_are_rotary_embedding_bits():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     c = ropekit.MultiAxisRotaryEmbedding(cfg, [2, 3, 3], table_dtype=torch.float32)(q, k, pos)  # asked for: kept
     assert not torch.equal(c[0], b[0])
+
+
+def test_module_under_vmap_over_positions_and_linearize():
+    # the module read the offsets / positions on the host to size its table: under vmap over
+    # them that raised torch's "Cannot access data pointer" / ".item()" errors, and under
+    # torch.func.linearize (make_fx) a proxy; now cos/sin come from the positions directly
+    cfg = RopeConfig(head_dim=8, base=100.0)
+    rope = ropekit.RotaryEmbedding(cfg)
+    q, k = torch.randn(2, 1, 2, 8), torch.randn(2, 1, 1, 8)
+    off = torch.tensor([3, 7])
+    want = rope(q, k, offsets=off)
+    got = torch.func.vmap(lambda a, b, o: rope(a[None], b[None], offsets=o[None]))(q, k, off)
+    assert torch.equal(got[0][:, 0], want[0]) and torch.equal(got[1][:, 0], want[1])
+    got = torch.func.vmap(lambda a, b, p: rope(a[None], b[None], positions=p))(q, k, off[:, None])
+    assert torch.equal(got[0][:, 0], want[0])
+    t = torch.randn_like(q)
+    for backend in ("eager", "auto"):
+        m = ropekit.RotaryEmbedding(cfg, backend=backend)
+        _, lin = torch.func.linearize(lambda x: m(x, k)[0], q)
+        torch.testing.assert_close(lin(t), m(t, k)[0], rtol=0, atol=1e-6)
+        assert m.cos_cached is None or m.cos_cached.device.type == "cpu"  # no traced table cached
+    ct, st = ropekit.cos_sin(cfg, torch.arange(16))
+    pos = torch.tensor([[3], [9]])
+    _, lin = torch.func.linearize(lambda x: ropekit.apply_rotary_gather(x, k, ct, st, positions=pos, backend="eager")[0], q)
+    torch.testing.assert_close(lin(t), ropekit.apply_rotary_gather(t, k, ct, st, positions=pos)[0], rtol=0, atol=1e-6)

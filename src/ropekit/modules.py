@@ -12,7 +12,7 @@ from ._errors import fail
 from ._checks import flag, integer
 from .config import RopeConfig, check_head_width
 from . import backends as _backends
-from ._tensor_checks import to_rope_error
+from ._tensor_checks import host_readable, to_rope_error
 from .functional import apply_rotary_qk, tracing
 from .positions import resolve_positions, split_format, split_qk_format, table_view
 from .tables import MAX_EXACT_POSITION, build_table, check_dtype, cos_sin
@@ -317,11 +317,18 @@ class RotaryEmbedding(nn.Module):
         return cos_sin(self.cfg, pos, dtype=self._dtype_for(q), seq_len=seq_len, attention_scaling=self.attention_scaling,
                        angles=self.angles)
 
-    def _sync_free(self, q) -> bool:
+    def _sync_free(self, q, *ts) -> bool:
         """Graphs (torch.compile/export, torch.jit.trace) and meta tensors: cos/sin from the
         positions inside the graph, no cache (a trace must not record a table build that only
-        its first call makes)."""
-        return q.is_meta or torch._C._get_tracing_state() is not None or tracing()
+        its first call makes). So too for position tensors ``ts`` whose values the host cannot
+        read (vmapped by ``torch.func.vmap``, ``make_fx``'s proxies under
+        ``torch.func.linearize``): the table's size would need them."""
+        if q.is_meta or torch._C._get_tracing_state() is not None or tracing():
+            return True
+        K = torch._C._TorchDispatchModeKey  # make_fx (torch.func.linearize, aot tracing): no cache either
+        if torch._C._get_dispatch_mode(K.PROXY) is not None or torch._C._get_dispatch_mode(K.FAKE) is not None:
+            return True
+        return any(type(t) is not int and isinstance(t, torch.Tensor) and not host_readable(t) for t in ts)
 
     def cos_sin_for(
         self,
@@ -338,7 +345,7 @@ class RotaryEmbedding(nn.Module):
         return self._cos_sin_for(q, positions, offsets, cu_seqlens, format, seq_len)
 
     def _cos_sin_for(self, q, positions, offsets, cu_seqlens, format, seq_len):
-        if self._sync_free(q):
+        if self._sync_free(q, positions, offsets, cu_seqlens):
             pos = self._positions(q, positions, offsets, cu_seqlens, format)
             cos, sin = self._direct_cos_sin(pos, q, seq_len)  # [*pos.shape, r/2]
         else:
@@ -528,7 +535,7 @@ class RotaryEmbedding(nn.Module):
         bd = 1 if sd == 0 else 0  # the batch dim (sbhd: 1)
         if not (sd is not None and len(qs) == 4 and len(ks) == 4 and qs[sd] == ks[sd] and qs[bd] == ks[bd]):
             split_qk_format(q, k, format)  # the general check (and its message)
-        if self._sync_free(q):
+        if self._sync_free(q, positions, offsets, cu_seqlens):
             # graph path: no cache, no lock, no sync; cos/sin from positions inside the graph
             cos, sin = self._cos_sin_for(q, positions, offsets, cu_seqlens, format, seq_len)
             return apply_rotary_qk(q, k, cos, sin, layout=self.cfg.layout, inplace=inplace, backend=self.backend, conjugate=conj)

@@ -17,6 +17,7 @@ from torch.autograd import forward_ad as _fwad
 from ._checks import describe, flag, integer
 from ._checks import device as check_device
 from ._errors import fail
+from ._tensor_checks import host_readable
 from .scaling import NTK, DynamicNTK, Linear, Llama3, LongRoPE, Proportional, YaRN
 from .config import CPU, MAX_EXACT_POSITION, RopeConfig, check_layout, check_seq_len
 
@@ -42,8 +43,7 @@ def check_positions(positions: torch.Tensor, name: str = "positions", *, check_v
             f"dtype {positions.dtype}",
             f"convert with {name}.long(); bf16/fp16 cannot even represent integers above 256/2048 exactly",
         )
-    readable = (positions.numel() and positions.device.type != "meta" and not torch.compiler.is_compiling()
-                and not torch._C._are_functorch_transforms_active())
+    readable = positions.numel() and host_readable(positions)  # not traced, vmapped or a make_fx proxy
     if positions.dtype == torch.uint64 and readable and bool((positions.view(torch.int64) < 0).any()):
         # checked even without check_values: converted to int64 (as every caller does), these wrap to negative
         raise fail(f"{name} <= 2**53 (exact in the float64 angle m·θ)", "a uint64 value of 2**63 or more",

@@ -26,7 +26,7 @@ import torch
 
 from .. import ops as _ops
 from .._errors import fail
-from .._tensor_checks import tracing
+from .._tensor_checks import host_readable, tracing
 
 __all__ = ["apply", "apply_qk", "apply_gather", "rotate_functional", "writable"]
 
@@ -197,7 +197,7 @@ def gather_views(cos_table, sin_table, pos, fmt):
 def check_range(pos: torch.Tensor, n: int) -> None:
     """Positions in ``[0, n)`` (the table length): one host read, skipped while tracing and on
     meta tensors (the compiled operators check this inside their kernel)."""
-    if pos.numel() == 0 or pos.device.type == "meta" or tracing():
+    if pos.numel() == 0 or not host_readable(pos):  # traced, vmapped: the indexing checks
         return
     lo, hi = (int(v) for v in torch.aminmax(pos))
     if lo < 0 or hi >= n:

@@ -1639,7 +1639,8 @@ class QKNormFn : public torch::autograd::Function<QKNormFn> {
         ctx->saved_data["offset"] = off;
         ctx->saved_data["eps"] = eps;
         ctx->saved_data["layout"] = layout;
-        return {qo, ko};
+        ctx->mark_non_differentiable({rq, rk});  // the inverse RMS: qk_norm_rotary_fwd's outputs 2, 3
+        return {qo, ko, rq, rk};
     }
     static variable_list backward(AutogradContext* ctx, variable_list g) {
         const auto v = ctx->get_saved_variables();
@@ -1739,11 +1740,18 @@ void refuse_grad(const char* op, std::initializer_list<const Tensor*> ts) {
              "(differentiable, also twice), or detach the inputs");
 }
 
+// The forward step is differentiable too (QKNormFn, its inverse RMS outputs not): an exported
+// program's run_decompositions() (and AOTInductor) trace qk_norm_rotary down to this op and
+// then run it on parameters that require grad.
 Tensor4 qk_norm_rotary_fwd_autograd(const Tensor& q, const Tensor& k, const Tensor& qw, const Tensor& kw, const Tensor& c,
                                     const Tensor& s, double eps, double off, c10::string_view layout) {
-    refuse_grad("qk_norm_rotary_fwd", {&q, &k, &qw, &kw, &c, &s});
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return call_norm_fwd(q, k, qw, kw, c, s, eps, off, layout);
+    if (!grad_on({&q, &k, &qw, &kw, &c, &s})) {
+        at::AutoDispatchBelowADInplaceOrView guard;
+        return call_norm_fwd(q, k, qw, kw, c, s, eps, off, layout);
+    }
+    check_tables_no_grad(c, s);
+    auto r = QKNormFn::apply(q, k, qw, kw, c, s, eps, off, std::string(layout));
+    return {r[0], r[1], r[2], r[3]};
 }
 
 std::tuple<Tensor, Tensor> qk_norm_rotary_fwd__autograd(c10::DispatchKeySet ks, Tensor& q, Tensor& k, const Tensor& qw,

@@ -453,8 +453,15 @@ def test_gradgradcheck_qk_norm(backend, inplace):
 def test_internal_qk_norm_steps_refuse_grad_instead_of_zeros():
     q, k, c, s = _f64_inputs()
     w = torch.ones(8, dtype=torch.float64)
+    # the forward step is differentiable (an exported program's run_decompositions() runs it
+    # on parameters that require grad): its gradients are the fused op's
+    wq = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, x: O.qk_norm_rotary_fwd(a, b, x, w, c, s, 1e-6, 1.0, "half")[:2],
+                                    (q, k, wq))
+    _, _, rq0, _ = O.qk_norm_rotary_fwd(q, k, wq, w, c, s, 1e-6, 0.0, "half")
+    assert not rq0.requires_grad  # the inverse RMS is not differentiable
     with pytest.raises(ValueError, match="not differentiable itself"):
-        O.qk_norm_rotary_fwd(q, k, w, w, c, s, 1e-6, 0.0, "half")
+        O.qk_norm_rotary_fwd_(q * 1, k * 1, w, w, c, s, 1e-6, 0.0, "half")
     qd, kd = q.detach(), k.detach()
     _, _, rq, rk = O.qk_norm_rotary_fwd(qd, kd, w, w, c, s, 1e-6, 0.0, "half")
     with pytest.raises(ValueError, match="not differentiable itself"):

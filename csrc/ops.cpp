@@ -1407,9 +1407,12 @@ variable_list gather_backward(const Tensor& gq, const Tensor& gk, const Tensor& 
 // requires grad, say) is marked non-differentiable, as the torch formula leaves it: no
 // requires_grad, no grad_fn keeping the graph alive (a KV cache written from it), no
 // gradient formed for it in the backward.
+// (One call: mark_non_differentiable replaces the set it was given before.)
 void mark_constant_outputs(AutogradContext* ctx, std::initializer_list<std::pair<const Tensor*, bool>> outs) {
+    variable_list constant;
     for (const auto& [t, differentiable] : outs)
-        if (!differentiable) ctx->mark_non_differentiable({*t});
+        if (!differentiable) constant.push_back(*t);
+    if (!constant.empty()) ctx->mark_non_differentiable(constant);
 }
 
 class RotaryQKFn : public torch::autograd::Function<RotaryQKFn> {
@@ -1634,12 +1637,11 @@ class QKNormFn : public torch::autograd::Function<QKNormFn> {
         auto [qo, ko, rq, rk] = call_norm_fwd(q, k, qw, kw, c, s, eps, off, layout);
         ctx->set_materialize_grads(false);  // an unused output: no gradient work (and none for its weight)
         mark_constant_outputs(ctx, {{&qo, q.requires_grad() || qw.requires_grad()},
-                                    {&ko, k.requires_grad() || kw.requires_grad()}});
+                                    {&ko, k.requires_grad() || kw.requires_grad()}, {&rq, false}, {&rk, false}});
         ctx->save_for_backward({q, k, qw, kw, rq, rk, c, s});
         ctx->saved_data["offset"] = off;
         ctx->saved_data["eps"] = eps;
         ctx->saved_data["layout"] = layout;
-        ctx->mark_non_differentiable({rq, rk});  // the inverse RMS: qk_norm_rotary_fwd's outputs 2, 3
         return {qo, ko, rq, rk};
     }
     static variable_list backward(AutogradContext* ctx, variable_list g) {

@@ -104,3 +104,37 @@ def test_module_under_vmap_over_positions_and_linearize():
     pos = torch.tensor([[3], [9]])
     _, lin = torch.func.linearize(lambda x: ropekit.apply_rotary_gather(x, k, ct, st, positions=pos, backend="eager")[0], q)
     torch.testing.assert_close(lin(t), ropekit.apply_rotary_gather(t, k, ct, st, positions=pos)[0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["eager", "reference", "cpu"])
+@pytest.mark.parametrize("bad", [-1, 40])
+def test_compiled_gather_checks_position_values(backend, bad):
+    # compiled, the torch-only backends took a negative position as a row from the end
+    # (silently) and aborted the process on one past the table (inductor's bounds assert);
+    # the cpu backend raised the kernel's ValueError, not the eager call's RopeError
+    import torch._dynamo
+
+    ct, st = ropekit.cos_sin(RopeConfig(64), torch.arange(32))
+    q, k = torch.randn(1, 4, 2, 64), torch.randn(1, 4, 2, 64)
+
+    def f(q, k, pos):
+        return ropekit.apply_rotary_gather(q, k, ct, st, positions=pos, backend=backend)
+
+    torch._dynamo.reset()
+    cf = torch.compile(f, backend="aot_eager", fullgraph=True)
+    good = torch.tensor([0, 1, 2, 31])
+    want, got = f(q, k, good), cf(q, k, good)
+    assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
+    with pytest.raises(ropekit.RopeError, match=r"positions in \[0, 32\)"):
+        cf(q, k, torch.tensor([0, 1, 2, bad]))
+
+
+def test_exported_gather_stays_plain_aten():
+    ct, st = ropekit.cos_sin(RopeConfig(64), torch.arange(32))
+
+    class M(torch.nn.Module):
+        def forward(self, q, k, pos):
+            return ropekit.apply_rotary_gather(q, k, ct, st, positions=pos, backend="eager")
+
+    ep = torch.export.export(M(), (torch.randn(1, 4, 2, 64), torch.randn(1, 4, 2, 64), torch.tensor([0, 1, 2, 3])))
+    assert "positions_in_range" not in str(ep.graph)

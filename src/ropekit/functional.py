@@ -79,8 +79,9 @@ def apply_rotary(
 
     Under ``torch.compile``/``torch.export`` (fullgraph-safe, no graph breaks): ``"auto"``,
     ``"eager"`` and ``"complex"`` trace the eager float32 formula written functionally
-    (inductor fuses it), ``"reference"`` its float64 matrix, and any other backend runs
-    as the opaque custom op ``ropekit::rotate``. Aliasing of ``out`` with ``x`` is not
+    (inductor fuses it), ``"reference"`` its float64 matrix, ``"cpu"`` (the CPU ``auto``)
+    the operator ``ropekit::rotary``, and a registered plugin backend the opaque custom op
+    ``ropekit::generic_rotate``. Aliasing of ``out`` with ``x`` is not
     checked while tracing.
 
     Example:

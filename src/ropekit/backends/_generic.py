@@ -199,6 +199,33 @@ def check_range(pos: torch.Tensor, n: int) -> None:
     meta tensors (the compiled operators check this inside their kernel)."""
     if pos.numel() == 0 or not host_readable(pos):  # traced, vmapped: the indexing checks
         return
+    _range_error(pos, n)
+
+
+def checked_positions(pos: torch.Tensor, n: int) -> torch.Tensor:
+    """``pos``, range-checked when the graph runs: while torch.compile traces, the positions'
+    values are unknown, and a torch-only gather would take a negative position as a row from
+    the end (Python indexing) and abort the process on one past the table (inductor's
+    bounds assert). The graph calls ``ropekit::positions_in_range``, whose kernel raises the
+    eager call's RopeError. torch.export does not (its programs stay plain aten)."""
+    if not tracing() or torch.compiler.is_exporting() or pos.numel() == 0:
+        return pos
+    return _positions_in_range(pos, n)
+
+
+def _positions_in_range_impl(positions, n):
+    _range_error(positions, n)
+    return positions.clone()
+
+
+# defined at import (Dynamo cannot trace a definition); the schema is given: this module's
+# annotations are strings (``from __future__ import annotations``)
+_positions_in_range = torch.library.custom_op(
+    "ropekit::positions_in_range", _positions_in_range_impl, mutates_args=(), schema="(Tensor positions, int n) -> Tensor")
+_positions_in_range.register_fake(lambda positions, n: torch.empty_like(positions))
+
+
+def _range_error(pos: torch.Tensor, n: int) -> None:
     lo, hi = (int(v) for v in torch.aminmax(pos))
     if lo < 0 or hi >= n:
         from .._errors import fail
@@ -219,6 +246,7 @@ def apply_gather(be: ModuleType, q, k, cos_table, sin_table, pos, fmt: str, layo
         writable("q", q)
         writable("k", k)
     check_range(pos, cos_table.shape[0])
+    pos = checked_positions(pos, cos_table.shape[0])
     if pos.dim() == 1 and fmt != "thd" and pos.shape[0] != q.shape[{"bshd": 1, "bhsd": 2, "sbhd": 0}[fmt]]:
         pos = pos[:, None]  # [b] per sample (s == 1)
     cos, sin = gather_views(cos_table, sin_table, pos, fmt)

@@ -137,6 +137,8 @@ def apply_gather(q, k, cos_table, sin_table, positions, fmt, layout, conjugate, 
                            (q, k, cos_table, sin_table, positions, fmt, layout, conjugate), (q, k))
         if bad is not None:
             return (q.copy_(bad[0]), k.copy_(bad[1])) if inplace else bad
+        # the range as the eager call words it (a RopeError, not the kernel's ValueError)
+        positions = _generic.checked_positions(positions, cos_table.shape[0])
     if inplace:
         if tr:
             qo, ko = _OPS.rotary_gather(q, k, cos_table, sin_table, positions, fmt, layout, conjugate)

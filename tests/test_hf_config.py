@@ -75,8 +75,10 @@ def test_transformers_4x_names():
     typ = rope_config_from_hf({"hidden_size": 64, "num_attention_heads": 2, "max_position_embeddings": 2048,
                                "rope_scaling": {"type": "dynamic", "factor": 2.0}})  # fmt: skip
     assert typ.scaling == DynamicNTK(2.0, 2048)
+    # head_dim given: transformers 4.57's HunYuan rotary module computes alpha's base from config.head_dim
+    # (None by default: it raises, and from_hf, which checks the scaling against that module, refuses)
     hunyuan = rope_config_from_hf({"model_type": "hunyuan_v1_dense", "hidden_size": 256, "num_attention_heads": 2,
-                                   "rope_scaling": {"type": "dynamic", "alpha": 1000.0, "factor": 1.0}})  # fmt: skip
+                                   "head_dim": 128, "rope_scaling": {"type": "dynamic", "alpha": 1000.0, "factor": 1.0}})  # fmt: skip
     assert hunyuan.scaling == NTK(1000.0)
     partial = rope_config_from_hf({"hidden_size": 256, "num_attention_heads": 2, "partial_rotary_factor": 0.5})
     assert partial.rotary_dim == 64

@@ -66,6 +66,10 @@ def test_config_sweep_every_family(config_rows):
     assert not differs, differs
     exact = {r.family for r in rows if r.config == "exact"}
     assert len(exact) >= 120
+    # with scaled rope parameters (linear, dynamic): the model's rotation or a RopeError
+    scaled_wrong = [(r.model_type, r.scaled_detail) for r in rows if r.scaled == "wrong"]
+    assert not scaled_wrong, scaled_wrong
+    assert sum(r.scaled == "exact" for r in rows) >= 200
 
 
 def test_sweep_table_renders(config_rows):

@@ -40,6 +40,11 @@ __all__ = [
     "measure",
     "expected_matrix",
     "rope_matrix",
+    "build_rotary",
+    "rotary_refusal",
+    "reads_scaling",
+    "unscaled_copy",
+    "table_gap",
 ]
 
 _ROPE_NAME = re.compile(r"(rotary|rope)", re.I)
@@ -486,12 +491,14 @@ def module_tables(
     layer_type: Optional[str] = None,
     config: Any = None,
     dtype: torch.dtype = torch.float32,
+    positions: Optional[torch.Tensor] = None,
 ) -> Tuple[Any, Any]:
     """``(cos, sin)`` of a rotary module for positions ``0..S-1`` (batch 1), in the order
     the attention unpacks them (GPT-J returns ``(sin, cos)``: swapped back here), or
     ``(freqs_cis, None)`` for complex tables. Multi-axis modules (M-RoPE) get the same
     position on every axis, as for text. ``dtype``: of the activations the module is called
-    with (transformers' modules return their tables in it)."""
+    with (transformers' modules return their tables in it). ``positions``: ``[1, S]`` other
+    positions (length-dependent schemes: past the context)."""
     params = inspect.signature(rot.forward).parameters
     x = torch.zeros(1, dtype=dtype)
     kw = {}
@@ -500,7 +507,8 @@ def module_tables(
             layer_type = layer_types_of(config if config is not None else getattr(rot, "config", None))[0]
         if layer_type is not None or params["layer_type"].default is inspect.Parameter.empty:
             kw["layer_type"] = layer_type
-    pos = _positions(S)
+    pos = _positions(S) if positions is None else positions.reshape(1, -1)
+    S = pos.shape[-1]
     with torch.no_grad():
         try:
             out = rot.forward(x, pos, **kw)
@@ -602,6 +610,121 @@ def sub_config_of(config: Any) -> Optional[Tuple[str, str]]:
     return None
 
 
+def build_rotary(module: ModuleType, config: Any) -> Tuple[Optional[torch.nn.Module], List[str]]:
+    """``(rotary module, [])``: the first 1-D rotary class of ``module`` that takes ``config``
+    (as :func:`derive` builds it); ``(None, [why each class refused])`` when none does."""
+    errors = []
+    for cls in rotary_classes(module):
+        try:
+            return cls(config=config), []
+        except Exception as e:
+            errors.append(f"{cls.__name__}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+    return None, errors
+
+
+def rotary_refusal(config: Any, model_type: str) -> Optional[str]:
+    """Why the family's 1-D rotary module refuses ``config`` for its rope scaling (e.g. Ernie
+    4.5 VL: "requires the `default` rope type"): the family has RoPE call sites for the language
+    model, no rotary class takes the config, and one takes it without the scaling
+    (:func:`unscaled_copy`); ``None`` otherwise."""
+    module = modeling_module_for(model_type)
+    if module is None or not rotary_classes(module):
+        return None
+    try:
+        if not text_sites(module, config):
+            return None
+    except Exception:
+        return None
+    rot, errors = build_rotary(module, config)
+    if rot is not None or not errors:
+        return None
+    plain, _ = build_rotary(module, unscaled_copy(config))
+    return "; ".join(errors) if plain is not None else None  # else it refuses this config anyway
+
+
+def unscaled_copy(config: Any) -> Any:
+    """A copy of a config object with its rope scaling taken out (rope type ``default``;
+    ``rope_theta``, the partial factor and M-RoPE sections kept), set as attributes: no
+    validation runs."""
+    import copy
+
+    keep = ("rope_theta", "partial_rotary_factor", "mrope_section", "mrope_interleaved")
+
+    def plain(p: Any) -> Any:
+        if not isinstance(p, dict):
+            return p
+        return dict({k: v for k, v in p.items() if k in keep}, rope_type="default")
+
+    c = copy.deepcopy(config)
+    rp = getattr(c, "rope_parameters", None)
+    if isinstance(rp, dict) and rp:
+        nested = all(isinstance(v, dict) or v is None for v in rp.values())
+        object.__setattr__(c, "rope_parameters", {k: plain(v) for k, v in rp.items()} if nested else plain(rp))
+    rs = None if isinstance(rp, dict) else getattr(c, "rope_scaling", None)  # 5.x: an alias of rope_parameters
+    if isinstance(rs, dict):
+        sections = {k: v for k, v in rs.items() if k == "mrope_section"}
+        object.__setattr__(c, "rope_scaling", dict(sections, type="default", rope_type="default") if sections else None)
+    return c
+
+
+#: Names through which a transformers modeling module can apply a config's rope scaling.
+_SCALING_NAMES = re.compile(r"\b(rope_scaling|rope_parameters|rope_type|ROPE_INIT_FUNCTIONS|dynamic_rope_update)\b")
+
+
+@functools.lru_cache(maxsize=None)
+def _reads_scaling_cached(module_name: str) -> Optional[bool]:
+    try:
+        module = importlib.import_module(module_name)
+        src = inspect.getsource(module)
+    except (OSError, TypeError, ImportError):
+        return None
+    if _SCALING_NAMES.search(src):
+        return True
+    # rotary classes / RoPE functions imported from another family's module read it there
+    others = {
+        getattr(v, "__module__", "") for k, v in vars(module).items()
+        if (inspect.isclass(v) or inspect.isfunction(v)) and _ROPE_NAME.search(k)
+    } - {module_name}
+    for name in sorted(o for o in others if o.startswith("transformers.")):
+        if name != "transformers.modeling_rope_utils" and _reads_scaling_cached(name) is not False:
+            return True
+    return False
+
+
+def reads_scaling(module: ModuleType) -> Optional[bool]:
+    """Whether a modeling module's source names the config's rope scaling at all
+    (``rope_scaling``, ``rope_parameters``, ``rope_type``, ``ROPE_INIT_FUNCTIONS``,
+    ``dynamic_rope_update``); ``False``: its RoPE cannot depend on it (transformers 4.57 GPT-J,
+    CodeGen, ESM compute their sinusoids from fixed constants); ``None``: no source."""
+    return _reads_scaling_cached(module.__name__)
+
+
+def table_gap(
+    rot: torch.nn.Module,
+    lanes: Tuple[int, ...],
+    positions: torch.Tensor,
+    cos_half: torch.Tensor,
+    sin_half: torch.Tensor,
+    layer_type: Optional[str] = None,
+    config: Any = None,
+) -> float:
+    """Largest difference between a rotary module's tables at ``positions`` (``[S]``), read at the
+    table lane of each pair (``Measured.lanes``), and half-width tables ``[S, r/2]`` (the sine up
+    to its sign: the direction is the function's business). Raises what the module raises."""
+    cos, sin = module_tables(rot, layer_type=layer_type, config=config, positions=positions)
+    if sin is None:  # complex tables
+        ct, st = _tables_2d(cos.real), _tables_2d(cos.imag)
+    else:
+        ct, st = _tables_2d(cos), _tables_2d(sin)
+    idx = torch.tensor(lanes, dtype=torch.long)
+    if int(idx.max()) >= ct.shape[-1] or len(lanes) != cos_half.shape[-1]:
+        return float("inf")
+    c, s = ct[:, idx].double(), st[:, idx].double()
+    want_c, want_s = cos_half.double(), sin_half.double()
+    gap_s = min((s - want_s).abs().max().item(), (s + want_s).abs().max().item())
+    return max((c - want_c).abs().max().item(), gap_s)
+
+
 def derive(config: Any, model_type: str, layer_type: Optional[str] = None) -> Optional[List[Component]]:
     """The rotary components of a family, from its code and config; ``None`` when the
     modeling module cannot be read (no transformers, no module, no rotary class that takes
@@ -620,13 +743,7 @@ def derive(config: Any, model_type: str, layer_type: Optional[str] = None) -> Op
             f"({', '.join(sorted({s.cls for s in sites}))}) cannot be told apart by sub-model, so the "
             f"{parent[1]}'s own RoPE (pairing, width) is not read from them"
         )
-    rot = None
-    for cls in rotary_classes(module):
-        try:
-            rot = cls(config=config)
-            break
-        except Exception:
-            continue
+    rot, _ = build_rotary(module, config)
     if rot is None:
         return None
     cos, sin = module_tables(rot, layer_type=layer_type, config=config)

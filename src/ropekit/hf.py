@@ -14,8 +14,10 @@ transformers itself is never imported here: configs are read as plain attributes
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import math
 import os
 import warnings
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
@@ -38,6 +40,7 @@ __all__ = [
     "INTERLEAVED_MODEL_TYPES",
     "COMPONENTS",
     "UnknownFamilyWarning",
+    "IgnoredScalingWarning",
 ]
 
 #: Names of the rotary components :func:`rope_config_from_hf` can return: the attention
@@ -262,6 +265,11 @@ def _scheme(
             factor = max_pos / orig
         elif factor is None and max_pos is not None and not legacy:
             factor = max_pos / orig
+        if isinstance(factor, (int, float)) and not isinstance(factor, bool) and math.isfinite(factor) and factor < 1:
+            # max_position_embeddings below the original context (or a factor < 1 in the file):
+            # transformers (4.x and 5.x _compute_longrope_parameters) takes attention factor 1 for
+            # any factor <= 1, and the factor enters nothing else; LongRoPE's factor 1 says the same
+            factor = 1.0
         return (
             LongRoPE(
                 short_factor=_require(p, "short_factor", kind),
@@ -624,6 +632,14 @@ def rope_config_from_hf(
     ``rope_scaling``; 5.x: the top-level value, else the one in the rope parameters, else
     ``max_position_embeddings``); ``read_code=False`` follows 5.x.
 
+    A scaled ``rope_type`` is answered as the family's code computes it (the table row's
+    ``scaling`` fact, measured by the sweep; else the family's rotary module built from this
+    config): the scaled RoPE where the code applies it as transformers' rope functions do; the
+    unscaled RoPE and an :class:`IgnoredScalingWarning` where the code ignores it (GPT-J,
+    CodeGen, ESM; Nemotron on transformers 4.x); a RopeError where the code refuses it or
+    computes other tables (Ernie 4.5 VL, Phi-3.5-MoE). An explicit ``scaling=`` override is
+    kept as given.
+
     A partial rotary factor other than the one the family's table row was verified on (the
     config class default) is checked against the family's code once per transformers version:
     transformers 5.x's Llama, Mistral, Qwen2/3, Gemma, ... ignore it for the default rope type
@@ -659,6 +675,11 @@ def rope_config_from_hf(
         if partial is not None:  # an input the row was never verified on: checked once per version
             key = partial
             how = _hf_table.verdict(model_type, row, version, key=key)
+        if version not in row.get("verified", ()) and _has_scaling(loaded, row):
+            # the row's scaling fact (applied / ignored / refused) is verified per version:
+            # another version's code may differ (Nemotron ignores rope_scaling in 4.x only)
+            key = f"{key}+scaled"
+            how = _hf_table.verdict(model_type, row, version, key=key)
     if how == "table":
         try:
             return _pick(_read(loaded, layout, "table", row, overrides), component)
@@ -680,13 +701,18 @@ def rope_config_from_hf(
     answers = []
     for mode in ("code", "table"):
         try:
-            answers.append((_read(loaded, layout, mode, row, overrides), None))
+            with warnings.catch_warnings():
+                if mode == "table":  # only compared: its warnings would repeat the code's
+                    warnings.simplefilter("ignore")
+                answers.append((_read(loaded, layout, mode, row, overrides), None))
         except (RopeError, _NeedCode) as e:
             answers.append((None, e))
     (code, err), (tab, terr) = answers
     if not isinstance(terr, _NeedCode):  # else this input says nothing about the row
         same = code == tab and (err is None) == (terr is None)
         _hf_table.record(key, version or "none", same)
+        if key.endswith("+scaled"):  # a scaled input checks the row's other facts too
+            _hf_table.record(key[: -len("+scaled")], version or "none", same)
     if err is not None:
         raise err
     return _pick(code, component)
@@ -723,6 +749,28 @@ def _partials(loaded: Any, row: Mapping[str, Any]) -> set:
         if prf != 1.0:
             out.add(("default" if kind is None else str(kind).lower(), prf))
     return out
+
+
+def _has_scaling(loaded: Any, row: Mapping[str, Any]) -> bool:
+    """Whether an input's rope parameters (row defaults filled in for a dict) name a scaled
+    ``rope_type`` (not ``default`` / ``mrope``)."""
+    try:
+        if isinstance(loaded, Mapping):
+            loaded = _with_row_defaults(loaded, row)
+        src = _Src(loaded)
+        text = src.get("text_config")
+        if text is not None and src.get("num_attention_heads") is None and src.get("n_head") is None:
+            src = _Src(text)
+        params = src.get("rope_parameters")
+        if params is None:
+            params = src.get("rope_scaling")
+    except Exception:  # a bad input, or one the row cannot read (_NeedCode): _read says so
+        return False
+    if not isinstance(params, Mapping):
+        return False
+    dicts = [p for p in params.values() if isinstance(p, Mapping)] if _is_nested(params) else [params]
+    kinds = {str(p.get("rope_type", p.get("type")) or "default").lower() for p in dicts}
+    return bool(kinds - {"default", "mrope"})
 
 
 def _unverified_partial(loaded: Any, model_type: str, row: Mapping[str, Any]) -> Optional[str]:
@@ -936,8 +984,9 @@ def _read(loaded: Any, layout: Optional[str], mode: str, row: Any, overrides: Ma
         glob.setdefault("rope_theta", src.get("rope_theta", 1_000_000.0))
         params = {"full_attention": glob, "sliding_attention": {"rope_type": "default", "rope_theta": local_base}}
 
-    def finish(cfg: RopeConfig, name: str, comp: Any) -> RopeConfig:
-        cfg = _place(cfg, src, name, comp, layout_given)
+    def finish(cfg: RopeConfig, name: str, comp: Any, lsrc: _Src, layer_type: Optional[str] = None) -> RopeConfig:
+        cfg = _place(cfg, lsrc, name, comp, layout_given)
+        cfg = _as_coded(cfg, mode, src, model_type, layer_type, comp, row, overrides)
         return cfg.replace(**overrides) if overrides else cfg
 
     results: Dict[str, Any] = {}
@@ -959,8 +1008,7 @@ def _read(loaded: Any, layout: Optional[str], mode: str, row: Any, overrides: Ma
                 lsrc = _layer_src(src, layer_type)
                 hd = _layer_head_dim(src, model_type, layer_type, _head_dim(lsrc, model_type))
                 cfg = _one(lsrc, p, model_type, hd, max_pos, lay, legacy=legacy, nested=True)
-                cfg = _place(cfg, lsrc, name, comp, layout_given)
-                out[layer_type] = cfg.replace(**overrides) if overrides else cfg
+                out[layer_type] = finish(cfg, name, comp, lsrc, layer_type)
         full = {lt for lt in params}
         for name, out in results.items():  # a component seen only on some layer types
             for lt in full - set(out):
@@ -969,8 +1017,161 @@ def _read(loaded: Any, layout: Optional[str], mode: str, row: Any, overrides: Ma
         for name, comp in facts_for().items():
             lay = layout if (layout_given or comp is None) else comp.measured.layout
             r = comp.measured.rotary_dim if comp is not None else None
-            results[name] = finish(_one(src, params, model_type, head_dim, max_pos, lay, r, legacy=legacy), name, comp)
+            results[name] = finish(_one(src, params, model_type, head_dim, max_pos, lay, r, legacy=legacy), name, comp, src)
     return results
+
+
+class IgnoredScalingWarning(UserWarning):
+    """``from_hf`` read a rope scaling (``rope_scaling`` / ``rope_parameters`` with a scaled
+    ``rope_type``) that the family's own code ignores: it returns the unscaled RoPE the model
+    computes, which is probably not what the config's author meant."""
+
+
+#: Scaling effects the code mode found, while :func:`_collect_effects` collects them (the sweep
+#: derives a family-table row's ``scaling`` fact from them).
+_EFFECTS: Optional[list] = None
+
+
+@contextlib.contextmanager
+def _collect_effects() -> Any:
+    global _EFFECTS
+    prev, _EFFECTS = _EFFECTS, []
+    try:
+        yield _EFFECTS
+    finally:
+        _EFFECTS = prev
+
+
+def _say_ignored(model_type: str, kind: str, why: str) -> None:
+    import sys
+
+    level, f = 1, sys._getframe(0)
+    while f is not None and str(f.f_globals.get("__name__", "")).startswith("ropekit."):
+        f, level = f.f_back, level + 1  # point at the caller of from_hf
+    warnings.warn(
+        f"the config of model_type {model_type!r} asks for rope_type {kind!r}, which transformers' {model_type} "
+        f"code ignores ({why}): from_hf returns the unscaled RoPE the model computes. If you meant the scaling to "
+        "apply, the model does not apply it either; pass scaling=... to from_hf to get it in ropekit anyway",
+        IgnoredScalingWarning,
+        stacklevel=level,
+    )
+
+
+def _as_coded(
+    cfg: RopeConfig,
+    mode: str,
+    src: _Src,
+    model_type: str,
+    layer_type: Optional[str],
+    comp: Any,
+    row: Any,
+    overrides: Mapping[str, Any],
+) -> RopeConfig:
+    """``cfg`` with its scaling as the family's code applies it: kept (the code applies it the
+    way transformers' rope functions do), dropped with an :class:`IgnoredScalingWarning` (the
+    code computes the default RoPE whatever the config says: GPT-J, CodeGen, ESM on 5.x,
+    Nemotron on 4.x), or a RopeError (the code refuses the config, Ernie 4.5 VL, or computes
+    other frequencies). ``"table"`` mode reads the row's ``scaling`` fact (verified by the sweep
+    on linear and dynamic scaling: one fact for every rope type where both agree, else one per
+    rope type checked and the code for the others), ``"code"`` measures the family's rotary
+    module with this config; ``"rules"`` (no transformers) keeps it. An explicit ``scaling=``
+    override wins."""
+    if cfg.scaling is None or mode == "rules" or "scaling" in overrides:
+        return cfg
+    kind = cfg.scaling.rope_type or type(cfg.scaling).__name__
+    if mode == "table":
+        fact = (row or {}).get("scaling", "applied")
+        if isinstance(fact, Mapping):  # per rope type checked by the sweep; other types: the code
+            fact = fact.get(kind, "code")
+        if fact in ("applied", "unverified"):
+            return cfg
+        if fact == "ignored":
+            _say_ignored(model_type, kind, "its rotary module computes the default RoPE whatever rope_type says")
+            return cfg.replace(scaling=None)
+        if isinstance(fact, str) and fact.startswith("refused: "):
+            raise _scaling_refused(model_type, kind, fact[len("refused: "):])
+        raise _NeedCode()  # "code" (or a fact this ropekit does not know): the code answers
+    effect, why = _code_effect(src, model_type, layer_type, comp, cfg)
+    if _EFFECTS is not None:
+        _EFFECTS.append((effect, why))
+    if effect == "ignored":
+        _say_ignored(model_type, kind, why)
+        return cfg.replace(scaling=None)
+    if effect in ("refused", "differs"):
+        raise _scaling_refused(model_type, kind, why)
+    return cfg
+
+
+def _scaling_refused(model_type: str, kind: str, why: str) -> RopeError:
+    return fail(
+        f"rope_type {kind!r} as transformers' {model_type} code computes it",
+        f"{model_type}: {why}",
+        "use the rope type the family's code supports (its config class default), or pass scaling=... "
+        "to from_hf to get a RopeConfig the model does not compute",
+    )
+
+
+def _code_effect(src: _Src, model_type: str, layer_type: Optional[str], comp: Any, cfg: RopeConfig) -> Tuple[str, str]:
+    """What the family's rotary module does with the scaled config ``src.obj``: ``("applied", "")``
+    (its tables are ``transformers_cos_sin(cfg)``), ``("ignored", why)`` (they are those of ``cfg``
+    without the scaling), ``("refused", why)`` (no rotary class takes the config),
+    ``("differs", why)``, ``("either", why)`` (both agree wherever the module runs) or
+    ``("unknown", why)`` (the code cannot be measured: a dict the config class refuses, no
+    modeling module; the config rules answer, as before).
+
+    Probed at positions ``0..6`` and, for length-dependent schemes, past the context
+    (``max_position_embeddings`` / ``original_max_position_embeddings``)."""
+    import torch
+
+    from . import _hf_code
+
+    if src.is_dict:
+        return "unknown", "a dict the config class does not take"
+    module = _hf_code.modeling_module_for(model_type)
+    if module is None:
+        return "unknown", "no modeling module"
+    if _hf_code.reads_scaling(module) is False:
+        return "ignored", "its modeling code never reads rope_scaling / rope_parameters"
+    if comp is None or getattr(comp, "measured", None) is None or not getattr(comp.measured, "lanes", None):
+        why = _hf_code.rotary_refusal(src.obj, model_type)
+        return ("refused", f"its rotary module refuses the config ({why})") if why else ("unknown", "no call site read")
+    rot, errors = _hf_code.build_rotary(module, src.obj)
+    if rot is None:
+        return "refused", f"its rotary module refuses the config ({'; '.join(errors)})"
+    plain = cfg.replace(scaling=None)
+    sets = [torch.arange(7)]
+    if cfg.scaling.length_dependent:
+        far = max(int(getattr(cfg.scaling, a, 0) or 0) for a in ("max_position", "original_max_position"))
+        sets.append(torch.arange(7) + far + 1)
+    gaps = {"applied": 0.0, "ignored": 0.0}
+    ran = 0
+    for pos in sets:
+        for name, c in (("applied", cfg), ("ignored", plain)):
+            try:
+                ch, sh = transformers_cos_sin(c, pos)
+                g = _hf_code.table_gap(rot, comp.measured.lanes, pos, ch, sh, layer_type=layer_type, config=src.obj)
+            except Exception:
+                g = None
+            if g is None:
+                break
+            gaps[name] = max(gaps[name], g)
+        else:
+            ran += 1
+            continue
+        if ran == 0:  # not even positions 0..6: the code cannot be measured this way
+            return "unknown", "the rotary module does not run at positions 0..6"
+        break  # the module does not run past its context (GPT-J's position table): positions it runs
+    tol = 2.0**-21  # float32 rounding of another cos/sin routine (torch.polar)
+    if gaps["applied"] <= tol and gaps["ignored"] <= tol:
+        return "either", "the scaling changes nothing at the positions the module runs"
+    if gaps["applied"] <= tol:
+        return "applied", ""
+    if gaps["ignored"] <= tol:
+        return "ignored", "its rotary module computes the default RoPE whatever rope_type says"
+    return "differs", (
+        f"its rotary module's tables differ from transformers' rope_type {cfg.scaling.rope_type!r} by "
+        f"{gaps['applied']:.3g} and from the unscaled RoPE by {gaps['ignored']:.3g}"
+    )
 
 
 _config._HF_READER[:] = [rope_config_from_hf]  # RopeConfig.from_hf delegates here

@@ -11,9 +11,17 @@ on a tiny config built from the config class (never weights or hub files):
    the calls the model really makes during a forward are recorded and checked too (which
    function, the width and head slice of q). ``from_hf`` of the saved ``config.json`` must
    equal ``from_hf`` of the object.
-2. **patch** — for models that build: ``patch(model, tables="transformers")`` must give
+2. **scaled** — the same comparison for the tiny config with scaled rope parameters
+   (:data:`SCALINGS`: linear, and dynamic NTK with a context below the probe positions; LongRoPE
+   where the config class takes neither): ``from_hf`` must give the model's rotation (the
+   scaling applied, or dropped where the family's code ignores it) or a RopeError, never a
+   scaled RoPE the model does not compute. A wrong scaled check counts as a wrong config.
+3. **patch** — for models that build: ``patch(model, tables="transformers")`` must give
    bit-identical logits and identical greedy generation; ``unpatch`` must restore the
    unpatched logits bit for bit.
+
+``--table`` writes the family table; each row's ``scaling`` fact (what the family's code does
+with a scaled rope type, :func:`_scaling_fact`) is measured on the same scaled configs.
 
 Results are rows (dicts); :func:`format_table` renders the table in
 ``docs/transformers.md``. Run it as ``ropekit hf-sweep``.
@@ -34,7 +42,9 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-__all__ = ["Row", "families", "tiny_config", "check", "sweep", "format_table", "summary"]
+__all__ = [
+    "Row", "families", "tiny_config", "scaled_configs", "SCALINGS", "check", "sweep", "format_table", "summary",
+]  # fmt: skip
 
 SMALL: Dict[str, Any] = dict(
     vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -80,6 +90,16 @@ class Row:
         rounding: ``config`` is exact in pairing, direction, width and slice, but the
             model's own tables differ from :func:`ropekit.hf.transformers_cos_sin` by float32
             rounding (a different cos/sin routine, e.g. ``torch.polar``).
+        scaled: ``from_hf`` of the tiny config with scaled rope parameters (:data:`SCALINGS`)
+            against the family's code, as ``config``: ``"exact"`` (every scaled config the
+            config class takes: the model's rotation, bit for bit, the scaling applied or, where
+            the code ignores it, dropped), ``"refused"`` (a RopeError for one of them),
+            ``"wrong"`` (a difference, or an answer for a config the family's rotary module
+            refuses), ``"n/a"`` (no scaled config the class takes, or its module does not run at
+            the probe positions); empty when ``config`` did not answer.
+        scaled_detail: per scaled config: ``"linear exact"``, ``"dynamic exact, scaling
+            ignored by the code"``, ``"linear refused: why"``, ``"linear wrong: difference"``,
+            ``"dynamic n/a: why"``.
     """
 
     model_type: str
@@ -96,6 +116,8 @@ class Row:
     patch_detail: str = ""
     exact: str = ""
     bf16: str = ""
+    scaled: str = ""
+    scaled_detail: str = ""
 
     def as_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -213,20 +235,164 @@ def _shrink_kwargs(cls: type, depth: int = 0) -> Dict[str, Any]:
     return kw
 
 
-def tiny_config(model_type: str) -> Any:
+def tiny_config(model_type: str, scaling: Optional[Dict[str, Any]] = None, **top: Any) -> Any:
     """A small config of ``model_type``: the config class with hidden 64, 4 heads of 16,
-    2 layers, vocab 128 (MLA: rope/nope parts of 8), whatever of those it has."""
+    2 layers, vocab 128 (MLA: rope/nope parts of 8), whatever of those it has.
+
+    ``scaling``: rope parameters such as ``{"rope_type": "linear", "factor": 2.0}`` for the
+    language model, set the way the installed transformers takes them (5.x: in
+    ``rope_parameters``, merged into the class's own — ``rope_theta``, partial factor,
+    ``mrope_section`` kept; per layer type when nested; 4.x: ``rope_scaling``, with the ``type``
+    alias); ``top``: other keys of the language model (``max_position_embeddings=4``). Raises
+    what the config class raises when it refuses them."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     cls = CONFIG_MAPPING[model_type]
     kw = _shrink_kwargs(cls)
+    if scaling is not None or top:
+        kw = _with_rope(cls, kw, scaling, top)
+    return _build_config(cls, kw)
+
+
+def _build_config(cls: type, kw: Dict[str, Any]) -> Any:
+    import copy
+
     try:
-        return cls(**kw)
+        return cls(**copy.deepcopy(kw))
     except Exception:
+        kw = copy.deepcopy(kw)
         kw.pop("layer_types", None)
         for k in ("head_dim", "global_head_dim", "rotary_dim"):  # validators tie these to others
             kw.pop(k, None)
         return cls(**kw)
+
+
+def _with_rope(
+    cls: type, kw: Dict[str, Any], scaling: Optional[Dict[str, Any]], top: Dict[str, Any], base: Any = False
+) -> Dict[str, Any]:
+    """``kw`` with ``scaling`` / ``top`` set on the language model's part (see :func:`tiny_config`);
+    ``base``: the config ``kw`` builds, when known."""
+    import copy
+
+    import transformers
+
+    kw = copy.deepcopy(kw)
+    if base is False:
+        try:
+            base = cls(**copy.deepcopy(kw))
+        except Exception:
+            base = None
+    text = _text(base) if base is not None else None
+    target = kw
+    if text is not None and text is not base:
+        key = next((k for k in ("text_config",) if getattr(base, k, None) is text), None)
+        if key is None:
+            raise ValueError("the language model is not the config's text_config")
+        target = kw[key] = dict(kw.get(key) or text.to_dict())
+    if scaling is not None:
+        if int(transformers.__version__.split(".")[0]) >= 5:
+            rp = target.get("rope_parameters")
+            if rp is None and text is not None:
+                rp = copy.deepcopy(getattr(text, "rope_parameters", None))
+            strip = lambda d: {k: v for k, v in d.items() if k not in ("rope_type", "type")}  # noqa: E731
+            if isinstance(rp, dict) and rp and all(isinstance(v, dict) or v is None for v in rp.values()):
+                target["rope_parameters"] = {lt: None if v is None else dict(strip(v), **scaling) for lt, v in rp.items()}
+            else:
+                target["rope_parameters"] = dict(strip(rp if isinstance(rp, dict) else {}), **scaling)
+        else:
+            rs = target.get("rope_scaling")
+            if rs is None and text is not None:
+                rs = copy.deepcopy(getattr(text, "rope_scaling", None))
+            rs = {k: v for k, v in (rs if isinstance(rs, dict) else {}).items() if k not in ("rope_type", "type")}
+            extra = {"type": scaling["rope_type"]} if "rope_type" in scaling else {}  # 4.57 Olmo2 reads "type"
+            target["rope_scaling"] = dict(rs, **scaling, **extra)
+    target.update(top)
+    return kw
+
+
+#: The scaled rope parameters the sweep checks ``from_hf`` with (``(name, rope parameters,
+#: other keys of the language model)``), and the family table's ``scaling`` fact is verified on:
+#: linear x2 moves every frequency at the probe positions; dynamic NTK x2 with a context of 4
+#: (below the 7 probe positions) makes a family's length-dependent update run. A config class
+#: that takes neither (Phi-3: LongRoPE only) is checked with LongRoPE instead
+#: (:func:`scaled_configs`).
+SCALINGS: Tuple[Tuple[str, Dict[str, Any], Dict[str, Any]], ...] = (
+    ("linear", {"rope_type": "linear", "factor": 2.0}, {}),
+    ("dynamic", {"rope_type": "dynamic", "factor": 2.0}, {"max_position_embeddings": 4}),
+)
+
+
+def _longrope(n_pairs: int) -> Tuple[str, Dict[str, Any], Dict[str, Any]]:
+    # a context of 4 (top level too: Phi-3 reads the top-level original_max_position_embeddings):
+    # the probe positions use the long factors, factor = max / original > 1 sets the attention factor
+    rp = {"rope_type": "longrope", "short_factor": [1.0 + 0.25 * i for i in range(n_pairs)],
+          "long_factor": [2.0 + 0.5 * i for i in range(n_pairs)], "original_max_position_embeddings": 4}  # fmt: skip
+    return "longrope", rp, {"original_max_position_embeddings": 4}
+
+
+def scaled_configs(model_type: str, n_pairs: Any = None) -> List[Tuple[str, Any]]:
+    """``[(name, config or why not)]``: the tiny config of ``model_type`` with each of
+    :data:`SCALINGS` (:func:`tiny_config`; the default-size config where the class rejects the
+    tiny sizes); when the config class takes none of them and ``n_pairs`` (rotary pairs of the
+    tiny config, or a function giving them) is given, with LongRoPE. ``why not``: the config
+    class's refusal, one line."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[model_type]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kw = _shrink_kwargs(cls)
+        try:
+            base = _build_config(cls, kw)
+            where = ""
+        except Exception:  # the class rejects the tiny sizes: its default size, as the sweep checks it
+            kw, where = {}, " at its default size"
+            try:
+                base = cls()
+            except Exception:
+                base = None
+        out: List[Tuple[str, Any]] = []
+        for name, rp, top in SCALINGS:
+            out.append((name, _scaled_config(cls, kw, base, rp, top, where)))
+        if n_pairs is not None and all(isinstance(c, str) for _, c in out):
+            n = n_pairs() if callable(n_pairs) else n_pairs
+            if n:
+                name, rp, top = _longrope(n)
+                out.append((name, _scaled_config(cls, kw, base, rp, top, where)))
+    return out
+
+
+def _scaled_config(cls: type, kw: Dict[str, Any], base: Any, rp: Dict[str, Any], top: Dict[str, Any], where: str) -> Any:
+    import transformers
+
+    def build(r: Dict[str, Any]) -> Any:
+        return _build_config(cls, _with_rope(cls, kw, r, top, base))
+
+    try:
+        return build(rp)
+    except Exception as e:
+        if int(transformers.__version__.split(".")[0]) < 5:
+            # 4.57 Chameleon, OLMo, OLMo 2, Open-Llama: {"type", "factor"} only; Phi-3: {"type",
+            # "short_factor", "long_factor"} (the original context is the top-level key)
+            minimal = {k: v for k, v in rp.items() if k not in ("rope_type", "original_max_position_embeddings")}
+            try:
+                return build(dict(minimal, type=rp["rope_type"]))
+            except Exception:
+                pass
+        for extra in _REQUIRED_EXTRA:  # keys some classes require with any scaled type
+            if any(k in str(e) for k in extra):
+                try:
+                    return build(dict(rp, **extra))
+                except Exception:
+                    pass
+        msg = " ".join(str(e).split())
+        return f"the config class refuses it{where} ({type(e).__name__}: {msg[-160:]})"
+
+
+#: Rope parameters a config class requires with every scaled type, added when it says so:
+#: Phi-3.5-MoE's per-length attention scales (its rotary module multiplies the tables by them
+#: instead of the scheme's attention factor).
+_REQUIRED_EXTRA = ({"short_mscale": 1.25, "long_mscale": 1.25, "original_max_position_embeddings": 256},)
 
 
 def _text(cfg: Any) -> Any:
@@ -491,6 +657,69 @@ def _runtime_check(
     return None
 
 
+def _scaled_check(model_type: str, default: Any) -> Tuple[str, str]:
+    """``(Row.scaled, Row.scaled_detail)``: ``from_hf`` of each of :func:`scaled_configs` against
+    the family's code, as the config check does (the model's function with its own tables, bit
+    for bit; ``from_hf(path) == from_hf(config)``); ``default``: from_hf of the tiny config."""
+    from .. import _hf_code
+    from .._errors import RopeError
+    from ..hf import rope_config_from_hf
+
+    pairs = [c.n_pairs for c in _flat(default).values() if c is not None]
+    parts: List[Tuple[str, str, str]] = []
+    for name, cfg in scaled_configs(model_type, pairs[0] if pairs else None):
+        if isinstance(cfg, str):
+            parts.append((name, "n/a", cfg))
+            continue
+        text = _text(cfg)
+        mt = getattr(text, "model_type", model_type)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result = rope_config_from_hf(cfg)
+        except RopeError as e:
+            parts.append((name, "refused", str(e).split(", got ", 1)[-1].split(". Fix:")[0][:200]))
+            continue
+        except Exception as e:
+            parts.append((name, "wrong", f"{type(e).__name__}: {str(e)[:160]}"))
+            continue
+        why = _hf_code.rotary_refusal(text, mt)
+        if why:
+            parts.append((name, "wrong", f"from_hf answers; the family's rotary module refuses the config: {why[:160]}"))
+            continue
+        module = _hf_code.modeling_module_for(mt)
+        try:  # the family's own module must run at the probe positions (GPT-J: a table of 4 positions)
+            rot, _ = _hf_code.build_rotary(module, text)
+            used = getattr(text, "layer_types", None)
+            for lt in _hf_code.layer_types_of(text):
+                if lt is None or not isinstance(used, (list, tuple)) or lt in used:  # as _static_check
+                    _hf_code.module_tables(rot, S, layer_type=lt, config=text)
+        except Exception as e:
+            parts.append((name, "n/a", f"its rotary module does not run at positions 0..{S - 1}: {type(e).__name__}"))
+            continue
+        flat = _flat(result)
+        try:
+            diff = _static_check(text, flat)
+        except Exception as e:
+            diff = f"check failed: {type(e).__name__}: {str(e)[:150]}"
+        if diff and not diff.startswith(("ROUNDING ", "LAYERS ")):
+            parts.append((name, "wrong", diff[:200]))
+            continue
+        try:
+            same, why = _path_equal(cfg, result)
+        except Exception as e:
+            same, why = False, f"{type(e).__name__}: {str(e)[:100]}"
+        if not same:
+            parts.append((name, "wrong", why))
+            continue
+        dropped = all(c is None or c.scaling is None for c in flat.values())
+        parts.append((name, "exact", "scaling ignored by the code" if dropped else ""))
+    kinds = [k for _, k, _ in parts]
+    verdict = next((k for k in ("wrong", "refused", "exact") if k in kinds), "n/a")
+    detail = "; ".join(f"{n} {k}" + (f": {d}" if d and k != "exact" else f", {d}" if d else "") for n, k, d in parts)
+    return verdict, detail
+
+
 def _model_class(model_type: str) -> Tuple[Optional[type], bool]:
     import transformers
     from transformers.models.auto import modeling_auto as ma
@@ -618,6 +847,8 @@ def check(model_type: str, family: str = "", *, models: bool = True, generate: b
             row.path_equal, why = False, f"{type(e).__name__}: {str(e)[:100]}"
         if not row.path_equal and not row.detail:
             row.detail = why
+    if result is not None:
+        row.scaled, row.scaled_detail = _scaled_check(model_type, result)
     if default_size:
         row.detail = "; ".join(t for t in (default_size, row.detail) if t)
     if not models:
@@ -746,7 +977,8 @@ def sweep(
 # --------------------------------------------------------------------------- report
 def summary(rows: List[Row]) -> Dict[str, Any]:
     """Counts per model type and per family (a family is exact when all its model types
-    that apply are; proven when at least one of its model types is)."""
+    that apply are; proven when at least one of its model types is). ``config_wrong_*`` counts
+    a model type whose scaled check (``Row.scaled``) is wrong too: ``hf-sweep`` exits 1 on it."""
     def fam_count(pred) -> int:
         return len({r.family for r in rows if pred(r)})
 
@@ -755,8 +987,9 @@ def summary(rows: List[Row]) -> Dict[str, Any]:
     for r in applicable:
         prev = fam_config.get(r.family)
         order = {"wrong": 0, "refused": 1, "exact": 2}
-        if prev is None or order[r.config] < order[prev]:
-            fam_config[r.family] = r.config
+        cur = "wrong" if r.scaled == "wrong" else r.config  # a wrong scaled config is a wrong config
+        if prev is None or order[cur] < order[prev]:
+            fam_config[r.family] = cur
     return {
         "model_types": len(rows),
         "families": len({r.family for r in rows}),
@@ -766,11 +999,18 @@ def summary(rows: List[Row]) -> Dict[str, Any]:
         "config_exact_model_types": sum(r.config == "exact" for r in rows),
         "config_exact_tables_rounding_model_types": sum(r.config == "exact" and r.rounding for r in rows),
         "config_refused_model_types": sum(r.config == "refused" for r in rows),
-        "config_wrong_model_types": sum(r.config == "wrong" for r in rows),
+        "config_wrong_model_types": sum(r.config == "wrong" or r.scaled == "wrong" for r in rows),
         "config_exact_families": sum(v == "exact" for v in fam_config.values()),
         "config_refused_families": sum(v == "refused" for v in fam_config.values()),
         "config_wrong_families": sum(v == "wrong" for v in fam_config.values()),
         "path_differs_model_types": sum(r.path_equal is False for r in rows),
+        "scaled_exact_model_types": sum(r.scaled == "exact" for r in rows),
+        "scaled_exact_scaling_ignored_model_types": sum(
+            r.scaled == "exact" and "scaling ignored" in r.scaled_detail for r in rows
+        ),
+        "scaled_refused_model_types": sum(r.scaled == "refused" for r in rows),
+        "scaled_wrong_model_types": sum(r.scaled == "wrong" for r in rows),
+        "scaled_na_model_types": sum(r.scaled == "n/a" for r in rows),
         "patch_proven_model_types": sum(r.patch == "proven" for r in rows),
         "patch_proven_families": fam_count(lambda r: r.patch == "proven"),
         "patch_refused_model_types": sum(r.patch == "refused" for r in rows),
@@ -795,20 +1035,28 @@ def _cell(v: Any) -> str:
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
+def _scaled_cell(r: Row) -> Optional[str]:
+    if not r.scaled:
+        return None
+    return r.scaled + (" (ignored)" if r.scaled == "exact" and "scaling ignored" in r.scaled_detail else "")
+
+
 def format_table(rows: List[Row]) -> str:
     """Markdown: one line per model type (config result, path == object, patch result,
     logits, generation, the difference or reason)."""
     head = (
-        "| model_type | family | config | path = object | patch | logits | generate | "
+        "| model_type | family | config | scaled | path = object | patch | logits | generate | "
         'tables="exact" | bf16 patch(model) | difference / reason |'
     )
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r.family, r.model_type)):
         cfg = r.config + (f" ({r.checked})" if r.checked and r.config == "exact" else "") + (" ≈" if r.rounding else "")
         lines.append(
             "| " + " | ".join(
-                _cell(x) for x in (r.model_type, r.family, cfg, r.path_equal, r.patch, r.logits, r.generate,
-                                   r.exact or None, r.bf16 or None, "; ".join(t for t in (r.detail[:160], r.patch_detail[:160]) if t))
+                _cell(x) for x in (r.model_type, r.family, cfg, _scaled_cell(r), r.path_equal, r.patch, r.logits,
+                                   r.generate, r.exact or None, r.bf16 or None,
+                                   "; ".join(t for t in (r.detail[:160], r.patch_detail[:160],
+                                                         r.scaled_detail[:160] if r.scaled in ("wrong", "refused") else "") if t))
             ) + " |"
         )  # fmt: skip
     return "\n".join(lines)
@@ -989,23 +1237,89 @@ def table_row(model_type: str) -> Tuple[str, Dict[str, Any]]:
         const, varying = _instance_defaults(type(_text(default)), _text(default))
         row["defaults"] = {k: v for k, v in row["defaults"].items() if k not in varying}
         row["defaults"].update(const)
+    wants: Dict[int, Tuple[Any, str]] = {}
+    if "code" not in row and "refuse" not in row and (row.get("components") or row.get("by_flag")):
+        row["scaling"], scaled = _scaling_fact(model_type, cfg)
+        for c, want in scaled:
+            variants.append((c, None))
+            wants[id(c)] = want
+    elif "code" not in row and "refuse" not in row and module is not None and _hf_code.reads_scaling(module) is False:
+        row["scaling"] = "ignored"  # the config rules answer; the modeling code never reads the scaling
     if "code" not in row:
         if default is not None:
             variants.append((default, None))
         for c, _ in variants:
-            want = _answer(lambda: _hf._read(c, None, "code", None, {}))
+            want = wants.get(id(c)) or _answer(lambda: _hf._read(c, None, "code", None, {}))
             diff = c.to_diff_dict()
             inputs = [("object", c), ("to_dict", c.to_dict()), ("config.json", diff), ("sparse config.json", _sparse(diff, row))]
             for kind, obj in inputs:
                 got = _answer(lambda: _hf._read(obj, None, "table", row, {}))
+                if got[1] == "_NeedCode":
+                    continue  # the row defers this input to the code (its "scaling" fact is "code")
                 if got != want:
                     row = {k: row[k] for k in ("module", "layer_types", "defaults")}
-                    row["code"] = f"the row's answer differs from the code's ({kind} of a {'tiny' if c is not default else 'default'} config)"
+                    which = "default" if c is default else "scaled tiny" if id(c) in wants else "tiny"
+                    row["code"] = f"the row's answer differs from the code's ({kind} of a {which} config)"
                     break
             if "code" in row:
                 break
     row["verified"] = [transformers.__version__]
     return eff, row
+
+
+def _scaling_fact(model_type: str, tiny: Any) -> Tuple[Any, List[Tuple[Any, Tuple[Any, str]]]]:
+    """``(fact, [(scaled config, the code's answer)])``: what the family's code does with a scaled
+    rope type, from ``from_hf``'s code mode on :func:`scaled_configs` (it measures the family's
+    rotary module with each, :func:`ropekit.hf._code_effect`).
+
+    The fact: ``"applied"`` (every scaled config measured: as transformers' rope functions compute
+    it; taken for every rope type), ``"ignored"`` (every one: the default RoPE whatever the config
+    says; taken for every rope type), ``"unverified"`` (none could be measured: answered as
+    ``"applied"``), else ``{rope_type: "applied" | "ignored" | "refused: why" | "code"}`` for the
+    rope types checked (a rotary module or config class that refuses a type may take another:
+    transformers 4.57's Llama 4 reads any rope_scaling as llama3), every other type answered by
+    the code. Config classes that refuse a scaled type count only when they refuse all of them.
+    The configs whose effect was measured come back to verify the row on."""
+    from .. import hf as _hf
+
+    def n_pairs() -> Optional[int]:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                res = _flat(_hf._pick(_hf._read(tiny, None, "code", None, {}), None))
+            return next((c.n_pairs for c in res.values() if c is not None), None)
+        except Exception:
+            return None
+
+    facts: Dict[str, str] = {}
+    refusals: Dict[str, str] = {}
+    checked: List[Tuple[Any, Tuple[Any, str]]] = []
+    configs = scaled_configs(model_type, n_pairs)
+    for name, c in configs:
+        if isinstance(c, str):
+            refusals[name] = "refused: " + c
+            continue
+        with _hf._collect_effects() as eff, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            want = _answer(lambda: _hf._read(c, None, "code", None, {}))
+        decisive = [("refused" if e == "differs" else e, why) for e, why in eff if e in ("applied", "ignored", "refused", "differs")]
+        if not decisive:  # "unknown": a module that does not run at the probe positions (GPT-J past its table)
+            continue
+        kinds = {e for e, _ in decisive}
+        if kinds == {"refused"}:
+            facts[name] = "refused: " + decisive[0][1][:300]
+        else:
+            facts[name] = kinds.pop() if len(kinds) == 1 else "code"
+        if len(decisive) == len(eff):
+            checked.append((c, want))  # the row must give the code's answer on it
+    if not facts:
+        if refusals and len(refusals) == len(configs):
+            return {k: v[:300] for k, v in refusals.items()}, []
+        return "unverified", []
+    values = set(facts.values())
+    if values in ({"applied"}, {"ignored"}):
+        return values.pop(), checked
+    return facts, checked
 
 
 def _same(a: Dict[str, Any], b: Dict[str, Any]) -> bool:

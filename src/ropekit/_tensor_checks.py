@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd import forward_ad as _fwad
 
 from ._checks import flag
 from ._errors import RopeError, fail
@@ -21,6 +22,14 @@ __all__ = ["tracing", "tensors", "flags", "check_norm_scalars", "to_rope_error"]
 def tracing() -> bool:
     """True while torch.compile / torch.export trace the caller (then no host syncs)."""
     return torch.compiler.is_compiling()
+
+
+def dual(*ts) -> bool:
+    """Whether any of ``ts`` is a forward-mode AD dual tensor (``torch.autograd.forward_ad``):
+    ~70 ns outside a ``dual_level`` (a module global), the tangents looked up inside one."""
+    if _fwad._current_level < 0:
+        return False
+    return any(isinstance(t, torch.Tensor) and _fwad.unpack_dual(t).tangent is not None for t in ts)
 
 
 def host_readable(t: torch.Tensor) -> bool:

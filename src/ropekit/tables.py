@@ -12,12 +12,11 @@ import threading
 from typing import Any, Dict, Hashable, Optional, Tuple, Union
 
 import torch
-from torch.autograd import forward_ad as _fwad
 
 from ._checks import describe, flag, integer
 from ._checks import device as check_device
 from ._errors import fail
-from ._tensor_checks import host_readable
+from ._tensor_checks import dual, host_readable
 from .scaling import NTK, DynamicNTK, Linear, Llama3, LongRoPE, Proportional, YaRN
 from .config import CPU, MAX_EXACT_POSITION, RopeConfig, check_layout, check_seq_len
 
@@ -98,7 +97,7 @@ def cos_sin_f64(ang: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
             # vmap/grad: the op has no batching rule; angles that are constants of the
             # transforms (a module's table built inside one) run it with the transforms set aside
             and not (functorch and torch._C._functorch.is_functorch_wrapped_tensor(ang))
-            and (_fwad._current_level < 0 or _fwad.unpack_dual(ang).tangent is None)):  # forward AD: torch's
+            and not dual(ang)):  # forward AD: torch's
         op = _COS_SIN_OP
         if op is None:  # registered when ropekit.ops loads the extension (looked up until then)
             op = _COS_SIN_OP = getattr(getattr(torch.ops, "ropekit", None), "cos_sin", None)

@@ -38,10 +38,9 @@ Example:
 from __future__ import annotations
 
 import torch
-from torch.autograd import forward_ad as _fwad
 
 from .. import ops as _ops
-from .._tensor_checks import tracing
+from .._tensor_checks import dual, tracing
 from . import _generic
 from . import eager as _eager
 
@@ -74,10 +73,8 @@ def _learnable(tables, xs=()) -> bool:
     for t in tables:
         if isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled():
             return True
-    if _fwad._current_level >= 0:  # inside a dual_level (a module global: ~70 ns outside one)
-        for t in (*tables, *xs):
-            if isinstance(t, torch.Tensor) and _fwad.unpack_dual(t).tangent is not None:
-                return True
+    if dual(*tables, *xs):
+        return True
     return torch._C._are_functorch_transforms_active()
 
 

@@ -131,6 +131,41 @@ def test_compile_fullgraph_matches_the_unpatched_model(monkeypatch):
     assert torch.allclose(got, ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compile_of_a_fused_model_is_the_model_patched_without_fusion(dtype):
+    """``torch.compile(fullgraph=True)`` of a model patched with ``fuse_qk_norm=True``: dynamo
+    cannot trace the deferral of the norms (it raised the patch's "did not pass them to RoPE"
+    RopeError), so a traced call runs the norms' own forwards and the plain RoPE replacement.
+    Expected: the logits of the same model patched without fusion, eager, bit for bit
+    (``aot_eager`` runs the same ops), and the eager fused model's within the dtype's rounding
+    of the norm (transformers' norm rounds before its weight and after RoPE; the fused op once);
+    eager calls after the compiled ones still fuse."""
+    model = _model().to(dtype)
+    kw = dict(input_ids=IDS)
+    rt.patch(model)
+    try:
+        with torch.no_grad():
+            plain = model(**kw).logits
+    finally:
+        rt.unpatch(model)
+    report = rt.patch(model, fuse_qk_norm=True)
+    assert report.fused
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            fused = model(**kw).logits
+            compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+            got = compiled(**kw).logits
+            again = model(**kw).logits
+    finally:
+        rt.unpatch(model)
+        torch._dynamo.reset()
+    assert torch.equal(got, plain), (got.float() - plain.float()).abs().max().item()
+    assert torch.equal(again, fused)
+    tol = 1e-5 if dtype == torch.float32 else 0.05
+    assert (got.float() - fused.float()).abs().max().item() <= tol * fused.float().abs().max().item()
+
+
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 def test_compile_fullgraph_exact_tables_is_the_eager_patched_model(backend, monkeypatch):
     """``tables="exact"`` (the default) under ``torch.compile(fullgraph=True)``: the eager path

@@ -594,6 +594,8 @@ def deferred_forward(norm: torch.nn.Module, attn: torch.nn.Module, use: NormUse,
     inner = norm.forward
 
     def forward(x, *args, **kwargs):
+        if torch.compiler.is_compiling():  # traced: nothing is deferred (see _wrap_attention)
+            return inner(x, *args, **kwargs)
         st = state.get()
         if st is None or st.owner is not attn or args or kwargs or not isinstance(x, torch.Tensor):
             return inner(x, *args, **kwargs)
@@ -652,6 +654,8 @@ def fused_replacement(plan: Any, original: Callable, plain: Callable, rotation: 
     n = 2 if plan.kind == "qk" else 1
 
     def call(*args, **kwargs):
+        if torch.compiler.is_compiling():  # traced: nothing was deferred (see _wrap_attention)
+            return plain(*args, **kwargs)
         st = _DEFERRED.get()
         if st is None or not st.records:
             return plain(*args, **kwargs)

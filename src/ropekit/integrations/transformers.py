@@ -1181,6 +1181,16 @@ def _wrap_attention(
 
         @functools.wraps(inner)
         def forward(*args, **kwargs):
+            if torch.compiler.is_compiling():
+                # Dynamo cannot trace the deferral (ContextVar.set, a deferred tensor found
+                # again by its data pointer): a traced call runs the norms' own forwards and
+                # the plain RoPE replacement, the model patched without fuse_qk_norm (in one
+                # graph, the compiler fuses the norm with the rotation itself)
+                _TRACING.append(plans)
+                try:
+                    return inner(*args, **kwargs)
+                finally:
+                    _TRACING.pop()
             st = Deferred(mod) if fused else None
             token, dtoken = _ACTIVE.set(plans), _DEFERRED.set(st)
             try:

@@ -1340,6 +1340,18 @@ void check_not_leaf(const Tensor& t, const char* name) {
              "inplace=True on a tensor autograd may modify, got ", name,
              ": a view of a leaf tensor that requires grad. Fix: use inplace=False, rotate a clone(), or call under "
              "torch.no_grad()");
+    // the same for views autograd forbids to modify (torch raises after the kernel has written)
+    if (t.requires_grad() && t.is_view()) {
+        const auto* vm = torch::autograd::impl::get_view_autograd_meta(t);
+        const auto cm = vm != nullptr ? vm->get_creation_meta() : torch::autograd::CreationMeta::DEFAULT;
+        RK_CHECK(cm != torch::autograd::CreationMeta::MULTI_OUTPUT_NODE, "inplace=True on a tensor autograd may modify, got ",
+                 name, ": one of several views returned by one call (unbind / split / chunk), which autograd refuses to "
+                 "modify in place. Fix: take the view by indexing (e.g. qkv[:, :, 0] instead of qkv.unbind(2)[0]), "
+                 "rotate a clone(), or use inplace=False");
+        RK_CHECK(cm == torch::autograd::CreationMeta::DEFAULT, "inplace=True on a tensor autograd may modify, got ", name,
+                 ": a view autograd refuses to modify in place (made in no_grad or inference mode, or inside a custom "
+                 "autograd Function). Fix: rotate a clone(), or use inplace=False");
+    }
 }
 
 std::string layout_of(AutogradContext* ctx) { return ctx->saved_data["layout"].toStringRef(); }

@@ -26,6 +26,8 @@ def test_ropeerror_is_valueerror():
         (dict(head_dim=64.5), r"head_dim an int.*64\.5"),
         (dict(head_dim="64"), r"head_dim an int.*the string '64'.*not a string"),
         (dict(head_dim=10**12), r"head_dim an int in \[1, 65536\]"),
+        (dict(head_dim=True), r"head_dim an int in \[1, 65536\], got True"),
+        (dict(head_dim=torch.tensor(True)), r"head_dim an int in \[1, 65536\], got tensor\(True\)"),  # was read as 1
         (dict(head_dim=64, base="1e6"), r"base a finite number > 1, got the string '1e6'"),
         (dict(head_dim=64, base=10**400), r"base a finite number > 1"),
         (dict(head_dim=64, base=-1.0), r"base a finite number > 1"),

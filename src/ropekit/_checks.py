@@ -18,6 +18,8 @@ import math
 import operator
 from typing import Any, Optional
 
+import torch
+
 from ._errors import fail
 
 __all__ = ["integer", "real", "flag", "device", "describe"]
@@ -42,7 +44,7 @@ def integer(name: str, value: Any, *, minimum: int = 1, maximum: Optional[int] =
     fix = fix or f"pass the checkpoint's {name}"
     rng = f"an int >= {minimum}" if maximum is None else f"an int in [{minimum}, {maximum}]"
     out: Optional[int] = None
-    if not isinstance(value, (bool, str, bytes)):
+    if not isinstance(value, (bool, str, bytes)) and not (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
         if isinstance(value, float):
             if math.isfinite(value) and value.is_integer():
                 out = int(value)

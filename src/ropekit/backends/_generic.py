@@ -109,6 +109,16 @@ def rotated(be: ModuleType, x, cos, sin, layout: str, conjugate: bool) -> torch.
     return _rotate_op(x, cos, sin, layout, conjugate, be.NAME)
 
 
+def _creation_meta(t: torch.Tensor) -> str:
+    """How autograd records the view ``t`` was made (``"DEFAULT"``, ``"MULTI_OUTPUT_NODE"``
+    for an output of unbind / split / chunk, ...): torch refuses in-place writes to some of
+    them, after a fused kernel has written them. ``"DEFAULT"`` where torch cannot say."""
+    try:
+        return torch._C._autograd._get_creation_meta(t).name
+    except (AttributeError, RuntimeError):
+        return "DEFAULT"
+
+
 def writable(name: str, t: torch.Tensor) -> None:
     """RopeError for a tensor the call would write (in place, ``out=``) that torch refuses to
     write: a leaf that requires grad or a view of one (grad mode on), an inference tensor
@@ -124,6 +134,12 @@ def writable(name: str, t: torch.Tensor) -> None:
             raise fail(f"{name} not a view of a leaf tensor that requires grad (autograd refuses to write it)",
                        f"{name}: a view of a leaf of shape {list(t._base.shape)} that requires grad",
                        f"write into a copy ({name}.clone()), or run under torch.no_grad(), or use inplace=False")
+        if t._is_view() and _creation_meta(t) == "MULTI_OUTPUT_NODE":
+            raise fail(f"{name} a tensor autograd lets the call write in place",
+                       f"{name}: one of several views returned by one call (unbind / split / chunk), which "
+                       "autograd refuses to modify in place",
+                       f"take the view by indexing (e.g. qkv[:, :, 0] instead of qkv.unbind(2)[0]), write into "
+                       f"{name}.clone(), or use inplace=False")
     if not tracing() and t.is_inference() and not torch.is_inference_mode_enabled():
         raise fail(f"{name} a normal tensor (not an inference tensor) when writing in place outside "
                    "torch.inference_mode()", f"{name}: an inference tensor (created under torch.inference_mode())",

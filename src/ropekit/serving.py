@@ -27,6 +27,11 @@ A sequence that outgrows its plan switches explicitly: :func:`rerotate_cache` mo
 cached keys from the short to the long frequencies (``old_seq_len``/``new_seq_len``), then
 its profile index becomes 1. Dynamic NTK the same way, one profile per length bucket.
 
+Under torch.compile (``fullgraph=True`` too) a call refuses what the eager call refuses, with the
+same RopeError, raised by the graph when it runs and before anything is written: tensor rules
+on the traced tensors (``ropekit::refuse``), values in ``ropekit::serving_values``, Python's own
+checks in ``ropekit::serving_refuse``. :func:`rerotate_cache` traces as one graph.
+
 Example:
     >>> import torch, ropekit
     >>> from ropekit import serving
@@ -49,8 +54,8 @@ import torch
 
 from . import ops as _ops
 from ._checks import integer
-from ._errors import fail
-from ._tensor_checks import flags, tensors, to_rope_error
+from ._errors import RopeError, fail
+from ._tensor_checks import flags, host_readable, tensors, to_rope_error, tracing
 from .config import MAX_EXACT_POSITION, RopeConfig, check_layout
 from .functional import apply_gather, apply_rotary_gather
 from .positions import split_qk_format
@@ -83,10 +88,173 @@ def _op_device(t: torch.Tensor) -> bool:
     return _ops.LOADED and t.device.type in ("cpu", "cuda", "meta")
 
 
+# --------------------------------------------------------------------------------------
+# value checks: on the host in eager calls, inside the graph under torch.compile
+# --------------------------------------------------------------------------------------
+
+
+def _in_graph() -> bool:
+    """Whether torch.compile traces the caller: the value checks then go into the graph as
+    ``ropekit::serving_values`` (the pattern of ``ropekit::positions_in_range``), which raises
+    the eager call's RopeError when the graph runs, before anything reads past a cache or table
+    or writes. Not under torch.export (its programs stay plain aten)."""
+    return tracing() and not torch.compiler.is_exporting()
+
+
+def _is_int(t: torch.Tensor) -> bool:
+    return not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
+
+
+def _uint64_slots(slots: torch.Tensor, nslots: int) -> None:
+    """A uint64 slot of 2**63 or more would read as a negative slot (skipped) once converted to
+    int64: refused as a slot past the cache."""
+    if slots.dtype == torch.uint64 and slots.numel() and bool((slots.view(torch.int64) < 0).any()):
+        raise fail(f"slots below num_blocks * block_size = {nslots} (negative: not written)",
+                   "a uint64 slot of 2**63 or more", "pass int64 slots (block * block_size + offset, -1 to skip)")
+
+
+def _cache_values(positions: torch.Tensor, slots: torch.Tensor, n: int, nslots: int) -> None:
+    """``rotary_cache_``'s value rules with the CPU kernel's messages: positions in ``[0, n)``,
+    slots below ``nslots``, no slot twice."""
+    from .backends._triton_cache import _check_values_host
+
+    _uint64_slots(slots, nslots)
+    _check_values_host(positions.reshape(-1).to(torch.int64), slots.reshape(-1).to(torch.int64), n, nslots)
+
+
+def _slots_below(slots: torch.Tensor, nb: int, bs: int) -> None:
+    """Flat slots below ``N * B`` (negative: skipped), before a gather reads them."""
+    if not slots.numel():
+        return
+    if slots.dtype == torch.uint64 and bool((slots.view(torch.int64) < 0).any()):
+        got = "a uint64 slot of 2**63 or more"
+    else:  # (torch has no max for uint16/32/64: read them as int64, exactly)
+        top = int((slots if slots.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+                   else slots.to(torch.int64)).max())
+        if top < nb * bs:
+            return
+        got = f"a slot of {top}"
+    raise fail(f"slots below N * B = {nb * bs} (the cache's {nb} blocks of {bs} slots)", got,
+               "pass flat slots block * B + offset of this cache")
+
+
+def _rerotate_values(slots: torch.Tensor, old: torch.Tensor, new: torch.Tensor, nb: int, bs: int) -> None:
+    check_positions(old, "old_positions")
+    check_positions(new, "new_positions")
+    _slots_below(slots, nb, bs)
+
+
+def _rows_values(slots: torch.Tensor, nb: int, bs: int) -> None:
+    _slots_below(slots, nb, bs)
+
+
+def _profile_values(pos: torch.Tensor, prof: torch.Tensor, P: int, n: int) -> None:
+    """Profile indices in ``[0, P)`` and positions in ``[0, n)`` (a position past ``n`` would read
+    the next profile's row)."""
+    for nm, t, hi in (("profile indices", prof, P), ("positions", pos, n)):
+        if t.numel():
+            if t.numel() <= 1024 and t.is_cpu:  # a few values: a list read costs less than an aten reduction
+                vals = t.flatten().tolist()
+                lo_v, hi_v = min(vals), max(vals)
+            else:
+                lo_v, hi_v = (int(x) for x in torch.aminmax(t))
+            if lo_v < 0 or hi_v >= hi:
+                raise fail(f"{nm} in [0, {hi})" + (" (the profile tables' length)" if nm == "positions" else ""),
+                           f"{nm} from {lo_v} to {hi_v}",
+                           "index the stacked tables' first dim" if nm != "positions" else "build longer tables")
+
+
+_VALUE_CHECKS = {"cache": _cache_values, "uint64 slots": _uint64_slots, "rerotate": _rerotate_values,
+                 "rows": _rows_values, "profiles": _profile_values}
+
+
+def _serving_values_impl(check, ts, ints):
+    _VALUE_CHECKS[check](*ts, *ints)
+    return [t.clone() for t in ts]
+
+
+# defined at import (Dynamo cannot trace a definition); the schema is given: this module's
+# annotations are strings (``from __future__ import annotations``)
+_serving_values = torch.library.custom_op("ropekit::serving_values", _serving_values_impl, mutates_args=(),
+                                          schema="(str check, Tensor[] ts, int[] ints) -> Tensor[]")
+_serving_values.register_fake(lambda check, ts, ints: [torch.empty_like(t) for t in ts])
+
+
+def _graph_checked(check: str, ts: list, ints: list) -> list:
+    """``ts`` through ``ropekit::serving_values``: copies the graph computes with, so that the
+    check runs before what reads them."""
+    return list(_serving_values(check, ts, ints))
+
+
+def _serving_refuse_impl(message):
+    raise RopeError(message)
+
+
+# A RopeError of Python's checks (argument types, dtypes, shapes, flags, configs) found while
+# torch.compile traces a call: the graph raises it when it runs, before the call would have
+# written anything. TorchDynamo cannot let an exception leave a traced call (fullgraph=True
+# would fail with its own Unsupported error instead); the op has a side effect, so the graph
+# keeps it even where nothing reads the call's results.
+_serving_refuse = torch.library.custom_op("ropekit::serving_refuse", _serving_refuse_impl, mutates_args=(),
+                                          schema="(str message) -> ()")
+_serving_refuse.register_fake(lambda message: None)
+try:
+    from torch._library.effects import EffectType
+
+    torch.library._register_effectful_op("ropekit::serving_refuse", EffectType.ORDERED)
+except (ImportError, AttributeError):  # older torch: FX's dead-code elimination keeps it
+    from torch.fx.node import has_side_effect
+
+    has_side_effect(torch.ops.ropekit.serving_refuse.default)
+
+
+def _refuse_in_graph(err: RopeError) -> None:
+    _serving_refuse(str(err))
+
+
+def _standin(x):
+    """What a refused traced call returns for the rest of the trace (never seen: the graph raises
+    first)."""
+    return x if isinstance(x, torch.Tensor) else torch.empty(0)
+
+
 def cache_rows(cache: torch.Tensor, slots: torch.Tensor, cache_layout: str = "nhd") -> torch.Tensor:
     """The rows ``[len(slots), h, d]`` stored at flat ``slots`` (a gathered copy; negative
-    slots read slot 0 — they are never written back)."""
+    slots read slot 0 — they are never written back).
+
+    ``cache``: ``[N, B, h, d]`` (``"nhd"``/``"bshd"``) or ``[N, h, B, d]`` (``"hnd"``);
+    ``slots``: integer, any shape (flattened). Raises RopeError for a slot past ``N * B``
+    (read on the host; under torch.compile the graph checks it), float or bool slots (never
+    truncated) and a cache of other than 4 dims."""
+    try:
+        return _cache_rows(cache, slots, cache_layout)
+    except RopeError as e:
+        if not _in_graph():
+            raise
+        _refuse_in_graph(e)  # found while torch.compile traces: the graph raises it
+        return _standin(cache)
+
+
+def _cache_rows(cache: torch.Tensor, slots: torch.Tensor, cache_layout: str = "nhd") -> torch.Tensor:
+    """:func:`cache_rows`."""
+    tensors(cache=cache, slots=slots)
     _check_cache_layout(cache_layout)
+    if cache.dim() != 4:
+        raise fail("cache of 4 dims: [N, B, h, d] ('nhd'/'bshd') or [N, h, B, d] ('hnd')",
+                   f"cache of shape {tuple(cache.shape)}", "pass the 4-D cache (a view of the keys)")
+    if not _is_int(slots):
+        raise fail("slots an integer tensor (flat slots block * B + offset)", f"dtype {slots.dtype}",
+                   "pass int64 slots")
+    nb, bs = cache.shape[0], cache.shape[2 if cache_layout == "hnd" else 1]
+    if _in_graph():
+        slots = _graph_checked("rows", [slots], [nb, bs])[0]
+    elif host_readable(slots):
+        _slots_below(slots, nb, bs)
+    return _rows(cache, slots, cache_layout)
+
+
+def _rows(cache: torch.Tensor, slots: torch.Tensor, cache_layout: str) -> torch.Tensor:
+    """:func:`cache_rows` of checked arguments."""
     nb, bs = cache.shape[0], cache.shape[2 if cache_layout == "hnd" else 1]
     s = slots.reshape(-1).to(device=cache.device, dtype=torch.int64).clamp(min=0)
     if cache_layout != "hnd" and cache.stride(0) == bs * cache.stride(1):  # blocks and offsets merge: one index_select
@@ -171,6 +339,33 @@ def apply_rotary_cache(
     positions outside the table, caches overlapping any input or each other, wrong
     dtypes/devices/shapes, and inputs that require grad (a cache write is not differentiable).
     """
+    try:
+        return _apply_rotary_cache(q, k, cos_table, sin_table, positions, k_cache, slots=slots, v=v, v_cache=v_cache,
+                                   cache_layout=cache_layout, layout=layout, inplace=inplace, return_k=return_k)
+    except RopeError as e:
+        if not _in_graph():
+            raise
+        _refuse_in_graph(e)  # found while torch.compile traces: the graph raises it
+        return (q, k) if return_k is True else q
+
+
+def _apply_rotary_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    *,
+    slots: torch.Tensor,
+    v: Optional[torch.Tensor] = None,
+    v_cache: Optional[torch.Tensor] = None,
+    cache_layout: str = "nhd",
+    layout: str = "half",
+    inplace: bool = True,
+    return_k: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`apply_rotary_cache`."""
     # the tensor rules, layouts included, are the op's validator (C++); here only what Python has
     tensors(q=q, k=k, cos_table=cos_table, sin_table=sin_table, positions=positions, k_cache=k_cache, slots=slots)
     if not ((inplace is True or inplace is False) and (return_k is True or return_k is False)):
@@ -183,17 +378,62 @@ def apply_rotary_cache(
     if not inplace:
         q = q.clone()
     k_out = torch.empty_like(k) if return_k else None
+    kernel = _op_device(q)
     try:
-        if _op_device(q):
+        if _in_graph():
+            # torch.compile: the validator runs on the traced tensors, and a refusal is raised by the
+            # graph as the eager call's RopeError (ops.refusal), not as the kernel's ValueError
+            bad = _ops.refusal("rotary_cache_", (q, k, cos_table, sin_table, positions, k_cache, slots, v, v_cache,
+                                                 k_out, cache_layout, layout), (q, k))
+            if bad is not None:
+                q = q.copy_(bad[0])
+                return (q, k_out.copy_(bad[1])) if return_k else q
+            if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in
+                                               (q, k, cos_table, sin_table, k_cache, v, v_cache)):
+                raise _grad_refusal()  # (the op's autograd kernel refuses them; in a graph: while it is traced)
+            if not kernel:
+                check_layout(layout)
+                _check_cache_layout(cache_layout)
+            # values: the graph checks them with the eager messages (CPU; a composition on any
+            # device); CUDA's kernel checks them on the device, with no host sync, as eagerly
+            if not kernel or q.device.type == "cpu":
+                positions, slots = _graph_checked("cache", [positions, slots],
+                                                  [cos_table.shape[0], _nslots(k_cache, cache_layout)])
+            elif slots.dtype == torch.uint64:
+                slots = _graph_checked("uint64 slots", [slots], [_nslots(k_cache, cache_layout)])[0]
+        elif slots.dtype == torch.uint64 and host_readable(slots):  # (the kernels read slots as int64)
+            _uint64_slots(slots, _nslots(k_cache, cache_layout))
+        if kernel:
             torch.ops.ropekit.rotary_cache_(q, k, cos_table, sin_table, positions, k_cache, slots, v, v_cache, k_out,
                                             cache_layout, layout)
         else:
             check_layout(layout)
             _check_cache_layout(cache_layout)
+            # the op's validator (shapes, dtypes, devices, aliasing), then the kernel's value checks
+            _ops.check("rotary_cache_", q, k, cos_table, sin_table, positions, k_cache, slots, v, v_cache, k_out,
+                       cache_layout, layout)
+            if host_readable(slots) and host_readable(positions):
+                _cache_values(positions, slots, cos_table.shape[0], _nslots(k_cache, cache_layout))
             _cache_eager(q, k, cos_table, sin_table, positions, k_cache, slots, v, v_cache, k_out, cache_layout, layout)
     except (ValueError, RuntimeError) as e:
         raise to_rope_error(e) from None
     return (q, k_out) if return_k else q
+
+
+def _grad_refusal() -> RopeError:
+    """The refusal of the op's autograd kernel (csrc/ops.cpp), for a compiled graph to raise."""
+    return fail(
+        "inputs of ropekit::rotary_cache_ that do not require grad (it writes a KV cache in place: an inference step "
+        "whose stored keys autograd cannot follow into the attention kernels)", "inputs that require grad",
+        "run it under torch.no_grad() / torch.inference_mode(), or use ropekit.apply_rotary_gather (differentiable) "
+        "and write the cache yourself")
+
+
+def _nslots(k_cache: torch.Tensor, cache_layout: str) -> int:
+    """``N * B``: the flat slots of a cache (0 for a cache the validator refuses)."""
+    if k_cache.dim() != 4:
+        return 0
+    return k_cache.shape[0] * k_cache.shape[2 if cache_layout == "hnd" else 1]
 
 
 # --------------------------------------------------------------------------------------
@@ -201,13 +441,18 @@ def apply_rotary_cache(
 # --------------------------------------------------------------------------------------
 
 
-def _positions(p, name: str, n_axes: int, n: int) -> torch.Tensor:
-    check_positions(p, name)  # an integer tensor, values in [0, 2**53]: θ_new(p_new) − θ_old(p_old) never wraps
+def _positions(p, name: str, n_axes: int, n: int, device: torch.device) -> torch.Tensor:
+    """``p`` checked (as given: its values are read as int64 after the check); eagerly its values
+    in ``[0, 2**53]`` (θ_new(p_new) − θ_old(p_old) never wraps), under torch.compile by the graph."""
+    check_positions(p, name)  # an integer tensor; the values where they can be read
     want = (n,) if n_axes == 0 else (n_axes, n)
     if tuple(p.shape) != want:
         raise fail(f"{name} of shape {list(want)}" + (" (one row per M-RoPE axis)" if n_axes else " (one per slot)"),
                    f"shape {list(p.shape)}", "one position per re-rotated slot" + (", per axis" if n_axes else ""))
-    return p.to(torch.int64)
+    if p.device != device and p.device.type != "cpu":
+        raise fail(f"{name} on k_cache's device {device} (or the CPU)", f"{name} on {p.device}",
+                   f"move them: {name}.to(k_cache.device)")
+    return p
 
 
 def _angles(cfg: RopeConfig, pos: torch.Tensor, seq_len, axes) -> torch.Tensor:
@@ -286,6 +531,35 @@ def rerotate_cache(
         >>> bool((cache - ref).abs().max() < 1e-6)
         True
     """
+    try:
+        return _rerotate_cache(k_cache, slots, old_positions, new_positions, cfg, cache_layout=cache_layout,
+                               new_cfg=new_cfg, old_seq_len=old_seq_len, new_seq_len=new_seq_len,
+                               head_stride=head_stride, layout=layout, mrope_section=mrope_section,
+                               mrope_interleaved=mrope_interleaved)
+    except RopeError as e:
+        if not _in_graph():
+            raise
+        _refuse_in_graph(e)  # found while torch.compile traces: the graph raises it
+        return k_cache
+
+
+def _rerotate_cache(
+    k_cache: torch.Tensor,
+    slots: torch.Tensor,
+    old_positions: torch.Tensor,
+    new_positions: torch.Tensor,
+    cfg: RopeConfig,
+    *,
+    cache_layout: str = "nhd",
+    new_cfg: Optional[RopeConfig] = None,
+    old_seq_len: Optional[int] = None,
+    new_seq_len: Optional[int] = None,
+    head_stride: Optional[int] = None,
+    layout: Optional[str] = None,
+    mrope_section: Optional[Sequence[int]] = None,
+    mrope_interleaved: bool = False,
+) -> torch.Tensor:
+    """:func:`rerotate_cache`."""
     tensors(k_cache=k_cache, slots=slots)
     if not isinstance(cfg, RopeConfig) or not (new_cfg is None or isinstance(new_cfg, RopeConfig)):
         raise fail("cfg (and new_cfg) a ropekit.RopeConfig", f"{type(cfg).__name__}, {type(new_cfg).__name__}",
@@ -346,22 +620,20 @@ def rerotate_cache(
             raise fail(f"mrope_section summing to r/2 = {cfg.rotary_dim // 2}", repr(list(mrope_section)),
                        "pass the model's mrope_section")
     n_axes = 0 if mrope_section is None else len(mrope_section)
-    old = _positions(old_positions, "old_positions", n_axes, n).to(cache.device)
-    new = _positions(new_positions, "new_positions", n_axes, n).to(cache.device)
+    old = _positions(old_positions, "old_positions", n_axes, n, cache.device)
+    new = _positions(new_positions, "new_positions", n_axes, n, cache.device)
+    if slots.device != cache.device:
+        raise fail(f"slots on k_cache's device {cache.device}", f"slots on {slots.device}",
+                   "move them: slots.to(k_cache.device)")
     nb, bs = cache.shape[0], cache.shape[2 if cache_layout == "hnd" else 1]
-    if n and cache.device.type != "meta" and int(slots.max()) >= nb * bs:  # (before the gather reads past the cache)
-        raise fail(f"slots below N * B = {nb * bs} (the cache's {nb} blocks of {bs} slots)",
-                   f"a slot of {int(slots.max())}", "pass flat slots block * B + offset of this cache")
-    if new_cfg.direction == cfg.direction and new_cfg.table_key(new_seq_len) == cfg.table_key(old_seq_len) and \
-            new_cfg.inv_freq(new_seq_len).equal(cfg.inv_freq(old_seq_len)):
-        # the same frequencies: δ = direction·(p_new − p_old)·θ, an exact integer shift times θ (one rounding)
-        delta = _angles(cfg, new - old, old_seq_len, axes)  # [n, r/2] float64
-        if cfg.direction == -1:
-            delta = -delta  # (exact)
-    else:
-        # δ = dir_new·θ_new(p_new) − dir_old·θ_old(p_old) in float64 (exact integer positions: one rounding each)
-        delta = new_cfg.direction * _angles(new_cfg, new, new_seq_len, axes) \
-            - cfg.direction * _angles(cfg, old, old_seq_len, axes)  # [n, r/2]
+    # values, before the gather reads the slots: positions in [0, 2**53] (read by _positions where
+    # they can be), slots below N * B (the kernel refuses a slot twice, before it writes)
+    if _in_graph():
+        slots, old, new = _graph_checked("rerotate", [slots, old, new], [nb, bs])
+    elif host_readable(slots):
+        _slots_below(slots, nb, bs)
+    old, new = old.to(device=cache.device, dtype=torch.int64), new.to(device=cache.device, dtype=torch.int64)
+    delta = _delta(cfg, new_cfg, old, new, old_seq_len, new_seq_len, axes)  # [n, r/2] float64
     scale = new_cfg.attention_factor / cfg.attention_factor
     tdt = torch.float64 if cache.dtype == torch.float64 else torch.float32
     cos, sin = cos_sin_f64(delta)
@@ -370,11 +642,39 @@ def rerotate_cache(
     cos, sin = cos.to(tdt), sin.to(tdt)  # [n, r/2]: row j rotates slot j
     if o:
         cache = cache[..., o:]  # MLA heads [nope | rope]: dims o .. o + r - 1 rotate, the nope dims are not touched
-    rows = cache_rows(cache, slots, cache_layout)  # [n, h, d - o] gathered copy
+    rows = _rows(cache, slots, cache_layout)  # [n, h, d - o] gathered copy
     q = rows.new_empty(n, 0, rows.shape[-1])  # no queries
     apply_rotary_cache(q, rows, cos, sin, torch.arange(n, device=cache.device), cache, slots=slots,
                        cache_layout=cache_layout, layout=layout)
     return k_cache
+
+
+def _delta(cfg: RopeConfig, new_cfg: RopeConfig, old: torch.Tensor, new: torch.Tensor, old_seq_len, new_seq_len,
+           axes) -> torch.Tensor:
+    """The rotation ``δ`` ``[n, r/2]`` in float64 that moves keys from ``cfg`` at ``old`` to
+    ``new_cfg`` at ``new``. The same frequencies (and direction): ``direction·(p_new − p_old)·θ``,
+    an exact integer shift times θ (one rounding); else ``dir_new·θ_new(p_new) −
+    dir_old·θ_old(p_old)`` (exact integer positions: one rounding each, then the difference).
+    Whether the frequencies agree is a comparison of the configs' float64 frequencies; under
+    torch.compile it is made in the graph (``torch.where`` of both forms, the same bits), not on
+    the host."""
+
+    def shift():
+        d = _angles(cfg, new - old, old_seq_len, axes)
+        return -d if cfg.direction == -1 else d  # (exact)
+
+    def general():
+        return new_cfg.direction * _angles(new_cfg, new, new_seq_len, axes) \
+            - cfg.direction * _angles(cfg, old, old_seq_len, axes)
+
+    if new_cfg.direction != cfg.direction or new_cfg.table_key(new_seq_len) != cfg.table_key(old_seq_len):
+        return general()
+    if new_cfg is cfg:  # one config, one table key: the same frequencies
+        return shift()
+    inv_new, inv_old = new_cfg.inv_freq(new_seq_len), cfg.inv_freq(old_seq_len)  # float64 [r/2] on the CPU
+    if not tracing():
+        return shift() if inv_new.equal(inv_old) else general()
+    return torch.where(torch.eq(inv_new, inv_old).all().to(old.device), shift(), general())
 
 
 # --------------------------------------------------------------------------------------
@@ -492,12 +792,37 @@ def apply_rotary_profiles(
         cos, sin: ``[P, n, r/2]`` stacked profiles (:func:`profile_tables`), contiguous.
         profile: integer ``[b]`` (one profile per sequence), or per token ``[b, s]`` / ``[t]``.
         positions: integer ``[b, s]`` (``[s]`` shared), or ``[t]`` for ``thd``; in ``[0, n)``.
-        check: read positions and profiles on the host to refuse out-of-range values
-            (:func:`profile_positions`).
+        check: refuse out-of-range positions and profiles (:func:`profile_positions`): read on
+            the host, or checked by the graph under torch.compile.
 
     Returns ``(q_rot, k_rot)``: the same bits as rotating each sequence alone with its
     profile's ``[n, r/2]`` tables.
     """
+    try:
+        return _apply_rotary_profiles(q, k, cos, sin, profile, positions=positions, format=format, layout=layout,
+                                      inplace=inplace, backend=backend, check=check)
+    except RopeError as e:
+        if not _in_graph():
+            raise
+        _refuse_in_graph(e)  # found while torch.compile traces: the graph raises it
+        return q, k
+
+
+def _apply_rotary_profiles(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    profile: torch.Tensor,
+    *,
+    positions: torch.Tensor,
+    format: str = "bshd",
+    layout: str = "half",
+    inplace: bool = False,
+    backend: str = "auto",
+    check: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`apply_rotary_profiles`."""
     tensors(q=q, k=k, cos=cos, sin=sin, profile=profile, positions=positions)
     if cos.dim() != 3 or sin.shape != cos.shape:
         raise fail("cos and sin stacked profiles of one shape [P, n, r/2]", f"{tuple(cos.shape)} and {tuple(sin.shape)}",
@@ -532,10 +857,27 @@ def profile_positions(positions: torch.Tensor, profile: torch.Tensor, P: int, n:
     step folds the offset in there and calls the gather op directly, at the cost of a
     single-profile call. ``check``: positions in ``[0, n)`` and profiles in ``[0, P)`` (a
     position past ``n`` would silently read the next profile's row; the gather op itself only
-    bounds the flat row by ``P*n``); off under torch.compile (no host reads). Positions and
-    profiles of a float dtype, or of shapes that do not pair up, are a RopeError (never
-    truncated or broadcast)."""
+    bounds the flat row by ``P*n``), read on the host; under torch.compile the graph checks
+    them (``ropekit::serving_values``) and raises the same RopeError. Positions and profiles of
+    a float dtype, or of shapes that do not pair up, are a RopeError (never truncated or
+    broadcast)."""
+    try:
+        return _profile_positions(positions, profile, P, n, s=s, check=check)
+    except RopeError as e:
+        if not _in_graph():
+            raise
+        _refuse_in_graph(e)  # found while torch.compile traces: the graph raises it
+        return _standin(positions)
+
+
+def _profile_positions(positions: torch.Tensor, profile: torch.Tensor, P: int, n: int, *, s: Optional[int] = None,
+                      check: bool = True) -> torch.Tensor:
+    """:func:`profile_positions`."""
     tensors(positions=positions, profile=profile)
+    if isinstance(P, bool) or isinstance(n, bool) or not isinstance(P, (int, torch.SymInt)) \
+            or not isinstance(n, (int, torch.SymInt)):
+        fix = "pass the stacked tables' profile count P and rows per profile n (cos.shape[:2])"
+        P, n = integer("P", P, minimum=1, fix=fix), integer("n", n, minimum=1, fix=fix)
     check_positions(positions, check_values=False)  # an integer dtype (the values: below, with check)
     if profile.dtype.is_floating_point or profile.dtype.is_complex or profile.dtype == torch.bool:
         raise fail("profile with an integer dtype (profile indices)", f"dtype {profile.dtype}",
@@ -555,16 +897,9 @@ def profile_positions(positions: torch.Tensor, profile: torch.Tensor, P: int, n:
                    if s is not None else "positions and profile of one shape (one profile per token)",
                    f"positions of shape {list(positions.shape)} and profile of shape {list(profile.shape)}",
                    "pass one position per token, and one profile index per sequence (or per token)")
-    if check and not torch.compiler.is_compiling():
-        for nm, t, hi in (("profile indices", prof, P), ("positions", pos, n)):
-            if t.numel():
-                if t.numel() <= 1024 and t.is_cpu:  # a few values: a list read costs less than an aten reduction
-                    vals = t.flatten().tolist()
-                    lo_v, hi_v = min(vals), max(vals)
-                else:
-                    lo_v, hi_v = (int(x) for x in torch.aminmax(t))
-                if lo_v < 0 or hi_v >= hi:
-                    raise fail(f"{nm} in [0, {hi})" + (" (the profile tables' length)" if nm == "positions" else ""),
-                               f"{nm} from {lo_v} to {hi_v}",
-                               "index the stacked tables' first dim" if nm != "positions" else "build longer tables")
+    if check:
+        if _in_graph():  # the graph checks them (the eager messages), before the gather reads a row
+            pos, prof = _graph_checked("profiles", [pos, prof], [P, n])
+        elif host_readable(pos) and host_readable(prof):
+            _profile_values(pos, prof, P, n)
     return torch.add(pos, prof, alpha=n)  # row of (profile, position) in the flattened stack

@@ -39,6 +39,7 @@ import torch
 from ._checks import describe, flag, integer, real
 from ._checks import device as check_device
 from ._errors import fail
+from ._tensor_checks import host_readable
 from .config import CPU, MAX_EXACT_POSITION, RopeConfig, check_head_width, check_seq_len
 from .tables import _default_seq_len, check_cfg, check_dtype, check_positions, check_table, cos_sin_f64
 
@@ -133,7 +134,8 @@ def _check_axis_positions(positions: torch.Tensor, n_axes: int, *, allow_float: 
             "put the axes last; transformers' M-RoPE ids (3, b, s) become [b, s, 3] with position_ids.movedim(0, -1)",
         )
     if allow_float and positions.dtype.is_floating_point:
-        if positions.numel() and not torch.compiler.is_compiling() and not bool(torch.isfinite(positions).all()):
+        # (no value check where there are no values to read: meta tensors, torch.compile, vmap)
+        if positions.numel() and host_readable(positions) and not bool(torch.isfinite(positions).all()):
             raise fail("finite positions", "inf or nan", "check the grid scaling factors")
         return positions
     return check_positions(positions)
@@ -150,7 +152,26 @@ def multi_axis_angles(positions: torch.Tensor, axes: torch.Tensor, freqs: torch.
 
     Returns:
         float64 angles ``[..., r/2]`` (broadcast of the two leading shapes).
+
+    Raises RopeError for a non-tensor or complex/bool input, ``axes`` that is not a 1-D
+    integer tensor of values in ``[0, n_axes)``, or ``freqs`` whose last dim is not
+    ``len(axes)``.
     """
+    fix = "build axes with pair_axes(sections) and freqs of the same length r/2 (e.g. cfg.inv_freq())"
+    for name, t in (("positions", positions), ("axes", axes), ("freqs", freqs)):
+        if not isinstance(t, torch.Tensor) or t.dim() < 1 or t.is_complex() or t.dtype == torch.bool:
+            got = f"shape {tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else describe(t)
+            raise fail(f"{name} a real tensor with at least one dim", got, fix)
+    n_axes = positions.shape[-1]
+    if axes.dim() != 1 or axes.dtype.is_floating_point:
+        raise fail("axes an integer tensor [r/2] (the axis of each pair)", f"shape {tuple(axes.shape)} {axes.dtype}", fix)
+    if freqs.shape[-1] != axes.shape[0]:
+        raise fail(f"freqs [..., r/2] with r/2 = len(axes) = {axes.shape[0]}", f"shape {tuple(freqs.shape)}", fix)
+    if axes.numel() and host_readable(axes):
+        lo, hi = (int(v) for v in torch.aminmax(axes.to(torch.int64)))
+        if lo < 0 or hi >= n_axes:
+            raise fail(f"axes values in [0, n_axes) = [0, {n_axes}) (positions [..., n_axes])",
+                       f"values from {lo} to {hi}", fix)
     p = positions.to(torch.float64)  # integers up to 2^53 stay exact
     picked = p.index_select(-1, axes.to(p.device))  # [..., r/2]
     return picked * freqs.to(device=p.device, dtype=torch.float64)
@@ -251,9 +272,10 @@ def mrope_tables(cos: torch.Tensor, sin: torch.Tensor, sections: Sequence[int], 
                 got,
                 "stack the per-axis tables first (transformers' M-RoPE cos has shape [3, b, s, r])",
             )
-    if cos.shape != sin.shape or cos.device != sin.device:
-        raise fail("cos and sin of one shape and device", f"{tuple(cos.shape)} on {cos.device} and {tuple(sin.shape)} on {sin.device}",
-                   "build both from the same positions")
+    if cos.shape != sin.shape or cos.device != sin.device or cos.dtype != sin.dtype:
+        raise fail("cos and sin of one shape, dtype and device",
+                   f"{tuple(cos.shape)} {cos.dtype} on {cos.device} and {tuple(sin.shape)} {sin.dtype} on {sin.device}",
+                   "build both from the same positions, in one dtype")
     if cos.shape[-1] != sum(secs):
         hint = ("these look like full-width tables: convert with ropekit.from_full_width(cos, layout)"
                 if cos.shape[-1] == 2 * sum(secs) else "sections count rotary pairs and must sum to the table width r/2")
@@ -284,8 +306,8 @@ def apply_rotary_mrope(
     Args:
         q: ``[b, s, hq, d]`` (or ``bhsd``/``sbhd`` by ``format``; ``[t, hq, d]`` for ``thd``).
         k: the same format with ``hk`` heads.
-        cos, sin: ``[3, b, s, r/2]`` or ``[3, s, r/2]`` (``[3, t, r/2]`` for ``thd``) half-width
-            per-axis tables; the leading dim is ``len(mrope_section)``.
+        cos, sin: ``[3, b, s, r/2]``, ``[3, 1, s, r/2]`` or ``[3, s, r/2]`` (``[3, t, r/2]``
+            for ``thd``) half-width per-axis tables; the leading dim is ``len(mrope_section)``.
         mrope_section: rotary pairs per axis, summing to ``r/2`` (e.g. ``[16, 24, 24]``).
         interleaved, format, layout, inplace, backend: as in :func:`mrope_tables` and
             :func:`ropekit.apply_rotary_qk`.
@@ -310,13 +332,15 @@ def apply_rotary_mrope(
 
     b, s = split_qk_format(q, k, format)
     c, sn = mrope_tables(cos, sin, mrope_section, interleaved=interleaved)  # [..., r/2]
-    ok = [(s,)] if format == "thd" else [(s,), (b, s)]
+    ok = [(s,)] if format == "thd" else list(dict.fromkeys([(s,), (b, s), (1, s)]))
     if tuple(c.shape[:-1]) not in ok:
         raise fail(
             f"per-axis tables of shape {' or '.join(str([len(tuple(mrope_section)), *o, 'r/2']) for o in ok)} for q in format {format!r}",
             f"shape {list(cos.shape)}",
             "one table row per token and axis (transformers' [3, b, s, r] cos: from_full_width, then pass as is)",
         )
+    if c.dim() == 3 and c.shape[0] == 1:  # [1, s, r/2]: shared by the batch, as [s, r/2]
+        c, sn = c[0], sn[0]
     pdims = c.dim() - 1
     c, sn = _table_view(c, format, pdims), _table_view(sn, format, pdims)
     return apply_rotary_qk(q, k, c, sn, layout=layout, inplace=inplace, backend=backend)
@@ -345,7 +369,7 @@ class AxialRope:
         n_axes: number of position axes (2 for images, 3 for video).
         rotary_dim: ``r`` (even, ``<= d``); default ``d``. Dims past ``r`` pass through.
         sections: pairs per axis, summing to ``r/2``; default an even split (the first
-            axes get one more pair when ``r/2`` is not divisible).
+            axes get one more pair when ``r/2`` is not divisible; it needs ``n_axes <= r/2``).
         freqs: ``"lang"`` or ``"pixel"``.
         base: base of the ``"lang"`` spectrum.
         max_freq: top of the ``"pixel"`` spectrum.
@@ -379,6 +403,12 @@ class AxialRope:
         n = integer("n_axes", self.n_axes, maximum=64, fix="use 2 for images (h, w) or 3 for video (t, h, w)")
         object.__setattr__(self, "n_axes", n)
         if self.sections is None:
+            if n > cfg.n_pairs:
+                raise fail(
+                    f"n_axes <= rotary_dim / 2 = {cfg.n_pairs} (the default split gives every axis at least one pair)",
+                    f"n_axes={n}",
+                    "use a larger rotary_dim, fewer axes, or explicit sections= (an axis with 0 pairs ignores its positions)",
+                )
             q, rem = divmod(cfg.n_pairs, n)
             secs: Tuple[int, ...] = tuple(q + (a < rem) for a in range(n))
         else:
@@ -433,13 +463,19 @@ class AxialRope:
         self, x: torch.Tensor, positions: torch.Tensor, *, n_special: int = 0, backend: str = "auto"
     ) -> torch.Tensor:
         """Rotate ``x [b, s, h, d]`` with ``s = n_special + t`` and ``positions [t, n_axes]``
-        (or ``[b, t, n_axes]``). Tables are float32 (float64 for float64 ``x``)."""
+        (or ``[b, t, n_axes]``), moved to ``x``'s device. Tables are float32 (float64 for
+        float64 ``x``)."""
         from .functional import apply_rotary
 
         if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
             got = str(x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
             raise fail("x a real floating tensor [b, s, h, d]", got, "convert x to float")
         check_head_width(self, x=x)
+        if isinstance(positions, torch.Tensor):  # (as MultiAxisRotaryEmbedding: positions follow x)
+            if positions.device.type == "meta" and x.device.type != "meta":
+                raise fail(f"positions with values (x is on {x.device})", "positions on the meta device",
+                           "build the positions on x's device (e.g. grid_positions(..., device=x.device))")
+            positions = positions.to(x.device)
         tdt = torch.float64 if x.dtype == torch.float64 else torch.float32
         cos, sin = self.cos_sin(positions, n_special=n_special, dtype=tdt)
         return apply_rotary(x, cos[..., None, :], sin[..., None, :], layout=self.layout, backend=backend)
@@ -455,6 +491,10 @@ def with_special_tokens(cos: torch.Tensor, sin: torch.Tensor, n_special: int) ->
         raise fail("n_special a non-negative int", repr(n_special), "pass the number of leading CLS/register tokens")
     check_table(cos)
     check_table(sin)
+    if cos.shape != sin.shape or cos.dtype != sin.dtype or cos.device != sin.device:
+        raise fail("cos and sin of one shape, dtype and device",
+                   f"{tuple(cos.shape)} {cos.dtype} on {cos.device} and {tuple(sin.shape)} {sin.dtype} on {sin.device}",
+                   "pass the two tables of one cos_sin call")
     if n_special == 0:
         return cos, sin
     if cos.dim() < 2:
@@ -509,7 +549,7 @@ def grid_positions(
         raise fail("shape a non-empty sequence of positive ints", repr(shape), "pass e.g. (h, w) = (14, 14)")
     dims = tuple(integer("shape entries", n, maximum=MAX_GRID_TOKENS, fix="pass e.g. (h, w) = (14, 14)") for n in dims)
     if math.prod(dims) > MAX_GRID_TOKENS:
-        raise fail(f"a grid of at most 2**32 tokens", f"shape {dims} = {math.prod(dims)} tokens", "check the patch counts (not pixels?)")
+        raise fail("a grid of at most 2**32 tokens", f"shape {dims} = {math.prod(dims)} tokens", "check the patch counts (not pixels?)")
     device = CPU if device is None else check_device("device", device)
     normalize = flag("normalize", normalize)
     k = len(dims)
@@ -598,7 +638,10 @@ def mrope_positions(
       for videos whose temporal extent reaches past ``max(H, W)/m``.
 
     Consecutive image (or video) tokens without text between them consume as many grids as
-    their count covers. Padding (``attention_mask == 0``) gets position 0.
+    their count covers; every grid row must be consumed (a row left over, or a run of
+    tokens that its grids do not match exactly, is a RopeError). Padding
+    (``attention_mask == 0``) gets position 0. Positions past ``2**53`` (e.g. an interval
+    that is a timestamp, not ``tokens_per_second · second_per_grid_t``) are refused.
     The delta is ``max(positions) + 1 - (number of unpadded tokens)``: decoding step ``k``
     (0-based over the whole sequence) uses position ``k + delta`` on all three axes
     (:func:`mrope_decode_positions`).
@@ -609,7 +652,7 @@ def mrope_positions(
         image_grid_thw, video_grid_thw: int ``[n, 3]`` patch grids, in order of appearance
             over the whole batch.
         spatial_merge_size: ``m`` (2 in released Qwen2-VL models).
-        video_time_intervals: one ``Δ`` per video (default 1).
+        video_time_intervals: a sequence of one ``Δ`` per video (default 1).
         attention_mask: ``[b, s]``, 1 for real tokens.
         text_after: ``"max"`` or ``"spatial"``, see above.
         split_video_frames: Qwen3-VL: every video row ``(T, H, W)`` becomes ``T`` rows
@@ -643,9 +686,17 @@ def mrope_positions(
     if video_time_intervals is None:
         intervals = [1.0] * n_videos
     else:
-        intervals = [real("video_time_intervals entries", v, minimum=0, fix="pass tokens_per_second * second_per_grid_t per video") for v in video_time_intervals]
+        fix_dt = "pass a list with tokens_per_second * second_per_grid_t per video (e.g. [2 * 0.5] for one video)"
+        try:
+            seq = list(video_time_intervals) if not isinstance(video_time_intervals, (str, bytes)) else None
+        except TypeError:  # a float, a 0-d tensor
+            seq = None
+        if seq is None:
+            raise fail(f"video_time_intervals a sequence of {n_videos} numbers (one per video)", describe(video_time_intervals), fix_dt)
+        intervals = [real("video_time_intervals entries", v, minimum=0, fix=fix_dt) for v in seq]
         if len(intervals) != n_videos:
-            raise fail(f"{n_videos} video_time_intervals (one per video)", str(len(intervals)), "pass tokens_per_second * second_per_grid_t per video")
+            raise fail(f"{n_videos} video_time_intervals (one per video)", str(len(intervals)), fix_dt)
+    split_video_frames = flag("split_video_frames", split_video_frames)
     if split_video_frames:
         intervals = [dt for g, dt in zip(grids[2], intervals) for _ in range(g[0])]
         grids[2] = [(1, g[1], g[2]) for g in grids[2] for _ in range(g[0])]
@@ -694,10 +745,23 @@ def mrope_positions(
                     raise fail(f"one {name} row per {'image' if kind == 1 else 'video'}", f"only {len(grids[kind])} rows for the tokens of batch row {row}", "pass a grid for every image/video in the batch")
                 gt, gh, gw = grids[kind][idx]
                 gh, gw = gh // m, gw // m
+                if covered + gt * gh * gw > n_tok:  # (before building a grid that the tokens cannot hold)
+                    raise fail(
+                        "a run of vision tokens matching its grids' token counts t·(h/m)·(w/m)",
+                        f"{n_tok} tokens vs {covered + gt * gh * gw} from the grids (batch row {row})",
+                        "check image_grid_thw/video_grid_thw and spatial_merge_size",
+                    )
                 dt = 1.0 if kind == 1 else intervals[idx]
                 used[kind] += 1
                 # float32 product then truncation, as transformers does (torch.arange(t) * interval).long()
-                ti = (torch.arange(gt, dtype=torch.float32, device=CPU) * torch.tensor(dt, dtype=torch.float32, device=CPU)).long()
+                tf = torch.arange(gt, dtype=torch.float32, device=CPU) * torch.tensor(dt, dtype=torch.float32, device=CPU)
+                if p + float(tf[-1]) > MAX_EXACT_POSITION:  # (also before .long(), which wraps a float past 2**63)
+                    raise fail(
+                        "video_time_intervals small enough for positions <= 2**53 (exact in the float64 angle)",
+                        f"interval {dt:g} for a video of {gt} temporal patches (last temporal position {p + float(tf[-1]):.4g})",
+                        "pass tokens_per_second * second_per_grid_t (e.g. 2 * 0.5), not a timestamp",
+                    )
+                ti = tf.long()
                 tt, hh, ww = torch.meshgrid(ti, torch.arange(gh, device=CPU), torch.arange(gw, device=CPU), indexing="ij")
                 block = torch.stack((tt, hh, ww)).reshape(3, -1) + p  # [3, T·H·W]
                 pieces.append(block)
@@ -715,6 +779,14 @@ def mrope_positions(
         else:
             out[:, row] = pos.to(device)
         deltas.append((int(pos.max()) + 1 if pos.numel() else 0) - pos.shape[1])
+    for kind, name in ((1, "image_grid_thw"), (2, "video_grid_thw")):
+        if used[kind] != len(grids[kind]):
+            what = "frame rows (split_video_frames=True)" if kind == 2 and split_video_frames else "rows"
+            raise fail(
+                f"one {name} row per {'image' if kind == 1 else 'video'} of token_types (in order over the batch)",
+                f"{len(grids[kind])} {what} for {used[kind]} {'images' if kind == 1 else 'videos'} in the tokens",
+                f"pass the grids of exactly the {'images' if kind == 1 else 'videos'} in this batch",
+            )
     return out, torch.tensor(deltas, dtype=torch.int64, device=device)[:, None]
 
 
@@ -725,7 +797,11 @@ def mrope_decode_positions(delta: torch.Tensor, start: Union[int, torch.Tensor],
     continuation of :func:`mrope_positions` (transformers' ``rope_deltas``).
 
     ``start``: an int or 0-d tensor (every sequence), or an integer tensor ``[b]`` / ``[b, 1]``
-    of per-sequence cache lengths (``b = delta.shape[0]``).
+    of per-sequence cache lengths (``b = delta.shape[0]``), counted in real tokens: with
+    left padding, ``attention_mask.sum(-1)``, as transformers' ``cumsum`` of the mask.
+    ``delta`` must be an integer tensor and the positions ``start + delta`` must lie in
+    ``[0, 2**53]`` (RopeError otherwise; one host read of the positions, skipped while
+    torch.compile traces).
 
     Example:
         >>> mrope_decode_positions(torch.tensor([[-2]]), 7)[:, 0].tolist()
@@ -733,6 +809,9 @@ def mrope_decode_positions(delta: torch.Tensor, start: Union[int, torch.Tensor],
     """
     if not isinstance(delta, torch.Tensor) or delta.dim() != 2 or delta.shape[1] != 1:
         raise fail("delta an int tensor [b, 1] from mrope_positions", repr(getattr(delta, "shape", delta)), "pass the second output of mrope_positions")
+    if delta.dtype.is_floating_point or delta.dtype.is_complex or delta.dtype == torch.bool:
+        raise fail("delta with an integer dtype (position offsets are exact integers)", f"dtype {delta.dtype}",
+                   "pass the second output of mrope_positions (int64), or delta.long()")
     length = integer("length", length, minimum=0, maximum=MAX_EXACT_POSITION, fix="pass the number of tokens to decode")
     if isinstance(start, torch.Tensor):
         check_positions(start, "start")
@@ -749,7 +828,17 @@ def mrope_decode_positions(delta: torch.Tensor, start: Union[int, torch.Tensor],
     if st.dim() == 1:
         st = st[:, None]  # per-sample cache lengths [b, 1]
     k = torch.arange(length, device=delta.device, dtype=torch.int64) + st  # [length] or [b, length]
-    return (k + delta).unsqueeze(0).expand(3, -1, -1)  # [3, b, length]
+    pos = k + delta.to(torch.int64)  # [b, length]
+    if pos.numel() and host_readable(pos):
+        lo, hi = (int(v) for v in torch.aminmax(pos))
+        if lo < 0:
+            raise fail("decode positions start + delta >= 0", f"a minimum of {lo} (start {describe(start)}, delta down to "
+                       f"{int(delta.min())})", "start counts the tokens already in the cache (at least the prefill length, "
+                       "attention_mask.sum(-1) with padding), not the index of the last one")
+        if hi > MAX_EXACT_POSITION:
+            raise fail("decode positions start + delta + length - 1 <= 2**53 (exact in the float64 angle)",
+                       f"a maximum of {hi}", "pass the delta of mrope_positions and the number of cached tokens")
+    return pos.unsqueeze(0).expand(3, -1, -1)  # [3, b, length]
 
 
 # --------------------------------------------------------------------------- module
@@ -833,9 +922,9 @@ class MultiAxisRotaryEmbedding(torch.nn.Module):
         Args:
             q: ``[b, s, hq, d]`` (or ``bhsd``/``sbhd`` by ``format``; ``[t, hq, d]`` for ``thd``).
             k: same layout with ``hk`` heads.
-            positions: integer ``[b, s, n_axes]`` or ``[s, n_axes]`` (``[t, n_axes]`` for
-                ``thd``); transformers' ``position_ids`` ``(3, b, s)`` are
-                ``position_ids.movedim(0, -1)``.
+            positions: integer ``[b, s, n_axes]``, or ``[s, n_axes]`` / ``[1, s, n_axes]``
+                shared by the batch (``[t, n_axes]`` for ``thd``); transformers'
+                ``position_ids`` ``(3, b, s)`` are ``position_ids.movedim(0, -1)``.
             format: ``"bshd"``, ``"bhsd"``, ``"sbhd"`` or ``"thd"``.
             seq_len: total length for length-dependent scaling.
             inplace: rotate q and k in place.
@@ -852,14 +941,19 @@ class MultiAxisRotaryEmbedding(torch.nn.Module):
         check_head_width(self.cfg, q=q, k=k)
         if not isinstance(positions, torch.Tensor):
             raise fail("positions an integer tensor [..., n_axes]", type(positions).__name__, "pass torch.as_tensor(positions)")
+        if positions.device.type == "meta" and q.device.type != "meta":
+            raise fail(f"positions with values (q/k are on {q.device})", "positions on the meta device",
+                       "build the positions on q's device (e.g. with mrope_positions)")
         n_axes = len(self.sections)
-        ok = [(s, n_axes)] if format == "thd" else [(s, n_axes), (b, s, n_axes)]
+        ok = [(s, n_axes)] if format == "thd" else list(dict.fromkeys([(s, n_axes), (b, s, n_axes), (1, s, n_axes)]))
         if tuple(positions.shape) not in ok:
             raise fail(
                 f"positions of shape {' or '.join(str(list(o)) for o in ok)} for q in format {format!r}",
                 f"shape {list(positions.shape)}",
                 "one position per token and axis; transformers' (3, b, s) position_ids: .movedim(0, -1)",
             )
+        if positions.dim() == 3 and positions.shape[0] == 1:  # [1, s, n_axes]: shared by the batch
+            positions = positions[0]
         cos, sin = multi_axis_cos_sin(
             self.cfg,
             positions.to(q.device),

@@ -24,12 +24,13 @@ Shapes: ``S`` global sequence length, ``W`` world size, ``s = S / W`` local leng
 
 from __future__ import annotations
 
+import operator
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ._checks import describe, integer
 from ._checks import device as check_device
-from ._checks import integer
 from ._errors import fail
 from .config import MAX_EXACT_POSITION, check_seq_len
 from .positions import positions_from_cu_seqlens
@@ -40,23 +41,37 @@ __all__ = ["SCHEMES", "shard_positions", "shard", "unshard", "shard_packed", "ro
 SCHEMES = ("contiguous", "zigzag")
 
 
-def _check_world(world_size, rank, scheme) -> None:
-    for name, v in (("world_size", world_size), ("rank", rank)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise fail(f"{name} an int", repr(v), f"pass e.g. torch.distributed.get_{name if name == 'rank' else 'world_size'}()")
+def _as_int(name: str, v, fix: str) -> int:
+    """``v`` as an int (a Python, NumPy or 0-d tensor integer), never a bool, a float or a string."""
+    if not isinstance(v, (bool, float, str, bytes)) and not (
+        isinstance(v, torch.Tensor) and (v.dtype.is_floating_point or v.dtype == torch.bool)
+    ):
+        try:
+            return operator.index(v)
+        except (TypeError, ValueError, RuntimeError, NotImplementedError):  # not an integer; meta tensors
+            pass
+    raise fail(f"{name} an int", describe(v), fix)
+
+
+def _check_world(world_size, rank, scheme) -> Tuple[int, int]:
+    world_size = _as_int("world_size", world_size, "pass e.g. torch.distributed.get_world_size()")
+    rank = _as_int("rank", rank, "pass e.g. torch.distributed.get_rank()")
     if world_size < 1:
         raise fail("world_size >= 1", str(world_size), "pass the size of the context-parallel group")
     if not 0 <= rank < world_size:
         raise fail(f"rank in [0, {world_size})", str(rank), "pass this process's rank in the context-parallel group")
     if scheme not in SCHEMES:
         raise fail(f"scheme in {SCHEMES}", repr(scheme), 'use "zigzag" for causal ring attention, else "contiguous"')
+    return world_size, rank
 
 
 def _chunks(seq_len: int, world_size: int, rank: int, scheme: str) -> List[Tuple[int, int]]:
     """``[(start, length), ...]`` of rank's pieces of a sequence of ``seq_len`` tokens."""
-    _check_world(world_size, rank, scheme)
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
-        raise fail("seq_len an int >= 0", repr(seq_len), "pass the global sequence length")
+    world_size, rank = _check_world(world_size, rank, scheme)
+    seq_len = _as_int("seq_len", seq_len, "pass the global sequence length")
+    if not 0 <= seq_len <= MAX_EXACT_POSITION:
+        raise fail("seq_len an int in [0, 2**53] (positions exact in the float64 angle m·θ)", str(seq_len),
+                   "pass the global sequence length")
     parts = world_size if scheme == "contiguous" else 2 * world_size
     if seq_len % parts:
         raise fail(
@@ -85,8 +100,9 @@ def shard_positions(
     positions): length-dependent scaling (LongRoPE, dynamic NTK) picks its frequencies from
     ``seq_len``, whose default ``max(positions) + 1`` differs from rank to rank.
 
-    Raises RopeError unless ``seq_len`` divides into ``world_size`` (contiguous) or
-    ``2 * world_size`` (zigzag) equal chunks.
+    Raises RopeError unless ``seq_len`` (at most ``2**53``) divides into ``world_size``
+    (contiguous) or ``2 * world_size`` (zigzag) equal chunks. Ints may be Python, NumPy or
+    0-d tensor integers.
 
     Example:
         >>> shard_positions(8, 2, 0, scheme="zigzag").tolist()
@@ -141,10 +157,14 @@ def unshard(shards: Sequence[torch.Tensor], *, seq_dim: int, scheme: str = "cont
     w = len(shards)
     dim = _check_dim(shards[0], seq_dim, "shards[0]")
     s = shards[0].shape[dim]
+    s0 = shards[0]
     for i, t in enumerate(shards):
-        if not isinstance(t, torch.Tensor) or t.shape != shards[0].shape:
+        if not isinstance(t, torch.Tensor) or t.shape != s0.shape:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise fail(f"shards of one shape {tuple(shards[0].shape)}", f"shards[{i}] {got}", "gather the shards of one tensor")
+            raise fail(f"shards of one shape {tuple(s0.shape)}", f"shards[{i}] {got}", "gather the shards of one tensor")
+        if t.dtype != s0.dtype or t.device != s0.device:  # torch.cat would promote or fail
+            raise fail(f"shards of one dtype and device ({s0.dtype} on {s0.device}, as shards[0])",
+                       f"shards[{i}] {t.dtype} on {t.device}", "gather the shards of one tensor (all_gather keeps both)")
     _check_world(w, 0, scheme)
     if scheme == "contiguous":
         return torch.cat(list(shards), dim=dim)
@@ -174,13 +194,17 @@ def shard_packed(
         ``(index, positions, local_cu_seqlens)``: ``index [t/W]`` int64 rows of the packed
         tensor this rank holds (``q_local = q[index]``), ``positions [t/W]`` their
         positions inside their own sequence (pass as ``positions=`` with ``format="thd"``),
-        and ``local_cu_seqlens [n+1]`` the boundaries of the local pack.
+        and ``local_cu_seqlens [n+1]`` the boundaries of the local pack, in the dtype of
+        ``cu_seqlens`` (int32 stays int32, as flash-attn's varlen kernels take it).
 
     Example:
         >>> idx, pos, cu = shard_packed(torch.tensor([0, 4, 8]), 2, 1, scheme="zigzag")
         >>> idx.tolist(), pos.tolist(), cu.tolist()
         ([1, 2, 5, 6], [1, 2, 1, 2], [0, 2, 4])
     """
+    if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.device.type == "meta":
+        raise fail("cu_seqlens with values (the split is computed on the host)", "cu_seqlens on the meta device",
+                   "pass the real boundaries (on CPU or an accelerator)")
     pos_all = positions_from_cu_seqlens(cu_seqlens)  # [t], validates cu_seqlens
     _check_world(world_size, rank, scheme)
     cu = cu_seqlens.long().tolist()
@@ -199,7 +223,7 @@ def shard_packed(
             idx.append(torch.arange(a + st, a + st + n, device=cu_seqlens.device))
         local.append(local[-1] + sum(n for _, n in pieces))
     index = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.int64, device=cu_seqlens.device)
-    return index, pos_all[index], torch.tensor(local, dtype=torch.int64, device=cu_seqlens.device)
+    return index, pos_all[index], torch.tensor(local, dtype=cu_seqlens.dtype, device=cu_seqlens.device)
 
 
 def rotate_dtensor(rope, q, k, *, format: str = "bshd", offsets: Optional[int] = None, seq_len: Optional[int] = None):
@@ -215,7 +239,8 @@ def rotate_dtensor(rope, q, k, *, format: str = "bshd", offsets: Optional[int] =
 
     Args:
         rope: the module.
-        q, k: DTensors ``[b, S, h, d]`` (or ``bhsd``/``sbhd``), same placements.
+        q, k: DTensors ``[b, S, h, d]`` (or ``bhsd``/``sbhd``) on the same 1-D mesh, with
+            the same placements (RopeError otherwise).
         offsets: an int added to every position (e.g. tokens already in the KV cache).
         seq_len: total length for length-dependent scaling (LongRoPE, dynamic NTK); default
             the global ``offsets + S`` (never a rank's local length), as the unsharded call.
@@ -225,18 +250,30 @@ def rotate_dtensor(rope, q, k, *, format: str = "bshd", offsets: Optional[int] =
     """
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    if format not in ("bshd", "bhsd", "sbhd"):
+    if not callable(rope):
+        raise fail("rope a ropekit.RotaryEmbedding (the module that rotates each local shard)", describe(rope),
+                   "pass the model's RotaryEmbedding, e.g. rotate_dtensor(rope, q, k)")
+    if not isinstance(format, str) or format not in ("bshd", "bhsd", "sbhd"):
         raise fail("format bshd, bhsd or sbhd", repr(format), "DTensor sharding of packed (thd) tensors is not supported")
     for name, t in (("q", q), ("k", k)):
         if not isinstance(t, DTensor):
             raise fail(f"{name} a DTensor", type(t).__name__, "use rope(q, k) for plain tensors")
+        if t.dim() != 4:
+            raise fail(f"{name} with 4 dims for format {format!r}", f"shape {tuple(t.shape)}",
+                       "pass [b, S, h, d] DTensors (or set format= to their layout)")
     seq_dim = format.index("s")
     S = q.shape[seq_dim]
-    if q.device_mesh.ndim != 1 or q.placements != k.placements or k.shape[seq_dim] != S:
+    if q.device_mesh.ndim != 1 or k.device_mesh != q.device_mesh:
         raise fail(
-            "q and k on one 1-D mesh with the same placements and sequence length",
-            f"mesh ndim {q.device_mesh.ndim}, placements {q.placements} and {k.placements}",
-            "redistribute to Shard(seq_dim) on a 1-D mesh",
+            "q and k on one 1-D device mesh (each rank rotates its shard by the mesh's local rank)",
+            f"q on {q.device_mesh} and k on {k.device_mesh}",
+            "distribute q and k on the same 1-D mesh",
+        )
+    if q.placements != k.placements or k.shape[seq_dim] != S:
+        raise fail(
+            f"q and k with the same placements and sequence length (dim {seq_dim} for format {format!r})",
+            f"placements {q.placements} and {k.placements}, sequence length {S} and {k.shape[seq_dim]}",
+            "redistribute k like q, and check format= against the tensors' layout",
         )
     pl = q.placements[0]
     off = 0 if offsets is None else integer("offsets", offsets, minimum=0, maximum=MAX_EXACT_POSITION,

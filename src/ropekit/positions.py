@@ -82,7 +82,7 @@ def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: Optional[int] = N
 
     ``cu_seqlens = [0, 3, 5]`` gives ``[0, 1, 2, 0, 1]``: positions restart at each sequence.
     Raises RopeError unless ``cu_seqlens`` is 1-D integer, starts at 0, is non-decreasing
-    and ends at ``total`` (when given).
+    and ends at ``total`` (when given) and at most at ``2**53``.
 
     On ``meta`` tensors and while torch.compile/export traces, the values are not checked
     (that needs a host sync) and ``total`` is required; the positions are then
@@ -111,6 +111,12 @@ def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: Optional[int] = N
             "cu_seqlens starting at 0 and non-decreasing",
             str(cu.tolist()[:8]) + ("..." if cu.numel() > 8 else ""),
             "pass cumulative lengths: torch.cat([zero, lengths.cumsum(0)])",
+        )
+    if last > MAX_EXACT_POSITION:  # (before allocating `last` positions)
+        raise fail(
+            "cu_seqlens[-1] <= 2**53 (positions exact in the float64 angle m·θ)",
+            f"cu_seqlens[-1] == {last}",
+            "cu_seqlens must be the cumulative token counts of the pack, torch.cat([zero, lengths.cumsum(0)])",
         )
     if total is not None and last != total:
         raise fail(

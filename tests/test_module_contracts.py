@@ -325,3 +325,26 @@ def test_from_full_width_meta(layout):
 def test_from_full_width_check_flag_validated():
     with pytest.raises(RopeError):
         ropekit.from_full_width(torch.ones(4), check="no")  # a valid table: only the flag is wrong
+
+
+@pytest.mark.parametrize("call", [dict(), dict(offsets=torch.tensor([3, 700])), dict(positions=torch.tensor([[1, 2, 3], [9, 8, 7]]))],
+                         ids=["default", "offsets", "positions"])
+@pytest.mark.parametrize("module", ["rotary", "multi_axis"])
+def test_float64_k_beside_a_float32_q_keeps_float64_tables(call, module):
+    """A float64 ``k`` beside a float32 ``q``: the tables follow the wider of the two, so each
+    output is what the module gives that tensor alone (both of its dtype). Before, the tables
+    followed q only: k was rotated in float64 with float32 tables (errors ~1e-8, not 1e-16)."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, 4, 16)
+    k = torch.randn(2, 3, 2, 16, dtype=torch.float64)
+    if module == "rotary":
+        m = RotaryEmbedding(RopeConfig(16))
+        run = lambda a, b: m(a, b, **call)  # noqa: E731
+    else:
+        m = ropekit.MultiAxisRotaryEmbedding(RopeConfig(16), sections=(4, 2, 2))
+        pos = torch.randint(0, 900, (2, 3, 3), generator=torch.Generator().manual_seed(1))
+        run = lambda a, b: m(a, b, pos)  # noqa: E731
+    qo, ko = run(q, k)
+    assert qo.dtype == torch.float32 and ko.dtype == torch.float64
+    assert torch.equal(ko, run(k, k)[1])
+    assert torch.equal(qo, run(q, q)[0])

@@ -409,6 +409,13 @@ class RotaryEmbedding(nn.Module):
         """
         if inplace is not False and inplace is not True:
             flag("inplace", inplace)
+        if (type(k) is torch.Tensor and k.dtype is torch.float64 and type(q) is torch.Tensor
+                and q.dtype is not torch.float64 and self.table_dtype is None):
+            # the tables follow the wider of q and k (float64 k keeps float64 tables; float64
+            # tables give a float32 q the bits of float32 ones): q and k rotate alike, so swap them
+            ko, qo = self.forward(k, q, positions=positions, offsets=offsets, cu_seqlens=cu_seqlens, format=format,
+                                  seq_len=seq_len, inplace=inplace, seq_lens=seq_lens)
+            return qo, ko
         dec = self.__dict__.get("_decode") if type(offsets) is torch.Tensor and not tracing() else None
         if (dec is not None and positions is None and cu_seqlens is None
                 and seq_len is None and seq_lens is None and type(format) is str and type(q) is torch.Tensor

@@ -959,7 +959,8 @@ class MultiAxisRotaryEmbedding(torch.nn.Module):
             positions.to(q.device),
             self.sections,
             interleaved=self.interleaved,
-            dtype=self.table_dtype or (torch.float64 if q.dtype == torch.float64 else torch.float32),
+            dtype=self.table_dtype or (torch.float64 if torch.float64 in (q.dtype, getattr(k, "dtype", None))
+                                       else torch.float32),  # the wider of q and k (RotaryEmbedding's rule)
             seq_len=seq_len,
             attention_scaling=self.attention_scaling,
         )  # [*positions.shape[:-1], r/2]

@@ -680,12 +680,28 @@ _FIGURES = (
 )
 
 
+def _report_dir(path: str) -> Path:
+    """``--out`` of the demo, created if missing; a RopeError naming the path if it cannot be."""
+    out = Path(path)
+    fix = "pass --out a folder that can be created and written"
+    if out.exists() and not out.is_dir():
+        raise fail("--out a folder (created if missing)", f"{str(out)!r}, an existing file", fix)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise fail("--out a folder (created if missing)", f"{str(out)!r} ({e.strerror or e})", fix) from None
+    if not os.access(out, os.W_OK):
+        raise fail("--out a writable folder", f"{str(out)!r}, not writable", fix)
+    return out
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from . import __version__
     from .analysis import Model, plots, summary
     from .config import RopeConfig
 
     t0 = time.perf_counter()
+    out = _report_dir(args.out)  # before the checks: a bad --out fails at once, not after them
     models = load_models(args.model) if args.model else _default_models()
     name = args.model or models[0].label
     print(f"ropekit demo — {name}\n")
@@ -704,8 +720,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             compare.append(Model(f"{m.label} unscaled", m.config.replace(scaling=None), m.original_context, m.source))
     d = models[0].config.head_dim
     compare.append(Model("RoPE base 1e4 (RoFormer)", RopeConfig(head_dim=d, base=10000.0), 4096, "arXiv 2104.09864"))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     written = []
     for kind, _, _ in _FIGURES:
         path = out / f"{kind}.png"

@@ -39,7 +39,13 @@ def layout_permutation(head_dim: int, src: str, dst: str, rotary_dim: Optional[i
 
 
 def convert_layout(
-    weight: torch.Tensor, n_heads: int, src: str, dst: str, *, rotary_dim: Optional[int] = None
+    weight: torch.Tensor,
+    n_heads: int,
+    src: str,
+    dst: str,
+    *,
+    rotary_dim: Optional[int] = None,
+    head_dim: Optional[int] = None,
 ) -> torch.Tensor:
     """Permute a q or k projection between layouts so attention scores are unchanged.
 
@@ -51,6 +57,10 @@ def convert_layout(
             ``"interleaved"``; transformers' Llama expects ``"half"`` (this is the
             permutation of transformers' ``convert_llama_weights_to_hf``).
         rotary_dim: ``r`` if only the first ``r`` dims of each head rotate.
+        head_dim: optional check: the size of one head. The head size is
+            ``weight.shape[0] // n_heads``, so the query head count passed for a GQA
+            ``k_proj`` would give a wrong head size and a wrong permutation; with
+            ``head_dim`` given that is a RopeError instead.
 
     Returns:
         A new tensor of ``weight``'s shape.
@@ -71,6 +81,14 @@ def convert_layout(
             "pass the number of heads of this projection (KV heads for k_proj)",
         )
     d = weight.shape[0] // n_heads
+    if head_dim is not None:
+        head_dim = integer("head_dim", head_dim, maximum=MAX_HEAD_DIM, fix="pass the size of one attention head")
+        if head_dim != d:
+            raise fail(
+                f"weight.shape[0] = n_heads * head_dim = {n_heads} * {head_dim}",
+                f"weight.shape[0] = {weight.shape[0]} (head size {d} with n_heads={n_heads})",
+                "pass the heads of this projection: the KV heads (num_key_value_heads) for k_proj",
+            )
     perm = layout_permutation(d, src, dst, rotary_dim).to(weight.device)
     w = weight.reshape(n_heads, d, *weight.shape[1:])  # [h, d, (in)]
     return w[:, perm].reshape(weight.shape)

@@ -16,7 +16,7 @@ heads, ``d`` head dim, ``r`` rotary dim; a rotary pair ``i`` has frequency ``θ_
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import Any, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -284,7 +284,9 @@ class RopeMixed(nn.Module):
     direction ``α``; pairs ``j`` and ``j + r/4`` get directions ``α`` and ``α + π/2``:
     ``θ^x = μ cos(·)``, ``θ^y = μ sin(·)``. ``init="axial"``: RoPE-Axial, the special case
     where each pair listens to one axis only — exactly :class:`ropekit.multi_axis.AxialRope`
-    with ``base = theta`` (the paper uses ``theta = 100`` for axial, ``10`` for mixed).
+    with ``base = theta`` (the paper uses ``theta = 100`` for axial, ``10`` for mixed); it
+    needs ``n_axes <= r/2`` (a RopeError otherwise: an axis without a pair would start out
+    ignoring its positions).
 
     Args:
         head_dim: ``d``.
@@ -339,6 +341,14 @@ class RopeMixed(nn.Module):
                 f"n_axes={n_axes}, rotary_dim={r}",
                 "use init='axial' for other shapes (frequencies stay learnable)",
             )
+        if init == "axial" and n_axes > r // 2:  # type: ignore[operator]
+            # RoPE-Axial gives each pair one axis; an axis without a pair would start out
+            # ignoring its positions (its θ all 0), so refuse rather than start that way
+            raise fail(
+                "n_axes <= rotary_dim / 2 for init='axial' (every axis gets at least one pair)",
+                f"n_axes={n_axes}, rotary_dim={r} ({r // 2} pairs)",  # type: ignore[operator]
+                f"use rotary_dim >= {2 * n_axes} or fewer axes",
+            )
         if generator is not None and not isinstance(generator, torch.Generator):
             raise fail("generator a torch.Generator or None", type(generator).__name__, "pass torch.Generator().manual_seed(0)")
         # the parameter follows the active device (a torch.device context, e.g. meta, or the
@@ -362,7 +372,7 @@ class RopeMixed(nn.Module):
             return torch.stack((mags * torch.cos(ang), mags * torch.sin(ang)))  # [2, h, r/2]
         from .multi_axis import AxialRope
 
-        ax = AxialRope(r, n_axes=A, base=self.theta)
+        ax = AxialRope(r, n_axes=A, base=self.theta)  # n_axes <= r/2 checked in __init__
         axes, w = ax.axes(), ax.inv_freq()  # [r/2]
         f = torch.zeros(A, h, r // 2, dtype=torch.float64, device=CPU)
         f[axes, :, torch.arange(r // 2, device=CPU)] = w[:, None]
@@ -384,6 +394,31 @@ class RopeMixed(nn.Module):
             f"rotary_dim={self.rotary_dim}, init={self.init!r}, layout={self.layout!r}"
         )
 
+    def _check_shapes(self, q: torch.Tensor, k: torch.Tensor, positions: Any) -> None:
+        """q, k ``[b, s, h, d]`` with ``h = num_heads`` and one position per token: without this a
+        ``[1, A]`` positions tensor broadcast over every token (all rotated alike), silently."""
+        h = self.num_heads
+        for name, t in (("q", q), ("k", k)):
+            if t.dim() != 4 or t.shape[2] != h:
+                raise fail(
+                    f"{name} [b, s, h, d] with h = num_heads = {h}",
+                    f"{name} of shape {tuple(t.shape)}",
+                    "pass bshd tensors (x.transpose(1, 2) for bhsd); k needs all h heads (repeat GQA heads first)",
+                )
+        if k.shape[:2] != q.shape[:2]:
+            raise fail("q and k with the same [b, s]", f"{tuple(q.shape[:2])} and {tuple(k.shape[:2])}",
+                       "RopeMixed rotates q and k at the same positions (self-attention)")
+        if not isinstance(positions, torch.Tensor):
+            return  # angles() names the problem
+        b, s = q.shape[:2]
+        lead = tuple(positions.shape[:-1])
+        if not (lead == (s,) or (len(lead) == 2 and lead[1] == s and lead[0] in (1, b))):
+            raise fail(
+                f"positions [s, n_axes] or [b, s, n_axes] with s = {s}, b = {b} (one position per token of q)",
+                f"positions of shape {tuple(positions.shape)}",
+                "build them for the tokens of q, e.g. ropekit.multi_axis.image_positions(h, w) for s = h*w",
+            )
+
     def angles(self, positions: torch.Tensor) -> torch.Tensor:
         """``φ [..., h, r/2] = Σ_a positions[..., a] · freqs[a]`` (differentiable in :attr:`freqs`)."""
         if not isinstance(positions, torch.Tensor) or positions.dim() < 1 or positions.shape[-1] != self.n_axes:
@@ -391,6 +426,9 @@ class RopeMixed(nn.Module):
             raise fail(f"positions [..., n_axes={self.n_axes}]", got, "build them with ropekit.multi_axis.image_positions(h, w)")
         if not positions.dtype.is_floating_point:
             check_positions(positions)
+        elif positions.numel() and positions.device.type != "meta" and not torch.compiler.is_compiling():
+            if not bool(torch.isfinite(positions).all()):
+                raise fail("finite positions", "inf or nan in positions", "check how the positions were computed")
         f = self.freqs
         p = positions.to(device=f.device, dtype=f.dtype)  # integers < 2^24 are exact in float32
         return torch.einsum("...a,ahj->...hj", p, f)  # [..., h, r/2]
@@ -403,10 +441,12 @@ class RopeMixed(nn.Module):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, *, positions: torch.Tensor, backend: str = "auto"
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Rotate ``q, k [b, s, h, d]`` at ``positions [s, A]`` or ``[b, s, A]``."""
+        """Rotate ``q, k [b, s, h, d]`` (``h = num_heads`` for both) at ``positions [s, A]`` or
+        ``[b, s, A]`` (``b`` may be 1); other shapes are a RopeError, never a broadcast."""
         from .functional import apply_rotary
 
         check_head_width(self, q=q, k=k)
+        self._check_shapes(q, k, positions)
         cos, sin = self.cos_sin(positions)  # [(b,) s, h, r/2]
         return (
             apply_rotary(q, cos, sin, layout=self.layout, backend=backend),

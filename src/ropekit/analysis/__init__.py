@@ -159,10 +159,12 @@ def bands(cfg: RopeConfig) -> Optional[Dict[str, Any]]:
     - Llama 3 (``rope_type == "llama3"``): pairs with ``λ < L/high_freq_factor`` are
       unchanged, ``λ > L/low_freq_factor`` interpolated, smooth in between
       (``L = original_max_position``).
-    - YaRN: pair ``i`` is unchanged for ``i <= low`` and interpolated for ``i >= high``,
-      where ``low``/``high`` are the pair indices that turn ``beta_fast``/``beta_slow``
-      times within ``L`` (rounded outwards unless ``truncate`` is False), as in YaRN
-      (arXiv 2309.00071, eq. 17-18) and transformers.
+    - YaRN: pair ``i`` is unchanged where the ramp ``clamp((i - low)/(high - low), 0, 1)``
+      is 0 (``i <= low``), interpolated where it is 1 (``i >= high``; every pair when
+      ``low > high``, which a long ``L`` for a small base gives), where ``low``/``high``
+      are the pair indices that turn ``beta_fast``/``beta_slow`` times within ``L``
+      (rounded outwards unless ``truncate`` is False), as in YaRN (arXiv 2309.00071,
+      eq. 17-18) and transformers.
 
     Returns:
         dict with ``"kind"`` and ``"classes"`` (predicted class per pair, a list of
@@ -196,7 +198,11 @@ def bands(cfg: RopeConfig) -> Optional[Dict[str, Any]]:
         low, high = max(low, 0), min(high, r - 1)
         if low == high:
             high += 0.001  # transformers' guard against a zero-width ramp
-        classes = ["unchanged" if i <= low else "interpolated" if i >= high else "in between" for i in range(r // 2)]
+        # the ramp itself, clamp((i - low)/(high - low), 0, 1): 0 keeps θ_i, 1 divides it by the
+        # factor. Not "i <= low": when L is long for the base, low (clamped at 0 only) can exceed
+        # high (clamped at r - 1), and then every pair is interpolated, as in the scheme.
+        ramps = [min(max((i - low) / (high - low), 0.0), 1.0) for i in range(r // 2)]
+        classes = ["unchanged" if v == 0.0 else "interpolated" if v == 1.0 else "in between" for v in ramps]
         return {
             "kind": "yarn",
             "low": low,

@@ -89,7 +89,8 @@ def test_unverified_version_checks_the_code_once(tmp_path, monkeypatch):
     monkeypatch.setattr(_hf_table, "_MEMO", {})
     assert rope_config_from_hf(dict(LLAMA31)) == LLAMA31_ROPE
     cached = json.loads(open(_hf_table.cache_path("5.999.0")).read())
-    assert cached == {"llama": "same", "llama+scaled": "same"}  # a scaled input: the row's scaling fact too
+    # a scaled input: the row's scaling fact too; a base other than the class default (500000): the base it reads
+    assert cached == {"llama": "same", "llama+scaled": "same", "llama+theta": "same"}
     assert _hf_table.verdict("llama", _hf_table.row("llama", "5.999.0"), "5.999.0") == "table"
 
     # a row the code no longer agrees with: the code answers, and the row is never used again

@@ -43,6 +43,8 @@ __all__ = [
     "build_rotary",
     "rotary_refusal",
     "reads_scaling",
+    "reads_base",
+    "coded_base",
     "unscaled_copy",
     "table_gap",
 ]
@@ -697,6 +699,108 @@ def reads_scaling(module: ModuleType) -> Optional[bool]:
     ``dynamic_rope_update``); ``False``: its RoPE cannot depend on it (transformers 4.57 GPT-J,
     CodeGen, ESM compute their sinusoids from fixed constants); ``None``: no source."""
     return _reads_scaling_cached(module.__name__)
+
+
+#: Names through which a transformers modeling module can read a config's RoPE base: ``rope_theta``
+#: and its per-layer or per-attention variants (``global_rope_theta``, ``local_rope_theta``),
+#: GPT-NeoX's ``rotary_emb_base``, Gemma 3's ``rope_local_base_freq``, ChatGLM's ``rope_ratio``,
+#: the rope parameters, and transformers' rope functions (which read ``rope_theta`` themselves).
+_BASE_NAMES = re.compile(
+    r"\b(\w*rope_theta\w*|rotary_emb_base|rotary_base|rope_base|\w*base_freq\w*|rope_ratio|rope_parameters|"
+    r"ROPE_INIT_FUNCTIONS|rope_init_fn|compute_default_rope_parameters)\b"
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _reads_base_cached(module_name: str) -> Optional[bool]:
+    try:
+        module = importlib.import_module(module_name)
+        src = inspect.getsource(module)
+    except (OSError, TypeError, ImportError):
+        return None
+    if _BASE_NAMES.search(src):
+        return True
+    others = {
+        getattr(v, "__module__", "") for k, v in vars(module).items()
+        if (inspect.isclass(v) or inspect.isfunction(v)) and _ROPE_NAME.search(k)
+    } - {module_name}
+    for name in sorted(o for o in others if o.startswith("transformers.")):
+        if name != "transformers.modeling_rope_utils" and _reads_base_cached(name) is not False:
+            return True
+    return False
+
+
+def reads_base(module: ModuleType) -> Optional[bool]:
+    """Whether a modeling module's source names the config's RoPE base at all (``rope_theta``,
+    ``rotary_emb_base``, ``rope_local_base_freq``, ``rope_parameters``, transformers' rope
+    functions, ..., here or in the module its rotary code comes from); ``False``: its RoPE cannot
+    depend on the config's base, the code computes with a constant (:func:`coded_base`):
+    GPT-J and CodeGen (``create_sinusoidal_positions``: ``10000 ** ...``), and on transformers
+    4.57 ESM (``RotaryEmbedding(dim)``) and IDEFICS (``IdeficsEmbedding(head_dim)``, ``base=10000``);
+    ``None``: no source."""
+    return _reads_base_cached(module.__name__)
+
+
+def _numeric(node: Optional[ast.AST]) -> Optional[float]:
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+        return float(node.value)
+    return None
+
+
+def _calls_arange(node: ast.AST) -> bool:
+    return any(
+        isinstance(n, ast.Call) and getattr(n.func, "attr", getattr(n.func, "id", None)) == "arange"
+        for n in ast.walk(node)
+    )
+
+
+def _param_defaults(fn: ast.AST) -> Dict[str, float]:
+    """Parameters of a function with a numeric default (``def __init__(self, dim, base=10000)``)."""
+    if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return {}
+    a = fn.args
+    pos = a.posonlyargs + a.args
+    pairs = list(zip(pos[len(pos) - len(a.defaults):], a.defaults)) + list(zip(a.kwonlyargs, a.kw_defaults))
+    return {p.arg: v for p, d in pairs if (v := _numeric(d)) is not None}
+
+
+@functools.lru_cache(maxsize=None)
+def _coded_base_cached(module_name: str) -> Optional[float]:
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(importlib.import_module(module_name))))
+    except (OSError, TypeError, SyntaxError, ImportError):
+        return None
+    values = set()
+
+    def scan(scope: ast.AST, defaults: Dict[str, float]) -> None:
+        for node in ast.walk(scope):
+            if not (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow) and _calls_arange(node.right)):
+                continue
+            left = node.left
+            v = _numeric(left)
+            if v is None and isinstance(left, ast.Name):
+                v = defaults.get(left.id)
+            elif v is None and isinstance(left, ast.Attribute) and getattr(left.value, "id", None) == "self":
+                v = defaults.get(left.attr)  # self.base = base: the parameter's default
+            if v is not None:
+                values.add(v)
+
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            init = next((f for f in node.body if getattr(f, "name", None) == "__init__"), None)
+            scan(node, _param_defaults(init))
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            scan(node, _param_defaults(node))
+    return values.pop() if len(values) == 1 else None
+
+
+def coded_base(module: ModuleType) -> Optional[float]:
+    """The constant base of a modeling module's sinusoids: the one number ``N`` of every
+    ``N ** (... arange ...)`` in its source, a literal or the numeric default of the parameter it
+    is read from (``def __init__(self, dim, base=10000)``); ``None`` when there is none or more
+    than one. What a module that never reads the config's base (:func:`reads_base`) computes
+    with."""
+    return _coded_base_cached(module.__name__)
 
 
 def table_gap(

@@ -5,9 +5,17 @@
 (attention, indexer) the pairing, the direction, the head slice the RoPE function gets and where
 the rotating span sits in it, the config flag that picks between functions (DeepSeek-V3's
 ``rope_interleave``), the config class defaults the config rules need, the layer types with
-their own rope parameters, which q/k norms ``patch(fuse_qk_norm=True)`` can defer, and the
-transformers versions the row was verified against (the sweep checks each row's answer against
-the family's own code on several configs before writing it).
+their own rope parameters, which q/k norms ``patch(fuse_qk_norm=True)`` can defer, what the
+family's code does with a scaled rope type (``scaling``: ``"applied"``, ``"ignored"``,
+``"unverified"``, or per rope type checked ``{"linear": "applied" | "ignored" | "refused: why" |
+"code", ...}``; measured on linear and dynamic NTK scaled configs), and the transformers versions
+the row was verified against (the sweep checks each row's answer against the family's own code
+on several configs, scaled ones included, before writing it).
+
+The base has no fact of its own: a row is verified on its config class default base, the
+families whose code ignores the rope parameters (``scaling`` ``"ignored"``) answer any other base
+from their code (GPT-J and CodeGen hard-code 10000), and every other row reads the config's base
+(``.ci/sweep-transformers`` checks every family with its base tripled).
 
 Nothing here imports transformers. The installed version is read from the package's
 ``__init__.py`` (``importlib.util.find_spec``; ``importlib.metadata`` costs ~100 ms).
@@ -110,7 +118,9 @@ def verdict(model_type: str, r: Mapping[str, Any], version: Optional[str], key: 
 
     ``key``: a kind of input the sweep never verified the row on, even for a verified version
     (``"llama+partial:default"``: a partial rotary factor other than the class default, see
-    :func:`ropekit.hf.rope_config_from_hf`): answered from the cached verdict of that key only."""
+    :func:`ropekit.hf.rope_config_from_hf`), or a fact a version the row was not verified against
+    may change (``"llama+scaled"``: a scaled rope type; ``"llama+theta"``: a base other than the
+    class default): answered from the cached verdict of that key only."""
     if r.get("code"):
         return "code"
     if version is None or (key is None and version in r.get("verified", ())):

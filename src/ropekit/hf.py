@@ -41,6 +41,7 @@ __all__ = [
     "COMPONENTS",
     "UnknownFamilyWarning",
     "IgnoredScalingWarning",
+    "IgnoredBaseWarning",
 ]
 
 #: Names of the rotary components :func:`rope_config_from_hf` can return: the attention
@@ -620,6 +621,11 @@ def rope_config_from_hf(
     Raises:
         RopeError: bad input, or a family whose RoPE ropekit cannot express (named).
 
+    Warns:
+        IgnoredScalingWarning: the config's rope scaling is one the family's code ignores.
+        IgnoredBaseWarning: the config's base is one the family's code ignores.
+        UnknownFamilyWarning: the family table does not know the model type.
+
     Read: ``head_dim`` (else ``hidden_size // num_attention_heads``, GPT-J ``n_embd //
     n_head``); rotary dim from the model's rotary module, else MLA ``qk_rope_head_dim``,
     ``partial_rotary_factor`` / ``rotary_pct`` / GPT-J ``rotary_dim``; base from
@@ -639,6 +645,17 @@ def rope_config_from_hf(
     CodeGen, ESM; Nemotron on transformers 4.x); a RopeError where the code refuses it or
     computes other tables (Ernie 4.5 VL, Phi-3.5-MoE). An explicit ``scaling=`` override is
     kept as given.
+
+    The base is the one the family's code computes with: the config's (``rope_theta``,
+    ``rope_parameters["rope_theta"]``, ``rotary_emb_base``, ...) where the code reads it, as every
+    family but these does; where the code ignores it — GPT-J and CodeGen compute their sinusoids
+    from a hard-coded 10000, and so do ESM and IDEFICS on transformers 4.x — that constant, with
+    an :class:`IgnoredBaseWarning` when the config asks for another. The table row answers the
+    config's base where the family's code applies the rope parameters (the sweep's base check
+    holds every family to it); where the code ignores them (the row's ``scaling`` fact says
+    ``ignored``), a base other than the config class default is answered by the code. Another
+    installed version checks an input with such a base against the code once (verdict key
+    ``<model_type>+theta``). An explicit ``base=`` override is kept as given.
 
     A partial rotary factor other than the one the family's table row was verified on (the
     config class default) is checked against the family's code once per transformers version:
@@ -669,28 +686,35 @@ def rope_config_from_hf(
         _say_unknown(model_type, version)
         return _pick(_read(loaded, layout, "code", None, overrides), component)
     how = _hf_table.verdict(model_type, row, version)
-    key = model_type
+    keys = [model_type]  # the verdict keys this input checks (all of them recorded)
     if how != "code" and version is not None:
         partial = _unverified_partial(loaded, model_type, row)
         if partial is not None:  # an input the row was never verified on: checked once per version
-            key = partial
-            how = _hf_table.verdict(model_type, row, version, key=key)
-        if version not in row.get("verified", ()) and _has_scaling(loaded, row):
-            # the row's scaling fact (applied / ignored / refused) is verified per version:
-            # another version's code may differ (Nemotron ignores rope_scaling in 4.x only)
-            key = f"{key}+scaled"
-            how = _hf_table.verdict(model_type, row, version, key=key)
+            keys = [partial]
+            how = _hf_table.verdict(model_type, row, version, key=partial)
+        if version not in row.get("verified", ()):
+            # the row's scaling fact (applied / ignored / refused) and the base it reads are
+            # verified per version: another version's code may differ (Nemotron ignores
+            # rope_scaling in 4.x only; ESM and IDEFICS ignore rope_theta in 4.x only)
+            if _has_scaling(loaded, row):
+                keys.append(f"{keys[0]}+scaled")
+            if _has_other_base(loaded, row):
+                keys.append(f"{keys[0]}+theta")
+            if len(keys) > 1:
+                found = [_hf_table.verdict(model_type, row, version, key=k) for k in keys[1:]]
+                how = "code" if "code" in found else "table" if set(found) == {"table"} else "check"
+    deferred = ""
     if how == "table":
         try:
             return _pick(_read(loaded, layout, "table", row, overrides), component)
-        except _NeedCode:
-            how = "code"
+        except _NeedCode as e:
+            how, deferred = "code", str(e)
     if how == "code":
         if version is None and model_type not in _SAID:
             _SAID.add(model_type)
             warnings.warn(
                 f"ropekit's family table answers model_type {model_type!r} only from transformers' code "
-                f"({row.get('code', 'the code differs from the row')}), and transformers is not installed: "
+                f"({row.get('code') or deferred or 'the code differs from the row'}), and transformers is not installed: "
                 "the config alone answers, which may differ from the model; install transformers",
                 UnknownFamilyWarning,
                 stacklevel=2,
@@ -710,9 +734,8 @@ def rope_config_from_hf(
     (code, err), (tab, terr) = answers
     if not isinstance(terr, _NeedCode):  # else this input says nothing about the row
         same = code == tab and (err is None) == (terr is None)
-        _hf_table.record(key, version or "none", same)
-        if key.endswith("+scaled"):  # a scaled input checks the row's other facts too
-            _hf_table.record(key[: -len("+scaled")], version or "none", same)
+        for k in keys:  # a scaled input, or one with another base, checks the row's other facts too
+            _hf_table.record(k, version or "none", same)
     if err is not None:
         raise err
     return _pick(code, component)
@@ -771,6 +794,48 @@ def _has_scaling(loaded: Any, row: Mapping[str, Any]) -> bool:
     dicts = [p for p in params.values() if isinstance(p, Mapping)] if _is_nested(params) else [params]
     kinds = {str(p.get("rope_type", p.get("type")) or "default").lower() for p in dicts}
     return bool(kinds - {"default", "mrope"})
+
+
+def _bases(loaded: Any, row: Mapping[str, Any]) -> Dict[Tuple[str, Optional[str]], float]:
+    """``{(component, layer type): base}`` as the table mode reads ``loaded`` with ``row`` (before
+    the base check itself); raises what :func:`_read` raises."""
+    out: Dict[Tuple[str, Optional[str]], float] = {}
+    for name, v in _read(loaded, None, "table", row, {}, base_check=False).items():
+        for lt, cfg in (v.items() if isinstance(v, dict) else [(None, v)]):
+            if cfg is not None:
+                out[(name, lt)] = cfg.base
+    return out
+
+
+def _row_base(row: Mapping[str, Any], layer_type: Optional[str]) -> float:
+    """The base the table mode reads for the row's own config (its config class defaults: what the
+    sweep verified the row on), for one layer type, by the rules of :func:`_one` (per-layer-type
+    rope parameters, Gemma 3's 4.x ``rope_local_base_freq``, ChatGLM's ``rope_ratio``)."""
+    d = row.get("defaults") or {}
+    rp = d.get("rope_parameters") if d.get("rope_parameters") is not None else d.get("rope_scaling")
+    rp = rp if isinstance(rp, Mapping) else {}
+    if _is_nested(rp):
+        p = rp.get(layer_type) if isinstance(rp.get(layer_type), Mapping) else {}
+    else:
+        p = rp
+        if layer_type == "sliding_attention" and d.get("rope_local_base_freq") is not None:
+            return float(d["rope_local_base_freq"])
+    v = p.get("rope_theta", d.get("rope_theta", d.get("rotary_emb_base")))
+    if v is None:
+        v = 10000.0 * float(d.get("rope_ratio") or 1.0)
+    return float(v)
+
+
+def _has_other_base(loaded: Any, row: Mapping[str, Any]) -> bool:
+    """Whether an input's RoPE base (as the table mode reads it) differs from the one the row was
+    verified on (the config class default)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = _bases(loaded, row)
+    except Exception:  # a bad input, or one the row cannot read (_NeedCode): _read says so
+        return False
+    return any(_row_base(row, lt) != v for (_, lt), v in got.items())
 
 
 def _unverified_partial(loaded: Any, model_type: str, row: Mapping[str, Any]) -> Optional[str]:
@@ -889,7 +954,7 @@ def _row_facts(row: Mapping[str, Any], src: _Src) -> Optional[Dict[str, Any]]:
 
 
 class _NeedCode(Exception):
-    """A table row cannot answer this input; the family's code does."""
+    """A table row cannot answer this input; the family's code does (the message, if any, says why)."""
 
 
 def _with_row_defaults(loaded: Mapping, row: Mapping[str, Any]) -> Dict[str, Any]:
@@ -934,13 +999,16 @@ _ALIASES = {
 }
 
 
-def _read(loaded: Any, layout: Optional[str], mode: str, row: Any, overrides: Mapping[str, Any]) -> Dict[str, Any]:
+def _read(
+    loaded: Any, layout: Optional[str], mode: str, row: Any, overrides: Mapping[str, Any], *, base_check: bool = True
+) -> Dict[str, Any]:
     """``{component: RopeConfig or per-layer dict}``; ``mode``: ``"rules"`` (the config
     alone), ``"code"`` (transformers' modeling code) or ``"table"`` (the family table's ``row``).
 
     The scaling parameters follow the installed transformers' rules (4.x or 5.x, see
     :func:`_original_4x`) in the ``"code"`` and ``"table"`` modes, the 5.x rules in ``"rules"``
-    (no transformers involved: presets read the same everywhere)."""
+    (no transformers involved: presets read the same everywhere). The base is the one the
+    family's code computes with (:func:`_as_based`; ``base_check=False``: the config's)."""
     legacy = mode != "rules" and _rules_of(_hf_table.installed_version())
     if isinstance(loaded, Mapping):
         if mode == "table":
@@ -986,6 +1054,8 @@ def _read(loaded: Any, layout: Optional[str], mode: str, row: Any, overrides: Ma
 
     def finish(cfg: RopeConfig, name: str, comp: Any, lsrc: _Src, layer_type: Optional[str] = None) -> RopeConfig:
         cfg = _place(cfg, lsrc, name, comp, layout_given)
+        if base_check:  # first: a measured scaling effect needs the base the code uses
+            cfg = _as_based(cfg, mode, src, model_type, layer_type, comp, row, overrides)
         cfg = _as_coded(cfg, mode, src, model_type, layer_type, comp, row, overrides)
         return cfg.replace(**overrides) if overrides else cfg
 
@@ -1025,6 +1095,13 @@ class IgnoredScalingWarning(UserWarning):
     """``from_hf`` read a rope scaling (``rope_scaling`` / ``rope_parameters`` with a scaled
     ``rope_type``) that the family's own code ignores: it returns the unscaled RoPE the model
     computes, which is probably not what the config's author meant."""
+
+
+class IgnoredBaseWarning(UserWarning):
+    """``from_hf`` read a RoPE base (``rope_theta``, ``rope_parameters["rope_theta"]``,
+    ``rotary_emb_base``) that the family's own code ignores: it returns the RoPE with the base
+    the model computes with (GPT-J and CodeGen hard-code 10000, as ESM and IDEFICS do on
+    transformers 4.x), which is probably not what the config's author meant."""
 
 
 #: Scaling effects the code mode found, while :func:`_collect_effects` collects them (the sweep
@@ -1100,6 +1177,122 @@ def _as_coded(
     if effect in ("refused", "differs"):
         raise _scaling_refused(model_type, kind, why)
     return cfg
+
+
+def _caller_level() -> int:
+    """``stacklevel`` of a warning that points at the caller of ``from_hf``."""
+    import sys
+
+    level, f = 1, sys._getframe(1)  # frame 1: the function that calls warnings.warn
+    while f is not None and str(f.f_globals.get("__name__", "")).startswith("ropekit."):
+        f, level = f.f_back, level + 1
+    return level
+
+
+def _say_ignored_base(model_type: str, given: float, used: float, why: str) -> None:
+    warnings.warn(
+        f"the config of model_type {model_type!r} asks for RoPE base {given:g} (rope_theta), which transformers' "
+        f"{model_type} code ignores ({why}): from_hf returns the RoPE with base {used:g} the model computes. If you "
+        "meant the base to apply, the model does not apply it either; pass base=... to from_hf to get it in ropekit "
+        "anyway",
+        IgnoredBaseWarning,
+        stacklevel=_caller_level(),
+    )
+
+
+def _ignores(fact: Any) -> bool:
+    """Whether a row's ``scaling`` fact says the family's code ignores a scaled rope type."""
+    return fact == "ignored" or (isinstance(fact, Mapping) and "ignored" in fact.values())
+
+
+def _as_based(
+    cfg: RopeConfig,
+    mode: str,
+    src: _Src,
+    model_type: str,
+    layer_type: Optional[str],
+    comp: Any,
+    row: Any,
+    overrides: Mapping[str, Any],
+) -> RopeConfig:
+    """``cfg`` with the base the family's code computes with: the config's where the code reads
+    it; where it does not (GPT-J, CodeGen; ESM and IDEFICS on transformers 4.x), the code's own
+    constant, with an :class:`IgnoredBaseWarning` when the config asks for another.
+
+    ``"code"`` reads the family's code (:func:`_code_base`); ``"rules"`` (no transformers) keeps
+    the config's. ``"table"``: the sweep verifies a row on its config class default base; a
+    family whose code ignores the rope parameters (the row's ``scaling`` fact says ``ignored``:
+    it computes its own sinusoids, with the config's base or a constant) answers any other base
+    from its code; the other rows read the base as the rope functions their code calls do (the
+    sweep's base check, ``.ci/sweep-transformers``, holds every family to it). An explicit
+    ``base=`` override wins."""
+    if mode == "rules" or "base" in overrides:
+        return cfg
+    if mode == "table":
+        if _ignores((row or {}).get("scaling")):
+            verified = _row_base(row, layer_type)
+            if cfg.base != verified:
+                raise _NeedCode(
+                    f"the base {cfg.base:g} is not the one the row was verified on, and the family's code ignores the "
+                    "rope parameters: it may not read the base either"
+                )
+        return cfg
+    used, why = _code_base(src, model_type, layer_type, comp, cfg)
+    if used == cfg.base:
+        return cfg
+    _say_ignored_base(model_type, cfg.base, used, why)
+    return cfg.replace(base=used)
+
+
+def _code_base(src: _Src, model_type: str, layer_type: Optional[str], comp: Any, cfg: RopeConfig) -> Tuple[float, str]:
+    """``(base, why)``: the base the family's code computes with for the config ``src.obj``;
+    ``cfg.base`` where it reads the config's, or where the code cannot say (a dict the config
+    class does not take, no modeling module, a module that does not run at positions 0..6).
+
+    A modeling module whose source never names the config's base computes with its constant
+    (:func:`ropekit._hf_code.reads_base`, :func:`ropekit._hf_code.coded_base`). Otherwise the
+    family's rotary module built from the config is measured at positions ``0..6``: its tables
+    are those of ``cfg`` (scaled or not: the scaling is decided next) with the config's base, or
+    else with the module's constant or 10000, or neither (the config's base is kept)."""
+    from . import _hf_code
+
+    if src.is_dict:
+        return cfg.base, ""
+    module = _hf_code.modeling_module_for(model_type)
+    if module is None:
+        return cfg.base, ""
+    coded = _hf_code.coded_base(module)
+    if _hf_code.reads_base(module) is False:
+        if coded is None:
+            return cfg.base, ""
+        return coded, f"its modeling code never reads rope_theta / rope_parameters; its sinusoids use base {coded:g}"
+    others = [b for b in dict.fromkeys((coded, 10000.0)) if b is not None and b != cfg.base]
+    if not others or comp is None or not getattr(getattr(comp, "measured", None), "lanes", None):
+        return cfg.base, ""
+    rot, _ = _hf_code.build_rotary(module, src.obj)
+    if rot is None:
+        return cfg.base, ""
+    import torch
+
+    pos = torch.arange(7)
+
+    def matches(base: float) -> bool:
+        for c in [cfg.replace(base=base)] + ([cfg.replace(base=base, scaling=None)] if cfg.scaling is not None else []):
+            try:
+                ch, sh = transformers_cos_sin(c, pos)
+                g = _hf_code.table_gap(rot, comp.measured.lanes, pos, ch, sh, layer_type=layer_type, config=src.obj)
+            except Exception:
+                return False
+            if g <= 2.0**-21:  # float32 rounding of another cos/sin routine (torch.polar)
+                return True
+        return False
+
+    if matches(cfg.base):
+        return cfg.base, ""
+    for b in others:
+        if matches(b):
+            return b, f"its rotary module computes the tables of base {b:g} whatever the config says"
+    return cfg.base, ""
 
 
 def _scaling_refused(model_type: str, kind: str, why: str) -> RopeError:

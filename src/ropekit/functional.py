@@ -275,7 +275,9 @@ def apply_rotary_gather(
         offsets: int or ``[b]`` added to ``0 .. s-1``; for ``thd`` with ``cu_seqlens``,
             an int or ``[len(cu_seqlens) - 1]``: sequence ``i`` counts from ``offsets[i]``.
         cu_seqlens: ``[n_seqs + 1]`` packed boundaries (``thd``); positions restart per sequence.
-            With none of positions/offsets/cu_seqlens, positions are ``0 .. s-1``.
+            With none of positions/offsets/cu_seqlens, positions are ``0 .. s-1`` (not for
+            ``thd``, which has no ``s``: it needs ``cu_seqlens`` or ``positions``, a RopeError
+            otherwise).
         format: ``"bshd"``, ``"bhsd"``, ``"sbhd"`` or ``"thd"``.
         layout: ``"half"`` or ``"interleaved"``.
         inplace: write into ``q`` and ``k`` and return them.

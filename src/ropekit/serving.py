@@ -48,6 +48,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -218,6 +219,29 @@ def _standin(x):
     return x if isinstance(x, torch.Tensor) else torch.empty(0)
 
 
+def _refused_by_graph(standin):
+    """Decorate a public function whose RopeErrors found while torch.compile traces it are
+    raised by the graph when it runs (``ropekit::serving_refuse``): the trace then goes on with
+    ``standin(*args, **kwargs)`` (what the call would have returned, never seen). Eager calls
+    raise as they are."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except RopeError as e:
+                if not _in_graph():
+                    raise
+                _refuse_in_graph(e)
+                return standin(*args, **kwargs)
+
+        return call
+
+    return wrap
+
+
+@_refused_by_graph(lambda cache, *a, **kw: _standin(cache))
 def cache_rows(cache: torch.Tensor, slots: torch.Tensor, cache_layout: str = "nhd") -> torch.Tensor:
     """The rows ``[len(slots), h, d]`` stored at flat ``slots`` (a gathered copy; negative
     slots read slot 0 — they are never written back).
@@ -226,17 +250,6 @@ def cache_rows(cache: torch.Tensor, slots: torch.Tensor, cache_layout: str = "nh
     ``slots``: integer, any shape (flattened). Raises RopeError for a slot past ``N * B``
     (read on the host; under torch.compile the graph checks it), float or bool slots (never
     truncated) and a cache of other than 4 dims."""
-    try:
-        return _cache_rows(cache, slots, cache_layout)
-    except RopeError as e:
-        if not _in_graph():
-            raise
-        _refuse_in_graph(e)  # found while torch.compile traces: the graph raises it
-        return _standin(cache)
-
-
-def _cache_rows(cache: torch.Tensor, slots: torch.Tensor, cache_layout: str = "nhd") -> torch.Tensor:
-    """:func:`cache_rows`."""
     tensors(cache=cache, slots=slots)
     _check_cache_layout(cache_layout)
     if cache.dim() != 4:
@@ -291,6 +304,7 @@ def _cache_eager(q, k, cos_table, sin_table, positions, k_cache, slots, v, v_cac
         k_out.copy_(kr.view(*lead, *k.shape[-2:]))
 
 
+@_refused_by_graph(lambda q, k, *a, return_k=False, **kw: (q, k) if return_k is True else q)
 def apply_rotary_cache(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -339,33 +353,6 @@ def apply_rotary_cache(
     positions outside the table, caches overlapping any input or each other, wrong
     dtypes/devices/shapes, and inputs that require grad (a cache write is not differentiable).
     """
-    try:
-        return _apply_rotary_cache(q, k, cos_table, sin_table, positions, k_cache, slots=slots, v=v, v_cache=v_cache,
-                                   cache_layout=cache_layout, layout=layout, inplace=inplace, return_k=return_k)
-    except RopeError as e:
-        if not _in_graph():
-            raise
-        _refuse_in_graph(e)  # found while torch.compile traces: the graph raises it
-        return (q, k) if return_k is True else q
-
-
-def _apply_rotary_cache(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    cos_table: torch.Tensor,
-    sin_table: torch.Tensor,
-    positions: torch.Tensor,
-    k_cache: torch.Tensor,
-    *,
-    slots: torch.Tensor,
-    v: Optional[torch.Tensor] = None,
-    v_cache: Optional[torch.Tensor] = None,
-    cache_layout: str = "nhd",
-    layout: str = "half",
-    inplace: bool = True,
-    return_k: bool = False,
-) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`apply_rotary_cache`."""
     # the tensor rules, layouts included, are the op's validator (C++); here only what Python has
     tensors(q=q, k=k, cos_table=cos_table, sin_table=sin_table, positions=positions, k_cache=k_cache, slots=slots)
     if not ((inplace is True or inplace is False) and (return_k is True or return_k is False)):
@@ -464,6 +451,7 @@ def _angles(cfg: RopeConfig, pos: torch.Tensor, seq_len, axes) -> torch.Tensor:
     return per_pair.T.to(torch.float64) * inv  # [n, r/2]
 
 
+@_refused_by_graph(lambda k_cache, *a, **kw: k_cache)
 def rerotate_cache(
     k_cache: torch.Tensor,
     slots: torch.Tensor,
@@ -531,35 +519,6 @@ def rerotate_cache(
         >>> bool((cache - ref).abs().max() < 1e-6)
         True
     """
-    try:
-        return _rerotate_cache(k_cache, slots, old_positions, new_positions, cfg, cache_layout=cache_layout,
-                               new_cfg=new_cfg, old_seq_len=old_seq_len, new_seq_len=new_seq_len,
-                               head_stride=head_stride, layout=layout, mrope_section=mrope_section,
-                               mrope_interleaved=mrope_interleaved)
-    except RopeError as e:
-        if not _in_graph():
-            raise
-        _refuse_in_graph(e)  # found while torch.compile traces: the graph raises it
-        return k_cache
-
-
-def _rerotate_cache(
-    k_cache: torch.Tensor,
-    slots: torch.Tensor,
-    old_positions: torch.Tensor,
-    new_positions: torch.Tensor,
-    cfg: RopeConfig,
-    *,
-    cache_layout: str = "nhd",
-    new_cfg: Optional[RopeConfig] = None,
-    old_seq_len: Optional[int] = None,
-    new_seq_len: Optional[int] = None,
-    head_stride: Optional[int] = None,
-    layout: Optional[str] = None,
-    mrope_section: Optional[Sequence[int]] = None,
-    mrope_interleaved: bool = False,
-) -> torch.Tensor:
-    """:func:`rerotate_cache`."""
     tensors(k_cache=k_cache, slots=slots)
     if not isinstance(cfg, RopeConfig) or not (new_cfg is None or isinstance(new_cfg, RopeConfig)):
         raise fail("cfg (and new_cfg) a ropekit.RopeConfig", f"{type(cfg).__name__}, {type(new_cfg).__name__}",
@@ -771,6 +730,7 @@ def profile_tables(
 _SEQ_DIMS = {"bshd": 1, "bhsd": 2, "sbhd": 0}  # the sequence dim of q in each 4-D format
 
 
+@_refused_by_graph(lambda q, k, *a, **kw: (q, k))
 def apply_rotary_profiles(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -798,31 +758,6 @@ def apply_rotary_profiles(
     Returns ``(q_rot, k_rot)``: the same bits as rotating each sequence alone with its
     profile's ``[n, r/2]`` tables.
     """
-    try:
-        return _apply_rotary_profiles(q, k, cos, sin, profile, positions=positions, format=format, layout=layout,
-                                      inplace=inplace, backend=backend, check=check)
-    except RopeError as e:
-        if not _in_graph():
-            raise
-        _refuse_in_graph(e)  # found while torch.compile traces: the graph raises it
-        return q, k
-
-
-def _apply_rotary_profiles(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    profile: torch.Tensor,
-    *,
-    positions: torch.Tensor,
-    format: str = "bshd",
-    layout: str = "half",
-    inplace: bool = False,
-    backend: str = "auto",
-    check: bool = True,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """:func:`apply_rotary_profiles`."""
     tensors(q=q, k=k, cos=cos, sin=sin, profile=profile, positions=positions)
     if cos.dim() != 3 or sin.shape != cos.shape:
         raise fail("cos and sin stacked profiles of one shape [P, n, r/2]", f"{tuple(cos.shape)} and {tuple(sin.shape)}",
@@ -847,6 +782,7 @@ def _apply_rotary_profiles(
                         inplace=inplace, backend=backend)
 
 
+@_refused_by_graph(lambda positions, *a, **kw: _standin(positions))
 def profile_positions(positions: torch.Tensor, profile: torch.Tensor, P: int, n: int, *, s: Optional[int] = None,
                       check: bool = True) -> torch.Tensor:
     """Rows of the flattened ``[P*n, r/2]`` stack: ``position + profile * n`` (one integer op).
@@ -861,18 +797,6 @@ def profile_positions(positions: torch.Tensor, profile: torch.Tensor, P: int, n:
     them (``ropekit::serving_values``) and raises the same RopeError. Positions and profiles of
     a float dtype, or of shapes that do not pair up, are a RopeError (never truncated or
     broadcast)."""
-    try:
-        return _profile_positions(positions, profile, P, n, s=s, check=check)
-    except RopeError as e:
-        if not _in_graph():
-            raise
-        _refuse_in_graph(e)  # found while torch.compile traces: the graph raises it
-        return _standin(positions)
-
-
-def _profile_positions(positions: torch.Tensor, profile: torch.Tensor, P: int, n: int, *, s: Optional[int] = None,
-                      check: bool = True) -> torch.Tensor:
-    """:func:`profile_positions`."""
     tensors(positions=positions, profile=profile)
     if isinstance(P, bool) or isinstance(n, bool) or not isinstance(P, (int, torch.SymInt)) \
             or not isinstance(n, (int, torch.SymInt)):

@@ -674,21 +674,22 @@ _SCALING_NAMES = re.compile(r"\b(rope_scaling|rope_parameters|rope_type|ROPE_INI
 
 
 @functools.lru_cache(maxsize=None)
-def _reads_scaling_cached(module_name: str) -> Optional[bool]:
+def _names_in_source(module_name: str, names: "re.Pattern[str]") -> Optional[bool]:
+    """Whether a modeling module's source matches ``names``, here or in the transformers module
+    its rotary classes / RoPE functions are imported from; ``None``: no source."""
     try:
         module = importlib.import_module(module_name)
         src = inspect.getsource(module)
     except (OSError, TypeError, ImportError):
         return None
-    if _SCALING_NAMES.search(src):
+    if names.search(src):
         return True
-    # rotary classes / RoPE functions imported from another family's module read it there
     others = {
         getattr(v, "__module__", "") for k, v in vars(module).items()
         if (inspect.isclass(v) or inspect.isfunction(v)) and _ROPE_NAME.search(k)
     } - {module_name}
     for name in sorted(o for o in others if o.startswith("transformers.")):
-        if name != "transformers.modeling_rope_utils" and _reads_scaling_cached(name) is not False:
+        if name != "transformers.modeling_rope_utils" and _names_in_source(name, names) is not False:
             return True
     return False
 
@@ -698,7 +699,7 @@ def reads_scaling(module: ModuleType) -> Optional[bool]:
     (``rope_scaling``, ``rope_parameters``, ``rope_type``, ``ROPE_INIT_FUNCTIONS``,
     ``dynamic_rope_update``); ``False``: its RoPE cannot depend on it (transformers 4.57 GPT-J,
     CodeGen, ESM compute their sinusoids from fixed constants); ``None``: no source."""
-    return _reads_scaling_cached(module.__name__)
+    return _names_in_source(module.__name__, _SCALING_NAMES)
 
 
 #: Names through which a transformers modeling module can read a config's RoPE base: ``rope_theta``
@@ -711,25 +712,6 @@ _BASE_NAMES = re.compile(
 )
 
 
-@functools.lru_cache(maxsize=None)
-def _reads_base_cached(module_name: str) -> Optional[bool]:
-    try:
-        module = importlib.import_module(module_name)
-        src = inspect.getsource(module)
-    except (OSError, TypeError, ImportError):
-        return None
-    if _BASE_NAMES.search(src):
-        return True
-    others = {
-        getattr(v, "__module__", "") for k, v in vars(module).items()
-        if (inspect.isclass(v) or inspect.isfunction(v)) and _ROPE_NAME.search(k)
-    } - {module_name}
-    for name in sorted(o for o in others if o.startswith("transformers.")):
-        if name != "transformers.modeling_rope_utils" and _reads_base_cached(name) is not False:
-            return True
-    return False
-
-
 def reads_base(module: ModuleType) -> Optional[bool]:
     """Whether a modeling module's source names the config's RoPE base at all (``rope_theta``,
     ``rotary_emb_base``, ``rope_local_base_freq``, ``rope_parameters``, transformers' rope
@@ -738,7 +720,7 @@ def reads_base(module: ModuleType) -> Optional[bool]:
     GPT-J and CodeGen (``create_sinusoidal_positions``: ``10000 ** ...``), and on transformers
     4.57 ESM (``RotaryEmbedding(dim)``) and IDEFICS (``IdeficsEmbedding(head_dim)``, ``base=10000``);
     ``None``: no source."""
-    return _reads_base_cached(module.__name__)
+    return _names_in_source(module.__name__, _BASE_NAMES)
 
 
 def _numeric(node: Optional[ast.AST]) -> Optional[float]:

@@ -1119,18 +1119,23 @@ def _collect_effects() -> Any:
         _EFFECTS = prev
 
 
-def _say_ignored(model_type: str, kind: str, why: str) -> None:
+def _caller_level() -> int:
+    """``stacklevel`` of a warning that points at the caller of ``from_hf``."""
     import sys
 
-    level, f = 1, sys._getframe(0)
+    level, f = 1, sys._getframe(1)  # frame 1: the function that calls warnings.warn
     while f is not None and str(f.f_globals.get("__name__", "")).startswith("ropekit."):
-        f, level = f.f_back, level + 1  # point at the caller of from_hf
+        f, level = f.f_back, level + 1
+    return level
+
+
+def _say_ignored(model_type: str, kind: str, why: str) -> None:
     warnings.warn(
         f"the config of model_type {model_type!r} asks for rope_type {kind!r}, which transformers' {model_type} "
         f"code ignores ({why}): from_hf returns the unscaled RoPE the model computes. If you meant the scaling to "
         "apply, the model does not apply it either; pass scaling=... to from_hf to get it in ropekit anyway",
         IgnoredScalingWarning,
-        stacklevel=level,
+        stacklevel=_caller_level(),
     )
 
 
@@ -1177,16 +1182,6 @@ def _as_coded(
     if effect in ("refused", "differs"):
         raise _scaling_refused(model_type, kind, why)
     return cfg
-
-
-def _caller_level() -> int:
-    """``stacklevel`` of a warning that points at the caller of ``from_hf``."""
-    import sys
-
-    level, f = 1, sys._getframe(1)  # frame 1: the function that calls warnings.warn
-    while f is not None and str(f.f_globals.get("__name__", "")).startswith("ropekit."):
-        f, level = f.f_back, level + 1
-    return level
 
 
 def _say_ignored_base(model_type: str, given: float, used: float, why: str) -> None:

@@ -35,25 +35,11 @@ from ropekit import RopeError, _hf_code, _hf_table  # noqa: E402
 from ropekit import hf as rhf  # noqa: E402
 from ropekit.hf import rope_config_from_hf, transformers_cos_sin  # noqa: E402
 from ropekit.integrations import hf_sweep as hs  # noqa: E402
+from _hf_util import need as _need, quiet_transformers  # noqa: E402,F401 (an autouse fixture)
 
 V4 = transformers.__version__.startswith("4.")
 THETA = 30000.0  # 3x the default of every family below: no family's own constant
 LINEAR = {"rope_type": "linear", "factor": 2.0}
-
-
-@pytest.fixture(autouse=True)
-def _quiet_transformers():
-    level = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    yield
-    transformers.logging.set_verbosity(level)
-
-
-def _need(model_type: str) -> None:
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-
-    if model_type not in CONFIG_MAPPING_NAMES:
-        pytest.skip(f"no {model_type} in transformers {transformers.__version__}")
 
 
 #: Top-level config keys that state a RoPE base (4.x names; ModernBERT's global / local bases).

@@ -162,6 +162,7 @@ struct F32 {
     enum { N = NF };
     static inline V vld(const S* p) { return vload(p); }
     static inline void vst(S* p, V v) { v = canon(v); memcpy(p, &v, sizeof v); }
+    static RK_INLINE void vst_raw(S* p, V v) { memcpy(p, &v, sizeof v); }  // v holds no NaN
 #if RK_VB == 64
     static inline void vst_nt(S* p, V v) { _mm512_stream_ps(p, (__m512)canon(v)); }
 #elif RK_VB == 32
@@ -483,6 +484,9 @@ struct F16 {
     static inline void vst(S* p, V f) {
         _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph((__m256)canon(f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     }
+    static RK_INLINE void vst_raw(S* p, V f) {  // f holds no NaN
+        _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph((__m256)f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
 #endif
 };
 #define RK_F16_PAIR 0
@@ -622,6 +626,103 @@ static inline void row_pair_il(const uint16_t* px, uint16_t* po, const float* cb
         pair_store<NT>(po + 2 * i, r);
     }
 }
+
+// Float32, and float16 with F16C, at the levels with vectors up to 32 bytes (the 64-byte
+// level keeps row() below): rows without canon()'s blend per stored vector and without the
+// sign's multiply. A step's results are checked for NaN with one unordered compare per two
+// vectors; a step with any is stored through canon() (the NaN rule's bits). `neg`: the
+// conjugate rotation, sin negated (exact). Returns the first pair (half) or element
+// (interleaved) not done; row() does the rest.
+#if RK_VB <= 32
+template <typename T> struct FastRow { enum { value = std::is_same<T, F32>::value }; };
+#if defined(__F16C__) && defined(__AVX2__)
+template <> struct FastRow<F16> { enum { value = 1 }; };
+#endif
+static RK_INLINE bool any_nan(vf a, vf b) {
+#if RK_VB == 32 && defined(__AVX__)
+    const __m256 m = _mm256_cmp_ps((__m256)a, (__m256)b, _CMP_UNORD_Q);
+    return !_mm256_testz_ps(m, m);
+#elif RK_VB == 16 && defined(__SSE2__)
+    return _mm_movemask_ps(_mm_cmpunord_ps((__m128)a, (__m128)b)) != 0;
+#else
+    return any((vu)(a != a) | (vu)(b != b));
+#endif
+}
+// Half layout: U vectors of each half per step (a 64-byte line of float32 output per half).
+template <typename T, bool NEG>
+static RK_INLINE i64 row_half_fast(const typename T::S* px, typename T::S* po, const float* pc, const float* ps, i64 h) {
+    const int N = T::N;
+    enum { U = 64 / (4 * T::N) };  // 2 at 32-byte vectors, 4 at 16
+    i64 i = 0;
+    for (; i + U * N <= h; i += U * N) {
+        vf y1[U], y2[U];
+        for (int u = 0; u < U; ++u) {
+            const vf a = T::vld(px + i + u * N), b = T::vld(px + h + i + u * N);
+            const vf c = vload(pc + i + u * N), sn = vload(ps + i + u * N);
+            if (NEG) {
+                y1[u] = a * c + b * sn;  // a·c - b·(-s)
+                y2[u] = b * c - a * sn;  // b·c + a·(-s)
+            } else {
+                y1[u] = a * c - b * sn;
+                y2[u] = b * c + a * sn;
+            }
+        }
+        bool nan = false;
+        for (int u = 0; u < U; ++u) nan |= any_nan(y1[u], y2[u]);
+        if (__builtin_expect(nan, 0)) {
+            for (int u = 0; u < U; ++u) T::vst(po + i + u * N, y1[u]);
+            for (int u = 0; u < U; ++u) T::vst(po + h + i + u * N, y2[u]);
+        } else {
+            for (int u = 0; u < U; ++u) T::vst_raw(po + i + u * N, y1[u]);
+            for (int u = 0; u < U; ++u) T::vst_raw(po + h + i + u * N, y2[u]);
+        }
+    }
+    return i;
+}
+// Interleaved layout: x·cc + swap(x)·ss, swap exchanging the two elements of each pair, with
+// the tables of the row duplicated per pair (il_tables: cc = c c, ss = -s s): the even element
+// x0·c + x1·(-s) is x0·c - x1·s bit for bit (a - b is a + (-b) in IEEE arithmetic), the odd one
+// x1·c + x0·s. No deinterleaving shuffles; 2·n elements, returns the first element not done.
+static RK_INLINE vf pair_swap(vf x) {
+#if RK_VB == 32
+#define RK_F_SWAP 1, 0, 3, 2, 5, 4, 7, 6
+#else
+#define RK_F_SWAP 1, 0, 3, 2
+#endif
+#ifdef RK_SHUF
+    return RK_SHUF(x, x, RK_F_SWAP);
+#else
+    return __builtin_shuffle(x, (vi32){RK_F_SWAP});
+#endif
+}
+static inline void il_tables(const float* pc, const float* ps, float sign, i64 n, float* cc, float* ss) {
+    for (i64 k = 0; k < n; ++k) {
+        const float sn = ps[k] * sign;
+        cc[2 * k] = pc[k], cc[2 * k + 1] = pc[k];
+        ss[2 * k] = -sn, ss[2 * k + 1] = sn;
+    }
+}
+template <typename T>
+static RK_INLINE i64 row_il_fast(const typename T::S* px, typename T::S* po, const float* cc, const float* ss, i64 n2) {
+    const int N = T::N;
+    i64 i = 0;
+    for (; i + 2 * N <= n2; i += 2 * N) {
+        const vf x0 = T::vld(px + i), x1 = T::vld(px + i + N);
+        const vf y0 = x0 * vload(cc + i) + pair_swap(x0) * vload(ss + i);
+        const vf y1 = x1 * vload(cc + i + N) + pair_swap(x1) * vload(ss + i + N);
+        if (__builtin_expect(any_nan(y0, y1), 0)) {
+            T::vst(po + i, y0);
+            T::vst(po + i + N, y1);
+        } else {
+            T::vst_raw(po + i, y0);
+            T::vst_raw(po + i + N, y1);
+        }
+    }
+    return i;
+}
+#else
+template <typename T> struct FastRow { enum { value = 0 }; };
+#endif
 
 template <typename T, int LAYOUT, int NT>
 static inline void row(const typename T::S* px, typename T::S* po, const typename T::C* pc,
@@ -783,6 +884,11 @@ static void run_rows(const Job& j, i64 r0, i64 r1) {
     Walk w(j.nd, j.size, j.xs, j.os, j.cs, j.ss, j.ps, r0);
     alignas(64) float cb[Paired<T>::value ? PAIR_TAB_MAX : 1];
     alignas(64) float sb[Paired<T>::value ? PAIR_TAB_MAX : 1];
+    // the interleaved fast row's tables, duplicated per pair (row_il_fast)
+    enum { IL = NT == 0 && FastRow<T>::value && LAYOUT == 1 };
+    alignas(64) float dc[IL ? 2 * PAIR_TAB_MAX : 1];
+    alignas(64) float ds[IL ? 2 * PAIR_TAB_MAX : 1];
+    const bool ilv = IL && h <= PAIR_TAB_MAX;
     const C *lc = nullptr, *ls = nullptr;  // the table row now in cb/sb
     bool tab_ok = true;                     // pair_tables' bound for that row
     bool rot_ok = true;
@@ -814,6 +920,12 @@ static void run_rows(const Job& j, i64 r0, i64 r1) {
                     ls = ps;
                 }
             }
+        } else if constexpr (NT == 0 && FastRow<T>::value && LAYOUT == 1) {
+            if (ilv && (pc != lc || ps != ls)) {
+                il_tables((const float*)pc, (const float*)ps, (float)sign, h, dc, ds);
+                lc = pc;
+                ls = ps;
+            }
         }
         const S* px = X + w.x;
         S* po = O + w.o;
@@ -829,6 +941,15 @@ static void run_rows(const Job& j, i64 r0, i64 r1) {
                         row_pair_il<PP, NT>(px, po, cb, sb, hv);
                 }
                 if (hv < h && (hv == 0 || tab_ok)) row<T, LAYOUT, NT>(px, po, pc, ps, h, sign, hv);
+            } else if constexpr (NT == 0 && FastRow<T>::value) {
+                if (LAYOUT == 0) {
+                    const i64 i = sign < 0 ? row_half_fast<T, true>(px, po, pc, ps, h) : row_half_fast<T, false>(px, po, pc, ps, h);
+                    if (i < h) row<T, LAYOUT, NT>(px, po, pc, ps, h, sign, i);
+                } else if (ilv) {
+                    const i64 i = row_il_fast<T>(px, po, dc, ds, 2 * h) / 2;
+                    if (i < h) row<T, LAYOUT, NT>(px, po, pc, ps, h, sign, i);
+                } else
+                    row<T, LAYOUT, NT>(px, po, pc, ps, h, sign);
             } else
                 row<T, LAYOUT, NT>(px, po, pc, ps, h, sign);
             if (copy_tail) memcpy(po + 2 * h, px + 2 * h, (size_t)tail * sizeof(S));

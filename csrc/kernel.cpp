@@ -277,7 +277,6 @@ struct BF16Pair {
         return (bf16_round_hi(ye) >> 16) | (bf16_round_hi(yo) & 0xFFFF0000u);
     }
     static RK_INLINE void split_fast(const uint16_t* p, vf& e, vf& o, vu&) { split(p, e, o); }
-    static RK_INLINE vu join_fast(vf ye, vf yo, vu&) { return join(ye, yo); }
     // The rotation's path (row_pair_*; see F16Pair), unscaled tables. Where the CPU has no
     // bfloat16 conversion, rot_out rounds without canon()'s blends: a NaN lane (the only value
     // the rounding formula gets wrong: its increment can carry into the sign) is flagged by
@@ -290,6 +289,7 @@ struct BF16Pair {
         return join(ye, yo);
     }
     static RK_INLINE void rot_check(vf, vf, vu&) {}
+    static RK_INLINE vu join_fast(vf ye, vf yo, vu&) { return join(ye, yo); }
 #else
     enum { ROT_FAST = 1 };
     // mn: all-ones in the lanes where ye or yo is a NaN
@@ -318,6 +318,13 @@ struct BF16Pair {
 #endif
     }
     static RK_INLINE void rot_check(vf m1, vf m2, vu& bad) { bad |= (vu)m1 | (vu)m2; }
+    // the same rounding for the fused norm's outputs: a block with a NaN is joined again
+    static RK_INLINE vu join_fast(vf ye, vf yo, vu& bad) {
+        vf m;
+        const vu r = rot_out(ye, yo, m);
+        bad |= (vu)m;
+        return r;
+    }
 #endif
     static constexpr float ROT_SCALE = 1.0f;
     static RK_INLINE bool rot_ok() { return true; }
@@ -894,11 +901,11 @@ static void run_rows(const Job& j, i64 r0, i64 r1) {
     bool rot_ok = true;
     if constexpr (Paired<T>::value) rot_ok = T::P::rot_ok();
     const i64 hv = h <= PAIR_TAB_MAX ? h - h % (LAYOUT == 0 ? 2 * NF : NF) : 0;  // pairs for the paired loop
-    // Rows along the last dim that share one table row (the heads of a token, tables
-    // broadcast over them) are taken as one run: the table row is looked up and prepared once
+    // Rows along the last dim that share one table row (the heads of a token: tables, or a
+    // gather's positions, broadcast over them) are taken as one run: the table row is looked up and prepared once
     // per run, and the run's rows are a pointer step apart (no walk per row).
     const int kl = (int)j.nd - 1;
-    const bool shared = !j.gather && j.cs[kl] == 0 && j.ss[kl] == 0;
+    const bool shared = j.gather ? j.ps[kl] == 0 : j.cs[kl] == 0 && j.ss[kl] == 0;
     const i64 dx = j.xs[kl], dox = j.os[kl];
     for (i64 r = r0; r < r1;) {
         const i64 n = shared && j.size[kl] - w.idx[kl] < r1 - r ? j.size[kl] - w.idx[kl] : shared ? r1 - r : 1;
@@ -1552,7 +1559,7 @@ static void norm_fwd_pair_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
                     for (i64 i = 0; i < h; i += 2 * NF) {
                         vu bad = {}, r1, r2;
                         half_blk(i, bad, r1, r2, no);
-                        if (P::FAST && any(bad)) half_blk(i, bad, r1, r2, yes);
+                        if ((P::FAST || P::ROT_FAST) && any(bad)) half_blk(i, bad, r1, r2, yes);
                         pair_store<0>(po + i, r1);
                         pair_store<0>(po + h + i, r2);
                     }
@@ -1560,14 +1567,14 @@ static void norm_fwd_pair_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
                     for (i64 i = 0; i < h; i += NF) {
                         vu bad = {};
                         vu r = il_blk(i, bad, no);
-                        if (P::FAST && any(bad)) r = il_blk(i, bad, yes);
+                        if ((P::FAST || P::ROT_FAST) && any(bad)) r = il_blk(i, bad, yes);
                         pair_store<0>(po + 2 * i, r);
                     }
                 }
                 for (i64 i = 2 * h; i < d; i += 2 * NF) {
                     vu bad = {};
                     vu r = tail_blk(i, bad, no);
-                    if (P::FAST && any(bad)) r = tail_blk(i, bad, yes);
+                    if ((P::FAST || P::ROT_FAST) && any(bad)) r = tail_blk(i, bad, yes);
                     pair_store<0>(po + i, r);
                 }
             };

@@ -1181,6 +1181,57 @@ static RK_INLINE void sumsq16_x8(const typename T::S* X, const i64* xo, int m, i
     const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
     _mm256_storeu_ps(out, _mm512_castps512_ps256(_mm512_permutexvar_ps(idx, (__m512)f)));
 }
+#elif RK_VB == 32 && defined(__AVX2__)
+// The avx2 level: 8 float lanes, so each row's 16 lanes are two vectors (acc0: lanes 0..7,
+// acc1: 8..15), and rows go four at a time (eight chains in registers). The tree: k + k + 8
+// is acc0 + acc1; k + k + 4 on two rows packed in the two 128-bit halves; k + k + 2 and
+// k + k + 1 on four rows, as above. (One row's chains alone were latency-bound: 8 dependent
+// adds of 3-4 cycles each per row, which the output work beside them did not hide.)
+#define RK_SUMSQ_X8 1
+template <typename T>
+static RK_INLINE void sumsq16_x4(const typename T::S* const* p, i64 d, float* out, float* const* keep) {
+    __m256 a0[4], a1[4];
+    auto load = [&](int u, i64 i) {
+        const vf v = T::vld(p[u] + i);
+        if (keep != nullptr) memcpy(keep[u] + i, &v, sizeof v);
+        return v;
+    };
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) {
+        const vf v0 = load(u, 0), v1 = load(u, 8);
+        a0[u] = (__m256)(v0 * v0);
+        a1[u] = (__m256)(v1 * v1);
+    }
+    for (i64 i = 16; i < d; i += 16)
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; ++u) {
+            const vf v0 = load(u, i), v1 = load(u, i + 8);
+            a0[u] = (__m256)((vf)a0[u] + v0 * v0);
+            a1[u] = (__m256)((vf)a1[u] + v1 * v1);
+        }
+    vf b[4];
+    for (int u = 0; u < 4; ++u) b[u] = (vf)a0[u] + (vf)a1[u];  // k + k + 8
+    // k + k + 4: c[v] = [row 2v: lanes 0..3 | row 2v + 1: lanes 0..3]
+    vf c[2];
+    for (int v = 0; v < 2; ++v)
+        c[v] = (vf)_mm256_permute2f128_ps((__m256)b[2 * v], (__m256)b[2 * v + 1], 0x20) +
+               (vf)_mm256_permute2f128_ps((__m256)b[2 * v], (__m256)b[2 * v + 1], 0x31);
+    // k + k + 2: half j = [row j: 2 lanes, row 2 + j: 2 lanes]
+    const vf e = (vf)_mm256_shuffle_ps((__m256)c[0], (__m256)c[1], 0x44) + (vf)_mm256_shuffle_ps((__m256)c[0], (__m256)c[1], 0xEE);
+    // k + k + 1: lane 4j = row j, lane 4j + 2 = row 2 + j
+    const vf f = e + (vf)_mm256_permute_ps((__m256)e, 0xB1);
+    out[0] = f[0], out[1] = f[4], out[2] = f[2], out[3] = f[6];
+}
+template <typename T>
+static RK_INLINE void sumsq16_x8(const typename T::S* X, const i64* xo, int m, i64 d, float* out,
+                                  float* keep = nullptr, i64 ld = 0) {
+    // keep: row u's widened values are stored to keep[u·ld, u·ld + d) (element order)
+    const typename T::S* p[8];
+    float* kp[8];
+    for (int u = 0; u < 8; ++u) p[u] = X + xo[u < m ? u : 0], kp[u] = keep != nullptr ? keep + u * ld : nullptr;
+    sumsq16_x4<T>(p, d, out, keep != nullptr ? kp : nullptr);
+    if (m > 4) sumsq16_x4<T>(p + 4, d, out + 4, keep != nullptr ? kp + 4 : nullptr);
+}
 #else
 #define RK_SUMSQ_X8 0
 template <typename T>
@@ -1367,7 +1418,7 @@ static void norm_fwd_fast_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
     typedef typename T::S S;
     typedef typename T::C C;
     const auto [X, O, CT, ST, W, R, d, h, eps, dd] = NormFwdArgs<S, C>(j);
-    constexpr bool X8 = RK_SUMSQ_X8 && std::is_same<C, float>::value && T::N == 16;
+    constexpr bool X8 = RK_SUMSQ_X8 && std::is_same<C, float>::value && (T::N == 16 || T::N == 8);
     // float32 / float64 storage: rows known finite are stored without canon (finite_below)
     constexpr bool RAW = std::is_same<S, C>::value;
     const bool wok = RAW && finite_below(W, d);
@@ -1475,7 +1526,7 @@ static void norm_fwd_pair_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
     typedef typename T::P P;
     const auto [X, O, CT, ST, W, R, d, h, eps, dd] = NormFwdArgs<uint16_t, float>(j);
     // 16 lanes: pair_sumsq16 is sumsq16 (T::vld widens a bfloat16 exactly)
-    constexpr bool X8 = RK_SUMSQ_X8 && NF == 16 && !T::P::FAST;
+    constexpr bool X8 = RK_SUMSQ_X8 && (NF == 16 || NF == 8) && !T::P::FAST;
     // float16 without F16C: the sum pass keeps each row's widened values (split even/odd) for
     // the output pass, which then neither converts nor checks x again
     constexpr bool BUF = P::FAST;

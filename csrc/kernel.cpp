@@ -1255,6 +1255,26 @@ static inline void norm_fwd_row_fast(const typename T::S* px, typename T::S* po,
         else
             T::vst(p, v);
     };
+#if RK_VB <= 32
+    if constexpr (!RAW && LAYOUT == 0 && FastRow<T>::value) {
+        // one unordered compare per pair of results instead of canon() on each (row_half_fast)
+        for (i64 i = 0; i < h; i += N) {
+            const V a = (T::vld(px + i) * rstd) * vload(W + i);
+            const V b = (T::vld(px + h + i) * rstd) * vload(W + h + i);
+            const V c = vload(pc + i), s = vload(ps + i);
+            const V y1 = a * c - b * s, y2 = b * c + a * s;
+            if (__builtin_expect(any_nan(y1, y2), 0)) {
+                T::vst(po + i, y1);
+                T::vst(po + h + i, y2);
+            } else {
+                T::vst_raw(po + i, y1);
+                T::vst_raw(po + h + i, y2);
+            }
+        }
+        for (i64 i = 2 * h; i < d; i += N) put(po + i, (T::vld(px + i) * rstd) * vload(W + i));
+        return;
+    }
+#endif
     for (i64 i = 0; i < h; i += N) {  // pairs: both lanes loaded before either is stored
         V a, b;
         if (LAYOUT == 0) {
@@ -1280,6 +1300,36 @@ static inline void norm_fwd_row_fast(const typename T::S* px, typename T::S* po,
     for (i64 i = 2 * h; i < d; i += N) put(po + i, (T::vld(px + i) * rstd) * vload(W + i));
 }
 
+#if RK_VB <= 32
+// The interleaved layout by the in-pair swap (row_il_fast): y = n·cc + swap(n)·ss on the
+// normalised row n, against the row's tables duplicated per pair (il_tables, sign +1); the
+// same products and sums as norm_fwd_row_fast's deinterleaved pairs, so the same bits.
+template <typename T, bool RAW>
+static inline void norm_fwd_row_il(const typename T::S* px, typename T::S* po, const float* cc, const float* ss,
+                                   const float* W, i64 h, i64 d, float rstd) {
+    const int N = T::N;
+    for (i64 i = 0; i < 2 * h; i += 2 * N) {
+        const vf n0 = (T::vld(px + i) * rstd) * vload(W + i);
+        const vf n1 = (T::vld(px + i + N) * rstd) * vload(W + i + N);
+        const vf y0 = n0 * vload(cc + i) + pair_swap(n0) * vload(ss + i);
+        const vf y1 = n1 * vload(cc + i + N) + pair_swap(n1) * vload(ss + i + N);
+        if (RAW || !__builtin_expect(any_nan(y0, y1), 0)) {
+            T::vst_raw(po + i, y0);
+            T::vst_raw(po + i + N, y1);
+        } else {
+            T::vst(po + i, y0);
+            T::vst(po + i + N, y1);
+        }
+    }
+    for (i64 i = 2 * h; i < d; i += N) {
+        const vf y = (T::vld(px + i) * rstd) * vload(W + i);
+        if (RAW)
+            T::vst_raw(po + i, y);
+        else
+            T::vst(po + i, y);
+    }
+}
+#endif
 // canon() changes only NaNs, and a row's outputs are all finite, without looking at them, when
 //   - its inverse RMS is finite and positive (finite_rstd), so its sum of squares is finite:
 //     then x is finite and |x·rstd| < 2^21 (for
@@ -1425,12 +1475,33 @@ static void norm_fwd_fast_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
     const C *lc = nullptr, *ls = nullptr;
     int tok = 0;  // the table row lc/ls: 0 not checked, 1 finite and below 2^40, 2 not
     const i64 rowb = d * (i64)sizeof(S);
+#if RK_VB <= 32
+    // interleaved: the table row duplicated per pair for norm_fwd_row_il, built when a second
+    // row uses it (the heads of a token; rows each on a new table row keep the shuffles)
+    enum { IL = LAYOUT == 1 && FastRow<T>::value };
+    alignas(64) float dc[IL ? 2 * PAIR_TAB_MAX : 1], ds[IL ? 2 * PAIR_TAB_MAX : 1];
+    const C *dlc = nullptr, *dls = nullptr;
+    bool dok = false;
+#endif
     norm_groups<X8>(
         w, r0, r1, (const char*)X, (i64)sizeof(S), rowb, dd, eps, R,
         [&](auto& g, int) { sumsq16_x8<T>(X, g.xo, g.m, d, g.rs); },  // generic: instantiated only for X8
         [&](auto& g, int u, int) { g.rs[u] = sumsq16<T>(X + g.xo[u], d); },
         [&](const NormGroup<C>& a, int u, int) {
             const C *pc = CT + a.co[u], *ps = ST + a.so[u];
+#if RK_VB <= 32
+            bool il = false;
+            if constexpr (IL) {
+                if (h <= PAIR_TAB_MAX) {
+                    if (pc != dlc || ps != dls)
+                        dlc = pc, dls = ps, dok = false;
+                    else {
+                        if (!dok) il_tables((const float*)pc, (const float*)ps, 1.0f, h, dc, ds);
+                        dok = il = true;
+                    }
+                }
+            }
+#endif
             if constexpr (RAW) {
                 // a table row is checked when the next row uses it too (the heads of a token
                 // sharing its row: bshd); where each row takes a new table row (bhsd) the
@@ -1440,10 +1511,24 @@ static void norm_fwd_fast_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
                 else if (tok == 0)
                     tok = finite_below(pc, h) && finite_below(ps, h) ? 1 : 2;
                 if (wok && tok == 1 && finite_rstd(a.rs[u])) {
+#if RK_VB <= 32
+                    if constexpr (IL)
+                        if (il) {
+                            norm_fwd_row_il<T, true>(X + a.xo[u], O + a.oo[u], dc, ds, W, h, d, a.rs[u]);
+                            return;
+                        }
+#endif
                     norm_fwd_row_fast<T, LAYOUT, true>(X + a.xo[u], O + a.oo[u], pc, ps, W, h, d, a.rs[u]);
                     return;
                 }
             }
+#if RK_VB <= 32
+            if constexpr (IL)
+                if (il) {
+                    norm_fwd_row_il<T, false>(X + a.xo[u], O + a.oo[u], dc, ds, W, h, d, a.rs[u]);
+                    return;
+                }
+#endif
             norm_fwd_row_fast<T, LAYOUT>(X + a.xo[u], O + a.oo[u], pc, ps, W, h, d, a.rs[u]);
         });
 }

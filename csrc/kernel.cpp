@@ -896,6 +896,7 @@ static void run_rows(const Job& j, i64 r0, i64 r1) {
     alignas(64) float dc[IL ? 2 * PAIR_TAB_MAX : 1];
     alignas(64) float ds[IL ? 2 * PAIR_TAB_MAX : 1];
     const bool ilv = IL && h <= PAIR_TAB_MAX;
+    bool use_il = false;
     const C *lc = nullptr, *ls = nullptr;  // the table row now in cb/sb
     bool tab_ok = true;                     // pair_tables' bound for that row
     bool rot_ok = true;
@@ -928,7 +929,11 @@ static void run_rows(const Job& j, i64 r0, i64 r1) {
                 }
             }
         } else if constexpr (NT == 0 && FastRow<T>::value && LAYOUT == 1) {
-            if (ilv && (pc != lc || ps != ls)) {
+            // the duplicated tables pay off over two rows or more: a table row used by one row
+            // alone (tables per head, or the bhsd walk's new position each row) keeps the
+            // deinterleaving row()
+            use_il = ilv && (n >= 2 || (pc == lc && ps == ls));
+            if (use_il && (pc != lc || ps != ls)) {
                 il_tables((const float*)pc, (const float*)ps, (float)sign, h, dc, ds);
                 lc = pc;
                 ls = ps;
@@ -952,7 +957,7 @@ static void run_rows(const Job& j, i64 r0, i64 r1) {
                 if (LAYOUT == 0) {
                     const i64 i = sign < 0 ? row_half_fast<T, true>(px, po, pc, ps, h) : row_half_fast<T, false>(px, po, pc, ps, h);
                     if (i < h) row<T, LAYOUT, NT>(px, po, pc, ps, h, sign, i);
-                } else if (ilv) {
+                } else if (use_il) {
                     const i64 i = row_il_fast<T>(px, po, dc, ds, 2 * h) / 2;
                     if (i < h) row<T, LAYOUT, NT>(px, po, pc, ps, h, sign, i);
                 } else

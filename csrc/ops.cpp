@@ -643,10 +643,33 @@ bool merge_dims(const Tensor& x, const int64_t* const in[5], int64_t* size, int6
 
 // Fill j's leading dims from x's; cst/sst: the table strides aligned with x's leading dims
 // (0 = broadcast); pst: positions.
+// The kernel takes the rows along its innermost dim that share a table row (or a gather's
+// position) as one run. When x's innermost dim in memory is such a dim but not the last of the
+// row dims (a [b, h, s, d] view of [b, s, h, d] memory, as attention code transposes q and k,
+// with tables over s), it is moved last: the rows are the same, enumerated in memory order
+// (each row is computed on its own, so the bits do not depend on the order).
 bool fill_dims(RkJob& j, const Tensor& x, const Tensor& out, const int64_t* cst, const int64_t* sst, const int64_t* pst) {
     const int64_t* in[5] = {x.strides().data(), out.strides().data(), cst, sst, pst};
     int64_t* dst[5] = {j.xs, j.os, j.cs, j.ss, j.ps};
-    return merge_dims(x, in, j.size, dst, j.nd, j.nrows);
+    if (!merge_dims(x, in, j.size, dst, j.nd, j.nrows)) return false;
+    const int64_t n = j.nd;
+    auto shared = [&](int64_t k) { return j.cs[k] == 0 && j.ss[k] == 0 && (!j.gather || j.ps[k] == 0); };
+    if (n >= 2 && !shared(n - 1)) {
+        int64_t best = -1;
+        for (int64_t k = 0; k < n - 1; ++k)
+            if (shared(k) && std::abs(j.xs[k]) < std::abs(j.xs[n - 1]) && std::abs(j.os[k]) <= std::abs(j.os[n - 1]) &&
+                (best < 0 || std::abs(j.xs[k]) < std::abs(j.xs[best])))
+                best = k;
+        if (best >= 0) {
+            int64_t* arr[6] = {j.size, j.xs, j.os, j.cs, j.ss, j.ps};
+            for (int64_t* a : arr) {
+                const int64_t v = a[best];
+                for (int64_t k = best; k < n - 1; ++k) a[k] = a[k + 1];
+                a[n - 1] = v;
+            }
+        }
+    }
+    return true;
 }
 
 constexpr int64_t kMaxLead = 64;  // leading dims a strided job takes (more: contiguous copies)

@@ -3,7 +3,8 @@
 The rows without a NaN blend per stored vector (a block holding a NaN is stored again through
 the canonical-NaN path), the conjugate rotation without the sign's multiply, the interleaved
 layout by an in-pair swap against per-pair tables, the rows of one token's heads taken as one
-run (tables or gather positions broadcast over the heads), the bfloat16 rounding in 16-bit
+run (tables or gather positions broadcast over the heads; also where the heads are innermost in
+memory but not the last row dim, as in attention code's transposed q), the bfloat16 rounding in 16-bit
 words at ``avx2``, and the fused norm's versions of the same. The levels are compared with each
 other in ``test_levels_bits.py``; here each level is compared with an independent float32 /
 float64 formula in torch (separately rounded products, one round to nearest even), so a path
@@ -75,7 +76,10 @@ _PROBE = textwrap.dedent(
         c, s = th.cos().to(tdt), th.sin().to(tdt)
         key = f"{str(dt)[6:]}/{layout}/conj{int(conj)}/h{h}/d{d}/nan{frac}"
         # tables broadcast over the heads (one run per token) and per head (bhsd-like: no run)
-        for tabs, xx in (((c[:, None], s[:, None]), x), ((c[:, None].expand(7, 5, h), s[:, None].expand(7, 5, h).contiguous()), x)):
+        # and x as attention code holds it: a [b, h, s, d] view of [b, s, h, d] memory, tables
+        # over s (the operator walks the heads innermost, in memory order)
+        for tabs, xx in (((c[:, None], s[:, None]), x), ((c[:, None].expand(7, 5, h), s[:, None].expand(7, 5, h).contiguous()), x),
+                         ((c, s), x.transpose(1, 2))):
             want = formula(xx, tabs[0], tabs[1], layout, conj)
             outs = {"fresh": R.rotary(xx, tabs[0], tabs[1], layout, conj)}
             y = xx.clone(); R.rotary_(y, tabs[0], tabs[1], layout, conj); outs["inplace"] = y

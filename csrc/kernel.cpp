@@ -909,7 +909,8 @@ static void run_rows(const Job& j, i64 r0, i64 r1) {
     const bool shared = j.gather ? j.ps[kl] == 0 : j.cs[kl] == 0 && j.ss[kl] == 0;
     const i64 dx = j.xs[kl], dox = j.os[kl];
     for (i64 r = r0; r < r1;) {
-        const i64 n = shared && j.size[kl] - w.idx[kl] < r1 - r ? j.size[kl] - w.idx[kl] : shared ? r1 - r : 1;
+        i64 n = 1;  // rows in this run: to the end of the last dim, or of the range
+        if (shared) n = j.size[kl] - w.idx[kl] < r1 - r ? j.size[kl] - w.idx[kl] : r1 - r;
         const C *pc, *ps;
         if (j.gather) {
             const i64 p = P[w.e];
@@ -1260,26 +1261,20 @@ static inline void norm_fwd_row_fast(const typename T::S* px, typename T::S* po,
         else
             T::vst(p, v);
     };
+    // two result vectors: at the levels with FastRow, one unordered compare for both instead
+    // of canon() on each (row_half_fast)
+    auto put2 = [&](typename T::S* p1, V y1, typename T::S* p2, V y2) {
 #if RK_VB <= 32
-    if constexpr (!RAW && LAYOUT == 0 && FastRow<T>::value) {
-        // one unordered compare per pair of results instead of canon() on each (row_half_fast)
-        for (i64 i = 0; i < h; i += N) {
-            const V a = (T::vld(px + i) * rstd) * vload(W + i);
-            const V b = (T::vld(px + h + i) * rstd) * vload(W + h + i);
-            const V c = vload(pc + i), s = vload(ps + i);
-            const V y1 = a * c - b * s, y2 = b * c + a * s;
-            if (__builtin_expect(any_nan(y1, y2), 0)) {
-                T::vst(po + i, y1);
-                T::vst(po + h + i, y2);
-            } else {
-                T::vst_raw(po + i, y1);
-                T::vst_raw(po + h + i, y2);
+        if constexpr (!RAW && FastRow<T>::value)
+            if (!__builtin_expect(any_nan(y1, y2), 0)) {
+                T::vst_raw(p1, y1);
+                T::vst_raw(p2, y2);
+                return;
             }
-        }
-        for (i64 i = 2 * h; i < d; i += N) put(po + i, (T::vld(px + i) * rstd) * vload(W + i));
-        return;
-    }
 #endif
+        put(p1, y1);
+        put(p2, y2);
+    };
     for (i64 i = 0; i < h; i += N) {  // pairs: both lanes loaded before either is stored
         V a, b;
         if (LAYOUT == 0) {
@@ -1293,13 +1288,11 @@ static inline void norm_fwd_row_fast(const typename T::S* px, typename T::S* po,
         const V c = vload(pc + i), s = vload(ps + i);
         const V y1 = a * c - b * s, y2 = b * c + a * s;
         if (LAYOUT == 0) {
-            put(po + i, y1);
-            put(po + h + i, y2);
+            put2(po + i, y1, po + h + i, y2);
         } else {
             V o0, o1;
             inter(y1, y2, o0, o1);
-            put(po + 2 * i, o0);
-            put(po + 2 * i + N, o1);
+            put2(po + 2 * i, o0, po + 2 * i + N, o1);
         }
     }
     for (i64 i = 2 * h; i < d; i += N) put(po + i, (T::vld(px + i) * rstd) * vload(W + i));
@@ -1515,26 +1508,24 @@ static void norm_fwd_fast_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
                     lc = pc, ls = ps, tok = 0;
                 else if (tok == 0)
                     tok = finite_below(pc, h) && finite_below(ps, h) ? 1 : 2;
-                if (wok && tok == 1 && finite_rstd(a.rs[u])) {
-#if RK_VB <= 32
-                    if constexpr (IL)
-                        if (il) {
-                            norm_fwd_row_il<T, true>(X + a.xo[u], O + a.oo[u], dc, ds, W, h, d, a.rs[u]);
-                            return;
-                        }
-#endif
-                    norm_fwd_row_fast<T, LAYOUT, true>(X + a.xo[u], O + a.oo[u], pc, ps, W, h, d, a.rs[u]);
-                    return;
-                }
             }
+            auto emit = [&](auto raw) {  // raw: std::true_type when the row's outputs are known finite
+                constexpr bool RW = decltype(raw)::value;
 #if RK_VB <= 32
-            if constexpr (IL)
-                if (il) {
-                    norm_fwd_row_il<T, false>(X + a.xo[u], O + a.oo[u], dc, ds, W, h, d, a.rs[u]);
+                if constexpr (IL)
+                    if (il) {
+                        norm_fwd_row_il<T, RW>(X + a.xo[u], O + a.oo[u], dc, ds, W, h, d, a.rs[u]);
+                        return;
+                    }
+#endif
+                norm_fwd_row_fast<T, LAYOUT, RW>(X + a.xo[u], O + a.oo[u], pc, ps, W, h, d, a.rs[u]);
+            };
+            if constexpr (RAW)
+                if (wok && tok == 1 && finite_rstd(a.rs[u])) {
+                    emit(std::true_type());
                     return;
                 }
-#endif
-            norm_fwd_row_fast<T, LAYOUT>(X + a.xo[u], O + a.oo[u], pc, ps, W, h, d, a.rs[u]);
+            emit(std::false_type());
         });
 }
 

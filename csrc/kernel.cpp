@@ -236,6 +236,8 @@ static RK_INLINE bool any(vu m) {
     return _mm_movemask_epi8((__m128i)m) != 0;  // lanes are all-ones or zero
 #elif RK_VB == 32 && defined(__AVX2__)
     return !_mm256_testz_si256((__m256i)m, (__m256i)m);
+#elif RK_VB == 64
+    return _mm512_test_epi32_mask((__m512i)m, (__m512i)m) != 0;
 #else
     uint64_t w[sizeof(vu) / 8];
     memcpy(w, &m, sizeof w);
@@ -294,7 +296,18 @@ struct BF16Pair {
     enum { ROT_FAST = 1 };
     // mn: all-ones in the lanes where ye or yo is a NaN
     static RK_INLINE vu rot_out(vf ye, vf yo, vf& mn) {
-#if RK_VB == 32 && defined(__AVX2__)
+#if RK_VB == 64
+        // the 16-bit word formula of the avx2 branch below, with AVX512BW's masks
+        mn = (vf)_mm512_movm_epi32(_mm512_cmp_ps_mask((__m512)ye, (__m512)yo, _CMP_UNORD_Q));
+        const __m512i ue = (__m512i)ye, uo = (__m512i)yo;
+        const __mmask32 odd = 0xAAAAAAAAu;
+        const __m512i H = _mm512_mask_blend_epi16(odd, _mm512_srli_epi32(ue, 16), uo);
+        const __m512i L = _mm512_mask_blend_epi16(odd, ue, _mm512_slli_epi32(uo, 16));
+        const __m512i one = _mm512_set1_epi16(1);
+        const __m512i t = _mm512_adds_epu16(L, _mm512_and_si512(H, one));
+        const __mmask32 c = _mm512_cmpgt_epu16_mask(t, _mm512_set1_epi16((short)0x8000));
+        return (vu)_mm512_mask_add_epi16(H, c, H, one);
+#elif RK_VB == 32 && defined(__AVX2__)
         mn = (vf)_mm256_cmp_ps((__m256)ye, (__m256)yo, _CMP_UNORD_Q);
         // In 16-bit words: H = the top halves (bf16 truncations; even elements in the even
         // words), L = the bottom halves. u + 0x7FFF + (bit 16 of u) carries into the top half
@@ -486,6 +499,9 @@ struct F16 {
     static inline void vst(S* p, V f) {
         _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph((__m512)canon(f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     }
+    static RK_INLINE void vst_raw(S* p, V f) {  // f holds no NaN
+        _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph((__m512)f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
 #else
     static inline V vld(const S* p) { return (V)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
     static inline void vst(S* p, V f) {
@@ -634,19 +650,19 @@ static inline void row_pair_il(const uint16_t* px, uint16_t* po, const float* cb
     }
 }
 
-// Float32, and float16 with F16C, at the levels with vectors up to 32 bytes (the 64-byte
-// level keeps row() below): rows without canon()'s blend per stored vector and without the
-// sign's multiply. A step's results are checked for NaN with one unordered compare per two
+// Float32, and float16 with F16C (every level but the portable one's float16): rows without
+// canon()'s blend per stored vector and without the sign's multiply. A step's results are checked for NaN with one unordered compare per two
 // vectors; a step with any is stored through canon() (the NaN rule's bits). `neg`: the
 // conjugate rotation, sin negated (exact). Returns the first pair (half) or element
 // (interleaved) not done; row() does the rest.
-#if RK_VB <= 32
 template <typename T> struct FastRow { enum { value = std::is_same<T, F32>::value }; };
 #if defined(__F16C__) && defined(__AVX2__)
 template <> struct FastRow<F16> { enum { value = 1 }; };
 #endif
 static RK_INLINE bool any_nan(vf a, vf b) {
-#if RK_VB == 32 && defined(__AVX__)
+#if RK_VB == 64
+    return _mm512_cmp_ps_mask((__m512)a, (__m512)b, _CMP_UNORD_Q) != 0;
+#elif RK_VB == 32 && defined(__AVX__)
     const __m256 m = _mm256_cmp_ps((__m256)a, (__m256)b, _CMP_UNORD_Q);
     return !_mm256_testz_ps(m, m);
 #elif RK_VB == 16 && defined(__SSE2__)
@@ -691,7 +707,9 @@ static RK_INLINE i64 row_half_fast(const typename T::S* px, typename T::S* po, c
 // x0·c + x1·(-s) is x0·c - x1·s bit for bit (a - b is a + (-b) in IEEE arithmetic), the odd one
 // x1·c + x0·s. No deinterleaving shuffles; 2·n elements, returns the first element not done.
 static RK_INLINE vf pair_swap(vf x) {
-#if RK_VB == 32
+#if RK_VB == 64
+#define RK_F_SWAP 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14
+#elif RK_VB == 32
 #define RK_F_SWAP 1, 0, 3, 2, 5, 4, 7, 6
 #else
 #define RK_F_SWAP 1, 0, 3, 2
@@ -727,9 +745,6 @@ static RK_INLINE i64 row_il_fast(const typename T::S* px, typename T::S* po, con
     }
     return i;
 }
-#else
-template <typename T> struct FastRow { enum { value = 0 }; };
-#endif
 
 template <typename T, int LAYOUT, int NT>
 static inline void row(const typename T::S* px, typename T::S* po, const typename T::C* pc,
@@ -1264,14 +1279,12 @@ static inline void norm_fwd_row_fast(const typename T::S* px, typename T::S* po,
     // two result vectors: at the levels with FastRow, one unordered compare for both instead
     // of canon() on each (row_half_fast)
     auto put2 = [&](typename T::S* p1, V y1, typename T::S* p2, V y2) {
-#if RK_VB <= 32
         if constexpr (!RAW && FastRow<T>::value)
             if (!__builtin_expect(any_nan(y1, y2), 0)) {
                 T::vst_raw(p1, y1);
                 T::vst_raw(p2, y2);
                 return;
             }
-#endif
         put(p1, y1);
         put(p2, y2);
     };
@@ -1298,7 +1311,6 @@ static inline void norm_fwd_row_fast(const typename T::S* px, typename T::S* po,
     for (i64 i = 2 * h; i < d; i += N) put(po + i, (T::vld(px + i) * rstd) * vload(W + i));
 }
 
-#if RK_VB <= 32
 // The interleaved layout by the in-pair swap (row_il_fast): y = n·cc + swap(n)·ss on the
 // normalised row n, against the row's tables duplicated per pair (il_tables, sign +1); the
 // same products and sums as norm_fwd_row_fast's deinterleaved pairs, so the same bits.
@@ -1327,7 +1339,6 @@ static inline void norm_fwd_row_il(const typename T::S* px, typename T::S* po, c
             T::vst(po + i, y);
     }
 }
-#endif
 // canon() changes only NaNs, and a row's outputs are all finite, without looking at them, when
 //   - its inverse RMS is finite and positive (finite_rstd), so its sum of squares is finite:
 //     then x is finite and |x·rstd| < 2^21 (for
@@ -1473,21 +1484,18 @@ static void norm_fwd_fast_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
     const C *lc = nullptr, *ls = nullptr;
     int tok = 0;  // the table row lc/ls: 0 not checked, 1 finite and below 2^40, 2 not
     const i64 rowb = d * (i64)sizeof(S);
-#if RK_VB <= 32
     // interleaved: the table row duplicated per pair for norm_fwd_row_il, built when a second
     // row uses it (the heads of a token; rows each on a new table row keep the shuffles)
     enum { IL = LAYOUT == 1 && FastRow<T>::value };
     alignas(64) float dc[IL ? 2 * PAIR_TAB_MAX : 1], ds[IL ? 2 * PAIR_TAB_MAX : 1];
     const C *dlc = nullptr, *dls = nullptr;
     bool dok = false;
-#endif
     norm_groups<X8>(
         w, r0, r1, (const char*)X, (i64)sizeof(S), rowb, dd, eps, R,
         [&](auto& g, int) { sumsq16_x8<T>(X, g.xo, g.m, d, g.rs); },  // generic: instantiated only for X8
         [&](auto& g, int u, int) { g.rs[u] = sumsq16<T>(X + g.xo[u], d); },
         [&](const NormGroup<C>& a, int u, int) {
             const C *pc = CT + a.co[u], *ps = ST + a.so[u];
-#if RK_VB <= 32
             bool il = false;
             if constexpr (IL) {
                 if (h <= PAIR_TAB_MAX) {
@@ -1499,7 +1507,6 @@ static void norm_fwd_fast_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
                     }
                 }
             }
-#endif
             if constexpr (RAW) {
                 // a table row is checked when the next row uses it too (the heads of a token
                 // sharing its row: bshd); where each row takes a new table row (bhsd) the
@@ -1511,13 +1518,11 @@ static void norm_fwd_fast_rows(const NJob& j, Walk& w, i64 r0, i64 r1) {
             }
             auto emit = [&](auto raw) {  // raw: std::true_type when the row's outputs are known finite
                 constexpr bool RW = decltype(raw)::value;
-#if RK_VB <= 32
                 if constexpr (IL)
                     if (il) {
                         norm_fwd_row_il<T, RW>(X + a.xo[u], O + a.oo[u], dc, ds, W, h, d, a.rs[u]);
                         return;
                     }
-#endif
                 norm_fwd_row_fast<T, LAYOUT, RW>(X + a.xo[u], O + a.oo[u], pc, ps, W, h, d, a.rs[u]);
             };
             if constexpr (RAW)

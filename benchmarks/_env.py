@@ -86,11 +86,11 @@ def version(mod: str) -> str:
 
 
 def git_rev(script: str) -> str:
-    """Short HEAD revision, ``+dirty`` when ``src/`` or this ``script`` (under benchmarks/) has changes."""
+    """Short HEAD revision, ``+dirty`` when ``src/``, ``csrc/`` or this ``script`` (under benchmarks/) has changes."""
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "src", f"benchmarks/{script}"],
+            ["git", "status", "--porcelain", "--", "src", "csrc", f"benchmarks/{script}"],
             cwd=ROOT.parent, capture_output=True, text=True,
         )  # fmt: skip
         return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")

@@ -20,7 +20,9 @@ L2 (not run by default); ``prefill`` = b=4, s=2048, q 32 heads, k 8, d=128 (DRAM
 Run: ``python benchmarks/levels.py`` (all levels, both shapes, float32/bfloat16/float16;
 ``--layouts half,interleaved`` adds the interleaved layout's ops);
 ``--shapes l2,cache`` for the cache-resident shapes only; ``--levels avx2,avx512``; ``--threads 2``
-(default 1: the ``threads`` column is the count the measurement ran with).
+(default 1: the ``threads`` column is the count the measurement ran with); ``--repeat 3`` runs
+three processes per level, alternating the order of the levels, and prints the medians (where
+one process's ``copy_`` swings, as on a VM sharing its L3).
 """
 
 from __future__ import annotations
@@ -103,6 +105,9 @@ def main(argv=None) -> None:
                     "than half are named with it, e.g. 'rotary in place (interleaved)')")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads in the measurements (default 1: steadier on a shared machine)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="processes per level, the levels' order reversed every other time; the table shows the "
+                         "medians of their µs and ratios (every process's rows go to the CSV)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     shapes = a.shapes.split(",")
@@ -120,17 +125,22 @@ def main(argv=None) -> None:
     run = _dt.datetime.now().isoformat(timespec="seconds")
     env_cols = {"run": run, "device": "cpu", "cpu": cpu_model(), "threads": a.threads,
                 "torch": version("torch"), "git_rev": git_rev("levels.py")}
-    table = {}
-    for lv in levels:
-        env = dict(os.environ, ROPEKIT_CPU_CAPABILITY=lv)
-        cmd = [sys.executable, __file__, "--child", "--shapes", a.shapes, "--threads", str(a.threads), "--layouts",
-               a.layouts]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-        rows = json.loads(out.stdout.strip().splitlines()[-1])
-        append_rows([dict(env_cols, level=lv, **r) for r in rows], CSV_PATH, FIELDS)
-        for r in rows:
-            table.setdefault((r["shape"], r["dtype"], r["op"]), {})[lv] = (r["median_us"], r["ratio_to_copy"])
-    print(f"{env_cols['cpu']}, {env_cols['threads']} threads, torch {env_cols['torch']}, {env_cols['git_rev']}; "
+    samples = {}  # (shape, dtype, op) -> level -> [(µs, ratio) per process]
+    for rep in range(max(1, a.repeat)):
+        for lv in (levels if rep % 2 == 0 else levels[::-1]):
+            env = dict(os.environ, ROPEKIT_CPU_CAPABILITY=lv)
+            cmd = [sys.executable, __file__, "--child", "--shapes", a.shapes, "--threads", str(a.threads),
+                   "--layouts", a.layouts]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+            rows = json.loads(out.stdout.strip().splitlines()[-1])
+            append_rows([dict(env_cols, level=lv, **r) for r in rows], CSV_PATH, FIELDS)
+            for r in rows:
+                samples.setdefault((r["shape"], r["dtype"], r["op"]), {}).setdefault(lv, []).append(
+                    (r["median_us"], r["ratio_to_copy"]))
+    table = {key: {lv: (statistics.median(u for u, _ in v), statistics.median(q for _, q in v)) for lv, v in per.items()}
+             for key, per in samples.items()}
+    reps = f", median of {a.repeat} processes per level" if a.repeat > 1 else ""
+    print(f"{env_cols['cpu']}, {env_cols['threads']} threads, torch {env_cols['torch']}, {env_cols['git_rev']}{reps}; "
           "µs (ratio to copy_ of the same bytes, same process)\n")
     print("| shape | dtype | op | " + " | ".join(levels) + " |")
     print("|---|---|---|" + "---|" * len(levels))

@@ -4,7 +4,8 @@ The rows without a NaN blend per stored vector (a block holding a NaN is stored 
 the canonical-NaN path), the conjugate rotation without the sign's multiply, the interleaved
 layout by an in-pair swap against per-pair tables, the rows of one token's heads taken as one
 run (tables or gather positions broadcast over the heads; also where the heads are innermost in
-memory but not the last row dim, as in attention code's transposed q), the bfloat16 rounding in 16-bit
+memory but not the last row dim, as in attention code's transposed q), the split tables kept per
+call for contiguous ``[b, h, s, d]`` rows (each row a new table row), the bfloat16 rounding in 16-bit
 words at ``avx2``, and the fused norm's versions of the same. The levels are compared with each
 other in ``test_levels_bits.py``; here each level is compared with an independent float32 /
 float64 formula in torch (separately rounded products, one round to nearest even), so a path
@@ -88,6 +89,22 @@ _PROBE = textwrap.dedent(
                 n += 1
                 if not same(got, want, h):
                     bad.append(f"rotary {key} {mode} tables{list(tabs[0].shape)}")
+        # contiguous [b, h, s, d] with tables over s: each row a new table row, every head the
+        # same rows again (the kernel keeps the split rows per call); one table row with
+        # |c| + |s| above 3.99 (float16's paired rows take the generic row there) and a NaN
+        cl, sl_ = c.clone(), s.clone()
+        cl[2] *= 3
+        sl_[2] *= 3
+        cl[4, 1] = float("nan")
+        xx = x.transpose(1, 2).contiguous()
+        want = formula(xx, cl, sl_, layout, conj)
+        outs = {"fresh": R.rotary(xx, cl, sl_, layout, conj)}
+        y = xx.clone(); R.rotary_(y, cl, sl_, layout, conj); outs["inplace"] = y
+        y = torch.empty_like(xx); R.rotary_out(xx, cl, sl_, layout, conj, out=y); outs["out"] = y
+        for mode, got in outs.items():
+            n += 1
+            if not same(got, want, h):
+                bad.append(f"rotary {key} {mode} contiguous bhsd")
         # the gather: positions per token, broadcast over the heads
         q, k = x, plant((torch.randn(3, 7, 2, d, generator=g) * 3).to(dt), g, frac)
         p = torch.randint(0, 100, (3, 7), generator=g)
@@ -99,6 +116,15 @@ _PROBE = textwrap.dedent(
             n += 1
             if not same(got, formula(src, tc[p][:, :, None], ts[p][:, :, None], layout, conj), h):
                 bad.append(f"gather {key}")
+        # and over contiguous [b, h, s, d] with a table of 10 rows (each met again per head)
+        p10 = torch.randint(0, 10, (3, 7), generator=g)
+        qb, kb = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous()
+        qq, kk = qb.clone(), kb.clone()
+        R.rotary_gather_(qq, kk, tc[:10], ts[:10], p10, "bhsd", layout, conj)
+        for got, src in ((qq, qb), (kk, kb)):
+            n += 1
+            if not same(got, formula(src, tc[p10][:, None], ts[p10][:, None], layout, conj), h):
+                bad.append(f"gather bhsd {key}")
 
     # bfloat16 ties: y1 = a·1 - b·(-2^-8) = a + 2^-8 exactly, halfway between two bfloat16
     # values, for every bfloat16 a in [1, 2) (both parities) and their negatives

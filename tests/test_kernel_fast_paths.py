@@ -68,7 +68,7 @@ _PROBE = textwrap.dedent(
     n = 0
     dts = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
     for dt, layout, conj, h, extra, frac in itertools.product(dts, ["half", "interleaved"], [False, True],
-                                                             [64, 36, 20, 8, 5], [0, 2], [0.0, 0.01]):
+                                                             [64, 36, 32, 20, 8, 5], [0, 2], [0.0, 0.01]):
         d = 2 * h + extra
         x = plant((torch.randn(3, 7, 5, d, generator=g) * 3).to(dt), g, frac)
         pos = torch.randint(0, 100, (7,), generator=g).double()

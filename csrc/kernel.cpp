@@ -809,6 +809,64 @@ static RK_INLINE i64 row_il_fast(const typename T::S* px, typename T::S* po, con
     return i;
 }
 
+// A run of n rows a pointer step apart sharing one table row, float32 / float16 (F16C) at
+// 64-byte vectors: the table row (half layout: K vectors of cos and of sin; interleaved: the
+// per-pair tables of il_tables, K vectors each) held in registers across the run, the steps of
+// row_half_fast / row_il_fast unrolled per row. The same operations on the same values, so the
+// same bits.
+template <typename T, bool NEG, int K>
+static inline void run_fast_half(const typename T::S* px, typename T::S* po, i64 dx, i64 dox, i64 n,
+                                 const float* pc, const float* ps, i64 h) {
+    const int N = T::N;
+    vf c[K], sn[K];
+    for (int k = 0; k < K; ++k) c[k] = vload(pc + k * N), sn[k] = vload(ps + k * N);
+    for (i64 r = 0; r < n; ++r, px += dx, po += dox) {
+#pragma GCC unroll 8
+        for (int k = 0; k < K; k += 2) {
+            vf y1[2], y2[2];
+            for (int u = 0; u < 2; ++u) {
+                const vf a = T::vld(px + (k + u) * N), b = T::vld(px + h + (k + u) * N);
+                if (NEG) {
+                    y1[u] = a * c[k + u] + b * sn[k + u];
+                    y2[u] = b * c[k + u] - a * sn[k + u];
+                } else {
+                    y1[u] = a * c[k + u] - b * sn[k + u];
+                    y2[u] = b * c[k + u] + a * sn[k + u];
+                }
+            }
+            if (__builtin_expect(any_nan(y1[0], y2[0]) | any_nan(y1[1], y2[1]), 0)) {
+                for (int u = 0; u < 2; ++u) T::vst(po + (k + u) * N, y1[u]);
+                for (int u = 0; u < 2; ++u) T::vst(po + h + (k + u) * N, y2[u]);
+            } else {
+                for (int u = 0; u < 2; ++u) T::vst_raw(po + (k + u) * N, y1[u]);
+                for (int u = 0; u < 2; ++u) T::vst_raw(po + h + (k + u) * N, y2[u]);
+            }
+        }
+    }
+}
+template <typename T, int K>
+static inline void run_fast_il(const typename T::S* px, typename T::S* po, i64 dx, i64 dox, i64 n, const float* cc,
+                               const float* ss) {
+    const int N = T::N;
+    vf c[K], s[K];
+    for (int k = 0; k < K; ++k) c[k] = vload(cc + k * N), s[k] = vload(ss + k * N);
+    for (i64 r = 0; r < n; ++r, px += dx, po += dox) {
+#pragma GCC unroll 8
+        for (int k = 0; k < K; k += 2) {
+            const vf x0 = T::vld(px + k * N), x1 = T::vld(px + (k + 1) * N);
+            const vf y0 = x0 * c[k] + pair_swap(x0) * s[k];
+            const vf y1 = x1 * c[k + 1] + pair_swap(x1) * s[k + 1];
+            if (__builtin_expect(any_nan(y0, y1), 0)) {
+                T::vst(po + k * N, y0);
+                T::vst(po + (k + 1) * N, y1);
+            } else {
+                T::vst_raw(po + k * N, y0);
+                T::vst_raw(po + (k + 1) * N, y1);
+            }
+        }
+    }
+}
+
 template <typename T, int LAYOUT, int NT>
 static inline void row(const typename T::S* px, typename T::S* po, const typename T::C* pc,
                        const typename T::C* ps, i64 h, typename T::C sign, i64 i = 0) {
@@ -1083,6 +1141,29 @@ static void run_rows(const Job& j, i64 r0, i64 r1) {
         }
         const S* px = X + w.x;
         S* po = O + w.o;
+        if constexpr (NT == 0 && FastRow<T>::value && RK_VB == 64) {
+            if (n >= 2 && !copy_tail) {
+                const int N = T::N;
+                bool done = true;
+                if (LAYOUT == 0 && h == 2 * N)
+                    sign < 0 ? run_fast_half<T, true, 2>(px, po, dx, dox, n, pc, ps, h)
+                             : run_fast_half<T, false, 2>(px, po, dx, dox, n, pc, ps, h);
+                else if (LAYOUT == 0 && h == 4 * N)
+                    sign < 0 ? run_fast_half<T, true, 4>(px, po, dx, dox, n, pc, ps, h)
+                             : run_fast_half<T, false, 4>(px, po, dx, dox, n, pc, ps, h);
+                else if (LAYOUT == 1 && use_il && h == 2 * N)
+                    run_fast_il<T, 4>(px, po, dx, dox, n, dc, ds);
+                else if (LAYOUT == 1 && use_il && h == 4 * N)
+                    run_fast_il<T, 8>(px, po, dx, dox, n, dc, ds);
+                else
+                    done = false;
+                if (done) {
+                    r += n;
+                    w.skip(n);
+                    continue;
+                }
+            }
+        }
         if constexpr (Paired<T>::value && RK_VB == 64) {
             typedef typename T::P PP;
             if (n >= 2 && tab_ok && hv == h && !copy_tail) {

@@ -603,31 +603,35 @@ static inline bool pair_tables(const float* pc, const float* ps, float sign, flo
     if (i < n) put(i, vload(pc + i), vload(ps + i));  // interleaved only: n is a multiple of NF
     return !any(big);
 }
+// Half layout, the 2·NF pairs (i + k, h + i + k) against the split table row's vectors ce/co
+// (cos, even / odd pairs) and se/so (sin).
+template <typename P, int NT>
+static RK_INLINE void pair_half_blk(const uint16_t* px, uint16_t* po, i64 h, i64 i, vf ce, vf co, vf se, vf so) {
+    vf ae, ao, be, bo, m1, m2;
+    vu bad = {};
+    P::rot_in2(px + i, px + h + i, ae, ao, be, bo, bad);
+    vu r1 = P::rot_out(ae * ce - be * se, ao * co - bo * so, m1);
+    vu r2 = P::rot_out(be * ce + ae * se, bo * co + ao * so, m2);
+#if defined(__SSE2__) && RK_VB == 16
+    asm("" : "+x"(r1), "+x"(r2));  // computed here, not sunk below the branch (spills)
+#endif
+    P::rot_check(m1, m2, bad);
+    if (P::ROT_FAST && any(bad)) {
+        const float u = 1.0f / P::ROT_SCALE;  // the tables unscaled: exact
+        ce *= u, co *= u, se *= u, so *= u;
+        P::split(px + i, ae, ao);
+        P::split(px + h + i, be, bo);
+        r1 = P::join(ae * ce - be * se, ao * co - bo * so);
+        r2 = P::join(be * ce + ae * se, bo * co + ao * so);
+    }
+    pair_store<NT>(po + i, r1);
+    pair_store<NT>(po + h + i, r2);
+}
 // Half layout, pairs (i + k, h + i + k) for i < n (a multiple of 2·NF).
 template <typename P, int NT>
 static inline void row_pair_half(const uint16_t* px, uint16_t* po, const float* cb, const float* sb, i64 h, i64 n) {
-    for (i64 i = 0; i < n; i += 2 * NF) {
-        vf ae, ao, be, bo, m1, m2;
-        vf ce = vload(cb + i), co = vload(cb + i + NF), se = vload(sb + i), so = vload(sb + i + NF);
-        vu bad = {};
-        P::rot_in2(px + i, px + h + i, ae, ao, be, bo, bad);
-        vu r1 = P::rot_out(ae * ce - be * se, ao * co - bo * so, m1);
-        vu r2 = P::rot_out(be * ce + ae * se, bo * co + ao * so, m2);
-#if defined(__SSE2__) && RK_VB == 16
-        asm("" : "+x"(r1), "+x"(r2));  // computed here, not sunk below the branch (spills)
-#endif
-        P::rot_check(m1, m2, bad);
-        if (P::ROT_FAST && any(bad)) {
-            const float u = 1.0f / P::ROT_SCALE;  // the tables unscaled: exact
-            ce *= u, co *= u, se *= u, so *= u;
-            P::split(px + i, ae, ao);
-            P::split(px + h + i, be, bo);
-            r1 = P::join(ae * ce - be * se, ao * co - bo * so);
-            r2 = P::join(be * ce + ae * se, bo * co + ao * so);
-        }
-        pair_store<NT>(po + i, r1);
-        pair_store<NT>(po + h + i, r2);
-    }
+    for (i64 i = 0; i < n; i += 2 * NF)
+        pair_half_blk<P, NT>(px, po, h, i, vload(cb + i), vload(cb + i + NF), vload(sb + i), vload(sb + i + NF));
 }
 // A run of n rows a pointer step apart sharing one split table row (the heads of a token),
 // each row's pairs in K blocks: the table row held in registers across the run instead of
@@ -643,77 +647,45 @@ static inline void run_pair_half(const uint16_t* px, uint16_t* po, i64 dx, i64 d
         ce[k] = vload(cb + 2 * NF * k), co[k] = vload(cb + 2 * NF * k + NF);
         se[k] = vload(sb + 2 * NF * k), so[k] = vload(sb + 2 * NF * k + NF);
     }
-    for (i64 u = 0; u < n; ++u, px += dx, po += dox) {
+    for (i64 u = 0; u < n; ++u, px += dx, po += dox)
 #pragma GCC unroll 4
-        for (int k = 0; k < K; ++k) {
-            const i64 i = 2 * NF * k;
-            vf ae, ao, be, bo, m1, m2;
-            vu bad = {};
-            P::rot_in2(px + i, px + h + i, ae, ao, be, bo, bad);
-            vu r1 = P::rot_out(ae * ce[k] - be * se[k], ao * co[k] - bo * so[k], m1);
-            vu r2 = P::rot_out(be * ce[k] + ae * se[k], bo * co[k] + ao * so[k], m2);
-            P::rot_check(m1, m2, bad);
-            if (P::ROT_FAST && any(bad)) {
-                const float w = 1.0f / P::ROT_SCALE;  // the tables unscaled: exact
-                const vf c0 = ce[k] * w, c1 = co[k] * w, s0 = se[k] * w, s1 = so[k] * w;
-                P::split(px + i, ae, ao);
-                P::split(px + h + i, be, bo);
-                r1 = P::join(ae * c0 - be * s0, ao * c1 - bo * s1);
-                r2 = P::join(be * c0 + ae * s0, bo * c1 + ao * s1);
-            }
-            pair_store<NT>(po + i, r1);
-            pair_store<NT>(po + h + i, r2);
-        }
+        for (int k = 0; k < K; ++k) pair_half_blk<P, NT>(px, po, h, 2 * NF * k, ce[k], co[k], se[k], so[k]);
+}
+// Interleaved layout, the NF pairs (2(i + k), 2(i + k) + 1) against the table row's vectors c, s.
+template <typename P, int NT>
+static RK_INLINE void pair_il_blk(const uint16_t* px, uint16_t* po, i64 i, vf c, vf s) {
+    vf a, b, mn;
+    vu bad = {};
+    P::rot_in(px + 2 * i, a, b, bad);
+    vu r = P::rot_out(a * c - b * s, b * c + a * s, mn);
+    P::rot_check(mn, mn, bad);
+    if (P::ROT_FAST && any(bad)) {
+        const float u = 1.0f / P::ROT_SCALE;
+        c *= u, s *= u;
+        P::split(px + 2 * i, a, b);
+        r = P::join(a * c - b * s, b * c + a * s);
     }
+    pair_store<NT>(po + 2 * i, r);
 }
 template <typename P, int NT, int K>
 static inline void run_pair_il(const uint16_t* px, uint16_t* po, i64 dx, i64 dox, i64 n, const float* cb,
                                const float* sb) {
     vf c[K], s[K];
     for (int k = 0; k < K; ++k) c[k] = vload(cb + NF * k), s[k] = vload(sb + NF * k);
-    for (i64 u = 0; u < n; ++u, px += dx, po += dox) {
+    for (i64 u = 0; u < n; ++u, px += dx, po += dox)
 #pragma GCC unroll 4
-        for (int k = 0; k < K; ++k) {
-            const i64 i = NF * k;
-            vf a, b, mn;
-            vu bad = {};
-            P::rot_in(px + 2 * i, a, b, bad);
-            vu r = P::rot_out(a * c[k] - b * s[k], b * c[k] + a * s[k], mn);
-            P::rot_check(mn, mn, bad);
-            if (P::ROT_FAST && any(bad)) {
-                const float w = 1.0f / P::ROT_SCALE;
-                const vf c0 = c[k] * w, s0 = s[k] * w;
-                P::split(px + 2 * i, a, b);
-                r = P::join(a * c0 - b * s0, b * c0 + a * s0);
-            }
-            pair_store<NT>(po + 2 * i, r);
-        }
-    }
+        for (int k = 0; k < K; ++k) pair_il_blk<P, NT>(px, po, NF * k, c[k], s[k]);
 }
 // Interleaved layout, pairs (2(i + k), 2(i + k) + 1) for i < n (a multiple of NF).
 template <typename P, int NT>
 static inline void row_pair_il(const uint16_t* px, uint16_t* po, const float* cb, const float* sb, i64 n) {
-    for (i64 i = 0; i < n; i += NF) {
-        vf a, b;
-        vf c = vload(cb + i), s = vload(sb + i);
-        vu bad = {};
-        vf mn;
-        P::rot_in(px + 2 * i, a, b, bad);
-        vu r = P::rot_out(a * c - b * s, b * c + a * s, mn);
-        P::rot_check(mn, mn, bad);
-        if (P::ROT_FAST && any(bad)) {
-            const float u = 1.0f / P::ROT_SCALE;
-            c *= u, s *= u;
-            P::split(px + 2 * i, a, b);
-            r = P::join(a * c - b * s, b * c + a * s);
-        }
-        pair_store<NT>(po + 2 * i, r);
-    }
+    for (i64 i = 0; i < n; i += NF) pair_il_blk<P, NT>(px, po, i, vload(cb + i), vload(sb + i));
 }
 
 // Float32, and float16 with F16C (every level but the portable one's float16): rows without
-// canon()'s blend per stored vector and without the sign's multiply. A step's results are checked for NaN with one unordered compare per two
-// vectors; a step with any is stored through canon() (the NaN rule's bits). `neg`: the
+// canon()'s blend per stored vector and without the sign's multiply. A step's results are
+// checked for NaN with one unordered compare per two vectors; a step with any is stored
+// through canon() (the NaN rule's bits). `neg`: the
 // conjugate rotation, sin negated (exact). Returns the first pair (half) or element
 // (interleaved) not done; row() does the rest.
 template <typename T> struct FastRow { enum { value = std::is_same<T, F32>::value }; };
@@ -732,6 +704,32 @@ static RK_INLINE bool any_nan(vf a, vf b) {
     return any((vu)(a != a) | (vu)(b != b));
 #endif
 }
+// Half layout, one step: U vectors of each half (px/po at the step's first pair) against the
+// table row's vectors c[0, U), sn[0, U).
+template <typename T, bool NEG, int U>
+static RK_INLINE void half_fast_step(const typename T::S* px, typename T::S* po, i64 h, const vf* c, const vf* sn) {
+    const int N = T::N;
+    vf y1[U], y2[U];
+    for (int u = 0; u < U; ++u) {
+        const vf a = T::vld(px + u * N), b = T::vld(px + h + u * N);
+        if (NEG) {
+            y1[u] = a * c[u] + b * sn[u];  // a·c - b·(-s)
+            y2[u] = b * c[u] - a * sn[u];  // b·c + a·(-s)
+        } else {
+            y1[u] = a * c[u] - b * sn[u];
+            y2[u] = b * c[u] + a * sn[u];
+        }
+    }
+    bool nan = false;
+    for (int u = 0; u < U; ++u) nan |= any_nan(y1[u], y2[u]);
+    if (__builtin_expect(nan, 0)) {
+        for (int u = 0; u < U; ++u) T::vst(po + u * N, y1[u]);
+        for (int u = 0; u < U; ++u) T::vst(po + h + u * N, y2[u]);
+    } else {
+        for (int u = 0; u < U; ++u) T::vst_raw(po + u * N, y1[u]);
+        for (int u = 0; u < U; ++u) T::vst_raw(po + h + u * N, y2[u]);
+    }
+}
 // Half layout: U vectors of each half per step (at least a 64-byte line of float32 output per half).
 template <typename T, bool NEG>
 static RK_INLINE i64 row_half_fast(const typename T::S* px, typename T::S* po, const float* pc, const float* ps, i64 h) {
@@ -741,27 +739,9 @@ static RK_INLINE i64 row_half_fast(const typename T::S* px, typename T::S* po, c
     enum { U = T::N == 16 ? 2 : 64 / (4 * T::N) };
     i64 i = 0;
     for (; i + U * N <= h; i += U * N) {
-        vf y1[U], y2[U];
-        for (int u = 0; u < U; ++u) {
-            const vf a = T::vld(px + i + u * N), b = T::vld(px + h + i + u * N);
-            const vf c = vload(pc + i + u * N), sn = vload(ps + i + u * N);
-            if (NEG) {
-                y1[u] = a * c + b * sn;  // a·c - b·(-s)
-                y2[u] = b * c - a * sn;  // b·c + a·(-s)
-            } else {
-                y1[u] = a * c - b * sn;
-                y2[u] = b * c + a * sn;
-            }
-        }
-        bool nan = false;
-        for (int u = 0; u < U; ++u) nan |= any_nan(y1[u], y2[u]);
-        if (__builtin_expect(nan, 0)) {
-            for (int u = 0; u < U; ++u) T::vst(po + i + u * N, y1[u]);
-            for (int u = 0; u < U; ++u) T::vst(po + h + i + u * N, y2[u]);
-        } else {
-            for (int u = 0; u < U; ++u) T::vst_raw(po + i + u * N, y1[u]);
-            for (int u = 0; u < U; ++u) T::vst_raw(po + h + i + u * N, y2[u]);
-        }
+        vf c[U], sn[U];
+        for (int u = 0; u < U; ++u) c[u] = vload(pc + i + u * N), sn[u] = vload(ps + i + u * N);
+        half_fast_step<T, NEG, U>(px + i, po + i, h, c, sn);
     }
     return i;
 }
@@ -790,22 +770,28 @@ static inline void il_tables(const float* pc, const float* ps, float sign, i64 n
         ss[2 * k] = -sn, ss[2 * k + 1] = sn;
     }
 }
+// Interleaved layout, one step: the 2·N elements at px against the per-pair tables' vectors
+// c0, s0 (the first N) and c1, s1.
+template <typename T>
+static RK_INLINE void il_fast_step(const typename T::S* px, typename T::S* po, vf c0, vf s0, vf c1, vf s1) {
+    const int N = T::N;
+    const vf x0 = T::vld(px), x1 = T::vld(px + N);
+    const vf y0 = x0 * c0 + pair_swap(x0) * s0;
+    const vf y1 = x1 * c1 + pair_swap(x1) * s1;
+    if (__builtin_expect(any_nan(y0, y1), 0)) {
+        T::vst(po, y0);
+        T::vst(po + N, y1);
+    } else {
+        T::vst_raw(po, y0);
+        T::vst_raw(po + N, y1);
+    }
+}
 template <typename T>
 static RK_INLINE i64 row_il_fast(const typename T::S* px, typename T::S* po, const float* cc, const float* ss, i64 n2) {
     const int N = T::N;
     i64 i = 0;
-    for (; i + 2 * N <= n2; i += 2 * N) {
-        const vf x0 = T::vld(px + i), x1 = T::vld(px + i + N);
-        const vf y0 = x0 * vload(cc + i) + pair_swap(x0) * vload(ss + i);
-        const vf y1 = x1 * vload(cc + i + N) + pair_swap(x1) * vload(ss + i + N);
-        if (__builtin_expect(any_nan(y0, y1), 0)) {
-            T::vst(po + i, y0);
-            T::vst(po + i + N, y1);
-        } else {
-            T::vst_raw(po + i, y0);
-            T::vst_raw(po + i + N, y1);
-        }
-    }
+    for (; i + 2 * N <= n2; i += 2 * N)
+        il_fast_step<T>(px + i, po + i, vload(cc + i), vload(ss + i), vload(cc + i + N), vload(ss + i + N));
     return i;
 }
 
@@ -820,29 +806,9 @@ static inline void run_fast_half(const typename T::S* px, typename T::S* po, i64
     const int N = T::N;
     vf c[K], sn[K];
     for (int k = 0; k < K; ++k) c[k] = vload(pc + k * N), sn[k] = vload(ps + k * N);
-    for (i64 r = 0; r < n; ++r, px += dx, po += dox) {
+    for (i64 r = 0; r < n; ++r, px += dx, po += dox)
 #pragma GCC unroll 8
-        for (int k = 0; k < K; k += 2) {
-            vf y1[2], y2[2];
-            for (int u = 0; u < 2; ++u) {
-                const vf a = T::vld(px + (k + u) * N), b = T::vld(px + h + (k + u) * N);
-                if (NEG) {
-                    y1[u] = a * c[k + u] + b * sn[k + u];
-                    y2[u] = b * c[k + u] - a * sn[k + u];
-                } else {
-                    y1[u] = a * c[k + u] - b * sn[k + u];
-                    y2[u] = b * c[k + u] + a * sn[k + u];
-                }
-            }
-            if (__builtin_expect(any_nan(y1[0], y2[0]) | any_nan(y1[1], y2[1]), 0)) {
-                for (int u = 0; u < 2; ++u) T::vst(po + (k + u) * N, y1[u]);
-                for (int u = 0; u < 2; ++u) T::vst(po + h + (k + u) * N, y2[u]);
-            } else {
-                for (int u = 0; u < 2; ++u) T::vst_raw(po + (k + u) * N, y1[u]);
-                for (int u = 0; u < 2; ++u) T::vst_raw(po + h + (k + u) * N, y2[u]);
-            }
-        }
-    }
+        for (int k = 0; k < K; k += 2) half_fast_step<T, NEG, 2>(px + k * N, po + k * N, h, c + k, sn + k);
 }
 template <typename T, int K>
 static inline void run_fast_il(const typename T::S* px, typename T::S* po, i64 dx, i64 dox, i64 n, const float* cc,
@@ -850,21 +816,9 @@ static inline void run_fast_il(const typename T::S* px, typename T::S* po, i64 d
     const int N = T::N;
     vf c[K], s[K];
     for (int k = 0; k < K; ++k) c[k] = vload(cc + k * N), s[k] = vload(ss + k * N);
-    for (i64 r = 0; r < n; ++r, px += dx, po += dox) {
+    for (i64 r = 0; r < n; ++r, px += dx, po += dox)
 #pragma GCC unroll 8
-        for (int k = 0; k < K; k += 2) {
-            const vf x0 = T::vld(px + k * N), x1 = T::vld(px + (k + 1) * N);
-            const vf y0 = x0 * c[k] + pair_swap(x0) * s[k];
-            const vf y1 = x1 * c[k + 1] + pair_swap(x1) * s[k + 1];
-            if (__builtin_expect(any_nan(y0, y1), 0)) {
-                T::vst(po + k * N, y0);
-                T::vst(po + (k + 1) * N, y1);
-            } else {
-                T::vst_raw(po + k * N, y0);
-                T::vst_raw(po + (k + 1) * N, y1);
-            }
-        }
-    }
+        for (int k = 0; k < K; k += 2) il_fast_step<T>(px + k * N, po + k * N, c[k], s[k], c[k + 1], s[k + 1]);
 }
 
 template <typename T, int LAYOUT, int NT>
@@ -1141,10 +1095,11 @@ static void run_rows(const Job& j, i64 r0, i64 r1) {
         }
         const S* px = X + w.x;
         S* po = O + w.o;
-        if constexpr (NT == 0 && FastRow<T>::value && RK_VB == 64) {
-            if (n >= 2 && !copy_tail) {
-                const int N = T::N;
-                bool done = true;
+        // at 64-byte vectors, a run of the usual head widths by the register paths
+        // (run_fast_* / run_pair_*); false: its rows take the per-row paths below
+        auto in_registers = [&]() -> bool {
+            const int N = T::N;
+            if constexpr (RK_VB == 64 && NT == 0 && FastRow<T>::value) {
                 if (LAYOUT == 0 && h == 2 * N)
                     sign < 0 ? run_fast_half<T, true, 2>(px, po, dx, dox, n, pc, ps, h)
                              : run_fast_half<T, false, 2>(px, po, dx, dox, n, pc, ps, h);
@@ -1156,34 +1111,30 @@ static void run_rows(const Job& j, i64 r0, i64 r1) {
                 else if (LAYOUT == 1 && use_il && h == 4 * N)
                     run_fast_il<T, 8>(px, po, dx, dox, n, dc, ds);
                 else
-                    done = false;
-                if (done) {
-                    r += n;
-                    w.skip(n);
-                    continue;
-                }
-            }
-        }
-        if constexpr (Paired<T>::value && RK_VB == 64) {
-            typedef typename T::P PP;
-            if (n >= 2 && tab_ok && hv == h && !copy_tail) {
-                bool done = true;
-                if (LAYOUT == 0 && h == 2 * NF)
+                    return false;
+                return true;
+            } else if constexpr (RK_VB == 64 && Paired<T>::value) {
+                typedef typename T::P PP;
+                if (!tab_ok || hv != h)
+                    return false;
+                else if (LAYOUT == 0 && h == 2 * NF)
                     run_pair_half<PP, NT, 1>(px, po, dx, dox, n, tcb, tsb, h);
                 else if (LAYOUT == 0 && h == 4 * NF)
                     run_pair_half<PP, NT, 2>(px, po, dx, dox, n, tcb, tsb, h);
                 else if (LAYOUT == 1 && h == 2 * NF)
-                    run_pair_il<PP, NT, 2>((const uint16_t*)px, (uint16_t*)po, dx, dox, n, tcb, tsb);
+                    run_pair_il<PP, NT, 2>(px, po, dx, dox, n, tcb, tsb);
                 else if (LAYOUT == 1 && h == 4 * NF)
-                    run_pair_il<PP, NT, 4>((const uint16_t*)px, (uint16_t*)po, dx, dox, n, tcb, tsb);
+                    run_pair_il<PP, NT, 4>(px, po, dx, dox, n, tcb, tsb);
                 else
-                    done = false;
-                if (done) {
-                    r += n;
-                    w.skip(n);
-                    continue;
-                }
+                    return false;
+                return true;
             }
+            return false;
+        };
+        if (n >= 2 && !copy_tail && in_registers()) {
+            r += n;
+            w.skip(n);
+            continue;
         }
         for (i64 u = 0; u < n; ++u, px += dx, po += dox) {
             if constexpr (Paired<T>::value) {

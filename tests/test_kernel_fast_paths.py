@@ -76,11 +76,20 @@ _PROBE = textwrap.dedent(
         tdt = torch.float64 if dt == torch.float64 else torch.float32
         c, s = th.cos().to(tdt), th.sin().to(tdt)
         key = f"{str(dt)[6:]}/{layout}/conj{int(conj)}/h{h}/d{d}/nan{frac}"
-        # tables broadcast over the heads (one run per token) and per head (bhsd-like: no run)
-        # and x as attention code holds it: a [b, h, s, d] view of [b, s, h, d] memory, tables
-        # over s (the operator walks the heads innermost, in memory order)
-        for tabs, xx in (((c[:, None], s[:, None]), x), ((c[:, None].expand(7, 5, h), s[:, None].expand(7, 5, h).contiguous()), x),
-                         ((c, s), x.transpose(1, 2))):
+        # tables broadcast over the heads (one run per token) and per head (bhsd-like: no run);
+        # x as attention code holds it: a [b, h, s, d] view of [b, s, h, d] memory, tables over s
+        # (the operator walks the heads innermost, in memory order); and contiguous [b, h, s, d]
+        # with tables over s: each row a new table row, every head the same rows again (the
+        # kernel keeps the split rows per call), with one table row whose |c| + |s| is above 3.99
+        # (float16's paired rows take the generic row there) and a NaN
+        cl, sl_ = c.clone(), s.clone()
+        cl[2] *= 3
+        sl_[2] *= 3
+        cl[4, 1] = float("nan")
+        for tabs, xx, name in (((c[:, None], s[:, None]), x, "per token"),
+                               ((c[:, None].expand(7, 5, h), s[:, None].expand(7, 5, h).contiguous()), x, "per head"),
+                               ((c, s), x.transpose(1, 2), "bhsd view"),
+                               ((cl, sl_), x.transpose(1, 2).contiguous(), "contiguous bhsd")):
             want = formula(xx, tabs[0], tabs[1], layout, conj)
             outs = {"fresh": R.rotary(xx, tabs[0], tabs[1], layout, conj)}
             y = xx.clone(); R.rotary_(y, tabs[0], tabs[1], layout, conj); outs["inplace"] = y
@@ -88,23 +97,7 @@ _PROBE = textwrap.dedent(
             for mode, got in outs.items():
                 n += 1
                 if not same(got, want, h):
-                    bad.append(f"rotary {key} {mode} tables{list(tabs[0].shape)}")
-        # contiguous [b, h, s, d] with tables over s: each row a new table row, every head the
-        # same rows again (the kernel keeps the split rows per call); one table row with
-        # |c| + |s| above 3.99 (float16's paired rows take the generic row there) and a NaN
-        cl, sl_ = c.clone(), s.clone()
-        cl[2] *= 3
-        sl_[2] *= 3
-        cl[4, 1] = float("nan")
-        xx = x.transpose(1, 2).contiguous()
-        want = formula(xx, cl, sl_, layout, conj)
-        outs = {"fresh": R.rotary(xx, cl, sl_, layout, conj)}
-        y = xx.clone(); R.rotary_(y, cl, sl_, layout, conj); outs["inplace"] = y
-        y = torch.empty_like(xx); R.rotary_out(xx, cl, sl_, layout, conj, out=y); outs["out"] = y
-        for mode, got in outs.items():
-            n += 1
-            if not same(got, want, h):
-                bad.append(f"rotary {key} {mode} contiguous bhsd")
+                    bad.append(f"rotary {key} {mode} {name}")
         # the gather: positions per token, broadcast over the heads
         q, k = x, plant((torch.randn(3, 7, 2, d, generator=g) * 3).to(dt), g, frac)
         p = torch.randint(0, 100, (3, 7), generator=g)
